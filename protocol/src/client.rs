@@ -1,0 +1,535 @@
+//! Async client library for checkout services (and for `stampede-ctl` and
+//! the loadgen).
+//!
+//! - **Pipelining**: any number of calls may be in flight on one connection;
+//!   each carries a request id and the reader task hands every reply to the
+//!   call that sent it, in whatever order replies arrive.
+//! - **Several connections**: calls are spread round-robin over
+//!   `connections` sockets (one shard-hot SKU is still served in order).
+//! - **Reconnects and safe retries**: when a connection drops or a reply
+//!   times out, the call is sent again on a fresh connection *with the same
+//!   reservation id*, which the server deduplicates, so a retry never
+//!   reserves twice. `busy` replies are retried after the server's hint.
+//!   RESTOCK is the one operation that is not idempotent: it is only resent
+//!   if it provably never left this process.
+//!
+//! # Example: a checkout service
+//!
+//! ```no_run
+//! use stampede_protocol::client::{Client, ClientConfig};
+//! use stampede_protocol::Status;
+//!
+//! # async fn checkout() -> Result<(), stampede_protocol::client::ClientError> {
+//! let client = Client::connect(ClientConfig::new("127.0.0.1:7070", "checkout-token")).await?;
+//! // One id per purchase attempt; store it with the order so a crashed
+//! // checkout process can retry (or release) with the same id.
+//! let id = stampede_protocol::client::new_reservation_id();
+//! let held = client.reserve(42, /* user */ 7, /* qty */ 1, id).await?;
+//! match held.status {
+//!     Status::Reserved => {
+//!         // ... charge the card before `held.detail` (unix ms) ...
+//!         let paid = true;
+//!         if paid {
+//!             let done = client.confirm(id, b"pi_3Nx...").await?;
+//!             // `expired`: too slow; void the payment authorisation.
+//!             assert!(matches!(done.status, Status::Confirmed | Status::Expired));
+//!         } else {
+//!             client.release(id).await?;
+//!         }
+//!     }
+//!     Status::SoldOut | Status::LimitExceeded => { /* tell the shopper */ }
+//!     other => eprintln!("could not reserve: {other}"),
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! A complete runnable version is `protocol/examples/checkout.rs`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+
+use crate::frame::FrameCodec;
+use crate::limits::BATCH_OPS_MAX;
+use crate::message::{
+    Confirm, Hello, Outcome, Release, Reply, Request, Reserve, Restock, Role, SaleCreate,
+    StatusReply,
+};
+use crate::status::Status;
+
+/// Failures of the transport or of the protocol, never domain outcomes:
+/// `sold_out` arrives as `Ok(Outcome { status: SoldOut, .. })`.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("authentication failed: {0}")]
+    Auth(Status),
+    #[error("connection lost before the reply arrived")]
+    Disconnected,
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("server refused the request: {status}: {message}")]
+    Server { status: Status, message: String },
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+}
+
+impl ClientError {
+    /// True when resending the same request may succeed.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Disconnected | ClientError::Timeout(_)
+        )
+    }
+}
+
+/// How to reach and talk to a server.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub addr: String,
+    pub token: String,
+    /// Sockets to spread calls over.
+    pub connections: usize,
+    /// How long one attempt waits for its reply.
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Attempts per call (first try included) on transient failures and `busy`.
+    pub max_attempts: u32,
+}
+
+impl ClientConfig {
+    pub fn new(addr: impl Into<String>, token: impl Into<String>) -> Self {
+        ClientConfig {
+            addr: addr.into(),
+            token: token.into(),
+            connections: 1,
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            max_attempts: 5,
+        }
+    }
+}
+
+/// A fresh random reservation id (never 0). Uses the OS-seeded hasher
+/// keys so that no RNG dependency is needed; 128 bits make collisions
+/// between independent checkout processes negligible.
+pub fn new_reservation_id() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut a = std::collections::hash_map::RandomState::new().build_hasher();
+    a.write_u64(n);
+    a.write_u128(nanos);
+    let mut b = std::collections::hash_map::RandomState::new().build_hasher();
+    b.write_u64(!n);
+    let id = ((a.finish() as u128) << 64) | b.finish() as u128;
+    id.max(1)
+}
+
+/// Calls waiting for their reply, by request id. A std mutex: it is held
+/// for one map operation, never across an await, so an async mutex would
+/// only add cost.
+type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
+
+/// One live connection: a writer task fed by a channel and a reader task
+/// that resolves pending calls.
+struct Conn {
+    outgoing: mpsc::Sender<(u64, Request)>,
+    pending: Pending,
+    /// Set by the reader task when the socket is gone; checked after a call
+    /// registers itself so no call can wait on a dead connection.
+    closed: Arc<AtomicBool>,
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst) || self.outgoing.is_closed()
+    }
+}
+
+struct Inner {
+    config: ClientConfig,
+    slots: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
+    next_slot: AtomicUsize,
+    next_request_id: AtomicU64,
+    role: std::sync::Mutex<Role>,
+}
+
+/// A handle to a stampede server; cheap to clone and share across tasks.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// Whether a call may be sent again after it possibly reached the server.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Idempotent,
+    OnlyIfUnsent,
+}
+
+impl Client {
+    /// Connect (all connections eagerly, so a bad address or token fails here).
+    pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        let connections = config.connections.max(1);
+        let inner = Arc::new(Inner {
+            slots: (0..connections)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            config,
+            next_slot: AtomicUsize::new(0),
+            next_request_id: AtomicU64::new(1),
+            role: std::sync::Mutex::new(Role::None),
+        });
+        let client = Client { inner };
+        for slot in 0..connections {
+            client.conn(slot).await?;
+        }
+        Ok(client)
+    }
+
+    /// The role the server granted our token.
+    pub fn role(&self) -> Role {
+        *self.inner.role.lock().expect("role lock")
+    }
+
+    /// Get the slot's connection, (re)connecting if it is closed.
+    async fn conn(&self, slot: usize) -> Result<Arc<Conn>, ClientError> {
+        let mut guard = self.inner.slots[slot].lock().await;
+        if let Some(conn) = guard.as_ref() {
+            if !conn.is_closed() {
+                return Ok(conn.clone());
+            }
+        }
+        let config = &self.inner.config;
+        let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(&config.addr))
+            .await
+            .map_err(|_| ClientError::Connect {
+                addr: config.addr.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+            })?
+            .map_err(|source| ClientError::Connect {
+                addr: config.addr.clone(),
+                source,
+            })?;
+        stream.set_nodelay(true).ok();
+        let conn = Arc::new(spawn_conn(stream));
+        // Authenticate before anyone else may use this connection.
+        let hello = Request::Hello(Hello {
+            token: Bytes::copy_from_slice(config.token.as_bytes()),
+        });
+        let reply = self.send_once(&conn, hello).await?;
+        match reply {
+            Reply::Hello(h) if h.status == Status::Ok => {
+                *self.inner.role.lock().expect("role lock") = h.role;
+            }
+            Reply::Hello(h) => return Err(ClientError::Auth(h.status)),
+            Reply::Error(e) => {
+                return Err(ClientError::Server {
+                    status: e.status,
+                    message: e.message,
+                })
+            }
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected reply to HELLO: {other:?}"
+                )))
+            }
+        }
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// One attempt on one connection.
+    async fn send_once(&self, conn: &Conn, request: Request) -> Result<Reply, ClientError> {
+        let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        conn.pending
+            .lock()
+            .expect("pending lock")
+            .insert(request_id, tx);
+        if conn.is_closed() {
+            conn.pending
+                .lock()
+                .expect("pending lock")
+                .remove(&request_id);
+            return Err(ClientError::Disconnected);
+        }
+        if conn.outgoing.send((request_id, request)).await.is_err() {
+            conn.pending
+                .lock()
+                .expect("pending lock")
+                .remove(&request_id);
+            return Err(ClientError::Disconnected);
+        }
+        let timeout = self.inner.config.request_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(ClientError::Disconnected),
+            Err(_) => {
+                conn.pending
+                    .lock()
+                    .expect("pending lock")
+                    .remove(&request_id);
+                Err(ClientError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Send with reconnects and retries; see the module doc.
+    async fn call(&self, request: Request, retry: Retry) -> Result<Reply, ClientError> {
+        let attempts = self.inner.config.max_attempts.max(1);
+        let mut backoff = Duration::from_millis(5);
+        let mut last_err = None;
+        for attempt in 1..=attempts {
+            let slot =
+                self.inner.next_slot.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
+            let result = match self.conn(slot).await {
+                Ok(conn) => self.send_once(&conn, request.clone()).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(Reply::Error(e)) => {
+                    return Err(ClientError::Server {
+                        status: e.status,
+                        message: e.message,
+                    })
+                }
+                Ok(reply) => {
+                    let busy = reply_busy_hint(&reply);
+                    match busy {
+                        Some(retry_after_ms) if attempt < attempts => {
+                            tokio::time::sleep(Duration::from_millis(
+                                retry_after_ms.clamp(1, 1000),
+                            ))
+                            .await;
+                            continue;
+                        }
+                        _ => return Ok(reply),
+                    }
+                }
+                Err(e) if e.is_transient() && attempt < attempts => {
+                    let unsent = matches!(e, ClientError::Connect { .. });
+                    if retry == Retry::OnlyIfUnsent && !unsent {
+                        return Err(e);
+                    }
+                    tracing::debug!(attempt, error = %e, "retrying with the same request");
+                    last_err = Some(e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.unwrap_or(ClientError::Disconnected))
+    }
+
+    async fn outcome(&self, request: Request, retry: Retry) -> Result<Outcome, ClientError> {
+        match self.call(request, retry).await? {
+            Reply::Outcome(o) => Ok(o),
+            other => Err(ClientError::Protocol(format!(
+                "expected an outcome, got {other:?}"
+            ))),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<Outcome, ClientError> {
+        self.outcome(Request::Ping, Retry::Idempotent).await
+    }
+
+    /// Hold `qty` units of `sku` for `user`. Retries reuse `reservation_id`.
+    pub async fn reserve(
+        &self,
+        sku: u64,
+        user: u64,
+        qty: u32,
+        reservation_id: u128,
+    ) -> Result<Outcome, ClientError> {
+        self.outcome(
+            Request::Reserve(Reserve {
+                sku,
+                user,
+                qty,
+                reservation_id,
+            }),
+            Retry::Idempotent,
+        )
+        .await
+    }
+
+    /// Up to `BATCH_OPS_MAX` reservations in one frame; results in order.
+    pub async fn reserve_batch(&self, ops: &[Reserve]) -> Result<Vec<Outcome>, ClientError> {
+        if ops.is_empty() || ops.len() > BATCH_OPS_MAX {
+            return Err(ClientError::InvalidRequest(format!(
+                "batch of {} ops; allowed 1..={BATCH_OPS_MAX}",
+                ops.len()
+            )));
+        }
+        match self
+            .call(Request::ReserveBatch(ops.to_vec()), Retry::Idempotent)
+            .await?
+        {
+            Reply::Batch(results) if results.len() == ops.len() => Ok(results),
+            other => Err(ClientError::Protocol(format!(
+                "expected {} batch results, got {other:?}",
+                ops.len()
+            ))),
+        }
+    }
+
+    pub async fn confirm(
+        &self,
+        reservation_id: u128,
+        payment_ref: &[u8],
+    ) -> Result<Outcome, ClientError> {
+        if payment_ref.len() > crate::limits::PAYMENT_REF_BYTES_MAX {
+            return Err(ClientError::InvalidRequest(
+                "payment_ref longer than PAYMENT_REF_BYTES_MAX".into(),
+            ));
+        }
+        let request = Request::Confirm(Confirm {
+            reservation_id,
+            payment_ref: Bytes::copy_from_slice(payment_ref),
+        });
+        self.outcome(request, Retry::Idempotent).await
+    }
+
+    pub async fn release(&self, reservation_id: u128) -> Result<Outcome, ClientError> {
+        self.outcome(
+            Request::Release(Release { reservation_id }),
+            Retry::Idempotent,
+        )
+        .await
+    }
+
+    pub async fn status(&self, sku: u64) -> Result<StatusReply, ClientError> {
+        match self
+            .call(Request::Status { sku }, Retry::Idempotent)
+            .await?
+        {
+            Reply::Status(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!(
+                "expected a status reply, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Admin: create a sale. A retry after success answers `sale_exists`.
+    pub async fn create_sale(&self, sale: SaleCreate) -> Result<Outcome, ClientError> {
+        self.outcome(Request::SaleCreate(sale), Retry::Idempotent)
+            .await
+    }
+
+    /// Admin: add stock. Not idempotent, so never resent once it may have
+    /// reached the server: on `Disconnected`/`Timeout` check STATUS first.
+    pub async fn restock(&self, sku: u64, qty: u64) -> Result<Outcome, ClientError> {
+        self.outcome(Request::Restock(Restock { sku, qty }), Retry::OnlyIfUnsent)
+            .await
+    }
+
+    pub async fn pause(&self, sku: u64) -> Result<Outcome, ClientError> {
+        self.outcome(Request::Pause { sku }, Retry::Idempotent)
+            .await
+    }
+
+    pub async fn resume(&self, sku: u64) -> Result<Outcome, ClientError> {
+        self.outcome(Request::Resume { sku }, Retry::Idempotent)
+            .await
+    }
+
+    /// Send a request and return the raw reply, without retries (tools, tests).
+    pub async fn raw(&self, request: Request) -> Result<Reply, ClientError> {
+        let conn = self.conn(0).await?;
+        self.send_once(&conn, request).await
+    }
+}
+
+/// `Some(retry_after_ms)` when the whole reply says "busy". A batch with
+/// some busy results is returned as is: the caller resends those ops.
+fn reply_busy_hint(reply: &Reply) -> Option<u64> {
+    match reply {
+        Reply::Outcome(o) if o.status == Status::Busy => Some(o.detail),
+        _ => None,
+    }
+}
+
+/// Spawn the writer and reader tasks for a connected stream.
+fn spawn_conn<S>(stream: S) -> Conn
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read_half, mut write_half) = tokio::io::split(stream);
+    // Bounded: a caller that outpaces the socket waits here instead of
+    // queueing without limit.
+    let (outgoing, mut rx) = mpsc::channel::<(u64, Request)>(1024);
+    let pending: Pending = Arc::default();
+
+    tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        while let Some((request_id, request)) = rx.recv().await {
+            request.encode_frame(request_id, &mut buf);
+            // Coalesce whatever else is queued into the same write.
+            while buf.len() < 256 * 1024 {
+                match rx.try_recv() {
+                    Ok((id, req)) => req.encode_frame(id, &mut buf),
+                    Err(_) => break,
+                }
+            }
+            if write_half.write_all(&buf).await.is_err() {
+                break;
+            }
+            buf.clear();
+        }
+        // Dropping `rx` marks the connection closed for new calls.
+    });
+
+    let reader_pending = pending.clone();
+    let closed = Arc::new(AtomicBool::new(false));
+    let reader_closed = closed.clone();
+    tokio::spawn(async move {
+        let mut frames = FramedRead::new(read_half, FrameCodec::new());
+        while let Some(Ok(frame)) = frames.next().await {
+            let Ok(reply) = Reply::decode(&frame) else {
+                break;
+            };
+            let waiter = reader_pending
+                .lock()
+                .expect("pending lock")
+                .remove(&frame.request_id);
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(reply);
+            } else if frame.request_id == 0 {
+                // A connection-level ERROR (no request id): the server closes next.
+                tracing::warn!(?reply, "connection-level error from server");
+            }
+        }
+        // Fail every waiting call: dropping the senders wakes them with
+        // `Disconnected`, and they retry on a fresh connection.
+        reader_closed.store(true, Ordering::SeqCst);
+        reader_pending.lock().expect("pending lock").clear();
+    });
+    Conn {
+        outgoing,
+        pending,
+        closed,
+    }
+}

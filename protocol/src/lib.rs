@@ -1,0 +1,34 @@
+//! The stampede wire protocol: frame codec, typed messages and the async
+//! client library used by checkout services, `stampede-ctl` and the loadgen.
+//!
+//! # Layout
+//!
+//! - [`limits`]: every number a peer must respect (frame size, batch size, ...).
+//! - [`status`]: the numbered, stable status codes carried by every reply.
+//! - [`frame`]: the 32-byte checksummed header and the streaming
+//!   [`FrameCodec`](frame::FrameCodec) (a `tokio_util` decoder that checks
+//!   lengths before allocating and never panics on hostile input).
+//! - [`wire`]: bounds-checked reading of message bodies.
+//! - [`message`]: one module per operation (`# Format` docs next to the
+//!   encode/decode code), dispatched by the [`Request`](message::Request) and
+//!   [`Reply`](message::Reply) enums.
+//! - [`client`]: pipelined, reconnecting, retry-safe async client.
+//!
+//! PROTOCOL.md next to this crate is the normative spec; the hex test
+//! vectors in `testdata/` are checked by `tests/vectors.rs` against this code.
+//!
+//! A request flows: caller -> [`client::Client`] picks a connection ->
+//! `Request::encode_frame` -> socket -> server's `FrameCodec` ->
+//! `Request::decode` -> engine -> `Reply::encode_frame` -> socket -> the
+//! client's reader task matches the request id -> the caller's future resolves.
+
+pub mod client;
+pub mod frame;
+pub mod limits;
+pub mod message;
+pub mod status;
+pub mod wire;
+
+pub use frame::{Frame, FrameCodec, FrameError};
+pub use message::{Opcode, Reply, Request};
+pub use status::Status;

@@ -1,0 +1,33 @@
+//! Wire limits. Every number a peer must respect lives here, with the reason
+//! for it; PROTOCOL.md quotes these values and a test checks it does.
+//! Server-side limits (queues, connections) are in the server's `limits.rs`,
+//! which re-exports this module so that file is the one place to read them all.
+
+/// Protocol version spoken by this crate. A frame with another version is
+/// refused with `unsupported_version`.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Size of the fixed frame header in bytes.
+pub const HEADER_BYTES: usize = 32;
+
+/// Largest frame body accepted. 64 KiB holds a full batch (1024 x 36-byte
+/// reserve operations = 36 KiB plus the count) with room to spare, while a
+/// connection's receive buffer stays small enough that 10k connections fit
+/// in memory. The decoder refuses a larger declared length before allocating.
+pub const FRAME_BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Most reserve operations in one RESERVE_BATCH frame. 1024 amortises the
+/// per-frame cost (header, checksum, syscall) to well under 1% while one
+/// batch still completes within a single shard drain cycle.
+pub const BATCH_OPS_MAX: usize = 1024;
+
+/// Longest payment reference in CONFIRM. Payment provider ids (Stripe,
+/// Adyen, PayPal) are under 40 characters; 64 leaves room and bounds the
+/// per-reservation memory.
+pub const PAYMENT_REF_BYTES_MAX: usize = 64;
+
+/// Longest auth token in HELLO.
+pub const TOKEN_BYTES_MAX: usize = 256;
+
+/// Longest human-readable message in an ERROR reply.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;

@@ -1,0 +1,280 @@
+//! Typed messages: one module per operation, one enum each way that dispatches.
+//!
+//! A request frame's opcode selects the body layout; the reply to it carries
+//! `opcode | 0x80` (`REPLY_BIT`) and the same request id. Malformed input
+//! gets an ERROR (0xff) reply. See PROTOCOL.md for the full byte layouts;
+//! each module's `# Format` section is the same text next to the code.
+
+pub mod confirm;
+pub mod hello;
+pub mod release;
+pub mod reserve;
+pub mod sale;
+
+use bytes::{BufMut, BytesMut};
+
+pub use confirm::Confirm;
+pub use hello::{Hello, HelloReply, Role};
+pub use release::Release;
+pub use reserve::{Outcome, Reserve};
+pub use sale::{Restock, SaleCreate, SaleStatus, StatusReply};
+
+use crate::frame::{encode_frame_with, Frame};
+use crate::limits::ERROR_MESSAGE_BYTES_MAX;
+use crate::status::Status;
+use crate::wire::{Malformed, Reader};
+
+/// Set in a reply's opcode.
+pub const REPLY_BIT: u8 = 0x80;
+
+/// Request opcodes. Stable: never renumbered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Opcode {
+    Hello = 0x01,
+    Ping = 0x02,
+    Reserve = 0x10,
+    ReserveBatch = 0x11,
+    Confirm = 0x12,
+    Release = 0x13,
+    Status = 0x14,
+    SaleCreate = 0x20,
+    Restock = 0x21,
+    Pause = 0x22,
+    Resume = 0x23,
+}
+
+/// Opcode of the ERROR reply, sent for frames that could not be handled.
+pub const ERROR_OPCODE: u8 = 0xff;
+
+impl Opcode {
+    pub const ALL: &'static [Opcode] = &[
+        Opcode::Hello,
+        Opcode::Ping,
+        Opcode::Reserve,
+        Opcode::ReserveBatch,
+        Opcode::Confirm,
+        Opcode::Release,
+        Opcode::Status,
+        Opcode::SaleCreate,
+        Opcode::Restock,
+        Opcode::Pause,
+        Opcode::Resume,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Opcode> {
+        Opcode::ALL.iter().copied().find(|op| *op as u8 == v)
+    }
+
+    pub const fn reply(self) -> u8 {
+        self as u8 | REPLY_BIT
+    }
+
+    /// The least role allowed to send this opcode (HELLO needs none).
+    pub const fn required_role(self) -> Role {
+        match self {
+            Opcode::Hello => Role::None,
+            Opcode::Ping
+            | Opcode::Reserve
+            | Opcode::ReserveBatch
+            | Opcode::Confirm
+            | Opcode::Release
+            | Opcode::Status => Role::Checkout,
+            Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume => Role::Admin,
+        }
+    }
+}
+
+/// A parsed request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Hello(Hello),
+    Ping,
+    Reserve(Reserve),
+    ReserveBatch(Vec<Reserve>),
+    Confirm(Confirm),
+    Release(Release),
+    Status { sku: u64 },
+    SaleCreate(SaleCreate),
+    Restock(Restock),
+    Pause { sku: u64 },
+    Resume { sku: u64 },
+}
+
+impl Request {
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Request::Hello(_) => Opcode::Hello,
+            Request::Ping => Opcode::Ping,
+            Request::Reserve(_) => Opcode::Reserve,
+            Request::ReserveBatch(_) => Opcode::ReserveBatch,
+            Request::Confirm(_) => Opcode::Confirm,
+            Request::Release(_) => Opcode::Release,
+            Request::Status { .. } => Opcode::Status,
+            Request::SaleCreate(_) => Opcode::SaleCreate,
+            Request::Restock(_) => Opcode::Restock,
+            Request::Pause { .. } => Opcode::Pause,
+            Request::Resume { .. } => Opcode::Resume,
+        }
+    }
+
+    /// Append this request as a complete frame.
+    pub fn encode_frame(&self, request_id: u64, dst: &mut BytesMut) {
+        encode_frame_with(dst, self.opcode() as u8, request_id, |b| {
+            self.encode_body(b)
+        });
+    }
+
+    pub fn encode_body(&self, dst: &mut BytesMut) {
+        match self {
+            Request::Hello(m) => m.encode(dst),
+            Request::Ping => {}
+            Request::Reserve(m) => m.encode(dst),
+            Request::ReserveBatch(ops) => reserve::encode_batch(ops, dst),
+            Request::Confirm(m) => m.encode(dst),
+            Request::Release(m) => m.encode(dst),
+            Request::Status { sku } | Request::Pause { sku } | Request::Resume { sku } => {
+                sale::encode_sku(*sku, dst)
+            }
+            Request::SaleCreate(m) => m.encode(dst),
+            Request::Restock(m) => m.encode(dst),
+        }
+    }
+
+    /// Parse a request frame. The error carries the status to reply with.
+    pub fn decode(frame: &Frame) -> Result<Request, (Status, String)> {
+        let opcode = Opcode::from_u8(frame.opcode).ok_or_else(|| {
+            (
+                Status::UnknownOpcode,
+                format!("unknown request opcode {:#04x}", frame.opcode),
+            )
+        })?;
+        let body = &frame.body[..];
+        let malformed = |m: Malformed| (Status::MalformedBody, m.0);
+        Ok(match opcode {
+            Opcode::Hello => Request::Hello(Hello::decode(body).map_err(malformed)?),
+            Opcode::Ping => {
+                Reader::new(body, "PING").finish().map_err(malformed)?;
+                Request::Ping
+            }
+            Opcode::Reserve => Request::Reserve(Reserve::decode(body).map_err(malformed)?),
+            Opcode::ReserveBatch => {
+                Request::ReserveBatch(reserve::decode_batch(body).map_err(|e| match e {
+                    reserve::BatchError::TooLarge(n) => (
+                        Status::BatchTooLarge,
+                        format!(
+                            "batch of {n} operations; allowed 1..={}",
+                            crate::limits::BATCH_OPS_MAX
+                        ),
+                    ),
+                    reserve::BatchError::Malformed(m) => malformed(m),
+                })?)
+            }
+            Opcode::Confirm => Request::Confirm(Confirm::decode(body).map_err(malformed)?),
+            Opcode::Release => Request::Release(Release::decode(body).map_err(malformed)?),
+            Opcode::Status => Request::Status {
+                sku: sale::decode_sku(body, "STATUS").map_err(malformed)?,
+            },
+            Opcode::SaleCreate => Request::SaleCreate(SaleCreate::decode(body).map_err(malformed)?),
+            Opcode::Restock => Request::Restock(Restock::decode(body).map_err(malformed)?),
+            Opcode::Pause => Request::Pause {
+                sku: sale::decode_sku(body, "PAUSE").map_err(malformed)?,
+            },
+            Opcode::Resume => Request::Resume {
+                sku: sale::decode_sku(body, "RESUME").map_err(malformed)?,
+            },
+        })
+    }
+}
+
+/// ERROR (0xff) reply body: `status u16, message_len u16, message utf-8`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub status: Status,
+    pub message: String,
+}
+
+impl ErrorReply {
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let mut end = self.message.len().min(ERROR_MESSAGE_BYTES_MAX);
+        while !self.message.is_char_boundary(end) {
+            end -= 1;
+        }
+        dst.put_u16_le(self.status.code());
+        dst.put_u16_le(end as u16);
+        dst.extend_from_slice(&self.message.as_bytes()[..end]);
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
+        let mut r = Reader::new(body, "ERROR");
+        let code = r.u16()?;
+        let status =
+            Status::from_code(code).ok_or_else(|| Malformed(format!("unknown status {code}")))?;
+        let len = r.u16()? as usize;
+        let message = String::from_utf8(r.bytes(len)?.to_vec())
+            .map_err(|_| Malformed("ERROR: message is not UTF-8".into()))?;
+        r.finish()?;
+        Ok(ErrorReply { status, message })
+    }
+}
+
+/// A parsed reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Hello(HelloReply),
+    /// PING, RESERVE, CONFIRM, RELEASE, SALE_CREATE, RESTOCK, PAUSE, RESUME.
+    Outcome(Outcome),
+    Batch(Vec<Outcome>),
+    Status(StatusReply),
+    Error(ErrorReply),
+}
+
+impl Reply {
+    /// The status of a single-result reply (`None` for a batch).
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            Reply::Hello(r) => Some(r.status),
+            Reply::Outcome(o) => Some(o.status),
+            Reply::Batch(_) => None,
+            Reply::Status(s) => Some(s.status),
+            Reply::Error(e) => Some(e.status),
+        }
+    }
+
+    /// Append this reply as a complete frame. `opcode` is the request's.
+    pub fn encode_frame(&self, request_opcode: Opcode, request_id: u64, dst: &mut BytesMut) {
+        let opcode = match self {
+            Reply::Error(_) => ERROR_OPCODE,
+            _ => request_opcode.reply(),
+        };
+        encode_frame_with(dst, opcode, request_id, |b| self.encode_body(b));
+    }
+
+    pub fn encode_body(&self, dst: &mut BytesMut) {
+        match self {
+            Reply::Hello(m) => m.encode(dst),
+            Reply::Outcome(m) => m.encode(dst),
+            Reply::Batch(results) => reserve::encode_batch_reply(results, dst),
+            Reply::Status(m) => m.encode(dst),
+            Reply::Error(m) => m.encode(dst),
+        }
+    }
+
+    /// Parse a reply frame.
+    pub fn decode(frame: &Frame) -> Result<Reply, Malformed> {
+        let body = &frame.body[..];
+        if frame.opcode == ERROR_OPCODE {
+            return Ok(Reply::Error(ErrorReply::decode(body)?));
+        }
+        let opcode = (frame.opcode & REPLY_BIT != 0)
+            .then(|| Opcode::from_u8(frame.opcode & !REPLY_BIT))
+            .flatten()
+            .ok_or_else(|| Malformed(format!("unknown reply opcode {:#04x}", frame.opcode)))?;
+        Ok(match opcode {
+            Opcode::Hello => Reply::Hello(HelloReply::decode(body)?),
+            Opcode::ReserveBatch => Reply::Batch(reserve::decode_batch_reply(body)?),
+            Opcode::Status => Reply::Status(StatusReply::decode(body)?),
+            _ => Reply::Outcome(Outcome::decode(body)?),
+        })
+    }
+}

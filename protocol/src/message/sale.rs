@@ -1,0 +1,179 @@
+//! Sale administration (admin role) and STATUS (any role).
+//!
+//! # Format
+//!
+//! SALE_CREATE (0x20) request body, 29 bytes:
+//! ```text
+//!  0  8 sku             u64
+//!  8  8 stock           u64, <= STOCK_UNITS_MAX
+//! 16  4 limit_per_user  u32, >= 1 (units a user may hold reserved + sold)
+//! 20  8 ttl_ms          u64, reservation time-to-live, 1..=RESERVATION_TTL_MS_MAX
+//! 28  1 flags           u8: bit 0 = hot (own shard thread); other bits 0
+//! ```
+//! Reply: `Outcome`: ok | sale_exists | invalid_argument.
+//!
+//! RESTOCK (0x21) request body, 16 bytes: `sku u64, qty u64` (qty >= 1).
+//! Reply: `Outcome`: ok (detail = new total) | unknown_sku | invalid_argument.
+//!
+//! PAUSE (0x22) and RESUME (0x23) request body, 8 bytes: `sku u64`.
+//! Reply: `Outcome`: ok | unknown_sku. While paused, RESERVE answers
+//! `paused`; CONFIRM and RELEASE of existing reservations still work.
+//!
+//! STATUS (0x14) request body, 8 bytes: `sku u64`. Reply body, 55 bytes:
+//! ```text
+//!  0  2 status          u16: ok | unknown_sku (then all fields are 0)
+//!  2  8 total           u64 (initial stock + restocks)
+//! 10  8 available       u64
+//! 18  8 reserved        u64 (units held by unexpired reservations)
+//! 26  8 sold            u64
+//! 34  4 limit_per_user  u32
+//! 38  8 ttl_ms          u64
+//! 46  8 reservations    u64 (active reservations, count)
+//! 54  1 flags           u8: bit 0 hot, bit 1 paused
+//! ```
+//! `available + reserved + sold == total` holds in every reply.
+
+use bytes::{BufMut, BytesMut};
+
+use crate::status::Status;
+use crate::wire::{Malformed, Reader};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SaleCreate {
+    pub sku: u64,
+    pub stock: u64,
+    pub limit_per_user: u32,
+    pub ttl_ms: u64,
+    pub hot: bool,
+}
+
+impl SaleCreate {
+    pub fn encode(&self, dst: &mut BytesMut) {
+        dst.put_u64_le(self.sku);
+        dst.put_u64_le(self.stock);
+        dst.put_u32_le(self.limit_per_user);
+        dst.put_u64_le(self.ttl_ms);
+        dst.put_u8(self.hot as u8);
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
+        let mut r = Reader::new(body, "SALE_CREATE");
+        let sku = r.u64()?;
+        let stock = r.u64()?;
+        let limit_per_user = r.u32()?;
+        let ttl_ms = r.u64()?;
+        let flags = r.u8()?;
+        if flags & !1 != 0 {
+            return Err(Malformed(format!(
+                "SALE_CREATE: unknown flag bits {flags:#04x}"
+            )));
+        }
+        r.finish()?;
+        Ok(SaleCreate {
+            sku,
+            stock,
+            limit_per_user,
+            ttl_ms,
+            hot: flags & 1 == 1,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Restock {
+    pub sku: u64,
+    pub qty: u64,
+}
+
+impl Restock {
+    pub fn encode(&self, dst: &mut BytesMut) {
+        dst.put_u64_le(self.sku);
+        dst.put_u64_le(self.qty);
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
+        let mut r = Reader::new(body, "RESTOCK");
+        let op = Restock {
+            sku: r.u64()?,
+            qty: r.u64()?,
+        };
+        r.finish()?;
+        Ok(op)
+    }
+}
+
+/// A request whose body is just a SKU (PAUSE, RESUME, STATUS).
+pub fn encode_sku(sku: u64, dst: &mut BytesMut) {
+    dst.put_u64_le(sku);
+}
+
+pub fn decode_sku(body: &[u8], what: &'static str) -> Result<u64, Malformed> {
+    let mut r = Reader::new(body, what);
+    let sku = r.u64()?;
+    r.finish()?;
+    Ok(sku)
+}
+
+/// STATUS reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SaleStatus {
+    pub total: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+    pub limit_per_user: u32,
+    pub ttl_ms: u64,
+    pub reservations: u64,
+    pub hot: bool,
+    pub paused: bool,
+}
+
+/// STATUS reply with its status code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusReply {
+    pub status: Status,
+    pub sale: SaleStatus,
+}
+
+impl StatusReply {
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let s = &self.sale;
+        dst.put_u16_le(self.status.code());
+        dst.put_u64_le(s.total);
+        dst.put_u64_le(s.available);
+        dst.put_u64_le(s.reserved);
+        dst.put_u64_le(s.sold);
+        dst.put_u32_le(s.limit_per_user);
+        dst.put_u64_le(s.ttl_ms);
+        dst.put_u64_le(s.reservations);
+        dst.put_u8(s.hot as u8 | (s.paused as u8) << 1);
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
+        let mut r = Reader::new(body, "STATUS reply");
+        let code = r.u16()?;
+        let status =
+            Status::from_code(code).ok_or_else(|| Malformed(format!("unknown status {code}")))?;
+        let total = r.u64()?;
+        let available = r.u64()?;
+        let reserved = r.u64()?;
+        let sold = r.u64()?;
+        let limit_per_user = r.u32()?;
+        let ttl_ms = r.u64()?;
+        let reservations = r.u64()?;
+        let flags = r.u8()?;
+        r.finish()?;
+        let sale = SaleStatus {
+            total,
+            available,
+            reserved,
+            sold,
+            limit_per_user,
+            ttl_ms,
+            reservations,
+            hot: flags & 1 != 0,
+            paused: flags & 2 != 0,
+        };
+        Ok(StatusReply { status, sale })
+    }
+}

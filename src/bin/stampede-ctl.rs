@@ -1,0 +1,244 @@
+//! `stampede-ctl`: a redis-cli-like tool for people and scripts.
+//!
+//! Exit status: 0 whenever the server answered (whatever the outcome: a
+//! `sold_out` is an answer), 1 on connection, auth or protocol errors,
+//! 2 on usage errors (from clap). With `--json` each command prints one
+//! JSON object whose `status` field names the outcome.
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use stampede_protocol::client::{new_reservation_id, Client, ClientConfig, ClientError};
+use stampede_protocol::message::{Outcome, SaleCreate};
+use stampede_protocol::Status;
+
+#[derive(Parser, Debug)]
+#[command(name = "stampede-ctl", version, about = "Talk to a stampede server")]
+struct Args {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:7070", global = true)]
+    server: String,
+    /// Print one JSON object per command.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Token (from the environment only, so it never shows in `ps`).
+    #[arg(skip = std::env::var("STAMPEDE_TOKEN").unwrap_or_default())]
+    token: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check the server answers (prints its clock).
+    Ping,
+    /// Sale administration (admin token).
+    #[command(subcommand)]
+    Sale(SaleCommand),
+    /// Add stock to a sale (admin token).
+    Restock {
+        #[arg(long)]
+        sku: u64,
+        #[arg(long)]
+        qty: u64,
+    },
+    /// Pause a sale: reserves answer `paused` (admin token).
+    Pause {
+        #[arg(long)]
+        sku: u64,
+    },
+    /// Resume a paused sale (admin token).
+    Resume {
+        #[arg(long)]
+        sku: u64,
+    },
+    /// Hold units for a user. Prints the reservation id to confirm or release.
+    Reserve {
+        #[arg(long)]
+        sku: u64,
+        #[arg(long)]
+        user: u64,
+        #[arg(long, default_value_t = 1)]
+        qty: u32,
+        /// Reservation id in hex (default: a fresh random id). Reuse it to retry safely.
+        #[arg(long, value_parser = parse_id)]
+        id: Option<u128>,
+    },
+    /// Turn a reservation into a sale.
+    Confirm {
+        #[arg(long, value_parser = parse_id)]
+        id: u128,
+        #[arg(long, default_value = "")]
+        payment_ref: String,
+    },
+    /// Give a reservation's units back.
+    Release {
+        #[arg(long, value_parser = parse_id)]
+        id: u128,
+    },
+    /// Counters of a sale.
+    Status {
+        #[arg(long)]
+        sku: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SaleCommand {
+    /// Create a sale.
+    Create {
+        #[arg(long)]
+        sku: u64,
+        #[arg(long)]
+        stock: u64,
+        /// Units one user may hold reserved + sold.
+        #[arg(long)]
+        limit: u32,
+        /// Reservation time-to-live.
+        #[arg(long, default_value_t = 600)]
+        ttl_secs: u64,
+        /// Give this SKU its own shard thread pinned to a core.
+        #[arg(long)]
+        hot: bool,
+    },
+}
+
+fn parse_id(s: &str) -> Result<u128, String> {
+    let digits = s.strip_prefix("0x").unwrap_or(s);
+    if digits.is_empty() || digits.len() > 32 {
+        return Err("expected 1 to 32 hex digits".into());
+    }
+    match u128::from_str_radix(digits, 16) {
+        Ok(0) => Err("reservation id 0 is reserved".into()),
+        Ok(id) => Ok(id),
+        Err(e) => Err(format!("not hex: {e}")),
+    }
+}
+
+fn outcome_json(outcome: &Outcome) -> Value {
+    let mut v = json!({ "status": outcome.status.name(), "code": outcome.status.code() });
+    match outcome.status {
+        Status::Reserved => v["expires_at_ms"] = json!(outcome.detail),
+        Status::Confirmed => v["confirmed_at_ms"] = json!(outcome.detail),
+        Status::Expired if outcome.detail != 0 => v["expired_at_ms"] = json!(outcome.detail),
+        Status::Busy => v["retry_after_ms"] = json!(outcome.detail),
+        Status::Ok if outcome.detail != 0 => v["detail"] = json!(outcome.detail),
+        _ => {}
+    }
+    v
+}
+
+async fn run(args: Args) -> Result<Value, ClientError> {
+    let client =
+        Client::connect(ClientConfig::new(args.server.clone(), args.token.clone())).await?;
+    Ok(match args.command {
+        Command::Ping => {
+            let o = client.ping().await?;
+            json!({ "status": o.status.name(), "server_time_ms": o.detail })
+        }
+        Command::Sale(SaleCommand::Create {
+            sku,
+            stock,
+            limit,
+            ttl_secs,
+            hot,
+        }) => {
+            let ttl_ms = ttl_secs.saturating_mul(1000);
+            let o = client
+                .create_sale(SaleCreate {
+                    sku,
+                    stock,
+                    limit_per_user: limit,
+                    ttl_ms,
+                    hot,
+                })
+                .await?;
+            let mut v = outcome_json(&o);
+            v["sku"] = json!(sku);
+            v
+        }
+        Command::Restock { sku, qty } => {
+            let o = client.restock(sku, qty).await?;
+            let mut v = outcome_json(&o);
+            v["sku"] = json!(sku);
+            if o.status == Status::Ok {
+                v["total"] = json!(o.detail);
+                v.as_object_mut().expect("object").remove("detail");
+            }
+            v
+        }
+        Command::Pause { sku } => outcome_json(&client.pause(sku).await?),
+        Command::Resume { sku } => outcome_json(&client.resume(sku).await?),
+        Command::Reserve { sku, user, qty, id } => {
+            let id = id.unwrap_or_else(new_reservation_id);
+            let mut v = outcome_json(&client.reserve(sku, user, qty, id).await?);
+            v["id"] = json!(format!("{id:032x}"));
+            v
+        }
+        Command::Confirm { id, payment_ref } => {
+            outcome_json(&client.confirm(id, payment_ref.as_bytes()).await?)
+        }
+        Command::Release { id } => outcome_json(&client.release(id).await?),
+        Command::Status { sku } => {
+            let s = client.status(sku).await?;
+            let sale = s.sale;
+            json!({
+                "status": s.status.name(), "sku": sku,
+                "total": sale.total, "available": sale.available,
+                "reserved": sale.reserved, "sold": sale.sold,
+                "reservations": sale.reservations, "limit_per_user": sale.limit_per_user,
+                "ttl_ms": sale.ttl_ms, "hot": sale.hot, "paused": sale.paused,
+            })
+        }
+    })
+}
+
+fn print_human(v: &Value) {
+    let status = v["status"].as_str().unwrap_or("?");
+    if v.get("total").is_some() && v.get("available").is_some() {
+        println!(
+            "{status}: total {} available {} reserved {} sold {} (reservations {}, limit {}/user, ttl {} ms{}{})",
+            v["total"], v["available"], v["reserved"], v["sold"], v["reservations"], v["limit_per_user"], v["ttl_ms"],
+            if v["hot"] == json!(true) { ", hot" } else { "" },
+            if v["paused"] == json!(true) { ", paused" } else { "" },
+        );
+        return;
+    }
+    let mut line = status.to_string();
+    for (key, value) in v.as_object().into_iter().flatten() {
+        if key != "status" && key != "code" {
+            line.push_str(&format!(
+                " {key}={}",
+                value
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| value.to_string())
+            ));
+        }
+    }
+    println!("{line}");
+}
+
+fn main() {
+    let args = Args::parse();
+    let json_output = args.json;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(args)) {
+        Ok(v) => {
+            if json_output {
+                println!("{v}");
+            } else {
+                print_human(&v);
+            }
+        }
+        Err(e) => {
+            if json_output {
+                println!("{}", json!({ "status": "error", "error": e.to_string() }));
+            }
+            eprintln!("stampede-ctl: {e}");
+            std::process::exit(1);
+        }
+    }
+}

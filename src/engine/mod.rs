@@ -1,0 +1,641 @@
+//! The inventory engine: the state of a set of SKUs, changed only by events.
+//!
+//! One `Engine` lives in each shard thread and owns the SKUs routed to that
+//! shard; nothing else touches its maps, so they need no locks. Each command
+//! is decided against the current state, producing an [`Outcome`] for the
+//! caller and at most one [`Event`], which is applied through the same
+//! `apply_*` code that recovery uses for replay.
+//!
+//! Invariants, asserted after every applied event (and by
+//! [`Engine::check_invariants`] over the whole state):
+//! - per sale: `available + reserved + sold == total`, none negative
+//!   (unsigned arithmetic with overflow checks on in release builds);
+//! - per user: reserved + sold units <= the sale's limit;
+//! - `reserved` equals the sum of the sale's held reservations.
+//!
+//! Published state: each sale's `available` count and paused flag are mirrored
+//! into a [`SkuGauge`] of atomics, written only by this engine, so connection
+//! tasks can answer `sold_out` without a hop to the shard thread.
+
+pub mod directory;
+pub mod event;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use foldhash::fast::RandomState;
+use stampede_protocol::message::{Outcome, Reserve, SaleCreate, SaleStatus, StatusReply};
+use stampede_protocol::Status;
+
+pub use directory::{Claim, ReservationDirectory};
+pub use event::Event;
+
+use crate::limits::{RESERVATION_TTL_MS_MAX, STOCK_UNITS_MAX};
+
+type FastMap<K, V> = std::collections::HashMap<K, V, RandomState>;
+
+/// A sale's state as the connection tasks see it, without asking the shard.
+///
+/// Atomics, single writer (the owning shard thread), many readers. `Release`
+/// stores pair with `Acquire` loads so a reader that sees a count also sees
+/// the sale that produced it.
+#[derive(Debug, Default)]
+pub struct SkuGauge {
+    available: AtomicU64,
+    paused: AtomicBool,
+}
+
+impl SkuGauge {
+    pub fn available(&self) -> u64 {
+        self.available.load(Ordering::Acquire)
+    }
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+}
+
+/// Life of one reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldState {
+    Held,
+    Confirmed,
+    Released,
+    Expired,
+}
+
+#[derive(Clone, Debug)]
+pub struct Reservation {
+    pub sku: u64,
+    pub user: u64,
+    pub qty: u32,
+    pub state: HoldState,
+    pub expires_at_ms: u64,
+    /// Confirm, release or expiry time; 0 while held.
+    pub settled_at_ms: u64,
+    /// Kept only once confirmed, to answer a retried CONFIRM.
+    pub payment_ref: Option<Box<[u8]>>,
+}
+
+#[derive(Debug)]
+struct Sale {
+    total: u64,
+    available: u64,
+    reserved: u64,
+    sold: u64,
+    limit_per_user: u32,
+    ttl_ms: u64,
+    hot: bool,
+    paused: bool,
+    /// Held reservations (count, not units).
+    holds: u64,
+    /// Units reserved + sold per user: the per-user purchase record
+    /// (a u64 key and u32 value in a swiss table, ~17-36 bytes each with
+    /// load factor; the `user_record_bytes` test measures it).
+    users: FastMap<u64, u32>,
+    /// Pending expiries in deadline order. A sale's TTL is fixed, and
+    /// deadlines are made monotonic at reserve time, so a FIFO queue does
+    /// what a timer wheel would: O(1) to add, O(1) per expiry, no scan.
+    /// Entries for reservations settled early are skipped when popped.
+    expiry: VecDeque<(u64, u128)>,
+    gauge: Arc<SkuGauge>,
+}
+
+impl Sale {
+    fn publish(&self) {
+        self.gauge
+            .available
+            .store(self.available, Ordering::Release);
+        self.gauge.paused.store(self.paused, Ordering::Release);
+    }
+
+    fn assert_invariant(&self, sku: u64) {
+        assert_eq!(
+            self.available + self.reserved + self.sold,
+            self.total,
+            "sku {sku}: available {} + reserved {} + sold {} != total {}",
+            self.available,
+            self.reserved,
+            self.sold,
+            self.total
+        );
+    }
+
+    fn status(&self) -> SaleStatus {
+        SaleStatus {
+            total: self.total,
+            available: self.available,
+            reserved: self.reserved,
+            sold: self.sold,
+            limit_per_user: self.limit_per_user,
+            ttl_ms: self.ttl_ms,
+            reservations: self.holds,
+            hot: self.hot,
+            paused: self.paused,
+        }
+    }
+}
+
+/// The state machine of one shard. See the module doc.
+pub struct Engine {
+    sales: FastMap<u64, Sale>,
+    reservations: FastMap<u128, Reservation>,
+    directory: Arc<ReservationDirectory>,
+}
+
+impl Engine {
+    pub fn new(directory: Arc<ReservationDirectory>) -> Self {
+        Engine {
+            sales: FastMap::default(),
+            reservations: FastMap::default(),
+            directory,
+        }
+    }
+
+    /// The published gauge of a sale (for routing tables).
+    pub fn gauge(&self, sku: u64) -> Option<Arc<SkuGauge>> {
+        self.sales.get(&sku).map(|s| s.gauge.clone())
+    }
+
+    pub fn reservation(&self, id: u128) -> Option<&Reservation> {
+        self.reservations.get(&id)
+    }
+
+    pub fn skus(&self) -> impl Iterator<Item = u64> + '_ {
+        self.sales.keys().copied()
+    }
+
+    /// Units reserved + sold by `user` for `sku`.
+    pub fn user_units(&self, sku: u64, user: u64) -> u32 {
+        self.sales
+            .get(&sku)
+            .and_then(|s| s.users.get(&user).copied())
+            .unwrap_or(0)
+    }
+
+    // ----------------------------------------------------------------- decide
+
+    pub fn create_sale(
+        &mut self,
+        cmd: &SaleCreate,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        if self.sales.contains_key(&cmd.sku) {
+            return Outcome::of(Status::SaleExists);
+        }
+        let valid = cmd.stock <= STOCK_UNITS_MAX
+            && cmd.limit_per_user >= 1
+            && (1..=RESERVATION_TTL_MS_MAX).contains(&cmd.ttl_ms);
+        if !valid {
+            return Outcome::of(Status::InvalidArgument);
+        }
+        let event = Event::SaleCreated {
+            sku: cmd.sku,
+            stock: cmd.stock,
+            limit_per_user: cmd.limit_per_user,
+            ttl_ms: cmd.ttl_ms,
+            hot: cmd.hot,
+            at_ms: now_ms,
+        };
+        self.apply(&event);
+        events.push(event);
+        Outcome::of(Status::Ok)
+    }
+
+    pub fn restock(&mut self, sku: u64, qty: u64, events: &mut Vec<Event>) -> Outcome {
+        let Some(sale) = self.sales.get(&sku) else {
+            return Outcome::of(Status::UnknownSku);
+        };
+        if qty == 0 || sale.total.saturating_add(qty) > STOCK_UNITS_MAX {
+            return Outcome::of(Status::InvalidArgument);
+        }
+        let event = Event::Restocked { sku, qty };
+        self.apply(&event);
+        events.push(event);
+        Outcome::new(Status::Ok, self.sales[&sku].total)
+    }
+
+    pub fn set_paused(&mut self, sku: u64, paused: bool, events: &mut Vec<Event>) -> Outcome {
+        let Some(sale) = self.sales.get(&sku) else {
+            return Outcome::of(Status::UnknownSku);
+        };
+        if sale.paused != paused {
+            let event = if paused {
+                Event::Paused { sku }
+            } else {
+                Event::Resumed { sku }
+            };
+            self.apply(&event);
+            events.push(event);
+        }
+        Outcome::of(Status::Ok)
+    }
+
+    pub fn status(&self, sku: u64) -> StatusReply {
+        match self.sales.get(&sku) {
+            Some(sale) => StatusReply {
+                status: Status::Ok,
+                sale: sale.status(),
+            },
+            None => StatusReply {
+                status: Status::UnknownSku,
+                sale: SaleStatus::default(),
+            },
+        }
+    }
+
+    /// RESERVE. Idempotent on `reservation_id`: a retry of a reservation that
+    /// succeeded answers `reserved` with the original expiry and changes
+    /// nothing; a refused attempt leaves no trace, so its retry is decided
+    /// afresh.
+    pub fn reserve(&mut self, op: &Reserve, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
+        let Some(sale) = self.sales.get_mut(&op.sku) else {
+            return Outcome::of(Status::UnknownSku);
+        };
+        if let Some(existing) = self.reservations.get(&op.reservation_id) {
+            return if existing.sku == op.sku && existing.user == op.user && existing.qty == op.qty {
+                Outcome::new(Status::Reserved, existing.expires_at_ms)
+            } else {
+                Outcome::of(Status::IdConflict)
+            };
+        }
+        if op.qty == 0 || op.reservation_id == 0 {
+            return Outcome::of(Status::InvalidArgument);
+        }
+        if sale.paused {
+            return Outcome::of(Status::Paused);
+        }
+        if sale.available == 0 {
+            return Outcome::of(Status::SoldOut);
+        }
+        if sale.available < u64::from(op.qty) {
+            return Outcome::of(Status::InsufficientStock);
+        }
+        let held = sale.users.get(&op.user).copied().unwrap_or(0);
+        if u64::from(held) + u64::from(op.qty) > u64::from(sale.limit_per_user) {
+            return Outcome::of(Status::LimitExceeded);
+        }
+        // Claim last: only a reservation that will succeed takes an id.
+        match self.directory.claim(op.reservation_id, op.sku) {
+            Claim::New => {}
+            // Same SKU but not in our map cannot happen: this shard owns the SKU.
+            Claim::Same | Claim::Conflict { .. } => return Outcome::of(Status::IdConflict),
+        }
+        // Monotonic deadlines keep the expiry queue sorted even if the wall
+        // clock steps back.
+        let floor = sale.expiry.back().map_or(0, |&(deadline, _)| deadline);
+        let expires_at_ms = (now_ms + sale.ttl_ms).max(floor);
+        let event = Event::Reserved {
+            sku: op.sku,
+            user: op.user,
+            qty: op.qty,
+            reservation_id: op.reservation_id,
+            expires_at_ms,
+        };
+        self.apply_reserved(&event);
+        events.push(event);
+        Outcome::new(Status::Reserved, expires_at_ms)
+    }
+
+    /// CONFIRM. A reservation past its expiry is expired here (even if the
+    /// expiry tick has not run yet), so a late payment is never accepted.
+    pub fn confirm(
+        &mut self,
+        id: u128,
+        payment_ref: &Bytes,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let Some(r) = self.reservations.get(&id) else {
+            return Outcome::of(Status::UnknownReservation);
+        };
+        let sku = r.sku;
+        match r.state {
+            HoldState::Held if now_ms >= r.expires_at_ms => {
+                let expires_at_ms = r.expires_at_ms;
+                let event = Event::Expired {
+                    sku,
+                    reservation_id: id,
+                    at_ms: now_ms,
+                };
+                self.apply(&event);
+                events.push(event);
+                Outcome::new(Status::Expired, expires_at_ms)
+            }
+            HoldState::Held => {
+                let event = Event::Confirmed {
+                    sku,
+                    reservation_id: id,
+                    at_ms: now_ms,
+                    payment_ref: payment_ref.clone(),
+                };
+                self.apply(&event);
+                events.push(event);
+                Outcome::new(Status::Confirmed, now_ms)
+            }
+            HoldState::Confirmed if r.payment_ref.as_deref() == Some(&payment_ref[..]) => {
+                Outcome::new(Status::Confirmed, r.settled_at_ms)
+            }
+            HoldState::Confirmed => Outcome::of(Status::IdConflict),
+            HoldState::Released => Outcome::of(Status::AlreadyReleased),
+            HoldState::Expired => Outcome::new(Status::Expired, r.expires_at_ms),
+        }
+    }
+
+    /// RELEASE. Idempotent: releasing twice answers `released` twice.
+    pub fn release(&mut self, id: u128, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
+        let Some(r) = self.reservations.get(&id) else {
+            return Outcome::of(Status::UnknownReservation);
+        };
+        let sku = r.sku;
+        match r.state {
+            HoldState::Held if now_ms >= r.expires_at_ms => {
+                let expires_at_ms = r.expires_at_ms;
+                let event = Event::Expired {
+                    sku,
+                    reservation_id: id,
+                    at_ms: now_ms,
+                };
+                self.apply(&event);
+                events.push(event);
+                Outcome::new(Status::Expired, expires_at_ms)
+            }
+            HoldState::Held => {
+                let event = Event::Released {
+                    sku,
+                    reservation_id: id,
+                    at_ms: now_ms,
+                };
+                self.apply(&event);
+                events.push(event);
+                Outcome::of(Status::Released)
+            }
+            HoldState::Released => Outcome::of(Status::Released),
+            HoldState::Expired => Outcome::new(Status::Expired, r.expires_at_ms),
+            HoldState::Confirmed => Outcome::of(Status::AlreadyConfirmed),
+        }
+    }
+
+    /// Expire every held reservation whose deadline is <= `now_ms`.
+    /// Cost: O(1) per popped entry; returns the number expired.
+    pub fn expire_due(&mut self, now_ms: u64, events: &mut Vec<Event>) -> usize {
+        let mut expired = 0;
+        let skus: Vec<u64> = self
+            .sales
+            .iter()
+            .filter(|(_, s)| {
+                s.expiry
+                    .front()
+                    .is_some_and(|&(deadline, _)| deadline <= now_ms)
+            })
+            .map(|(sku, _)| *sku)
+            .collect();
+        for sku in skus {
+            loop {
+                let sale = self.sales.get_mut(&sku).expect("sku listed above");
+                let Some(&(deadline, id)) = sale.expiry.front() else {
+                    break;
+                };
+                if deadline > now_ms {
+                    break;
+                }
+                sale.expiry.pop_front();
+                let still_held = self
+                    .reservations
+                    .get(&id)
+                    .is_some_and(|r| r.state == HoldState::Held && r.expires_at_ms == deadline);
+                if still_held {
+                    let event = Event::Expired {
+                        sku,
+                        reservation_id: id,
+                        at_ms: now_ms,
+                    };
+                    self.apply(&event);
+                    events.push(event);
+                    expired += 1;
+                }
+            }
+        }
+        expired
+    }
+
+    // ------------------------------------------------------------------ apply
+
+    /// Apply one event. Used by the command path above and by replay; the
+    /// event must be valid for the current state (it was decided against
+    /// it), so violations are bugs and panic.
+    pub fn apply(&mut self, event: &Event) {
+        match *event {
+            Event::SaleCreated {
+                sku,
+                stock,
+                limit_per_user,
+                ttl_ms,
+                hot,
+                ..
+            } => {
+                let sale = Sale {
+                    total: stock,
+                    available: stock,
+                    reserved: 0,
+                    sold: 0,
+                    limit_per_user,
+                    ttl_ms,
+                    hot,
+                    paused: false,
+                    holds: 0,
+                    users: FastMap::default(),
+                    expiry: VecDeque::new(),
+                    gauge: Arc::new(SkuGauge::default()),
+                };
+                sale.publish();
+                let previous = self.sales.insert(sku, sale);
+                assert!(previous.is_none(), "sku {sku} created twice");
+            }
+            Event::Restocked { sku, qty } => {
+                let sale = self.sale_mut(sku);
+                sale.total += qty;
+                sale.available += qty;
+                sale.assert_invariant(sku);
+                sale.publish();
+            }
+            Event::Paused { sku } | Event::Resumed { sku } => {
+                let sale = self.sale_mut(sku);
+                sale.paused = matches!(event, Event::Paused { .. });
+                sale.publish();
+            }
+            Event::Reserved {
+                sku,
+                reservation_id,
+                ..
+            } => {
+                // Replay path: the live path claimed the id while deciding.
+                let claim = self.directory.claim(reservation_id, sku);
+                assert!(
+                    !matches!(claim, Claim::Conflict { .. }),
+                    "id {reservation_id:#x} held by another sku"
+                );
+                self.apply_reserved(event);
+            }
+            Event::Confirmed {
+                reservation_id,
+                at_ms,
+                ref payment_ref,
+                ..
+            } => {
+                let (sku, qty) = self.settle(reservation_id, HoldState::Confirmed, at_ms);
+                let r = self
+                    .reservations
+                    .get_mut(&reservation_id)
+                    .expect("settled above");
+                r.payment_ref = Some(payment_ref[..].into());
+                let sale = self.sale_mut(sku);
+                sale.reserved -= u64::from(qty);
+                sale.sold += u64::from(qty);
+                sale.assert_invariant(sku);
+            }
+            Event::Released {
+                reservation_id,
+                at_ms,
+                ..
+            }
+            | Event::Expired {
+                reservation_id,
+                at_ms,
+                ..
+            } => {
+                let state = if matches!(event, Event::Released { .. }) {
+                    HoldState::Released
+                } else {
+                    HoldState::Expired
+                };
+                let (sku, qty) = self.settle(reservation_id, state, at_ms);
+                let user = self.reservations[&reservation_id].user;
+                let sale = self.sale_mut(sku);
+                sale.reserved -= u64::from(qty);
+                sale.available += u64::from(qty);
+                let units = sale.users.get_mut(&user).expect("holder has a user record");
+                *units -= qty;
+                if *units == 0 {
+                    sale.users.remove(&user);
+                }
+                sale.assert_invariant(sku);
+                sale.publish();
+            }
+        }
+    }
+
+    /// Apply `Reserved` once the id is claimed in the directory.
+    fn apply_reserved(&mut self, event: &Event) {
+        let Event::Reserved {
+            sku,
+            user,
+            qty,
+            reservation_id,
+            expires_at_ms,
+        } = *event
+        else {
+            unreachable!("apply_reserved called with {event:?}")
+        };
+        let sale = self.sales.get_mut(&sku).expect("reserve on unknown sku");
+        sale.available -= u64::from(qty);
+        sale.reserved += u64::from(qty);
+        sale.holds += 1;
+        let units = sale.users.entry(user).or_insert(0);
+        *units += qty;
+        assert!(
+            *units <= sale.limit_per_user,
+            "user {user} above limit on sku {sku}"
+        );
+        sale.expiry.push_back((expires_at_ms, reservation_id));
+        sale.assert_invariant(sku);
+        sale.publish();
+        let reservation = Reservation {
+            sku,
+            user,
+            qty,
+            state: HoldState::Held,
+            expires_at_ms,
+            settled_at_ms: 0,
+            payment_ref: None,
+        };
+        let previous = self.reservations.insert(reservation_id, reservation);
+        assert!(
+            previous.is_none(),
+            "reservation {reservation_id:#x} applied twice"
+        );
+    }
+
+    /// Move a held reservation to its final state; returns (sku, qty).
+    fn settle(&mut self, id: u128, state: HoldState, at_ms: u64) -> (u64, u32) {
+        let r = self
+            .reservations
+            .get_mut(&id)
+            .expect("settling an unknown reservation");
+        assert_eq!(
+            r.state,
+            HoldState::Held,
+            "reservation {id:#x} settled twice"
+        );
+        r.state = state;
+        r.settled_at_ms = at_ms;
+        let (sku, qty) = (r.sku, r.qty);
+        self.sale_mut(sku).holds -= 1;
+        (sku, qty)
+    }
+
+    fn sale_mut(&mut self, sku: u64) -> &mut Sale {
+        self.sales
+            .get_mut(&sku)
+            .unwrap_or_else(|| panic!("event for unknown sku {sku}"))
+    }
+
+    /// Check every invariant over the whole state (tests, after recovery).
+    pub fn check_invariants(&self) {
+        for (&sku, sale) in &self.sales {
+            sale.assert_invariant(sku);
+            let mut reserved = 0u64;
+            let mut sold = 0u64;
+            let mut holds = 0u64;
+            let mut per_user: FastMap<u64, u32> = FastMap::default();
+            for r in self.reservations.values().filter(|r| r.sku == sku) {
+                match r.state {
+                    HoldState::Held => {
+                        reserved += u64::from(r.qty);
+                        holds += 1;
+                        *per_user.entry(r.user).or_default() += r.qty;
+                    }
+                    HoldState::Confirmed => {
+                        sold += u64::from(r.qty);
+                        *per_user.entry(r.user).or_default() += r.qty;
+                    }
+                    HoldState::Released | HoldState::Expired => {}
+                }
+            }
+            assert_eq!(
+                reserved, sale.reserved,
+                "sku {sku}: reserved counter disagrees with reservations"
+            );
+            assert_eq!(
+                sold, sale.sold,
+                "sku {sku}: sold counter disagrees with reservations"
+            );
+            assert_eq!(holds, sale.holds, "sku {sku}: hold count disagrees");
+            assert_eq!(
+                per_user, sale.users,
+                "sku {sku}: per-user records disagree with reservations"
+            );
+            assert!(
+                per_user.values().all(|&u| u <= sale.limit_per_user),
+                "sku {sku}: user above limit"
+            );
+            assert_eq!(
+                sale.gauge.available(),
+                sale.available,
+                "sku {sku}: gauge not published"
+            );
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! stampede: a flash-sale inventory server that never sells a unit twice.
+//!
+//! # Layout
+//!
+//! - [`limits`]: every limit of the server (and the wire limits), with reasons.
+//! - [`clock`]: the time source; the engine is handed `now_ms`, never reads it.
+//! - [`engine`]: the deterministic state machine of a set of SKUs: decide a
+//!   command, emit an [`engine::Event`], apply it; invariants asserted on
+//!   every apply. [`engine::directory`] maps reservation ids to SKUs.
+//! - [`shard`]: shard threads (one engine each, bounded queue, expiry tick)
+//!   and the [`shard::Router`] that maps a SKU to its shard and gauge.
+//! - [`sink`]: where a shard hands its events; replies are released by the
+//!   sink once the events are logged.
+//! - [`server`]: TCP accept loop, auth, and per-connection reader/writer.
+//!
+//! # One reservation, end to end
+//!
+//! 1. `server::conn` decodes a RESERVE frame, checks the connection's role.
+//! 2. It looks the SKU up in the router (lock-free). If the SKU's published
+//!    gauge says no unit is available, it answers `sold_out` right there.
+//! 3. Otherwise it `try_send`s the request to the SKU's shard (full: `busy`).
+//! 4. The shard thread drains a batch of messages, runs due expiries,
+//!    decides each request in its [`engine::Engine`] (idempotency, pause,
+//!    stock, per-user limit, id claim), applying one event per change.
+//! 5. The shard submits the cycle's events and replies to its
+//!    [`sink::LogSink`], which delivers the replies once the events are logged.
+//! 6. The connection's writer task encodes the reply and writes it.
+
+pub mod clock;
+pub mod engine;
+pub mod limits;
+pub mod server;
+pub mod shard;
+pub mod sink;

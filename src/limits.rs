@@ -1,0 +1,51 @@
+//! Every limit of the server in one place, unit last, each with its reason.
+//! Wire limits (frame size, batch size, ...) live in the protocol crate and
+//! are re-exported here so this file is the one place to read them all.
+
+pub use stampede_protocol::limits::*;
+
+/// Capacity of each shard's inbound queue, in messages. Past this a
+/// request gets `busy` instead of growing memory: at ~5M decisions/s a
+/// full queue drains in ~13 ms, short enough to keep p99 low, long enough
+/// to absorb a burst from thousands of connections.
+pub const SHARD_QUEUE_MESSAGES_MAX: usize = 64 * 1024;
+
+/// Messages a shard takes from its queue per drain cycle before it runs
+/// expiries and hands the cycle's events to the log sink. Bounds the time
+/// between a request and its reply under sustained load.
+pub const SHARD_DRAIN_MESSAGES_MAX: usize = 4096;
+
+/// How often an idle shard wakes to expire reservations. Expiry is
+/// therefore at most this late (plus queueing), which is far below the
+/// minute-scale TTLs of a checkout.
+pub const EXPIRY_TICK_MS: u64 = 10;
+
+/// Retry hint sent with `busy`: about one full-queue drain time.
+pub const BUSY_RETRY_AFTER_MS: u64 = 10;
+
+/// Requests one connection may have in flight (sent, not yet answered).
+/// The reader stops reading the socket at this point, so a client that
+/// never reads its replies holds at most this many replies in memory.
+pub const CONNECTION_REQUESTS_INFLIGHT_MAX: usize = 4096;
+
+/// Concurrent client connections. Past this, new connections are accepted
+/// and immediately closed so the listener backlog does not fill up.
+pub const CONNECTIONS_MAX: usize = 10_000;
+
+/// A connection must complete HELLO within this time (slowloris guard).
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
+/// Units of stock one sale may hold (initial + restocks). 2^48 is far past
+/// any real inventory and keeps every sum of counters far from u64 overflow.
+pub const STOCK_UNITS_MAX: u64 = 1 << 48;
+
+/// Longest reservation TTL: one week. A longer hold is a pre-order, not a
+/// checkout, and would keep stock out of the sale.
+pub const RESERVATION_TTL_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
+
+/// Default reservation TTL: 10 minutes, long enough for 3-D Secure.
+pub const RESERVATION_TTL_MS_DEFAULT: u64 = 10 * 60 * 1000;
+
+/// Dedicated (hot) shards, each a pinned thread. Each one costs a thread
+/// and ideally a core; more than this is a configuration mistake.
+pub const HOT_SHARDS_MAX: usize = 64;

@@ -1,0 +1,116 @@
+//! The TCP server: accept loop, connection cap, and the state every
+//! connection shares. See [`conn`] for one connection's life.
+
+pub mod auth;
+pub mod conn;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+pub use auth::Tokens;
+
+use crate::clock::{Clock, SystemClock};
+use crate::limits::CONNECTIONS_MAX;
+use crate::shard::{Router, SinkFactory};
+use crate::sink::VolatileSink;
+
+/// Shared by every connection task.
+pub struct Shared {
+    pub router: Arc<Router>,
+    pub tokens: Tokens,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// How to build a server.
+pub struct ServerConfig {
+    pub tokens: Tokens,
+    /// Shards in the pool for ordinary SKUs (hot SKUs get their own).
+    pub pool_shards: usize,
+    /// Pin hot shards to cores.
+    pub pin_hot_shards: bool,
+    pub clock: Arc<dyn Clock>,
+    pub sinks: SinkFactory,
+}
+
+impl ServerConfig {
+    pub fn new(tokens: Tokens) -> Self {
+        ServerConfig {
+            tokens,
+            pool_shards: 1,
+            pin_hot_shards: true,
+            clock: Arc::new(SystemClock),
+            sinks: Box::new(|_| Box::new(VolatileSink::default())),
+        }
+    }
+}
+
+/// A running server (accept loop spawned on the current runtime).
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// Stop accepting new connections.
+    pub fn stop_accepting(&self) {
+        self.accept.abort();
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Start serving on `listener`.
+pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<ServerHandle> {
+    let addr = listener.local_addr()?;
+    let router = Router::new(
+        config.pool_shards,
+        config.clock.clone(),
+        config.sinks,
+        config.pin_hot_shards,
+    );
+    let shared = Arc::new(Shared {
+        router,
+        tokens: config.tokens,
+        clock: config.clock,
+    });
+    let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+    Ok(ServerHandle {
+        addr,
+        shared,
+        accept,
+    })
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = CONNECTIONS_MAX, "connection limit reached; closing new connection");
+            drop(stream);
+            continue;
+        };
+        stream.set_nodelay(true).ok();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            conn::serve(stream, shared).await;
+            drop(slot);
+        });
+    }
+}

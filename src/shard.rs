@@ -1,0 +1,378 @@
+//! Shard threads and the routing table in front of them.
+//!
+//! Each shard is one OS thread that owns an [`Engine`] for the SKUs routed to
+//! it and drains a bounded crossbeam queue. Ordinary SKUs are spread over a
+//! fixed pool of shards by SKU; a SKU created `hot` gets a shard of its own,
+//! pinned to a core, so its stampede neither waits behind other SKUs nor
+//! slows them down.
+//!
+//! Why OS threads and crossbeam, not tokio tasks: a shard is CPU-bound and
+//! must never yield mid-batch or share its core with I/O tasks; crossbeam's
+//! bounded channel gives a cheap `try_send` that fails fast when full, which
+//! is exactly the `busy` signal.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use foldhash::fast::RandomState;
+use parking_lot::Mutex;
+use stampede_protocol::message::{Opcode, Outcome, Reply, Reserve, SaleCreate};
+use stampede_protocol::Status;
+use tokio::sync::oneshot;
+
+use crate::clock::Clock;
+use crate::engine::{Engine, ReservationDirectory, SkuGauge};
+use crate::limits::{
+    BUSY_RETRY_AFTER_MS, EXPIRY_TICK_MS, HOT_SHARDS_MAX, SHARD_DRAIN_MESSAGES_MAX,
+    SHARD_QUEUE_MESSAGES_MAX,
+};
+use crate::server::conn::Outbound;
+use crate::sink::{AdminResult, ConnTx, Delivery, LogSink};
+
+/// Where a shard's reply goes.
+pub struct ReplyTo {
+    pub tx: ConnTx,
+    pub request_id: u64,
+}
+
+pub enum AdminCmd {
+    Create(SaleCreate),
+    Restock { sku: u64, qty: u64 },
+    SetPaused { sku: u64, paused: bool },
+}
+
+/// A message to a shard thread.
+pub enum ShardMsg {
+    Reserve {
+        op: Reserve,
+        reply: ReplyTo,
+    },
+    /// The ops of one RESERVE_BATCH frame that belong to this shard, each
+    /// with its index in the frame.
+    ReserveBatch {
+        ops: Vec<(u16, Reserve)>,
+        reply: ReplyTo,
+    },
+    Confirm {
+        reservation_id: u128,
+        payment_ref: Bytes,
+        reply: ReplyTo,
+    },
+    Release {
+        reservation_id: u128,
+        reply: ReplyTo,
+    },
+    Status {
+        sku: u64,
+        reply: ReplyTo,
+    },
+    Admin {
+        cmd: AdminCmd,
+        done: oneshot::Sender<AdminResult>,
+    },
+}
+
+pub struct ShardHandle {
+    pub id: usize,
+    pub hot: bool,
+    pub tx: Sender<ShardMsg>,
+    /// Kept for an orderly shutdown (joined once the queue is closed).
+    pub thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ShardHandle {
+    /// Queue a message, or say `busy` if the shard is saturated.
+    pub fn try_send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.tx.try_send(msg).map_err(|e| match e {
+            TrySendError::Full(m) | TrySendError::Disconnected(m) => m,
+        })
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.tx.len()
+    }
+}
+
+/// Builds the log sink of each new shard.
+pub type SinkFactory = Box<dyn Fn(usize) -> Box<dyn LogSink> + Send + Sync>;
+
+/// What a connection task needs to reach a SKU without asking anyone.
+pub struct Route {
+    pub shard: Arc<ShardHandle>,
+    pub gauge: Arc<SkuGauge>,
+}
+
+/// The routing table: sku -> shard and gauge, plus the shard pool.
+pub struct Router {
+    /// Lock-free reads on every request; written once per sale creation.
+    routes: papaya::HashMap<u64, Arc<Route>, RandomState>,
+    pool: Vec<Arc<ShardHandle>>,
+    hot: Mutex<Vec<Arc<ShardHandle>>>,
+    pub directory: Arc<ReservationDirectory>,
+    clock: Arc<dyn Clock>,
+    sinks: SinkFactory,
+    /// Cores for hot shards, handed out round-robin (empty: no pinning).
+    cores: Vec<core_affinity::CoreId>,
+    /// Serialises sale creation so two creates of one SKU cannot both win.
+    admin: tokio::sync::Mutex<()>,
+}
+
+impl Router {
+    pub fn new(
+        pool_shards: usize,
+        clock: Arc<dyn Clock>,
+        sinks: SinkFactory,
+        pin_hot: bool,
+    ) -> Arc<Router> {
+        let directory = Arc::new(ReservationDirectory::new());
+        let pool = (0..pool_shards.max(1))
+            .map(|id| spawn_shard(id, false, None, directory.clone(), clock.clone(), sinks(id)))
+            .collect();
+        let mut cores = if pin_hot {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        // Hot shards take the last cores first; the runtime and pool shards
+        // float over the rest.
+        cores.reverse();
+        Arc::new(Router {
+            routes: papaya::HashMap::with_hasher(RandomState::default()),
+            pool,
+            hot: Mutex::new(Vec::new()),
+            directory,
+            clock,
+            sinks,
+            cores,
+            admin: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The route of a SKU, if it has a sale.
+    pub fn route(&self, sku: u64) -> Option<Arc<Route>> {
+        self.routes.pin().get(&sku).cloned()
+    }
+
+    /// Run `f` on the route without cloning the Arc (hot path).
+    #[inline]
+    pub fn with_route<R>(&self, sku: u64, f: impl FnOnce(Option<&Route>) -> R) -> R {
+        let routes = self.routes.pin();
+        f(routes.get(&sku).map(|r| &**r))
+    }
+
+    pub fn shards(&self) -> Vec<Arc<ShardHandle>> {
+        let mut all = self.pool.clone();
+        all.extend(self.hot.lock().iter().cloned());
+        all
+    }
+
+    /// Admin: create a sale, spawning its own shard if it is hot. The route
+    /// is published only after the shard has created (and logged) the sale.
+    pub async fn create_sale(&self, cmd: SaleCreate) -> Outcome {
+        let _serial = self.admin.lock().await;
+        if self.routes.pin().contains_key(&cmd.sku) {
+            return Outcome::of(Status::SaleExists);
+        }
+        let shard = if cmd.hot {
+            let mut hot = self.hot.lock();
+            if hot.len() >= HOT_SHARDS_MAX {
+                return Outcome::of(Status::InvalidArgument);
+            }
+            let id = self.pool.len() + hot.len();
+            let core = (!self.cores.is_empty()).then(|| self.cores[hot.len() % self.cores.len()]);
+            let shard = spawn_shard(
+                id,
+                true,
+                core,
+                self.directory.clone(),
+                self.clock.clone(),
+                (self.sinks)(id),
+            );
+            hot.push(shard.clone());
+            shard
+        } else {
+            self.pool[pool_index(cmd.sku, self.pool.len())].clone()
+        };
+        let (outcome, gauge) = admin_call(&shard, AdminCmd::Create(cmd)).await;
+        if let Some(gauge) = gauge.filter(|_| outcome.status == Status::Ok) {
+            self.routes
+                .pin()
+                .insert(cmd.sku, Arc::new(Route { shard, gauge }));
+        }
+        outcome
+    }
+
+    /// Admin: restock, pause or resume an existing sale.
+    pub async fn admin(&self, sku: u64, cmd: AdminCmd) -> Outcome {
+        let Some(route) = self.route(sku) else {
+            return Outcome::of(Status::UnknownSku);
+        };
+        admin_call(&route.shard, cmd).await.0
+    }
+}
+
+fn pool_index(sku: u64, shards: usize) -> usize {
+    // Fibonacci hashing spreads sequential SKUs evenly.
+    (sku.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % shards
+}
+
+async fn admin_call(shard: &ShardHandle, cmd: AdminCmd) -> AdminResult {
+    let (done, rx) = oneshot::channel();
+    // Admin commands are rare and must not be refused for load: block
+    // (on a blocking-pool thread) rather than answer busy.
+    let tx = shard.tx.clone();
+    let sent =
+        tokio::task::spawn_blocking(move || tx.send(ShardMsg::Admin { cmd, done }).is_ok()).await;
+    if !matches!(sent, Ok(true)) {
+        return (Outcome::of(Status::ShuttingDown), None);
+    }
+    rx.await
+        .unwrap_or((Outcome::of(Status::ShuttingDown), None))
+}
+
+/// The reply for a message the shard could not take.
+pub fn busy_outcome() -> Outcome {
+    Outcome::new(Status::Busy, BUSY_RETRY_AFTER_MS)
+}
+
+fn spawn_shard(
+    id: usize,
+    hot: bool,
+    core: Option<core_affinity::CoreId>,
+    directory: Arc<ReservationDirectory>,
+    clock: Arc<dyn Clock>,
+    sink: Box<dyn LogSink>,
+) -> Arc<ShardHandle> {
+    let (tx, rx) = crossbeam_channel::bounded(SHARD_QUEUE_MESSAGES_MAX);
+    let name = if hot {
+        format!("shard-hot-{id}")
+    } else {
+        format!("shard-{id}")
+    };
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            if let Some(core) = core {
+                if !core_affinity::set_for_current(core) {
+                    tracing::warn!(
+                        shard = id,
+                        core = core.id,
+                        "could not pin hot shard to its core"
+                    );
+                }
+            }
+            ShardLoop {
+                engine: Engine::new(directory),
+                clock,
+                sink,
+                events: Vec::new(),
+                replies: Vec::new(),
+            }
+            .run(rx)
+        })
+        .expect("spawn shard thread");
+    Arc::new(ShardHandle {
+        id,
+        hot,
+        tx,
+        thread: Mutex::new(Some(thread)),
+    })
+}
+
+struct ShardLoop {
+    engine: Engine,
+    clock: Arc<dyn Clock>,
+    sink: Box<dyn LogSink>,
+    events: Vec<crate::engine::Event>,
+    replies: Vec<Delivery>,
+}
+
+impl ShardLoop {
+    fn run(mut self, rx: Receiver<ShardMsg>) {
+        let tick = Duration::from_millis(EXPIRY_TICK_MS);
+        loop {
+            let first = match rx.recv_timeout(tick) {
+                Ok(msg) => Some(msg),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let now_ms = self.clock.now_ms();
+            // Expire first, so stock that is due back is back before this
+            // cycle's reservations are decided.
+            self.engine.expire_due(now_ms, &mut self.events);
+            if let Some(msg) = first {
+                self.handle(msg, now_ms);
+                for msg in rx.try_iter().take(SHARD_DRAIN_MESSAGES_MAX - 1) {
+                    self.handle(msg, now_ms);
+                }
+            }
+            if !self.events.is_empty() || !self.replies.is_empty() {
+                self.sink.submit(&mut self.events, &mut self.replies);
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: ShardMsg, now_ms: u64) {
+        let engine = &mut self.engine;
+        let events = &mut self.events;
+        let (reply, opcode, body) = match msg {
+            ShardMsg::Reserve { op, reply } => {
+                let outcome = engine.reserve(&op, now_ms, events);
+                (reply, Opcode::Reserve, Reply::Outcome(outcome))
+            }
+            ShardMsg::ReserveBatch { ops, reply } => {
+                let results = ops
+                    .iter()
+                    .map(|(index, op)| (*index, engine.reserve(op, now_ms, events)))
+                    .collect();
+                let msg = Outbound::BatchPart {
+                    request_id: reply.request_id,
+                    results,
+                };
+                self.replies.push(Delivery::Conn(reply.tx, msg));
+                return;
+            }
+            ShardMsg::Confirm {
+                reservation_id,
+                payment_ref,
+                reply,
+            } => {
+                let outcome = engine.confirm(reservation_id, &payment_ref, now_ms, events);
+                (reply, Opcode::Confirm, Reply::Outcome(outcome))
+            }
+            ShardMsg::Release {
+                reservation_id,
+                reply,
+            } => {
+                let outcome = engine.release(reservation_id, now_ms, events);
+                (reply, Opcode::Release, Reply::Outcome(outcome))
+            }
+            ShardMsg::Status { sku, reply } => {
+                (reply, Opcode::Status, Reply::Status(engine.status(sku)))
+            }
+            ShardMsg::Admin { cmd, done } => {
+                let result = match cmd {
+                    AdminCmd::Create(create) => {
+                        let outcome = engine.create_sale(&create, now_ms, events);
+                        (outcome, engine.gauge(create.sku))
+                    }
+                    AdminCmd::Restock { sku, qty } => (engine.restock(sku, qty, events), None),
+                    AdminCmd::SetPaused { sku, paused } => {
+                        (engine.set_paused(sku, paused, events), None)
+                    }
+                };
+                self.replies.push(Delivery::Admin(done, result));
+                return;
+            }
+        };
+        let msg = Outbound::Reply {
+            request_id: reply.request_id,
+            opcode,
+            reply: body,
+        };
+        self.replies.push(Delivery::Conn(reply.tx, msg));
+    }
+}
