@@ -1,0 +1,176 @@
+//! Test vectors shared by PROTOCOL.md and the code.
+//!
+//! `testdata/vectors.txt` holds one frame per line: `name request_id hex`.
+//! This test checks that (1) encoding each message below yields exactly the
+//! stored bytes, (2) decoding the stored bytes yields the message, and
+//! (3) PROTOCOL.md quotes every vector verbatim, so the spec cannot drift
+//! from the code. Regenerate after an intentional format change with
+//! `STAMPEDE_BLESS=1 cargo test -p stampede-protocol --test vectors`.
+
+use bytes::{Bytes, BytesMut};
+use stampede_protocol::frame::FrameCodec;
+use stampede_protocol::message::*;
+use stampede_protocol::Status;
+use tokio_util::codec::Decoder;
+
+enum Msg {
+    Req(Request),
+    Rep(Opcode, Reply),
+}
+
+fn vectors() -> Vec<(&'static str, u64, Msg)> {
+    use Msg::*;
+    let reserve = Reserve { sku: 42, user: 7, qty: 1, reservation_id: 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210 };
+    vec![
+        ("hello", 1, Req(Request::Hello(Hello { token: Bytes::from_static(b"secret") }))),
+        (
+            "hello_reply",
+            1,
+            Rep(
+                Opcode::Hello,
+                Reply::Hello(HelloReply { status: Status::Ok, role: Role::Checkout, frame_body_bytes_max: 65536, batch_ops_max: 1024 }),
+            ),
+        ),
+        ("ping", 2, Req(Request::Ping)),
+        ("ping_reply", 2, Rep(Opcode::Ping, Reply::Outcome(Outcome::new(Status::Ok, 1_795_000_000_000)))),
+        ("reserve", 3, Req(Request::Reserve(reserve))),
+        ("reserve_reply_reserved", 3, Rep(Opcode::Reserve, Reply::Outcome(Outcome::new(Status::Reserved, 1_795_000_600_000)))),
+        ("reserve_reply_sold_out", 3, Rep(Opcode::Reserve, Reply::Outcome(Outcome::of(Status::SoldOut)))),
+        ("reserve_reply_busy", 3, Rep(Opcode::Reserve, Reply::Outcome(Outcome::new(Status::Busy, 10)))),
+        (
+            "reserve_batch",
+            4,
+            Req(Request::ReserveBatch(vec![reserve, Reserve { sku: 43, user: 8, qty: 2, reservation_id: 2 }])),
+        ),
+        (
+            "reserve_batch_reply",
+            4,
+            Rep(
+                Opcode::ReserveBatch,
+                Reply::Batch(vec![Outcome::new(Status::Reserved, 1_795_000_600_000), Outcome::of(Status::LimitExceeded)]),
+            ),
+        ),
+        (
+            "confirm",
+            5,
+            Req(Request::Confirm(Confirm { reservation_id: reserve.reservation_id, payment_ref: Bytes::from_static(b"pi_1") })),
+        ),
+        ("confirm_reply", 5, Rep(Opcode::Confirm, Reply::Outcome(Outcome::new(Status::Confirmed, 1_795_000_030_000)))),
+        ("release", 6, Req(Request::Release(Release { reservation_id: reserve.reservation_id }))),
+        ("release_reply", 6, Rep(Opcode::Release, Reply::Outcome(Outcome::of(Status::Released)))),
+        ("status", 7, Req(Request::Status { sku: 42 })),
+        (
+            "status_reply",
+            7,
+            Rep(
+                Opcode::Status,
+                Reply::Status(StatusReply {
+                    status: Status::Ok,
+                    sale: SaleStatus {
+                        total: 1000,
+                        available: 990,
+                        reserved: 6,
+                        sold: 4,
+                        limit_per_user: 1,
+                        ttl_ms: 600_000,
+                        reservations: 6,
+                        hot: true,
+                        paused: false,
+                    },
+                }),
+            ),
+        ),
+        (
+            "sale_create",
+            8,
+            Req(Request::SaleCreate(SaleCreate { sku: 42, stock: 1000, limit_per_user: 1, ttl_ms: 600_000, hot: true })),
+        ),
+        ("sale_create_reply", 8, Rep(Opcode::SaleCreate, Reply::Outcome(Outcome::of(Status::Ok)))),
+        ("restock", 9, Req(Request::Restock(Restock { sku: 42, qty: 100 }))),
+        ("restock_reply", 9, Rep(Opcode::Restock, Reply::Outcome(Outcome::new(Status::Ok, 1100)))),
+        ("pause", 10, Req(Request::Pause { sku: 42 })),
+        ("resume", 11, Req(Request::Resume { sku: 42 })),
+        (
+            "error_reply",
+            12,
+            Rep(Opcode::Ping, Reply::Error(ErrorReply { status: Status::Forbidden, message: "needs admin".into() })),
+        ),
+    ]
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    assert!(s.len() % 2 == 0, "odd hex length");
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+}
+
+fn encode(request_id: u64, msg: &Msg) -> BytesMut {
+    let mut buf = BytesMut::new();
+    match msg {
+        Msg::Req(r) => r.encode_frame(request_id, &mut buf),
+        Msg::Rep(op, r) => r.encode_frame(*op, request_id, &mut buf),
+    }
+    buf
+}
+
+fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn vectors_match_code_and_spec() {
+    let path = root().join("testdata/vectors.txt");
+    if std::env::var_os("STAMPEDE_BLESS").is_some() {
+        let mut out = String::from("# name request_id frame_hex (generated by protocol/tests/vectors.rs; see PROTOCOL.md)\n");
+        for (name, id, msg) in vectors() {
+            out.push_str(&format!("{name} {id} {}\n", hex(&encode(id, &msg))));
+        }
+        std::fs::write(&path, out).expect("write vectors");
+    }
+    let stored = std::fs::read_to_string(&path).expect("read testdata/vectors.txt");
+    let lines: Vec<&str> = stored.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).collect();
+    let table = vectors();
+    assert_eq!(lines.len(), table.len(), "vector count differs; re-bless");
+    let spec = std::fs::read_to_string(root().join("PROTOCOL.md")).expect("read PROTOCOL.md");
+    for (line, (name, id, msg)) in lines.iter().zip(&table) {
+        let mut parts = line.split_whitespace();
+        assert_eq!(parts.next(), Some(*name));
+        assert_eq!(parts.next().map(|s| s.parse::<u64>().unwrap()), Some(*id));
+        let wire = unhex(parts.next().expect("hex column"));
+        assert_eq!(hex(&encode(*id, msg)), hex(&wire), "{name}: encoding changed");
+        let mut src = BytesMut::from(&wire[..]);
+        let frame = FrameCodec::new().decode(&mut src).expect("decodes").expect("complete");
+        assert!(src.is_empty(), "{name}: trailing bytes");
+        assert_eq!(frame.request_id, *id);
+        match msg {
+            Msg::Req(r) => assert_eq!(&Request::decode(&frame).expect("request decodes"), r, "{name}"),
+            Msg::Rep(_, r) => assert_eq!(&Reply::decode(&frame).expect("reply decodes"), r, "{name}"),
+        }
+        assert!(spec.contains(&hex(&wire)), "PROTOCOL.md does not quote vector {name}");
+    }
+}
+
+#[test]
+fn spec_lists_every_status_and_opcode() {
+    let spec = std::fs::read_to_string(root().join("PROTOCOL.md")).expect("read PROTOCOL.md");
+    for status in Status::ALL {
+        let row = format!("| {} | `{}` |", status.code(), status.name());
+        assert!(spec.contains(&row), "PROTOCOL.md lacks the status row `{row}`");
+    }
+    for op in Opcode::ALL {
+        let row = format!("| `{:#04x}` |", *op as u8);
+        assert!(spec.contains(&row), "PROTOCOL.md lacks the opcode row for {op:?} (`{row}`)");
+    }
+    for (name, value) in [
+        ("FRAME_BODY_BYTES_MAX", stampede_protocol::limits::FRAME_BODY_BYTES_MAX),
+        ("BATCH_OPS_MAX", stampede_protocol::limits::BATCH_OPS_MAX),
+        ("PAYMENT_REF_BYTES_MAX", stampede_protocol::limits::PAYMENT_REF_BYTES_MAX),
+        ("TOKEN_BYTES_MAX", stampede_protocol::limits::TOKEN_BYTES_MAX),
+    ] {
+        let row = format!("| `{name}` | {value} |");
+        assert!(spec.contains(&row), "PROTOCOL.md lacks the limit row `{row}`");
+    }
+}
