@@ -1,0 +1,293 @@
+//! Model-based test: random operation sequences run against the engine and
+//! against a plain reference model written independently from the spec;
+//! every outcome and every counter must agree. Then the engine's event
+//! stream is replayed into a fresh engine, which must reach the same state
+//! (the property the write-ahead log relies on).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use stampede::engine::{Engine, Event, HoldState, ReservationDirectory};
+use stampede_protocol::message::{Outcome, Reserve, SaleCreate};
+use stampede_protocol::Status;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Create { sku: u64, stock: u64, limit: u32, hot: bool },
+    Restock { sku: u64, qty: u64 },
+    Pause { sku: u64, paused: bool },
+    Reserve { sku: u64, user: u64, qty: u32, id: u128 },
+    Confirm { id: u128, payment: u8 },
+    Release { id: u128 },
+    /// Move the clock; `tick` also runs the shard's expiry pass.
+    Advance { ms: u64, tick: bool },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let sku = 1..4u64;
+    let id = 1..25u128;
+    prop_oneof![
+        1 => (sku.clone(), 0..6u64, 1..4u32, any::<bool>()).prop_map(|(sku, stock, limit, hot)| Op::Create { sku, stock, limit, hot }),
+        1 => (sku.clone(), 0..4u64).prop_map(|(sku, qty)| Op::Restock { sku, qty }),
+        1 => (sku.clone(), any::<bool>()).prop_map(|(sku, paused)| Op::Pause { sku, paused }),
+        8 => (sku, 0..5u64, 0..4u32, id.clone()).prop_map(|(sku, user, qty, id)| Op::Reserve { sku, user, qty, id }),
+        3 => (id.clone(), 0..2u8).prop_map(|(id, payment)| Op::Confirm { id, payment }),
+        3 => id.prop_map(|id| Op::Release { id }),
+        3 => (0..1500u64, any::<bool>()).prop_map(|(ms, tick)| Op::Advance { ms, tick }),
+    ]
+}
+
+fn ttl_ms(sku: u64) -> u64 {
+    700 * sku
+}
+
+// ----------------------------------------------------------------- the model
+
+#[derive(Debug, Default)]
+struct MSale {
+    total: u64,
+    available: u64,
+    reserved: u64,
+    sold: u64,
+    limit: u32,
+    paused: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum MState {
+    Held,
+    Confirmed,
+    Released,
+    Expired,
+}
+
+#[derive(Debug)]
+struct MRes {
+    sku: u64,
+    user: u64,
+    qty: u32,
+    state: MState,
+    expires: u64,
+    settled: u64,
+    payment: Option<u8>,
+}
+
+#[derive(Default)]
+struct Model {
+    sales: BTreeMap<u64, MSale>,
+    res: HashMap<u128, MRes>,
+}
+
+impl Model {
+    fn held_units(&self, sku: u64, user: u64) -> u64 {
+        self.res
+            .values()
+            .filter(|r| r.sku == sku && r.user == user && matches!(r.state, MState::Held | MState::Confirmed))
+            .map(|r| u64::from(r.qty))
+            .sum()
+    }
+
+    fn expire(&mut self, id: u128, now: u64) {
+        let r = self.res.get_mut(&id).unwrap();
+        r.state = MState::Expired;
+        r.settled = now;
+        let s = self.sales.get_mut(&r.sku).unwrap();
+        s.reserved -= u64::from(r.qty);
+        s.available += u64::from(r.qty);
+    }
+
+    fn tick(&mut self, now: u64) {
+        let due: Vec<u128> = self.res.iter().filter(|(_, r)| r.state == MState::Held && r.expires <= now).map(|(id, _)| *id).collect();
+        for id in due {
+            self.expire(id, now);
+        }
+    }
+
+    fn apply(&mut self, op: &Op, now: u64) -> Outcome {
+        match *op {
+            Op::Create { sku, stock, limit, .. } => {
+                if self.sales.contains_key(&sku) {
+                    return Outcome::of(Status::SaleExists);
+                }
+                self.sales.insert(sku, MSale { total: stock, available: stock, limit, ..Default::default() });
+                Outcome::of(Status::Ok)
+            }
+            Op::Restock { sku, qty } => match self.sales.get_mut(&sku) {
+                None => Outcome::of(Status::UnknownSku),
+                Some(_) if qty == 0 => Outcome::of(Status::InvalidArgument),
+                Some(s) => {
+                    s.total += qty;
+                    s.available += qty;
+                    Outcome::new(Status::Ok, s.total)
+                }
+            },
+            Op::Pause { sku, paused } => match self.sales.get_mut(&sku) {
+                None => Outcome::of(Status::UnknownSku),
+                Some(s) => {
+                    s.paused = paused;
+                    Outcome::of(Status::Ok)
+                }
+            },
+            Op::Reserve { sku, user, qty, id } => {
+                if !self.sales.contains_key(&sku) {
+                    return Outcome::of(Status::UnknownSku);
+                }
+                if let Some(r) = self.res.get(&id) {
+                    return if (r.sku, r.user, r.qty) == (sku, user, qty) {
+                        Outcome::new(Status::Reserved, r.expires)
+                    } else {
+                        Outcome::of(Status::IdConflict)
+                    };
+                }
+                if qty == 0 {
+                    return Outcome::of(Status::InvalidArgument);
+                }
+                let held = self.held_units(sku, user);
+                let s = &self.sales[&sku];
+                if s.paused {
+                    return Outcome::of(Status::Paused);
+                }
+                if s.available == 0 {
+                    return Outcome::of(Status::SoldOut);
+                }
+                if s.available < u64::from(qty) {
+                    return Outcome::of(Status::InsufficientStock);
+                }
+                if held + u64::from(qty) > u64::from(s.limit) {
+                    return Outcome::of(Status::LimitExceeded);
+                }
+                let expires = now + ttl_ms(sku);
+                let s = self.sales.get_mut(&sku).unwrap();
+                s.available -= u64::from(qty);
+                s.reserved += u64::from(qty);
+                self.res.insert(id, MRes { sku, user, qty, state: MState::Held, expires, settled: 0, payment: None });
+                Outcome::new(Status::Reserved, expires)
+            }
+            Op::Confirm { id, payment } => {
+                let Some(r) = self.res.get(&id) else { return Outcome::of(Status::UnknownReservation) };
+                match r.state {
+                    MState::Held if now >= r.expires => {
+                        let expires = r.expires;
+                        self.expire(id, now);
+                        Outcome::new(Status::Expired, expires)
+                    }
+                    MState::Held => {
+                        let r = self.res.get_mut(&id).unwrap();
+                        r.state = MState::Confirmed;
+                        r.settled = now;
+                        r.payment = Some(payment);
+                        let s = self.sales.get_mut(&r.sku).unwrap();
+                        s.reserved -= u64::from(r.qty);
+                        s.sold += u64::from(r.qty);
+                        Outcome::new(Status::Confirmed, now)
+                    }
+                    MState::Confirmed if r.payment == Some(payment) => Outcome::new(Status::Confirmed, r.settled),
+                    MState::Confirmed => Outcome::of(Status::IdConflict),
+                    MState::Released => Outcome::of(Status::AlreadyReleased),
+                    MState::Expired => Outcome::new(Status::Expired, r.expires),
+                }
+            }
+            Op::Release { id } => {
+                let Some(r) = self.res.get(&id) else { return Outcome::of(Status::UnknownReservation) };
+                match r.state {
+                    MState::Held if now >= r.expires => {
+                        let expires = r.expires;
+                        self.expire(id, now);
+                        Outcome::new(Status::Expired, expires)
+                    }
+                    MState::Held => {
+                        let r = self.res.get_mut(&id).unwrap();
+                        r.state = MState::Released;
+                        r.settled = now;
+                        let s = self.sales.get_mut(&r.sku).unwrap();
+                        s.reserved -= u64::from(r.qty);
+                        s.available += u64::from(r.qty);
+                        Outcome::of(Status::Released)
+                    }
+                    MState::Released => Outcome::of(Status::Released),
+                    MState::Expired => Outcome::new(Status::Expired, r.expires),
+                    MState::Confirmed => Outcome::of(Status::AlreadyConfirmed),
+                }
+            }
+            Op::Advance { .. } => Outcome::of(Status::Ok),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the engine
+
+fn run_engine(engine: &mut Engine, op: &Op, now: u64, events: &mut Vec<Event>) -> Outcome {
+    match *op {
+        Op::Create { sku, stock, limit, hot } => {
+            engine.create_sale(&SaleCreate { sku, stock, limit_per_user: limit, ttl_ms: ttl_ms(sku), hot }, now, events)
+        }
+        Op::Restock { sku, qty } => engine.restock(sku, qty, events),
+        Op::Pause { sku, paused } => engine.set_paused(sku, paused, events),
+        Op::Reserve { sku, user, qty, id } => engine.reserve(&Reserve { sku, user, qty, reservation_id: id }, now, events),
+        Op::Confirm { id, payment } => engine.confirm(id, &Bytes::from(vec![payment]), now, events),
+        Op::Release { id } => engine.release(id, now, events),
+        Op::Advance { .. } => Outcome::of(Status::Ok),
+    }
+}
+
+fn state_of(engine: &Engine) -> Vec<(u64, stampede_protocol::message::SaleStatus)> {
+    let mut skus: Vec<u64> = engine.skus().collect();
+    skus.sort_unstable();
+    skus.into_iter().map(|sku| (sku, engine.status(sku).sale)).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn engine_agrees_with_model(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut engine = Engine::new(Arc::new(ReservationDirectory::new()));
+        let mut model = Model::default();
+        let mut events = Vec::new();
+        let mut now = 1_000_000u64;
+        for (step, op) in ops.iter().enumerate() {
+            if let Op::Advance { ms, tick } = *op {
+                now += ms;
+                if tick {
+                    engine.expire_due(now, &mut events);
+                    model.tick(now);
+                }
+                continue;
+            }
+            let got = run_engine(&mut engine, op, now, &mut events);
+            let want = model.apply(op, now);
+            prop_assert_eq!(got, want, "step {}: {:?}", step, op);
+            for (sku, s) in &model.sales {
+                let e = engine.status(*sku).sale;
+                prop_assert_eq!(
+                    (e.total, e.available, e.reserved, e.sold, e.paused),
+                    (s.total, s.available, s.reserved, s.sold, s.paused),
+                    "step {}: sku {} counters after {:?}", step, sku, op
+                );
+            }
+        }
+        engine.check_invariants();
+
+        // Replay: the event stream alone rebuilds the same state.
+        let mut replayed = Engine::new(Arc::new(ReservationDirectory::new()));
+        for event in &events {
+            replayed.apply(event);
+        }
+        replayed.check_invariants();
+        prop_assert_eq!(state_of(&replayed), state_of(&engine));
+        for (id, r) in &model.res {
+            let a = engine.reservation(*id).expect("engine has it");
+            let b = replayed.reservation(*id).expect("replay has it");
+            let want = match r.state {
+                MState::Held => HoldState::Held,
+                MState::Confirmed => HoldState::Confirmed,
+                MState::Released => HoldState::Released,
+                MState::Expired => HoldState::Expired,
+            };
+            prop_assert_eq!(a.state, want);
+            prop_assert_eq!((a.state, a.expires_at_ms, a.settled_at_ms), (b.state, b.expires_at_ms, b.settled_at_ms));
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Memory budget of the per-user purchase record, measured with a counting
+//! allocator on the real engine.
+//!
+//! Two engines hold the same 1M reservations of one unit each: in one they
+//! belong to 1M distinct users, in the other to a single user. Everything
+//! per-reservation is identical, so the difference is exactly the cost of
+//! 1M per-user records (the limit table).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Arc;
+
+use stampede::engine::{Engine, ReservationDirectory};
+use stampede_protocol::message::{Reserve, SaleCreate};
+use stampede_protocol::Status;
+
+struct Counting;
+
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const USERS: u64 = 1_000_000;
+
+/// Bytes held by an engine with 1M one-unit reservations.
+fn engine_bytes(distinct_users: bool) -> isize {
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    let mut engine = Engine::new(Arc::new(ReservationDirectory::new()));
+    let mut events = Vec::new();
+    let create = SaleCreate { sku: 1, stock: USERS, limit_per_user: USERS as u32, ttl_ms: 600_000, hot: true };
+    assert_eq!(engine.create_sale(&create, 0, &mut events).status, Status::Ok);
+    for i in 0..USERS {
+        let user = if distinct_users { i } else { 7 };
+        let op = Reserve { sku: 1, user, qty: 1, reservation_id: u128::from(i) + 1 };
+        assert_eq!(engine.reserve(&op, 0, &mut events).status, Status::Reserved);
+        events.clear();
+    }
+    drop(events);
+    let held = LIVE_BYTES.load(Ordering::Relaxed) - before;
+    drop(engine);
+    held
+}
+
+#[test]
+fn per_user_record_fits_in_64_bytes() {
+    let distinct = engine_bytes(true);
+    let single = engine_bytes(false);
+    let per_user = (distinct - single) as f64 / USERS as f64;
+    let per_reservation = single as f64 / USERS as f64;
+    println!("per-user purchase record: {per_user:.1} bytes/user at 1M users");
+    println!("everything else per reservation (record, id directory, expiry queue): {per_reservation:.1} bytes");
+    assert!(per_user > 0.0, "the measurement must see the user table");
+    assert!(per_user <= 64.0, "per-user record costs {per_user:.1} bytes, budget 64");
+}
