@@ -1,0 +1,170 @@
+//! The binaries as people and scripts use them: stampede-server started as
+//! a child process, stampede-ctl run against it, output and exit codes checked.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use stampede_protocol::client::{Client, ClientConfig};
+use stampede_protocol::Status;
+
+const ADMIN: &str = "cli-admin";
+const CHECKOUT: &str = "cli-checkout";
+
+struct ServerProcess {
+    child: Child,
+    addr: String,
+    _dir: TempDir,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("stampede-{tag}-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+fn server_command(listen: &str, dir: &TempDir) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stampede-server"));
+    cmd.args(["--listen", listen, "--data-dir"]).arg(&dir.0).args(["--no-pin"]);
+    cmd.env_remove("STAMPEDE_ADMIN_TOKEN").env_remove("STAMPEDE_CHECKOUT_TOKEN").env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Start the server on `listen` and wait for its "listening on" line.
+fn start(listen: &str) -> ServerProcess {
+    let dir = TempDir::new("cli");
+    let mut child = server_command(listen, &dir)
+        .env("STAMPEDE_ADMIN_TOKEN", ADMIN)
+        .env("STAMPEDE_CHECKOUT_TOKEN", CHECKOUT)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn stampede-server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("stampede-server listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    ServerProcess { child, addr, _dir: dir }
+}
+
+fn ctl(addr: &str, token: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_stampede-ctl"))
+        .args(["--server", addr])
+        .args(args)
+        .env("STAMPEDE_TOKEN", token)
+        .output()
+        .expect("run stampede-ctl");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn ctl_json(addr: &str, token: &str, args: &[&str]) -> (i32, Value) {
+    let mut full = vec!["--json"];
+    full.extend_from_slice(args);
+    let (code, stdout, stderr) = ctl(addr, token, &full);
+    let value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout:?} stderr {stderr:?}"));
+    (code, value)
+}
+
+#[test]
+fn server_refuses_to_start_without_a_token() {
+    let dir = TempDir::new("notoken");
+    let out = server_command("127.0.0.1:0", &dir).output().expect("run stampede-server");
+    assert!(!out.status.success(), "must refuse to start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("STAMPEDE_ADMIN_TOKEN") && stderr.contains("--insecure"), "explains how: {stderr}");
+}
+
+#[test]
+fn ctl_drives_a_sale_with_json_and_exit_codes() {
+    let server = start("127.0.0.1:0");
+    let addr = server.addr.as_str();
+    let (code, v) = ctl_json(addr, ADMIN, &["sale", "create", "--sku", "42", "--stock", "2", "--limit", "1", "--hot"]);
+    assert_eq!((code, v["status"].as_str()), (0, Some("ok")));
+
+    let (code, v) = ctl_json(addr, CHECKOUT, &["reserve", "--sku", "42", "--user", "7", "--id", "abc"]);
+    assert_eq!((code, v["status"].as_str()), (0, Some("reserved")), "{v}");
+    assert!(v["expires_at_ms"].as_u64().unwrap() > 0);
+    assert_eq!(v["id"].as_str(), Some("00000000000000000000000000000abc"));
+    let (_, again) = ctl_json(addr, CHECKOUT, &["reserve", "--sku", "42", "--user", "7", "--id", "abc"]);
+    assert_eq!(again["expires_at_ms"], v["expires_at_ms"], "retry answers the original outcome");
+    let (code, v) = ctl_json(addr, CHECKOUT, &["reserve", "--sku", "42", "--user", "7"]);
+    assert_eq!((code, v["status"].as_str()), (0, Some("limit_exceeded")));
+    let (_, v) = ctl_json(addr, CHECKOUT, &["reserve", "--sku", "42", "--user", "8"]);
+    assert_eq!(v["status"].as_str(), Some("reserved"));
+    let (code, v) = ctl_json(addr, CHECKOUT, &["reserve", "--sku", "42", "--user", "9"]);
+    assert_eq!((code, v["status"].as_str()), (0, Some("sold_out")), "a sold_out answer still exits 0");
+
+    let (_, v) = ctl_json(addr, CHECKOUT, &["confirm", "--id", "abc", "--payment-ref", "pi_1"]);
+    assert_eq!(v["status"].as_str(), Some("confirmed"));
+    let (_, v) = ctl_json(addr, CHECKOUT, &["release", "--id", "abc"]);
+    assert_eq!(v["status"].as_str(), Some("already_confirmed"));
+    let (code, v) = ctl_json(addr, CHECKOUT, &["status", "--sku", "42"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        (v["status"].as_str(), v["total"].as_u64(), v["available"].as_u64(), v["reserved"].as_u64(), v["sold"].as_u64()),
+        (Some("ok"), Some(2), Some(0), Some(1), Some(1))
+    );
+    let (_, v) = ctl_json(addr, ADMIN, &["restock", "--sku", "42", "--qty", "3"]);
+    assert_eq!((v["status"].as_str(), v["total"].as_u64()), (Some("ok"), Some(5)));
+    let (code, stdout, _) = ctl(addr, CHECKOUT, &["status", "--sku", "42"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("total 5 available 3 reserved 1 sold 1"), "human output: {stdout}");
+
+    // Errors exit non-zero: wrong role, bad token, usage, no server.
+    let (code, v) = ctl_json(addr, CHECKOUT, &["restock", "--sku", "42", "--qty", "1"]);
+    assert_eq!((code, v["status"].as_str()), (1, Some("error")));
+    assert!(v["error"].as_str().unwrap().contains("forbidden"));
+    let (code, _, stderr) = ctl(addr, "wrong-token", &["ping"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("auth"), "{stderr}");
+    let (code, _, _) = ctl(addr, CHECKOUT, &["reserve", "--sku", "x"]);
+    assert_eq!(code, 2, "usage error");
+    let (code, _, _) = ctl(addr, CHECKOUT, &["confirm", "--id", "not-hex"]);
+    assert_eq!(code, 2, "bad id is a usage error");
+    let (code, _, stderr) = ctl("127.0.0.1:1", CHECKOUT, &["ping"]);
+    assert_eq!(code, 1, "{stderr}");
+}
+
+#[test]
+fn client_reconnects_after_the_server_restarts() {
+    let mut server = start("127.0.0.1:0");
+    let addr = server.addr.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut config = ClientConfig::new(&addr, CHECKOUT);
+        config.max_attempts = 20;
+        config.request_timeout = Duration::from_secs(2);
+        let client = Client::connect(config).await.unwrap();
+        assert_eq!(client.ping().await.unwrap().status, Status::Ok);
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+        // Bring a server back on the same port while the client keeps asking.
+        let restarted = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            start(&addr)
+        });
+        let pinged = client.ping().await;
+        let _server = restarted.join().unwrap();
+        assert_eq!(pinged.expect("ping succeeds after reconnecting").status, Status::Ok);
+    });
+}
