@@ -1,1 +1,99 @@
-fn main() {}
+//! Engine benchmarks (one shard core, no network):
+//! - `reserve_1m_users`: 1M reservations on one hot SKU by 1M distinct
+//!   users, from an empty engine. Target: >= 5M decisions/s.
+//! - `sold_out_answer`: the connection-side fast path on a sold-out SKU
+//!   (gauge read + idempotency-directory probe). Target: >= 50M/s.
+//! - `limit_exceeded`: a decision that reaches the shard and is refused.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use stampede::engine::{Engine, ReservationDirectory};
+use stampede::server::conn::fast_refusal;
+use stampede_protocol::message::{Reserve, SaleCreate};
+use stampede_protocol::Status;
+
+const USERS: u64 = 1_000_000;
+
+fn hot_sale(engine: &mut Engine, stock: u64) {
+    let create = SaleCreate { sku: 42, stock, limit_per_user: 1, ttl_ms: 600_000, hot: true };
+    assert_eq!(engine.create_sale(&create, 0, &mut Vec::new()).status, Status::Ok);
+}
+
+fn reserve_1m_users(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(USERS));
+    group.bench_function("reserve_1m_users", |b| {
+        b.iter_batched(
+            || {
+                let mut engine = Engine::new(Arc::new(ReservationDirectory::new()));
+                hot_sale(&mut engine, USERS);
+                (engine, Vec::with_capacity(4096))
+            },
+            |(mut engine, mut events)| {
+                for user in 0..USERS {
+                    let op = Reserve { sku: 42, user, qty: 1, reservation_id: u128::from(user) + 1 };
+                    let outcome = engine.reserve(&op, 1, &mut events);
+                    debug_assert_eq!(outcome.status, Status::Reserved);
+                    // A shard hands events to its sink every cycle.
+                    if events.len() == 4096 {
+                        events.clear();
+                    }
+                }
+                (engine, events)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+fn refusals(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine");
+    // A sold-out sale whose directory holds the ids of its 10k winners.
+    let directory = Arc::new(ReservationDirectory::new());
+    let mut engine = Engine::new(directory.clone());
+    hot_sale(&mut engine, 10_000);
+    let mut events = Vec::new();
+    for user in 0..10_000u64 {
+        let op = Reserve { sku: 42, user, qty: 1, reservation_id: u128::from(user) + 1 };
+        assert_eq!(engine.reserve(&op, 1, &mut events).status, Status::Reserved);
+    }
+    let gauge = engine.gauge(42).unwrap();
+    assert_eq!(gauge.available(), 0);
+
+    const N: u64 = 1000;
+    let losers: Vec<Reserve> = (0..N)
+        .map(|i| Reserve { sku: 42, user: 1_000_000 + i, qty: 1, reservation_id: 0xdead_0000 + u128::from(i) })
+        .collect();
+    group.throughput(Throughput::Elements(N));
+    group.bench_function("sold_out_answer", |b| {
+        b.iter(|| {
+            for op in &losers {
+                let refusal = fast_refusal(&gauge, &directory, black_box(op));
+                debug_assert_eq!(refusal.map(|o| o.status), Some(Status::SoldOut));
+                black_box(refusal);
+            }
+        })
+    });
+
+    // Restock so requests reach the engine, then refuse on the user limit.
+    engine.restock(42, 1_000_000, &mut events).status.eq(&Status::Ok).then_some(()).expect("restock");
+    let repeaters: Vec<Reserve> =
+        (0..N).map(|i| Reserve { sku: 42, user: i, qty: 1, reservation_id: 0xbeef_0000 + u128::from(i) }).collect();
+    group.bench_function("limit_exceeded", |b| {
+        b.iter(|| {
+            for op in &repeaters {
+                let outcome = engine.reserve(black_box(op), 1, &mut events);
+                debug_assert_eq!(outcome.status, Status::LimitExceeded);
+                black_box(outcome);
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, reserve_1m_users, refusals);
+criterion_main!(benches);

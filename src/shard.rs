@@ -26,8 +26,7 @@ use tokio::sync::oneshot;
 use crate::clock::Clock;
 use crate::engine::{Engine, ReservationDirectory, SkuGauge};
 use crate::limits::{
-    BUSY_RETRY_AFTER_MS, EXPIRY_TICK_MS, HOT_SHARDS_MAX, SHARD_DRAIN_MESSAGES_MAX,
-    SHARD_QUEUE_MESSAGES_MAX,
+    BUSY_RETRY_AFTER_MS, EXPIRY_TICK_MS, HOT_SHARDS_MAX, SHARD_DRAIN_MESSAGES_MAX, SHARD_QUEUE_MESSAGES_MAX,
 };
 use crate::server::conn::Outbound;
 use crate::sink::{AdminResult, ConnTx, Delivery, LogSink};
@@ -121,21 +120,12 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(
-        pool_shards: usize,
-        clock: Arc<dyn Clock>,
-        sinks: SinkFactory,
-        pin_hot: bool,
-    ) -> Arc<Router> {
+    pub fn new(pool_shards: usize, clock: Arc<dyn Clock>, sinks: SinkFactory, pin_hot: bool) -> Arc<Router> {
         let directory = Arc::new(ReservationDirectory::new());
         let pool = (0..pool_shards.max(1))
             .map(|id| spawn_shard(id, false, None, directory.clone(), clock.clone(), sinks(id)))
             .collect();
-        let mut cores = if pin_hot {
-            core_affinity::get_core_ids().unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let mut cores = if pin_hot { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
         // Hot shards take the last cores first; the runtime and pool shards
         // float over the rest.
         cores.reverse();
@@ -176,6 +166,10 @@ impl Router {
         if self.routes.pin().contains_key(&cmd.sku) {
             return Outcome::of(Status::SaleExists);
         }
+        // Validate before spawning a hot shard for it.
+        if let Err(status) = crate::engine::validate_sale(&cmd) {
+            return Outcome::of(status);
+        }
         let shard = if cmd.hot {
             let mut hot = self.hot.lock();
             if hot.len() >= HOT_SHARDS_MAX {
@@ -183,14 +177,7 @@ impl Router {
             }
             let id = self.pool.len() + hot.len();
             let core = (!self.cores.is_empty()).then(|| self.cores[hot.len() % self.cores.len()]);
-            let shard = spawn_shard(
-                id,
-                true,
-                core,
-                self.directory.clone(),
-                self.clock.clone(),
-                (self.sinks)(id),
-            );
+            let shard = spawn_shard(id, true, core, self.directory.clone(), self.clock.clone(), (self.sinks)(id));
             hot.push(shard.clone());
             shard
         } else {
@@ -198,9 +185,7 @@ impl Router {
         };
         let (outcome, gauge) = admin_call(&shard, AdminCmd::Create(cmd)).await;
         if let Some(gauge) = gauge.filter(|_| outcome.status == Status::Ok) {
-            self.routes
-                .pin()
-                .insert(cmd.sku, Arc::new(Route { shard, gauge }));
+            self.routes.pin().insert(cmd.sku, Arc::new(Route { shard, gauge }));
         }
         outcome
     }
@@ -224,13 +209,11 @@ async fn admin_call(shard: &ShardHandle, cmd: AdminCmd) -> AdminResult {
     // Admin commands are rare and must not be refused for load: block
     // (on a blocking-pool thread) rather than answer busy.
     let tx = shard.tx.clone();
-    let sent =
-        tokio::task::spawn_blocking(move || tx.send(ShardMsg::Admin { cmd, done }).is_ok()).await;
+    let sent = tokio::task::spawn_blocking(move || tx.send(ShardMsg::Admin { cmd, done }).is_ok()).await;
     if !matches!(sent, Ok(true)) {
         return (Outcome::of(Status::ShuttingDown), None);
     }
-    rx.await
-        .unwrap_or((Outcome::of(Status::ShuttingDown), None))
+    rx.await.unwrap_or((Outcome::of(Status::ShuttingDown), None))
 }
 
 /// The reply for a message the shard could not take.
@@ -247,39 +230,19 @@ fn spawn_shard(
     sink: Box<dyn LogSink>,
 ) -> Arc<ShardHandle> {
     let (tx, rx) = crossbeam_channel::bounded(SHARD_QUEUE_MESSAGES_MAX);
-    let name = if hot {
-        format!("shard-hot-{id}")
-    } else {
-        format!("shard-{id}")
-    };
+    let name = if hot { format!("shard-hot-{id}") } else { format!("shard-{id}") };
     let thread = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
             if let Some(core) = core {
                 if !core_affinity::set_for_current(core) {
-                    tracing::warn!(
-                        shard = id,
-                        core = core.id,
-                        "could not pin hot shard to its core"
-                    );
+                    tracing::warn!(shard = id, core = core.id, "could not pin hot shard to its core");
                 }
             }
-            ShardLoop {
-                engine: Engine::new(directory),
-                clock,
-                sink,
-                events: Vec::new(),
-                replies: Vec::new(),
-            }
-            .run(rx)
+            ShardLoop { engine: Engine::new(directory), clock, sink, events: Vec::new(), replies: Vec::new() }.run(rx)
         })
         .expect("spawn shard thread");
-    Arc::new(ShardHandle {
-        id,
-        hot,
-        tx,
-        thread: Mutex::new(Some(thread)),
-    })
+    Arc::new(ShardHandle { id, hot, tx, thread: Mutex::new(Some(thread)) })
 }
 
 struct ShardLoop {
@@ -324,35 +287,21 @@ impl ShardLoop {
                 (reply, Opcode::Reserve, Reply::Outcome(outcome))
             }
             ShardMsg::ReserveBatch { ops, reply } => {
-                let results = ops
-                    .iter()
-                    .map(|(index, op)| (*index, engine.reserve(op, now_ms, events)))
-                    .collect();
-                let msg = Outbound::BatchPart {
-                    request_id: reply.request_id,
-                    results,
-                };
+                let results = ops.iter().map(|(index, op)| (*index, engine.reserve(op, now_ms, events))).collect();
+                // For batches `request_id` carries the connection's batch key.
+                let msg = Outbound::BatchPart { batch: reply.request_id, results };
                 self.replies.push(Delivery::Conn(reply.tx, msg));
                 return;
             }
-            ShardMsg::Confirm {
-                reservation_id,
-                payment_ref,
-                reply,
-            } => {
+            ShardMsg::Confirm { reservation_id, payment_ref, reply } => {
                 let outcome = engine.confirm(reservation_id, &payment_ref, now_ms, events);
                 (reply, Opcode::Confirm, Reply::Outcome(outcome))
             }
-            ShardMsg::Release {
-                reservation_id,
-                reply,
-            } => {
+            ShardMsg::Release { reservation_id, reply } => {
                 let outcome = engine.release(reservation_id, now_ms, events);
                 (reply, Opcode::Release, Reply::Outcome(outcome))
             }
-            ShardMsg::Status { sku, reply } => {
-                (reply, Opcode::Status, Reply::Status(engine.status(sku)))
-            }
+            ShardMsg::Status { sku, reply } => (reply, Opcode::Status, Reply::Status(engine.status(sku))),
             ShardMsg::Admin { cmd, done } => {
                 let result = match cmd {
                     AdminCmd::Create(create) => {
@@ -360,19 +309,13 @@ impl ShardLoop {
                         (outcome, engine.gauge(create.sku))
                     }
                     AdminCmd::Restock { sku, qty } => (engine.restock(sku, qty, events), None),
-                    AdminCmd::SetPaused { sku, paused } => {
-                        (engine.set_paused(sku, paused, events), None)
-                    }
+                    AdminCmd::SetPaused { sku, paused } => (engine.set_paused(sku, paused, events), None),
                 };
                 self.replies.push(Delivery::Admin(done, result));
                 return;
             }
         };
-        let msg = Outbound::Reply {
-            request_id: reply.request_id,
-            opcode,
-            reply: body,
-        };
+        let msg = Outbound::Reply { request_id: reply.request_id, opcode, reply: body };
         self.replies.push(Delivery::Conn(reply.tx, msg));
     }
 }

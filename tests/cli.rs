@@ -63,7 +63,11 @@ fn start(listen: &str) -> ServerProcess {
         .expect("spawn stampede-server");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("stampede-server listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    let addr = line
+        .trim()
+        .strip_prefix("stampede-server listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
     ServerProcess { child, addr, _dir: dir }
 }
 
@@ -74,14 +78,19 @@ fn ctl(addr: &str, token: &str, args: &[&str]) -> (i32, String, String) {
         .env("STAMPEDE_TOKEN", token)
         .output()
         .expect("run stampede-ctl");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn ctl_json(addr: &str, token: &str, args: &[&str]) -> (i32, Value) {
     let mut full = vec!["--json"];
     full.extend_from_slice(args);
     let (code, stdout, stderr) = ctl(addr, token, &full);
-    let value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout:?} stderr {stderr:?}"));
+    let value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout:?} stderr {stderr:?}"));
     (code, value)
 }
 
@@ -121,7 +130,13 @@ fn ctl_drives_a_sale_with_json_and_exit_codes() {
     let (code, v) = ctl_json(addr, CHECKOUT, &["status", "--sku", "42"]);
     assert_eq!(code, 0);
     assert_eq!(
-        (v["status"].as_str(), v["total"].as_u64(), v["available"].as_u64(), v["reserved"].as_u64(), v["sold"].as_u64()),
+        (
+            v["status"].as_str(),
+            v["total"].as_u64(),
+            v["available"].as_u64(),
+            v["reserved"].as_u64(),
+            v["sold"].as_u64()
+        ),
         (Some("ok"), Some(2), Some(0), Some(1), Some(1))
     );
     let (_, v) = ctl_json(addr, ADMIN, &["restock", "--sku", "42", "--qty", "3"]);

@@ -15,14 +15,38 @@ use stampede_protocol::Status;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Create { sku: u64, stock: u64, limit: u32, hot: bool },
-    Restock { sku: u64, qty: u64 },
-    Pause { sku: u64, paused: bool },
-    Reserve { sku: u64, user: u64, qty: u32, id: u128 },
-    Confirm { id: u128, payment: u8 },
-    Release { id: u128 },
+    Create {
+        sku: u64,
+        stock: u64,
+        limit: u32,
+        hot: bool,
+    },
+    Restock {
+        sku: u64,
+        qty: u64,
+    },
+    Pause {
+        sku: u64,
+        paused: bool,
+    },
+    Reserve {
+        sku: u64,
+        user: u64,
+        qty: u32,
+        id: u128,
+    },
+    Confirm {
+        id: u128,
+        payment: u8,
+    },
+    Release {
+        id: u128,
+    },
     /// Move the clock; `tick` also runs the shard's expiry pass.
-    Advance { ms: u64, tick: bool },
+    Advance {
+        ms: u64,
+        tick: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -99,7 +123,8 @@ impl Model {
     }
 
     fn tick(&mut self, now: u64) {
-        let due: Vec<u128> = self.res.iter().filter(|(_, r)| r.state == MState::Held && r.expires <= now).map(|(id, _)| *id).collect();
+        let due: Vec<u128> =
+            self.res.iter().filter(|(_, r)| r.state == MState::Held && r.expires <= now).map(|(id, _)| *id).collect();
         for id in due {
             self.expire(id, now);
         }
@@ -225,7 +250,9 @@ fn run_engine(engine: &mut Engine, op: &Op, now: u64, events: &mut Vec<Event>) -
         }
         Op::Restock { sku, qty } => engine.restock(sku, qty, events),
         Op::Pause { sku, paused } => engine.set_paused(sku, paused, events),
-        Op::Reserve { sku, user, qty, id } => engine.reserve(&Reserve { sku, user, qty, reservation_id: id }, now, events),
+        Op::Reserve { sku, user, qty, id } => {
+            engine.reserve(&Reserve { sku, user, qty, reservation_id: id }, now, events)
+        }
         Op::Confirm { id, payment } => engine.confirm(id, &Bytes::from(vec![payment]), now, events),
         Op::Release { id } => engine.release(id, now, events),
         Op::Advance { .. } => Outcome::of(Status::Ok),

@@ -136,7 +136,12 @@ async fn batches_pause_restock_and_unknown_sku() {
     server.create_sale(21, 100, 1, 60_000, true).await;
     let client = server.checkout(1).await;
     let ops: Vec<Reserve> = (0..6)
-        .map(|i| Reserve { sku: if i % 2 == 0 { 20 } else { 21 }, user: i, qty: 1, reservation_id: new_reservation_id() })
+        .map(|i| Reserve {
+            sku: if i % 2 == 0 { 20 } else { 21 },
+            user: i,
+            qty: 1,
+            reservation_id: new_reservation_id(),
+        })
         .chain([Reserve { sku: 999, user: 1, qty: 1, reservation_id: new_reservation_id() }])
         .collect();
     let results = client.reserve_batch(&ops).await.unwrap();
@@ -186,7 +191,10 @@ async fn auth_is_enforced() {
     // Checkout role cannot administer.
     let checkout = server.checkout(1).await;
     assert_eq!(checkout.role(), Role::Checkout);
-    let err = checkout.create_sale(SaleCreate { sku: 1, stock: 1, limit_per_user: 1, ttl_ms: 1000, hot: false }).await.unwrap_err();
+    let err = checkout
+        .create_sale(SaleCreate { sku: 1, stock: 1, limit_per_user: 1, ttl_ms: 1000, hot: false })
+        .await
+        .unwrap_err();
     assert!(matches!(err, ClientError::Server { status: Status::Forbidden, .. }), "{err:?}");
     let err = checkout.restock(1, 1).await.unwrap_err();
     assert!(matches!(err, ClientError::Server { status: Status::Forbidden, .. }), "{err:?}");
@@ -236,7 +244,8 @@ impl RawConn {
     }
 
     async fn next(&mut self) -> Option<(u64, Reply)> {
-        let frame = tokio::time::timeout(Duration::from_secs(10), self.read.next()).await.expect("reply within 10 s")?;
+        let frame =
+            tokio::time::timeout(Duration::from_secs(10), self.read.next()).await.expect("reply within 10 s")?;
         let frame = frame.ok()?;
         Some((frame.request_id, Reply::decode(&frame).expect("server replies are well formed")))
     }
@@ -306,8 +315,18 @@ async fn malformed_frames_get_an_error_and_close_only_that_connection() {
     let mut bad_header_crc = good.clone();
     bad_header_crc[8] ^= 0x01;
     cases.push(("bad header checksum", bad_header_crc, 0, Status::BadChecksum));
-    cases.push(("empty batch", raw_frame(Opcode::ReserveBatch as u8, 9, &0u16.to_le_bytes()), 9, Status::BatchTooLarge));
-    cases.push(("batch over the max", raw_frame(Opcode::ReserveBatch as u8, 9, &1025u16.to_le_bytes()), 9, Status::BatchTooLarge));
+    cases.push((
+        "empty batch",
+        raw_frame(Opcode::ReserveBatch as u8, 9, &0u16.to_le_bytes()),
+        9,
+        Status::BatchTooLarge,
+    ));
+    cases.push((
+        "batch over the max",
+        raw_frame(Opcode::ReserveBatch as u8, 9, &1025u16.to_le_bytes()),
+        9,
+        Status::BatchTooLarge,
+    ));
 
     for (name, bytes, expect_id, expect_status) in cases {
         let mut conn = RawConn::authed(&server.addr).await;
@@ -358,4 +377,35 @@ async fn pipelined_replies_match_their_requests() {
         assert_eq!(reply.status(), Some(want), "request {id}");
     }
     assert!(expected.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_request_id_cannot_mix_up_batches() {
+    let server = start_server().await;
+    server.create_sale(40, 100, 100, 60_000, false).await;
+    server.create_sale(41, 100, 100, 60_000, true).await;
+    let mut conn = RawConn::authed(&server.addr).await;
+    let batch = |first: u128| {
+        Request::ReserveBatch(
+            (0..10u64)
+                .map(|i| Reserve { sku: 40 + i % 2, user: i, qty: 1, reservation_id: first + u128::from(i) })
+                .collect(),
+        )
+    };
+    // Two batches in flight under the same (misused) request id.
+    let mut buf = BytesMut::new();
+    batch(1000).encode_frame(77, &mut buf);
+    batch(2000).encode_frame(77, &mut buf);
+    conn.send_bytes(&buf).await;
+    for _ in 0..2 {
+        match conn.next().await {
+            Some((77, Reply::Batch(results))) => {
+                assert_eq!(results.len(), 10);
+                assert!(results.iter().all(|o| o.status == Status::Reserved), "{results:?}");
+            }
+            other => panic!("expected a batch reply, got {other:?}"),
+        }
+    }
+    let client = server.checkout(1).await;
+    assert_eq!(client.status(40).await.unwrap().sale.reserved + client.status(41).await.unwrap().sale.reserved, 20);
 }

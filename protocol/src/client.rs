@@ -60,8 +60,7 @@ use tokio_util::codec::FramedRead;
 use crate::frame::FrameCodec;
 use crate::limits::BATCH_OPS_MAX;
 use crate::message::{
-    Confirm, Hello, Outcome, Release, Reply, Request, Reserve, Restock, Role, SaleCreate,
-    StatusReply,
+    Confirm, Hello, Outcome, Release, Reply, Request, Reserve, Restock, Role, SaleCreate, StatusReply,
 };
 use crate::status::Status;
 
@@ -70,10 +69,7 @@ use crate::status::Status;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
+    Connect { addr: String, source: std::io::Error },
     #[error("authentication failed: {0}")]
     Auth(Status),
     #[error("connection lost before the reply arrived")]
@@ -91,10 +87,7 @@ pub enum ClientError {
 impl ClientError {
     /// True when resending the same request may succeed.
     fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            ClientError::Connect { .. } | ClientError::Disconnected | ClientError::Timeout(_)
-        )
+        matches!(self, ClientError::Connect { .. } | ClientError::Disconnected | ClientError::Timeout(_))
     }
 }
 
@@ -132,10 +125,7 @@ pub fn new_reservation_id() -> u128 {
     use std::hash::{BuildHasher, Hasher};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let mut a = std::collections::hash_map::RandomState::new().build_hasher();
     a.write_u64(n);
     a.write_u128(nanos);
@@ -192,9 +182,7 @@ impl Client {
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         let connections = config.connections.max(1);
         let inner = Arc::new(Inner {
-            slots: (0..connections)
-                .map(|_| tokio::sync::Mutex::new(None))
-                .collect(),
+            slots: (0..connections).map(|_| tokio::sync::Mutex::new(None)).collect(),
             config,
             next_slot: AtomicUsize::new(0),
             next_request_id: AtomicU64::new(1),
@@ -227,33 +215,19 @@ impl Client {
                 addr: config.addr.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
             })?
-            .map_err(|source| ClientError::Connect {
-                addr: config.addr.clone(),
-                source,
-            })?;
+            .map_err(|source| ClientError::Connect { addr: config.addr.clone(), source })?;
         stream.set_nodelay(true).ok();
         let conn = Arc::new(spawn_conn(stream));
         // Authenticate before anyone else may use this connection.
-        let hello = Request::Hello(Hello {
-            token: Bytes::copy_from_slice(config.token.as_bytes()),
-        });
+        let hello = Request::Hello(Hello { token: Bytes::copy_from_slice(config.token.as_bytes()) });
         let reply = self.send_once(&conn, hello).await?;
         match reply {
             Reply::Hello(h) if h.status == Status::Ok => {
                 *self.inner.role.lock().expect("role lock") = h.role;
             }
             Reply::Hello(h) => return Err(ClientError::Auth(h.status)),
-            Reply::Error(e) => {
-                return Err(ClientError::Server {
-                    status: e.status,
-                    message: e.message,
-                })
-            }
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "unexpected reply to HELLO: {other:?}"
-                )))
-            }
+            Reply::Error(e) => return Err(ClientError::Server { status: e.status, message: e.message }),
+            other => return Err(ClientError::Protocol(format!("unexpected reply to HELLO: {other:?}"))),
         }
         *guard = Some(conn.clone());
         Ok(conn)
@@ -263,22 +237,13 @@ impl Client {
     async fn send_once(&self, conn: &Conn, request: Request) -> Result<Reply, ClientError> {
         let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        conn.pending
-            .lock()
-            .expect("pending lock")
-            .insert(request_id, tx);
+        conn.pending.lock().expect("pending lock").insert(request_id, tx);
         if conn.is_closed() {
-            conn.pending
-                .lock()
-                .expect("pending lock")
-                .remove(&request_id);
+            conn.pending.lock().expect("pending lock").remove(&request_id);
             return Err(ClientError::Disconnected);
         }
         if conn.outgoing.send((request_id, request)).await.is_err() {
-            conn.pending
-                .lock()
-                .expect("pending lock")
-                .remove(&request_id);
+            conn.pending.lock().expect("pending lock").remove(&request_id);
             return Err(ClientError::Disconnected);
         }
         let timeout = self.inner.config.request_timeout;
@@ -286,10 +251,7 @@ impl Client {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(ClientError::Disconnected),
             Err(_) => {
-                conn.pending
-                    .lock()
-                    .expect("pending lock")
-                    .remove(&request_id);
+                conn.pending.lock().expect("pending lock").remove(&request_id);
                 Err(ClientError::Timeout(timeout))
             }
         }
@@ -301,27 +263,18 @@ impl Client {
         let mut backoff = Duration::from_millis(5);
         let mut last_err = None;
         for attempt in 1..=attempts {
-            let slot =
-                self.inner.next_slot.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
+            let slot = self.inner.next_slot.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
             let result = match self.conn(slot).await {
                 Ok(conn) => self.send_once(&conn, request.clone()).await,
                 Err(e) => Err(e),
             };
             match result {
-                Ok(Reply::Error(e)) => {
-                    return Err(ClientError::Server {
-                        status: e.status,
-                        message: e.message,
-                    })
-                }
+                Ok(Reply::Error(e)) => return Err(ClientError::Server { status: e.status, message: e.message }),
                 Ok(reply) => {
                     let busy = reply_busy_hint(&reply);
                     match busy {
                         Some(retry_after_ms) if attempt < attempts => {
-                            tokio::time::sleep(Duration::from_millis(
-                                retry_after_ms.clamp(1, 1000),
-                            ))
-                            .await;
+                            tokio::time::sleep(Duration::from_millis(retry_after_ms.clamp(1, 1000))).await;
                             continue;
                         }
                         _ => return Ok(reply),
@@ -346,9 +299,7 @@ impl Client {
     async fn outcome(&self, request: Request, retry: Retry) -> Result<Outcome, ClientError> {
         match self.call(request, retry).await? {
             Reply::Outcome(o) => Ok(o),
-            other => Err(ClientError::Protocol(format!(
-                "expected an outcome, got {other:?}"
-            ))),
+            other => Err(ClientError::Protocol(format!("expected an outcome, got {other:?}"))),
         }
     }
 
@@ -357,23 +308,8 @@ impl Client {
     }
 
     /// Hold `qty` units of `sku` for `user`. Retries reuse `reservation_id`.
-    pub async fn reserve(
-        &self,
-        sku: u64,
-        user: u64,
-        qty: u32,
-        reservation_id: u128,
-    ) -> Result<Outcome, ClientError> {
-        self.outcome(
-            Request::Reserve(Reserve {
-                sku,
-                user,
-                qty,
-                reservation_id,
-            }),
-            Retry::Idempotent,
-        )
-        .await
+    pub async fn reserve(&self, sku: u64, user: u64, qty: u32, reservation_id: u128) -> Result<Outcome, ClientError> {
+        self.outcome(Request::Reserve(Reserve { sku, user, qty, reservation_id }), Retry::Idempotent).await
     }
 
     /// Up to `BATCH_OPS_MAX` reservations in one frame; results in order.
@@ -384,76 +320,48 @@ impl Client {
                 ops.len()
             )));
         }
-        match self
-            .call(Request::ReserveBatch(ops.to_vec()), Retry::Idempotent)
-            .await?
-        {
+        match self.call(Request::ReserveBatch(ops.to_vec()), Retry::Idempotent).await? {
             Reply::Batch(results) if results.len() == ops.len() => Ok(results),
-            other => Err(ClientError::Protocol(format!(
-                "expected {} batch results, got {other:?}",
-                ops.len()
-            ))),
+            other => Err(ClientError::Protocol(format!("expected {} batch results, got {other:?}", ops.len()))),
         }
     }
 
-    pub async fn confirm(
-        &self,
-        reservation_id: u128,
-        payment_ref: &[u8],
-    ) -> Result<Outcome, ClientError> {
+    pub async fn confirm(&self, reservation_id: u128, payment_ref: &[u8]) -> Result<Outcome, ClientError> {
         if payment_ref.len() > crate::limits::PAYMENT_REF_BYTES_MAX {
-            return Err(ClientError::InvalidRequest(
-                "payment_ref longer than PAYMENT_REF_BYTES_MAX".into(),
-            ));
+            return Err(ClientError::InvalidRequest("payment_ref longer than PAYMENT_REF_BYTES_MAX".into()));
         }
-        let request = Request::Confirm(Confirm {
-            reservation_id,
-            payment_ref: Bytes::copy_from_slice(payment_ref),
-        });
+        let request = Request::Confirm(Confirm { reservation_id, payment_ref: Bytes::copy_from_slice(payment_ref) });
         self.outcome(request, Retry::Idempotent).await
     }
 
     pub async fn release(&self, reservation_id: u128) -> Result<Outcome, ClientError> {
-        self.outcome(
-            Request::Release(Release { reservation_id }),
-            Retry::Idempotent,
-        )
-        .await
+        self.outcome(Request::Release(Release { reservation_id }), Retry::Idempotent).await
     }
 
     pub async fn status(&self, sku: u64) -> Result<StatusReply, ClientError> {
-        match self
-            .call(Request::Status { sku }, Retry::Idempotent)
-            .await?
-        {
+        match self.call(Request::Status { sku }, Retry::Idempotent).await? {
             Reply::Status(s) => Ok(s),
-            other => Err(ClientError::Protocol(format!(
-                "expected a status reply, got {other:?}"
-            ))),
+            other => Err(ClientError::Protocol(format!("expected a status reply, got {other:?}"))),
         }
     }
 
     /// Admin: create a sale. A retry after success answers `sale_exists`.
     pub async fn create_sale(&self, sale: SaleCreate) -> Result<Outcome, ClientError> {
-        self.outcome(Request::SaleCreate(sale), Retry::Idempotent)
-            .await
+        self.outcome(Request::SaleCreate(sale), Retry::Idempotent).await
     }
 
     /// Admin: add stock. Not idempotent, so never resent once it may have
     /// reached the server: on `Disconnected`/`Timeout` check STATUS first.
     pub async fn restock(&self, sku: u64, qty: u64) -> Result<Outcome, ClientError> {
-        self.outcome(Request::Restock(Restock { sku, qty }), Retry::OnlyIfUnsent)
-            .await
+        self.outcome(Request::Restock(Restock { sku, qty }), Retry::OnlyIfUnsent).await
     }
 
     pub async fn pause(&self, sku: u64) -> Result<Outcome, ClientError> {
-        self.outcome(Request::Pause { sku }, Retry::Idempotent)
-            .await
+        self.outcome(Request::Pause { sku }, Retry::Idempotent).await
     }
 
     pub async fn resume(&self, sku: u64) -> Result<Outcome, ClientError> {
-        self.outcome(Request::Resume { sku }, Retry::Idempotent)
-            .await
+        self.outcome(Request::Resume { sku }, Retry::Idempotent).await
     }
 
     /// Send a request and return the raw reply, without retries (tools, tests).
@@ -463,11 +371,13 @@ impl Client {
     }
 }
 
-/// `Some(retry_after_ms)` when the whole reply says "busy". A batch with
+/// `Some(retry_after_ms)` when the whole reply says "busy" (or "shutting down"). A batch with
 /// some busy results is returned as is: the caller resends those ops.
 fn reply_busy_hint(reply: &Reply) -> Option<u64> {
     match reply {
         Reply::Outcome(o) if o.status == Status::Busy => Some(o.detail),
+        Reply::Outcome(o) if o.status == Status::ShuttingDown => Some(100),
+        Reply::Status(s) if s.status == Status::Busy => Some(crate::limits::BUSY_RETRY_AFTER_MS_DEFAULT),
         _ => None,
     }
 }
@@ -511,10 +421,7 @@ where
             let Ok(reply) = Reply::decode(&frame) else {
                 break;
             };
-            let waiter = reader_pending
-                .lock()
-                .expect("pending lock")
-                .remove(&frame.request_id);
+            let waiter = reader_pending.lock().expect("pending lock").remove(&frame.request_id);
             if let Some(waiter) = waiter {
                 let _ = waiter.send(reply);
             } else if frame.request_id == 0 {
@@ -527,9 +434,5 @@ where
         reader_closed.store(true, Ordering::SeqCst);
         reader_pending.lock().expect("pending lock").clear();
     });
-    Conn {
-        outgoing,
-        pending,
-        closed,
-    }
+    Conn { outgoing, pending, closed }
 }

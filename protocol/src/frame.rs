@@ -71,11 +71,7 @@ pub enum FrameError {
 
 impl FrameError {
     fn protocol(status: Status, request_id: Option<u64>, detail: impl Into<String>) -> Self {
-        FrameError::Protocol {
-            status,
-            request_id,
-            detail: detail.into(),
-        }
+        FrameError::Protocol { status, request_id, detail: detail.into() }
     }
 }
 
@@ -83,10 +79,7 @@ impl FrameError {
 /// `start` is where the header's 32 placeholder bytes begin.
 fn seal_header(dst: &mut BytesMut, start: usize, opcode: u8, request_id: u64) {
     let body_len = dst.len() - start - HEADER_BYTES;
-    debug_assert!(
-        body_len <= FRAME_BODY_BYTES_MAX,
-        "encoder built an oversize body"
-    );
+    debug_assert!(body_len <= FRAME_BODY_BYTES_MAX, "encoder built an oversize body");
     let body_crc = crc32c::crc32c(&dst[start + HEADER_BYTES..]);
     let head = &mut dst[start..start + HEADER_BYTES];
     head[0..4].copy_from_slice(&MAGIC);
@@ -103,12 +96,7 @@ fn seal_header(dst: &mut BytesMut, start: usize, opcode: u8, request_id: u64) {
 
 /// Append one frame to `dst`, letting `write_body` append the body in place
 /// (no intermediate buffer). The header is filled in afterwards.
-pub fn encode_frame_with(
-    dst: &mut BytesMut,
-    opcode: u8,
-    request_id: u64,
-    write_body: impl FnOnce(&mut BytesMut),
-) {
+pub fn encode_frame_with(dst: &mut BytesMut, opcode: u8, request_id: u64, write_body: impl FnOnce(&mut BytesMut)) {
     let start = dst.len();
     dst.put_bytes(0, HEADER_BYTES);
     write_body(dst);
@@ -130,10 +118,7 @@ pub fn decode_header(head: &[u8; HEADER_BYTES]) -> Result<Header, FrameError> {
         return Err(FrameError::protocol(
             Status::UnsupportedVersion,
             None,
-            format!(
-                "expected protocol version {PROTOCOL_VERSION}, found {}",
-                head[4]
-            ),
+            format!("expected protocol version {PROTOCOL_VERSION}, found {}", head[4]),
         ));
     }
     let mut cursor = &head[5..];
@@ -152,15 +137,7 @@ pub fn decode_header(head: &[u8; HEADER_BYTES]) -> Result<Header, FrameError> {
             format!("header checksum {header_crc:#010x}, computed {computed:#010x}"),
         ));
     }
-    let header = Header {
-        version: head[4],
-        opcode,
-        flags,
-        request_id,
-        body_len,
-        body_crc32c,
-        reserved,
-    };
+    let header = Header { version: head[4], opcode, flags, request_id, body_len, body_crc32c, reserved };
     if flags != 0 || reserved != 0 {
         return Err(FrameError::protocol(
             Status::MalformedBody,
@@ -206,8 +183,7 @@ impl Decoder for FrameCodec {
                 if src.len() < HEADER_BYTES {
                     return Ok(None);
                 }
-                let head: &[u8; HEADER_BYTES] =
-                    src[..HEADER_BYTES].try_into().expect("length checked");
+                let head: &[u8; HEADER_BYTES] = src[..HEADER_BYTES].try_into().expect("length checked");
                 let header = decode_header(head)?;
                 src.advance(HEADER_BYTES);
                 self.pending = Some(header);
@@ -227,17 +203,10 @@ impl Decoder for FrameCodec {
             return Err(FrameError::protocol(
                 Status::BadChecksum,
                 Some(header.request_id),
-                format!(
-                    "body checksum {:#010x}, computed {computed:#010x}",
-                    header.body_crc32c
-                ),
+                format!("body checksum {:#010x}, computed {computed:#010x}", header.body_crc32c),
             ));
         }
-        Ok(Some(Frame {
-            opcode: header.opcode,
-            request_id: header.request_id,
-            body,
-        }))
+        Ok(Some(Frame { opcode: header.opcode, request_id: header.request_id, body }))
     }
 
     fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
@@ -263,9 +232,7 @@ impl Encoder<Frame> for FrameCodec {
                 format!("refusing to send a {}-byte body", frame.body.len()),
             ));
         }
-        encode_frame_with(dst, frame.opcode, frame.request_id, |b| {
-            b.extend_from_slice(&frame.body)
-        });
+        encode_frame_with(dst, frame.opcode, frame.request_id, |b| b.extend_from_slice(&frame.body));
         Ok(())
     }
 }
@@ -309,14 +276,7 @@ mod tests {
         wire[28..32].copy_from_slice(&crc.to_le_bytes());
         let capacity_before = wire.capacity();
         let err = FrameCodec::new().decode(&mut wire).unwrap_err();
-        assert!(matches!(
-            err,
-            FrameError::Protocol {
-                status: Status::FrameTooLarge,
-                request_id: Some(5),
-                ..
-            }
-        ));
+        assert!(matches!(err, FrameError::Protocol { status: Status::FrameTooLarge, request_id: Some(5), .. }));
         assert_eq!(wire.capacity(), capacity_before);
     }
 }

@@ -31,3 +31,7 @@ pub const TOKEN_BYTES_MAX: usize = 256;
 
 /// Longest human-readable message in an ERROR reply.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
+
+/// Retry delay a client uses for a `busy` reply that carries no hint
+/// (the STATUS reply has no detail field).
+pub const BUSY_RETRY_AFTER_MS_DEFAULT: u64 = 10;

@@ -192,11 +192,7 @@ mod tests {
     fn codes_are_unique_and_round_trip() {
         let mut seen = std::collections::HashSet::new();
         for &status in Status::ALL {
-            assert!(
-                seen.insert(status.code()),
-                "duplicate code {}",
-                status.code()
-            );
+            assert!(seen.insert(status.code()), "duplicate code {}", status.code());
             assert_eq!(Status::from_code(status.code()), Some(status));
         }
         assert_eq!(Status::from_code(9999), None);

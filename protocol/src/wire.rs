@@ -24,11 +24,7 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
         if self.buf.len() < n {
-            return Err(Malformed(format!(
-                "{}: needed {n} more bytes, {} left",
-                self.what,
-                self.buf.len()
-            )));
+            return Err(Malformed(format!("{}: needed {n} more bytes, {} left", self.what, self.buf.len())));
         }
         let (head, rest) = self.buf.split_at(n);
         self.buf = rest;
@@ -39,24 +35,16 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     pub fn u16(&mut self) -> Result<u16, Malformed> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
     }
     pub fn u32(&mut self) -> Result<u32, Malformed> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
     pub fn u64(&mut self) -> Result<u64, Malformed> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
     pub fn u128(&mut self) -> Result<u128, Malformed> {
-        Ok(u128::from_le_bytes(
-            self.take(16)?.try_into().expect("16 bytes"),
-        ))
+        Ok(u128::from_le_bytes(self.take(16)?.try_into().expect("16 bytes")))
     }
     /// A length-prefixed byte string whose u8/u16 length was already read.
     pub fn bytes(&mut self, len: usize) -> Result<Bytes, Malformed> {
@@ -69,11 +57,7 @@ impl<'a> Reader<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(Malformed(format!(
-                "{}: {} unexpected trailing bytes",
-                self.what,
-                self.buf.len()
-            )))
+            Err(Malformed(format!("{}: {} unexpected trailing bytes", self.what, self.buf.len())))
         }
     }
 }

@@ -128,30 +128,15 @@ fn outcome_json(outcome: &Outcome) -> Value {
 }
 
 async fn run(args: Args) -> Result<Value, ClientError> {
-    let client =
-        Client::connect(ClientConfig::new(args.server.clone(), args.token.clone())).await?;
+    let client = Client::connect(ClientConfig::new(args.server.clone(), args.token.clone())).await?;
     Ok(match args.command {
         Command::Ping => {
             let o = client.ping().await?;
             json!({ "status": o.status.name(), "server_time_ms": o.detail })
         }
-        Command::Sale(SaleCommand::Create {
-            sku,
-            stock,
-            limit,
-            ttl_secs,
-            hot,
-        }) => {
+        Command::Sale(SaleCommand::Create { sku, stock, limit, ttl_secs, hot }) => {
             let ttl_ms = ttl_secs.saturating_mul(1000);
-            let o = client
-                .create_sale(SaleCreate {
-                    sku,
-                    stock,
-                    limit_per_user: limit,
-                    ttl_ms,
-                    hot,
-                })
-                .await?;
+            let o = client.create_sale(SaleCreate { sku, stock, limit_per_user: limit, ttl_ms, hot }).await?;
             let mut v = outcome_json(&o);
             v["sku"] = json!(sku);
             v
@@ -174,9 +159,7 @@ async fn run(args: Args) -> Result<Value, ClientError> {
             v["id"] = json!(format!("{id:032x}"));
             v
         }
-        Command::Confirm { id, payment_ref } => {
-            outcome_json(&client.confirm(id, payment_ref.as_bytes()).await?)
-        }
+        Command::Confirm { id, payment_ref } => outcome_json(&client.confirm(id, payment_ref.as_bytes()).await?),
         Command::Release { id } => outcome_json(&client.release(id).await?),
         Command::Status { sku } => {
             let s = client.status(sku).await?;
@@ -197,7 +180,13 @@ fn print_human(v: &Value) {
     if v.get("total").is_some() && v.get("available").is_some() {
         println!(
             "{status}: total {} available {} reserved {} sold {} (reservations {}, limit {}/user, ttl {} ms{}{})",
-            v["total"], v["available"], v["reserved"], v["sold"], v["reservations"], v["limit_per_user"], v["ttl_ms"],
+            v["total"],
+            v["available"],
+            v["reserved"],
+            v["sold"],
+            v["reservations"],
+            v["limit_per_user"],
+            v["ttl_ms"],
             if v["hot"] == json!(true) { ", hot" } else { "" },
             if v["paused"] == json!(true) { ", paused" } else { "" },
         );
@@ -208,10 +197,7 @@ fn print_human(v: &Value) {
         if key != "status" && key != "code" {
             line.push_str(&format!(
                 " {key}={}",
-                value
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| value.to_string())
+                value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string())
             ));
         }
     }
@@ -221,10 +207,7 @@ fn print_human(v: &Value) {
 fn main() {
     let args = Args::parse();
     let json_output = args.json;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(args)) {
         Ok(v) => {
             if json_output {

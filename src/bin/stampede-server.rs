@@ -13,11 +13,7 @@ use stampede::clock::SystemClock;
 use stampede::server::{self, ServerConfig, Tokens};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "stampede-server",
-    version,
-    about = "Flash-sale inventory server"
-)]
+#[command(name = "stampede-server", version, about = "Flash-sale inventory server")]
 struct Args {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:7070")]
@@ -50,9 +46,7 @@ fn token_from_env(name: &str) -> anyhow::Result<Option<Vec<u8>>> {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -80,9 +74,8 @@ fn main() -> anyhow::Result<()> {
     }
     let runtime = runtime.build().context("building the tokio runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?;
+        let listener =
+            tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let mut config = ServerConfig::new(Tokens { admin, checkout, insecure: args.insecure });
         config.pool_shards = args.shards.max(1);
         config.pin_hot_shards = !args.no_pin;

@@ -13,6 +13,8 @@
 
 use foldhash::fast::RandomState;
 
+use crate::limits::DIRECTORY_IDS_PRESIZED;
+
 pub struct ReservationDirectory {
     /// reservation id -> sku. Entries are never removed: a confirmed or
     /// released id must keep answering retries.
@@ -33,7 +35,11 @@ pub enum Claim {
 impl Default for ReservationDirectory {
     fn default() -> Self {
         ReservationDirectory {
-            ids: papaya::HashMap::with_hasher(RandomState::default()),
+            ids: papaya::HashMap::builder()
+                .hasher(RandomState::default())
+                .capacity(DIRECTORY_IDS_PRESIZED)
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .build(),
         }
     }
 }
@@ -49,9 +55,7 @@ impl ReservationDirectory {
         match self.ids.pin().try_insert(id, sku) {
             Ok(_) => Claim::New,
             Err(occupied) if *occupied.current == sku => Claim::Same,
-            Err(occupied) => Claim::Conflict {
-                sku: *occupied.current,
-            },
+            Err(occupied) => Claim::Conflict { sku: *occupied.current },
         }
     }
 

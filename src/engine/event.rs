@@ -11,47 +11,14 @@ use bytes::Bytes;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    SaleCreated {
-        sku: u64,
-        stock: u64,
-        limit_per_user: u32,
-        ttl_ms: u64,
-        hot: bool,
-        at_ms: u64,
-    },
-    Restocked {
-        sku: u64,
-        qty: u64,
-    },
-    Paused {
-        sku: u64,
-    },
-    Resumed {
-        sku: u64,
-    },
-    Reserved {
-        sku: u64,
-        user: u64,
-        qty: u32,
-        reservation_id: u128,
-        expires_at_ms: u64,
-    },
-    Confirmed {
-        sku: u64,
-        reservation_id: u128,
-        at_ms: u64,
-        payment_ref: Bytes,
-    },
-    Released {
-        sku: u64,
-        reservation_id: u128,
-        at_ms: u64,
-    },
-    Expired {
-        sku: u64,
-        reservation_id: u128,
-        at_ms: u64,
-    },
+    SaleCreated { sku: u64, stock: u64, limit_per_user: u32, ttl_ms: u64, hot: bool, at_ms: u64 },
+    Restocked { sku: u64, qty: u64 },
+    Paused { sku: u64 },
+    Resumed { sku: u64 },
+    Reserved { sku: u64, user: u64, qty: u32, reservation_id: u128, expires_at_ms: u64 },
+    Confirmed { sku: u64, reservation_id: u128, at_ms: u64, payment_ref: Bytes },
+    Released { sku: u64, reservation_id: u128, at_ms: u64 },
+    Expired { sku: u64, reservation_id: u128, at_ms: u64 },
 }
 
 impl Event {

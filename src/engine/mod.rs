@@ -32,9 +32,20 @@ use stampede_protocol::Status;
 pub use directory::{Claim, ReservationDirectory};
 pub use event::Event;
 
-use crate::limits::{RESERVATION_TTL_MS_MAX, STOCK_UNITS_MAX};
+use crate::limits::{RESERVATION_TTL_MS_MAX, SALE_TABLES_PRESIZED_MAX, STOCK_UNITS_MAX};
 
 type FastMap<K, V> = std::collections::HashMap<K, V, RandomState>;
+
+/// Check a SALE_CREATE's arguments (stock, limit, TTL within limits).
+pub fn validate_sale(cmd: &SaleCreate) -> Result<(), Status> {
+    let valid =
+        cmd.stock <= STOCK_UNITS_MAX && cmd.limit_per_user >= 1 && (1..=RESERVATION_TTL_MS_MAX).contains(&cmd.ttl_ms);
+    if valid {
+        Ok(())
+    } else {
+        Err(Status::InvalidArgument)
+    }
+}
 
 /// A sale's state as the connection tasks see it, without asking the shard.
 ///
@@ -74,9 +85,10 @@ pub struct Reservation {
     pub expires_at_ms: u64,
     /// Confirm, release or expiry time; 0 while held.
     pub settled_at_ms: u64,
-    /// Kept only once confirmed, to answer a retried CONFIRM.
-    pub payment_ref: Option<Box<[u8]>>,
 }
+
+// One reservation plus its u128 key fills one 64-byte cache line in the map.
+const _: () = assert!(std::mem::size_of::<Reservation>() <= 48);
 
 #[derive(Debug)]
 struct Sale {
@@ -98,15 +110,13 @@ struct Sale {
     /// deadlines are made monotonic at reserve time, so a FIFO queue does
     /// what a timer wheel would: O(1) to add, O(1) per expiry, no scan.
     /// Entries for reservations settled early are skipped when popped.
-    expiry: VecDeque<(u64, u128)>,
+    expiry: VecDeque<ExpiryEntry>,
     gauge: Arc<SkuGauge>,
 }
 
 impl Sale {
     fn publish(&self) {
-        self.gauge
-            .available
-            .store(self.available, Ordering::Release);
+        self.gauge.available.store(self.available, Ordering::Release);
         self.gauge.paused.store(self.paused, Ordering::Release);
     }
 
@@ -137,10 +147,30 @@ impl Sale {
     }
 }
 
+/// A pending expiry: deadline and reservation id. Three u64s (24 bytes)
+/// rather than `(u64, u128)`, which u128's 16-byte alignment pads to 32.
+#[derive(Clone, Copy, Debug)]
+struct ExpiryEntry {
+    deadline_ms: u64,
+    id: [u64; 2],
+}
+
+impl ExpiryEntry {
+    fn new(deadline_ms: u64, id: u128) -> Self {
+        ExpiryEntry { deadline_ms, id: [id as u64, (id >> 64) as u64] }
+    }
+    fn id(&self) -> u128 {
+        u128::from(self.id[0]) | (u128::from(self.id[1]) << 64)
+    }
+}
+
 /// The state machine of one shard. See the module doc.
 pub struct Engine {
     sales: FastMap<u64, Sale>,
     reservations: FastMap<u128, Reservation>,
+    /// Payment references of confirmed reservations, kept apart so the
+    /// hot reservation record stays small; read only by a retried CONFIRM.
+    payment_refs: FastMap<u128, Box<[u8]>>,
     directory: Arc<ReservationDirectory>,
 }
 
@@ -149,6 +179,7 @@ impl Engine {
         Engine {
             sales: FastMap::default(),
             reservations: FastMap::default(),
+            payment_refs: FastMap::default(),
             directory,
         }
     }
@@ -168,28 +199,17 @@ impl Engine {
 
     /// Units reserved + sold by `user` for `sku`.
     pub fn user_units(&self, sku: u64, user: u64) -> u32 {
-        self.sales
-            .get(&sku)
-            .and_then(|s| s.users.get(&user).copied())
-            .unwrap_or(0)
+        self.sales.get(&sku).and_then(|s| s.users.get(&user).copied()).unwrap_or(0)
     }
 
     // ----------------------------------------------------------------- decide
 
-    pub fn create_sale(
-        &mut self,
-        cmd: &SaleCreate,
-        now_ms: u64,
-        events: &mut Vec<Event>,
-    ) -> Outcome {
+    pub fn create_sale(&mut self, cmd: &SaleCreate, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
         if self.sales.contains_key(&cmd.sku) {
             return Outcome::of(Status::SaleExists);
         }
-        let valid = cmd.stock <= STOCK_UNITS_MAX
-            && cmd.limit_per_user >= 1
-            && (1..=RESERVATION_TTL_MS_MAX).contains(&cmd.ttl_ms);
-        if !valid {
-            return Outcome::of(Status::InvalidArgument);
+        if let Err(status) = validate_sale(cmd) {
+            return Outcome::of(status);
         }
         let event = Event::SaleCreated {
             sku: cmd.sku,
@@ -222,11 +242,7 @@ impl Engine {
             return Outcome::of(Status::UnknownSku);
         };
         if sale.paused != paused {
-            let event = if paused {
-                Event::Paused { sku }
-            } else {
-                Event::Resumed { sku }
-            };
+            let event = if paused { Event::Paused { sku } } else { Event::Resumed { sku } };
             self.apply(&event);
             events.push(event);
         }
@@ -235,14 +251,8 @@ impl Engine {
 
     pub fn status(&self, sku: u64) -> StatusReply {
         match self.sales.get(&sku) {
-            Some(sale) => StatusReply {
-                status: Status::Ok,
-                sale: sale.status(),
-            },
-            None => StatusReply {
-                status: Status::UnknownSku,
-                sale: SaleStatus::default(),
-            },
+            Some(sale) => StatusReply { status: Status::Ok, sale: sale.status() },
+            None => StatusReply { status: Status::UnknownSku, sale: SaleStatus::default() },
         }
     }
 
@@ -285,7 +295,7 @@ impl Engine {
         }
         // Monotonic deadlines keep the expiry queue sorted even if the wall
         // clock steps back.
-        let floor = sale.expiry.back().map_or(0, |&(deadline, _)| deadline);
+        let floor = sale.expiry.back().map_or(0, |entry| entry.deadline_ms);
         let expires_at_ms = (now_ms + sale.ttl_ms).max(floor);
         let event = Event::Reserved {
             sku: op.sku,
@@ -301,13 +311,7 @@ impl Engine {
 
     /// CONFIRM. A reservation past its expiry is expired here (even if the
     /// expiry tick has not run yet), so a late payment is never accepted.
-    pub fn confirm(
-        &mut self,
-        id: u128,
-        payment_ref: &Bytes,
-        now_ms: u64,
-        events: &mut Vec<Event>,
-    ) -> Outcome {
+    pub fn confirm(&mut self, id: u128, payment_ref: &Bytes, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
         let Some(r) = self.reservations.get(&id) else {
             return Outcome::of(Status::UnknownReservation);
         };
@@ -315,27 +319,19 @@ impl Engine {
         match r.state {
             HoldState::Held if now_ms >= r.expires_at_ms => {
                 let expires_at_ms = r.expires_at_ms;
-                let event = Event::Expired {
-                    sku,
-                    reservation_id: id,
-                    at_ms: now_ms,
-                };
+                let event = Event::Expired { sku, reservation_id: id, at_ms: now_ms };
                 self.apply(&event);
                 events.push(event);
                 Outcome::new(Status::Expired, expires_at_ms)
             }
             HoldState::Held => {
-                let event = Event::Confirmed {
-                    sku,
-                    reservation_id: id,
-                    at_ms: now_ms,
-                    payment_ref: payment_ref.clone(),
-                };
+                let event =
+                    Event::Confirmed { sku, reservation_id: id, at_ms: now_ms, payment_ref: payment_ref.clone() };
                 self.apply(&event);
                 events.push(event);
                 Outcome::new(Status::Confirmed, now_ms)
             }
-            HoldState::Confirmed if r.payment_ref.as_deref() == Some(&payment_ref[..]) => {
+            HoldState::Confirmed if self.payment_refs.get(&id).map(|p| &p[..]) == Some(&payment_ref[..]) => {
                 Outcome::new(Status::Confirmed, r.settled_at_ms)
             }
             HoldState::Confirmed => Outcome::of(Status::IdConflict),
@@ -353,21 +349,13 @@ impl Engine {
         match r.state {
             HoldState::Held if now_ms >= r.expires_at_ms => {
                 let expires_at_ms = r.expires_at_ms;
-                let event = Event::Expired {
-                    sku,
-                    reservation_id: id,
-                    at_ms: now_ms,
-                };
+                let event = Event::Expired { sku, reservation_id: id, at_ms: now_ms };
                 self.apply(&event);
                 events.push(event);
                 Outcome::new(Status::Expired, expires_at_ms)
             }
             HoldState::Held => {
-                let event = Event::Released {
-                    sku,
-                    reservation_id: id,
-                    at_ms: now_ms,
-                };
+                let event = Event::Released { sku, reservation_id: id, at_ms: now_ms };
                 self.apply(&event);
                 events.push(event);
                 Outcome::of(Status::Released)
@@ -385,19 +373,16 @@ impl Engine {
         let skus: Vec<u64> = self
             .sales
             .iter()
-            .filter(|(_, s)| {
-                s.expiry
-                    .front()
-                    .is_some_and(|&(deadline, _)| deadline <= now_ms)
-            })
+            .filter(|(_, s)| s.expiry.front().is_some_and(|entry| entry.deadline_ms <= now_ms))
             .map(|(sku, _)| *sku)
             .collect();
         for sku in skus {
             loop {
                 let sale = self.sales.get_mut(&sku).expect("sku listed above");
-                let Some(&(deadline, id)) = sale.expiry.front() else {
+                let Some(entry) = sale.expiry.front() else {
                     break;
                 };
+                let (deadline, id) = (entry.deadline_ms, entry.id());
                 if deadline > now_ms {
                     break;
                 }
@@ -407,11 +392,7 @@ impl Engine {
                     .get(&id)
                     .is_some_and(|r| r.state == HoldState::Held && r.expires_at_ms == deadline);
                 if still_held {
-                    let event = Event::Expired {
-                        sku,
-                        reservation_id: id,
-                        at_ms: now_ms,
-                    };
+                    let event = Event::Expired { sku, reservation_id: id, at_ms: now_ms };
                     self.apply(&event);
                     events.push(event);
                     expired += 1;
@@ -428,14 +409,11 @@ impl Engine {
     /// it), so violations are bugs and panic.
     pub fn apply(&mut self, event: &Event) {
         match *event {
-            Event::SaleCreated {
-                sku,
-                stock,
-                limit_per_user,
-                ttl_ms,
-                hot,
-                ..
-            } => {
+            Event::SaleCreated { sku, stock, limit_per_user, ttl_ms, hot, .. } => {
+                // Growing a million-entry table mid-sale rehashes all of it
+                // on the shard thread; size the tables for the stock up front
+                // (a user holds >= 1 unit, so users <= stock).
+                let presize = stock.min(SALE_TABLES_PRESIZED_MAX as u64) as usize;
                 let sale = Sale {
                     total: stock,
                     available: stock,
@@ -446,11 +424,12 @@ impl Engine {
                     hot,
                     paused: false,
                     holds: 0,
-                    users: FastMap::default(),
-                    expiry: VecDeque::new(),
+                    users: FastMap::with_capacity_and_hasher(presize, RandomState::default()),
+                    expiry: VecDeque::with_capacity(presize),
                     gauge: Arc::new(SkuGauge::default()),
                 };
                 sale.publish();
+                self.reservations.reserve(presize);
                 let previous = self.sales.insert(sku, sale);
                 assert!(previous.is_none(), "sku {sku} created twice");
             }
@@ -466,51 +445,23 @@ impl Engine {
                 sale.paused = matches!(event, Event::Paused { .. });
                 sale.publish();
             }
-            Event::Reserved {
-                sku,
-                reservation_id,
-                ..
-            } => {
+            Event::Reserved { sku, reservation_id, .. } => {
                 // Replay path: the live path claimed the id while deciding.
                 let claim = self.directory.claim(reservation_id, sku);
-                assert!(
-                    !matches!(claim, Claim::Conflict { .. }),
-                    "id {reservation_id:#x} held by another sku"
-                );
+                assert!(!matches!(claim, Claim::Conflict { .. }), "id {reservation_id:#x} held by another sku");
                 self.apply_reserved(event);
             }
-            Event::Confirmed {
-                reservation_id,
-                at_ms,
-                ref payment_ref,
-                ..
-            } => {
+            Event::Confirmed { reservation_id, at_ms, ref payment_ref, .. } => {
                 let (sku, qty) = self.settle(reservation_id, HoldState::Confirmed, at_ms);
-                let r = self
-                    .reservations
-                    .get_mut(&reservation_id)
-                    .expect("settled above");
-                r.payment_ref = Some(payment_ref[..].into());
+                self.payment_refs.insert(reservation_id, payment_ref[..].into());
                 let sale = self.sale_mut(sku);
                 sale.reserved -= u64::from(qty);
                 sale.sold += u64::from(qty);
                 sale.assert_invariant(sku);
             }
-            Event::Released {
-                reservation_id,
-                at_ms,
-                ..
-            }
-            | Event::Expired {
-                reservation_id,
-                at_ms,
-                ..
-            } => {
-                let state = if matches!(event, Event::Released { .. }) {
-                    HoldState::Released
-                } else {
-                    HoldState::Expired
-                };
+            Event::Released { reservation_id, at_ms, .. } | Event::Expired { reservation_id, at_ms, .. } => {
+                let state =
+                    if matches!(event, Event::Released { .. }) { HoldState::Released } else { HoldState::Expired };
                 let (sku, qty) = self.settle(reservation_id, state, at_ms);
                 let user = self.reservations[&reservation_id].user;
                 let sale = self.sale_mut(sku);
@@ -529,14 +480,7 @@ impl Engine {
 
     /// Apply `Reserved` once the id is claimed in the directory.
     fn apply_reserved(&mut self, event: &Event) {
-        let Event::Reserved {
-            sku,
-            user,
-            qty,
-            reservation_id,
-            expires_at_ms,
-        } = *event
-        else {
+        let Event::Reserved { sku, user, qty, reservation_id, expires_at_ms } = *event else {
             unreachable!("apply_reserved called with {event:?}")
         };
         let sale = self.sales.get_mut(&sku).expect("reserve on unknown sku");
@@ -545,40 +489,19 @@ impl Engine {
         sale.holds += 1;
         let units = sale.users.entry(user).or_insert(0);
         *units += qty;
-        assert!(
-            *units <= sale.limit_per_user,
-            "user {user} above limit on sku {sku}"
-        );
-        sale.expiry.push_back((expires_at_ms, reservation_id));
+        assert!(*units <= sale.limit_per_user, "user {user} above limit on sku {sku}");
+        sale.expiry.push_back(ExpiryEntry::new(expires_at_ms, reservation_id));
         sale.assert_invariant(sku);
         sale.publish();
-        let reservation = Reservation {
-            sku,
-            user,
-            qty,
-            state: HoldState::Held,
-            expires_at_ms,
-            settled_at_ms: 0,
-            payment_ref: None,
-        };
+        let reservation = Reservation { sku, user, qty, state: HoldState::Held, expires_at_ms, settled_at_ms: 0 };
         let previous = self.reservations.insert(reservation_id, reservation);
-        assert!(
-            previous.is_none(),
-            "reservation {reservation_id:#x} applied twice"
-        );
+        assert!(previous.is_none(), "reservation {reservation_id:#x} applied twice");
     }
 
     /// Move a held reservation to its final state; returns (sku, qty).
     fn settle(&mut self, id: u128, state: HoldState, at_ms: u64) -> (u64, u32) {
-        let r = self
-            .reservations
-            .get_mut(&id)
-            .expect("settling an unknown reservation");
-        assert_eq!(
-            r.state,
-            HoldState::Held,
-            "reservation {id:#x} settled twice"
-        );
+        let r = self.reservations.get_mut(&id).expect("settling an unknown reservation");
+        assert_eq!(r.state, HoldState::Held, "reservation {id:#x} settled twice");
         r.state = state;
         r.settled_at_ms = at_ms;
         let (sku, qty) = (r.sku, r.qty);
@@ -587,9 +510,7 @@ impl Engine {
     }
 
     fn sale_mut(&mut self, sku: u64) -> &mut Sale {
-        self.sales
-            .get_mut(&sku)
-            .unwrap_or_else(|| panic!("event for unknown sku {sku}"))
+        self.sales.get_mut(&sku).unwrap_or_else(|| panic!("event for unknown sku {sku}"))
     }
 
     /// Check every invariant over the whole state (tests, after recovery).
@@ -614,28 +535,12 @@ impl Engine {
                     HoldState::Released | HoldState::Expired => {}
                 }
             }
-            assert_eq!(
-                reserved, sale.reserved,
-                "sku {sku}: reserved counter disagrees with reservations"
-            );
-            assert_eq!(
-                sold, sale.sold,
-                "sku {sku}: sold counter disagrees with reservations"
-            );
+            assert_eq!(reserved, sale.reserved, "sku {sku}: reserved counter disagrees with reservations");
+            assert_eq!(sold, sale.sold, "sku {sku}: sold counter disagrees with reservations");
             assert_eq!(holds, sale.holds, "sku {sku}: hold count disagrees");
-            assert_eq!(
-                per_user, sale.users,
-                "sku {sku}: per-user records disagree with reservations"
-            );
-            assert!(
-                per_user.values().all(|&u| u <= sale.limit_per_user),
-                "sku {sku}: user above limit"
-            );
-            assert_eq!(
-                sale.gauge.available(),
-                sale.available,
-                "sku {sku}: gauge not published"
-            );
+            assert_eq!(per_user, sale.users, "sku {sku}: per-user records disagree with reservations");
+            assert!(per_user.values().all(|&u| u <= sale.limit_per_user), "sku {sku}: user above limit");
+            assert_eq!(sale.gauge.available(), sale.available, "sku {sku}: gauge not published");
         }
     }
 }

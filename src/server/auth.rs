@@ -40,18 +40,10 @@ impl Tokens {
         if self.insecure {
             return Role::Admin;
         }
-        if self
-            .admin
-            .as_deref()
-            .is_some_and(|t| constant_time_eq(t, token))
-        {
+        if self.admin.as_deref().is_some_and(|t| constant_time_eq(t, token)) {
             return Role::Admin;
         }
-        if self
-            .checkout
-            .as_deref()
-            .is_some_and(|t| constant_time_eq(t, token))
-        {
+        if self.checkout.as_deref().is_some_and(|t| constant_time_eq(t, token)) {
             return Role::Checkout;
         }
         Role::None
@@ -64,11 +56,7 @@ mod tests {
 
     #[test]
     fn roles() {
-        let tokens = Tokens {
-            admin: Some(b"a".to_vec()),
-            checkout: Some(b"c".to_vec()),
-            insecure: false,
-        };
+        let tokens = Tokens { admin: Some(b"a".to_vec()), checkout: Some(b"c".to_vec()), insecure: false };
         assert_eq!(tokens.role_for(b"a"), Role::Admin);
         assert_eq!(tokens.role_for(b"c"), Role::Checkout);
         assert_eq!(tokens.role_for(b""), Role::None);

@@ -20,9 +20,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use stampede_protocol::frame::FrameError;
-use stampede_protocol::message::{
-    ErrorReply, HelloReply, Opcode, Outcome, Reply, Request, Reserve, Role, StatusReply,
-};
+use stampede_protocol::message::{ErrorReply, HelloReply, Opcode, Outcome, Reply, Request, Reserve, Role, StatusReply};
 use stampede_protocol::{FrameCodec, Status};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
@@ -30,47 +28,29 @@ use tokio_util::codec::FramedRead;
 
 use super::Shared;
 use crate::engine::{ReservationDirectory, SkuGauge};
-use crate::limits::{
-    BATCH_OPS_MAX, CONNECTION_REQUESTS_INFLIGHT_MAX, FRAME_BODY_BYTES_MAX, HANDSHAKE_TIMEOUT_MS,
-};
+use crate::limits::{BATCH_OPS_MAX, CONNECTION_REQUESTS_INFLIGHT_MAX, FRAME_BODY_BYTES_MAX, HANDSHAKE_TIMEOUT_MS};
 use crate::shard::{busy_outcome, AdminCmd, ReplyTo, ShardHandle, ShardMsg};
 use crate::sink::ConnTx;
 
 /// What the writer task is asked to send.
 pub enum Outbound {
     /// A complete reply to the request `request_id` (which had `opcode`).
-    Reply {
-        request_id: u64,
-        opcode: Opcode,
-        reply: Reply,
-    },
+    Reply { request_id: u64, opcode: Opcode, reply: Reply },
     /// A batch was dispatched: `total` results are coming, `filled` of them
     /// already known (answered on the fast path). Always sent before any
-    /// shard can answer its part, through this same channel.
-    BatchStart {
-        request_id: u64,
-        total: u16,
-        filled: Vec<(u16, Outcome)>,
-    },
-    /// Results of one shard's part of a batch.
-    BatchPart {
-        request_id: u64,
-        results: Vec<(u16, Outcome)>,
-    },
+    /// shard can answer its part, through this same channel. `batch` is a
+    /// per-connection sequence number, not the client's request id, so a
+    /// client that reuses a request id cannot mix two batches up.
+    BatchStart { batch: u64, request_id: u64, total: u16, filled: Vec<(u16, Outcome)> },
+    /// Results of one shard's part of batch `batch`.
+    BatchPart { batch: u64, results: Vec<(u16, Outcome)> },
 }
 
 impl Outbound {
     fn error(request_id: u64, status: Status, message: impl Into<String>) -> Outbound {
         // The opcode is not used for ERROR frames (they carry 0xff).
-        let reply = Reply::Error(ErrorReply {
-            status,
-            message: message.into(),
-        });
-        Outbound::Reply {
-            request_id,
-            opcode: Opcode::Ping,
-            reply,
-        }
+        let reply = Reply::Error(ErrorReply { status, message: message.into() });
+        Outbound::Reply { request_id, opcode: Opcode::Ping, reply }
     }
 }
 
@@ -83,11 +63,7 @@ where
     let (tx, rx) = mpsc::unbounded_channel();
     let permits = Arc::new(Semaphore::new(CONNECTION_REQUESTS_INFLIGHT_MAX));
     let writer = tokio::spawn(write_loop(write_half, rx, permits.clone()));
-    let mut conn = Conn {
-        shared,
-        tx,
-        role: Role::None,
-    };
+    let mut conn = Conn { shared, tx, role: Role::None, next_batch: 0 };
     conn.read_loop(read_half, &permits).await;
     // Dropping our sender lets the writer finish once every in-flight reply
     // (whose senders the shards hold) is written.
@@ -99,6 +75,8 @@ struct Conn {
     shared: Arc<Shared>,
     tx: ConnTx,
     role: Role,
+    /// Sequence number of the next RESERVE_BATCH on this connection.
+    next_batch: u64,
 }
 
 enum Flow {
@@ -109,8 +87,7 @@ enum Flow {
 impl Conn {
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, read_half: R, permits: &Semaphore) {
         let mut frames = FramedRead::new(read_half, FrameCodec::new());
-        let handshake_deadline =
-            tokio::time::Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
+        let handshake_deadline = tokio::time::Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
         loop {
             let next = if self.role == Role::None {
                 match tokio::time::timeout_at(handshake_deadline, frames.next()).await {
@@ -134,15 +111,9 @@ impl Conn {
                     tracing::debug!(error = %e, "connection read error");
                     return;
                 }
-                Some(Err(FrameError::Protocol {
-                    status,
-                    request_id,
-                    detail,
-                })) => {
+                Some(Err(FrameError::Protocol { status, request_id, detail })) => {
                     tracing::debug!(%status, %detail, "protocol error; closing connection");
-                    let _ = self
-                        .tx
-                        .send(Outbound::error(request_id.unwrap_or(0), status, detail));
+                    let _ = self.tx.send(Outbound::error(request_id.unwrap_or(0), status, detail));
                     return;
                 }
             };
@@ -155,9 +126,7 @@ impl Conn {
                 Ok(request) => request,
                 Err((status, detail)) => {
                     tracing::debug!(%status, %detail, "malformed request; closing connection");
-                    let _ = self
-                        .tx
-                        .send(Outbound::error(frame.request_id, status, detail));
+                    let _ = self.tx.send(Outbound::error(frame.request_id, status, detail));
                     return;
                 }
             };
@@ -168,29 +137,18 @@ impl Conn {
     }
 
     fn reply(&self, request_id: u64, opcode: Opcode, reply: Reply) {
-        let _ = self.tx.send(Outbound::Reply {
-            request_id,
-            opcode,
-            reply,
-        });
+        let _ = self.tx.send(Outbound::Reply { request_id, opcode, reply });
     }
 
     fn reply_to(&self, request_id: u64) -> ReplyTo {
-        ReplyTo {
-            tx: self.tx.clone(),
-            request_id,
-        }
+        ReplyTo { tx: self.tx.clone(), request_id }
     }
 
     fn dispatch(&mut self, request_id: u64, request: Request) -> Flow {
         let opcode = request.opcode();
         if let Request::Hello(hello) = &request {
             self.role = self.shared.tokens.role_for(&hello.token);
-            let status = if self.role == Role::None {
-                Status::AuthFailed
-            } else {
-                Status::Ok
-            };
+            let status = if self.role == Role::None { Status::AuthFailed } else { Status::Ok };
             let reply = HelloReply {
                 status,
                 role: self.role,
@@ -198,18 +156,10 @@ impl Conn {
                 batch_ops_max: BATCH_OPS_MAX as u16,
             };
             self.reply(request_id, opcode, Reply::Hello(reply));
-            return if self.role == Role::None {
-                Flow::Close
-            } else {
-                Flow::Continue
-            };
+            return if self.role == Role::None { Flow::Close } else { Flow::Continue };
         }
         if self.role == Role::None {
-            let _ = self.tx.send(Outbound::error(
-                request_id,
-                Status::Unauthenticated,
-                "send HELLO with a token first",
-            ));
+            let _ = self.tx.send(Outbound::error(request_id, Status::Unauthenticated, "send HELLO with a token first"));
             return Flow::Continue;
         }
         if self.role < opcode.required_role() {
@@ -218,9 +168,7 @@ impl Conn {
                 opcode.required_role().name(),
                 self.role.name()
             );
-            let _ = self
-                .tx
-                .send(Outbound::error(request_id, Status::Forbidden, message));
+            let _ = self.tx.send(Outbound::error(request_id, Status::Forbidden, message));
             return Flow::Continue;
         }
         let router = &self.shared.router;
@@ -228,11 +176,7 @@ impl Conn {
             Request::Hello(_) => unreachable!("handled above"),
             Request::Ping => {
                 let now_ms = self.shared.clock.now_ms();
-                self.reply(
-                    request_id,
-                    opcode,
-                    Reply::Outcome(Outcome::new(Status::Ok, now_ms)),
-                );
+                self.reply(request_id, opcode, Reply::Outcome(Outcome::new(Status::Ok, now_ms)));
             }
             Request::Reserve(op) => {
                 let answered = router.with_route(op.sku, |route| {
@@ -242,10 +186,7 @@ impl Conn {
                     if let Some(refusal) = fast_refusal(&route.gauge, &router.directory, &op) {
                         return Some(refusal);
                     }
-                    let msg = ShardMsg::Reserve {
-                        op,
-                        reply: self.reply_to(request_id),
-                    };
+                    let msg = ShardMsg::Reserve { op, reply: self.reply_to(request_id) };
                     route.shard.try_send(msg).err().map(|_| busy_outcome())
                 });
                 if let Some(outcome) = answered {
@@ -264,41 +205,22 @@ impl Conn {
             }
             Request::Release(release) => {
                 let id = release.reservation_id;
-                let msg = ShardMsg::Release {
-                    reservation_id: id,
-                    reply: self.reply_to(request_id),
-                };
+                let msg = ShardMsg::Release { reservation_id: id, reply: self.reply_to(request_id) };
                 self.to_reservation_shard(request_id, opcode, id, msg);
             }
             Request::Status { sku } => match router.route(sku) {
                 None => {
-                    let reply = StatusReply {
-                        status: Status::UnknownSku,
-                        sale: Default::default(),
-                    };
+                    let reply = StatusReply { status: Status::UnknownSku, sale: Default::default() };
                     self.reply(request_id, opcode, Reply::Status(reply));
                 }
                 Some(route) => {
-                    if route
-                        .shard
-                        .try_send(ShardMsg::Status {
-                            sku,
-                            reply: self.reply_to(request_id),
-                        })
-                        .is_err()
-                    {
-                        let _ = self.tx.send(Outbound::error(
-                            request_id,
-                            Status::Busy,
-                            "shard queue full; retry",
-                        ));
+                    if route.shard.try_send(ShardMsg::Status { sku, reply: self.reply_to(request_id) }).is_err() {
+                        let reply = StatusReply { status: Status::Busy, sale: Default::default() };
+                        self.reply(request_id, opcode, Reply::Status(reply));
                     }
                 }
             },
-            Request::SaleCreate(_)
-            | Request::Restock(_)
-            | Request::Pause { .. }
-            | Request::Resume { .. } => {
+            Request::SaleCreate(_) | Request::Restock(_) | Request::Pause { .. } | Request::Resume { .. } => {
                 // Admin commands wait for the shard; run them off the read
                 // loop so they do not stall this connection's pipeline.
                 let shared = self.shared.clone();
@@ -307,34 +229,12 @@ impl Conn {
                     let router = &shared.router;
                     let outcome = match request {
                         Request::SaleCreate(create) => router.create_sale(create).await,
-                        Request::Restock(r) => {
-                            router
-                                .admin(
-                                    r.sku,
-                                    AdminCmd::Restock {
-                                        sku: r.sku,
-                                        qty: r.qty,
-                                    },
-                                )
-                                .await
-                        }
-                        Request::Pause { sku } => {
-                            router
-                                .admin(sku, AdminCmd::SetPaused { sku, paused: true })
-                                .await
-                        }
-                        Request::Resume { sku } => {
-                            router
-                                .admin(sku, AdminCmd::SetPaused { sku, paused: false })
-                                .await
-                        }
+                        Request::Restock(r) => router.admin(r.sku, AdminCmd::Restock { sku: r.sku, qty: r.qty }).await,
+                        Request::Pause { sku } => router.admin(sku, AdminCmd::SetPaused { sku, paused: true }).await,
+                        Request::Resume { sku } => router.admin(sku, AdminCmd::SetPaused { sku, paused: false }).await,
                         _ => unreachable!("admin requests only"),
                     };
-                    let _ = tx.send(Outbound::Reply {
-                        request_id,
-                        opcode,
-                        reply: Reply::Outcome(outcome),
-                    });
+                    let _ = tx.send(Outbound::Reply { request_id, opcode, reply: Reply::Outcome(outcome) });
                 });
             }
         }
@@ -344,11 +244,7 @@ impl Conn {
     /// Route CONFIRM/RELEASE by reservation id: directory -> sku -> shard.
     fn to_reservation_shard(&self, request_id: u64, opcode: Opcode, id: u128, msg: ShardMsg) {
         let router = &self.shared.router;
-        let outcome = match router
-            .directory
-            .sku_of(id)
-            .and_then(|sku| router.route(sku))
-        {
+        let outcome = match router.directory.sku_of(id).and_then(|sku| router.route(sku)) {
             None => Outcome::of(Status::UnknownReservation),
             Some(route) => match route.shard.try_send(msg) {
                 Ok(()) => return,
@@ -359,7 +255,9 @@ impl Conn {
     }
 
     /// Split a batch by shard; answer what the fast path can right away.
-    fn reserve_batch(&self, request_id: u64, ops: Vec<Reserve>) {
+    fn reserve_batch(&mut self, request_id: u64, ops: Vec<Reserve>) {
+        let batch = self.next_batch;
+        self.next_batch += 1;
         let router = &self.shared.router;
         let mut filled = Vec::new();
         let mut groups: Vec<(Arc<ShardHandle>, Vec<(u16, Reserve)>)> = Vec::new();
@@ -373,35 +271,19 @@ impl Conn {
                 filled.push((index, refusal));
                 continue;
             }
-            match groups
-                .iter_mut()
-                .find(|(shard, _)| shard.id == route.shard.id)
-            {
+            match groups.iter_mut().find(|(shard, _)| shard.id == route.shard.id) {
                 Some((_, group)) => group.push((index, *op)),
                 None => groups.push((route.shard.clone(), vec![(index, *op)])),
             }
         }
         let total = ops.len() as u16;
-        let _ = self.tx.send(Outbound::BatchStart {
-            request_id,
-            total,
-            filled,
-        });
+        let _ = self.tx.send(Outbound::BatchStart { batch, request_id, total, filled });
         for (shard, group) in groups {
             if let Err(ShardMsg::ReserveBatch { ops, .. }) =
-                shard.try_send(ShardMsg::ReserveBatch {
-                    ops: group,
-                    reply: self.reply_to(request_id),
-                })
+                shard.try_send(ShardMsg::ReserveBatch { ops: group, reply: self.reply_to(batch) })
             {
-                let results = ops
-                    .into_iter()
-                    .map(|(index, _)| (index, busy_outcome()))
-                    .collect();
-                let _ = self.tx.send(Outbound::BatchPart {
-                    request_id,
-                    results,
-                });
+                let results = ops.into_iter().map(|(index, _)| (index, busy_outcome())).collect();
+                let _ = self.tx.send(Outbound::BatchPart { batch, results });
             }
         }
     }
@@ -412,17 +294,14 @@ impl Conn {
 /// instant. A retry of an id that already holds units is never refused
 /// here: only the shard knows its original outcome.
 #[inline]
-pub fn fast_refusal(
-    gauge: &SkuGauge,
-    directory: &ReservationDirectory,
-    op: &Reserve,
-) -> Option<Outcome> {
+pub fn fast_refusal(gauge: &SkuGauge, directory: &ReservationDirectory, op: &Reserve) -> Option<Outcome> {
     let available = gauge.available();
     let paused = gauge.paused();
     if !paused && available >= u64::from(op.qty) && op.qty > 0 {
         return None;
     }
-    if op.qty == 0 || directory.sku_of(op.reservation_id).is_some() {
+    // Invalid requests and possible retries are the shard's to answer.
+    if op.qty == 0 || op.reservation_id == 0 || directory.sku_of(op.reservation_id).is_some() {
         return None;
     }
     Some(Outcome::of(if paused {
@@ -436,15 +315,12 @@ pub fn fast_refusal(
 
 /// A batch whose parts are still arriving from shards.
 struct PendingBatch {
+    request_id: u64,
     results: Vec<Option<Outcome>>,
     missing: usize,
 }
 
-async fn write_loop<W: AsyncWrite>(
-    write_half: W,
-    mut rx: mpsc::UnboundedReceiver<Outbound>,
-    permits: Arc<Semaphore>,
-) {
+async fn write_loop<W: AsyncWrite>(write_half: W, mut rx: mpsc::UnboundedReceiver<Outbound>, permits: Arc<Semaphore>) {
     let mut write_half = std::pin::pin!(write_half);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut batches: HashMap<u64, PendingBatch> = HashMap::new();
@@ -470,35 +346,19 @@ async fn write_loop<W: AsyncWrite>(
 
 /// Encode one message; returns the number of requests it completed.
 fn encode(msg: Outbound, buf: &mut BytesMut, batches: &mut HashMap<u64, PendingBatch>) -> usize {
-    let (request_id, parts) = match msg {
-        Outbound::Reply {
-            request_id,
-            opcode,
-            reply,
-        } => {
+    let (batch_key, parts) = match msg {
+        Outbound::Reply { request_id, opcode, reply } => {
             reply.encode_frame(opcode, request_id, buf);
             return 1;
         }
-        Outbound::BatchStart {
-            request_id,
-            total,
-            filled,
-        } => {
-            let batch = PendingBatch {
-                results: vec![None; usize::from(total)],
-                missing: usize::from(total),
-            };
-            batches.insert(request_id, batch);
-            (request_id, filled)
+        Outbound::BatchStart { batch, request_id, total, filled } => {
+            let total = usize::from(total);
+            batches.insert(batch, PendingBatch { request_id, results: vec![None; total], missing: total });
+            (batch, filled)
         }
-        Outbound::BatchPart {
-            request_id,
-            results,
-        } => (request_id, results),
+        Outbound::BatchPart { batch, results } => (batch, results),
     };
-    let batch = batches
-        .get_mut(&request_id)
-        .expect("BatchStart precedes its parts");
+    let batch = batches.get_mut(&batch_key).expect("BatchStart precedes its parts");
     for (index, outcome) in parts {
         let slot = &mut batch.results[usize::from(index)];
         debug_assert!(slot.is_none(), "batch slot answered twice");
@@ -508,12 +368,8 @@ fn encode(msg: Outbound, buf: &mut BytesMut, batches: &mut HashMap<u64, PendingB
     if batch.missing > 0 {
         return 0;
     }
-    let batch = batches.remove(&request_id).expect("present");
-    let results: Vec<Outcome> = batch
-        .results
-        .into_iter()
-        .map(|r| r.expect("all answered"))
-        .collect();
-    Reply::Batch(results).encode_frame(Opcode::ReserveBatch, request_id, buf);
+    let batch = batches.remove(&batch_key).expect("present");
+    let results: Vec<Outcome> = batch.results.into_iter().map(|r| r.expect("all answered")).collect();
+    Reply::Batch(results).encode_frame(Opcode::ReserveBatch, batch.request_id, buf);
     1
 }

@@ -70,23 +70,10 @@ impl Drop for ServerHandle {
 /// Start serving on `listener`.
 pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
-    let router = Router::new(
-        config.pool_shards,
-        config.clock.clone(),
-        config.sinks,
-        config.pin_hot_shards,
-    );
-    let shared = Arc::new(Shared {
-        router,
-        tokens: config.tokens,
-        clock: config.clock,
-    });
+    let router = Router::new(config.pool_shards, config.clock.clone(), config.sinks, config.pin_hot_shards);
+    let shared = Arc::new(Shared { router, tokens: config.tokens, clock: config.clock });
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));
-    Ok(ServerHandle {
-        addr,
-        shared,
-        accept,
-    })
+    Ok(ServerHandle { addr, shared, accept })
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {

@@ -27,10 +27,7 @@ pub struct Confirm {
 
 impl Confirm {
     pub fn encode(&self, dst: &mut BytesMut) {
-        assert!(
-            self.payment_ref.len() <= PAYMENT_REF_BYTES_MAX,
-            "payment_ref too long"
-        );
+        assert!(self.payment_ref.len() <= PAYMENT_REF_BYTES_MAX, "payment_ref too long");
         dst.put_u128_le(self.reservation_id);
         dst.put_u8(self.payment_ref.len() as u8);
         dst.extend_from_slice(&self.payment_ref);
@@ -41,15 +38,10 @@ impl Confirm {
         let reservation_id = r.u128()?;
         let len = r.u8()? as usize;
         if len > PAYMENT_REF_BYTES_MAX {
-            return Err(Malformed(format!(
-                "payment_ref of {len} bytes exceeds {PAYMENT_REF_BYTES_MAX}"
-            )));
+            return Err(Malformed(format!("payment_ref of {len} bytes exceeds {PAYMENT_REF_BYTES_MAX}")));
         }
         let payment_ref = r.bytes(len)?;
         r.finish()?;
-        Ok(Confirm {
-            reservation_id,
-            payment_ref,
-        })
+        Ok(Confirm { reservation_id, payment_ref })
     }
 }

@@ -68,9 +68,7 @@ impl Hello {
         let mut r = Reader::new(body, "HELLO");
         let len = r.u16()? as usize;
         if len > TOKEN_BYTES_MAX {
-            return Err(Malformed(format!(
-                "token of {len} bytes exceeds {TOKEN_BYTES_MAX}"
-            )));
+            return Err(Malformed(format!("token of {len} bytes exceeds {TOKEN_BYTES_MAX}")));
         }
         let token = r.bytes(len)?;
         r.finish()?;
@@ -97,17 +95,10 @@ impl HelloReply {
     pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
         let mut r = Reader::new(body, "HELLO reply");
         let code = r.u16()?;
-        let status =
-            Status::from_code(code).ok_or_else(|| Malformed(format!("unknown status {code}")))?;
+        let status = Status::from_code(code).ok_or_else(|| Malformed(format!("unknown status {code}")))?;
         let role_byte = r.u8()?;
-        let role = Role::from_u8(role_byte)
-            .ok_or_else(|| Malformed(format!("unknown role {role_byte}")))?;
-        let reply = HelloReply {
-            status,
-            role,
-            frame_body_bytes_max: r.u32()?,
-            batch_ops_max: r.u16()?,
-        };
+        let role = Role::from_u8(role_byte).ok_or_else(|| Malformed(format!("unknown role {role_byte}")))?;
+        let reply = HelloReply { status, role, frame_body_bytes_max: r.u32()?, batch_ops_max: r.u16()? };
         r.finish()?;
         Ok(reply)
     }

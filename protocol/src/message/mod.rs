@@ -120,9 +120,7 @@ impl Request {
 
     /// Append this request as a complete frame.
     pub fn encode_frame(&self, request_id: u64, dst: &mut BytesMut) {
-        encode_frame_with(dst, self.opcode() as u8, request_id, |b| {
-            self.encode_body(b)
-        });
+        encode_frame_with(dst, self.opcode() as u8, request_id, |b| self.encode_body(b));
     }
 
     pub fn encode_body(&self, dst: &mut BytesMut) {
@@ -133,9 +131,7 @@ impl Request {
             Request::ReserveBatch(ops) => reserve::encode_batch(ops, dst),
             Request::Confirm(m) => m.encode(dst),
             Request::Release(m) => m.encode(dst),
-            Request::Status { sku } | Request::Pause { sku } | Request::Resume { sku } => {
-                sale::encode_sku(*sku, dst)
-            }
+            Request::Status { sku } | Request::Pause { sku } | Request::Resume { sku } => sale::encode_sku(*sku, dst),
             Request::SaleCreate(m) => m.encode(dst),
             Request::Restock(m) => m.encode(dst),
         }
@@ -143,12 +139,8 @@ impl Request {
 
     /// Parse a request frame. The error carries the status to reply with.
     pub fn decode(frame: &Frame) -> Result<Request, (Status, String)> {
-        let opcode = Opcode::from_u8(frame.opcode).ok_or_else(|| {
-            (
-                Status::UnknownOpcode,
-                format!("unknown request opcode {:#04x}", frame.opcode),
-            )
-        })?;
+        let opcode = Opcode::from_u8(frame.opcode)
+            .ok_or_else(|| (Status::UnknownOpcode, format!("unknown request opcode {:#04x}", frame.opcode)))?;
         let body = &frame.body[..];
         let malformed = |m: Malformed| (Status::MalformedBody, m.0);
         Ok(match opcode {
@@ -158,31 +150,20 @@ impl Request {
                 Request::Ping
             }
             Opcode::Reserve => Request::Reserve(Reserve::decode(body).map_err(malformed)?),
-            Opcode::ReserveBatch => {
-                Request::ReserveBatch(reserve::decode_batch(body).map_err(|e| match e {
-                    reserve::BatchError::TooLarge(n) => (
-                        Status::BatchTooLarge,
-                        format!(
-                            "batch of {n} operations; allowed 1..={}",
-                            crate::limits::BATCH_OPS_MAX
-                        ),
-                    ),
-                    reserve::BatchError::Malformed(m) => malformed(m),
-                })?)
-            }
+            Opcode::ReserveBatch => Request::ReserveBatch(reserve::decode_batch(body).map_err(|e| match e {
+                reserve::BatchError::TooLarge(n) => (
+                    Status::BatchTooLarge,
+                    format!("batch of {n} operations; allowed 1..={}", crate::limits::BATCH_OPS_MAX),
+                ),
+                reserve::BatchError::Malformed(m) => malformed(m),
+            })?),
             Opcode::Confirm => Request::Confirm(Confirm::decode(body).map_err(malformed)?),
             Opcode::Release => Request::Release(Release::decode(body).map_err(malformed)?),
-            Opcode::Status => Request::Status {
-                sku: sale::decode_sku(body, "STATUS").map_err(malformed)?,
-            },
+            Opcode::Status => Request::Status { sku: sale::decode_sku(body, "STATUS").map_err(malformed)? },
             Opcode::SaleCreate => Request::SaleCreate(SaleCreate::decode(body).map_err(malformed)?),
             Opcode::Restock => Request::Restock(Restock::decode(body).map_err(malformed)?),
-            Opcode::Pause => Request::Pause {
-                sku: sale::decode_sku(body, "PAUSE").map_err(malformed)?,
-            },
-            Opcode::Resume => Request::Resume {
-                sku: sale::decode_sku(body, "RESUME").map_err(malformed)?,
-            },
+            Opcode::Pause => Request::Pause { sku: sale::decode_sku(body, "PAUSE").map_err(malformed)? },
+            Opcode::Resume => Request::Resume { sku: sale::decode_sku(body, "RESUME").map_err(malformed)? },
         })
     }
 }
@@ -208,11 +189,10 @@ impl ErrorReply {
     pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
         let mut r = Reader::new(body, "ERROR");
         let code = r.u16()?;
-        let status =
-            Status::from_code(code).ok_or_else(|| Malformed(format!("unknown status {code}")))?;
+        let status = Status::from_code(code).ok_or_else(|| Malformed(format!("unknown status {code}")))?;
         let len = r.u16()? as usize;
-        let message = String::from_utf8(r.bytes(len)?.to_vec())
-            .map_err(|_| Malformed("ERROR: message is not UTF-8".into()))?;
+        let message =
+            String::from_utf8(r.bytes(len)?.to_vec()).map_err(|_| Malformed("ERROR: message is not UTF-8".into()))?;
         r.finish()?;
         Ok(ErrorReply { status, message })
     }

@@ -46,12 +46,7 @@ impl Reserve {
     }
 
     pub fn read(r: &mut Reader<'_>) -> Result<Self, Malformed> {
-        Ok(Reserve {
-            sku: r.u64()?,
-            user: r.u64()?,
-            qty: r.u32()?,
-            reservation_id: r.u128()?,
-        })
+        Ok(Reserve { sku: r.u64()?, user: r.u64()?, qty: r.u32()?, reservation_id: r.u128()? })
     }
 
     pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
@@ -86,12 +81,8 @@ impl Outcome {
 
     pub fn read(r: &mut Reader<'_>) -> Result<Self, Malformed> {
         let code = r.u16()?;
-        let status = Status::from_code(code)
-            .ok_or_else(|| Malformed(format!("unknown status code {code}")))?;
-        Ok(Outcome {
-            status,
-            detail: r.u64()?,
-        })
+        let status = Status::from_code(code).ok_or_else(|| Malformed(format!("unknown status code {code}")))?;
+        Ok(Outcome { status, detail: r.u64()? })
     }
 
     pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
@@ -104,11 +95,7 @@ impl Outcome {
 
 /// Encode a RESERVE_BATCH body.
 pub fn encode_batch(ops: &[Reserve], dst: &mut BytesMut) {
-    assert!(
-        !ops.is_empty() && ops.len() <= BATCH_OPS_MAX,
-        "batch of {} ops",
-        ops.len()
-    );
+    assert!(!ops.is_empty() && ops.len() <= BATCH_OPS_MAX, "batch of {} ops", ops.len());
     dst.put_u16_le(ops.len() as u16);
     for op in ops {
         op.encode(dst);

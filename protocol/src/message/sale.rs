@@ -64,18 +64,10 @@ impl SaleCreate {
         let ttl_ms = r.u64()?;
         let flags = r.u8()?;
         if flags & !1 != 0 {
-            return Err(Malformed(format!(
-                "SALE_CREATE: unknown flag bits {flags:#04x}"
-            )));
+            return Err(Malformed(format!("SALE_CREATE: unknown flag bits {flags:#04x}")));
         }
         r.finish()?;
-        Ok(SaleCreate {
-            sku,
-            stock,
-            limit_per_user,
-            ttl_ms,
-            hot: flags & 1 == 1,
-        })
+        Ok(SaleCreate { sku, stock, limit_per_user, ttl_ms, hot: flags & 1 == 1 })
     }
 }
 
@@ -93,10 +85,7 @@ impl Restock {
 
     pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
         let mut r = Reader::new(body, "RESTOCK");
-        let op = Restock {
-            sku: r.u64()?,
-            qty: r.u64()?,
-        };
+        let op = Restock { sku: r.u64()?, qty: r.u64()? };
         r.finish()?;
         Ok(op)
     }
@@ -152,8 +141,7 @@ impl StatusReply {
     pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
         let mut r = Reader::new(body, "STATUS reply");
         let code = r.u16()?;
-        let status =
-            Status::from_code(code).ok_or_else(|| Malformed(format!("unknown status {code}")))?;
+        let status = Status::from_code(code).ok_or_else(|| Malformed(format!("unknown status {code}")))?;
         let total = r.u64()?;
         let available = r.u64()?;
         let reserved = r.u64()?;
