@@ -28,7 +28,7 @@ fn reserve_1m_users(c: &mut Criterion) {
     group.bench_function("reserve_1m_users", |b| {
         b.iter_batched(
             || {
-                let mut engine = Engine::new(Arc::new(ReservationDirectory::new()));
+                let mut engine = Engine::new(Arc::new(ReservationDirectory::for_server()));
                 hot_sale(&mut engine, USERS);
                 (engine, Vec::with_capacity(4096))
             },
@@ -53,7 +53,7 @@ fn reserve_1m_users(c: &mut Criterion) {
 fn refusals(c: &mut Criterion) {
     let mut group = c.benchmark_group("engine");
     // A sold-out sale whose directory holds the ids of its 10k winners.
-    let directory = Arc::new(ReservationDirectory::new());
+    let directory = Arc::new(ReservationDirectory::for_server());
     let mut engine = Engine::new(directory.clone());
     hot_sale(&mut engine, 10_000);
     let mut events = Vec::new();

@@ -54,9 +54,3 @@ pub const HOT_SHARDS_MAX: usize = 64;
 /// A resize of a concurrent table is the most expensive thing on the
 /// reserve path; 1M entries (~16 MiB) covers a large drop without one.
 pub const DIRECTORY_IDS_PRESIZED: usize = 1 << 20;
-
-/// Entries a new sale's tables (reservations, per-user records, expiry
-/// queue) are sized for up front: its stock, capped here. Allocating at sale
-/// creation keeps rehashing off the shard thread during the drop; the cap
-/// bounds what one SALE_CREATE can allocate (~100 MiB).
-pub const SALE_TABLES_PRESIZED_MAX: usize = 1 << 20;

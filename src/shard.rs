@@ -121,7 +121,7 @@ pub struct Router {
 
 impl Router {
     pub fn new(pool_shards: usize, clock: Arc<dyn Clock>, sinks: SinkFactory, pin_hot: bool) -> Arc<Router> {
-        let directory = Arc::new(ReservationDirectory::new());
+        let directory = Arc::new(ReservationDirectory::for_server());
         let pool = (0..pool_shards.max(1))
             .map(|id| spawn_shard(id, false, None, directory.clone(), clock.clone(), sinks(id)))
             .collect();

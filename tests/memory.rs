@@ -41,7 +41,7 @@ const USERS: u64 = 1_000_000;
 /// Bytes held by an engine with 1M one-unit reservations.
 fn engine_bytes(distinct_users: bool) -> isize {
     let before = LIVE_BYTES.load(Ordering::Relaxed);
-    let mut engine = Engine::new(Arc::new(ReservationDirectory::new()));
+    let mut engine = Engine::new(Arc::new(ReservationDirectory::for_server()));
     let mut events = Vec::new();
     let create = SaleCreate { sku: 1, stock: USERS, limit_per_user: USERS as u32, ttl_ms: 600_000, hot: true };
     assert_eq!(engine.create_sale(&create, 0, &mut events).status, Status::Ok);

@@ -33,20 +33,34 @@ pub enum Claim {
 }
 
 impl Default for ReservationDirectory {
+    /// A small directory (tests, tools); servers use [`Self::for_server`].
     fn default() -> Self {
-        ReservationDirectory {
-            ids: papaya::HashMap::builder()
-                .hasher(RandomState::default())
-                .capacity(DIRECTORY_IDS_PRESIZED)
-                .resize_mode(papaya::ResizeMode::Blocking)
-                .build(),
-        }
+        Self::with_capacity(1024)
     }
 }
 
 impl ReservationDirectory {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sized for a large drop (`DIRECTORY_IDS_PRESIZED`): resizing a
+    /// concurrent table is the most expensive thing on the reserve path.
+    pub fn for_server() -> Self {
+        Self::with_capacity(DIRECTORY_IDS_PRESIZED)
+    }
+
+    pub fn with_capacity(capacity: usize) -> Self {
+        ReservationDirectory {
+            ids: papaya::HashMap::builder()
+                .hasher(RandomState::default())
+                .capacity(capacity)
+                // Blocking resizes finish sooner than incremental ones; a
+                // latency spike on one resize is better than slower reserves
+                // for the whole resize.
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .build(),
+        }
     }
 
     /// Atomically claim `id` for `sku`. Two shards racing for one id: exactly

@@ -32,7 +32,7 @@ use stampede_protocol::Status;
 pub use directory::{Claim, ReservationDirectory};
 pub use event::Event;
 
-use crate::limits::{RESERVATION_TTL_MS_MAX, SALE_TABLES_PRESIZED_MAX, STOCK_UNITS_MAX};
+use crate::limits::{RESERVATION_TTL_MS_MAX, STOCK_UNITS_MAX};
 
 type FastMap<K, V> = std::collections::HashMap<K, V, RandomState>;
 
@@ -410,10 +410,6 @@ impl Engine {
     pub fn apply(&mut self, event: &Event) {
         match *event {
             Event::SaleCreated { sku, stock, limit_per_user, ttl_ms, hot, .. } => {
-                // Growing a million-entry table mid-sale rehashes all of it
-                // on the shard thread; size the tables for the stock up front
-                // (a user holds >= 1 unit, so users <= stock).
-                let presize = stock.min(SALE_TABLES_PRESIZED_MAX as u64) as usize;
                 let sale = Sale {
                     total: stock,
                     available: stock,
@@ -424,12 +420,11 @@ impl Engine {
                     hot,
                     paused: false,
                     holds: 0,
-                    users: FastMap::with_capacity_and_hasher(presize, RandomState::default()),
-                    expiry: VecDeque::with_capacity(presize),
+                    users: FastMap::default(),
+                    expiry: VecDeque::new(),
                     gauge: Arc::new(SkuGauge::default()),
                 };
                 sale.publish();
-                self.reservations.reserve(presize);
                 let previous = self.sales.insert(sku, sale);
                 assert!(previous.is_none(), "sku {sku} created twice");
             }

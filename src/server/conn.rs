@@ -260,7 +260,7 @@ impl Conn {
         self.next_batch += 1;
         let router = &self.shared.router;
         let mut filled = Vec::new();
-        let mut groups: Vec<(Arc<ShardHandle>, Vec<(u16, Reserve)>)> = Vec::new();
+        let mut groups: Vec<ShardGroup> = Vec::new();
         for (index, op) in ops.iter().enumerate() {
             let index = index as u16;
             let Some(route) = router.route(op.sku) else {
@@ -312,6 +312,9 @@ pub fn fast_refusal(gauge: &SkuGauge, directory: &ReservationDirectory, op: &Res
         Status::InsufficientStock
     }))
 }
+
+/// The ops of one batch bound for one shard, with their batch indexes.
+type ShardGroup = (Arc<ShardHandle>, Vec<(u16, Reserve)>);
 
 /// A batch whose parts are still arriving from shards.
 struct PendingBatch {
