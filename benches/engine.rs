@@ -1,6 +1,8 @@
 //! Engine benchmarks (one shard core, no network):
 //! - `reserve_1m_users`: 1M reservations on one hot SKU by 1M distinct
 //!   users, from an empty engine. Target: >= 5M decisions/s.
+//! - `reserve_10k_users`: the same with 10k users, whose tables fit in
+//!   cache: the CPU cost of a decision without the memory misses.
 //! - `sold_out_answer`: the connection-side fast path on a sold-out SKU
 //!   (gauge read + idempotency-directory probe). Target: >= 50M/s.
 //! - `limit_exceeded`: a decision that reaches the shard and is refused.
@@ -21,19 +23,27 @@ fn hot_sale(engine: &mut Engine, stock: u64) {
     assert_eq!(engine.create_sale(&create, 0, &mut Vec::new()).status, Status::Ok);
 }
 
-fn reserve_1m_users(c: &mut Criterion) {
+fn reserve_users(c: &mut Criterion) {
+    reserve_n_users(c, "reserve_1m_users", USERS);
+    reserve_n_users(c, "reserve_10k_users", 10_000);
+}
+
+/// `users` distinct users each reserve one unit, from an empty engine.
+fn reserve_n_users(c: &mut Criterion, name: &str, users: u64) {
     let mut group = c.benchmark_group("engine");
-    group.sample_size(10);
-    group.throughput(Throughput::Elements(USERS));
-    group.bench_function("reserve_1m_users", |b| {
+    if users >= USERS {
+        group.sample_size(10);
+    }
+    group.throughput(Throughput::Elements(users));
+    group.bench_function(name, |b| {
         b.iter_batched(
             || {
                 let mut engine = Engine::new(Arc::new(ReservationDirectory::for_server()));
-                hot_sale(&mut engine, USERS);
+                hot_sale(&mut engine, users);
                 (engine, Vec::with_capacity(4096))
             },
             |(mut engine, mut events)| {
-                for user in 0..USERS {
+                for user in 0..users {
                     let op = Reserve { sku: 42, user, qty: 1, reservation_id: u128::from(user) + 1 };
                     let outcome = engine.reserve(&op, 1, &mut events);
                     debug_assert_eq!(outcome.status, Status::Reserved);
@@ -95,5 +105,5 @@ fn refusals(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, reserve_1m_users, refusals);
+criterion_group!(benches, reserve_users, refusals);
 criterion_main!(benches);
