@@ -90,7 +90,7 @@ fn refusals(c: &mut Criterion) {
     });
 
     // Restock so requests reach the engine, then refuse on the user limit.
-    engine.restock(42, 1_000_000, &mut events).status.eq(&Status::Ok).then_some(()).expect("restock");
+    engine.restock(42, 1_000_000, 1, &mut events).status.eq(&Status::Ok).then_some(()).expect("restock");
     let repeaters: Vec<Reserve> =
         (0..N).map(|i| Reserve { sku: 42, user: i, qty: 1, reservation_id: 0xbeef_0000 + u128::from(i) }).collect();
     group.bench_function("limit_exceeded", |b| {

@@ -29,6 +29,8 @@
 pub mod clock;
 pub mod engine;
 pub mod limits;
+pub mod recovery;
 pub mod server;
 pub mod shard;
 pub mod sink;
+pub mod wal;

@@ -54,3 +54,30 @@ pub const HOT_SHARDS_MAX: usize = 64;
 /// A resize of a concurrent table is the most expensive thing on the
 /// reserve path; 1M entries (~16 MiB) covers a large drop without one.
 pub const DIRECTORY_IDS_PRESIZED: usize = 1 << 20;
+
+/// Largest WAL record payload. The largest event (CONFIRMED with a maximal
+/// payment reference) is 98 bytes; anything near this bound is corruption.
+pub const RECORD_PAYLOAD_BYTES_MAX: usize = 4096;
+
+/// A WAL segment is closed and a new one started past this size. 64 MiB
+/// keeps the number of files small while a segment still replays in well
+/// under a second and can be deleted as soon as it is covered.
+pub const WAL_SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// Default group-commit size bound: flush once this many bytes are waiting.
+pub const WAL_FLUSH_BYTES_DEFAULT: usize = 1024 * 1024;
+
+/// Default group-commit time bound: a record waits at most this long for
+/// others to share its fsync. Small next to one fdatasync (~150 us here).
+pub const WAL_FLUSH_INTERVAL_US_DEFAULT: u64 = 50;
+
+/// Default fsync cadence in `async` durability mode: the loss window.
+pub const WAL_ASYNC_SYNC_INTERVAL_MS_DEFAULT: u64 = 10;
+
+/// Submissions (one shard cycle each) waiting for the log writer. When the
+/// writer falls behind, shards block on this queue, their own queues fill,
+/// and clients get `busy`: memory stays bounded.
+pub const WAL_SUBMISSIONS_QUEUED_MAX: usize = 1024;
+
+/// Snapshots kept in the data dir (the newest ones); older ones are deleted.
+pub const SNAPSHOTS_KEPT: usize = 2;

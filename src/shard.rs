@@ -72,6 +72,30 @@ pub enum ShardMsg {
         cmd: AdminCmd,
         done: oneshot::Sender<AdminResult>,
     },
+    /// State digest of this shard's SKUs (answered directly, not logged).
+    Digest {
+        done: oneshot::Sender<std::collections::BTreeMap<u64, u64>>,
+    },
+    /// Finish this cycle, hand it to the sink, and stop the thread.
+    Shutdown,
+}
+
+/// The engines a router starts its shards with: empty for a new server,
+/// recovered from the data dir otherwise. All share one id directory.
+pub struct Engines {
+    pub directory: Arc<ReservationDirectory>,
+    /// One engine per pool shard (ordinary SKUs, by `pool_index`).
+    pub pool: Vec<Engine>,
+    /// One engine per hot SKU.
+    pub hot: Vec<Engine>,
+}
+
+impl Engines {
+    pub fn empty(pool_shards: usize) -> Engines {
+        let directory = Arc::new(ReservationDirectory::for_server());
+        let pool = (0..pool_shards.max(1)).map(|_| Engine::new(directory.clone())).collect();
+        Engines { directory, pool, hot: Vec::new() }
+    }
 }
 
 pub struct ShardHandle {
@@ -120,25 +144,74 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(pool_shards: usize, clock: Arc<dyn Clock>, sinks: SinkFactory, pin_hot: bool) -> Arc<Router> {
-        let directory = Arc::new(ReservationDirectory::for_server());
-        let pool = (0..pool_shards.max(1))
-            .map(|id| spawn_shard(id, false, None, directory.clone(), clock.clone(), sinks(id)))
-            .collect();
+    /// Start a shard thread for every engine (recovered or empty) and route
+    /// each of their SKUs to it.
+    pub fn new(engines: Engines, clock: Arc<dyn Clock>, sinks: SinkFactory, pin_hot: bool) -> Arc<Router> {
+        let Engines { directory, pool: pool_engines, hot: hot_engines } = engines;
+        assert!(!pool_engines.is_empty(), "at least one pool shard");
         let mut cores = if pin_hot { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
         // Hot shards take the last cores first; the runtime and pool shards
         // float over the rest.
         cores.reverse();
+        let routes = papaya::HashMap::with_hasher(RandomState::default());
+        let spawn = |id: usize, hot: bool, core, engine: Engine| {
+            let gauges: Vec<(u64, Arc<SkuGauge>)> =
+                engine.skus().map(|sku| (sku, engine.gauge(sku).expect("listed sku"))).collect();
+            let shard = spawn_shard(id, hot, core, engine, clock.clone(), sinks(id));
+            for (sku, gauge) in gauges {
+                routes.pin().insert(sku, Arc::new(Route { shard: shard.clone(), gauge }));
+            }
+            shard
+        };
+        let pool: Vec<_> = pool_engines.into_iter().enumerate().map(|(id, e)| spawn(id, false, None, e)).collect();
+        let hot: Vec<_> = hot_engines
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+                spawn(pool.len() + i, true, core, e)
+            })
+            .collect();
         Arc::new(Router {
-            routes: papaya::HashMap::with_hasher(RandomState::default()),
+            routes,
             pool,
-            hot: Mutex::new(Vec::new()),
+            hot: Mutex::new(hot),
             directory,
             clock,
             sinks,
             cores,
             admin: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Stop every shard after it has handled everything already queued and
+    /// handed its last cycle to the log sink; waits for the threads.
+    pub fn shutdown(&self) {
+        let shards = self.shards();
+        for shard in &shards {
+            let _ = shard.tx.send(ShardMsg::Shutdown);
+        }
+        for shard in &shards {
+            if let Some(thread) = shard.thread.lock().take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// Per-SKU state digests from every shard (see `Engine::digest`).
+    pub async fn digest(&self) -> std::collections::BTreeMap<u64, u64> {
+        let mut all = std::collections::BTreeMap::new();
+        for shard in self.shards() {
+            let (done, rx) = oneshot::channel();
+            let tx = shard.tx.clone();
+            let sent = tokio::task::spawn_blocking(move || tx.send(ShardMsg::Digest { done }).is_ok()).await;
+            if matches!(sent, Ok(true)) {
+                if let Ok(part) = rx.await {
+                    all.extend(part);
+                }
+            }
+        }
+        all
     }
 
     /// The route of a SKU, if it has a sale.
@@ -177,7 +250,8 @@ impl Router {
             }
             let id = self.pool.len() + hot.len();
             let core = (!self.cores.is_empty()).then(|| self.cores[hot.len() % self.cores.len()]);
-            let shard = spawn_shard(id, true, core, self.directory.clone(), self.clock.clone(), (self.sinks)(id));
+            let engine = Engine::new(self.directory.clone());
+            let shard = spawn_shard(id, true, core, engine, self.clock.clone(), (self.sinks)(id));
             hot.push(shard.clone());
             shard
         } else {
@@ -199,7 +273,8 @@ impl Router {
     }
 }
 
-fn pool_index(sku: u64, shards: usize) -> usize {
+/// The pool shard of an ordinary SKU. Recovery uses the same function.
+pub fn pool_index(sku: u64, shards: usize) -> usize {
     // Fibonacci hashing spreads sequential SKUs evenly.
     (sku.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % shards
 }
@@ -225,7 +300,7 @@ fn spawn_shard(
     id: usize,
     hot: bool,
     core: Option<core_affinity::CoreId>,
-    directory: Arc<ReservationDirectory>,
+    engine: Engine,
     clock: Arc<dyn Clock>,
     sink: Box<dyn LogSink>,
 ) -> Arc<ShardHandle> {
@@ -239,7 +314,7 @@ fn spawn_shard(
                     tracing::warn!(shard = id, core = core.id, "could not pin hot shard to its core");
                 }
             }
-            ShardLoop { engine: Engine::new(directory), clock, sink, events: Vec::new(), replies: Vec::new() }.run(rx)
+            ShardLoop { engine, clock, sink, events: Vec::new(), replies: Vec::new() }.run(rx)
         })
         .expect("spawn shard thread");
     Arc::new(ShardHandle { id, hot, tx, thread: Mutex::new(Some(thread)) })
@@ -266,19 +341,27 @@ impl ShardLoop {
             // Expire first, so stock that is due back is back before this
             // cycle's reservations are decided.
             self.engine.expire_due(now_ms, &mut self.events);
+            let mut stop = false;
             if let Some(msg) = first {
-                self.handle(msg, now_ms);
+                stop = self.handle(msg, now_ms);
                 for msg in rx.try_iter().take(SHARD_DRAIN_MESSAGES_MAX - 1) {
-                    self.handle(msg, now_ms);
+                    if stop {
+                        break;
+                    }
+                    stop = self.handle(msg, now_ms);
                 }
             }
             if !self.events.is_empty() || !self.replies.is_empty() {
                 self.sink.submit(&mut self.events, &mut self.replies);
             }
+            if stop {
+                return;
+            }
         }
     }
 
-    fn handle(&mut self, msg: ShardMsg, now_ms: u64) {
+    /// Handle one message; true when it asks the shard to stop.
+    fn handle(&mut self, msg: ShardMsg, now_ms: u64) -> bool {
         let engine = &mut self.engine;
         let events = &mut self.events;
         let (reply, opcode, body) = match msg {
@@ -291,7 +374,7 @@ impl ShardLoop {
                 // For batches `request_id` carries the connection's batch key.
                 let msg = Outbound::BatchPart { batch: reply.request_id, results };
                 self.replies.push(Delivery::Conn(reply.tx, msg));
-                return;
+                return false;
             }
             ShardMsg::Confirm { reservation_id, payment_ref, reply } => {
                 let outcome = engine.confirm(reservation_id, &payment_ref, now_ms, events);
@@ -308,14 +391,20 @@ impl ShardLoop {
                         let outcome = engine.create_sale(&create, now_ms, events);
                         (outcome, engine.gauge(create.sku))
                     }
-                    AdminCmd::Restock { sku, qty } => (engine.restock(sku, qty, events), None),
-                    AdminCmd::SetPaused { sku, paused } => (engine.set_paused(sku, paused, events), None),
+                    AdminCmd::Restock { sku, qty } => (engine.restock(sku, qty, now_ms, events), None),
+                    AdminCmd::SetPaused { sku, paused } => (engine.set_paused(sku, paused, now_ms, events), None),
                 };
                 self.replies.push(Delivery::Admin(done, result));
-                return;
+                return false;
             }
+            ShardMsg::Digest { done } => {
+                let _ = done.send(engine.digest());
+                return false;
+            }
+            ShardMsg::Shutdown => return true,
         };
         let msg = Outbound::Reply { request_id: reply.request_id, opcode, reply: body };
         self.replies.push(Delivery::Conn(reply.tx, msg));
+        false
     }
 }

@@ -248,8 +248,8 @@ fn run_engine(engine: &mut Engine, op: &Op, now: u64, events: &mut Vec<Event>) -
         Op::Create { sku, stock, limit, hot } => {
             engine.create_sale(&SaleCreate { sku, stock, limit_per_user: limit, ttl_ms: ttl_ms(sku), hot }, now, events)
         }
-        Op::Restock { sku, qty } => engine.restock(sku, qty, events),
-        Op::Pause { sku, paused } => engine.set_paused(sku, paused, events),
+        Op::Restock { sku, qty } => engine.restock(sku, qty, now, events),
+        Op::Pause { sku, paused } => engine.set_paused(sku, paused, now, events),
         Op::Reserve { sku, user, qty, id } => {
             engine.reserve(&Reserve { sku, user, qty, reservation_id: id }, now, events)
         }

@@ -12,10 +12,10 @@ use bytes::Bytes;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     SaleCreated { sku: u64, stock: u64, limit_per_user: u32, ttl_ms: u64, hot: bool, at_ms: u64 },
-    Restocked { sku: u64, qty: u64 },
-    Paused { sku: u64 },
-    Resumed { sku: u64 },
-    Reserved { sku: u64, user: u64, qty: u32, reservation_id: u128, expires_at_ms: u64 },
+    Restocked { sku: u64, qty: u64, at_ms: u64 },
+    Paused { sku: u64, at_ms: u64 },
+    Resumed { sku: u64, at_ms: u64 },
+    Reserved { sku: u64, user: u64, qty: u32, reservation_id: u128, expires_at_ms: u64, at_ms: u64 },
     Confirmed { sku: u64, reservation_id: u128, at_ms: u64, payment_ref: Bytes },
     Released { sku: u64, reservation_id: u128, at_ms: u64 },
     Expired { sku: u64, reservation_id: u128, at_ms: u64 },
@@ -27,8 +27,8 @@ impl Event {
         match self {
             Event::SaleCreated { sku, .. }
             | Event::Restocked { sku, .. }
-            | Event::Paused { sku }
-            | Event::Resumed { sku }
+            | Event::Paused { sku, .. }
+            | Event::Resumed { sku, .. }
             | Event::Reserved { sku, .. }
             | Event::Confirmed { sku, .. }
             | Event::Released { sku, .. }

@@ -19,6 +19,7 @@
 
 pub mod directory;
 pub mod event;
+pub mod image;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +32,7 @@ use stampede_protocol::Status;
 
 pub use directory::{Claim, ReservationDirectory};
 pub use event::Event;
+pub use image::{ReservationImage, SaleImage};
 
 use crate::limits::{RESERVATION_TTL_MS_MAX, STOCK_UNITS_MAX};
 
@@ -224,25 +226,26 @@ impl Engine {
         Outcome::of(Status::Ok)
     }
 
-    pub fn restock(&mut self, sku: u64, qty: u64, events: &mut Vec<Event>) -> Outcome {
+    pub fn restock(&mut self, sku: u64, qty: u64, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
         let Some(sale) = self.sales.get(&sku) else {
             return Outcome::of(Status::UnknownSku);
         };
         if qty == 0 || sale.total.saturating_add(qty) > STOCK_UNITS_MAX {
             return Outcome::of(Status::InvalidArgument);
         }
-        let event = Event::Restocked { sku, qty };
+        let event = Event::Restocked { sku, qty, at_ms: now_ms };
         self.apply(&event);
         events.push(event);
         Outcome::new(Status::Ok, self.sales[&sku].total)
     }
 
-    pub fn set_paused(&mut self, sku: u64, paused: bool, events: &mut Vec<Event>) -> Outcome {
+    pub fn set_paused(&mut self, sku: u64, paused: bool, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
         let Some(sale) = self.sales.get(&sku) else {
             return Outcome::of(Status::UnknownSku);
         };
         if sale.paused != paused {
-            let event = if paused { Event::Paused { sku } } else { Event::Resumed { sku } };
+            let event =
+                if paused { Event::Paused { sku, at_ms: now_ms } } else { Event::Resumed { sku, at_ms: now_ms } };
             self.apply(&event);
             events.push(event);
         }
@@ -303,6 +306,7 @@ impl Engine {
             qty: op.qty,
             reservation_id: op.reservation_id,
             expires_at_ms,
+            at_ms: now_ms,
         };
         self.apply_reserved(&event);
         events.push(event);
@@ -428,14 +432,14 @@ impl Engine {
                 let previous = self.sales.insert(sku, sale);
                 assert!(previous.is_none(), "sku {sku} created twice");
             }
-            Event::Restocked { sku, qty } => {
+            Event::Restocked { sku, qty, .. } => {
                 let sale = self.sale_mut(sku);
                 sale.total += qty;
                 sale.available += qty;
                 sale.assert_invariant(sku);
                 sale.publish();
             }
-            Event::Paused { sku } | Event::Resumed { sku } => {
+            Event::Paused { sku, .. } | Event::Resumed { sku, .. } => {
                 let sale = self.sale_mut(sku);
                 sale.paused = matches!(event, Event::Paused { .. });
                 sale.publish();
@@ -475,7 +479,7 @@ impl Engine {
 
     /// Apply `Reserved` once the id is claimed in the directory.
     fn apply_reserved(&mut self, event: &Event) {
-        let Event::Reserved { sku, user, qty, reservation_id, expires_at_ms } = *event else {
+        let Event::Reserved { sku, user, qty, reservation_id, expires_at_ms, .. } = *event else {
             unreachable!("apply_reserved called with {event:?}")
         };
         let sale = self.sales.get_mut(&sku).expect("reserve on unknown sku");
@@ -508,33 +512,40 @@ impl Engine {
         self.sales.get_mut(&sku).unwrap_or_else(|| panic!("event for unknown sku {sku}"))
     }
 
-    /// Check every invariant over the whole state (tests, after recovery).
+    /// Check every invariant over the whole state (tests, after recovery):
+    /// counters against the reservations, in one pass over them.
     pub fn check_invariants(&self) {
+        #[derive(Default, PartialEq, Debug)]
+        struct Tally {
+            reserved: u64,
+            sold: u64,
+            holds: u64,
+            users: FastMap<u64, u32>,
+        }
+        let mut tallies: FastMap<u64, Tally> = self.sales.keys().map(|&sku| (sku, Tally::default())).collect();
+        for r in self.reservations.values() {
+            let tally = tallies.get_mut(&r.sku).expect("reservation of a known sku");
+            match r.state {
+                HoldState::Held => {
+                    tally.reserved += u64::from(r.qty);
+                    tally.holds += 1;
+                    *tally.users.entry(r.user).or_default() += r.qty;
+                }
+                HoldState::Confirmed => {
+                    tally.sold += u64::from(r.qty);
+                    *tally.users.entry(r.user).or_default() += r.qty;
+                }
+                HoldState::Released | HoldState::Expired => {}
+            }
+        }
         for (&sku, sale) in &self.sales {
             sale.assert_invariant(sku);
-            let mut reserved = 0u64;
-            let mut sold = 0u64;
-            let mut holds = 0u64;
-            let mut per_user: FastMap<u64, u32> = FastMap::default();
-            for r in self.reservations.values().filter(|r| r.sku == sku) {
-                match r.state {
-                    HoldState::Held => {
-                        reserved += u64::from(r.qty);
-                        holds += 1;
-                        *per_user.entry(r.user).or_default() += r.qty;
-                    }
-                    HoldState::Confirmed => {
-                        sold += u64::from(r.qty);
-                        *per_user.entry(r.user).or_default() += r.qty;
-                    }
-                    HoldState::Released | HoldState::Expired => {}
-                }
-            }
-            assert_eq!(reserved, sale.reserved, "sku {sku}: reserved counter disagrees with reservations");
-            assert_eq!(sold, sale.sold, "sku {sku}: sold counter disagrees with reservations");
-            assert_eq!(holds, sale.holds, "sku {sku}: hold count disagrees");
-            assert_eq!(per_user, sale.users, "sku {sku}: per-user records disagree with reservations");
-            assert!(per_user.values().all(|&u| u <= sale.limit_per_user), "sku {sku}: user above limit");
+            let tally = &tallies[&sku];
+            assert_eq!(tally.reserved, sale.reserved, "sku {sku}: reserved counter disagrees with reservations");
+            assert_eq!(tally.sold, sale.sold, "sku {sku}: sold counter disagrees with reservations");
+            assert_eq!(tally.holds, sale.holds, "sku {sku}: hold count disagrees");
+            assert_eq!(tally.users, sale.users, "sku {sku}: per-user records disagree with reservations");
+            assert!(tally.users.values().all(|&u| u <= sale.limit_per_user), "sku {sku}: user above limit");
             assert_eq!(sale.gauge.available(), sale.available, "sku {sku}: gauge not published");
         }
     }

@@ -14,7 +14,7 @@ pub use auth::Tokens;
 
 use crate::clock::{Clock, SystemClock};
 use crate::limits::CONNECTIONS_MAX;
-use crate::shard::{Router, SinkFactory};
+use crate::shard::{Engines, Router, SinkFactory};
 use crate::sink::VolatileSink;
 
 /// Shared by every connection task.
@@ -27,8 +27,11 @@ pub struct Shared {
 /// How to build a server.
 pub struct ServerConfig {
     pub tokens: Tokens,
-    /// Shards in the pool for ordinary SKUs (hot SKUs get their own).
+    /// Shards in the pool for ordinary SKUs (hot SKUs get their own); used
+    /// when `engines` is `None`.
     pub pool_shards: usize,
+    /// Recovered engines to serve; `None` starts empty.
+    pub engines: Option<Engines>,
     /// Pin hot shards to cores.
     pub pin_hot_shards: bool,
     pub clock: Arc<dyn Clock>,
@@ -40,6 +43,7 @@ impl ServerConfig {
         ServerConfig {
             tokens,
             pool_shards: 1,
+            engines: None,
             pin_hot_shards: true,
             clock: Arc::new(SystemClock),
             sinks: Box::new(|_| Box::new(VolatileSink::default())),
@@ -70,7 +74,8 @@ impl Drop for ServerHandle {
 /// Start serving on `listener`.
 pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
-    let router = Router::new(config.pool_shards, config.clock.clone(), config.sinks, config.pin_hot_shards);
+    let engines = config.engines.unwrap_or_else(|| Engines::empty(config.pool_shards));
+    let router = Router::new(engines, config.clock.clone(), config.sinks, config.pin_hot_shards);
     let shared = Arc::new(Shared { router, tokens: config.tokens, clock: config.clock });
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));
     Ok(ServerHandle { addr, shared, accept })

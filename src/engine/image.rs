@@ -1,0 +1,252 @@
+//! A sale's complete state as plain data: what snapshots store, what the
+//! state digest hashes, and what recovery loads back.
+//!
+//! Export writes out only the primary facts (counters, flags, every
+//! reservation with its state); import rebuilds everything derived from
+//! them (per-user records, expiry queue, hold count, id directory, gauge)
+//! and asserts that the counters agree with the reservations, so a damaged
+//! or inconsistent snapshot is refused rather than served.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use stampede_protocol::wire::{Malformed, Reader};
+
+use super::{Claim, Engine, ExpiryEntry, FastMap, HoldState, Reservation, Sale, SkuGauge};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaleImage {
+    pub sku: u64,
+    pub total: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+    pub limit_per_user: u32,
+    pub ttl_ms: u64,
+    pub hot: bool,
+    pub paused: bool,
+    /// Every reservation of the sale, sorted by id (settled ones included:
+    /// they answer retries).
+    pub reservations: Vec<ReservationImage>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReservationImage {
+    pub id: u128,
+    pub user: u64,
+    pub qty: u32,
+    pub state: HoldState,
+    pub expires_at_ms: u64,
+    pub settled_at_ms: u64,
+    pub payment_ref: Option<Bytes>,
+}
+
+fn state_code(state: HoldState) -> u8 {
+    match state {
+        HoldState::Held => 1,
+        HoldState::Confirmed => 2,
+        HoldState::Released => 3,
+        HoldState::Expired => 4,
+    }
+}
+
+impl SaleImage {
+    /// # Format
+    /// ```text
+    /// sku u64, total u64, available u64, reserved u64, sold u64,
+    /// limit_per_user u32, ttl_ms u64, flags u8 (bit 0 hot, bit 1 paused),
+    /// reservation_count u64, then per reservation:
+    ///   id u128, user u64, qty u32, state u8 (1 held, 2 confirmed,
+    ///   3 released, 4 expired), expires_at_ms u64, settled_at_ms u64,
+    ///   payment_ref_len u8, payment_ref bytes
+    /// ```
+    pub fn encode(&self, dst: &mut BytesMut) {
+        dst.put_u64_le(self.sku);
+        dst.put_u64_le(self.total);
+        dst.put_u64_le(self.available);
+        dst.put_u64_le(self.reserved);
+        dst.put_u64_le(self.sold);
+        dst.put_u32_le(self.limit_per_user);
+        dst.put_u64_le(self.ttl_ms);
+        dst.put_u8(u8::from(self.hot) | (u8::from(self.paused) << 1));
+        dst.put_u64_le(self.reservations.len() as u64);
+        for r in &self.reservations {
+            dst.put_u128_le(r.id);
+            dst.put_u64_le(r.user);
+            dst.put_u32_le(r.qty);
+            dst.put_u8(state_code(r.state));
+            dst.put_u64_le(r.expires_at_ms);
+            dst.put_u64_le(r.settled_at_ms);
+            let payment_ref = r.payment_ref.as_deref().unwrap_or(&[]);
+            dst.put_u8(payment_ref.len() as u8);
+            dst.extend_from_slice(payment_ref);
+        }
+    }
+
+    pub fn read(r: &mut Reader<'_>) -> Result<SaleImage, Malformed> {
+        let sku = r.u64()?;
+        let total = r.u64()?;
+        let available = r.u64()?;
+        let reserved = r.u64()?;
+        let sold = r.u64()?;
+        let limit_per_user = r.u32()?;
+        let ttl_ms = r.u64()?;
+        let flags = r.u8()?;
+        let count = r.u64()?;
+        let mut reservations = Vec::new();
+        for _ in 0..count {
+            let id = r.u128()?;
+            let user = r.u64()?;
+            let qty = r.u32()?;
+            let state = match r.u8()? {
+                1 => HoldState::Held,
+                2 => HoldState::Confirmed,
+                3 => HoldState::Released,
+                4 => HoldState::Expired,
+                other => return Err(Malformed(format!("reservation state {other}"))),
+            };
+            let expires_at_ms = r.u64()?;
+            let settled_at_ms = r.u64()?;
+            let len = r.u8()? as usize;
+            let payment_ref = if state == HoldState::Confirmed { Some(r.bytes(len)?) } else { None };
+            if state != HoldState::Confirmed && len != 0 {
+                return Err(Malformed("payment_ref on an unconfirmed reservation".into()));
+            }
+            reservations.push(ReservationImage { id, user, qty, state, expires_at_ms, settled_at_ms, payment_ref });
+        }
+        Ok(SaleImage {
+            sku,
+            total,
+            available,
+            reserved,
+            sold,
+            limit_per_user,
+            ttl_ms,
+            hot: flags & 1 != 0,
+            paused: flags & 2 != 0,
+            reservations,
+        })
+    }
+}
+
+impl Engine {
+    /// Every sale as an image, sorted by SKU (deterministic output).
+    pub fn export(&self) -> Vec<SaleImage> {
+        let mut per_sku: FastMap<u64, Vec<ReservationImage>> = FastMap::default();
+        for (&id, r) in &self.reservations {
+            per_sku.entry(r.sku).or_default().push(ReservationImage {
+                id,
+                user: r.user,
+                qty: r.qty,
+                state: r.state,
+                expires_at_ms: r.expires_at_ms,
+                settled_at_ms: r.settled_at_ms,
+                payment_ref: self.payment_refs.get(&id).map(|p| Bytes::copy_from_slice(p)),
+            });
+        }
+        let mut images: Vec<SaleImage> = self
+            .sales
+            .iter()
+            .map(|(&sku, s)| {
+                let mut reservations = per_sku.remove(&sku).unwrap_or_default();
+                reservations.sort_unstable_by_key(|r| r.id);
+                SaleImage {
+                    sku,
+                    total: s.total,
+                    available: s.available,
+                    reserved: s.reserved,
+                    sold: s.sold,
+                    limit_per_user: s.limit_per_user,
+                    ttl_ms: s.ttl_ms,
+                    hot: s.hot,
+                    paused: s.paused,
+                    reservations,
+                }
+            })
+            .collect();
+        images.sort_unstable_by_key(|i| i.sku);
+        images
+    }
+
+    /// Load a sale image (recovery). Panics on an image that contradicts
+    /// itself: serving from inconsistent state could oversell.
+    pub fn import(&mut self, image: SaleImage) {
+        let sku = image.sku;
+        assert!(!self.sales.contains_key(&sku), "sku {sku} imported twice");
+        let mut users: FastMap<u64, u32> = FastMap::default();
+        let mut held: Vec<(u64, u128)> = Vec::new();
+        let (mut reserved, mut sold, mut holds) = (0u64, 0u64, 0u64);
+        for r in image.reservations {
+            match r.state {
+                HoldState::Held => {
+                    reserved += u64::from(r.qty);
+                    holds += 1;
+                    held.push((r.expires_at_ms, r.id));
+                    *users.entry(r.user).or_default() += r.qty;
+                }
+                HoldState::Confirmed => {
+                    sold += u64::from(r.qty);
+                    *users.entry(r.user).or_default() += r.qty;
+                }
+                HoldState::Released | HoldState::Expired => {}
+            }
+            let claim = self.directory.claim(r.id, sku);
+            assert!(!matches!(claim, Claim::Conflict { .. }), "reservation {:#x} belongs to two skus", r.id);
+            if let Some(payment_ref) = r.payment_ref {
+                self.payment_refs.insert(r.id, payment_ref[..].into());
+            }
+            let previous = self.reservations.insert(
+                r.id,
+                Reservation {
+                    sku,
+                    user: r.user,
+                    qty: r.qty,
+                    state: r.state,
+                    expires_at_ms: r.expires_at_ms,
+                    settled_at_ms: r.settled_at_ms,
+                },
+            );
+            assert!(previous.is_none(), "reservation {:#x} imported twice", r.id);
+        }
+        assert_eq!(reserved, image.reserved, "sku {sku}: image reserved counter disagrees with its reservations");
+        assert_eq!(sold, image.sold, "sku {sku}: image sold counter disagrees with its reservations");
+        assert!(users.values().all(|&u| u <= image.limit_per_user), "sku {sku}: a user above the limit in the image");
+        held.sort_unstable();
+        let sale = Sale {
+            total: image.total,
+            available: image.available,
+            reserved,
+            sold,
+            limit_per_user: image.limit_per_user,
+            ttl_ms: image.ttl_ms,
+            hot: image.hot,
+            paused: image.paused,
+            holds,
+            users,
+            expiry: held.into_iter().map(|(deadline, id)| ExpiryEntry::new(deadline, id)).collect::<VecDeque<_>>(),
+            gauge: Arc::new(SkuGauge::default()),
+        };
+        sale.assert_invariant(sku);
+        sale.publish();
+        self.sales.insert(sku, sale);
+    }
+
+    /// A digest of each sale's complete state (counters, flags and every
+    /// reservation), for checking that recovery restored exactly what was
+    /// there. Stable across runs and hash seeds.
+    pub fn digest(&self) -> std::collections::BTreeMap<u64, u64> {
+        self.export()
+            .into_iter()
+            .map(|image| {
+                let mut buf = BytesMut::new();
+                image.encode(&mut buf);
+                (image.sku, fnv1a64(&buf))
+            })
+            .collect()
+    }
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}

@@ -1,0 +1,328 @@
+//! Recovery and checkpoints: the newest valid snapshot plus a replay of the
+//! write-ahead log after it rebuilds the engines exactly.
+//!
+//! Rules (WAL.md has the full story):
+//! - Snapshots are tried newest first; one that fails its checksum is
+//!   skipped with a log line, and replay starts from an older one.
+//! - The log must be continuous: every record's LSN is the previous plus
+//!   one, across segments too. A gap is corruption.
+//! - A torn tail (invalid bytes at the very end of the last segment with no
+//!   valid record after them) is truncated, logging how many bytes were
+//!   dropped: those bytes were never fsynced, so never acknowledged.
+//! - Anything else invalid is corruption: recovery refuses, naming the
+//!   segment and offset, unless `truncate_corrupt` is set, in which case
+//!   the log is cut there and later segments are renamed `*.discarded`,
+//!   with a log line saying what was lost.
+//! - After replay every invariant is checked over the whole state.
+//!
+//! A checkpoint runs the same replay over *closed* segments only, writes a
+//! new snapshot, and deletes segments that both the snapshot and the
+//! downstream consumer have moved past.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::engine::{Engine, Event, ReservationDirectory, SaleImage};
+use crate::shard::{pool_index, Engines};
+use crate::wal::segment::{list_segments, scan_segment, sync_dir, ScanEnd, SEGMENT_HEADER_BYTES};
+use crate::wal::snapshot::{list_snapshots, read_snapshot, write_snapshot};
+
+/// Name of the file holding the downstream consumer's settled LSN.
+pub const CONSUMER_LSN_FILE: &str = "consumer.lsn";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error("i/o error in the data dir: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(
+        "write-ahead log corrupt in {segment} at byte offset {offset}: {reason}; refusing to start \
+         (--wal-truncate-corrupt cuts the log there, losing every record after it)"
+    )]
+    Corrupt { segment: PathBuf, offset: u64, reason: String },
+    #[error("write-ahead log starts at LSN {first_lsn} but the newest snapshot covers only up to {snapshot_lsn}: records are missing")]
+    Gap { snapshot_lsn: u64, first_lsn: u64 },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct RecoverOptions {
+    pub pool_shards: usize,
+    pub truncate_corrupt: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct RecoveryReport {
+    pub snapshot_lsn: Option<u64>,
+    pub records_replayed: u64,
+    pub segments_scanned: usize,
+    pub torn_bytes_dropped: u64,
+    /// What `truncate_corrupt` threw away, for the log.
+    pub discarded: Vec<String>,
+    pub last_lsn: u64,
+    pub elapsed: Duration,
+}
+
+pub struct Recovered {
+    pub engines: Engines,
+    /// The LSN the log writer continues with.
+    pub next_lsn: u64,
+    pub report: RecoveryReport,
+}
+
+/// Which engine holds a SKU.
+#[derive(Clone, Copy)]
+enum Slot {
+    Pool(usize),
+    Hot(usize),
+}
+
+/// Routes SKUs to engines exactly as the live router does.
+struct Loader {
+    engines: Engines,
+    slots: HashMap<u64, Slot>,
+}
+
+impl Loader {
+    fn new(pool_shards: usize) -> Loader {
+        let directory = Arc::new(ReservationDirectory::for_server());
+        let pool = (0..pool_shards.max(1)).map(|_| Engine::new(directory.clone())).collect();
+        Loader { engines: Engines { directory, pool, hot: Vec::new() }, slots: HashMap::new() }
+    }
+
+    fn new_slot(&mut self, sku: u64, hot: bool) -> Slot {
+        let slot = if hot {
+            self.engines.hot.push(Engine::new(self.engines.directory.clone()));
+            Slot::Hot(self.engines.hot.len() - 1)
+        } else {
+            Slot::Pool(pool_index(sku, self.engines.pool.len()))
+        };
+        self.slots.insert(sku, slot);
+        slot
+    }
+
+    fn engine(&mut self, slot: Slot) -> &mut Engine {
+        match slot {
+            Slot::Pool(i) => &mut self.engines.pool[i],
+            Slot::Hot(i) => &mut self.engines.hot[i],
+        }
+    }
+
+    fn import(&mut self, image: SaleImage) {
+        let slot = self.new_slot(image.sku, image.hot);
+        self.engine(slot).import(image);
+    }
+
+    fn apply(&mut self, event: &Event) {
+        let slot = match *event {
+            Event::SaleCreated { sku, hot, .. } => self.new_slot(sku, hot),
+            _ => *self.slots.get(&event.sku()).unwrap_or_else(|| panic!("event for unknown sku: {event:?}")),
+        };
+        self.engine(slot).apply(event);
+    }
+
+    fn all_engines(&self) -> impl Iterator<Item = &Engine> {
+        self.engines.pool.iter().chain(&self.engines.hot)
+    }
+}
+
+/// Whether replay may repair the log (startup) or must find it clean
+/// (checkpoints read closed segments that recovery already vetted).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Repair { truncate_corrupt: bool },
+    ReadOnly,
+}
+
+/// Load the newest valid snapshot, then replay segments. `below` limits
+/// replay to segments whose first LSN is below it (closed segments).
+fn load(dir: &Path, loader: &mut Loader, mode: Mode, below: Option<u64>) -> Result<RecoveryReport, RecoveryError> {
+    let started = Instant::now();
+    let mut report = RecoveryReport::default();
+    let mut snapshot_lsn = 0;
+    for (_, path) in list_snapshots(dir)? {
+        match read_snapshot(&path) {
+            Ok((lsn, sales)) => {
+                for image in sales {
+                    loader.import(image);
+                }
+                snapshot_lsn = lsn;
+                report.snapshot_lsn = Some(lsn);
+                break;
+            }
+            Err(e) => tracing::warn!(error = %e, "skipping invalid snapshot"),
+        }
+    }
+    let segments: Vec<(u64, PathBuf)> =
+        list_segments(dir)?.into_iter().filter(|(first, _)| below.is_none_or(|b| *first < b)).collect();
+    report.last_lsn = snapshot_lsn;
+    // Replay from the last segment that starts at or before the first LSN
+    // the snapshot does not cover.
+    let Some(start) = segments.iter().rposition(|(first, _)| *first <= snapshot_lsn + 1) else {
+        if let Some((first_lsn, _)) = segments.first() {
+            return Err(RecoveryError::Gap { snapshot_lsn, first_lsn: *first_lsn });
+        }
+        report.elapsed = started.elapsed();
+        return Ok(report);
+    };
+    let mut expect = segments[start].0;
+    let last_index = segments.len() - 1;
+    for (index, (_, path)) in segments.iter().enumerate().skip(start) {
+        let mut replayed = 0u64;
+        let scan = scan_segment(path, expect, |lsn, event| {
+            if lsn > snapshot_lsn {
+                loader.apply(&event);
+                replayed += 1;
+            }
+        })?;
+        report.records_replayed += replayed;
+        report.segments_scanned += 1;
+        report.last_lsn = report.last_lsn.max(scan.last_lsn);
+        expect = scan.last_lsn + 1;
+        let (offset, reason, torn) = match scan.end {
+            ScanEnd::Clean => continue,
+            ScanEnd::TornTail { offset, reason, .. } => (offset, reason, true),
+            ScanEnd::Corrupt { offset, reason } => (offset, reason, false),
+        };
+        let Mode::Repair { truncate_corrupt } = mode else {
+            return Err(RecoveryError::Corrupt { segment: path.clone(), offset, reason });
+        };
+        let size = std::fs::metadata(path)?.len();
+        if torn && index == last_index {
+            tracing::warn!(
+                segment = %path.display(), offset, dropped_bytes = size - offset, %reason,
+                "truncating torn tail of the write-ahead log (never acknowledged)"
+            );
+            report.torn_bytes_dropped += size - offset;
+            cut(path, offset)?;
+            break;
+        }
+        if !truncate_corrupt {
+            return Err(RecoveryError::Corrupt { segment: path.clone(), offset, reason });
+        }
+        let later = &segments[index + 1..];
+        let lost = format!(
+            "cut {} at offset {offset} ({} bytes) and discarded {} later segment(s): every record after LSN {} is lost",
+            path.display(),
+            size - offset,
+            later.len(),
+            scan.last_lsn
+        );
+        tracing::error!(%reason, "{lost}");
+        report.discarded.push(lost);
+        cut(path, offset)?;
+        for (_, later_path) in later {
+            let mut discarded = later_path.clone().into_os_string();
+            discarded.push(".discarded");
+            std::fs::rename(later_path, discarded)?;
+        }
+        sync_dir(dir)?;
+        break;
+    }
+    for engine in loader.all_engines() {
+        engine.check_invariants();
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Truncate a segment at `offset`; one cut inside its header is removed.
+fn cut(path: &Path, offset: u64) -> std::io::Result<()> {
+    if offset < SEGMENT_HEADER_BYTES as u64 {
+        std::fs::remove_file(path)?;
+    } else {
+        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        file.set_len(offset)?;
+        file.sync_all()?;
+    }
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Rebuild the engines from `dir` (startup).
+pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, RecoveryError> {
+    let mut loader = Loader::new(options.pool_shards);
+    let report = load(dir, &mut loader, Mode::Repair { truncate_corrupt: options.truncate_corrupt }, None)?;
+    // The writer starts a fresh segment at next_lsn; a last segment that
+    // holds no record (it starts at next_lsn) is removed to make room.
+    let next_lsn = report.last_lsn + 1;
+    for (first, path) in list_segments(dir)? {
+        if first >= next_lsn {
+            std::fs::remove_file(&path)?;
+            sync_dir(dir)?;
+        }
+    }
+    Ok(Recovered { engines: loader.engines, next_lsn, report })
+}
+
+/// Which segments may be deleted once a snapshot covers them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retention {
+    /// Keep segments until the downstream consumer (the reconciler) has
+    /// settled past them, as recorded in `consumer.lsn`.
+    Consumer,
+    /// No downstream consumer: delete once a snapshot covers them.
+    Snapshot,
+}
+
+impl std::str::FromStr for Retention {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "consumer" => Ok(Retention::Consumer),
+            "snapshot" => Ok(Retention::Snapshot),
+            other => Err(format!("unknown retention {other:?} (expected consumer or snapshot)")),
+        }
+    }
+}
+
+/// The settled LSN the downstream consumer last reported (0 if none).
+pub fn consumer_lsn(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join(CONSUMER_LSN_FILE)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// What a checkpoint did.
+#[derive(Debug, Default)]
+pub struct Checkpoint {
+    pub snapshot_lsn: Option<u64>,
+    pub segments_deleted: usize,
+    pub elapsed: Duration,
+}
+
+/// Snapshot everything in segments before `active_first_lsn` (all segments
+/// if `None`, after the writer has closed), then apply the retention rule.
+pub fn checkpoint(
+    dir: &Path,
+    active_first_lsn: Option<u64>,
+    retention: Retention,
+) -> Result<Checkpoint, RecoveryError> {
+    let started = Instant::now();
+    let mut loader = Loader::new(1);
+    let report = load(dir, &mut loader, Mode::ReadOnly, active_first_lsn)?;
+    let mut result = Checkpoint::default();
+    let covered = report.last_lsn;
+    if report.records_replayed > 0 {
+        let mut images: Vec<SaleImage> = loader.all_engines().flat_map(|e| e.export()).collect();
+        images.sort_unstable_by_key(|i| i.sku);
+        write_snapshot(dir, covered, &images)?;
+        result.snapshot_lsn = Some(covered);
+    }
+    let bound = match retention {
+        Retention::Snapshot => covered,
+        Retention::Consumer => covered.min(consumer_lsn(dir)),
+    };
+    // A closed segment ends just before the next one starts.
+    let segments = list_segments(dir)?;
+    for pair in segments.windows(2) {
+        let ((_, path), (next_first, _)) = (&pair[0], &pair[1]);
+        let closed = active_first_lsn.is_none_or(|active| *next_first <= active);
+        if closed && next_first - 1 <= bound {
+            std::fs::remove_file(path)?;
+            result.segments_deleted += 1;
+        }
+    }
+    if result.segments_deleted > 0 {
+        sync_dir(dir)?;
+    }
+    result.elapsed = started.elapsed();
+    Ok(result)
+}

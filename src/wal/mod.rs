@@ -1,0 +1,70 @@
+//! The write-ahead log: every event reaches disk before its reply leaves.
+//!
+//! - [`record`]: record framing (LSN, length, CRC-32C) and event encoding.
+//! - [`segment`]: segment files, and scanning that tells a torn tail (safe
+//!   to truncate) from corruption (refuse to start).
+//! - [`writer`]: the group-commit writer thread and the shards' [`writer::WalSink`].
+//! - [`snapshot`]: atomic snapshot files of the whole engine state.
+//!
+//! WAL.md in this directory documents the on-disk format byte by byte, the
+//! durability modes and their loss windows, and the recovery rules.
+
+pub mod record;
+pub mod segment;
+pub mod snapshot;
+pub mod writer;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::limits::{
+    WAL_ASYNC_SYNC_INTERVAL_MS_DEFAULT, WAL_FLUSH_BYTES_DEFAULT, WAL_FLUSH_INTERVAL_US_DEFAULT, WAL_SEGMENT_BYTES_MAX,
+};
+
+/// When a reply may leave relative to its record reaching the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Reply after `fdatasync` of the group. Loss window: none.
+    Fsync,
+    /// Reply after `write(2)`; fsync every `async_sync_interval`. Loss
+    /// window on power loss or kernel crash: up to that interval. A killed
+    /// process (kill -9) loses nothing: the data is in the page cache.
+    Async,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fsync" => Ok(Durability::Fsync),
+            "async" => Ok(Durability::Async),
+            other => Err(format!("unknown durability mode {other:?} (expected fsync or async)")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct WalConfig {
+    pub dir: PathBuf,
+    pub durability: Durability,
+    /// Group-commit size bound.
+    pub flush_bytes: usize,
+    /// Group-commit time bound.
+    pub flush_interval: Duration,
+    /// fsync cadence in async mode.
+    pub async_sync_interval: Duration,
+    pub segment_bytes_max: u64,
+}
+
+impl WalConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        WalConfig {
+            dir: dir.into(),
+            durability: Durability::Fsync,
+            flush_bytes: WAL_FLUSH_BYTES_DEFAULT,
+            flush_interval: Duration::from_micros(WAL_FLUSH_INTERVAL_US_DEFAULT),
+            async_sync_interval: Duration::from_millis(WAL_ASYNC_SYNC_INTERVAL_MS_DEFAULT),
+            segment_bytes_max: WAL_SEGMENT_BYTES_MAX,
+        }
+    }
+}

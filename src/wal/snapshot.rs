@@ -1,0 +1,116 @@
+//! Snapshot files: the whole engine state at one LSN.
+//!
+//! # Format
+//!
+//! `snap-<lsn, 20 digits>.snap` in the data dir:
+//! ```text
+//!  0  8 magic       b"STMPSNAP"
+//!  8  4 version     u32 = 1
+//! 12  4 reserved    0
+//! 16  8 lsn         u64: the state after applying every record <= lsn
+//! 24  8 sale_count  u64
+//! 32  ... sale_count sale images (engine/image.rs), sorted by sku
+//! end-4 4 crc32c    CRC-32C of every byte before it
+//! ```
+//! Written atomically: to `*.tmp`, fsync, rename, fsync the directory. A
+//! snapshot that fails its checksum is skipped (the previous one and a
+//! longer replay are used instead).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bytes::{BufMut, BytesMut};
+use stampede_protocol::wire::Reader;
+
+use crate::engine::SaleImage;
+use crate::limits::SNAPSHOTS_KEPT;
+use crate::wal::segment::sync_dir;
+
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"STMPSNAP";
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+pub fn snapshot_name(lsn: u64) -> String {
+    format!("snap-{lsn:020}.snap")
+}
+
+/// Snapshots in `dir`, newest (highest LSN) first.
+pub fn list_snapshots(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(lsn) = name.strip_prefix("snap-").and_then(|n| n.strip_suffix(".snap")) {
+            if let Ok(lsn) = lsn.parse::<u64>() {
+                found.push((lsn, entry.path()));
+            }
+        }
+    }
+    found.sort_unstable_by_key(|(lsn, _)| std::cmp::Reverse(*lsn));
+    Ok(found)
+}
+
+/// Write a snapshot atomically and delete all but the newest `SNAPSHOTS_KEPT`.
+pub fn write_snapshot(dir: &Path, lsn: u64, sales: &[SaleImage]) -> std::io::Result<PathBuf> {
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&SNAPSHOT_MAGIC);
+    buf.put_u32_le(SNAPSHOT_VERSION);
+    buf.put_u32_le(0);
+    buf.put_u64_le(lsn);
+    buf.put_u64_le(sales.len() as u64);
+    for sale in sales {
+        sale.encode(&mut buf);
+    }
+    let crc = crc32c::crc32c(&buf);
+    buf.put_u32_le(crc);
+
+    let path = dir.join(snapshot_name(lsn));
+    let tmp = dir.join(format!("{}.tmp", snapshot_name(lsn)));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&buf)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, &path)?;
+    sync_dir(dir)?;
+    for (_, old) in list_snapshots(dir)?.into_iter().skip(SNAPSHOTS_KEPT) {
+        std::fs::remove_file(old)?;
+    }
+    sync_dir(dir)?;
+    Ok(path)
+}
+
+/// Read and verify a snapshot: `(lsn, sales)`.
+pub fn read_snapshot(path: &Path) -> Result<(u64, Vec<SaleImage>), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() < 36 {
+        return Err(format!("{}: truncated ({} bytes)", path.display(), bytes.len()));
+    }
+    let (body, tail) = bytes.split_at(bytes.len() - 4);
+    let stored = u32::from_le_bytes(tail.try_into().expect("4 bytes"));
+    if crc32c::crc32c(body) != stored {
+        return Err(format!("{}: checksum mismatch", path.display()));
+    }
+    if body[0..8] != SNAPSHOT_MAGIC {
+        return Err(format!("{}: bad magic", path.display()));
+    }
+    let mut r = Reader::new(&body[8..], "snapshot");
+    let parse = |r: &mut Reader<'_>| -> Result<(u64, Vec<SaleImage>), stampede_protocol::wire::Malformed> {
+        let version = r.u32()?;
+        if version != SNAPSHOT_VERSION {
+            return Err(stampede_protocol::wire::Malformed(format!(
+                "snapshot format version {version} (this binary reads {SNAPSHOT_VERSION})"
+            )));
+        }
+        let _reserved = r.u32()?;
+        let lsn = r.u64()?;
+        let count = r.u64()?;
+        let mut sales = Vec::new();
+        for _ in 0..count {
+            sales.push(SaleImage::read(r)?);
+        }
+        Ok((lsn, sales))
+    };
+    let result = parse(&mut r).map_err(|e| format!("{}: {e}", path.display()))?;
+    r.finish().map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(result)
+}

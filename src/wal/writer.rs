@@ -1,0 +1,298 @@
+//! The log writer thread: group commit.
+//!
+//! Shards send one [`Submission`] per cycle (its events and the replies
+//! that wait for them). The writer assigns LSNs, encodes records into one
+//! buffer, writes it, and in `fsync` mode calls `fdatasync` once for the
+//! whole group before releasing every reply in it. It stops collecting a
+//! group when `flush_bytes` are waiting or `flush_interval` has passed since
+//! the group's first submission, whichever comes first; under load, the
+//! submissions that arrive during one fsync form the next group, so one
+//! fsync serves many requests.
+//!
+//! A failed write or fsync is fatal: the writer stops, drops every reply it
+//! holds (none of them is acknowledged), and calls the fatal handler, which
+//! in the server logs and exits non-zero. It never retries an fsync: after
+//! a failed fsync the kernel may have dropped the dirty pages, and a retry
+//! that "succeeds" would acknowledge data that is not on disk.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::engine::Event;
+use crate::limits::WAL_SUBMISSIONS_QUEUED_MAX;
+use crate::sink::{Delivery, LogSink};
+use crate::wal::record::encode_record;
+use crate::wal::segment::create_segment;
+use crate::wal::{Durability, WalConfig};
+
+/// One shard cycle's events and the replies that depend on them.
+pub struct Submission {
+    pub events: Vec<Event>,
+    pub replies: Vec<Delivery>,
+}
+
+pub enum WalMsg {
+    Submit(Submission),
+    /// Flush, fsync and stop. Sent once every shard has stopped.
+    Close,
+}
+
+/// The sync call, behind a seam so tests can make it fail.
+pub trait Syncer: Send + 'static {
+    fn sync(&mut self, file: &File) -> std::io::Result<()>;
+}
+
+/// `fdatasync(2)`: data and the metadata needed to read it back.
+pub struct DataSync;
+
+impl Syncer for DataSync {
+    fn sync(&mut self, file: &File) -> std::io::Result<()> {
+        file.sync_data()
+    }
+}
+
+/// Test seam: succeed `ok_syncs` times, then fail every time.
+pub struct FailingSync {
+    pub ok_syncs: u64,
+}
+
+impl Syncer for FailingSync {
+    fn sync(&mut self, file: &File) -> std::io::Result<()> {
+        if self.ok_syncs == 0 {
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
+        self.ok_syncs -= 1;
+        file.sync_data()
+    }
+}
+
+/// Called once, from the writer thread, when the log cannot continue.
+pub type FatalHandler = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Counters readable from other threads (metrics, tests, replication).
+#[derive(Debug, Default)]
+pub struct WalStats {
+    /// Highest LSN whose record is durable (per the durability mode).
+    pub durable_lsn: AtomicU64,
+    pub records_total: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub syncs_total: AtomicU64,
+    pub groups_total: AtomicU64,
+    /// First LSN of the segment being written (older ones are closed).
+    pub active_segment_first_lsn: AtomicU64,
+}
+
+/// A running log writer.
+pub struct WalHandle {
+    tx: Sender<WalMsg>,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+    pub stats: Arc<WalStats>,
+}
+
+impl WalHandle {
+    /// A sink for one shard.
+    pub fn sink(&self) -> WalSink {
+        WalSink { tx: self.tx.clone() }
+    }
+
+    /// Sinks for the router's shards, including hot shards created later.
+    pub fn sink_factory(&self) -> crate::shard::SinkFactory {
+        let tx = self.tx.clone();
+        Box::new(move |_| Box::new(WalSink { tx: tx.clone() }))
+    }
+
+    /// Flush, fsync and stop the writer. Call after every shard has stopped.
+    pub fn close(mut self) -> std::io::Result<()> {
+        let _ = self.tx.send(WalMsg::Close);
+        match self.thread.take().expect("joined once").join() {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::other("log writer panicked")),
+        }
+    }
+}
+
+/// The [`LogSink`] of a shard: hands each cycle to the writer.
+pub struct WalSink {
+    tx: Sender<WalMsg>,
+}
+
+impl LogSink for WalSink {
+    fn submit(&mut self, events: &mut Vec<Event>, replies: &mut Vec<Delivery>) {
+        let submission = Submission { events: std::mem::take(events), replies: std::mem::take(replies) };
+        // Blocks when the writer is WAL_SUBMISSIONS_QUEUED_MAX behind: the
+        // shard stops taking requests and clients get `busy`. If the writer
+        // is gone (fatal error), the replies are dropped: never acknowledged.
+        let _ = self.tx.send(WalMsg::Submit(submission));
+    }
+}
+
+/// Start the writer; the first record written gets `next_lsn`. A fresh
+/// segment is created for it.
+pub fn start(
+    config: WalConfig,
+    next_lsn: u64,
+    syncer: Box<dyn Syncer>,
+    fatal: FatalHandler,
+) -> std::io::Result<WalHandle> {
+    let file = create_segment(&config.dir, next_lsn)?;
+    let stats = Arc::new(WalStats::default());
+    stats.durable_lsn.store(next_lsn - 1, Ordering::Release);
+    stats.active_segment_first_lsn.store(next_lsn, Ordering::Release);
+    let (tx, rx) = crossbeam_channel::bounded(WAL_SUBMISSIONS_QUEUED_MAX);
+    let writer = Writer {
+        dir: config.dir.clone(),
+        config,
+        file,
+        segment_bytes: crate::wal::segment::SEGMENT_HEADER_BYTES as u64,
+        next_lsn,
+        buf: BytesMut::with_capacity(1 << 20),
+        group: Vec::new(),
+        dirty: false,
+        last_sync: Instant::now(),
+        syncer,
+        stats: stats.clone(),
+    };
+    let thread = std::thread::Builder::new().name("wal-writer".into()).spawn(move || {
+        let result = writer.run(rx);
+        if let Err(e) = &result {
+            fatal(&format!("write-ahead log failed, no further acknowledgements: {e}"));
+        }
+        result
+    })?;
+    Ok(WalHandle { tx, thread: Some(thread), stats })
+}
+
+struct Writer {
+    dir: PathBuf,
+    config: WalConfig,
+    file: File,
+    segment_bytes: u64,
+    next_lsn: u64,
+    buf: BytesMut,
+    group: Vec<Delivery>,
+    /// Written but not yet synced (async mode).
+    dirty: bool,
+    last_sync: Instant,
+    syncer: Box<dyn Syncer>,
+    stats: Arc<WalStats>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<WalMsg>) -> std::io::Result<()> {
+        loop {
+            // In async mode wake up to sync even when no one writes.
+            let idle_wait = match self.config.durability {
+                Durability::Fsync => Duration::from_secs(3600),
+                Durability::Async => self.config.async_sync_interval,
+            };
+            let first = match rx.recv_timeout(idle_wait) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.sync_if_due()?;
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return self.finish(),
+            };
+            let mut closing = self.take(first);
+            let deadline = Instant::now() + self.config.flush_interval;
+            while !closing && self.buf.len() < self.config.flush_bytes {
+                let next = if self.config.flush_interval.is_zero() {
+                    rx.try_recv().ok()
+                } else {
+                    rx.recv_deadline(deadline).ok()
+                };
+                match next {
+                    Some(msg) => closing = self.take(msg),
+                    None => break,
+                }
+            }
+            self.flush()?;
+            if closing {
+                return self.finish();
+            }
+        }
+    }
+
+    /// Add a message to the current group; true if it asks to close.
+    fn take(&mut self, msg: WalMsg) -> bool {
+        match msg {
+            WalMsg::Submit(submission) => {
+                for event in &submission.events {
+                    encode_record(self.next_lsn, event, &mut self.buf);
+                    self.next_lsn += 1;
+                }
+                self.stats.records_total.fetch_add(submission.events.len() as u64, Ordering::Relaxed);
+                self.group.extend(submission.replies);
+                false
+            }
+            WalMsg::Close => true,
+        }
+    }
+
+    /// Write the group, make it durable per the mode, then release replies.
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.file.write_all(&self.buf)?;
+            self.segment_bytes += self.buf.len() as u64;
+            self.stats.bytes_total.fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+            self.buf.clear();
+            self.dirty = true;
+        }
+        match self.config.durability {
+            Durability::Fsync => self.sync()?,
+            Durability::Async => self.sync_if_due()?,
+        }
+        if self.config.durability == Durability::Async {
+            // Acknowledged after write(2): durable once the next sync runs.
+            self.stats.durable_lsn.store(self.next_lsn - 1, Ordering::Release);
+        }
+        self.stats.groups_total.fetch_add(1, Ordering::Relaxed);
+        for reply in self.group.drain(..) {
+            reply.deliver();
+        }
+        if self.segment_bytes >= self.config.segment_bytes_max {
+            self.rotate()?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        if self.dirty {
+            self.syncer.sync(&self.file)?;
+            self.dirty = false;
+            self.last_sync = Instant::now();
+            self.stats.syncs_total.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats.durable_lsn.store(self.next_lsn - 1, Ordering::Release);
+        Ok(())
+    }
+
+    fn sync_if_due(&mut self) -> std::io::Result<()> {
+        if self.dirty && self.last_sync.elapsed() >= self.config.async_sync_interval {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Close the full segment (synced) and start the next one.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.sync()?;
+        self.file = create_segment(&self.dir, self.next_lsn)?;
+        self.segment_bytes = crate::wal::segment::SEGMENT_HEADER_BYTES as u64;
+        self.stats.active_segment_first_lsn.store(self.next_lsn, Ordering::Release);
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        self.flush()?;
+        self.sync()
+    }
+}
