@@ -1,74 +1,21 @@
 //! The binaries as people and scripts use them: stampede-server started as
 //! a child process, stampede-ctl run against it, output and exit codes checked.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 use stampede_protocol::client::{Client, ClientConfig};
 use stampede_protocol::Status;
 
-const ADMIN: &str = "cli-admin";
-const CHECKOUT: &str = "cli-checkout";
+mod common;
 
-struct ServerProcess {
-    child: Child,
-    addr: String,
-    _dir: TempDir,
-}
+use common::process::{server_command, ServerProcess, TempDir, ADMIN, CHECKOUT};
 
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("stampede-{tag}-{}-{}", std::process::id(), rand_suffix()));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-}
-
-fn server_command(listen: &str, dir: &TempDir) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stampede-server"));
-    cmd.args(["--listen", listen, "--data-dir"]).arg(&dir.0).args(["--no-pin"]);
-    cmd.env_remove("STAMPEDE_ADMIN_TOKEN").env_remove("STAMPEDE_CHECKOUT_TOKEN").env("RUST_LOG", "warn");
-    cmd
-}
-
-/// Start the server on `listen` and wait for its "listening on" line.
-fn start(listen: &str) -> ServerProcess {
+/// Start a server on an ephemeral port with a fresh data dir.
+fn start() -> (ServerProcess, TempDir) {
     let dir = TempDir::new("cli");
-    let mut child = server_command(listen, &dir)
-        .env("STAMPEDE_ADMIN_TOKEN", ADMIN)
-        .env("STAMPEDE_CHECKOUT_TOKEN", CHECKOUT)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn stampede-server");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("stampede-server listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    ServerProcess { child, addr, _dir: dir }
+    (ServerProcess::start(&dir.0, &[]), dir)
 }
 
 fn ctl(addr: &str, token: &str, args: &[&str]) -> (i32, String, String) {
@@ -97,7 +44,7 @@ fn ctl_json(addr: &str, token: &str, args: &[&str]) -> (i32, Value) {
 #[test]
 fn server_refuses_to_start_without_a_token() {
     let dir = TempDir::new("notoken");
-    let out = server_command("127.0.0.1:0", &dir).output().expect("run stampede-server");
+    let out = server_command("127.0.0.1:0", &dir.0).output().expect("run stampede-server");
     assert!(!out.status.success(), "must refuse to start");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("STAMPEDE_ADMIN_TOKEN") && stderr.contains("--insecure"), "explains how: {stderr}");
@@ -105,7 +52,7 @@ fn server_refuses_to_start_without_a_token() {
 
 #[test]
 fn ctl_drives_a_sale_with_json_and_exit_codes() {
-    let server = start("127.0.0.1:0");
+    let (server, _dir) = start();
     let addr = server.addr.as_str();
     let (code, v) = ctl_json(addr, ADMIN, &["sale", "create", "--sku", "42", "--stock", "2", "--limit", "1", "--hot"]);
     assert_eq!((code, v["status"].as_str()), (0, Some("ok")));
@@ -162,7 +109,7 @@ fn ctl_drives_a_sale_with_json_and_exit_codes() {
 
 #[test]
 fn client_reconnects_after_the_server_restarts() {
-    let mut server = start("127.0.0.1:0");
+    let (mut server, dir) = start();
     let addr = server.addr.clone();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
@@ -171,12 +118,12 @@ fn client_reconnects_after_the_server_restarts() {
         config.request_timeout = Duration::from_secs(2);
         let client = Client::connect(config).await.unwrap();
         assert_eq!(client.ping().await.unwrap().status, Status::Ok);
-        server.child.kill().unwrap();
-        server.child.wait().unwrap();
+        server.kill();
         // Bring a server back on the same port while the client keeps asking.
+        let data_dir = dir.0.clone();
         let restarted = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
-            start(&addr)
+            ServerProcess::start_on(&addr, &data_dir, &[])
         });
         let pinged = client.ping().await;
         let _server = restarted.join().unwrap();
