@@ -21,6 +21,11 @@ use stampede_protocol::client::{new_reservation_id, Client, ClientConfig};
 use stampede_protocol::message::{Reserve, SaleCreate};
 use stampede_protocol::Status;
 
+/// mimalloc: the engine allocates and frees many small records; glibc's
+/// allocator spent a quarter of replay time consolidating free lists.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CONNECTIONS: usize = 32;
 const BATCH: usize = 64;
 const SKU: u64 = 42;

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{Engine, Event, ReservationDirectory, SaleImage};
+use crate::limits::DIRECTORY_IDS_PRESIZED;
 use crate::shard::{pool_index, Engines};
 use crate::wal::segment::{list_segments, scan_segment, sync_dir, ScanEnd, SEGMENT_HEADER_BYTES};
 use crate::wal::snapshot::{list_snapshots, read_snapshot, write_snapshot};
@@ -84,9 +85,20 @@ struct Loader {
 }
 
 impl Loader {
-    fn new(pool_shards: usize) -> Loader {
-        let directory = Arc::new(ReservationDirectory::for_server());
-        let pool = (0..pool_shards.max(1)).map(|_| Engine::new(directory.clone())).collect();
+    /// `records_estimate` sizes the id directory up front: resizing a
+    /// concurrent table millions of entries large dominates replay time.
+    fn new(pool_shards: usize, records_estimate: usize) -> Loader {
+        let capacity = DIRECTORY_IDS_PRESIZED.max(records_estimate);
+        let directory = Arc::new(ReservationDirectory::with_capacity(capacity));
+        let pool_shards = pool_shards.max(1);
+        let pool = (0..pool_shards)
+            .map(|_| {
+                let mut engine = Engine::new(directory.clone());
+                // About half of all records create a reservation.
+                engine.reserve_capacity(records_estimate / 2 / pool_shards);
+                engine
+            })
+            .collect();
         Loader { engines: Engines { directory, pool, hot: Vec::new() }, slots: HashMap::new() }
     }
 
@@ -166,10 +178,11 @@ fn load(dir: &Path, loader: &mut Loader, mode: Mode, below: Option<u64>) -> Resu
         return Ok(report);
     };
     let mut expect = segments[start].0;
+    let mut buf = Vec::new();
     let last_index = segments.len() - 1;
     for (index, (_, path)) in segments.iter().enumerate().skip(start) {
         let mut replayed = 0u64;
-        let scan = scan_segment(path, expect, |lsn, event| {
+        let scan = scan_segment(path, expect, &mut buf, |lsn, event| {
             if lsn > snapshot_lsn {
                 loader.apply(&event);
                 replayed += 1;
@@ -226,6 +239,20 @@ fn load(dir: &Path, loader: &mut Loader, mode: Mode, below: Option<u64>) -> Resu
     Ok(report)
 }
 
+/// About how many records and snapshot entries `dir` holds (~50 bytes each).
+fn records_estimate(dir: &Path) -> std::io::Result<usize> {
+    let mut bytes = 0u64;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".seg") || name.ends_with(".snap") {
+            bytes += entry.metadata()?.len();
+        }
+    }
+    Ok((bytes / 50) as usize)
+}
+
 /// Truncate a segment at `offset`; one cut inside its header is removed.
 fn cut(path: &Path, offset: u64) -> std::io::Result<()> {
     if offset < SEGMENT_HEADER_BYTES as u64 {
@@ -240,7 +267,7 @@ fn cut(path: &Path, offset: u64) -> std::io::Result<()> {
 
 /// Rebuild the engines from `dir` (startup).
 pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, RecoveryError> {
-    let mut loader = Loader::new(options.pool_shards);
+    let mut loader = Loader::new(options.pool_shards, records_estimate(dir)?);
     let report = load(dir, &mut loader, Mode::Repair { truncate_corrupt: options.truncate_corrupt }, None)?;
     // The writer starts a fresh segment at next_lsn; a last segment that
     // holds no record (it starts at next_lsn) is removed to make room.
@@ -296,7 +323,7 @@ pub fn checkpoint(
     retention: Retention,
 ) -> Result<Checkpoint, RecoveryError> {
     let started = Instant::now();
-    let mut loader = Loader::new(1);
+    let mut loader = Loader::new(1, records_estimate(dir)?);
     let report = load(dir, &mut loader, Mode::ReadOnly, active_first_lsn)?;
     let mut result = Checkpoint::default();
     let covered = report.last_lsn;

@@ -219,11 +219,8 @@ async fn kill_9_loses_no_acknowledged_reservation() {
             task.await.unwrap();
         }
         server = ServerProcess::start(&dir.0, &[]);
-        let mut l = ledger.lock();
-        let snapshot = std::mem::take(&mut *l);
-        drop(l);
+        let mut snapshot = std::mem::take(&mut *ledger.lock());
         audit(&server.addr, &snapshot, seed, round).await;
-        let mut snapshot = snapshot;
         settle_uncertain(&server.addr, &mut snapshot).await;
         *ledger.lock() = snapshot;
         eprintln!("round {round}: {} acknowledged reservations audited", ledger.lock().acked.len());
@@ -231,7 +228,8 @@ async fn kill_9_loses_no_acknowledged_reservation() {
     // A clean shutdown writes a snapshot; recovery from it audits clean too.
     assert!(server.terminate().success(), "SIGTERM exits 0");
     let server = ServerProcess::start(&dir.0, &[]);
-    audit(&server.addr, &ledger.lock(), seed, rounds).await;
+    let final_ledger = std::mem::take(&mut *ledger.lock());
+    audit(&server.addr, &final_ledger, seed, rounds).await;
     assert!(std::fs::read_dir(&dir.0).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("snap-")));
 }
 

@@ -63,7 +63,7 @@ fn workload(seed: u64, ops: usize) -> (Engine, Vec<Event>) {
         engine.expire_due(now, &mut events);
         match rng.gen_range(0..10) {
             0..=4 => {
-                let id = (seed as u128) << 64 | i as u128 + 1;
+                let id = ((seed as u128) << 64) | (i as u128 + 1);
                 let op = Reserve {
                     sku: rng.gen_range(1..=4),
                     user: rng.gen_range(0..30),

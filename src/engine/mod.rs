@@ -186,6 +186,14 @@ impl Engine {
         }
     }
 
+    /// Make room for `additional` more reservations (recovery knows roughly
+    /// how many are coming; growing a multi-million-entry table rehashes it).
+    pub fn reserve_capacity(&mut self, additional: usize) {
+        self.reservations.reserve(additional);
+        // Most reservations of a drill or a sale end confirmed.
+        self.payment_refs.reserve(additional / 2);
+    }
+
     /// The published gauge of a sale (for routing tables).
     pub fn gauge(&self, sku: u64) -> Option<Arc<SkuGauge>> {
         self.sales.get(&sku).map(|s| s.gauge.clone())

@@ -15,7 +15,7 @@
 //! ```
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::engine::Event;
@@ -100,8 +100,17 @@ pub struct Scan {
 
 /// Read `path` and hand every valid record to `visit` in order. `expect_lsn`
 /// is the LSN the first record must carry (continuity across segments).
-pub fn scan_segment(path: &Path, expect_lsn: u64, mut visit: impl FnMut(u64, Event)) -> std::io::Result<Scan> {
-    let bytes = std::fs::read(path)?;
+/// `buf` is reused across calls so replaying many segments does not fault in
+/// (and zero) fresh memory for each one.
+pub fn scan_segment(
+    path: &Path,
+    expect_lsn: u64,
+    buf: &mut Vec<u8>,
+    mut visit: impl FnMut(u64, Event),
+) -> std::io::Result<Scan> {
+    buf.clear();
+    File::open(path)?.read_to_end(buf)?;
+    let bytes: &[u8] = buf;
     let header_problem = if bytes.len() < SEGMENT_HEADER_BYTES {
         Some(format!("segment header truncated ({} bytes)", bytes.len()))
     } else if bytes[0..8] != SEGMENT_MAGIC {
@@ -156,7 +165,7 @@ pub fn scan_segment(path: &Path, expect_lsn: u64, mut visit: impl FnMut(u64, Eve
                 break;
             }
             Err(error) => {
-                scan.end = classify_failure(&bytes, at, next_lsn, &error);
+                scan.end = classify_failure(bytes, at, next_lsn, &error);
                 break;
             }
         }
