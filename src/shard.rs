@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use crate::clock::Clock;
 use crate::engine::{Engine, ReservationDirectory, SkuGauge};
 use crate::limits::{
-    BUSY_RETRY_AFTER_MS, EXPIRY_TICK_MS, HOT_SHARDS_MAX, SHARD_DRAIN_MESSAGES_MAX, SHARD_QUEUE_MESSAGES_MAX,
+    BUSY_RETRY_AFTER_MS, EXPIRY_TICK_MS, HOT_SHARDS_MAX, SHARD_CYCLE_OPS_MAX, SHARD_QUEUE_MESSAGES_MAX,
 };
 use crate::server::conn::Outbound;
 use crate::sink::{AdminResult, ConnTx, Delivery, LogSink};
@@ -95,6 +95,16 @@ impl Engines {
         let directory = Arc::new(ReservationDirectory::for_server());
         let pool = (0..pool_shards.max(1)).map(|_| Engine::new(directory.clone())).collect();
         Engines { directory, pool, hot: Vec::new() }
+    }
+}
+
+impl ShardMsg {
+    /// Engine operations this message carries (a batch counts each op).
+    fn ops(&self) -> usize {
+        match self {
+            ShardMsg::ReserveBatch { ops, .. } => ops.len(),
+            _ => 1,
+        }
     }
 }
 
@@ -341,13 +351,15 @@ impl ShardLoop {
             // Expire first, so stock that is due back is back before this
             // cycle's reservations are decided.
             self.engine.expire_due(now_ms, &mut self.events);
+            // A cycle ends after SHARD_CYCLE_OPS_MAX operations, so the log
+            // writer can fsync one cycle while the shard decides the next.
             let mut stop = false;
             if let Some(msg) = first {
+                let mut ops = msg.ops();
                 stop = self.handle(msg, now_ms);
-                for msg in rx.try_iter().take(SHARD_DRAIN_MESSAGES_MAX - 1) {
-                    if stop {
-                        break;
-                    }
+                while !stop && ops < SHARD_CYCLE_OPS_MAX {
+                    let Ok(msg) = rx.try_recv() else { break };
+                    ops += msg.ops();
                     stop = self.handle(msg, now_ms);
                 }
             }
