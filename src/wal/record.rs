@@ -242,3 +242,26 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// WAL.md lists each kind's payload size; keep it true.
+    #[test]
+    fn payload_sizes_match_wal_md() {
+        let sizes = [
+            (Event::SaleCreated { sku: 0, stock: 0, limit_per_user: 0, ttl_ms: 0, hot: false, at_ms: 0 }, 38),
+            (Event::Restocked { sku: 0, qty: 0, at_ms: 0 }, 25),
+            (Event::Paused { sku: 0, at_ms: 0 }, 17),
+            (Event::Reserved { sku: 0, user: 0, qty: 0, reservation_id: 0, expires_at_ms: 0, at_ms: 0 }, 53),
+            (Event::Confirmed { sku: 0, reservation_id: 0, at_ms: 0, payment_ref: Bytes::new() }, 34),
+            (Event::Expired { sku: 0, reservation_id: 0, at_ms: 0 }, 33),
+        ];
+        for (event, size) in sizes {
+            let mut buf = BytesMut::new();
+            encode_event(&event, &mut buf);
+            assert_eq!(buf.len(), size, "{event:?}");
+        }
+    }
+}
