@@ -256,3 +256,50 @@ fn a_failing_fsync_is_fatal_for_the_process() {
     let status = server.child.wait().unwrap();
     assert_eq!(status.code(), Some(70), "exits non-zero after a failed fsync");
 }
+
+#[test]
+fn a_reservation_that_expires_while_the_server_is_down_is_released_and_logged() {
+    use stampede::engine::Event;
+    use stampede::wal::segment::{list_segments, scan_segment};
+
+    let dir = TempDir::new("expire-down");
+    let mut server = ServerProcess::start(&dir.0, &[]);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let held = runtime.block_on(async {
+        let admin = client(&server.addr, ADMIN).await;
+        let sale = SaleCreate { sku: 9, stock: 3, limit_per_user: 3, ttl_ms: 400, hot: true };
+        assert_eq!(admin.create_sale(sale).await.unwrap().status, Status::Ok);
+        let checkout = client(&server.addr, CHECKOUT).await;
+        assert_eq!(checkout.reserve(9, 1, 1, 1).await.unwrap().status, Status::Reserved);
+        let held = checkout.reserve(9, 1, 1, 2).await.unwrap();
+        assert_eq!(held.status, Status::Reserved);
+        assert_eq!(checkout.confirm(1, b"paid").await.unwrap().status, Status::Confirmed);
+        held
+    });
+    server.kill();
+    std::thread::sleep(Duration::from_millis(600));
+    let server = ServerProcess::start(&dir.0, &[]);
+    runtime.block_on(async {
+        let checkout = client(&server.addr, CHECKOUT).await;
+        // Recovery released the lapsed hold; the sold unit stayed sold.
+        let s = checkout.status(9).await.unwrap().sale;
+        assert_eq!((s.total, s.available, s.reserved, s.sold), (3, 2, 0, 1));
+        let late = checkout.confirm(2, b"too-late").await.unwrap();
+        assert_eq!((late.status, late.detail), (Status::Expired, held.detail));
+    });
+    // ... and the release is in the log, as an EXPIRED record after the restart.
+    let mut expired = Vec::new();
+    let mut buf = Vec::new();
+    let segments = list_segments(&dir.0).unwrap();
+    let mut expect = segments[0].0;
+    for (_, path) in &segments {
+        let scan = scan_segment(path, expect, &mut buf, |_, event| {
+            if let Event::Expired { reservation_id, .. } = event {
+                expired.push(reservation_id);
+            }
+        })
+        .unwrap();
+        expect = scan.last_lsn + 1;
+    }
+    assert_eq!(expired, vec![2], "exactly the lapsed hold was logged as expired");
+}
