@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use crate::engine::{Engine, Event, ReservationDirectory, SaleImage};
 use crate::limits::DIRECTORY_IDS_PRESIZED;
 use crate::shard::{pool_index, Engines};
-use crate::wal::segment::{list_segments, scan_segment, sync_dir, ScanEnd, SEGMENT_HEADER_BYTES};
+use crate::wal::segment::{list_segments, scan_segment, sync_dir, Scan, ScanEnd, SEGMENT_HEADER_BYTES};
 use crate::wal::snapshot::{list_snapshots, read_snapshot, write_snapshot};
 
 /// Name of the file holding the downstream consumer's settled LSN.
@@ -177,66 +177,116 @@ fn load(dir: &Path, loader: &mut Loader, mode: Mode, below: Option<u64>) -> Resu
         report.elapsed = started.elapsed();
         return Ok(report);
     };
-    let mut expect = segments[start].0;
-    let mut buf = Vec::new();
+    // A reader thread reads, verifies and decodes segments while this
+    // thread applies: the two halves of replay overlap on two cores.
     let last_index = segments.len() - 1;
-    for (index, (_, path)) in segments.iter().enumerate().skip(start) {
-        let mut replayed = 0u64;
-        let scan = scan_segment(path, expect, &mut buf, |lsn, event| {
-            if lsn > snapshot_lsn {
-                loader.apply(&event);
-                replayed += 1;
+    let segments = &segments;
+    std::thread::scope(|scope| -> Result<(), RecoveryError> {
+        let (tx, rx) = crossbeam_channel::bounded::<Chunk>(REPLAY_CHUNKS_QUEUED);
+        scope.spawn(move || read_segments(segments, start, tx));
+        for chunk in rx {
+            let (index, scan) = match chunk {
+                Chunk::Events(events) => {
+                    for (lsn, event) in events {
+                        if lsn > snapshot_lsn {
+                            loader.apply(&event);
+                            report.records_replayed += 1;
+                        }
+                    }
+                    continue;
+                }
+                Chunk::Done(index, scan) => (index, scan?),
+            };
+            let path = &segments[index].1;
+            report.segments_scanned += 1;
+            report.last_lsn = report.last_lsn.max(scan.last_lsn);
+            let (offset, reason, torn) = match scan.end {
+                ScanEnd::Clean => continue,
+                ScanEnd::TornTail { offset, reason, .. } => (offset, reason, true),
+                ScanEnd::Corrupt { offset, reason } => (offset, reason, false),
+            };
+            // The reader stopped after this segment; nothing more will come.
+            let Mode::Repair { truncate_corrupt } = mode else {
+                return Err(RecoveryError::Corrupt { segment: path.clone(), offset, reason });
+            };
+            let size = std::fs::metadata(path)?.len();
+            if torn && index == last_index {
+                tracing::warn!(
+                    segment = %path.display(), offset, dropped_bytes = size - offset, %reason,
+                    "truncating torn tail of the write-ahead log (never acknowledged)"
+                );
+                report.torn_bytes_dropped += size - offset;
+                cut(path, offset)?;
+                break;
             }
-        })?;
-        report.records_replayed += replayed;
-        report.segments_scanned += 1;
-        report.last_lsn = report.last_lsn.max(scan.last_lsn);
-        expect = scan.last_lsn + 1;
-        let (offset, reason, torn) = match scan.end {
-            ScanEnd::Clean => continue,
-            ScanEnd::TornTail { offset, reason, .. } => (offset, reason, true),
-            ScanEnd::Corrupt { offset, reason } => (offset, reason, false),
-        };
-        let Mode::Repair { truncate_corrupt } = mode else {
-            return Err(RecoveryError::Corrupt { segment: path.clone(), offset, reason });
-        };
-        let size = std::fs::metadata(path)?.len();
-        if torn && index == last_index {
-            tracing::warn!(
-                segment = %path.display(), offset, dropped_bytes = size - offset, %reason,
-                "truncating torn tail of the write-ahead log (never acknowledged)"
+            if !truncate_corrupt {
+                return Err(RecoveryError::Corrupt { segment: path.clone(), offset, reason });
+            }
+            let later = &segments[index + 1..];
+            let lost = format!(
+                "cut {} at offset {offset} ({} bytes) and discarded {} later segment(s): every record after LSN {} is lost",
+                path.display(),
+                size - offset,
+                later.len(),
+                scan.last_lsn
             );
-            report.torn_bytes_dropped += size - offset;
+            tracing::error!(%reason, "{lost}");
+            report.discarded.push(lost);
             cut(path, offset)?;
+            for (_, later_path) in later {
+                let mut discarded = later_path.clone().into_os_string();
+                discarded.push(".discarded");
+                std::fs::rename(later_path, discarded)?;
+            }
+            sync_dir(dir)?;
             break;
         }
-        if !truncate_corrupt {
-            return Err(RecoveryError::Corrupt { segment: path.clone(), offset, reason });
-        }
-        let later = &segments[index + 1..];
-        let lost = format!(
-            "cut {} at offset {offset} ({} bytes) and discarded {} later segment(s): every record after LSN {} is lost",
-            path.display(),
-            size - offset,
-            later.len(),
-            scan.last_lsn
-        );
-        tracing::error!(%reason, "{lost}");
-        report.discarded.push(lost);
-        cut(path, offset)?;
-        for (_, later_path) in later {
-            let mut discarded = later_path.clone().into_os_string();
-            discarded.push(".discarded");
-            std::fs::rename(later_path, discarded)?;
-        }
-        sync_dir(dir)?;
-        break;
-    }
+        Ok(())
+    })?;
     for engine in loader.all_engines() {
         engine.check_invariants();
     }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Decoded records travel from the reader thread in chunks of this many.
+const REPLAY_CHUNK_RECORDS: usize = 4096;
+/// Chunks the reader may run ahead of the applier (bounds replay memory).
+const REPLAY_CHUNKS_QUEUED: usize = 16;
+
+enum Chunk {
+    Events(Vec<(u64, Event)>),
+    /// Segment `index` is finished; a non-clean end stops the reader.
+    Done(usize, std::io::Result<Scan>),
+}
+
+/// The reader half of replay: scan `segments[start..]` in order, checking
+/// LSN continuity, until the end or the first segment that is not clean.
+fn read_segments(segments: &[(u64, PathBuf)], start: usize, tx: crossbeam_channel::Sender<Chunk>) {
+    let mut buf = Vec::new();
+    let mut expect = segments[start].0;
+    for (index, (_, path)) in segments.iter().enumerate().skip(start) {
+        let mut chunk = Vec::with_capacity(REPLAY_CHUNK_RECORDS);
+        let mut receiver_gone = false;
+        let scan = scan_segment(path, expect, &mut buf, |lsn, event| {
+            chunk.push((lsn, event));
+            if chunk.len() == REPLAY_CHUNK_RECORDS {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(REPLAY_CHUNK_RECORDS));
+                receiver_gone |= tx.send(Chunk::Events(full)).is_err();
+            }
+        });
+        if receiver_gone || (!chunk.is_empty() && tx.send(Chunk::Events(chunk)).is_err()) {
+            return;
+        }
+        let clean = matches!(&scan, Ok(s) if s.end == ScanEnd::Clean);
+        if let Ok(s) = &scan {
+            expect = s.last_lsn + 1;
+        }
+        if tx.send(Chunk::Done(index, scan)).is_err() || !clean {
+            return;
+        }
+    }
 }
 
 /// About how many records and snapshot entries `dir` holds (~50 bytes each).
