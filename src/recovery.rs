@@ -232,11 +232,14 @@ fn load(dir: &Path, loader: &mut Loader, mode: Mode, below: Option<u64>) -> Resu
             );
             tracing::error!(%reason, "{lost}");
             report.discarded.push(lost);
-            cut(path, offset)?;
+            if offset < SEGMENT_HEADER_BYTES as u64 {
+                // A damaged header: keep the whole segment for forensics.
+                discard(path)?;
+            } else {
+                cut(path, offset)?;
+            }
             for (_, later_path) in later {
-                let mut discarded = later_path.clone().into_os_string();
-                discarded.push(".discarded");
-                std::fs::rename(later_path, discarded)?;
+                discard(later_path)?;
             }
             sync_dir(dir)?;
             break;
@@ -289,18 +292,30 @@ fn read_segments(segments: &[(u64, PathBuf)], start: usize, tx: crossbeam_channe
     }
 }
 
-/// About how many records and snapshot entries `dir` holds (~50 bytes each).
-fn records_estimate(dir: &Path) -> std::io::Result<usize> {
-    let mut bytes = 0u64;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.ends_with(".seg") || name.ends_with(".snap") {
-            bytes += entry.metadata()?.len();
+/// About how many records and snapshot entries a recovery of `dir` will
+/// load (~50 bytes each): the newest snapshot plus the segments after it
+/// (below `below`), not the whole history retention may still keep.
+fn records_estimate(dir: &Path, below: Option<u64>) -> std::io::Result<usize> {
+    let (snapshot_lsn, mut bytes) = match list_snapshots(dir)?.first() {
+        Some((lsn, path)) => (*lsn, std::fs::metadata(path)?.len()),
+        None => (0, 0),
+    };
+    let segments = list_segments(dir)?;
+    for (i, (first, path)) in segments.iter().enumerate() {
+        let next_first = segments.get(i + 1).map(|(n, _)| *n);
+        let after_snapshot = next_first.is_none_or(|n| n > snapshot_lsn + 1);
+        if after_snapshot && below.is_none_or(|b| *first < b) {
+            bytes += std::fs::metadata(path)?.len();
         }
     }
     Ok((bytes / 50) as usize)
+}
+
+/// Rename a segment out of the log (`*.discarded`), keeping its bytes.
+fn discard(path: &Path) -> std::io::Result<()> {
+    let mut discarded = path.to_path_buf().into_os_string();
+    discarded.push(".discarded");
+    std::fs::rename(path, discarded)
 }
 
 /// Truncate a segment at `offset`; one cut inside its header is removed.
@@ -317,7 +332,7 @@ fn cut(path: &Path, offset: u64) -> std::io::Result<()> {
 
 /// Rebuild the engines from `dir` (startup).
 pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, RecoveryError> {
-    let mut loader = Loader::new(options.pool_shards, records_estimate(dir)?);
+    let mut loader = Loader::new(options.pool_shards, records_estimate(dir, None)?);
     let report = load(dir, &mut loader, Mode::Repair { truncate_corrupt: options.truncate_corrupt }, None)?;
     // The writer starts a fresh segment at next_lsn; a last segment that
     // holds no record (it starts at next_lsn) is removed to make room.
@@ -373,7 +388,7 @@ pub fn checkpoint(
     retention: Retention,
 ) -> Result<Checkpoint, RecoveryError> {
     let started = Instant::now();
-    let mut loader = Loader::new(1, records_estimate(dir)?);
+    let mut loader = Loader::new(1, records_estimate(dir, active_first_lsn)?);
     let report = load(dir, &mut loader, Mode::ReadOnly, active_first_lsn)?;
     let mut result = Checkpoint::default();
     let covered = report.last_lsn;
@@ -383,9 +398,13 @@ pub fn checkpoint(
         write_snapshot(dir, covered, &images)?;
         result.snapshot_lsn = Some(covered);
     }
+    // Only what the *oldest* kept snapshot covers may go: if the newest one
+    // is damaged, recovery falls back to the older one and must still find
+    // every segment after it.
+    let oldest_kept = list_snapshots(dir)?.last().map_or(0, |(lsn, _)| *lsn);
     let bound = match retention {
-        Retention::Snapshot => covered,
-        Retention::Consumer => covered.min(consumer_lsn(dir)),
+        Retention::Snapshot => oldest_kept,
+        Retention::Consumer => oldest_kept.min(consumer_lsn(dir)),
     };
     // A closed segment ends just before the next one starts.
     let segments = list_segments(dir)?;

@@ -299,3 +299,61 @@ async fn a_failed_fsync_stops_acknowledgements() {
     assert!(report.records_replayed >= 4);
     assert_eq!(digest.len(), 1);
 }
+
+#[test]
+fn a_damaged_newest_snapshot_falls_back_to_the_older_one_after_retention() {
+    let (engine, events) = workload(17, 4_000);
+    let dir = TempDir::new("fallback");
+    // First half, checkpoint; second half, checkpoint: two snapshots.
+    let half = events.len() / 2;
+    let config = WalConfig { segment_bytes_max: 8 * 1024, flush_bytes: 1024, ..WalConfig::new(&dir.0) };
+    let wal = writer::start(config.clone(), 1, Box::new(DataSync), no_fatal()).unwrap();
+    let mut sink = wal.sink();
+    for part in events[..half].chunks(7) {
+        sink.submit(&mut part.to_vec(), &mut Vec::new());
+    }
+    drop(sink);
+    wal.close().unwrap();
+    recovery::checkpoint(&dir.0, None, Retention::Snapshot).unwrap();
+    let wal = writer::start(config, half as u64 + 1, Box::new(DataSync), no_fatal()).unwrap();
+    let mut sink = wal.sink();
+    for part in events[half..].chunks(7) {
+        sink.submit(&mut part.to_vec(), &mut Vec::new());
+    }
+    drop(sink);
+    wal.close().unwrap();
+    let done = recovery::checkpoint(&dir.0, None, Retention::Snapshot).unwrap();
+    assert!(done.segments_deleted > 0, "retention ran");
+    let snapshots = stampede::wal::snapshot::list_snapshots(&dir.0).unwrap();
+    assert_eq!(snapshots.len(), 2);
+    // Damage the newest snapshot: recovery must use the older one and still
+    // find every segment after it.
+    let newest = &snapshots[0].1;
+    let mut bytes = std::fs::read(newest).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(newest, bytes).unwrap();
+    let (digest, report) = recovered_digest(&dir.0, false).unwrap();
+    assert_eq!(report.snapshot_lsn, Some(snapshots[1].0));
+    assert_eq!(digest, engine.digest());
+}
+
+#[test]
+fn truncating_at_a_damaged_segment_header_keeps_the_segment_for_forensics() {
+    let (_, events) = workload(19, 2_000);
+    let dir = TempDir::new("header");
+    write_log(&dir.0, &events, 16, 8 * 1024);
+    let segments = list_segments(&dir.0).unwrap();
+    assert!(segments.len() > 3);
+    let victim = &segments[2].1;
+    let mut bytes = std::fs::read(victim).unwrap();
+    bytes[20] ^= 0x01; // inside the header's first_lsn
+    std::fs::write(victim, bytes).unwrap();
+    assert!(matches!(recovered_digest(&dir.0, false), Err(RecoveryError::Corrupt { offset: 0, .. })));
+    let (digest, report) = recovered_digest(&dir.0, true).unwrap();
+    assert_eq!(report.discarded.len(), 1);
+    assert_eq!(digest, digest_of_prefix(&events, segments[2].0 as usize - 1));
+    let mut discarded = victim.clone().into_os_string();
+    discarded.push(".discarded");
+    assert!(std::path::Path::new(&discarded).exists(), "the damaged segment is kept, renamed");
+}

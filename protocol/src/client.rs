@@ -10,8 +10,9 @@
 //!   times out, the call is sent again on a fresh connection *with the same
 //!   reservation id*, which the server deduplicates, so a retry never
 //!   reserves twice. `busy` replies are retried after the server's hint.
-//!   RESTOCK is the one operation that is not idempotent: it is only resent
-//!   if it provably never left this process.
+//!   A timed-out connection is not reused for new calls. RESTOCK is the one
+//!   operation that is not idempotent: it is only resent if it provably
+//!   never left this process (a connect failure), never after any reply.
 //!
 //! # Example: a checkout service
 //!
@@ -242,16 +243,27 @@ impl Client {
             conn.pending.lock().expect("pending lock").remove(&request_id);
             return Err(ClientError::Disconnected);
         }
-        if conn.outgoing.send((request_id, request)).await.is_err() {
-            conn.pending.lock().expect("pending lock").remove(&request_id);
-            return Err(ClientError::Disconnected);
-        }
+        // The whole attempt (queueing behind a stalled socket included) is
+        // bounded by the request timeout.
         let timeout = self.inner.config.request_timeout;
-        match tokio::time::timeout(timeout, rx).await {
+        let attempt = async {
+            if conn.outgoing.send((request_id, request)).await.is_err() {
+                return Err(ClientError::Disconnected);
+            }
+            rx.await.map_err(|_| ClientError::Disconnected)
+        };
+        match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(ClientError::Disconnected),
+            Ok(Err(e)) => {
+                conn.pending.lock().expect("pending lock").remove(&request_id);
+                Err(e)
+            }
             Err(_) => {
                 conn.pending.lock().expect("pending lock").remove(&request_id);
+                // A connection that let a reply time out may be blackholed:
+                // new calls (and this call's retry) get a fresh one. Calls
+                // already waiting on it keep waiting for their replies.
+                conn.closed.store(true, Ordering::SeqCst);
                 Err(ClientError::Timeout(timeout))
             }
         }
@@ -271,7 +283,9 @@ impl Client {
             match result {
                 Ok(Reply::Error(e)) => return Err(ClientError::Server { status: e.status, message: e.message }),
                 Ok(reply) => {
-                    let busy = reply_busy_hint(&reply);
+                    // A reply means the request reached the server: a
+                    // non-idempotent request is never resent after that.
+                    let busy = reply_busy_hint(&reply).filter(|_| retry == Retry::Idempotent);
                     match busy {
                         Some(retry_after_ms) if attempt < attempts => {
                             tokio::time::sleep(Duration::from_millis(retry_after_ms.clamp(1, 1000))).await;

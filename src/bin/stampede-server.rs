@@ -90,6 +90,15 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    // A panic anywhere (an engine invariant assertion, a bug in the log
+    // writer) means this process can no longer be trusted to acknowledge
+    // anything: stop at once and let a restart recover from disk.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        eprintln!("stampede-server: fatal: a thread panicked; exiting (restart to recover from the data dir)");
+        std::process::exit(70);
+    }));
     let args = Args::parse();
     let admin = token_from_env("STAMPEDE_ADMIN_TOKEN")?;
     let checkout = token_from_env("STAMPEDE_CHECKOUT_TOKEN")?;
@@ -115,6 +124,13 @@ fn main() -> anyhow::Result<()> {
     }
     let options = RecoverOptions { pool_shards: args.shards.max(1), truncate_corrupt: args.wal_truncate_corrupt };
     let recovered = recovery::recover(&dir, options).context("recovering from the data dir")?;
+    if args.wal_retention == Retention::Consumer && !dir.join(recovery::CONSUMER_LSN_FILE).exists() {
+        tracing::warn!(
+            "no downstream consumer has reported a settled LSN ({}): log segments are kept until one does; \
+             pass --wal-retention snapshot if no reconciler will run",
+            recovery::CONSUMER_LSN_FILE
+        );
+    }
     let report = &recovered.report;
     tracing::info!(
         snapshot_lsn = ?report.snapshot_lsn, records_replayed = report.records_replayed,

@@ -338,12 +338,17 @@ async fn write_loop<W: AsyncWrite>(write_half: W, mut rx: mpsc::UnboundedReceive
         }
         if !buf.is_empty() {
             if write_half.write_all(&buf).await.is_err() {
+                // The peer is gone. Closing the semaphore wakes a reader
+                // parked on a permit, so the connection task (and its slot
+                // under CONNECTIONS_MAX) ends instead of waiting forever.
+                permits.close();
                 return;
             }
             buf.clear();
         }
         permits.add_permits(completed);
     }
+    permits.close();
     let _ = write_half.shutdown().await;
 }
 
