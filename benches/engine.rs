@@ -3,6 +3,8 @@
 //!   users, from an empty engine. Target: >= 5M decisions/s.
 //! - `reserve_10k_users`: the same with 10k users, whose tables fit in
 //!   cache: the CPU cost of a decision without the memory misses.
+//! - `stampede_1m_users_10k_stock`: 1M distinct users, 10k units, every
+//!   decision made by the engine (10k reserved, 990k sold out).
 //! - `sold_out_answer`: the connection-side fast path on a sold-out SKU
 //!   (gauge read + idempotency-directory probe). Target: >= 50M/s.
 //! - `limit_exceeded`: a decision that reaches the shard and is refused.
@@ -31,6 +33,39 @@ fn hot_sale(engine: &mut Engine, stock: u64) {
 fn reserve_users(c: &mut Criterion) {
     reserve_n_users(c, "reserve_1m_users", USERS);
     reserve_n_users(c, "reserve_10k_users", 10_000);
+    stampede_1m_users(c);
+}
+
+/// The stampede shape decided entirely by the shard (no connection fast
+/// path): 1M distinct users each try once for one of 10k units on a hot
+/// SKU; 10k win, the rest are refused `sold_out` by the engine.
+fn stampede_1m_users(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(USERS));
+    group.bench_function("stampede_1m_users_10k_stock", |b| {
+        b.iter_batched(
+            || {
+                let mut engine = Engine::new(Arc::new(ReservationDirectory::for_server()));
+                hot_sale(&mut engine, 10_000);
+                (engine, Vec::with_capacity(4096))
+            },
+            |(mut engine, mut events)| {
+                let mut won = 0u64;
+                for user in 0..USERS {
+                    let op = Reserve { sku: 42, user, qty: 1, reservation_id: u128::from(user) + 1 };
+                    won += u64::from(engine.reserve(&op, 1, &mut events).status == Status::Reserved);
+                    if events.len() == 4096 {
+                        events.clear();
+                    }
+                }
+                assert_eq!(won, 10_000);
+                (engine, events)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
 }
 
 /// `users` distinct users each reserve one unit, from an empty engine.
