@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::{Engine, Event, ReservationDirectory, SaleImage};
+use crate::engine::{Claim, Engine, Event, ReservationDirectory, SaleImage};
 use crate::limits::DIRECTORY_IDS_PRESIZED;
 use crate::shard::{pool_index, Engines};
 use crate::wal::segment::{list_segments, scan_segment, sync_dir, Scan, ScanEnd, SEGMENT_HEADER_BYTES};
@@ -82,6 +82,8 @@ enum Slot {
 struct Loader {
     engines: Engines,
     slots: HashMap<u64, Slot>,
+    /// Directory claims of replayed reservations, not yet made.
+    claims: Vec<(u128, u64)>,
 }
 
 impl Loader {
@@ -99,7 +101,7 @@ impl Loader {
                 engine
             })
             .collect();
-        Loader { engines: Engines { directory, pool, hot: Vec::new() }, slots: HashMap::new() }
+        Loader { engines: Engines { directory, pool, hot: Vec::new() }, slots: HashMap::new(), claims: Vec::new() }
     }
 
     fn new_slot(&mut self, sku: u64, hot: bool) -> Slot {
@@ -130,7 +132,11 @@ impl Loader {
             Event::SaleCreated { sku, hot, .. } => self.new_slot(sku, hot),
             _ => *self.slots.get(&event.sku()).unwrap_or_else(|| panic!("event for unknown sku: {event:?}")),
         };
-        self.engine(slot).apply(event);
+        let engine = match slot {
+            Slot::Pool(i) => &mut self.engines.pool[i],
+            Slot::Hot(i) => &mut self.engines.hot[i],
+        };
+        engine.apply_deferring_claim(event, &mut self.claims);
     }
 
     fn all_engines(&self) -> impl Iterator<Item = &Engine> {
@@ -181,9 +187,23 @@ fn load(dir: &Path, loader: &mut Loader, mode: Mode, below: Option<u64>) -> Resu
     // thread applies: the two halves of replay overlap on two cores.
     let last_index = segments.len() - 1;
     let segments = &segments;
+    let directory = loader.engines.directory.clone();
     std::thread::scope(|scope| -> Result<(), RecoveryError> {
         let (tx, rx) = crossbeam_channel::bounded::<Chunk>(REPLAY_CHUNKS_QUEUED);
         scope.spawn(move || read_segments(segments, start, tx));
+        // Claims go to the shared id directory from a third thread: in a
+        // valid log an id is reserved once, so order does not matter, and
+        // the directory is complete when the scope ends, before serving.
+        let (claims_tx, claims_rx) = crossbeam_channel::bounded::<Vec<(u128, u64)>>(REPLAY_CHUNKS_QUEUED);
+        let directory = &directory;
+        scope.spawn(move || {
+            for claims in claims_rx {
+                for (id, sku) in claims {
+                    let claim = directory.claim(id, sku);
+                    assert!(!matches!(claim, Claim::Conflict { .. }), "reservation {id:#x} replayed for two skus");
+                }
+            }
+        });
         for chunk in rx {
             let (index, scan) = match chunk {
                 Chunk::Events(events) => {
@@ -192,6 +212,10 @@ fn load(dir: &Path, loader: &mut Loader, mode: Mode, below: Option<u64>) -> Resu
                             loader.apply(&event);
                             report.records_replayed += 1;
                         }
+                    }
+                    if !loader.claims.is_empty() {
+                        let claims = std::mem::replace(&mut loader.claims, Vec::with_capacity(REPLAY_CHUNK_RECORDS));
+                        let _ = claims_tx.send(claims);
                     }
                     continue;
                 }

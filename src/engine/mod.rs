@@ -416,6 +416,19 @@ impl Engine {
 
     // ------------------------------------------------------------------ apply
 
+    /// Apply one event but leave the id-directory claim of a RESERVED event
+    /// to the caller, by pushing `(id, sku)` onto `claims`. Replay uses this
+    /// to fill the shared directory on another core while it applies.
+    pub fn apply_deferring_claim(&mut self, event: &Event, claims: &mut Vec<(u128, u64)>) {
+        match *event {
+            Event::Reserved { sku, reservation_id, .. } => {
+                claims.push((reservation_id, sku));
+                self.apply_reserved(event);
+            }
+            _ => self.apply(event),
+        }
+    }
+
     /// Apply one event. Used by the command path above and by replay; the
     /// event must be valid for the current state (it was decided against
     /// it), so violations are bugs and panic.
