@@ -409,3 +409,32 @@ async fn a_reused_request_id_cannot_mix_up_batches() {
     let client = server.checkout(1).await;
     assert_eq!(client.status(40).await.unwrap().sale.reserved + client.status(41).await.unwrap().sale.reserved, 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_and_then_resets_frees_its_connection() {
+    let server = start_server().await;
+    let shared = server.handle.shared.clone();
+    let mut conn = RawConn::authed(&server.addr).await;
+    assert_eq!(shared.connections_active(), 1);
+    // Far more pipelined requests than the in-flight limit, replies never
+    // read: the server's writer blocks on a full socket, its reader parks
+    // on the in-flight limit.
+    let mut buf = BytesMut::new();
+    for i in 0..200_000u64 {
+        Request::Ping.encode_frame(10 + i, &mut buf);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.write.write_all(&buf)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Now the client vanishes with a reset.
+    let RawConn { write, read } = conn;
+    let stream = read.into_inner().reunite(write).expect("same stream");
+    stream.set_zero_linger().unwrap();
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while shared.connections_active() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the dead connection's task never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The server still serves.
+    assert_eq!(server.checkout(1).await.ping().await.unwrap().status, Status::Ok);
+}

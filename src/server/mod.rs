@@ -22,6 +22,15 @@ pub struct Shared {
     pub router: Arc<Router>,
     pub tokens: Tokens,
     pub clock: Arc<dyn Clock>,
+    /// One permit per open connection, `CONNECTIONS_MAX` in all.
+    connection_slots: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Connections currently being served.
+    pub fn connections_active(&self) -> usize {
+        CONNECTIONS_MAX - self.connection_slots.available_permits()
+    }
 }
 
 /// How to build a server.
@@ -76,13 +85,14 @@ pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<Ser
     let addr = listener.local_addr()?;
     let engines = config.engines.unwrap_or_else(|| Engines::empty(config.pool_shards));
     let router = Router::new(engines, config.clock.clone(), config.sinks, config.pin_hot_shards);
-    let shared = Arc::new(Shared { router, tokens: config.tokens, clock: config.clock });
+    let connection_slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let shared = Arc::new(Shared { router, tokens: config.tokens, clock: config.clock, connection_slots });
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));
     Ok(ServerHandle { addr, shared, accept })
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let slots = shared.connection_slots.clone();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
