@@ -19,7 +19,6 @@
 //! new snapshot, and deletes segments that both the snapshot and the
 //! downstream consumer have moved past.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,7 +80,8 @@ enum Slot {
 /// Routes SKUs to engines exactly as the live router does.
 struct Loader {
     engines: Engines,
-    slots: HashMap<u64, Slot>,
+    /// Looked up once per replayed event: a fast hasher, not SipHash.
+    slots: std::collections::HashMap<u64, Slot, foldhash::fast::RandomState>,
     /// Directory claims of replayed reservations, not yet made.
     claims: Vec<(u128, u64)>,
 }
@@ -101,7 +101,7 @@ impl Loader {
                 engine
             })
             .collect();
-        Loader { engines: Engines { directory, pool, hot: Vec::new() }, slots: HashMap::new(), claims: Vec::new() }
+        Loader { engines: Engines { directory, pool, hot: Vec::new() }, slots: Default::default(), claims: Vec::new() }
     }
 
     fn new_slot(&mut self, sku: u64, hot: bool) -> Slot {
