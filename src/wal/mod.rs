@@ -14,7 +14,7 @@ pub mod segment;
 pub mod snapshot;
 pub mod writer;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::limits::{
@@ -67,4 +67,22 @@ impl WalConfig {
             segment_bytes_max: WAL_SEGMENT_BYTES_MAX,
         }
     }
+}
+
+/// Files in `dir` named `<prefix><lsn><suffix>`, as `(lsn, path)`, sorted
+/// by LSN (segments and snapshots are both named this way).
+pub(crate) fn list_by_lsn(dir: &Path, prefix: &str, suffix: &str) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(lsn) = name.strip_prefix(prefix).and_then(|n| n.strip_suffix(suffix)) {
+            if let Ok(lsn) = lsn.parse::<u64>() {
+                found.push((lsn, entry.path()));
+            }
+        }
+    }
+    found.sort_unstable_by_key(|(lsn, _)| *lsn);
+    Ok(found)
 }

@@ -31,19 +31,7 @@ pub fn segment_name(first_lsn: u64) -> String {
 
 /// Segments in `dir`, sorted by first LSN.
 pub fn list_segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
-    let mut segments = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(lsn) = name.strip_prefix("wal-").and_then(|n| n.strip_suffix(".seg")) {
-            if let Ok(lsn) = lsn.parse::<u64>() {
-                segments.push((lsn, entry.path()));
-            }
-        }
-    }
-    segments.sort_unstable_by_key(|(lsn, _)| *lsn);
-    Ok(segments)
+    crate::wal::list_by_lsn(dir, "wal-", ".seg")
 }
 
 pub fn encode_header(first_lsn: u64) -> [u8; SEGMENT_HEADER_BYTES] {

@@ -35,18 +35,8 @@ pub fn snapshot_name(lsn: u64) -> String {
 
 /// Snapshots in `dir`, newest (highest LSN) first.
 pub fn list_snapshots(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(lsn) = name.strip_prefix("snap-").and_then(|n| n.strip_suffix(".snap")) {
-            if let Ok(lsn) = lsn.parse::<u64>() {
-                found.push((lsn, entry.path()));
-            }
-        }
-    }
-    found.sort_unstable_by_key(|(lsn, _)| std::cmp::Reverse(*lsn));
+    let mut found = crate::wal::list_by_lsn(dir, "snap-", ".snap")?;
+    found.reverse();
     Ok(found)
 }
 
