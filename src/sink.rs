@@ -7,8 +7,9 @@
 //!
 //! Every reply of a shard goes through its sink, including replies that
 //! produced no event (a retried RESERVE answered from memory): they are
-//! queued behind the events they observed, so an answer never reveals state
-//! the log has not yet taken.
+//! queued behind the shard's events they observed, so no acknowledgement
+//! rests on state the log has not taken. (Refusals can: see "Known limits"
+//! in src/wal/WAL.md.)
 
 use stampede_protocol::message::Outcome;
 use tokio::sync::{mpsc, oneshot};
