@@ -134,7 +134,8 @@ impl Engine {
     /// Every sale as an image, sorted by SKU (deterministic output).
     pub fn export(&self) -> Vec<SaleImage> {
         let mut per_sku: FastMap<u64, Vec<ReservationImage>> = FastMap::default();
-        for (&id, r) in &self.reservations {
+        for (&key, r) in &self.reservations {
+            let id = key.id();
             per_sku.entry(r.sku).or_default().push(ReservationImage {
                 id,
                 user: r.user,
@@ -142,7 +143,7 @@ impl Engine {
                 state: r.state,
                 expires_at_ms: r.expires_at_ms,
                 settled_at_ms: r.settled_at_ms,
-                payment_ref: self.payment_refs.get(&id).map(|p| Bytes::copy_from_slice(p)),
+                payment_ref: self.payment_refs.get(&key).map(|p| Bytes::copy_from_slice(p)),
             });
         }
         let mut images: Vec<SaleImage> = self
@@ -194,10 +195,10 @@ impl Engine {
             let claim = self.directory.claim(r.id, sku);
             assert!(!matches!(claim, Claim::Conflict { .. }), "reservation {:#x} belongs to two skus", r.id);
             if let Some(payment_ref) = r.payment_ref {
-                self.payment_refs.insert(r.id, payment_ref[..].into());
+                self.payment_refs.insert(r.id.into(), payment_ref[..].into());
             }
             let previous = self.reservations.insert(
-                r.id,
+                r.id.into(),
                 Reservation {
                     sku,
                     user: r.user,

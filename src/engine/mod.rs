@@ -89,8 +89,8 @@ pub struct Reservation {
     pub settled_at_ms: u64,
 }
 
-// One reservation plus its u128 key fills one 64-byte cache line in the map.
-const _: () = assert!(std::mem::size_of::<Reservation>() <= 48);
+// The record plus its 16-byte key (IdKey) is a 56-byte map bucket.
+const _: () = assert!(std::mem::size_of::<Reservation>() <= 40);
 
 #[derive(Debug)]
 struct Sale {
@@ -149,30 +149,49 @@ impl Sale {
     }
 }
 
+/// A reservation id as a map key: two u64s, so a bucket of the reservation
+/// map (key + 40-byte record) is 56 bytes instead of the 64 that u128's
+/// 16-byte alignment forces. At millions of reservations that is 12% less
+/// memory to fault in and to miss on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct IdKey([u64; 2]);
+
+impl From<u128> for IdKey {
+    fn from(id: u128) -> Self {
+        IdKey([id as u64, (id >> 64) as u64])
+    }
+}
+
+impl IdKey {
+    fn id(self) -> u128 {
+        u128::from(self.0[0]) | (u128::from(self.0[1]) << 64)
+    }
+}
+
 /// A pending expiry: deadline and reservation id. Three u64s (24 bytes)
 /// rather than `(u64, u128)`, which u128's 16-byte alignment pads to 32.
 #[derive(Clone, Copy, Debug)]
 struct ExpiryEntry {
     deadline_ms: u64,
-    id: [u64; 2],
+    id: IdKey,
 }
 
 impl ExpiryEntry {
     fn new(deadline_ms: u64, id: u128) -> Self {
-        ExpiryEntry { deadline_ms, id: [id as u64, (id >> 64) as u64] }
+        ExpiryEntry { deadline_ms, id: id.into() }
     }
     fn id(&self) -> u128 {
-        u128::from(self.id[0]) | (u128::from(self.id[1]) << 64)
+        self.id.id()
     }
 }
 
 /// The state machine of one shard. See the module doc.
 pub struct Engine {
     sales: FastMap<u64, Sale>,
-    reservations: FastMap<u128, Reservation>,
+    reservations: FastMap<IdKey, Reservation>,
     /// Payment references of confirmed reservations, kept apart so the
     /// hot reservation record stays small; read only by a retried CONFIRM.
-    payment_refs: FastMap<u128, Box<[u8]>>,
+    payment_refs: FastMap<IdKey, Box<[u8]>>,
     directory: Arc<ReservationDirectory>,
 }
 
@@ -202,7 +221,7 @@ impl Engine {
     }
 
     pub fn reservation(&self, id: u128) -> Option<&Reservation> {
-        self.reservations.get(&id)
+        self.reservations.get(&id.into())
     }
 
     pub fn skus(&self) -> impl Iterator<Item = u64> + '_ {
@@ -277,7 +296,7 @@ impl Engine {
         let Some(sale) = self.sales.get_mut(&op.sku) else {
             return Outcome::of(Status::UnknownSku);
         };
-        if let Some(existing) = self.reservations.get(&op.reservation_id) {
+        if let Some(existing) = self.reservations.get(&op.reservation_id.into()) {
             return if existing.sku == op.sku && existing.user == op.user && existing.qty == op.qty {
                 Outcome::new(Status::Reserved, existing.expires_at_ms)
             } else {
@@ -326,7 +345,7 @@ impl Engine {
     /// CONFIRM. A reservation past its expiry is expired here (even if the
     /// expiry tick has not run yet), so a late payment is never accepted.
     pub fn confirm(&mut self, id: u128, payment_ref: &Bytes, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
-        let Some(r) = self.reservations.get(&id) else {
+        let Some(r) = self.reservations.get(&id.into()) else {
             return Outcome::of(Status::UnknownReservation);
         };
         let sku = r.sku;
@@ -345,7 +364,7 @@ impl Engine {
                 events.push(event);
                 Outcome::new(Status::Confirmed, now_ms)
             }
-            HoldState::Confirmed if self.payment_refs.get(&id).map(|p| &p[..]) == Some(&payment_ref[..]) => {
+            HoldState::Confirmed if self.payment_refs.get(&id.into()).map(|p| &p[..]) == Some(&payment_ref[..]) => {
                 Outcome::new(Status::Confirmed, r.settled_at_ms)
             }
             HoldState::Confirmed => Outcome::of(Status::IdConflict),
@@ -356,7 +375,7 @@ impl Engine {
 
     /// RELEASE. Idempotent: releasing twice answers `released` twice.
     pub fn release(&mut self, id: u128, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
-        let Some(r) = self.reservations.get(&id) else {
+        let Some(r) = self.reservations.get(&id.into()) else {
             return Outcome::of(Status::UnknownReservation);
         };
         let sku = r.sku;
@@ -403,7 +422,7 @@ impl Engine {
                 sale.expiry.pop_front();
                 let still_held = self
                     .reservations
-                    .get(&id)
+                    .get(&id.into())
                     .is_some_and(|r| r.state == HoldState::Held && r.expires_at_ms == deadline);
                 if still_held {
                     let event = Event::Expired { sku, reservation_id: id, at_ms: now_ms };
@@ -475,7 +494,7 @@ impl Engine {
             }
             Event::Confirmed { reservation_id, at_ms, ref payment_ref, .. } => {
                 let (sku, qty) = self.settle(reservation_id, HoldState::Confirmed, at_ms);
-                self.payment_refs.insert(reservation_id, payment_ref[..].into());
+                self.payment_refs.insert(reservation_id.into(), payment_ref[..].into());
                 let sale = self.sale_mut(sku);
                 sale.reserved -= u64::from(qty);
                 sale.sold += u64::from(qty);
@@ -485,7 +504,7 @@ impl Engine {
                 let state =
                     if matches!(event, Event::Released { .. }) { HoldState::Released } else { HoldState::Expired };
                 let (sku, qty) = self.settle(reservation_id, state, at_ms);
-                let user = self.reservations[&reservation_id].user;
+                let user = self.reservations[&reservation_id.into()].user;
                 let sale = self.sale_mut(sku);
                 sale.reserved -= u64::from(qty);
                 sale.available += u64::from(qty);
@@ -516,13 +535,13 @@ impl Engine {
         sale.assert_invariant(sku);
         sale.publish();
         let reservation = Reservation { sku, user, qty, state: HoldState::Held, expires_at_ms, settled_at_ms: 0 };
-        let previous = self.reservations.insert(reservation_id, reservation);
+        let previous = self.reservations.insert(reservation_id.into(), reservation);
         assert!(previous.is_none(), "reservation {reservation_id:#x} applied twice");
     }
 
     /// Move a held reservation to its final state; returns (sku, qty).
     fn settle(&mut self, id: u128, state: HoldState, at_ms: u64) -> (u64, u32) {
-        let r = self.reservations.get_mut(&id).expect("settling an unknown reservation");
+        let r = self.reservations.get_mut(&id.into()).expect("settling an unknown reservation");
         assert_eq!(r.state, HoldState::Held, "reservation {id:#x} settled twice");
         r.state = state;
         r.settled_at_ms = at_ms;
