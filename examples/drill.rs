@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use stampede::server::{self, ServerConfig, Tokens};
 use stampede::wal::writer;
-use stampede::wal::WalConfig;
+use stampede::wal::{Durability, WalConfig};
 use stampede_protocol::client::{new_reservation_id, Client, ClientConfig};
 use stampede_protocol::message::{Reserve, SaleCreate};
 use stampede_protocol::Status;
@@ -57,8 +57,10 @@ async fn main() -> anyhow::Result<()> {
     let wal = match mode.as_str() {
         "volatile" => None,
         durability => {
-            let wal_config =
-                WalConfig { durability: durability.parse().map_err(anyhow::Error::msg)?, ..WalConfig::new(&data_dir) };
+            let wal_config = WalConfig {
+                durability: <Durability as clap::ValueEnum>::from_str(durability, false).map_err(anyhow::Error::msg)?,
+                ..WalConfig::new(&data_dir)
+            };
             let fatal: writer::FatalHandler = Arc::new(|m: &str| panic!("{m}"));
             let wal = writer::start(wal_config, 1, Box::new(writer::DataSync), fatal)?;
             config.sinks = wal.sink_factory();

@@ -371,24 +371,14 @@ pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, Recover
 }
 
 /// Which segments may be deleted once a snapshot covers them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// (`clap::ValueEnum`: parsed from `consumer` / `snapshot`.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Retention {
     /// Keep segments until the downstream consumer (the reconciler) has
     /// settled past them, as recorded in `consumer.lsn`.
     Consumer,
     /// No downstream consumer: delete once a snapshot covers them.
     Snapshot,
-}
-
-impl std::str::FromStr for Retention {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "consumer" => Ok(Retention::Consumer),
-            "snapshot" => Ok(Retention::Snapshot),
-            other => Err(format!("unknown retention {other:?} (expected consumer or snapshot)")),
-        }
-    }
 }
 
 /// The settled LSN the downstream consumer last reported (0 if none).

@@ -51,24 +51,22 @@ struct Ledger {
     uncertain_confirms: HashMap<u128, u64>,
 }
 
-async fn client(addr: &str, token: &str) -> Client {
+/// No retries: the test must see exactly which calls were answered.
+fn config(addr: &str, token: &str) -> ClientConfig {
     let mut config = ClientConfig::new(addr, token);
     config.max_attempts = 1;
     config.request_timeout = Duration::from_secs(2);
-    Client::connect(config).await.expect("connect")
+    config
+}
+
+async fn client(addr: &str, token: &str) -> Client {
+    Client::connect(config(addr, token)).await.expect("connect")
 }
 
 /// One worker's load until the connection dies (the kill) or `ops` are done.
 async fn worker(addr: String, seed: u64, ledger: Arc<Mutex<Ledger>>, round: u64, ops: usize) {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let Ok(client) = Client::connect({
-        let mut c = ClientConfig::new(&addr, CHECKOUT);
-        c.max_attempts = 1;
-        c.request_timeout = Duration::from_secs(2);
-        c
-    })
-    .await
-    else {
+    let Ok(client) = Client::connect(config(&addr, CHECKOUT)).await else {
         return;
     };
     for i in 0..ops {

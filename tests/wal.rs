@@ -76,9 +76,14 @@ fn workload(seed: u64, ops: usize) -> (Engine, Vec<Event>) {
 
 /// Write `events` through the real log writer, in submissions of `chunk`.
 fn write_log(dir: &Path, events: &[Event], chunk: usize, segment_bytes_max: u64) {
+    append_log(dir, events, 1, chunk, segment_bytes_max);
+}
+
+/// Like `write_log`, continuing a log whose next LSN is `first_lsn`.
+fn append_log(dir: &Path, events: &[Event], first_lsn: u64, chunk: usize, segment_bytes_max: u64) {
     // Small groups, so segments rotate at their size bound.
     let config = WalConfig { segment_bytes_max, flush_bytes: 1024, ..WalConfig::new(dir) };
-    let wal = writer::start(config, 1, Box::new(DataSync), no_fatal()).unwrap();
+    let wal = writer::start(config, first_lsn, Box::new(DataSync), no_fatal()).unwrap();
     let mut sink = wal.sink();
     for part in events.chunks(chunk) {
         sink.submit(&mut part.to_vec(), &mut Vec::new());
@@ -286,22 +291,9 @@ fn a_damaged_newest_snapshot_falls_back_to_the_older_one_after_retention() {
     let dir = TempDir::new("fallback");
     // First half, checkpoint; second half, checkpoint: two snapshots.
     let half = events.len() / 2;
-    let config = WalConfig { segment_bytes_max: 8 * 1024, flush_bytes: 1024, ..WalConfig::new(&dir.0) };
-    let wal = writer::start(config.clone(), 1, Box::new(DataSync), no_fatal()).unwrap();
-    let mut sink = wal.sink();
-    for part in events[..half].chunks(7) {
-        sink.submit(&mut part.to_vec(), &mut Vec::new());
-    }
-    drop(sink);
-    wal.close().unwrap();
+    write_log(&dir.0, &events[..half], 7, 8 * 1024);
     recovery::checkpoint(&dir.0, None, Retention::Snapshot).unwrap();
-    let wal = writer::start(config, half as u64 + 1, Box::new(DataSync), no_fatal()).unwrap();
-    let mut sink = wal.sink();
-    for part in events[half..].chunks(7) {
-        sink.submit(&mut part.to_vec(), &mut Vec::new());
-    }
-    drop(sink);
-    wal.close().unwrap();
+    append_log(&dir.0, &events[half..], half as u64 + 1, 7, 8 * 1024);
     let done = recovery::checkpoint(&dir.0, None, Retention::Snapshot).unwrap();
     assert!(done.segments_deleted > 0, "retention ran");
     let snapshots = stampede::wal::snapshot::list_snapshots(&dir.0).unwrap();

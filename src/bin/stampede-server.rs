@@ -45,7 +45,7 @@ struct Args {
     insecure: bool,
     /// `fsync`: acknowledge after fdatasync (no loss window). `async`: acknowledge
     /// after write(2), fsync every --wal-async-sync-ms (that is the loss window on power loss).
-    #[arg(long, default_value = "fsync")]
+    #[arg(long, value_enum, default_value = "fsync")]
     durability: Durability,
     /// Group commit: flush once this many bytes of records are waiting...
     #[arg(long, default_value_t = stampede::limits::WAL_FLUSH_BYTES_DEFAULT)]
@@ -61,7 +61,7 @@ struct Args {
     snapshot_interval_secs: u64,
     /// When old log segments may go: `consumer` (once a snapshot covers them and the
     /// reconciler has settled past them) or `snapshot` (no reconciler: once a snapshot covers them).
-    #[arg(long, default_value = "consumer")]
+    #[arg(long, value_enum, default_value = "consumer")]
     wal_retention: Retention,
     /// On mid-log corruption, cut the log there instead of refusing to start (records after it are lost).
     #[arg(long)]

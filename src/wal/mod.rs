@@ -22,7 +22,8 @@ use crate::limits::{
 };
 
 /// When a reply may leave relative to its record reaching the disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// (`clap::ValueEnum`: parsed from `fsync` / `async` on command lines.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Durability {
     /// Reply after `fdatasync` of the group. Loss window: none.
     Fsync,
@@ -30,17 +31,6 @@ pub enum Durability {
     /// window on power loss or kernel crash: up to that interval. A killed
     /// process (kill -9) loses nothing: the data is in the page cache.
     Async,
-}
-
-impl std::str::FromStr for Durability {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "fsync" => Ok(Durability::Fsync),
-            "async" => Ok(Durability::Async),
-            other => Err(format!("unknown durability mode {other:?} (expected fsync or async)")),
-        }
-    }
 }
 
 #[derive(Clone, Debug)]
