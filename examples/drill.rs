@@ -48,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
     let tokens = Tokens {
         admin: Some(admin_token.clone().into_bytes()),
         checkout: Some(checkout_token.clone().into_bytes()),
+        replication: None,
         insecure: false,
     };
     let mut config = ServerConfig::new(tokens);

@@ -11,7 +11,14 @@
 //!   and the [`shard::Router`] that maps a SKU to its shard and gauge.
 //! - [`sink`]: where a shard hands its events; replies are released by the
 //!   sink once the events are logged.
-//! - [`server`]: TCP accept loop, auth, and per-connection reader/writer.
+//! - [`server`]: TCP accept loop, auth, and per-connection reader/writer;
+//!   [`server::log`] serves the log to the reconciler (REPLICATE, SETTLED,
+//!   STATE_DUMP).
+//! - [`wal`]: the write-ahead log (records, segments, group commit,
+//!   snapshots, a cursor that follows the log); [`recovery`] rebuilds the
+//!   engines from it and takes checkpoints.
+//! - [`node`]: all of the above started and stopped in order (what
+//!   `stampede-server` runs).
 //!
 //! # One reservation, end to end
 //!
@@ -29,6 +36,7 @@
 pub mod clock;
 pub mod engine;
 pub mod limits;
+pub mod node;
 pub mod recovery;
 pub mod server;
 pub mod shard;

@@ -57,10 +57,6 @@ pub const HOT_SHARDS_MAX: usize = 64;
 /// reserve path; 1M entries (~16 MiB) covers a large drop without one.
 pub const DIRECTORY_IDS_PRESIZED: usize = 1 << 20;
 
-/// Largest WAL record payload. The largest event (CONFIRMED with a maximal
-/// payment reference) is 98 bytes; anything near this bound is corruption.
-pub const RECORD_PAYLOAD_BYTES_MAX: usize = 4096;
-
 /// A WAL segment is closed and a new one started past this size. 64 MiB
 /// keeps the number of files small while a segment still replays in well
 /// under a second and can be deleted as soon as it is covered.
@@ -83,3 +79,18 @@ pub const WAL_SUBMISSIONS_QUEUED_MAX: usize = 1024;
 
 /// Snapshots kept in the data dir (the newest ones); older ones are deleted.
 pub const SNAPSHOTS_KEPT: usize = 2;
+
+/// Concurrent REPLICATE streams. One reconciler needs one; a few more
+/// leave room for a standby or an audit tool. Each costs a file handle and
+/// a read buffer, and reads the log from disk.
+pub const REPLICATION_STREAMS_MAX: usize = 8;
+
+/// Frames (up to 64 KiB each) one REPLICATE stream or STATE_DUMP may have
+/// queued for its connection's writer. The stream waits for the socket
+/// beyond this, so a slow consumer holds at most ~1 MiB of server memory.
+pub const REPLICATION_FRAMES_INFLIGHT_MAX: usize = 16;
+
+/// STATE_DUMPs running at once. Each rebuilds a full copy of the state
+/// from the snapshot and the log (memory and a core for seconds on a large
+/// log); a second request meanwhile gets `busy`.
+pub const STATE_DUMPS_CONCURRENT_MAX: usize = 1;

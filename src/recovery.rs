@@ -152,13 +152,24 @@ enum Mode {
     ReadOnly,
 }
 
-/// Load the newest valid snapshot, then replay segments. `below` limits
-/// replay to segments whose first LSN is below it (closed segments).
-fn load(dir: &Path, loader: &mut Loader, mode: Mode, below: Option<u64>) -> Result<RecoveryReport, RecoveryError> {
+/// Which part of the log to load.
+#[derive(Clone, Copy, Default)]
+struct Bounds {
+    /// Only segments whose first LSN is below this (closed segments).
+    below: Option<u64>,
+    /// Only records up to this LSN, which must be synced; the segment that
+    /// holds it may still be written to (bytes after it are ignored).
+    upto: Option<u64>,
+}
+
+/// Load the newest valid snapshot, then replay segments within `bounds`.
+fn load(dir: &Path, loader: &mut Loader, mode: Mode, bounds: Bounds) -> Result<RecoveryReport, RecoveryError> {
+    let Bounds { below, upto } = bounds;
     let started = Instant::now();
     let mut report = RecoveryReport::default();
     let mut snapshot_lsn = 0;
-    for (_, path) in list_snapshots(dir)? {
+    let snapshots = list_snapshots(dir)?.into_iter().filter(|(lsn, _)| upto.is_none_or(|u| *lsn <= u));
+    for (_, path) in snapshots {
         match read_snapshot(&path) {
             Ok((lsn, sales)) => {
                 for image in sales {
@@ -171,8 +182,10 @@ fn load(dir: &Path, loader: &mut Loader, mode: Mode, below: Option<u64>) -> Resu
             Err(e) => tracing::warn!(error = %e, "skipping invalid snapshot"),
         }
     }
-    let segments: Vec<(u64, PathBuf)> =
-        list_segments(dir)?.into_iter().filter(|(first, _)| below.is_none_or(|b| *first < b)).collect();
+    let segments: Vec<(u64, PathBuf)> = list_segments(dir)?
+        .into_iter()
+        .filter(|(first, _)| below.is_none_or(|b| *first < b) && upto.is_none_or(|u| *first <= u))
+        .collect();
     report.last_lsn = snapshot_lsn;
     // Replay from the last segment that starts at or before the first LSN
     // the snapshot does not cover.
@@ -190,7 +203,7 @@ fn load(dir: &Path, loader: &mut Loader, mode: Mode, below: Option<u64>) -> Resu
     let directory = loader.engines.directory.clone();
     std::thread::scope(|scope| -> Result<(), RecoveryError> {
         let (tx, rx) = crossbeam_channel::bounded::<Chunk>(REPLAY_CHUNKS_QUEUED);
-        scope.spawn(move || read_segments(segments, start, tx));
+        scope.spawn(move || read_segments(segments, start, upto, tx));
         // Claims go to the shared id directory from a third thread: in a
         // valid log an id is reserved once, so order does not matter, and
         // the directory is complete when the scope ends, before serving.
@@ -289,14 +302,20 @@ enum Chunk {
 }
 
 /// The reader half of replay: scan `segments[start..]` in order, checking
-/// LSN continuity, until the end or the first segment that is not clean.
-fn read_segments(segments: &[(u64, PathBuf)], start: usize, tx: crossbeam_channel::Sender<Chunk>) {
+/// LSN continuity, until the end, the first segment that is not clean, or
+/// the record `upto` (what follows it in that segment is not looked at: it
+/// may be a write in progress).
+fn read_segments(segments: &[(u64, PathBuf)], start: usize, upto: Option<u64>, tx: crossbeam_channel::Sender<Chunk>) {
+    let upto = upto.unwrap_or(u64::MAX);
     let mut buf = Vec::new();
     let mut expect = segments[start].0;
     for (index, (_, path)) in segments.iter().enumerate().skip(start) {
         let mut chunk = Vec::with_capacity(REPLAY_CHUNK_RECORDS);
         let mut receiver_gone = false;
         let scan = scan_segment(path, expect, &mut buf, |lsn, event| {
+            if lsn > upto {
+                return;
+            }
             chunk.push((lsn, event));
             if chunk.len() == REPLAY_CHUNK_RECORDS {
                 let full = std::mem::replace(&mut chunk, Vec::with_capacity(REPLAY_CHUNK_RECORDS));
@@ -306,6 +325,16 @@ fn read_segments(segments: &[(u64, PathBuf)], start: usize, tx: crossbeam_channe
         if receiver_gone || (!chunk.is_empty() && tx.send(Chunk::Events(chunk)).is_err()) {
             return;
         }
+        let scan = match scan {
+            Ok(mut s) if s.last_lsn >= upto => {
+                // Everything wanted was valid; the rest is not our business.
+                s.last_lsn = upto;
+                s.end = ScanEnd::Clean;
+                let _ = tx.send(Chunk::Done(index, Ok(s)));
+                return;
+            }
+            other => other,
+        };
         let clean = matches!(&scan, Ok(s) if s.end == ScanEnd::Clean);
         if let Ok(s) = &scan {
             expect = s.last_lsn + 1;
@@ -357,7 +386,8 @@ fn cut(path: &Path, offset: u64) -> std::io::Result<()> {
 /// Rebuild the engines from `dir` (startup).
 pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, RecoveryError> {
     let mut loader = Loader::new(options.pool_shards, records_estimate(dir, None)?);
-    let report = load(dir, &mut loader, Mode::Repair { truncate_corrupt: options.truncate_corrupt }, None)?;
+    let mode = Mode::Repair { truncate_corrupt: options.truncate_corrupt };
+    let report = load(dir, &mut loader, mode, Bounds::default())?;
     // The writer starts a fresh segment at next_lsn; a last segment that
     // holds no record (it starts at next_lsn) is removed to make room.
     let next_lsn = report.last_lsn + 1;
@@ -368,6 +398,26 @@ pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, Recover
         }
     }
     Ok(Recovered { engines: loader.engines, next_lsn, report })
+}
+
+/// The engine's complete state at `lsn` (every record up to it applied,
+/// none after), rebuilt from the newest snapshot at or before `lsn` and the
+/// log, by the same code recovery uses, while the server keeps running.
+/// `lsn` must be synced. This is what STATE_DUMP serves: because the engine
+/// is a deterministic function of its log, this *is* the state the live
+/// engine had once it applied record `lsn`.
+pub fn state_at(dir: &Path, lsn: u64) -> Result<Vec<SaleImage>, RecoveryError> {
+    let mut loader = Loader::new(1, records_estimate(dir, None)?);
+    let report = load(dir, &mut loader, Mode::ReadOnly, Bounds { below: None, upto: Some(lsn) })?;
+    if report.last_lsn != lsn {
+        return Err(RecoveryError::Io(std::io::Error::other(format!(
+            "the log ends at LSN {} before the requested LSN {lsn}",
+            report.last_lsn
+        ))));
+    }
+    let mut images: Vec<SaleImage> = loader.all_engines().flat_map(|e| e.export()).collect();
+    images.sort_unstable_by_key(|i| i.sku);
+    Ok(images)
 }
 
 /// Which segments may be deleted once a snapshot covers them.
@@ -403,7 +453,7 @@ pub fn checkpoint(
 ) -> Result<Checkpoint, RecoveryError> {
     let started = Instant::now();
     let mut loader = Loader::new(1, records_estimate(dir, active_first_lsn)?);
-    let report = load(dir, &mut loader, Mode::ReadOnly, active_first_lsn)?;
+    let report = load(dir, &mut loader, Mode::ReadOnly, Bounds { below: active_first_lsn, upto: None })?;
     let mut result = Checkpoint::default();
     let covered = report.last_lsn;
     if report.records_replayed > 0 {

@@ -258,6 +258,7 @@ async fn a_failed_fsync_stops_acknowledgements() {
     let mut config = stampede::server::ServerConfig::new(stampede::server::Tokens {
         admin: Some(common::ADMIN_TOKEN.into()),
         checkout: Some(common::CHECKOUT_TOKEN.into()),
+        replication: None,
         insecure: false,
     });
     config.sinks = wal.sink_factory();

@@ -12,7 +12,11 @@
 //! - [`message`]: one module per operation (`# Format` docs next to the
 //!   encode/decode code), dispatched by the [`Request`](message::Request) and
 //!   [`Reply`](message::Reply) enums.
+//! - [`event`], [`record`]: the events of the engine and the checksummed
+//!   log record that carries one (the WAL's format and the replication
+//!   stream's).
 //! - [`client`]: pipelined, reconnecting, retry-safe async client.
+//! - [`replication`]: the log-streaming and state-dump client (reconciler).
 //!
 //! PROTOCOL.md next to this crate is the normative spec; the hex test
 //! vectors in `testdata/` are checked by `tests/vectors.rs` against this code.
@@ -23,9 +27,12 @@
 //! client's reader task matches the request id -> the caller's future resolves.
 
 pub mod client;
+pub mod event;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod record;
+pub mod replication;
 pub mod status;
 pub mod wire;
 

@@ -35,3 +35,12 @@ pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
 /// Retry delay a client uses for a `busy` reply that carries no hint
 /// (the STATUS reply has no detail field).
 pub const BUSY_RETRY_AFTER_MS_DEFAULT: u64 = 10;
+
+/// Largest log record payload (the WAL and the replication stream). The largest event (CONFIRMED with a maximal
+/// payment reference) is 98 bytes; anything near this bound is corruption.
+pub const RECORD_PAYLOAD_BYTES_MAX: usize = 4096;
+
+/// A REPLICATE stream sends an empty LOG_BATCH after this long without
+/// records, so the consumer can tell an idle log from a dead connection
+/// and always knows the server's durable LSN (its lag).
+pub const REPLICATION_HEARTBEAT_MS: u64 = 1_000;

@@ -51,6 +51,11 @@ pub enum Status {
     SaleExists = 20,
     /// A field is out of range (quantity 0, stock over the maximum, ...).
     InvalidArgument = 21,
+    /// REPLICATE from an LSN the log no longer holds (retention deleted
+    /// it) or that lies beyond its end.
+    LsnUnavailable = 22,
+    /// REPLICATE or STATE_DUMP on a server that keeps no write-ahead log.
+    NoLog = 23,
 
     // --- overload (retry later) ---------------------------------------
     /// The shard's queue is full. `detail` = suggested retry delay in ms.
@@ -106,6 +111,8 @@ impl Status {
         Status::IdConflict,
         Status::SaleExists,
         Status::InvalidArgument,
+        Status::LsnUnavailable,
+        Status::NoLog,
         Status::Busy,
         Status::ShuttingDown,
         Status::Unauthenticated,
@@ -150,6 +157,8 @@ impl Status {
             Status::IdConflict => "id_conflict",
             Status::SaleExists => "sale_exists",
             Status::InvalidArgument => "invalid_argument",
+            Status::LsnUnavailable => "lsn_unavailable",
+            Status::NoLog => "no_log",
             Status::Busy => "busy",
             Status::ShuttingDown => "shutting_down",
             Status::Unauthenticated => "unauthenticated",

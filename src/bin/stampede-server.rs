@@ -1,7 +1,8 @@
 //! `stampede-server`: the flash-sale inventory server.
 //!
 //! Tokens come from the environment (`STAMPEDE_ADMIN_TOKEN`,
-//! `STAMPEDE_CHECKOUT_TOKEN`), never from flags; with neither set the server
+//! `STAMPEDE_CHECKOUT_TOKEN`, `STAMPEDE_REPLICATION_TOKEN` for the
+//! reconciler), never from flags; with neither set the server
 //! refuses to start unless `--insecure` is given.
 //!
 //! Start-up: lock the data dir, recover (snapshot + WAL replay), start the
@@ -10,16 +11,15 @@
 //! snapshot, exit 0.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use stampede::clock::SystemClock;
-use stampede::recovery::{self, RecoverOptions, Retention};
-use stampede::server::{self, ServerConfig, Tokens};
-use stampede::wal::writer::{self as wal_writer, DataSync, FailingSync, Syncer};
+use stampede::node::{Node, NodeConfig};
+use stampede::recovery::Retention;
+use stampede::server::Tokens;
+use stampede::wal::writer::FailingSync;
 use stampede::wal::{Durability, WalConfig};
 
 #[derive(Parser, Debug)]
@@ -102,123 +102,57 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let admin = token_from_env("STAMPEDE_ADMIN_TOKEN")?;
     let checkout = token_from_env("STAMPEDE_CHECKOUT_TOKEN")?;
-    if admin.is_none() && checkout.is_none() && !args.insecure {
+    let replication = token_from_env("STAMPEDE_REPLICATION_TOKEN")?;
+    let configured = admin.is_some() || checkout.is_some() || replication.is_some();
+    if !configured && !args.insecure {
         bail!(
-            "no token configured: set STAMPEDE_ADMIN_TOKEN and/or STAMPEDE_CHECKOUT_TOKEN, \
-             or pass --insecure for a local experiment (every connection is then admin)"
+            "no token configured: set STAMPEDE_ADMIN_TOKEN, STAMPEDE_CHECKOUT_TOKEN and/or \
+             STAMPEDE_REPLICATION_TOKEN, or pass --insecure for a local experiment (every connection is then admin)"
         );
     }
-    if args.insecure && (admin.is_some() || checkout.is_some()) {
+    if args.insecure && configured {
         bail!("--insecure cannot be combined with configured tokens");
     }
     if args.insecure {
         tracing::warn!("running with --insecure: every connection has the admin role");
     }
 
-    // --- data dir: lock, recover -------------------------------------------
-    let dir = args.data_dir.clone();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating data dir {}", dir.display()))?;
-    let lock = std::fs::File::create(dir.join("LOCK")).context("creating the data dir lock file")?;
-    if lock.try_lock().is_err() {
-        bail!("data dir {} is in use by another stampede-server", dir.display());
+    let mut wal = WalConfig::new(&args.data_dir);
+    wal.durability = args.durability;
+    wal.flush_bytes = args.wal_flush_bytes.max(1);
+    wal.flush_interval = Duration::from_micros(args.wal_flush_interval_us);
+    wal.async_sync_interval = Duration::from_millis(args.wal_async_sync_ms.max(1));
+    let tokens = Tokens { admin, checkout, replication, insecure: args.insecure };
+    let mut config = NodeConfig::new(&args.data_dir, &args.listen, tokens);
+    config.pool_shards = args.shards.max(1);
+    config.pin_hot_shards = !args.no_pin;
+    config.wal = wal;
+    config.snapshot_interval = Duration::from_secs(args.snapshot_interval_secs.max(1));
+    config.retention = args.wal_retention;
+    config.truncate_corrupt = args.wal_truncate_corrupt;
+    if let Some(ok_syncs) = args.fail_fsync_after {
+        config.syncer = Box::new(FailingSync { ok_syncs });
     }
-    let options = RecoverOptions { pool_shards: args.shards.max(1), truncate_corrupt: args.wal_truncate_corrupt };
-    let recovered = recovery::recover(&dir, options).context("recovering from the data dir")?;
-    if args.wal_retention == Retention::Consumer && !dir.join(recovery::CONSUMER_LSN_FILE).exists() {
-        tracing::warn!(
-            "no downstream consumer has reported a settled LSN ({}): log segments are kept until one does; \
-             pass --wal-retention snapshot if no reconciler will run",
-            recovery::CONSUMER_LSN_FILE
-        );
-    }
-    let report = &recovered.report;
-    tracing::info!(
-        snapshot_lsn = ?report.snapshot_lsn, records_replayed = report.records_replayed,
-        segments = report.segments_scanned, torn_bytes_dropped = report.torn_bytes_dropped,
-        next_lsn = recovered.next_lsn, elapsed_ms = report.elapsed.as_millis() as u64,
-        "recovered"
-    );
-
-    // --- log writer -----------------------------------------------------------
-    let wal_config = WalConfig {
-        durability: args.durability,
-        flush_bytes: args.wal_flush_bytes.max(1),
-        flush_interval: Duration::from_micros(args.wal_flush_interval_us),
-        async_sync_interval: Duration::from_millis(args.wal_async_sync_ms.max(1)),
-        ..WalConfig::new(&dir)
-    };
-    let syncer: Box<dyn Syncer> = match args.fail_fsync_after {
-        Some(ok_syncs) => Box::new(FailingSync { ok_syncs }),
-        None => Box::new(DataSync),
-    };
     // A log that cannot be written must not acknowledge anything more:
     // exit at once, non-zero. Never retry an fsync.
-    let fatal = Arc::new(|message: &str| {
+    config.fatal = Arc::new(|message: &str| {
         tracing::error!("{message}; exiting");
         eprintln!("stampede-server: fatal: {message}");
         std::process::exit(70);
     });
-    let wal = wal_writer::start(wal_config, recovered.next_lsn, syncer, fatal).context("starting the log writer")?;
 
-    // --- serve ----------------------------------------------------------------
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all().thread_name("stampede-io");
     if let Some(n) = args.io_threads {
         runtime.worker_threads(n.max(1));
     }
     let runtime = runtime.build().context("building the tokio runtime")?;
-    let mut config = ServerConfig::new(Tokens { admin, checkout, insecure: args.insecure });
-    config.engines = Some(recovered.engines);
-    config.pin_hot_shards = !args.no_pin;
-    config.clock = Arc::new(SystemClock);
-    config.sinks = wal.sink_factory();
-    let handle = runtime.block_on(async {
-        let listener =
-            tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-        anyhow::Ok(server::start(listener, config)?)
-    })?;
-
-    // Periodic checkpoints in the background (closed segments only).
-    let stopping = Arc::new(AtomicBool::new(false));
-    let checkpointer = {
-        let (dir, stopping, stats) = (dir.clone(), stopping.clone(), wal.stats.clone());
-        let (interval, retention) = (Duration::from_secs(args.snapshot_interval_secs.max(1)), args.wal_retention);
-        std::thread::Builder::new().name("checkpoint".into()).spawn(move || {
-            let mut waited = Duration::ZERO;
-            while !stopping.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-                waited += Duration::from_millis(100);
-                if waited < interval {
-                    continue;
-                }
-                waited = Duration::ZERO;
-                let active = stats.active_segment_first_lsn.load(Ordering::Acquire);
-                match recovery::checkpoint(&dir, Some(active), retention) {
-                    Ok(done) => tracing::info!(snapshot_lsn = ?done.snapshot_lsn, segments_deleted = done.segments_deleted, "checkpoint"),
-                    Err(e) => tracing::error!(error = %e, "checkpoint failed"),
-                }
-            }
-        })?
-    };
-
+    let node = runtime.block_on(Node::start(config))?;
     // Scripts and tests read this line to learn the port.
-    println!("stampede-server listening on {}", handle.addr);
-    tracing::info!(addr = %handle.addr, durability = ?args.durability, data_dir = %dir.display(), "serving");
+    println!("stampede-server listening on {}", node.addr());
+    tracing::info!(addr = %node.addr(), durability = ?args.durability, data_dir = %args.data_dir.display(), "serving");
     runtime.block_on(shutdown_signal());
-
-    // --- graceful shutdown ------------------------------------------------------
-    tracing::info!("shutting down: no new connections, draining shards");
-    handle.stop_accepting();
-    handle.shared.router.shutdown();
-    wal.close().context("closing the write-ahead log")?;
-    // Give connection writers a moment to send the last replies.
-    std::thread::sleep(Duration::from_millis(100));
-    stopping.store(true, Ordering::Relaxed);
-    let _ = checkpointer.join();
-    let done = recovery::checkpoint(&dir, None, args.wal_retention).context("final snapshot")?;
-    tracing::info!(snapshot_lsn = ?done.snapshot_lsn, elapsed_ms = done.elapsed.as_millis() as u64, "final snapshot written; bye");
-    drop(lock);
-    Ok(())
+    node.shutdown()
 }
 
 async fn shutdown_signal() {

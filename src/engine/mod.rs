@@ -69,14 +69,8 @@ impl SkuGauge {
     }
 }
 
-/// Life of one reservation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HoldState {
-    Held,
-    Confirmed,
-    Released,
-    Expired,
-}
+/// Life of one reservation (one definition, shared with STATE_DUMP).
+pub use stampede_protocol::message::HoldState;
 
 #[derive(Clone, Debug)]
 pub struct Reservation {

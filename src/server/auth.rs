@@ -11,6 +11,8 @@ use stampede_protocol::message::Role;
 pub struct Tokens {
     pub admin: Option<Vec<u8>>,
     pub checkout: Option<Vec<u8>>,
+    /// The reconciler's token: the log operations only.
+    pub replication: Option<Vec<u8>>,
     pub insecure: bool,
 }
 
@@ -20,6 +22,7 @@ impl std::fmt::Debug for Tokens {
         f.debug_struct("Tokens")
             .field("admin", &self.admin.as_ref().map(|_| "<set>"))
             .field("checkout", &self.checkout.as_ref().map(|_| "<set>"))
+            .field("replication", &self.replication.as_ref().map(|_| "<set>"))
             .field("insecure", &self.insecure)
             .finish()
     }
@@ -46,6 +49,9 @@ impl Tokens {
         if self.checkout.as_deref().is_some_and(|t| constant_time_eq(t, token)) {
             return Role::Checkout;
         }
+        if self.replication.as_deref().is_some_and(|t| constant_time_eq(t, token)) {
+            return Role::Replication;
+        }
         Role::None
     }
 }
@@ -56,9 +62,15 @@ mod tests {
 
     #[test]
     fn roles() {
-        let tokens = Tokens { admin: Some(b"a".to_vec()), checkout: Some(b"c".to_vec()), insecure: false };
+        let tokens = Tokens {
+            admin: Some(b"a".to_vec()),
+            checkout: Some(b"c".to_vec()),
+            replication: Some(b"r".to_vec()),
+            insecure: false,
+        };
         assert_eq!(tokens.role_for(b"a"), Role::Admin);
         assert_eq!(tokens.role_for(b"c"), Role::Checkout);
+        assert_eq!(tokens.role_for(b"r"), Role::Replication);
         assert_eq!(tokens.role_for(b""), Role::None);
         assert_eq!(tokens.role_for(b"ab"), Role::None);
     }

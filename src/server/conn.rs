@@ -44,6 +44,9 @@ pub enum Outbound {
     BatchStart { batch: u64, request_id: u64, total: u16, filled: Vec<(u16, Outcome)> },
     /// Results of one shard's part of batch `batch`.
     BatchPart { batch: u64, results: Vec<(u16, Outcome)> },
+    /// A ready-made frame of a stream (REPLICATE, STATE_DUMP). It completes
+    /// no request; `credit` goes back to the stream once it is written.
+    Frame { bytes: bytes::Bytes, credit: tokio::sync::OwnedSemaphorePermit },
 }
 
 impl Outbound {
@@ -162,10 +165,10 @@ impl Conn {
             let _ = self.tx.send(Outbound::error(request_id, Status::Unauthenticated, "send HELLO with a token first"));
             return Flow::Continue;
         }
-        if self.role < opcode.required_role() {
+        if !opcode.allowed_for(self.role) {
             let message = format!(
-                "{opcode:?} needs the {} role; this connection has {}",
-                opcode.required_role().name(),
+                "{opcode:?} needs one of the roles {}; this connection has {}",
+                opcode.roles(),
                 self.role.name()
             );
             let _ = self.tx.send(Outbound::error(request_id, Status::Forbidden, message));
@@ -237,8 +240,32 @@ impl Conn {
                     let _ = tx.send(Outbound::Reply { request_id, opcode, reply: Reply::Outcome(outcome) });
                 });
             }
+            Request::Replicate(_) | Request::Settled(_) | Request::StateDump => self.log_request(request_id, request),
         }
         Flow::Continue
+    }
+
+    /// REPLICATE, SETTLED and STATE_DUMP (see `log.rs`). A stream's
+    /// request holds its in-flight permit for the life of the stream.
+    fn log_request(&self, request_id: u64, request: Request) {
+        let opcode = request.opcode();
+        let Some(log) = self.shared.log.clone() else {
+            let _ = self.tx.send(Outbound::error(request_id, Status::NoLog, "this server keeps no write-ahead log"));
+            return;
+        };
+        match request {
+            Request::Replicate(replicate) => {
+                tokio::spawn(log.replicate(replicate.from_lsn, request_id, self.tx.clone()));
+            }
+            Request::StateDump => {
+                tokio::spawn(log.state_dump(request_id, self.tx.clone()));
+            }
+            Request::Settled(settled) => {
+                let status = log.settled(settled.settled_lsn);
+                self.reply(request_id, opcode, Reply::Outcome(Outcome::new(status, settled.settled_lsn)));
+            }
+            _ => unreachable!("log requests only"),
+        }
     }
 
     /// Route CONFIRM/RELEASE by reservation id: directory -> sku -> shard.
@@ -365,6 +392,13 @@ fn encode(msg: Outbound, buf: &mut BytesMut, batches: &mut HashMap<u64, PendingB
             (batch, filled)
         }
         Outbound::BatchPart { batch, results } => (batch, results),
+        Outbound::Frame { bytes, credit } => {
+            // The stream may send its next frame once this one is queued
+            // in the write buffer, which is written before the next read.
+            buf.extend_from_slice(&bytes);
+            drop(credit);
+            return 0;
+        }
     };
     let batch = batches.get_mut(&batch_key).expect("BatchStart precedes its parts");
     for (index, outcome) in parts {

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod conn;
+pub mod log;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +23,8 @@ pub struct Shared {
     pub router: Arc<Router>,
     pub tokens: Tokens,
     pub clock: Arc<dyn Clock>,
+    /// The log operations; `None` on a server without a write-ahead log.
+    pub log: Option<Arc<log::LogService>>,
     /// One permit per open connection, `CONNECTIONS_MAX` in all.
     connection_slots: Arc<Semaphore>,
 }
@@ -45,6 +48,8 @@ pub struct ServerConfig {
     pub pin_hot_shards: bool,
     pub clock: Arc<dyn Clock>,
     pub sinks: SinkFactory,
+    /// Serve REPLICATE / SETTLED / STATE_DUMP from this log.
+    pub log: Option<Arc<log::LogService>>,
 }
 
 impl ServerConfig {
@@ -56,6 +61,7 @@ impl ServerConfig {
             pin_hot_shards: true,
             clock: Arc::new(SystemClock),
             sinks: Box::new(|_| Box::new(VolatileSink::default())),
+            log: None,
         }
     }
 }
@@ -86,7 +92,8 @@ pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<Ser
     let engines = config.engines.unwrap_or_else(|| Engines::empty(config.pool_shards));
     let router = Router::new(engines, config.clock.clone(), config.sinks, config.pin_hot_shards);
     let connection_slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    let shared = Arc::new(Shared { router, tokens: config.tokens, clock: config.clock, connection_slots });
+    let shared =
+        Arc::new(Shared { router, tokens: config.tokens, clock: config.clock, log: config.log, connection_slots });
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));
     Ok(ServerHandle { addr, shared, accept })
 }

@@ -5,10 +5,13 @@
 //!   to truncate) from corruption (refuse to start).
 //! - [`writer`]: the group-commit writer thread and the shards' [`writer::WalSink`].
 //! - [`snapshot`]: atomic snapshot files of the whole engine state.
+//! - [`follow`]: a cursor that reads records while the log is written
+//!   (the replication stream).
 //!
 //! WAL.md in this directory documents the on-disk format byte by byte, the
 //! durability modes and their loss windows, and the recovery rules.
 
+pub mod follow;
 pub mod record;
 pub mod segment;
 pub mod snapshot;

@@ -82,6 +82,9 @@ pub type FatalHandler = Arc<dyn Fn(&str) + Send + Sync>;
 pub struct WalStats {
     /// Highest LSN whose record is durable (per the durability mode).
     pub durable_lsn: AtomicU64,
+    /// Highest LSN whose record has been fdatasync'ed (in `fsync` mode the
+    /// same as `durable_lsn`; in `async` mode up to one sync interval behind).
+    pub synced_lsn: AtomicU64,
     pub records_total: AtomicU64,
     pub bytes_total: AtomicU64,
     pub syncs_total: AtomicU64,
@@ -93,6 +96,8 @@ pub struct WalStats {
 /// A running log writer.
 pub struct WalHandle {
     tx: Sender<WalMsg>,
+    /// Receivers follow `synced_lsn` (the replication stream waits on it).
+    synced: tokio::sync::watch::Receiver<u64>,
     thread: Option<JoinHandle<std::io::Result<()>>>,
     pub stats: Arc<WalStats>,
 }
@@ -107,6 +112,12 @@ impl WalHandle {
     pub fn sink_factory(&self) -> crate::shard::SinkFactory {
         let tx = self.tx.clone();
         Box::new(move |_| Box::new(WalSink { tx: tx.clone() }))
+    }
+
+    /// Follow the synced LSN: changes whenever a sync makes more records
+    /// durable; closed when the writer stops.
+    pub fn follow_synced(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.synced.clone()
     }
 
     /// Flush, fsync and stop the writer. Call after every shard has stopped.
@@ -145,6 +156,9 @@ pub fn start(
     let file = create_segment(&config.dir, next_lsn)?;
     let stats = Arc::new(WalStats::default());
     stats.durable_lsn.store(next_lsn - 1, Ordering::Release);
+    stats.synced_lsn.store(next_lsn - 1, Ordering::Release);
+    // Everything before next_lsn was recovered from disk: already synced.
+    let (synced_tx, synced) = tokio::sync::watch::channel(next_lsn - 1);
     stats.active_segment_first_lsn.store(next_lsn, Ordering::Release);
     let (tx, rx) = crossbeam_channel::bounded(WAL_SUBMISSIONS_QUEUED_MAX);
     let writer = Writer {
@@ -159,6 +173,7 @@ pub fn start(
         last_sync: Instant::now(),
         syncer,
         stats: stats.clone(),
+        synced: synced_tx,
     };
     let thread = std::thread::Builder::new().name("wal-writer".into()).spawn(move || {
         let result = writer.run(rx);
@@ -167,7 +182,7 @@ pub fn start(
         }
         result
     })?;
-    Ok(WalHandle { tx, thread: Some(thread), stats })
+    Ok(WalHandle { tx, synced, thread: Some(thread), stats })
 }
 
 struct Writer {
@@ -183,6 +198,10 @@ struct Writer {
     last_sync: Instant,
     syncer: Box<dyn Syncer>,
     stats: Arc<WalStats>,
+    /// Publishes the synced LSN. A watch channel: the writer never blocks
+    /// on it, and a follower that wakes late sees only the newest value,
+    /// which is all it needs (it reads the records from the segments).
+    synced: tokio::sync::watch::Sender<u64>,
 }
 
 impl Writer {
@@ -271,7 +290,10 @@ impl Writer {
             self.last_sync = Instant::now();
             self.stats.syncs_total.fetch_add(1, Ordering::Relaxed);
         }
-        self.stats.durable_lsn.store(self.next_lsn - 1, Ordering::Release);
+        let synced = self.next_lsn - 1;
+        self.stats.durable_lsn.store(synced, Ordering::Release);
+        self.stats.synced_lsn.store(synced, Ordering::Release);
+        self.synced.send_if_modified(|lsn| std::mem::replace(lsn, synced) != synced);
         Ok(())
     }
 

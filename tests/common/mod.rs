@@ -15,6 +15,7 @@ use stampede_protocol::Status;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const CHECKOUT_TOKEN: &str = "test-checkout-token";
+pub const REPLICATION_TOKEN: &str = "test-replication-token";
 
 pub struct TestServer {
     pub handle: ServerHandle,
@@ -27,6 +28,7 @@ pub async fn start_server() -> TestServer {
     let tokens = Tokens {
         admin: Some(ADMIN_TOKEN.as_bytes().to_vec()),
         checkout: Some(CHECKOUT_TOKEN.as_bytes().to_vec()),
+        replication: Some(REPLICATION_TOKEN.as_bytes().to_vec()),
         insecure: false,
     };
     let mut config = ServerConfig::new(tokens);

@@ -35,7 +35,10 @@ impl Drop for TempDir {
 pub fn server_command(listen: &str, data_dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stampede-server"));
     cmd.args(["--listen", listen, "--data-dir"]).arg(data_dir).args(["--no-pin"]);
-    cmd.env_remove("STAMPEDE_ADMIN_TOKEN").env_remove("STAMPEDE_CHECKOUT_TOKEN").env("RUST_LOG", "warn");
+    cmd.env_remove("STAMPEDE_ADMIN_TOKEN")
+        .env_remove("STAMPEDE_CHECKOUT_TOKEN")
+        .env_remove("STAMPEDE_REPLICATION_TOKEN")
+        .env("RUST_LOG", "warn");
     cmd
 }
 

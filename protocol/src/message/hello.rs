@@ -10,7 +10,7 @@
 //! Reply body, 9 bytes:
 //! ```text
 //!  0  2 status                u16: ok | auth_failed
-//!  2  1 role                  u8: 0 none, 1 checkout, 2 admin
+//!  2  1 role                  u8: 0 none, 1 checkout, 2 admin, 3 replication
 //!  3  4 frame_body_bytes_max  u32 (the server's limit)
 //!  7  2 batch_ops_max         u16 (the server's limit)
 //! ```
@@ -24,14 +24,16 @@ use crate::status::Status;
 use crate::wire::{Malformed, Reader};
 
 /// What an authenticated connection may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Role {
     None = 0,
     /// reserve, confirm, release, status, ping.
     Checkout = 1,
-    /// Everything: checkout operations plus sale administration.
+    /// Everything: checkout operations, sale administration, the log.
     Admin = 2,
+    /// The log only: REPLICATE, SETTLED, STATE_DUMP (the reconciler).
+    Replication = 3,
 }
 
 impl Role {
@@ -40,6 +42,7 @@ impl Role {
             0 => Some(Role::None),
             1 => Some(Role::Checkout),
             2 => Some(Role::Admin),
+            3 => Some(Role::Replication),
             _ => None,
         }
     }
@@ -48,6 +51,7 @@ impl Role {
             Role::None => "none",
             Role::Checkout => "checkout",
             Role::Admin => "admin",
+            Role::Replication => "replication",
         }
     }
 }

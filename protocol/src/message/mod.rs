@@ -6,16 +6,20 @@
 //! each module's `# Format` section is the same text next to the code.
 
 pub mod confirm;
+pub mod dump;
 pub mod hello;
 pub mod release;
+pub mod replicate;
 pub mod reserve;
 pub mod sale;
 
 use bytes::{BufMut, BytesMut};
 
 pub use confirm::Confirm;
+pub use dump::{DumpChunk, DumpEntry, HoldState, ReservationEntry, SaleEntry};
 pub use hello::{Hello, HelloReply, Role};
 pub use release::Release;
+pub use replicate::{LogBatch, Replicate, Settled};
 pub use reserve::{Outcome, Reserve};
 pub use sale::{Restock, SaleCreate, SaleStatus, StatusReply};
 
@@ -42,6 +46,9 @@ pub enum Opcode {
     Restock = 0x21,
     Pause = 0x22,
     Resume = 0x23,
+    Replicate = 0x30,
+    Settled = 0x31,
+    StateDump = 0x32,
 }
 
 /// Opcode of the ERROR reply, sent for frames that could not be handled.
@@ -60,6 +67,9 @@ impl Opcode {
         Opcode::Restock,
         Opcode::Pause,
         Opcode::Resume,
+        Opcode::Replicate,
+        Opcode::Settled,
+        Opcode::StateDump,
     ];
 
     pub fn from_u8(v: u8) -> Option<Opcode> {
@@ -70,17 +80,31 @@ impl Opcode {
         self as u8 | REPLY_BIT
     }
 
-    /// The least role allowed to send this opcode (HELLO needs none).
-    pub const fn required_role(self) -> Role {
+    /// Whether a connection with `role` may send this opcode. Checkout
+    /// services get the checkout operations, the reconciler gets the log
+    /// (replication), admin gets everything; HELLO needs no role.
+    pub const fn allowed_for(self, role: Role) -> bool {
         match self {
-            Opcode::Hello => Role::None,
-            Opcode::Ping
-            | Opcode::Reserve
-            | Opcode::ReserveBatch
-            | Opcode::Confirm
-            | Opcode::Release
-            | Opcode::Status => Role::Checkout,
-            Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume => Role::Admin,
+            Opcode::Hello => true,
+            Opcode::Ping => !matches!(role, Role::None),
+            Opcode::Reserve | Opcode::ReserveBatch | Opcode::Confirm | Opcode::Release | Opcode::Status => {
+                matches!(role, Role::Checkout | Role::Admin)
+            }
+            Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume => matches!(role, Role::Admin),
+            Opcode::Replicate | Opcode::Settled | Opcode::StateDump => matches!(role, Role::Replication | Role::Admin),
+        }
+    }
+
+    /// The roles that may send this opcode, for error messages and the spec.
+    pub fn roles(self) -> &'static str {
+        match self {
+            Opcode::Hello => "any",
+            Opcode::Ping => "checkout, admin, replication",
+            Opcode::Reserve | Opcode::ReserveBatch | Opcode::Confirm | Opcode::Release | Opcode::Status => {
+                "checkout, admin"
+            }
+            Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume => "admin",
+            Opcode::Replicate | Opcode::Settled | Opcode::StateDump => "replication, admin",
         }
     }
 }
@@ -99,6 +123,9 @@ pub enum Request {
     Restock(Restock),
     Pause { sku: u64 },
     Resume { sku: u64 },
+    Replicate(Replicate),
+    Settled(Settled),
+    StateDump,
 }
 
 impl Request {
@@ -115,6 +142,9 @@ impl Request {
             Request::Restock(_) => Opcode::Restock,
             Request::Pause { .. } => Opcode::Pause,
             Request::Resume { .. } => Opcode::Resume,
+            Request::Replicate(_) => Opcode::Replicate,
+            Request::Settled(_) => Opcode::Settled,
+            Request::StateDump => Opcode::StateDump,
         }
     }
 
@@ -126,7 +156,7 @@ impl Request {
     pub fn encode_body(&self, dst: &mut BytesMut) {
         match self {
             Request::Hello(m) => m.encode(dst),
-            Request::Ping => {}
+            Request::Ping | Request::StateDump => {}
             Request::Reserve(m) => m.encode(dst),
             Request::ReserveBatch(ops) => reserve::encode_batch(ops, dst),
             Request::Confirm(m) => m.encode(dst),
@@ -134,6 +164,8 @@ impl Request {
             Request::Status { sku } | Request::Pause { sku } | Request::Resume { sku } => sale::encode_sku(*sku, dst),
             Request::SaleCreate(m) => m.encode(dst),
             Request::Restock(m) => m.encode(dst),
+            Request::Replicate(m) => m.encode(dst),
+            Request::Settled(m) => m.encode(dst),
         }
     }
 
@@ -164,6 +196,12 @@ impl Request {
             Opcode::Restock => Request::Restock(Restock::decode(body).map_err(malformed)?),
             Opcode::Pause => Request::Pause { sku: sale::decode_sku(body, "PAUSE").map_err(malformed)? },
             Opcode::Resume => Request::Resume { sku: sale::decode_sku(body, "RESUME").map_err(malformed)? },
+            Opcode::Replicate => Request::Replicate(Replicate::decode(body).map_err(malformed)?),
+            Opcode::Settled => Request::Settled(Settled::decode(body).map_err(malformed)?),
+            Opcode::StateDump => {
+                Reader::new(body, "STATE_DUMP").finish().map_err(malformed)?;
+                Request::StateDump
+            }
         })
     }
 }
@@ -202,10 +240,14 @@ impl ErrorReply {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
     Hello(HelloReply),
-    /// PING, RESERVE, CONFIRM, RELEASE, SALE_CREATE, RESTOCK, PAUSE, RESUME.
+    /// PING, RESERVE, CONFIRM, RELEASE, SALE_CREATE, RESTOCK, PAUSE, RESUME, SETTLED.
     Outcome(Outcome),
     Batch(Vec<Outcome>),
     Status(StatusReply),
+    /// One frame of the REPLICATE stream.
+    LogBatch(LogBatch),
+    /// One frame of a STATE_DUMP.
+    DumpChunk(DumpChunk),
     Error(ErrorReply),
 }
 
@@ -217,6 +259,8 @@ impl Reply {
             Reply::Outcome(o) => Some(o.status),
             Reply::Batch(_) => None,
             Reply::Status(s) => Some(s.status),
+            Reply::LogBatch(b) => Some(b.status),
+            Reply::DumpChunk(c) => Some(c.status),
             Reply::Error(e) => Some(e.status),
         }
     }
@@ -236,6 +280,8 @@ impl Reply {
             Reply::Outcome(m) => m.encode(dst),
             Reply::Batch(results) => reserve::encode_batch_reply(results, dst),
             Reply::Status(m) => m.encode(dst),
+            Reply::LogBatch(m) => m.encode(dst),
+            Reply::DumpChunk(m) => m.encode(dst),
             Reply::Error(m) => m.encode(dst),
         }
     }
@@ -254,6 +300,8 @@ impl Reply {
             Opcode::Hello => Reply::Hello(HelloReply::decode(body)?),
             Opcode::ReserveBatch => Reply::Batch(reserve::decode_batch_reply(body)?),
             Opcode::Status => Reply::Status(StatusReply::decode(body)?),
+            Opcode::Replicate => Reply::LogBatch(LogBatch::decode(body)?),
+            Opcode::StateDump => Reply::DumpChunk(DumpChunk::decode(body)?),
             _ => Reply::Outcome(Outcome::decode(body)?),
         })
     }

@@ -1,0 +1,184 @@
+//! Events: every state change of the engine, as data.
+//!
+//! A command (RESERVE, CONFIRM, ...) is first *decided* against the current
+//! state; if it changes anything, the decision is one `Event`, which is then
+//! *applied*. Applying the same events in the same order always yields the
+//! same state, so the event stream is what the write-ahead log stores and
+//! what recovery, replication and the reconciler replay. Events carry every
+//! input the apply step needs (times included) and never read the clock.
+//!
+//! # Format
+//!
+//! An event payload is `kind u8` then the fields of that kind, in order
+//! (all integers little-endian):
+//! ```text
+//! 1 SALE_CREATED  sku u64, stock u64, limit_per_user u32, ttl_ms u64, hot u8, at_ms u64
+//! 2 RESTOCKED     sku u64, qty u64, at_ms u64
+//! 3 PAUSED        sku u64, at_ms u64
+//! 4 RESUMED       sku u64, at_ms u64
+//! 5 RESERVED      sku u64, user u64, qty u32, reservation_id u128, expires_at_ms u64, at_ms u64
+//! 6 CONFIRMED     sku u64, reservation_id u128, at_ms u64, payment_ref_len u8, payment_ref bytes
+//! 7 RELEASED      sku u64, reservation_id u128, at_ms u64
+//! 8 EXPIRED       sku u64, reservation_id u128, at_ms u64
+//! ```
+//! Kinds are never renumbered; a new event gets a new kind. The same
+//! payload is what the server's write-ahead log stores and what the
+//! replication stream (REPLICATE) carries, so a consumer decodes it with
+//! this module (or from PROTOCOL.md alone).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::limits::PAYMENT_REF_BYTES_MAX;
+use crate::wire::{Malformed, Reader};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    SaleCreated { sku: u64, stock: u64, limit_per_user: u32, ttl_ms: u64, hot: bool, at_ms: u64 },
+    Restocked { sku: u64, qty: u64, at_ms: u64 },
+    Paused { sku: u64, at_ms: u64 },
+    Resumed { sku: u64, at_ms: u64 },
+    Reserved { sku: u64, user: u64, qty: u32, reservation_id: u128, expires_at_ms: u64, at_ms: u64 },
+    Confirmed { sku: u64, reservation_id: u128, at_ms: u64, payment_ref: Bytes },
+    Released { sku: u64, reservation_id: u128, at_ms: u64 },
+    Expired { sku: u64, reservation_id: u128, at_ms: u64 },
+}
+
+impl Event {
+    /// The SKU whose state this event changes (every event has exactly one).
+    pub fn sku(&self) -> u64 {
+        match self {
+            Event::SaleCreated { sku, .. }
+            | Event::Restocked { sku, .. }
+            | Event::Paused { sku, .. }
+            | Event::Resumed { sku, .. }
+            | Event::Reserved { sku, .. }
+            | Event::Confirmed { sku, .. }
+            | Event::Released { sku, .. }
+            | Event::Expired { sku, .. } => *sku,
+        }
+    }
+}
+
+const SALE_CREATED: u8 = 1;
+const RESTOCKED: u8 = 2;
+const PAUSED: u8 = 3;
+const RESUMED: u8 = 4;
+const RESERVED: u8 = 5;
+const CONFIRMED: u8 = 6;
+const RELEASED: u8 = 7;
+const EXPIRED: u8 = 8;
+
+/// Append the payload encoding of `event`.
+pub fn encode_event(event: &Event, dst: &mut BytesMut) {
+    match event {
+        Event::SaleCreated { sku, stock, limit_per_user, ttl_ms, hot, at_ms } => {
+            dst.put_u8(SALE_CREATED);
+            dst.put_u64_le(*sku);
+            dst.put_u64_le(*stock);
+            dst.put_u32_le(*limit_per_user);
+            dst.put_u64_le(*ttl_ms);
+            dst.put_u8(u8::from(*hot));
+            dst.put_u64_le(*at_ms);
+        }
+        Event::Restocked { sku, qty, at_ms } => {
+            dst.put_u8(RESTOCKED);
+            dst.put_u64_le(*sku);
+            dst.put_u64_le(*qty);
+            dst.put_u64_le(*at_ms);
+        }
+        Event::Paused { sku, at_ms } | Event::Resumed { sku, at_ms } => {
+            dst.put_u8(if matches!(event, Event::Paused { .. }) { PAUSED } else { RESUMED });
+            dst.put_u64_le(*sku);
+            dst.put_u64_le(*at_ms);
+        }
+        Event::Reserved { sku, user, qty, reservation_id, expires_at_ms, at_ms } => {
+            dst.put_u8(RESERVED);
+            dst.put_u64_le(*sku);
+            dst.put_u64_le(*user);
+            dst.put_u32_le(*qty);
+            dst.put_u128_le(*reservation_id);
+            dst.put_u64_le(*expires_at_ms);
+            dst.put_u64_le(*at_ms);
+        }
+        Event::Confirmed { sku, reservation_id, at_ms, payment_ref } => {
+            debug_assert!(payment_ref.len() <= PAYMENT_REF_BYTES_MAX);
+            dst.put_u8(CONFIRMED);
+            dst.put_u64_le(*sku);
+            dst.put_u128_le(*reservation_id);
+            dst.put_u64_le(*at_ms);
+            dst.put_u8(payment_ref.len() as u8);
+            dst.extend_from_slice(payment_ref);
+        }
+        Event::Released { sku, reservation_id, at_ms } | Event::Expired { sku, reservation_id, at_ms } => {
+            dst.put_u8(if matches!(event, Event::Released { .. }) { RELEASED } else { EXPIRED });
+            dst.put_u64_le(*sku);
+            dst.put_u128_le(*reservation_id);
+            dst.put_u64_le(*at_ms);
+        }
+    }
+}
+
+/// Decode one event payload (the whole payload must be consumed).
+pub fn decode_event(payload: &[u8]) -> Result<Event, Malformed> {
+    let mut r = Reader::new(payload, "event");
+    let event = match r.u8()? {
+        SALE_CREATED => Event::SaleCreated {
+            sku: r.u64()?,
+            stock: r.u64()?,
+            limit_per_user: r.u32()?,
+            ttl_ms: r.u64()?,
+            hot: r.u8()? != 0,
+            at_ms: r.u64()?,
+        },
+        RESTOCKED => Event::Restocked { sku: r.u64()?, qty: r.u64()?, at_ms: r.u64()? },
+        PAUSED => Event::Paused { sku: r.u64()?, at_ms: r.u64()? },
+        RESUMED => Event::Resumed { sku: r.u64()?, at_ms: r.u64()? },
+        RESERVED => Event::Reserved {
+            sku: r.u64()?,
+            user: r.u64()?,
+            qty: r.u32()?,
+            reservation_id: r.u128()?,
+            expires_at_ms: r.u64()?,
+            at_ms: r.u64()?,
+        },
+        CONFIRMED => {
+            let sku = r.u64()?;
+            let reservation_id = r.u128()?;
+            let at_ms = r.u64()?;
+            let len = r.u8()? as usize;
+            if len > PAYMENT_REF_BYTES_MAX {
+                return Err(Malformed(format!("payment_ref of {len} bytes")));
+            }
+            let payment_ref: Bytes = r.bytes(len)?;
+            Event::Confirmed { sku, reservation_id, at_ms, payment_ref }
+        }
+        RELEASED => Event::Released { sku: r.u64()?, reservation_id: r.u128()?, at_ms: r.u64()? },
+        EXPIRED => Event::Expired { sku: r.u64()?, reservation_id: r.u128()?, at_ms: r.u64()? },
+        kind => return Err(Malformed(format!("unknown event kind {kind}"))),
+    };
+    r.finish()?;
+    Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PROTOCOL.md and WAL.md list each kind's payload size; keep them true.
+    #[test]
+    fn payload_sizes_match_the_docs() {
+        let sizes = [
+            (Event::SaleCreated { sku: 0, stock: 0, limit_per_user: 0, ttl_ms: 0, hot: false, at_ms: 0 }, 38),
+            (Event::Restocked { sku: 0, qty: 0, at_ms: 0 }, 25),
+            (Event::Paused { sku: 0, at_ms: 0 }, 17),
+            (Event::Reserved { sku: 0, user: 0, qty: 0, reservation_id: 0, expires_at_ms: 0, at_ms: 0 }, 53),
+            (Event::Confirmed { sku: 0, reservation_id: 0, at_ms: 0, payment_ref: Bytes::new() }, 34),
+            (Event::Expired { sku: 0, reservation_id: 0, at_ms: 0 }, 33),
+        ];
+        for (event, size) in sizes {
+            let mut buf = BytesMut::new();
+            encode_event(&event, &mut buf);
+            assert_eq!(buf.len(), size, "{event:?}");
+        }
+    }
+}

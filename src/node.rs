@@ -1,0 +1,182 @@
+//! A complete durable server in one value: lock the data dir, recover,
+//! start the log writer, the shards, the listener, the log service and the
+//! periodic checkpoints; and shut all of it down in the right order.
+//!
+//! `stampede-server` is this plus flag parsing and signal handling; tests
+//! and tools that need a real durable server in-process (the reconciler's
+//! tests) start one here, on the same code path.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::clock::{Clock, SystemClock};
+use crate::recovery::{self, RecoverOptions, RecoveryReport, Retention};
+use crate::server::log::LogService;
+use crate::server::{self, ServerConfig, ServerHandle, Tokens};
+use crate::wal::writer::{self as wal_writer, DataSync, FatalHandler, Syncer, WalHandle, WalStats};
+use crate::wal::WalConfig;
+
+pub struct NodeConfig {
+    pub listen: String,
+    pub tokens: Tokens,
+    /// Shards for ordinary SKUs.
+    pub pool_shards: usize,
+    pub pin_hot_shards: bool,
+    /// The data dir, durability mode and group-commit bounds.
+    pub wal: WalConfig,
+    pub snapshot_interval: Duration,
+    pub retention: Retention,
+    pub truncate_corrupt: bool,
+    pub syncer: Box<dyn Syncer>,
+    /// Called from the log writer when the log cannot continue.
+    pub fatal: FatalHandler,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl NodeConfig {
+    /// Defaults for a data dir: fsync durability, one pool shard, snapshots
+    /// every 5 minutes, consumer retention. A log failure panics (the server
+    /// binary replaces this with an exit).
+    pub fn new(data_dir: impl Into<PathBuf>, listen: impl Into<String>, tokens: Tokens) -> NodeConfig {
+        NodeConfig {
+            listen: listen.into(),
+            tokens,
+            pool_shards: 1,
+            pin_hot_shards: true,
+            wal: WalConfig::new(data_dir),
+            snapshot_interval: Duration::from_secs(300),
+            retention: Retention::Consumer,
+            truncate_corrupt: false,
+            syncer: Box::new(DataSync),
+            fatal: Arc::new(|message: &str| panic!("fatal: {message}")),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// A running durable server.
+pub struct Node {
+    pub server: ServerHandle,
+    pub recovery: RecoveryReport,
+    pub wal_stats: Arc<WalStats>,
+    wal: WalHandle,
+    dir: PathBuf,
+    retention: Retention,
+    stopping: Arc<AtomicBool>,
+    checkpointer: JoinHandle<()>,
+    /// Held (flock) for the node's life: one server per data dir.
+    _lock: std::fs::File,
+}
+
+impl Node {
+    /// Start on the current tokio runtime (multi-threaded). Recovery runs
+    /// before the listener binds, so a client never sees a partial state.
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+        let dir = config.wal.dir.clone();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+        let lock = std::fs::File::create(dir.join("LOCK")).context("creating the data dir lock file")?;
+        if lock.try_lock().is_err() {
+            bail!("data dir {} is in use by another stampede-server", dir.display());
+        }
+        let options =
+            RecoverOptions { pool_shards: config.pool_shards.max(1), truncate_corrupt: config.truncate_corrupt };
+        let recover_dir = dir.clone();
+        let recovered = tokio::task::spawn_blocking(move || recovery::recover(&recover_dir, options))
+            .await
+            .context("recovery thread")?
+            .context("recovering from the data dir")?;
+        if config.retention == Retention::Consumer && !dir.join(recovery::CONSUMER_LSN_FILE).exists() {
+            tracing::warn!(
+                "no downstream consumer has reported a settled LSN ({}): log segments are kept until one does; \
+                 pass --wal-retention snapshot if no reconciler will run",
+                recovery::CONSUMER_LSN_FILE
+            );
+        }
+        let report = recovered.report;
+        tracing::info!(
+            snapshot_lsn = ?report.snapshot_lsn, records_replayed = report.records_replayed,
+            segments = report.segments_scanned, torn_bytes_dropped = report.torn_bytes_dropped,
+            next_lsn = recovered.next_lsn, elapsed_ms = report.elapsed.as_millis() as u64,
+            "recovered"
+        );
+        let wal = wal_writer::start(config.wal.clone(), recovered.next_lsn, config.syncer, config.fatal)
+            .context("starting the log writer")?;
+        let log = Arc::new(LogService::new(dir.clone(), wal.follow_synced(), config.clock.clone()));
+        let mut server_config = ServerConfig::new(config.tokens);
+        server_config.engines = Some(recovered.engines);
+        server_config.pin_hot_shards = config.pin_hot_shards;
+        server_config.clock = config.clock;
+        server_config.sinks = wal.sink_factory();
+        server_config.log = Some(log);
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let server = server::start(listener, server_config)?;
+
+        // Periodic checkpoints in the background (closed segments only).
+        let stopping = Arc::new(AtomicBool::new(false));
+        let checkpointer = {
+            let (dir, stopping, stats) = (dir.clone(), stopping.clone(), wal.stats.clone());
+            let (interval, retention) = (config.snapshot_interval.max(Duration::from_millis(100)), config.retention);
+            std::thread::Builder::new().name("checkpoint".into()).spawn(move || {
+                let mut waited = Duration::ZERO;
+                while !stopping.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    waited += Duration::from_millis(50);
+                    if waited < interval {
+                        continue;
+                    }
+                    waited = Duration::ZERO;
+                    let active = stats.active_segment_first_lsn.load(Ordering::Acquire);
+                    match recovery::checkpoint(&dir, Some(active), retention) {
+                        Ok(done) => tracing::info!(
+                            snapshot_lsn = ?done.snapshot_lsn, segments_deleted = done.segments_deleted, "checkpoint"
+                        ),
+                        Err(e) => tracing::error!(error = %e, "checkpoint failed"),
+                    }
+                }
+            })?
+        };
+        Ok(Node {
+            server,
+            recovery: report,
+            wal_stats: wal.stats.clone(),
+            wal,
+            dir,
+            retention: config.retention,
+            stopping,
+            checkpointer,
+            _lock: lock,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr
+    }
+
+    /// Graceful stop: no new connections, shards finish what is queued,
+    /// the log is flushed and fsynced, a final snapshot is written. Blocks:
+    /// call it off the runtime's worker threads.
+    pub fn shutdown(self) -> anyhow::Result<()> {
+        tracing::info!("shutting down: no new connections, draining shards");
+        self.server.stop_accepting();
+        self.server.shared.router.shutdown();
+        self.wal.close().context("closing the write-ahead log")?;
+        // Give connection writers a moment to send the last replies.
+        std::thread::sleep(Duration::from_millis(100));
+        self.stopping.store(true, Ordering::Relaxed);
+        let _ = self.checkpointer.join();
+        let done = recovery::checkpoint(&self.dir, None, self.retention).context("final snapshot")?;
+        tracing::info!(
+            snapshot_lsn = ?done.snapshot_lsn, elapsed_ms = done.elapsed.as_millis() as u64,
+            "final snapshot written; bye"
+        );
+        Ok(())
+    }
+}
