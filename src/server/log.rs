@@ -102,6 +102,11 @@ impl LogService {
             let _ = send(frame, credit.clone().try_acquire_owned().expect("fresh"));
             return;
         };
+        if from_lsn > self.synced_lsn() + 1 {
+            let frame = self.log_batch_error(Status::LsnUnavailable, request_id);
+            let _ = send(frame, credit.clone().try_acquire_owned().expect("fresh"));
+            return;
+        }
         let dir = self.dir.clone();
         let opened = tokio::task::spawn_blocking(move || LogCursor::open(&dir, from_lsn)).await;
         let mut cursor = match opened.expect("cursor open does not panic") {
@@ -114,15 +119,19 @@ impl LogService {
             }
         };
         let mut synced = self.synced.clone();
-        if from_lsn > self.synced_lsn() + 1 {
-            let frame = self.log_batch_error(Status::LsnUnavailable, request_id);
-            let _ = send(frame, credit.clone().try_acquire_owned().expect("fresh"));
-            return;
-        }
         tracing::info!(from_lsn, "replication stream started");
+        // The first frame goes out at once, even with no record to send, so
+        // the consumer learns the durable LSN (and its lag) immediately.
+        let mut first = true;
         loop {
             let upto = *synced.borrow_and_update();
             let Ok(permit) = credit.clone().acquire_owned().await else { return };
+            if cursor.next_lsn() > upto && std::mem::take(&mut first) {
+                if send(self.log_batch_frame(request_id, upto, 0, |_| {}), permit).is_err() {
+                    return;
+                }
+                continue;
+            }
             if cursor.next_lsn() > upto {
                 // Caught up: wait for the next sync, or send a heartbeat.
                 match tokio::time::timeout(Duration::from_millis(REPLICATION_HEARTBEAT_MS), synced.changed()).await {

@@ -1,0 +1,387 @@
+//! PostgreSQL: connecting, the schema (sqlx migrations embedded in the
+//! binary), reading rows into the [`Model`] and writing a settled batch.
+//!
+//! Queries are runtime-checked (`sqlx::query`, not the `query!` macros), so
+//! a fresh clone builds without a database. Every multi-row write is one
+//! statement over `UNNEST`ed arrays: one round trip per table per batch,
+//! however many events the batch holds.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::Row;
+use stampede_protocol::event::Event;
+use stampede_protocol::message::HoldState;
+use uuid::Uuid;
+
+use crate::model::{event_kind, Model, Origin, ReservationRow, SaleRow};
+
+/// The schema this binary writes; `sqlx::migrate!` embeds the files at
+/// compile time (no database needed to build).
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// How PostgreSQL was reached, for error messages (the password removed).
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &credentials[..colon], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Connect, with an error that says what to do when PostgreSQL is down.
+pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach PostgreSQL at {} (is it running? on a project machine: \
+                 pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start)",
+                redact(url)
+            )
+        })
+}
+
+/// Bring the schema up to this binary's version (idempotent).
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await.context("applying the stampede schema migrations")
+}
+
+/// Refuse to work against a schema this binary does not match.
+pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .context("checking the schema version")?;
+    let applied: Vec<i64> = if exists {
+        sqlx::query_scalar("SELECT version FROM public._sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await
+            .context("reading the schema version")?
+    } else {
+        Vec::new()
+    };
+    let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    let needed = *known.last().expect("at least one migration");
+    let Some(&current) = applied.last() else {
+        bail!("the database has no stampede schema; create it with `stampede-reconciler migrate`");
+    };
+    if let Some(unknown) = applied.iter().find(|v| !known.contains(v)) {
+        bail!("the database schema has version {unknown}, newer than this binary knows ({needed}): upgrade the reconciler");
+    }
+    if current < needed {
+        bail!(
+            "the database schema is at version {current}, older than this binary needs ({needed}): \
+             run `stampede-reconciler migrate`"
+        );
+    }
+    Ok(())
+}
+
+/// The settled watermark: `(settled_lsn, engine time of that record in ms)`.
+pub async fn watermark(conn: &mut PgConnection, for_update: bool) -> sqlx::Result<(u64, Option<u64>)> {
+    let sql = if for_update {
+        "SELECT settled_lsn, (extract(epoch FROM settled_event_at) * 1000)::int8 FROM stampede.watermark FOR UPDATE"
+    } else {
+        "SELECT settled_lsn, (extract(epoch FROM settled_event_at) * 1000)::int8 FROM stampede.watermark"
+    };
+    let row = sqlx::query(sql).fetch_one(&mut *conn).await?;
+    Ok((row.get::<i64, _>(0) as u64, row.get::<Option<i64>, _>(1).map(|v| v as u64)))
+}
+
+fn state_from(name: &str) -> Result<HoldState, sqlx::Error> {
+    [HoldState::Held, HoldState::Confirmed, HoldState::Released, HoldState::Expired]
+        .into_iter()
+        .find(|s| s.name() == name)
+        .ok_or_else(|| sqlx::Error::Decode(format!("unknown reservation state {name:?}").into()))
+}
+
+const SALE_COLUMNS: &str = "sku, total, available, reserved, sold, limit_per_user, ttl_ms, hot, paused, \
+     (extract(epoch FROM created_at) * 1000)::int8";
+
+fn sale_row(row: &sqlx::postgres::PgRow) -> SaleRow {
+    SaleRow {
+        sku: row.get::<i64, _>(0) as u64,
+        total: row.get::<i64, _>(1) as u64,
+        available: row.get::<i64, _>(2) as u64,
+        reserved: row.get::<i64, _>(3) as u64,
+        sold: row.get::<i64, _>(4) as u64,
+        limit_per_user: row.get::<i32, _>(5) as u32,
+        ttl_ms: row.get::<i64, _>(6) as u64,
+        hot: row.get(7),
+        paused: row.get(8),
+        created_at_ms: row.get::<i64, _>(9) as u64,
+    }
+}
+
+const RESERVATION_COLUMNS: &str = "id, sku, user_id, qty, state, \
+     (extract(epoch FROM reserved_at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, \
+     (extract(epoch FROM settled_at) * 1000)::int8, payment_ref";
+
+fn reservation_row(row: &sqlx::postgres::PgRow) -> Result<ReservationRow, sqlx::Error> {
+    Ok(ReservationRow {
+        id: row.get::<Uuid, _>(0).as_u128(),
+        sku: row.get::<i64, _>(1) as u64,
+        user: row.get::<i64, _>(2) as u64,
+        qty: row.get::<i32, _>(3) as u32,
+        state: state_from(row.get::<&str, _>(4))?,
+        reserved_at_ms: row.get::<i64, _>(5) as u64,
+        expires_at_ms: row.get::<i64, _>(6) as u64,
+        settled_at_ms: row.get::<Option<i64>, _>(7).map(|v| v as u64),
+        payment_ref: row.get(8),
+    })
+}
+
+/// Load the given sales and reservations into `model` (settlement).
+pub async fn load_touched(conn: &mut PgConnection, skus: &[u64], ids: &[u128], model: &mut Model) -> sqlx::Result<()> {
+    if !skus.is_empty() {
+        let skus: Vec<i64> = skus.iter().map(|&s| s as i64).collect();
+        let sql = format!("SELECT {SALE_COLUMNS} FROM stampede.sales WHERE sku = ANY($1)");
+        for row in sqlx::query(&sql).bind(&skus).fetch_all(&mut *conn).await? {
+            model.load_sale(sale_row(&row));
+        }
+    }
+    if !ids.is_empty() {
+        let ids: Vec<Uuid> = ids.iter().map(|&id| Uuid::from_u128(id)).collect();
+        let sql = format!("SELECT {RESERVATION_COLUMNS} FROM stampede.reservations WHERE id = ANY($1)");
+        for row in sqlx::query(&sql).bind(&ids).fetch_all(&mut *conn).await? {
+            model.load_reservation(reservation_row(&row)?);
+        }
+    }
+    Ok(())
+}
+
+/// Load every sale and reservation (the report).
+pub async fn load_all(conn: &mut PgConnection) -> sqlx::Result<Model> {
+    let mut model = Model::default();
+    for row in sqlx::query(&format!("SELECT {SALE_COLUMNS} FROM stampede.sales")).fetch_all(&mut *conn).await? {
+        model.load_sale(sale_row(&row));
+    }
+    let sql = format!("SELECT {RESERVATION_COLUMNS} FROM stampede.reservations");
+    for row in sqlx::query(&sql).fetch_all(&mut *conn).await? {
+        model.load_reservation(reservation_row(&row)?);
+    }
+    Ok(model)
+}
+
+/// The ledger's extent: `(rows, min lsn, max lsn)`.
+pub async fn ledger_extent(conn: &mut PgConnection) -> sqlx::Result<(u64, Option<u64>, Option<u64>)> {
+    let row = sqlx::query("SELECT count(*), min(lsn), max(lsn) FROM stampede.ledger").fetch_one(&mut *conn).await?;
+    Ok((
+        row.get::<i64, _>(0) as u64,
+        row.get::<Option<i64>, _>(1).map(|v| v as u64),
+        row.get::<Option<i64>, _>(2).map(|v| v as u64),
+    ))
+}
+
+/// Why a write did not go through as planned.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error("{table}: expected to update {expected} rows, updated {updated}: the database changed under the reconciler")]
+    RowCount { table: &'static str, expected: usize, updated: u64 },
+}
+
+/// Write the changed rows of `model`, the ledger rows of `records` and the
+/// new watermark. Runs inside the caller's transaction.
+pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64, Event)]) -> Result<(), WriteError> {
+    let (first, last) = (records.first().expect("non-empty").0, records.last().expect("non-empty").0);
+    debug_assert!(first <= last);
+    let lsn = last as i64;
+
+    // --- sales ----------------------------------------------------------
+    let mut new_sales: Vec<&SaleRow> = Vec::new();
+    let mut changed_sales: Vec<&SaleRow> = Vec::new();
+    for (row, origin) in model.sales.values() {
+        match origin {
+            Origin::New => new_sales.push(row),
+            Origin::Loaded { dirty: true } => changed_sales.push(row),
+            Origin::Loaded { dirty: false } => {}
+        }
+    }
+    if !new_sales.is_empty() {
+        let col = |f: fn(&SaleRow) -> i64| new_sales.iter().map(|r| f(r)).collect::<Vec<i64>>();
+        sqlx::query(
+            "INSERT INTO stampede.sales (sku, total, available, reserved, sold, limit_per_user, ttl_ms, hot, paused, \
+             created_at, updated_lsn) \
+             SELECT u.sku, u.total, u.available, u.reserved, u.sold, u.lim, u.ttl, u.hot, u.paused, \
+             to_timestamp(u.created / 1000::float8), $11 \
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int4[], $7::int8[], \
+             $8::bool[], $9::bool[], $10::int8[]) AS u(sku, total, available, reserved, sold, lim, ttl, hot, paused, created)",
+        )
+        .bind(col(|r| r.sku as i64))
+        .bind(col(|r| r.total as i64))
+        .bind(col(|r| r.available as i64))
+        .bind(col(|r| r.reserved as i64))
+        .bind(col(|r| r.sold as i64))
+        .bind(new_sales.iter().map(|r| r.limit_per_user as i32).collect::<Vec<i32>>())
+        .bind(col(|r| r.ttl_ms as i64))
+        .bind(new_sales.iter().map(|r| r.hot).collect::<Vec<bool>>())
+        .bind(new_sales.iter().map(|r| r.paused).collect::<Vec<bool>>())
+        .bind(col(|r| r.created_at_ms as i64))
+        .bind(lsn)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !changed_sales.is_empty() {
+        let col = |f: fn(&SaleRow) -> i64| changed_sales.iter().map(|r| f(r)).collect::<Vec<i64>>();
+        let updated = sqlx::query(
+            "UPDATE stampede.sales s SET total = u.total, available = u.available, reserved = u.reserved, \
+             sold = u.sold, paused = u.paused, updated_lsn = $7 \
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::bool[]) \
+             AS u(sku, total, available, reserved, sold, paused) WHERE s.sku = u.sku",
+        )
+        .bind(col(|r| r.sku as i64))
+        .bind(col(|r| r.total as i64))
+        .bind(col(|r| r.available as i64))
+        .bind(col(|r| r.reserved as i64))
+        .bind(col(|r| r.sold as i64))
+        .bind(changed_sales.iter().map(|r| r.paused).collect::<Vec<bool>>())
+        .bind(lsn)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if updated != changed_sales.len() as u64 {
+            return Err(WriteError::RowCount { table: "sales", expected: changed_sales.len(), updated });
+        }
+    }
+
+    // --- reservations -----------------------------------------------------
+    let mut new_holds: Vec<&ReservationRow> = Vec::new();
+    let mut changed_holds: Vec<&ReservationRow> = Vec::new();
+    for (row, origin) in model.reservations.values() {
+        match origin {
+            Origin::New => new_holds.push(row),
+            Origin::Loaded { dirty: true } => changed_holds.push(row),
+            Origin::Loaded { dirty: false } => {}
+        }
+    }
+    if !new_holds.is_empty() {
+        sqlx::query(
+            "INSERT INTO stampede.reservations (id, sku, user_id, qty, state, reserved_at, expires_at, settled_at, \
+             confirmed_at, payment_ref, updated_lsn) \
+             SELECT u.id, u.sku, u.uid, u.qty, u.state, to_timestamp(u.rat / 1000::float8), \
+             to_timestamp(u.exp / 1000::float8), to_timestamp(u.sat / 1000::float8), \
+             CASE WHEN u.state = 'confirmed' THEN to_timestamp(u.sat / 1000::float8) END, u.pref, $10 \
+             FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::int4[], $5::text[], $6::int8[], $7::int8[], \
+             $8::int8[], $9::bytea[]) AS u(id, sku, uid, qty, state, rat, exp, sat, pref)",
+        )
+        .bind(new_holds.iter().map(|r| Uuid::from_u128(r.id)).collect::<Vec<Uuid>>())
+        .bind(new_holds.iter().map(|r| r.sku as i64).collect::<Vec<i64>>())
+        .bind(new_holds.iter().map(|r| r.user as i64).collect::<Vec<i64>>())
+        .bind(new_holds.iter().map(|r| r.qty as i32).collect::<Vec<i32>>())
+        .bind(new_holds.iter().map(|r| r.state.name()).collect::<Vec<&str>>())
+        .bind(new_holds.iter().map(|r| r.reserved_at_ms as i64).collect::<Vec<i64>>())
+        .bind(new_holds.iter().map(|r| r.expires_at_ms as i64).collect::<Vec<i64>>())
+        .bind(new_holds.iter().map(|r| r.settled_at_ms.map(|v| v as i64)).collect::<Vec<Option<i64>>>())
+        .bind(new_holds.iter().map(|r| r.payment_ref.clone()).collect::<Vec<Option<Vec<u8>>>>())
+        .bind(lsn)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !changed_holds.is_empty() {
+        let updated = sqlx::query(
+            "UPDATE stampede.reservations r SET state = u.state, settled_at = to_timestamp(u.sat / 1000::float8), \
+             confirmed_at = CASE WHEN u.state = 'confirmed' THEN to_timestamp(u.sat / 1000::float8) END, \
+             payment_ref = u.pref, updated_lsn = $5 \
+             FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::bytea[]) AS u(id, state, sat, pref) \
+             WHERE r.id = u.id AND r.state = 'held'",
+        )
+        .bind(changed_holds.iter().map(|r| Uuid::from_u128(r.id)).collect::<Vec<Uuid>>())
+        .bind(changed_holds.iter().map(|r| r.state.name()).collect::<Vec<&str>>())
+        .bind(changed_holds.iter().map(|r| r.settled_at_ms.map(|v| v as i64)).collect::<Vec<Option<i64>>>())
+        .bind(changed_holds.iter().map(|r| r.payment_ref.clone()).collect::<Vec<Option<Vec<u8>>>>())
+        .bind(lsn)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if updated != changed_holds.len() as u64 {
+            return Err(WriteError::RowCount { table: "reservations", expected: changed_holds.len(), updated });
+        }
+    }
+
+    // --- ledger -------------------------------------------------------------
+    let n = records.len();
+    let (mut lsns, mut kinds, mut skus, mut ids, mut users, mut qtys, mut ats, mut expiries, mut refs) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (lsn, event) in records {
+        let (id, user, qty, at, expiry, payment_ref) = match event {
+            Event::SaleCreated { stock, at_ms, .. } => (None, None, Some(*stock as i64), *at_ms, None, None),
+            Event::Restocked { qty, at_ms, .. } => (None, None, Some(*qty as i64), *at_ms, None, None),
+            Event::Paused { at_ms, .. } | Event::Resumed { at_ms, .. } => (None, None, None, *at_ms, None, None),
+            Event::Reserved { user, qty, reservation_id, expires_at_ms, at_ms, .. } => (
+                Some(*reservation_id),
+                Some(*user as i64),
+                Some(i64::from(*qty)),
+                *at_ms,
+                Some(*expires_at_ms as i64),
+                None,
+            ),
+            Event::Confirmed { reservation_id, at_ms, payment_ref, .. } => {
+                (Some(*reservation_id), None, None, *at_ms, None, Some(payment_ref.to_vec()))
+            }
+            Event::Released { reservation_id, at_ms, .. } | Event::Expired { reservation_id, at_ms, .. } => {
+                (Some(*reservation_id), None, None, *at_ms, None, None)
+            }
+        };
+        lsns.push(*lsn as i64);
+        kinds.push(event_kind(event));
+        skus.push(event.sku() as i64);
+        ids.push(id.map(Uuid::from_u128));
+        users.push(user);
+        qtys.push(qty);
+        ats.push(at as i64);
+        expiries.push(expiry);
+        refs.push(payment_ref);
+    }
+    sqlx::query(
+        "INSERT INTO stampede.ledger (lsn, kind, sku, reservation_id, user_id, qty, at, expires_at, payment_ref) \
+         SELECT u.lsn, u.kind, u.sku, u.rid, u.uid, u.qty, to_timestamp(u.at / 1000::float8), \
+         to_timestamp(u.exp / 1000::float8), u.pref \
+         FROM UNNEST($1::int8[], $2::text[], $3::int8[], $4::uuid[], $5::int8[], $6::int8[], $7::int8[], \
+         $8::int8[], $9::bytea[]) AS u(lsn, kind, sku, rid, uid, qty, at, exp, pref)",
+    )
+    .bind(&lsns)
+    .bind(&kinds)
+    .bind(&skus)
+    .bind(&ids)
+    .bind(&users)
+    .bind(&qtys)
+    .bind(&ats)
+    .bind(&expiries)
+    .bind(&refs)
+    .execute(&mut *conn)
+    .await?;
+
+    // --- watermark ------------------------------------------------------------
+    let last_at = *ats.last().expect("non-empty");
+    sqlx::query(
+        "UPDATE stampede.watermark SET settled_lsn = $1, settled_event_at = to_timestamp($2 / 1000::float8), \
+         updated_at = now()",
+    )
+    .bind(lsn)
+    .bind(last_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

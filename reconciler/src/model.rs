@@ -1,0 +1,213 @@
+//! The relational state the reconciler keeps, as plain data, and the one
+//! function that applies a log record to it.
+//!
+//! Settlement loads the rows a batch touches from PostgreSQL, applies the
+//! batch here, and writes the changed rows back; the report loads every
+//! row, applies the records PostgreSQL has not settled yet, and compares
+//! the result with the engine's dump. Both use [`Model::apply`], so the
+//! rows in PostgreSQL and the report's view of them follow one definition
+//! of what each event means, which mirrors the engine's own apply step.
+
+use std::collections::HashMap;
+
+use stampede_protocol::event::Event;
+use stampede_protocol::message::HoldState;
+
+/// One row of `stampede.sales`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaleRow {
+    pub sku: u64,
+    pub total: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+    pub limit_per_user: u32,
+    pub ttl_ms: u64,
+    pub hot: bool,
+    pub paused: bool,
+    pub created_at_ms: u64,
+}
+
+/// One row of `stampede.reservations`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReservationRow {
+    pub id: u128,
+    pub sku: u64,
+    pub user: u64,
+    pub qty: u32,
+    pub state: HoldState,
+    pub reserved_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// Confirm, release or expiry time; `None` while held.
+    pub settled_at_ms: Option<u64>,
+    /// Set when confirmed.
+    pub payment_ref: Option<Vec<u8>>,
+}
+
+/// Whether a row came from the database (update it) or from this batch
+/// (insert it), and whether it changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Loaded { dirty: bool },
+    New,
+}
+
+/// A record that does not fit the state: the log and the database disagree.
+#[derive(Debug, thiserror::Error)]
+#[error("log record {lsn} ({what}) does not fit the settled state: {reason}")]
+pub struct ApplyError {
+    pub lsn: u64,
+    pub what: &'static str,
+    pub reason: String,
+}
+
+/// Sales and reservations: all of them (report) or the ones a batch
+/// touches (settlement).
+#[derive(Default, Debug)]
+pub struct Model {
+    pub sales: HashMap<u64, (SaleRow, Origin)>,
+    pub reservations: HashMap<u128, (ReservationRow, Origin)>,
+}
+
+fn kind_name(event: &Event) -> &'static str {
+    match event {
+        Event::SaleCreated { .. } => "sale_created",
+        Event::Restocked { .. } => "restocked",
+        Event::Paused { .. } => "paused",
+        Event::Resumed { .. } => "resumed",
+        Event::Reserved { .. } => "reserved",
+        Event::Confirmed { .. } => "confirmed",
+        Event::Released { .. } => "released",
+        Event::Expired { .. } => "expired",
+    }
+}
+
+/// The ledger's name for an event's kind.
+pub fn event_kind(event: &Event) -> &'static str {
+    kind_name(event)
+}
+
+/// The reservation an event settles, if any.
+pub fn settled_reservation(event: &Event) -> Option<u128> {
+    match event {
+        Event::Confirmed { reservation_id, .. }
+        | Event::Released { reservation_id, .. }
+        | Event::Expired { reservation_id, .. } => Some(*reservation_id),
+        _ => None,
+    }
+}
+
+impl Model {
+    pub fn load_sale(&mut self, row: SaleRow) {
+        self.sales.insert(row.sku, (row, Origin::Loaded { dirty: false }));
+    }
+
+    pub fn load_reservation(&mut self, row: ReservationRow) {
+        self.reservations.insert(row.id, (row, Origin::Loaded { dirty: false }));
+    }
+
+    /// Apply one log record, exactly as the engine applied it.
+    pub fn apply(&mut self, lsn: u64, event: &Event) -> Result<(), ApplyError> {
+        let what = kind_name(event);
+        let fail = |reason: String| ApplyError { lsn, what, reason };
+        match event {
+            Event::SaleCreated { sku, stock, limit_per_user, ttl_ms, hot, at_ms } => {
+                if self.sales.contains_key(sku) {
+                    return Err(fail(format!("sku {sku} already has a sale")));
+                }
+                let row = SaleRow {
+                    sku: *sku,
+                    total: *stock,
+                    available: *stock,
+                    reserved: 0,
+                    sold: 0,
+                    limit_per_user: *limit_per_user,
+                    ttl_ms: *ttl_ms,
+                    hot: *hot,
+                    paused: false,
+                    created_at_ms: *at_ms,
+                };
+                self.sales.insert(*sku, (row, Origin::New));
+            }
+            Event::Restocked { sku, qty, .. } => {
+                let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
+                sale.total += qty;
+                sale.available += qty;
+            }
+            Event::Paused { sku, .. } | Event::Resumed { sku, .. } => {
+                let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
+                sale.paused = matches!(event, Event::Paused { .. });
+            }
+            Event::Reserved { sku, user, qty, reservation_id, expires_at_ms, at_ms } => {
+                if self.reservations.contains_key(reservation_id) {
+                    return Err(fail(format!("reservation {reservation_id:#x} already exists")));
+                }
+                let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
+                let qty64 = u64::from(*qty);
+                if sale.available < qty64 {
+                    return Err(fail(format!("sku {sku}: {qty} reserved, {} available", sale.available)));
+                }
+                sale.available -= qty64;
+                sale.reserved += qty64;
+                let row = ReservationRow {
+                    id: *reservation_id,
+                    sku: *sku,
+                    user: *user,
+                    qty: *qty,
+                    state: HoldState::Held,
+                    reserved_at_ms: *at_ms,
+                    expires_at_ms: *expires_at_ms,
+                    settled_at_ms: None,
+                    payment_ref: None,
+                };
+                self.reservations.insert(*reservation_id, (row, Origin::New));
+            }
+            Event::Confirmed { sku, reservation_id, at_ms, payment_ref } => {
+                let qty = self.settle(*reservation_id, *sku, HoldState::Confirmed, *at_ms).map_err(fail)?;
+                let (row, _) = self.reservations.get_mut(reservation_id).expect("settled above");
+                row.payment_ref = Some(payment_ref.to_vec());
+                let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
+                sale.reserved -= qty;
+                sale.sold += qty;
+            }
+            Event::Released { sku, reservation_id, at_ms } | Event::Expired { sku, reservation_id, at_ms } => {
+                let state = if matches!(event, Event::Released { .. }) { HoldState::Released } else { HoldState::Expired };
+                let qty = self.settle(*reservation_id, *sku, state, *at_ms).map_err(fail)?;
+                let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
+                sale.reserved -= qty;
+                sale.available += qty;
+            }
+        }
+        Ok(())
+    }
+
+    /// A sale to change, marked dirty.
+    fn sale(&mut self, sku: u64) -> Option<&mut SaleRow> {
+        let (row, origin) = self.sales.get_mut(&sku)?;
+        if let Origin::Loaded { dirty } = origin {
+            *dirty = true;
+        }
+        Some(row)
+    }
+
+    /// Move a held reservation to `state`; returns its quantity.
+    fn settle(&mut self, id: u128, sku: u64, state: HoldState, at_ms: u64) -> Result<u64, String> {
+        let (row, origin) =
+            self.reservations.get_mut(&id).ok_or_else(|| format!("reservation {id:#x} is not known"))?;
+        if row.sku != sku {
+            return Err(format!("reservation {id:#x} belongs to sku {}, not {sku}", row.sku));
+        }
+        if row.state != HoldState::Held {
+            return Err(format!("reservation {id:#x} is already {}", row.state.name()));
+        }
+        if !self.sales.get(&sku).is_some_and(|(s, _)| s.reserved >= u64::from(row.qty)) {
+            return Err(format!("sku {sku} holds fewer reserved units than reservation {id:#x}"));
+        }
+        row.state = state;
+        row.settled_at_ms = Some(at_ms);
+        if let Origin::Loaded { dirty } = origin {
+            *dirty = true;
+        }
+        Ok(u64::from(row.qty))
+    }
+}
