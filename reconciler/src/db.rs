@@ -38,18 +38,15 @@ pub fn redact(url: &str) -> String {
 
 /// Connect, with an error that says what to do when PostgreSQL is down.
 pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(url)
-        .await
-        .with_context(|| {
+    PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(5)).connect(url).await.with_context(
+        || {
             format!(
                 "cannot reach PostgreSQL at {} (is it running? on a project machine: \
                  pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start)",
                 redact(url)
             )
-        })
+        },
+    )
 }
 
 /// Bring the schema up to this binary's version (idempotent).
@@ -189,7 +186,9 @@ pub async fn ledger_extent(conn: &mut PgConnection) -> sqlx::Result<(u64, Option
 pub enum WriteError {
     #[error(transparent)]
     Db(#[from] sqlx::Error),
-    #[error("{table}: expected to update {expected} rows, updated {updated}: the database changed under the reconciler")]
+    #[error(
+        "{table}: expected to update {expected} rows, updated {updated}: the database changed under the reconciler"
+    )]
     RowCount { table: &'static str, expected: usize, updated: u64 },
 }
 

@@ -13,12 +13,16 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use stampede_reconciler::db;
 use stampede_reconciler::report::{self, ReportConfig};
 use stampede_reconciler::settle::{self, RunConfig};
-use stampede_reconciler::db;
 
 #[derive(Parser, Debug)]
-#[command(name = "stampede-reconciler", version, about = "Settle the stampede log into PostgreSQL; reconciliation reports")]
+#[command(
+    name = "stampede-reconciler",
+    version,
+    about = "Settle the stampede log into PostgreSQL; reconciliation reports"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,

@@ -171,7 +171,8 @@ impl Model {
                 sale.sold += qty;
             }
             Event::Released { sku, reservation_id, at_ms } | Event::Expired { sku, reservation_id, at_ms } => {
-                let state = if matches!(event, Event::Released { .. }) { HoldState::Released } else { HoldState::Expired };
+                let state =
+                    if matches!(event, Event::Released { .. }) { HoldState::Released } else { HoldState::Expired };
                 let qty = self.settle(*reservation_id, *sku, state, *at_ms).map_err(fail)?;
                 let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
                 sale.reserved -= qty;

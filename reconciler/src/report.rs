@@ -227,7 +227,10 @@ impl Side {
                 violate(
                     Some(sku),
                     "counters_add_up",
-                    format!("available {} + reserved {} + sold {} != total {}", c.available, c.reserved, c.sold, c.total),
+                    format!(
+                        "available {} + reserved {} + sold {} != total {}",
+                        c.available, c.reserved, c.sold, c.total
+                    ),
                 );
             }
             let (mut held, mut sold) = (0u64, 0u64);
@@ -328,9 +331,7 @@ pub async fn report(pool: &PgPool, config: &ReportConfig) -> anyhow::Result<Repo
             }
             anyhow::Ok(())
         };
-        tokio::time::timeout(CATCH_UP_TIMEOUT, catch_up)
-            .await
-            .context("timed out reading the unsettled records")??;
+        tokio::time::timeout(CATCH_UP_TIMEOUT, catch_up).await.context("timed out reading the unsettled records")??;
     }
 
     // 4. Compare.

@@ -46,6 +46,10 @@ pub const SETTLE_BATCH_RECORDS_MAX: usize = 20_000;
 /// (~64 KiB each): lets the network run ahead while a transaction commits.
 const STREAM_FRAMES_BUFFERED: usize = 256;
 
+/// No frame at all for this long (heartbeats included) means the
+/// connection is dead: reconnect.
+const STREAM_SILENCE_MAX: Duration = Duration::from_millis(5 * stampede_protocol::limits::REPLICATION_HEARTBEAT_MS);
+
 /// Longest wait between reconnection attempts.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -72,7 +76,9 @@ pub struct RunSummary {
 pub enum SettleError {
     #[error(transparent)]
     Apply(#[from] ApplyError),
-    #[error("the log continues at LSN {first} but the database has settled only up to {watermark}: records are missing")]
+    #[error(
+        "the log continues at LSN {first} but the database has settled only up to {watermark}: records are missing"
+    )]
     Gap { watermark: u64, first: u64 },
     #[error(transparent)]
     Write(#[from] db::WriteError),
@@ -202,7 +208,12 @@ async fn follow(
     let (tx, mut rx) = mpsc::channel::<Result<LogBatch, ClientError>>(STREAM_FRAMES_BUFFERED);
     let reader = tokio::spawn(async move {
         loop {
-            let next = stream.next_batch().await;
+            // The server sends a heartbeat every REPLICATION_HEARTBEAT_MS:
+            // silence far beyond that is a dead (half-open) connection.
+            let next = match tokio::time::timeout(STREAM_SILENCE_MAX, stream.next_batch()).await {
+                Ok(next) => next,
+                Err(_) => Err(ClientError::Timeout(STREAM_SILENCE_MAX)),
+            };
             let failed = next.is_err();
             if tx.send(next).await.is_err() || failed {
                 return;
@@ -248,7 +259,8 @@ async fn follow(
         if !records.is_empty() {
             match settle_batch(pool, &records).await {
                 Ok(settled) => {
-                    summary.records_settled += records.iter().filter(|(lsn, _)| *lsn > summary.settled_lsn).count() as u64;
+                    summary.records_settled +=
+                        records.iter().filter(|(lsn, _)| *lsn > summary.settled_lsn).count() as u64;
                     summary.settled_lsn = settled;
                     summary.transactions += 1;
                     if let Err(e) = settler.settled(settled).await {

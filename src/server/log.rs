@@ -136,7 +136,12 @@ impl LogService {
                 // Caught up: wait for the next sync, or send a heartbeat.
                 match tokio::time::timeout(Duration::from_millis(REPLICATION_HEARTBEAT_MS), synced.changed()).await {
                     Ok(Ok(())) => continue,
-                    Ok(Err(_)) => return, // the log writer stopped: shutting down
+                    Ok(Err(_)) => {
+                        // The log writer stopped: the server is shutting
+                        // down. Say so, so the consumer reconnects later.
+                        let _ = send(self.log_batch_error(Status::ShuttingDown, request_id), permit);
+                        return;
+                    }
                     Err(_) => {
                         let frame = self.log_batch_frame(request_id, upto, 0, |_| {});
                         if send(frame, permit).is_err() {

@@ -18,7 +18,8 @@
 //!
 //! LOG_BATCH body, 22 + n bytes:
 //! ```text
-//!  0  2 status          u16: ok | lsn_unavailable | no_log (errors end the stream)
+//!  0  2 status          u16: ok, or why the stream ends: lsn_unavailable, busy
+//!                       (too many streams), shutting_down, internal_error
 //!  2  8 durable_lsn     u64, the server's highest durable LSN when it sent this frame
 //! 10  8 server_time_ms  u64, the server's clock (unix ms) when it sent this frame
 //! 18  4 count           u32, records that follow (0: heartbeat or error)
