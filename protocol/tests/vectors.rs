@@ -8,6 +8,7 @@
 //! `STAMPEDE_BLESS=1 cargo test -p stampede-protocol --test vectors`.
 
 use bytes::{Bytes, BytesMut};
+use stampede_protocol::event::Event;
 use stampede_protocol::frame::FrameCodec;
 use stampede_protocol::message::*;
 use stampede_protocol::Status;
@@ -116,6 +117,93 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
             12,
             Rep(Opcode::Ping, Reply::Error(ErrorReply { status: Status::Forbidden, message: "needs admin".into() })),
         ),
+        ("replicate", 13, Req(Request::Replicate(Replicate { from_lsn: 1001 }))),
+        (
+            "log_batch",
+            13,
+            Rep(
+                Opcode::Replicate,
+                Reply::LogBatch(LogBatch {
+                    status: Status::Ok,
+                    durable_lsn: 1002,
+                    server_time_ms: 1_795_000_000_500,
+                    records: vec![
+                        (
+                            1001,
+                            Event::Reserved {
+                                sku: 42,
+                                user: 7,
+                                qty: 1,
+                                reservation_id: reserve.reservation_id,
+                                expires_at_ms: 1_795_000_600_000,
+                                at_ms: 1_795_000_000_000,
+                            },
+                        ),
+                        (
+                            1002,
+                            Event::Confirmed {
+                                sku: 42,
+                                reservation_id: reserve.reservation_id,
+                                at_ms: 1_795_000_030_000,
+                                payment_ref: Bytes::from_static(b"pi_1"),
+                            },
+                        ),
+                    ],
+                }),
+            ),
+        ),
+        (
+            "log_batch_heartbeat",
+            13,
+            Rep(
+                Opcode::Replicate,
+                Reply::LogBatch(LogBatch {
+                    status: Status::Ok,
+                    durable_lsn: 1002,
+                    server_time_ms: 1_795_000_001_500,
+                    records: vec![],
+                }),
+            ),
+        ),
+        ("settled", 14, Req(Request::Settled(Settled { settled_lsn: 1002 }))),
+        ("settled_reply", 14, Rep(Opcode::Settled, Reply::Outcome(Outcome::new(Status::Ok, 1002)))),
+        ("state_dump", 15, Req(Request::StateDump)),
+        (
+            "dump_chunk",
+            15,
+            Rep(
+                Opcode::StateDump,
+                Reply::DumpChunk(DumpChunk {
+                    status: Status::Ok,
+                    last: true,
+                    lsn: 1002,
+                    server_time_ms: 1_795_000_031_000,
+                    entries: vec![
+                        DumpEntry::Sale(SaleEntry {
+                            sku: 42,
+                            total: 1000,
+                            available: 999,
+                            reserved: 0,
+                            sold: 1,
+                            limit_per_user: 1,
+                            ttl_ms: 600_000,
+                            hot: true,
+                            paused: false,
+                        }),
+                        DumpEntry::Reservation(ReservationEntry {
+                            sku: 42,
+                            reservation_id: reserve.reservation_id,
+                            user: 7,
+                            qty: 1,
+                            state: HoldState::Confirmed,
+                            expires_at_ms: 1_795_000_600_000,
+                            settled_at_ms: 1_795_000_030_000,
+                            payment_ref: Bytes::from_static(b"pi_1"),
+                        }),
+                    ],
+                }),
+            ),
+        ),
     ]
 }
 
@@ -191,6 +279,8 @@ fn spec_lists_every_status_and_opcode() {
         ("BATCH_OPS_MAX", stampede_protocol::limits::BATCH_OPS_MAX),
         ("PAYMENT_REF_BYTES_MAX", stampede_protocol::limits::PAYMENT_REF_BYTES_MAX),
         ("TOKEN_BYTES_MAX", stampede_protocol::limits::TOKEN_BYTES_MAX),
+        ("RECORD_PAYLOAD_BYTES_MAX", stampede_protocol::limits::RECORD_PAYLOAD_BYTES_MAX),
+        ("REPLICATION_HEARTBEAT_MS", stampede_protocol::limits::REPLICATION_HEARTBEAT_MS as usize),
     ] {
         let row = format!("| `{name}` | {value} |");
         assert!(spec.contains(&row), "PROTOCOL.md lacks the limit row `{row}`");
