@@ -3,8 +3,10 @@
 //!
 //! Queries are runtime-checked (`sqlx::query`, not the `query!` macros), so
 //! a fresh clone builds without a database. Every multi-row write is one
-//! statement over `UNNEST`ed arrays: one round trip per table per batch,
-//! however many events the batch holds.
+//! statement per table per batch, however many events the batch holds:
+//! the two big inserts (new reservations, ledger) are binary `COPY`, about
+//! twice as fast as `INSERT ... SELECT FROM UNNEST` here; the rest (sales,
+//! settled reservations) are updates over `UNNEST`ed arrays.
 
 use std::time::Duration;
 
@@ -267,26 +269,26 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
         }
     }
     if !new_holds.is_empty() {
-        sqlx::query(
-            "INSERT INTO stampede.reservations (id, sku, user_id, qty, state, reserved_at, expires_at, settled_at, \
-             confirmed_at, payment_ref, updated_lsn) \
-             SELECT u.id, u.sku, u.uid, u.qty, u.state, to_timestamp(u.rat / 1000::float8), \
-             to_timestamp(u.exp / 1000::float8), to_timestamp(u.sat / 1000::float8), \
-             CASE WHEN u.state = 'confirmed' THEN to_timestamp(u.sat / 1000::float8) END, u.pref, $10 \
-             FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::int4[], $5::text[], $6::int8[], $7::int8[], \
-             $8::int8[], $9::bytea[]) AS u(id, sku, uid, qty, state, rat, exp, sat, pref)",
+        let mut copy = CopyBinary::new();
+        for r in &new_holds {
+            copy.row(11);
+            copy.uuid(r.id);
+            copy.i64(r.sku as i64);
+            copy.i64(r.user as i64);
+            copy.i32(r.qty as i32);
+            copy.text(r.state.name());
+            copy.timestamp(Some(r.reserved_at_ms));
+            copy.timestamp(Some(r.expires_at_ms));
+            copy.timestamp(r.settled_at_ms);
+            copy.timestamp(r.settled_at_ms.filter(|_| r.state == HoldState::Confirmed));
+            copy.bytea(r.payment_ref.as_deref());
+            copy.i64(lsn);
+        }
+        copy.send(
+            conn,
+            "COPY stampede.reservations (id, sku, user_id, qty, state, reserved_at, expires_at, settled_at, \
+             confirmed_at, payment_ref, updated_lsn) FROM STDIN (FORMAT binary)",
         )
-        .bind(new_holds.iter().map(|r| Uuid::from_u128(r.id)).collect::<Vec<Uuid>>())
-        .bind(new_holds.iter().map(|r| r.sku as i64).collect::<Vec<i64>>())
-        .bind(new_holds.iter().map(|r| r.user as i64).collect::<Vec<i64>>())
-        .bind(new_holds.iter().map(|r| r.qty as i32).collect::<Vec<i32>>())
-        .bind(new_holds.iter().map(|r| r.state.name()).collect::<Vec<&str>>())
-        .bind(new_holds.iter().map(|r| r.reserved_at_ms as i64).collect::<Vec<i64>>())
-        .bind(new_holds.iter().map(|r| r.expires_at_ms as i64).collect::<Vec<i64>>())
-        .bind(new_holds.iter().map(|r| r.settled_at_ms.map(|v| v as i64)).collect::<Vec<Option<i64>>>())
-        .bind(new_holds.iter().map(|r| r.payment_ref.clone()).collect::<Vec<Option<Vec<u8>>>>())
-        .bind(lsn)
-        .execute(&mut *conn)
         .await?;
     }
     if !changed_holds.is_empty() {
@@ -311,76 +313,132 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
     }
 
     // --- ledger -------------------------------------------------------------
-    let n = records.len();
-    let (mut lsns, mut kinds, mut skus, mut ids, mut users, mut qtys, mut ats, mut expiries, mut refs) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (lsn, event) in records {
+    let mut copy = CopyBinary::new();
+    let mut last_at = 0;
+    for (record_lsn, event) in records {
         let (id, user, qty, at, expiry, payment_ref) = match event {
             Event::SaleCreated { stock, at_ms, .. } => (None, None, Some(*stock as i64), *at_ms, None, None),
             Event::Restocked { qty, at_ms, .. } => (None, None, Some(*qty as i64), *at_ms, None, None),
             Event::Paused { at_ms, .. } | Event::Resumed { at_ms, .. } => (None, None, None, *at_ms, None, None),
-            Event::Reserved { user, qty, reservation_id, expires_at_ms, at_ms, .. } => (
-                Some(*reservation_id),
-                Some(*user as i64),
-                Some(i64::from(*qty)),
-                *at_ms,
-                Some(*expires_at_ms as i64),
-                None,
-            ),
+            Event::Reserved { user, qty, reservation_id, expires_at_ms, at_ms, .. } => {
+                (Some(*reservation_id), Some(*user as i64), Some(i64::from(*qty)), *at_ms, Some(*expires_at_ms), None)
+            }
             Event::Confirmed { reservation_id, at_ms, payment_ref, .. } => {
-                (Some(*reservation_id), None, None, *at_ms, None, Some(payment_ref.to_vec()))
+                (Some(*reservation_id), None, None, *at_ms, None, Some(&payment_ref[..]))
             }
             Event::Released { reservation_id, at_ms, .. } | Event::Expired { reservation_id, at_ms, .. } => {
                 (Some(*reservation_id), None, None, *at_ms, None, None)
             }
         };
-        lsns.push(*lsn as i64);
-        kinds.push(event_kind(event));
-        skus.push(event.sku() as i64);
-        ids.push(id.map(Uuid::from_u128));
-        users.push(user);
-        qtys.push(qty);
-        ats.push(at as i64);
-        expiries.push(expiry);
-        refs.push(payment_ref);
+        copy.row(9);
+        copy.i64(*record_lsn as i64);
+        copy.text(event_kind(event));
+        copy.i64(event.sku() as i64);
+        match id {
+            Some(id) => copy.uuid(id),
+            None => copy.null(),
+        }
+        match user {
+            Some(user) => copy.i64(user),
+            None => copy.null(),
+        }
+        match qty {
+            Some(qty) => copy.i64(qty),
+            None => copy.null(),
+        }
+        copy.timestamp(Some(at));
+        copy.timestamp(expiry);
+        copy.bytea(payment_ref);
+        last_at = at;
     }
-    sqlx::query(
-        "INSERT INTO stampede.ledger (lsn, kind, sku, reservation_id, user_id, qty, at, expires_at, payment_ref) \
-         SELECT u.lsn, u.kind, u.sku, u.rid, u.uid, u.qty, to_timestamp(u.at / 1000::float8), \
-         to_timestamp(u.exp / 1000::float8), u.pref \
-         FROM UNNEST($1::int8[], $2::text[], $3::int8[], $4::uuid[], $5::int8[], $6::int8[], $7::int8[], \
-         $8::int8[], $9::bytea[]) AS u(lsn, kind, sku, rid, uid, qty, at, exp, pref)",
+    copy.send(
+        conn,
+        "COPY stampede.ledger (lsn, kind, sku, reservation_id, user_id, qty, at, expires_at, payment_ref) \
+         FROM STDIN (FORMAT binary)",
     )
-    .bind(&lsns)
-    .bind(&kinds)
-    .bind(&skus)
-    .bind(&ids)
-    .bind(&users)
-    .bind(&qtys)
-    .bind(&ats)
-    .bind(&expiries)
-    .bind(&refs)
-    .execute(&mut *conn)
     .await?;
 
     // --- watermark ------------------------------------------------------------
-    let last_at = *ats.last().expect("non-empty");
     sqlx::query(
         "UPDATE stampede.watermark SET settled_lsn = $1, settled_event_at = to_timestamp($2 / 1000::float8), \
          updated_at = now()",
     )
     .bind(lsn)
-    .bind(last_at)
+    .bind(last_at as i64)
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// A `COPY ... FROM STDIN (FORMAT binary)` payload. The format (PostgreSQL
+/// docs, "COPY", binary format): a fixed signature and two zero words, then
+/// per row a field count and per field a length (-1: NULL) and the value in
+/// the type's binary send format (big-endian), then -1 as the trailer.
+struct CopyBinary {
+    buf: Vec<u8>,
+}
+
+/// Microseconds between the unix epoch and PostgreSQL's (2000-01-01 UTC).
+const POSTGRES_EPOCH_UNIX_MS: i64 = 946_684_800_000;
+
+impl CopyBinary {
+    fn new() -> CopyBinary {
+        let mut buf = Vec::with_capacity(1 << 20);
+        buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        buf.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
+        buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+        CopyBinary { buf }
+    }
+
+    fn row(&mut self, fields: i16) {
+        self.buf.extend_from_slice(&fields.to_be_bytes());
+    }
+
+    fn field(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+        self.buf.extend_from_slice(bytes);
+    }
+
+    fn null(&mut self) {
+        self.buf.extend_from_slice(&(-1i32).to_be_bytes());
+    }
+
+    fn i64(&mut self, v: i64) {
+        self.field(&v.to_be_bytes());
+    }
+
+    fn i32(&mut self, v: i32) {
+        self.field(&v.to_be_bytes());
+    }
+
+    fn text(&mut self, v: &str) {
+        self.field(v.as_bytes());
+    }
+
+    /// uuid: its 16 bytes, most significant first (`Uuid::from_u128`).
+    fn uuid(&mut self, v: u128) {
+        self.field(&v.to_be_bytes());
+    }
+
+    /// timestamptz from unix ms: microseconds since 2000-01-01 UTC.
+    fn timestamp(&mut self, unix_ms: Option<u64>) {
+        match unix_ms {
+            Some(ms) => self.i64((ms as i64 - POSTGRES_EPOCH_UNIX_MS) * 1000),
+            None => self.null(),
+        }
+    }
+
+    fn bytea(&mut self, v: Option<&[u8]>) {
+        match v {
+            Some(bytes) => self.field(bytes),
+            None => self.null(),
+        }
+    }
+
+    async fn send(mut self, conn: &mut PgConnection, statement: &str) -> sqlx::Result<u64> {
+        self.buf.extend_from_slice(&(-1i16).to_be_bytes());
+        let mut copy = conn.copy_in_raw(statement).await?;
+        copy.send(self.buf).await?;
+        copy.finish().await
+    }
 }
