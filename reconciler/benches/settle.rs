@@ -86,7 +86,12 @@ impl Drill {
         let ops: Vec<Reserve> = (0..reserves)
             .map(|_| {
                 self.next_id += 1;
-                Reserve { sku: self.rng.gen_range(1..=2), user: self.rng.gen_range(0..1_000_000), qty: 1, reservation_id: self.next_id }
+                Reserve {
+                    sku: self.rng.gen_range(1..=2),
+                    user: self.rng.gen_range(0..1_000_000),
+                    qty: 1,
+                    reservation_id: self.next_id,
+                }
             })
             .collect();
         let outcomes = self.client.reserve_batch(&ops).await.unwrap();

@@ -201,7 +201,7 @@ impl Model {
         if row.state != HoldState::Held {
             return Err(format!("reservation {id:#x} is already {}", row.state.name()));
         }
-        if !self.sales.get(&sku).is_some_and(|(s, _)| s.reserved >= u64::from(row.qty)) {
+        if self.sales.get(&sku).is_none_or(|(s, _)| s.reserved < u64::from(row.qty)) {
             return Err(format!("sku {sku} holds fewer reserved units than reservation {id:#x}"));
         }
         row.state = state;

@@ -445,8 +445,8 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "{:>20}  {:>29}  {:>29}  {:>9}  {}",
-            "sku", "engine total/avail/res/sold", "database total/avail/res/sold", "holds", "result"
+            "{:>20}  {:>29}  {:>29}  {:>9}  result",
+            "sku", "engine total/avail/res/sold", "database total/avail/res/sold", "holds"
         );
         let counters = |c: &Option<Counters>| match c {
             Some(c) => format!("{}/{}/{}/{}", c.total, c.available, c.reserved, c.sold),
