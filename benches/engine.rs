@@ -26,7 +26,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const USERS: u64 = 1_000_000;
 
 fn hot_sale(engine: &mut Engine, stock: u64) {
-    let create = SaleCreate { sku: 42, stock, limit_per_user: 1, ttl_ms: 600_000, hot: true };
+    let create = SaleCreate { sku: 42, stock, limit_per_user: 1, ttl_ms: 600_000, hot: true, queue: None };
     assert_eq!(engine.create_sale(&create, 0, &mut Vec::new()).status, Status::Ok);
 }
 

@@ -104,7 +104,7 @@ fn write_log(dir: &std::path::Path, events: u64) -> u64 {
     let mut batch = Vec::with_capacity(4096);
     let skus = 100u64;
     for sku in 1..=skus {
-        let create = SaleCreate { sku, stock: events, limit_per_user: 4, ttl_ms: 3_600_000, hot: false };
+        let create = SaleCreate { sku, stock: events, limit_per_user: 4, ttl_ms: 3_600_000, hot: false, queue: None };
         engine.create_sale(&create, 1, &mut batch);
     }
     let mut written = 0u64;

@@ -73,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
     println!("stampede server on {addr} (durability: {mode}, log in {})", data_dir.display());
 
     let admin = Client::connect(ClientConfig::new(&addr, &admin_token)).await?;
-    let sale = SaleCreate { sku: SKU, stock, limit_per_user: 1, ttl_ms: 600_000, hot: true };
+    let sale = SaleCreate { sku: SKU, stock, limit_per_user: 1, ttl_ms: 600_000, hot: true, queue: None };
     anyhow::ensure!(admin.create_sale(sale).await?.status == Status::Ok, "create sale");
     println!("sale: sku {SKU}, {stock} units, limit 1 per user; {buyers} buyers on {CONNECTIONS} connections, batches of {batch}, {depth} in flight per connection");
 

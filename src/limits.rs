@@ -94,3 +94,9 @@ pub const REPLICATION_FRAMES_INFLIGHT_MAX: usize = 16;
 /// from the snapshot and the log (memory and a core for seconds on a large
 /// log); a second request meanwhile gets `busy`.
 pub const STATE_DUMPS_CONCURRENT_MAX: usize = 1;
+
+/// Users one sale's queue holds in line. ~45 bytes each (see
+/// engine/queue.rs), so 10M is ~450 MiB at most; past it JOIN answers
+/// `busy`. Ten million people in line for one drop is already beyond any
+/// real sale; the cap keeps a bot flood from exhausting memory.
+pub const QUEUE_WAITING_MAX: u64 = 10_000_000;

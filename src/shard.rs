@@ -68,6 +68,13 @@ pub enum ShardMsg {
         sku: u64,
         reply: ReplyTo,
     },
+    /// JOIN (`join` true) or POLL of the sale's queue.
+    Ticket {
+        sku: u64,
+        user: u64,
+        join: bool,
+        reply: ReplyTo,
+    },
     Admin {
         cmd: AdminCmd,
         done: oneshot::Sender<AdminResult>,
@@ -351,6 +358,14 @@ impl ShardLoop {
             // Expire first, so stock that is due back is back before this
             // cycle's reservations are decided.
             self.engine.expire_due(now_ms, &mut self.events);
+            // Queues: starts, lapses and admissions due by now. The start's
+            // shuffle seed comes from the OS-seeded hasher keys and is
+            // written to the log, so the order can be recomputed.
+            self.engine.queue_tick(
+                now_ms,
+                &mut || stampede_protocol::client::new_reservation_id() as u64,
+                &mut self.events,
+            );
             // A cycle ends after SHARD_CYCLE_OPS_MAX operations, so the log
             // writer can fsync one cycle while the shard decides the next.
             let mut stop = false;
@@ -396,7 +411,15 @@ impl ShardLoop {
                 let outcome = engine.release(reservation_id, now_ms, events);
                 (reply, Opcode::Release, Reply::Outcome(outcome))
             }
-            ShardMsg::Status { sku, reply } => (reply, Opcode::Status, Reply::Status(engine.status(sku))),
+            ShardMsg::Status { sku, reply } => (reply, Opcode::Status, Reply::Status(engine.status(sku, now_ms))),
+            ShardMsg::Ticket { sku, user, join, reply } => {
+                let (opcode, ticket) = if join {
+                    (Opcode::Join, engine.join(sku, user, now_ms, events))
+                } else {
+                    (Opcode::Poll, engine.poll(sku, user, now_ms))
+                };
+                (reply, opcode, Reply::Ticket(ticket))
+            }
             ShardMsg::Admin { cmd, done } => {
                 let result = match cmd {
                     AdminCmd::Create(create) => {

@@ -203,7 +203,8 @@ async fn kill_9_loses_no_acknowledged_reservation() {
     let mut server = ServerProcess::start(&dir.0, &[]);
     let admin = client(&server.addr, ADMIN).await;
     for sku in 1..=SKUS {
-        let sale = SaleCreate { sku, stock: STOCK, limit_per_user: LIMIT, ttl_ms: 3_600_000, hot: sku == 1 };
+        let sale =
+            SaleCreate { sku, stock: STOCK, limit_per_user: LIMIT, ttl_ms: 3_600_000, hot: sku == 1, queue: None };
         assert_eq!(admin.create_sale(sale).await.unwrap().status, Status::Ok);
     }
     let ledger = Arc::new(Mutex::new(Ledger::default()));
@@ -238,7 +239,7 @@ fn a_failing_fsync_is_fatal_for_the_process() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let acked = runtime.block_on(async {
         let admin = client(&server.addr, ADMIN).await;
-        let sale = SaleCreate { sku: 1, stock: 10, limit_per_user: 10, ttl_ms: 60_000, hot: false };
+        let sale = SaleCreate { sku: 1, stock: 10, limit_per_user: 10, ttl_ms: 60_000, hot: false, queue: None };
         assert_eq!(admin.create_sale(sale).await.unwrap().status, Status::Ok);
         let checkout = client(&server.addr, CHECKOUT).await;
         let mut acked = 0;
@@ -265,7 +266,7 @@ fn a_reservation_that_expires_while_the_server_is_down_is_released_and_logged() 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let held = runtime.block_on(async {
         let admin = client(&server.addr, ADMIN).await;
-        let sale = SaleCreate { sku: 9, stock: 3, limit_per_user: 3, ttl_ms: 400, hot: true };
+        let sale = SaleCreate { sku: 9, stock: 3, limit_per_user: 3, ttl_ms: 400, hot: true, queue: None };
         assert_eq!(admin.create_sale(sale).await.unwrap().status, Status::Ok);
         let checkout = client(&server.addr, CHECKOUT).await;
         assert_eq!(checkout.reserve(9, 1, 1, 1).await.unwrap().status, Status::Reserved);

@@ -245,9 +245,11 @@ impl Model {
 
 fn run_engine(engine: &mut Engine, op: &Op, now: u64, events: &mut Vec<Event>) -> Outcome {
     match *op {
-        Op::Create { sku, stock, limit, hot } => {
-            engine.create_sale(&SaleCreate { sku, stock, limit_per_user: limit, ttl_ms: ttl_ms(sku), hot }, now, events)
-        }
+        Op::Create { sku, stock, limit, hot } => engine.create_sale(
+            &SaleCreate { sku, stock, limit_per_user: limit, ttl_ms: ttl_ms(sku), hot, queue: None },
+            now,
+            events,
+        ),
         Op::Restock { sku, qty } => engine.restock(sku, qty, now, events),
         Op::Pause { sku, paused } => engine.set_paused(sku, paused, now, events),
         Op::Reserve { sku, user, qty, id } => {
@@ -262,7 +264,7 @@ fn run_engine(engine: &mut Engine, op: &Op, now: u64, events: &mut Vec<Event>) -
 fn state_of(engine: &Engine) -> Vec<(u64, stampede_protocol::message::SaleStatus)> {
     let mut skus: Vec<u64> = engine.skus().collect();
     skus.sort_unstable();
-    skus.into_iter().map(|sku| (sku, engine.status(sku).sale)).collect()
+    skus.into_iter().map(|sku| (sku, engine.status(sku, 0).sale)).collect()
 }
 
 proptest! {
@@ -287,7 +289,7 @@ proptest! {
             let want = model.apply(op, now);
             prop_assert_eq!(got, want, "step {}: {:?}", step, op);
             for (sku, s) in &model.sales {
-                let e = engine.status(*sku).sale;
+                let e = engine.status(*sku, 0).sale;
                 prop_assert_eq!(
                     (e.total, e.available, e.reserved, e.sold, e.paused),
                     (s.total, s.available, s.reserved, s.sold, s.paused),

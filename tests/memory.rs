@@ -43,7 +43,8 @@ fn engine_bytes(distinct_users: bool) -> isize {
     let before = LIVE_BYTES.load(Ordering::Relaxed);
     let mut engine = Engine::new(Arc::new(ReservationDirectory::for_server()));
     let mut events = Vec::new();
-    let create = SaleCreate { sku: 1, stock: USERS, limit_per_user: USERS as u32, ttl_ms: 600_000, hot: true };
+    let create =
+        SaleCreate { sku: 1, stock: USERS, limit_per_user: USERS as u32, ttl_ms: 600_000, hot: true, queue: None };
     assert_eq!(engine.create_sale(&create, 0, &mut events).status, Status::Ok);
     for i in 0..USERS {
         let user = if distinct_users { i } else { 7 };

@@ -171,9 +171,9 @@ async fn batches_pause_restock_and_unknown_sku() {
     assert_eq!((sale.total, sale.available, sale.reserved), (5, 1, 4));
     assert_eq!(admin.restock(999, 1).await.unwrap().status, Status::UnknownSku);
     assert_eq!(client.status(999).await.unwrap().status, Status::UnknownSku);
-    let create = SaleCreate { sku: 20, stock: 1, limit_per_user: 1, ttl_ms: 1000, hot: false };
+    let create = SaleCreate { sku: 20, stock: 1, limit_per_user: 1, ttl_ms: 1000, hot: false, queue: None };
     assert_eq!(admin.create_sale(create).await.unwrap().status, Status::SaleExists);
-    let bad = SaleCreate { sku: 22, stock: 1, limit_per_user: 0, ttl_ms: 1000, hot: false };
+    let bad = SaleCreate { sku: 22, stock: 1, limit_per_user: 0, ttl_ms: 1000, hot: false, queue: None };
     assert_eq!(admin.create_sale(bad).await.unwrap().status, Status::InvalidArgument);
     // invalid_argument left no route behind.
     assert_eq!(client.status(22).await.unwrap().status, Status::UnknownSku);
@@ -192,7 +192,7 @@ async fn auth_is_enforced() {
     let checkout = server.checkout(1).await;
     assert_eq!(checkout.role(), Role::Checkout);
     let err = checkout
-        .create_sale(SaleCreate { sku: 1, stock: 1, limit_per_user: 1, ttl_ms: 1000, hot: false })
+        .create_sale(SaleCreate { sku: 1, stock: 1, limit_per_user: 1, ttl_ms: 1000, hot: false, queue: None })
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Server { status: Status::Forbidden, .. }), "{err:?}");

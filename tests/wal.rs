@@ -34,7 +34,7 @@ fn workload(seed: u64, ops: usize) -> (Engine, Vec<Event>) {
     let mut events = Vec::new();
     let mut now = 1_000_000u64;
     for sku in 1..=4u64 {
-        let create = SaleCreate { sku, stock: 50, limit_per_user: 3, ttl_ms: 5_000, hot: sku == 1 };
+        let create = SaleCreate { sku, stock: 50, limit_per_user: 3, ttl_ms: 5_000, hot: sku == 1, queue: None };
         assert_eq!(engine.create_sale(&create, now, &mut events).status, Status::Ok);
     }
     let mut ids: Vec<u128> = Vec::new();

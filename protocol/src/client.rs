@@ -61,7 +61,8 @@ use tokio_util::codec::FramedRead;
 use crate::frame::FrameCodec;
 use crate::limits::BATCH_OPS_MAX;
 use crate::message::{
-    Confirm, Hello, Outcome, Release, Reply, Request, Reserve, Restock, Role, SaleCreate, StatusReply,
+    Confirm, Hello, Outcome, QueueTicket, Release, Reply, Request, Reserve, Restock, Role, SaleCreate, StatusReply,
+    TicketRequest,
 };
 use crate::status::Status;
 
@@ -359,6 +360,24 @@ impl Client {
         }
     }
 
+    /// Join the sale's queue (idempotent: one ticket per user and sale, so
+    /// joining again, from any connection, answers the same ticket).
+    pub async fn join(&self, sku: u64, user: u64) -> Result<QueueTicket, ClientError> {
+        self.ticket(Request::Join(TicketRequest { sku, user })).await
+    }
+
+    /// Where `user` stands in the sale's queue.
+    pub async fn poll(&self, sku: u64, user: u64) -> Result<QueueTicket, ClientError> {
+        self.ticket(Request::Poll(TicketRequest { sku, user })).await
+    }
+
+    async fn ticket(&self, request: Request) -> Result<QueueTicket, ClientError> {
+        match self.call(request, Retry::Idempotent).await? {
+            Reply::Ticket(t) => Ok(t),
+            other => Err(ClientError::Protocol(format!("expected a queue ticket, got {other:?}"))),
+        }
+    }
+
     /// Admin: create a sale. A retry after success answers `sale_exists`.
     pub async fn create_sale(&self, sale: SaleCreate) -> Result<Outcome, ClientError> {
         self.outcome(Request::SaleCreate(sale), Retry::Idempotent).await
@@ -392,6 +411,7 @@ fn reply_busy_hint(reply: &Reply) -> Option<u64> {
         Reply::Outcome(o) if o.status == Status::Busy => Some(o.detail),
         Reply::Outcome(o) if o.status == Status::ShuttingDown => Some(100),
         Reply::Status(s) if s.status == Status::Busy => Some(crate::limits::BUSY_RETRY_AFTER_MS_DEFAULT),
+        Reply::Ticket(t) if t.status == Status::Busy => Some(crate::limits::BUSY_RETRY_AFTER_MS_DEFAULT),
         _ => None,
     }
 }

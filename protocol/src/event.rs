@@ -20,6 +20,11 @@
 //! 6 CONFIRMED     sku u64, reservation_id u128, at_ms u64, payment_ref_len u8, payment_ref bytes
 //! 7 RELEASED      sku u64, reservation_id u128, at_ms u64
 //! 8 EXPIRED       sku u64, reservation_id u128, at_ms u64
+//! 9 QUEUE_CONFIGURED  sku u64, admit_rate_per_s u32, admit_cap u32, admission_ms u64, start_at_ms u64, at_ms u64
+//! 10 QUEUE_JOINED     sku u64, user u64, at_ms u64
+//! 11 QUEUE_STARTED    sku u64, seed u64, at_ms u64
+//! 12 ADMITTED         sku u64, user u64, until_ms u64, at_ms u64
+//! 13 ADMISSION_LAPSED sku u64, user u64, at_ms u64
 //! ```
 //! Kinds are never renumbered; a new event gets a new kind. The same
 //! payload is what the server's write-ahead log stores and what the
@@ -33,14 +38,86 @@ use crate::wire::{Malformed, Reader};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    SaleCreated { sku: u64, stock: u64, limit_per_user: u32, ttl_ms: u64, hot: bool, at_ms: u64 },
-    Restocked { sku: u64, qty: u64, at_ms: u64 },
-    Paused { sku: u64, at_ms: u64 },
-    Resumed { sku: u64, at_ms: u64 },
-    Reserved { sku: u64, user: u64, qty: u32, reservation_id: u128, expires_at_ms: u64, at_ms: u64 },
-    Confirmed { sku: u64, reservation_id: u128, at_ms: u64, payment_ref: Bytes },
-    Released { sku: u64, reservation_id: u128, at_ms: u64 },
-    Expired { sku: u64, reservation_id: u128, at_ms: u64 },
+    SaleCreated {
+        sku: u64,
+        stock: u64,
+        limit_per_user: u32,
+        ttl_ms: u64,
+        hot: bool,
+        at_ms: u64,
+    },
+    Restocked {
+        sku: u64,
+        qty: u64,
+        at_ms: u64,
+    },
+    Paused {
+        sku: u64,
+        at_ms: u64,
+    },
+    Resumed {
+        sku: u64,
+        at_ms: u64,
+    },
+    Reserved {
+        sku: u64,
+        user: u64,
+        qty: u32,
+        reservation_id: u128,
+        expires_at_ms: u64,
+        at_ms: u64,
+    },
+    Confirmed {
+        sku: u64,
+        reservation_id: u128,
+        at_ms: u64,
+        payment_ref: Bytes,
+    },
+    Released {
+        sku: u64,
+        reservation_id: u128,
+        at_ms: u64,
+    },
+    Expired {
+        sku: u64,
+        reservation_id: u128,
+        at_ms: u64,
+    },
+    /// The sale is gated by a virtual queue (right after its SALE_CREATED).
+    QueueConfigured {
+        sku: u64,
+        admit_rate_per_s: u32,
+        admit_cap: u32,
+        admission_ms: u64,
+        start_at_ms: u64,
+        at_ms: u64,
+    },
+    /// `user` took a place in line (or, before the start, in the pre-queue).
+    QueueJoined {
+        sku: u64,
+        user: u64,
+        at_ms: u64,
+    },
+    /// The start: the pre-queue is shuffled with `seed` (see the queue
+    /// module for the exact shuffle) and placed ahead of later joiners.
+    QueueStarted {
+        sku: u64,
+        seed: u64,
+        at_ms: u64,
+    },
+    /// The first user in line may reserve until `until_ms`.
+    Admitted {
+        sku: u64,
+        user: u64,
+        until_ms: u64,
+        at_ms: u64,
+    },
+    /// An admission ran out unused; the place passes to the next in line.
+    AdmissionLapsed {
+        sku: u64,
+        user: u64,
+        at_ms: u64,
+    },
 }
 
 impl Event {
@@ -54,7 +131,31 @@ impl Event {
             | Event::Reserved { sku, .. }
             | Event::Confirmed { sku, .. }
             | Event::Released { sku, .. }
-            | Event::Expired { sku, .. } => *sku,
+            | Event::Expired { sku, .. }
+            | Event::QueueConfigured { sku, .. }
+            | Event::QueueJoined { sku, .. }
+            | Event::QueueStarted { sku, .. }
+            | Event::Admitted { sku, .. }
+            | Event::AdmissionLapsed { sku, .. } => *sku,
+        }
+    }
+
+    /// The engine time of the event (unix ms).
+    pub fn at_ms(&self) -> u64 {
+        match self {
+            Event::SaleCreated { at_ms, .. }
+            | Event::Restocked { at_ms, .. }
+            | Event::Paused { at_ms, .. }
+            | Event::Resumed { at_ms, .. }
+            | Event::Reserved { at_ms, .. }
+            | Event::Confirmed { at_ms, .. }
+            | Event::Released { at_ms, .. }
+            | Event::Expired { at_ms, .. }
+            | Event::QueueConfigured { at_ms, .. }
+            | Event::QueueJoined { at_ms, .. }
+            | Event::QueueStarted { at_ms, .. }
+            | Event::Admitted { at_ms, .. }
+            | Event::AdmissionLapsed { at_ms, .. } => *at_ms,
         }
     }
 }
@@ -67,6 +168,11 @@ const RESERVED: u8 = 5;
 const CONFIRMED: u8 = 6;
 const RELEASED: u8 = 7;
 const EXPIRED: u8 = 8;
+const QUEUE_CONFIGURED: u8 = 9;
+const QUEUE_JOINED: u8 = 10;
+const QUEUE_STARTED: u8 = 11;
+const ADMITTED: u8 = 12;
+const ADMISSION_LAPSED: u8 = 13;
 
 /// Append the payload encoding of `event`.
 pub fn encode_event(event: &Event, dst: &mut BytesMut) {
@@ -115,9 +221,36 @@ pub fn encode_event(event: &Event, dst: &mut BytesMut) {
             dst.put_u128_le(*reservation_id);
             dst.put_u64_le(*at_ms);
         }
+        Event::QueueConfigured { sku, admit_rate_per_s, admit_cap, admission_ms, start_at_ms, at_ms } => {
+            dst.put_u8(QUEUE_CONFIGURED);
+            dst.put_u64_le(*sku);
+            dst.put_u32_le(*admit_rate_per_s);
+            dst.put_u32_le(*admit_cap);
+            dst.put_u64_le(*admission_ms);
+            dst.put_u64_le(*start_at_ms);
+            dst.put_u64_le(*at_ms);
+        }
+        Event::QueueJoined { sku, user, at_ms } | Event::AdmissionLapsed { sku, user, at_ms } => {
+            dst.put_u8(if matches!(event, Event::QueueJoined { .. }) { QUEUE_JOINED } else { ADMISSION_LAPSED });
+            dst.put_u64_le(*sku);
+            dst.put_u64_le(*user);
+            dst.put_u64_le(*at_ms);
+        }
+        Event::QueueStarted { sku, seed, at_ms } => {
+            dst.put_u8(QUEUE_STARTED);
+            dst.put_u64_le(*sku);
+            dst.put_u64_le(*seed);
+            dst.put_u64_le(*at_ms);
+        }
+        Event::Admitted { sku, user, until_ms, at_ms } => {
+            dst.put_u8(ADMITTED);
+            dst.put_u64_le(*sku);
+            dst.put_u64_le(*user);
+            dst.put_u64_le(*until_ms);
+            dst.put_u64_le(*at_ms);
+        }
     }
 }
-
 /// Decode one event payload (the whole payload must be consumed).
 pub fn decode_event(payload: &[u8]) -> Result<Event, Malformed> {
     let mut r = Reader::new(payload, "event");
@@ -154,6 +287,18 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, Malformed> {
         }
         RELEASED => Event::Released { sku: r.u64()?, reservation_id: r.u128()?, at_ms: r.u64()? },
         EXPIRED => Event::Expired { sku: r.u64()?, reservation_id: r.u128()?, at_ms: r.u64()? },
+        QUEUE_CONFIGURED => Event::QueueConfigured {
+            sku: r.u64()?,
+            admit_rate_per_s: r.u32()?,
+            admit_cap: r.u32()?,
+            admission_ms: r.u64()?,
+            start_at_ms: r.u64()?,
+            at_ms: r.u64()?,
+        },
+        QUEUE_JOINED => Event::QueueJoined { sku: r.u64()?, user: r.u64()?, at_ms: r.u64()? },
+        QUEUE_STARTED => Event::QueueStarted { sku: r.u64()?, seed: r.u64()?, at_ms: r.u64()? },
+        ADMITTED => Event::Admitted { sku: r.u64()?, user: r.u64()?, until_ms: r.u64()?, at_ms: r.u64()? },
+        ADMISSION_LAPSED => Event::AdmissionLapsed { sku: r.u64()?, user: r.u64()?, at_ms: r.u64()? },
         kind => return Err(Malformed(format!("unknown event kind {kind}"))),
     };
     r.finish()?;
@@ -174,6 +319,21 @@ mod tests {
             (Event::Reserved { sku: 0, user: 0, qty: 0, reservation_id: 0, expires_at_ms: 0, at_ms: 0 }, 53),
             (Event::Confirmed { sku: 0, reservation_id: 0, at_ms: 0, payment_ref: Bytes::new() }, 34),
             (Event::Expired { sku: 0, reservation_id: 0, at_ms: 0 }, 33),
+            (
+                Event::QueueConfigured {
+                    sku: 0,
+                    admit_rate_per_s: 0,
+                    admit_cap: 0,
+                    admission_ms: 0,
+                    start_at_ms: 0,
+                    at_ms: 0,
+                },
+                41,
+            ),
+            (Event::QueueJoined { sku: 0, user: 0, at_ms: 0 }, 25),
+            (Event::QueueStarted { sku: 0, seed: 0, at_ms: 0 }, 25),
+            (Event::Admitted { sku: 0, user: 0, until_ms: 0, at_ms: 0 }, 33),
+            (Event::AdmissionLapsed { sku: 0, user: 0, at_ms: 0 }, 25),
         ];
         for (event, size) in sizes {
             let mut buf = BytesMut::new();

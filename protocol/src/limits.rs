@@ -44,3 +44,10 @@ pub const RECORD_PAYLOAD_BYTES_MAX: usize = 4096;
 /// records, so the consumer can tell an idle log from a dead connection
 /// and always knows the server's durable LSN (its lag).
 pub const REPLICATION_HEARTBEAT_MS: u64 = 1_000;
+
+/// Longest admission window of a queued sale: 1 hour. An admitted user
+/// holds a place no one behind can take; longer than this the line stalls.
+pub const QUEUE_ADMISSION_MS_MAX: u64 = 3600 * 1000;
+
+/// Most users admitted per second by one queue.
+pub const QUEUE_ADMIT_RATE_PER_S_MAX: u32 = 1_000_000;

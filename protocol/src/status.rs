@@ -23,6 +23,10 @@ pub enum Status {
     Confirmed = 2,
     /// RELEASE: the reservation's units went back to available stock.
     Released = 3,
+    /// JOIN / POLL: in line; the ticket carries the position.
+    Waiting = 4,
+    /// JOIN / POLL: admitted; reserve before `admitted_until_ms`.
+    Admitted = 5,
 
     // --- domain refusals (nothing changed) ----------------------------
     /// No unit of this SKU is available right now.
@@ -56,6 +60,10 @@ pub enum Status {
     LsnUnavailable = 22,
     /// REPLICATE or STATE_DUMP on a server that keeps no write-ahead log.
     NoLog = 23,
+    /// RESERVE on a queued sale by a user without a valid admission.
+    NotAdmitted = 24,
+    /// POLL for a user who has not joined the sale's queue.
+    NoTicket = 25,
 
     // --- overload (retry later) ---------------------------------------
     /// The shard's queue is full. `detail` = suggested retry delay in ms.
@@ -99,6 +107,8 @@ impl Status {
         Status::Reserved,
         Status::Confirmed,
         Status::Released,
+        Status::Waiting,
+        Status::Admitted,
         Status::SoldOut,
         Status::InsufficientStock,
         Status::LimitExceeded,
@@ -113,6 +123,8 @@ impl Status {
         Status::InvalidArgument,
         Status::LsnUnavailable,
         Status::NoLog,
+        Status::NotAdmitted,
+        Status::NoTicket,
         Status::Busy,
         Status::ShuttingDown,
         Status::Unauthenticated,
@@ -145,6 +157,8 @@ impl Status {
             Status::Reserved => "reserved",
             Status::Confirmed => "confirmed",
             Status::Released => "released",
+            Status::Waiting => "waiting",
+            Status::Admitted => "admitted",
             Status::SoldOut => "sold_out",
             Status::InsufficientStock => "insufficient_stock",
             Status::LimitExceeded => "limit_exceeded",
@@ -159,6 +173,8 @@ impl Status {
             Status::InvalidArgument => "invalid_argument",
             Status::LsnUnavailable => "lsn_unavailable",
             Status::NoLog => "no_log",
+            Status::NotAdmitted => "not_admitted",
+            Status::NoTicket => "no_ticket",
             Status::Busy => "busy",
             Status::ShuttingDown => "shutting_down",
             Status::Unauthenticated => "unauthenticated",

@@ -31,6 +31,11 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    /// Bytes not read yet (to bound allocations by what the input holds).
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
     pub fn u8(&mut self) -> Result<u8, Malformed> {
         Ok(self.take(1)?[0])
     }

@@ -74,7 +74,8 @@ impl Drill {
         config.connections = 4;
         let client = Client::connect(config).await.unwrap();
         for sku in 1..=2 {
-            let sale = SaleCreate { sku, stock: 1 << 40, limit_per_user: 1_000, ttl_ms: 600_000, hot: sku == 1 };
+            let sale =
+                SaleCreate { sku, stock: 1 << 40, limit_per_user: 1_000, ttl_ms: 600_000, hot: sku == 1, queue: None };
             assert_eq!(client.create_sale(sale).await.unwrap().status, Status::Ok);
         }
         Drill { client, rng: SmallRng::seed_from_u64(7), next_id: 1 }

@@ -329,6 +329,19 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
             Event::Released { reservation_id, at_ms, .. } | Event::Expired { reservation_id, at_ms, .. } => {
                 (Some(*reservation_id), None, None, *at_ms, None, None)
             }
+            // qty: the admission rate; expires_at: the admission window's
+            // end (start time for the configuration).
+            Event::QueueConfigured { admit_rate_per_s, start_at_ms, at_ms, .. } => {
+                (None, None, Some(i64::from(*admit_rate_per_s)), *at_ms, Some(*start_at_ms), None)
+            }
+            Event::QueueJoined { user, at_ms, .. } | Event::AdmissionLapsed { user, at_ms, .. } => {
+                (None, Some(*user as i64), None, *at_ms, None, None)
+            }
+            // The shuffle seed, in qty (bit-for-bit), so the order is auditable from PostgreSQL too.
+            Event::QueueStarted { seed, at_ms, .. } => (None, None, Some(*seed as i64), *at_ms, None, None),
+            Event::Admitted { user, until_ms, at_ms, .. } => {
+                (None, Some(*user as i64), None, *at_ms, Some(*until_ms), None)
+            }
         };
         copy.row(9);
         copy.i64(*record_lsn as i64);

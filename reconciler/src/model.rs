@@ -79,6 +79,11 @@ fn kind_name(event: &Event) -> &'static str {
         Event::Confirmed { .. } => "confirmed",
         Event::Released { .. } => "released",
         Event::Expired { .. } => "expired",
+        Event::QueueConfigured { .. } => "queue_configured",
+        Event::QueueJoined { .. } => "queue_joined",
+        Event::QueueStarted { .. } => "queue_started",
+        Event::Admitted { .. } => "admitted",
+        Event::AdmissionLapsed { .. } => "admission_lapsed",
     }
 }
 
@@ -177,6 +182,18 @@ impl Model {
                 let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
                 sale.reserved -= qty;
                 sale.available += qty;
+            }
+            // The virtual queue changes no sale or reservation row; its
+            // events are kept in the ledger (who joined and was admitted
+            // when, and the start's shuffle seed).
+            Event::QueueConfigured { sku, .. }
+            | Event::QueueJoined { sku, .. }
+            | Event::QueueStarted { sku, .. }
+            | Event::Admitted { sku, .. }
+            | Event::AdmissionLapsed { sku, .. } => {
+                if !self.sales.contains_key(sku) {
+                    return Err(fail(format!("unknown sku {sku}")));
+                }
             }
         }
         Ok(())

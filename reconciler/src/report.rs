@@ -317,7 +317,7 @@ pub async fn report(pool: &PgPool, config: &ReportConfig) -> anyhow::Result<Repo
                 let batch = stream.next_batch().await?;
                 for (lsn, event) in batch.records.iter().filter(|(lsn, _)| *lsn <= dump.lsn) {
                     if *lsn == settled_lsn + 1 {
-                        oldest_unsettled_at_ms = Some(event_at_ms(event));
+                        oldest_unsettled_at_ms = Some(event.at_ms());
                     }
                     if let Err(e) = model.apply(*lsn, event) {
                         violations.push(Violation {
@@ -417,20 +417,6 @@ pub async fn report(pool: &PgPool, config: &ReportConfig) -> anyhow::Result<Repo
         violations,
         skus_differing,
     })
-}
-
-fn event_at_ms(event: &stampede_protocol::event::Event) -> u64 {
-    use stampede_protocol::event::Event;
-    match event {
-        Event::SaleCreated { at_ms, .. }
-        | Event::Restocked { at_ms, .. }
-        | Event::Paused { at_ms, .. }
-        | Event::Resumed { at_ms, .. }
-        | Event::Reserved { at_ms, .. }
-        | Event::Confirmed { at_ms, .. }
-        | Event::Released { at_ms, .. }
-        | Event::Expired { at_ms, .. } => *at_ms,
-    }
 }
 
 impl Report {

@@ -136,7 +136,8 @@ async fn run(args: Args) -> Result<Value, ClientError> {
         }
         Command::Sale(SaleCommand::Create { sku, stock, limit, ttl_secs, hot }) => {
             let ttl_ms = ttl_secs.saturating_mul(1000);
-            let o = client.create_sale(SaleCreate { sku, stock, limit_per_user: limit, ttl_ms, hot }).await?;
+            let o =
+                client.create_sale(SaleCreate { sku, stock, limit_per_user: limit, ttl_ms, hot, queue: None }).await?;
             let mut v = outcome_json(&o);
             v["sku"] = json!(sku);
             v

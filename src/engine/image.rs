@@ -13,6 +13,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use stampede_protocol::wire::{Malformed, Reader};
 
+use super::queue::{QueueImage, WaitingRoom};
 use super::{Claim, Engine, ExpiryEntry, FastMap, HoldState, Reservation, Sale, SkuGauge};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +30,8 @@ pub struct SaleImage {
     /// Every reservation of the sale, sorted by id (settled ones included:
     /// they answer retries).
     pub reservations: Vec<ReservationImage>,
+    /// The virtual queue, if the sale has one.
+    pub queue: Option<QueueImage>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,11 +58,19 @@ impl SaleImage {
     /// # Format
     /// ```text
     /// sku u64, total u64, available u64, reserved u64, sold u64,
-    /// limit_per_user u32, ttl_ms u64, flags u8 (bit 0 hot, bit 1 paused),
-    /// reservation_count u64, then per reservation:
+    /// limit_per_user u32, ttl_ms u64, flags u8 (bit 0 hot, bit 1 paused,
+    /// bit 2 queued), reservation_count u64, then per reservation:
     ///   id u128, user u64, qty u32, state u8 (1 held, 2 confirmed,
     ///   3 released, 4 expired), expires_at_ms u64, settled_at_ms u64,
     ///   payment_ref_len u8, payment_ref bytes
+    /// then, if queued:
+    ///   admit_rate_per_s u32, admit_cap u32, admission_ms u64,
+    ///   start_at_ms u64, opened_at_ms u64, started u8,
+    ///   pre_count u64, per pre-start joiner: user u64, joined_offset_ms u32,
+    ///   line_count u64, per user in line: user u64, joined_offset_ms u32,
+    ///   next u64, admitted_count u64, per admission: user u64, until_ms u64,
+    ///   used_count u64, per used admission: user u64, until_ms u64,
+    ///   admitted_total u64, lapsed_total u64
     /// ```
     pub fn encode(&self, dst: &mut BytesMut) {
         dst.put_u64_le(self.sku);
@@ -69,7 +80,7 @@ impl SaleImage {
         dst.put_u64_le(self.sold);
         dst.put_u32_le(self.limit_per_user);
         dst.put_u64_le(self.ttl_ms);
-        dst.put_u8(u8::from(self.hot) | (u8::from(self.paused) << 1));
+        dst.put_u8(u8::from(self.hot) | (u8::from(self.paused) << 1) | (u8::from(self.queue.is_some()) << 2));
         dst.put_u64_le(self.reservations.len() as u64);
         for r in &self.reservations {
             dst.put_u128_le(r.id);
@@ -81,6 +92,28 @@ impl SaleImage {
             let payment_ref = r.payment_ref.as_deref().unwrap_or(&[]);
             dst.put_u8(payment_ref.len() as u8);
             dst.extend_from_slice(payment_ref);
+        }
+        if let Some(q) = &self.queue {
+            q.config.encode(dst);
+            dst.put_u64_le(q.opened_at_ms);
+            dst.put_u8(u8::from(q.started));
+            for list in [&q.pre, &q.line] {
+                dst.put_u64_le(list.len() as u64);
+                for &(user, joined) in list {
+                    dst.put_u64_le(user);
+                    dst.put_u32_le(joined);
+                }
+            }
+            dst.put_u64_le(q.next);
+            for list in [&q.admitted, &q.used] {
+                dst.put_u64_le(list.len() as u64);
+                for &(user, until_ms) in list {
+                    dst.put_u64_le(user);
+                    dst.put_u64_le(until_ms);
+                }
+            }
+            dst.put_u64_le(q.admitted_total);
+            dst.put_u64_le(q.lapsed_total);
         }
     }
 
@@ -115,6 +148,7 @@ impl SaleImage {
             }
             reservations.push(ReservationImage { id, user, qty, state, expires_at_ms, settled_at_ms, payment_ref });
         }
+        let queue = if flags & 4 != 0 { Some(read_queue(r)?) } else { None };
         Ok(SaleImage {
             sku,
             total,
@@ -126,8 +160,49 @@ impl SaleImage {
             hot: flags & 1 != 0,
             paused: flags & 2 != 0,
             reservations,
+            queue,
         })
     }
+}
+
+fn read_queue(r: &mut Reader<'_>) -> Result<QueueImage, Malformed> {
+    let config = stampede_protocol::message::QueueConfig::read(r)?;
+    let opened_at_ms = r.u64()?;
+    let started = r.u8()? != 0;
+    let mut joiners = || -> Result<Vec<(u64, u32)>, Malformed> {
+        let count = r.u64()?;
+        // Each entry is 12 bytes: never trust a count beyond the input.
+        let mut list = Vec::with_capacity((count as usize).min(r.remaining() / 12));
+        for _ in 0..count {
+            list.push((r.u64()?, r.u32()?));
+        }
+        Ok(list)
+    };
+    let pre = joiners()?;
+    let line = joiners()?;
+    let next = r.u64()?;
+    let mut deadlines = || -> Result<Vec<(u64, u64)>, Malformed> {
+        let count = r.u64()?;
+        let mut list = Vec::with_capacity((count as usize).min(r.remaining() / 16));
+        for _ in 0..count {
+            list.push((r.u64()?, r.u64()?));
+        }
+        Ok(list)
+    };
+    let admitted = deadlines()?;
+    let used = deadlines()?;
+    Ok(QueueImage {
+        config,
+        opened_at_ms,
+        started,
+        pre,
+        line,
+        next,
+        admitted,
+        used,
+        admitted_total: r.u64()?,
+        lapsed_total: r.u64()?,
+    })
 }
 
 impl Engine {
@@ -163,6 +238,7 @@ impl Engine {
                     hot: s.hot,
                     paused: s.paused,
                     reservations,
+                    queue: s.queue.as_ref().map(|q| q.export()),
                 }
             })
             .collect();
@@ -227,7 +303,11 @@ impl Engine {
             users,
             expiry: held.into_iter().map(|(deadline, id)| ExpiryEntry::new(deadline, id)).collect::<VecDeque<_>>(),
             gauge: Arc::new(SkuGauge::default()),
+            queue: image.queue.map(|q| Box::new(WaitingRoom::import(q))),
         };
+        if sale.queue.is_some() {
+            self.queued.push(sku);
+        }
         sale.assert_invariant(sku);
         sale.publish();
         self.sales.insert(sku, sale);

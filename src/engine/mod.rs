@@ -20,6 +20,7 @@
 pub mod directory;
 pub mod event;
 pub mod image;
+pub mod queue;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,14 +28,18 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use foldhash::fast::RandomState;
-use stampede_protocol::message::{Outcome, Reserve, SaleCreate, SaleStatus, StatusReply};
+use stampede_protocol::message::{Outcome, QueueTicket, Reserve, SaleCreate, SaleStatus, StatusReply};
 use stampede_protocol::Status;
 
 pub use directory::{Claim, ReservationDirectory};
 pub use event::Event;
 pub use image::{ReservationImage, SaleImage};
+pub use queue::{QueueImage, TicketState, WaitingRoom};
 
-use crate::limits::{RESERVATION_TTL_MS_MAX, STOCK_UNITS_MAX};
+use crate::limits::{
+    EXPIRY_TICK_MS, QUEUE_ADMISSION_MS_MAX, QUEUE_ADMIT_RATE_PER_S_MAX, QUEUE_WAITING_MAX, RESERVATION_TTL_MS_MAX,
+    STOCK_UNITS_MAX,
+};
 
 type FastMap<K, V> = std::collections::HashMap<K, V, RandomState>;
 
@@ -42,7 +47,11 @@ type FastMap<K, V> = std::collections::HashMap<K, V, RandomState>;
 pub fn validate_sale(cmd: &SaleCreate) -> Result<(), Status> {
     let valid =
         cmd.stock <= STOCK_UNITS_MAX && cmd.limit_per_user >= 1 && (1..=RESERVATION_TTL_MS_MAX).contains(&cmd.ttl_ms);
-    if valid {
+    let queue_valid = cmd.queue.is_none_or(|q| {
+        (1..=QUEUE_ADMIT_RATE_PER_S_MAX).contains(&q.admit_rate_per_s)
+            && (1..=QUEUE_ADMISSION_MS_MAX).contains(&q.admission_ms)
+    });
+    if valid && queue_valid {
         Ok(())
     } else {
         Err(Status::InvalidArgument)
@@ -108,6 +117,8 @@ struct Sale {
     /// Entries for reservations settled early are skipped when popped.
     expiry: VecDeque<ExpiryEntry>,
     gauge: Arc<SkuGauge>,
+    /// The virtual queue, if the sale has one (boxed: most sales do not).
+    queue: Option<Box<WaitingRoom>>,
 }
 
 impl Sale {
@@ -128,7 +139,7 @@ impl Sale {
         );
     }
 
-    fn status(&self) -> SaleStatus {
+    fn status(&self, now_ms: u64) -> SaleStatus {
         SaleStatus {
             total: self.total,
             available: self.available,
@@ -139,7 +150,14 @@ impl Sale {
             reservations: self.holds,
             hot: self.hot,
             paused: self.paused,
+            queue: self.queue.as_ref().map(|q| q.stats(now_ms)),
         }
+    }
+
+    /// Nothing available and nothing held that could come back: the sale
+    /// is over for everyone still in line.
+    fn sold_out_for_good(&self) -> bool {
+        self.available == 0 && self.holds == 0
     }
 }
 
@@ -187,6 +205,8 @@ pub struct Engine {
     /// hot reservation record stays small; read only by a retried CONFIRM.
     payment_refs: FastMap<IdKey, Box<[u8]>>,
     directory: Arc<ReservationDirectory>,
+    /// SKUs whose sale has a queue (the tick visits only these).
+    queued: Vec<u64>,
 }
 
 impl Engine {
@@ -196,6 +216,7 @@ impl Engine {
             reservations: FastMap::default(),
             payment_refs: FastMap::default(),
             directory,
+            queued: Vec::new(),
         }
     }
 
@@ -246,6 +267,18 @@ impl Engine {
         };
         self.apply(&event);
         events.push(event);
+        if let Some(q) = cmd.queue {
+            let event = Event::QueueConfigured {
+                sku: cmd.sku,
+                admit_rate_per_s: q.admit_rate_per_s,
+                admit_cap: q.admit_cap,
+                admission_ms: q.admission_ms,
+                start_at_ms: q.start_at_ms,
+                at_ms: now_ms,
+            };
+            self.apply(&event);
+            events.push(event);
+        }
         Outcome::of(Status::Ok)
     }
 
@@ -275,9 +308,9 @@ impl Engine {
         Outcome::of(Status::Ok)
     }
 
-    pub fn status(&self, sku: u64) -> StatusReply {
+    pub fn status(&self, sku: u64, now_ms: u64) -> StatusReply {
         match self.sales.get(&sku) {
-            Some(sale) => StatusReply { status: Status::Ok, sale: sale.status() },
+            Some(sale) => StatusReply { status: Status::Ok, sale: sale.status(now_ms) },
             None => StatusReply { status: Status::UnknownSku, sale: SaleStatus::default() },
         }
     }
@@ -302,6 +335,9 @@ impl Engine {
         }
         if sale.paused {
             return Outcome::of(Status::Paused);
+        }
+        if sale.queue.as_ref().is_some_and(|q| !q.may_reserve(op.user, now_ms)) {
+            return Outcome::of(Status::NotAdmitted);
         }
         if sale.available == 0 {
             return Outcome::of(Status::SoldOut);
@@ -429,6 +465,114 @@ impl Engine {
         expired
     }
 
+    // ------------------------------------------------------------ the queue
+
+    /// JOIN: a place in the sale's line (idempotent per user: joining again
+    /// answers the same ticket; after a lapse it is a new place at the back).
+    pub fn join(&mut self, sku: u64, user: u64, now_ms: u64, events: &mut Vec<Event>) -> QueueTicket {
+        let Some(sale) = self.sales.get(&sku) else {
+            return QueueTicket::of(Status::UnknownSku);
+        };
+        let Some(room) = &sale.queue else {
+            // No queue: everyone is admitted, with no deadline.
+            return QueueTicket::of(Status::Admitted);
+        };
+        if matches!(room.ticket(user), TicketState::None | TicketState::Lapsed) {
+            if sale.sold_out_for_good() {
+                return QueueTicket::of(Status::SoldOut);
+            }
+            if room.waiting() >= QUEUE_WAITING_MAX {
+                return QueueTicket { estimated_wait_ms: 1000, ..QueueTicket::of(Status::Busy) };
+            }
+            let event = Event::QueueJoined { sku, user, at_ms: now_ms };
+            self.apply(&event);
+            events.push(event);
+        }
+        self.poll(sku, user, now_ms)
+    }
+
+    /// POLL: where `user` stands in the sale's line.
+    pub fn poll(&self, sku: u64, user: u64, now_ms: u64) -> QueueTicket {
+        let Some(sale) = self.sales.get(&sku) else {
+            return QueueTicket::of(Status::UnknownSku);
+        };
+        let Some(room) = &sale.queue else {
+            return QueueTicket::of(Status::Admitted);
+        };
+        let ticket = room.ticket(user);
+        if sale.sold_out_for_good() && ticket != TicketState::None {
+            return QueueTicket::of(Status::SoldOut);
+        }
+        let stock_pending = sale.available == 0;
+        match ticket {
+            TicketState::None => QueueTicket::of(Status::NoTicket),
+            TicketState::PreStart => QueueTicket {
+                pre_start: true,
+                stock_pending,
+                estimated_wait_ms: room.config.start_at_ms.saturating_sub(now_ms),
+                ..QueueTicket::of(Status::Waiting)
+            },
+            TicketState::Waiting { position } => QueueTicket {
+                stock_pending,
+                position,
+                estimated_wait_ms: room.estimated_wait_ms(position),
+                ..QueueTicket::of(Status::Waiting)
+            },
+            TicketState::Admitted { until_ms, .. } => {
+                QueueTicket { stock_pending, admitted_until_ms: until_ms, ..QueueTicket::of(Status::Admitted) }
+            }
+            TicketState::Lapsed => QueueTicket::of(Status::Expired),
+        }
+    }
+
+    /// The queues' clock: start what is due (with a seed from `seed`),
+    /// lapse unused admissions, admit the next in line at the rate, under
+    /// the cap. Runs on every shard cycle and tick.
+    pub fn queue_tick(&mut self, now_ms: u64, seed: &mut dyn FnMut() -> u64, events: &mut Vec<Event>) {
+        for i in 0..self.queued.len() {
+            let sku = self.queued[i];
+            if self.room_mut(sku).start_due(now_ms) {
+                let event = Event::QueueStarted { sku, seed: seed(), at_ms: now_ms };
+                self.apply(&event);
+                events.push(event);
+            }
+            if !self.room_mut(sku).started() {
+                continue;
+            }
+            while let Some(user) = self.room_mut(sku).due_lapse(now_ms) {
+                let event = Event::AdmissionLapsed { sku, user, at_ms: now_ms };
+                self.apply(&event);
+                events.push(event);
+            }
+            let sale = &self.sales[&sku];
+            if sale.paused {
+                continue;
+            }
+            let cap = match sale.queue.as_ref().expect("queued").config.admit_cap {
+                0 => sale.available,
+                cap => u64::from(cap).min(sale.available),
+            };
+            let admission_ms = sale.queue.as_ref().expect("queued").config.admission_ms;
+            let budget = self.room_mut(sku).admission_budget(now_ms, EXPIRY_TICK_MS);
+            for _ in 0..budget {
+                let room = self.room_mut(sku);
+                if room.admitted_outstanding() as u64 >= cap {
+                    break;
+                }
+                let Some(user) = room.head() else { break };
+                room.spend_token();
+                let until_ms = (now_ms + admission_ms).max(room.last_deadline());
+                let event = Event::Admitted { sku, user, until_ms, at_ms: now_ms };
+                self.apply(&event);
+                events.push(event);
+            }
+        }
+    }
+
+    fn room_mut(&mut self, sku: u64) -> &mut WaitingRoom {
+        self.sales.get_mut(&sku).and_then(|s| s.queue.as_deref_mut()).expect("a queued sale")
+    }
+
     // ------------------------------------------------------------------ apply
 
     /// Apply one event but leave the id-directory claim of a RESERVED event
@@ -463,6 +607,7 @@ impl Engine {
                     users: FastMap::default(),
                     expiry: VecDeque::new(),
                     gauge: Arc::new(SkuGauge::default()),
+                    queue: None,
                 };
                 sale.publish();
                 let previous = self.sales.insert(sku, sale);
@@ -510,6 +655,18 @@ impl Engine {
                 sale.assert_invariant(sku);
                 sale.publish();
             }
+            Event::QueueConfigured { sku, admit_rate_per_s, admit_cap, admission_ms, start_at_ms, at_ms } => {
+                let config =
+                    stampede_protocol::message::QueueConfig { admit_rate_per_s, admit_cap, admission_ms, start_at_ms };
+                let sale = self.sale_mut(sku);
+                assert!(sale.queue.is_none(), "sku {sku}: queue configured twice");
+                sale.queue = Some(Box::new(WaitingRoom::new(config, at_ms)));
+                self.queued.push(sku);
+            }
+            Event::QueueJoined { sku, user, at_ms } => self.room_mut(sku).apply_joined(user, at_ms),
+            Event::QueueStarted { sku, seed, .. } => self.room_mut(sku).apply_started(seed),
+            Event::Admitted { sku, user, until_ms, .. } => self.room_mut(sku).apply_admitted(user, until_ms),
+            Event::AdmissionLapsed { sku, user, .. } => self.room_mut(sku).apply_lapsed(user),
         }
     }
 
@@ -519,6 +676,9 @@ impl Engine {
             unreachable!("apply_reserved called with {event:?}")
         };
         let sale = self.sales.get_mut(&sku).expect("reserve on unknown sku");
+        if let Some(room) = sale.queue.as_deref_mut() {
+            room.apply_reserved(user);
+        }
         sale.available -= u64::from(qty);
         sale.reserved += u64::from(qty);
         sale.holds += 1;

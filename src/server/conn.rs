@@ -20,7 +20,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use stampede_protocol::frame::FrameError;
-use stampede_protocol::message::{ErrorReply, HelloReply, Opcode, Outcome, Reply, Request, Reserve, Role, StatusReply};
+use stampede_protocol::message::{
+    ErrorReply, HelloReply, Opcode, Outcome, QueueTicket, Reply, Request, Reserve, Role, StatusReply,
+};
 use stampede_protocol::{FrameCodec, Status};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
@@ -223,6 +225,27 @@ impl Conn {
                     }
                 }
             },
+            Request::Join(ticket) | Request::Poll(ticket) => {
+                let join = matches!(request, Request::Join(_));
+                let busy = match router.route(ticket.sku) {
+                    None => Some(QueueTicket::of(Status::UnknownSku)),
+                    Some(route) => {
+                        let msg = ShardMsg::Ticket {
+                            sku: ticket.sku,
+                            user: ticket.user,
+                            join,
+                            reply: self.reply_to(request_id),
+                        };
+                        route.shard.try_send(msg).err().map(|_| QueueTicket {
+                            estimated_wait_ms: crate::limits::BUSY_RETRY_AFTER_MS,
+                            ..QueueTicket::of(Status::Busy)
+                        })
+                    }
+                };
+                if let Some(ticket) = busy {
+                    self.reply(request_id, opcode, Reply::Ticket(ticket));
+                }
+            }
             Request::SaleCreate(_) | Request::Restock(_) | Request::Pause { .. } | Request::Resume { .. } => {
                 // Admin commands wait for the shard; run them off the read
                 // loop so they do not stall this connection's pipeline.

@@ -55,7 +55,7 @@ impl TestServer {
         let outcome = self
             .admin()
             .await
-            .create_sale(SaleCreate { sku, stock, limit_per_user, ttl_ms, hot })
+            .create_sale(SaleCreate { sku, stock, limit_per_user, ttl_ms, hot, queue: None })
             .await
             .expect("create_sale answered");
         assert_eq!(outcome.status, Status::Ok, "creating sale {sku}");

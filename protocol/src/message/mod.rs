@@ -8,6 +8,7 @@
 pub mod confirm;
 pub mod dump;
 pub mod hello;
+pub mod queue;
 pub mod release;
 pub mod replicate;
 pub mod reserve;
@@ -18,6 +19,7 @@ use bytes::{BufMut, BytesMut};
 pub use confirm::Confirm;
 pub use dump::{DumpChunk, DumpEntry, HoldState, ReservationEntry, SaleEntry};
 pub use hello::{Hello, HelloReply, Role};
+pub use queue::{QueueConfig, QueueStats, QueueTicket, TicketRequest};
 pub use release::Release;
 pub use replicate::{LogBatch, Replicate, Settled};
 pub use reserve::{Outcome, Reserve};
@@ -42,6 +44,8 @@ pub enum Opcode {
     Confirm = 0x12,
     Release = 0x13,
     Status = 0x14,
+    Join = 0x15,
+    Poll = 0x16,
     SaleCreate = 0x20,
     Restock = 0x21,
     Pause = 0x22,
@@ -63,6 +67,8 @@ impl Opcode {
         Opcode::Confirm,
         Opcode::Release,
         Opcode::Status,
+        Opcode::Join,
+        Opcode::Poll,
         Opcode::SaleCreate,
         Opcode::Restock,
         Opcode::Pause,
@@ -87,9 +93,13 @@ impl Opcode {
         match self {
             Opcode::Hello => true,
             Opcode::Ping => !matches!(role, Role::None),
-            Opcode::Reserve | Opcode::ReserveBatch | Opcode::Confirm | Opcode::Release | Opcode::Status => {
-                matches!(role, Role::Checkout | Role::Admin)
-            }
+            Opcode::Reserve
+            | Opcode::ReserveBatch
+            | Opcode::Confirm
+            | Opcode::Release
+            | Opcode::Status
+            | Opcode::Join
+            | Opcode::Poll => matches!(role, Role::Checkout | Role::Admin),
             Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume => matches!(role, Role::Admin),
             Opcode::Replicate | Opcode::Settled | Opcode::StateDump => matches!(role, Role::Replication | Role::Admin),
         }
@@ -100,9 +110,13 @@ impl Opcode {
         match self {
             Opcode::Hello => "any",
             Opcode::Ping => "checkout, admin, replication",
-            Opcode::Reserve | Opcode::ReserveBatch | Opcode::Confirm | Opcode::Release | Opcode::Status => {
-                "checkout, admin"
-            }
+            Opcode::Reserve
+            | Opcode::ReserveBatch
+            | Opcode::Confirm
+            | Opcode::Release
+            | Opcode::Status
+            | Opcode::Join
+            | Opcode::Poll => "checkout, admin",
             Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume => "admin",
             Opcode::Replicate | Opcode::Settled | Opcode::StateDump => "replication, admin",
         }
@@ -119,6 +133,8 @@ pub enum Request {
     Confirm(Confirm),
     Release(Release),
     Status { sku: u64 },
+    Join(TicketRequest),
+    Poll(TicketRequest),
     SaleCreate(SaleCreate),
     Restock(Restock),
     Pause { sku: u64 },
@@ -138,6 +154,8 @@ impl Request {
             Request::Confirm(_) => Opcode::Confirm,
             Request::Release(_) => Opcode::Release,
             Request::Status { .. } => Opcode::Status,
+            Request::Join(_) => Opcode::Join,
+            Request::Poll(_) => Opcode::Poll,
             Request::SaleCreate(_) => Opcode::SaleCreate,
             Request::Restock(_) => Opcode::Restock,
             Request::Pause { .. } => Opcode::Pause,
@@ -164,6 +182,7 @@ impl Request {
             Request::Status { sku } | Request::Pause { sku } | Request::Resume { sku } => sale::encode_sku(*sku, dst),
             Request::SaleCreate(m) => m.encode(dst),
             Request::Restock(m) => m.encode(dst),
+            Request::Join(m) | Request::Poll(m) => m.encode(dst),
             Request::Replicate(m) => m.encode(dst),
             Request::Settled(m) => m.encode(dst),
         }
@@ -192,6 +211,8 @@ impl Request {
             Opcode::Confirm => Request::Confirm(Confirm::decode(body).map_err(malformed)?),
             Opcode::Release => Request::Release(Release::decode(body).map_err(malformed)?),
             Opcode::Status => Request::Status { sku: sale::decode_sku(body, "STATUS").map_err(malformed)? },
+            Opcode::Join => Request::Join(TicketRequest::decode(body, "JOIN").map_err(malformed)?),
+            Opcode::Poll => Request::Poll(TicketRequest::decode(body, "POLL").map_err(malformed)?),
             Opcode::SaleCreate => Request::SaleCreate(SaleCreate::decode(body).map_err(malformed)?),
             Opcode::Restock => Request::Restock(Restock::decode(body).map_err(malformed)?),
             Opcode::Pause => Request::Pause { sku: sale::decode_sku(body, "PAUSE").map_err(malformed)? },
@@ -244,6 +265,8 @@ pub enum Reply {
     Outcome(Outcome),
     Batch(Vec<Outcome>),
     Status(StatusReply),
+    /// JOIN and POLL.
+    Ticket(QueueTicket),
     /// One frame of the REPLICATE stream.
     LogBatch(LogBatch),
     /// One frame of a STATE_DUMP.
@@ -259,6 +282,7 @@ impl Reply {
             Reply::Outcome(o) => Some(o.status),
             Reply::Batch(_) => None,
             Reply::Status(s) => Some(s.status),
+            Reply::Ticket(t) => Some(t.status),
             Reply::LogBatch(b) => Some(b.status),
             Reply::DumpChunk(c) => Some(c.status),
             Reply::Error(e) => Some(e.status),
@@ -280,6 +304,7 @@ impl Reply {
             Reply::Outcome(m) => m.encode(dst),
             Reply::Batch(results) => reserve::encode_batch_reply(results, dst),
             Reply::Status(m) => m.encode(dst),
+            Reply::Ticket(m) => m.encode(dst),
             Reply::LogBatch(m) => m.encode(dst),
             Reply::DumpChunk(m) => m.encode(dst),
             Reply::Error(m) => m.encode(dst),
@@ -300,6 +325,7 @@ impl Reply {
             Opcode::Hello => Reply::Hello(HelloReply::decode(body)?),
             Opcode::ReserveBatch => Reply::Batch(reserve::decode_batch_reply(body)?),
             Opcode::Status => Reply::Status(StatusReply::decode(body)?),
+            Opcode::Join | Opcode::Poll => Reply::Ticket(QueueTicket::decode(body)?),
             Opcode::Replicate => Reply::LogBatch(LogBatch::decode(body)?),
             Opcode::StateDump => Reply::DumpChunk(DumpChunk::decode(body)?),
             _ => Reply::Outcome(Outcome::decode(body)?),

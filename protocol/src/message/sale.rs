@@ -8,7 +8,8 @@
 //!  8  8 stock           u64, <= STOCK_UNITS_MAX
 //! 16  4 limit_per_user  u32, >= 1 (units a user may hold reserved + sold)
 //! 20  8 ttl_ms          u64, reservation time-to-live, 1..=RESERVATION_TTL_MS_MAX
-//! 28  1 flags           u8: bit 0 = hot (own shard thread); other bits 0
+//! 28  1 flags           u8: bit 0 = hot (own shard thread), bit 1 = queued
+//!                       (a queue definition follows, see `queue.rs`); other bits 0
 //! ```
 //! Reply: `Outcome`: ok | sale_exists | invalid_argument.
 //!
@@ -29,12 +30,14 @@
 //! 34  4 limit_per_user  u32
 //! 38  8 ttl_ms          u64
 //! 46  8 reservations    u64 (active reservations, count)
-//! 54  1 flags           u8: bit 0 hot, bit 1 paused
+//! 54  1 flags           u8: bit 0 hot, bit 1 paused, bit 2 queued (36 bytes of
+//!                       queue figures follow, see `queue.rs`)
 //! ```
 //! `available + reserved + sold == total` holds in every reply.
 
 use bytes::{BufMut, BytesMut};
 
+use super::queue::{QueueConfig, QueueStats};
 use crate::status::Status;
 use crate::wire::{Malformed, Reader};
 
@@ -45,6 +48,8 @@ pub struct SaleCreate {
     pub limit_per_user: u32,
     pub ttl_ms: u64,
     pub hot: bool,
+    /// A virtual queue gates the sale (`None`: anyone may reserve).
+    pub queue: Option<QueueConfig>,
 }
 
 impl SaleCreate {
@@ -53,7 +58,10 @@ impl SaleCreate {
         dst.put_u64_le(self.stock);
         dst.put_u32_le(self.limit_per_user);
         dst.put_u64_le(self.ttl_ms);
-        dst.put_u8(self.hot as u8);
+        dst.put_u8(self.hot as u8 | (u8::from(self.queue.is_some()) << 1));
+        if let Some(queue) = &self.queue {
+            queue.encode(dst);
+        }
     }
 
     pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
@@ -63,11 +71,12 @@ impl SaleCreate {
         let limit_per_user = r.u32()?;
         let ttl_ms = r.u64()?;
         let flags = r.u8()?;
-        if flags & !1 != 0 {
+        if flags & !0b11 != 0 {
             return Err(Malformed(format!("SALE_CREATE: unknown flag bits {flags:#04x}")));
         }
+        let queue = if flags & 2 != 0 { Some(QueueConfig::read(&mut r)?) } else { None };
         r.finish()?;
-        Ok(SaleCreate { sku, stock, limit_per_user, ttl_ms, hot: flags & 1 == 1 })
+        Ok(SaleCreate { sku, stock, limit_per_user, ttl_ms, hot: flags & 1 == 1, queue })
     }
 }
 
@@ -115,6 +124,8 @@ pub struct SaleStatus {
     pub reservations: u64,
     pub hot: bool,
     pub paused: bool,
+    /// The sale's queue figures, if it has a queue.
+    pub queue: Option<QueueStats>,
 }
 
 /// STATUS reply with its status code.
@@ -135,7 +146,10 @@ impl StatusReply {
         dst.put_u32_le(s.limit_per_user);
         dst.put_u64_le(s.ttl_ms);
         dst.put_u64_le(s.reservations);
-        dst.put_u8(s.hot as u8 | (s.paused as u8) << 1);
+        dst.put_u8(s.hot as u8 | (s.paused as u8) << 1 | u8::from(s.queue.is_some()) << 2);
+        if let Some(queue) = &s.queue {
+            queue.encode(dst);
+        }
     }
 
     pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
@@ -150,6 +164,7 @@ impl StatusReply {
         let ttl_ms = r.u64()?;
         let reservations = r.u64()?;
         let flags = r.u8()?;
+        let queue = if flags & 4 != 0 { Some(QueueStats::read(&mut r)?) } else { None };
         r.finish()?;
         let sale = SaleStatus {
             total,
@@ -161,6 +176,7 @@ impl StatusReply {
             reservations,
             hot: flags & 1 != 0,
             paused: flags & 2 != 0,
+            queue,
         };
         Ok(StatusReply { status, sale })
     }

@@ -213,7 +213,10 @@ pub async fn create_sales(client: &Client) {
         (4, 100_000, 5, 60_000, false),
         (5, 3_000, 2, 300, false),
     ] {
-        let outcome = client.create_sale(SaleCreate { sku, stock, limit_per_user: limit, ttl_ms, hot }).await.unwrap();
+        let outcome = client
+            .create_sale(SaleCreate { sku, stock, limit_per_user: limit, ttl_ms, hot, queue: None })
+            .await
+            .unwrap();
         assert_eq!(outcome.status, Status::Ok, "create sku {sku}");
     }
 }
