@@ -109,11 +109,13 @@ pub fn shuffle<T>(order: &mut [T], seed: u64) {
 }
 
 impl WaitingRoom {
+    /// A queue whose start time is not in the future is open at once:
+    /// there is no pre-queue to shuffle.
     pub fn new(config: QueueConfig, opened_at_ms: u64) -> WaitingRoom {
         WaitingRoom {
             config,
             opened_at_ms,
-            started: false,
+            started: config.start_at_ms <= opened_at_ms,
             pre: Vec::new(),
             pre_joined: Vec::new(),
             line: Vec::new(),
