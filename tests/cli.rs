@@ -130,3 +130,44 @@ fn client_reconnects_after_the_server_restarts() {
         assert_eq!(pinged.expect("ping succeeds after reconnecting").status, Status::Ok);
     });
 }
+
+#[test]
+fn ctl_drives_a_queued_sale() {
+    let (server, _dir) = start();
+    let addr = server.addr.as_str();
+    let start_at =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(3600)).to_string();
+    let (code, v) = ctl_json(
+        addr,
+        ADMIN,
+        &[
+            "sale",
+            "create",
+            "--sku",
+            "9",
+            "--stock",
+            "10",
+            "--limit",
+            "1",
+            "--queue",
+            "--admit-rate",
+            "5",
+            "--start-at",
+            &start_at,
+        ],
+    );
+    assert_eq!((code, v["status"].as_str()), (0, Some("ok")), "{v}");
+    let (code, v) = ctl_json(addr, CHECKOUT, &["join", "--sku", "9", "--user", "7"]);
+    assert_eq!((code, v["status"].as_str(), v["position"].as_u64()), (0, Some("waiting"), Some(0)), "{v}");
+    assert_eq!(v["pre_start"], true);
+    let (_, v) = ctl_json(addr, CHECKOUT, &["poll", "--sku", "9", "--user", "8"]);
+    assert_eq!(v["status"].as_str(), Some("no_ticket"));
+    let (_, v) = ctl_json(addr, CHECKOUT, &["reserve", "--sku", "9", "--user", "7"]);
+    assert_eq!(v["status"].as_str(), Some("not_admitted"));
+    let (_, v) = ctl_json(addr, CHECKOUT, &["status", "--sku", "9"]);
+    assert_eq!(v["queue"]["waiting"].as_u64(), Some(1), "{v}");
+    // --queue without a rate is a usage error.
+    let (code, _, stderr) =
+        ctl(addr, ADMIN, &["sale", "create", "--sku", "10", "--stock", "1", "--limit", "1", "--queue"]);
+    assert_eq!(code, 2, "{stderr}");
+}

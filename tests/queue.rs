@@ -118,7 +118,11 @@ fn pre_start_joiners_go_first_in_the_logged_shuffle_order_then_strict_fifo() {
             let t = engine.poll(SKU, user, now);
             if t.status == Status::Waiting {
                 let before = positions.insert(user, t.position).unwrap_or(u64::MAX);
-                assert!(t.position <= before, "user {user}'s position went up from {before} to {} (seed {seed})", t.position);
+                assert!(
+                    t.position <= before,
+                    "user {user}'s position went up from {before} to {} (seed {seed})",
+                    t.position
+                );
             }
         }
         now += TICK_MS;
@@ -330,7 +334,8 @@ fn now_ms() -> u64 {
 async fn one_ticket_per_user_across_connections_and_reserve_needs_admission() {
     let server = common::start_server().await;
     let admin = server.admin().await;
-    let later = QueueConfig { admit_rate_per_s: 100, admit_cap: 0, admission_ms: 60_000, start_at_ms: now_ms() + 60_000 };
+    let later =
+        QueueConfig { admit_rate_per_s: 100, admit_cap: 0, admission_ms: 60_000, start_at_ms: now_ms() + 60_000 };
     let sale = SaleCreate { sku: 1, stock: 100, limit_per_user: 1, ttl_ms: 600_000, hot: false, queue: Some(later) };
     assert_eq!(admin.create_sale(sale).await.unwrap().status, Status::Ok);
     let open = QueueConfig { admit_rate_per_s: 1_000, admit_cap: 0, admission_ms: 60_000, start_at_ms: 0 };
@@ -382,8 +387,10 @@ fn a_restart_mid_queue_keeps_the_order() {
     let positions_before = runtime.block_on(async {
         let admin = Client::connect(ClientConfig::new(&server.addr, ADMIN)).await.unwrap();
         // One admission at a time, never used: the line stands still.
-        let queue = QueueConfig { admit_rate_per_s: 50, admit_cap: 1, admission_ms: 600_000, start_at_ms: now_ms() + 800 };
-        let sale = SaleCreate { sku: 5, stock: 1_000, limit_per_user: 1, ttl_ms: 600_000, hot: false, queue: Some(queue) };
+        let queue =
+            QueueConfig { admit_rate_per_s: 50, admit_cap: 1, admission_ms: 600_000, start_at_ms: now_ms() + 800 };
+        let sale =
+            SaleCreate { sku: 5, stock: 1_000, limit_per_user: 1, ttl_ms: 600_000, hot: false, queue: Some(queue) };
         assert_eq!(admin.create_sale(sale).await.unwrap().status, Status::Ok);
         let shopper = Client::connect(ClientConfig::new(&server.addr, CHECKOUT)).await.unwrap();
         for &user in &users {

@@ -8,7 +8,7 @@
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use stampede_protocol::client::{new_reservation_id, Client, ClientConfig, ClientError};
-use stampede_protocol::message::{Outcome, SaleCreate};
+use stampede_protocol::message::{Outcome, QueueConfig, QueueTicket, SaleCreate};
 use stampede_protocol::Status;
 
 #[derive(Parser, Debug)]
@@ -80,6 +80,20 @@ enum Command {
         #[arg(long)]
         sku: u64,
     },
+    /// Take a place in a queued sale's line (the same ticket if already in it).
+    Join {
+        #[arg(long)]
+        sku: u64,
+        #[arg(long)]
+        user: u64,
+    },
+    /// Where a user stands in a queued sale's line.
+    Poll {
+        #[arg(long)]
+        sku: u64,
+        #[arg(long)]
+        user: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,7 +113,28 @@ enum SaleCommand {
         /// Give this SKU its own shard thread pinned to a core.
         #[arg(long)]
         hot: bool,
+        /// Gate the sale with a virtual queue (needs --admit-rate).
+        #[arg(long, requires = "admit_rate")]
+        queue: bool,
+        /// Users admitted per second.
+        #[arg(long, requires = "queue")]
+        admit_rate: Option<u32>,
+        /// Most admitted-but-not-yet-reserved users at once (default: follow the available stock).
+        #[arg(long, requires = "queue", default_value_t = 0)]
+        admit_cap: u32,
+        /// How long an admitted user may take to reserve.
+        #[arg(long, requires = "queue", default_value_t = 120)]
+        admission_secs: u64,
+        /// When the queue opens, RFC 3339 in UTC (2026-11-27T09:00:00Z); joiners before are shuffled.
+        #[arg(long, requires = "queue", value_parser = parse_rfc3339_ms)]
+        start_at: Option<u64>,
     },
+}
+
+fn parse_rfc3339_ms(s: &str) -> Result<u64, String> {
+    let t = humantime::parse_rfc3339(s).map_err(|e| format!("{e} (expected e.g. 2026-11-27T09:00:00Z)"))?;
+    let ms = t.duration_since(std::time::UNIX_EPOCH).map_err(|_| "before 1970".to_string())?.as_millis();
+    Ok(ms as u64)
 }
 
 fn parse_id(s: &str) -> Result<u128, String> {
@@ -127,6 +162,21 @@ fn outcome_json(outcome: &Outcome) -> Value {
     v
 }
 
+fn ticket_json(t: &QueueTicket) -> Value {
+    let mut v = json!({ "status": t.status.name(), "code": t.status.code(), "position": t.position });
+    if t.status == Status::Waiting {
+        v["estimated_wait_ms"] = json!(t.estimated_wait_ms);
+        v["pre_start"] = json!(t.pre_start);
+    }
+    if t.stock_pending {
+        v["stock_pending"] = json!(true);
+    }
+    if t.status == Status::Admitted && t.admitted_until_ms != 0 {
+        v["admitted_until_ms"] = json!(t.admitted_until_ms);
+    }
+    v
+}
+
 async fn run(args: Args) -> Result<Value, ClientError> {
     let client = Client::connect(ClientConfig::new(args.server.clone(), args.token.clone())).await?;
     Ok(match args.command {
@@ -134,10 +184,26 @@ async fn run(args: Args) -> Result<Value, ClientError> {
             let o = client.ping().await?;
             json!({ "status": o.status.name(), "server_time_ms": o.detail })
         }
-        Command::Sale(SaleCommand::Create { sku, stock, limit, ttl_secs, hot }) => {
+        Command::Sale(SaleCommand::Create {
+            sku,
+            stock,
+            limit,
+            ttl_secs,
+            hot,
+            queue,
+            admit_rate,
+            admit_cap,
+            admission_secs,
+            start_at,
+        }) => {
             let ttl_ms = ttl_secs.saturating_mul(1000);
-            let o =
-                client.create_sale(SaleCreate { sku, stock, limit_per_user: limit, ttl_ms, hot, queue: None }).await?;
+            let queue = queue.then(|| QueueConfig {
+                admit_rate_per_s: admit_rate.unwrap_or(0),
+                admit_cap,
+                admission_ms: admission_secs.saturating_mul(1000),
+                start_at_ms: start_at.unwrap_or(0),
+            });
+            let o = client.create_sale(SaleCreate { sku, stock, limit_per_user: limit, ttl_ms, hot, queue }).await?;
             let mut v = outcome_json(&o);
             v["sku"] = json!(sku);
             v
@@ -165,14 +231,24 @@ async fn run(args: Args) -> Result<Value, ClientError> {
         Command::Status { sku } => {
             let s = client.status(sku).await?;
             let sale = s.sale;
-            json!({
+            let mut v = json!({
                 "status": s.status.name(), "sku": sku,
                 "total": sale.total, "available": sale.available,
                 "reserved": sale.reserved, "sold": sale.sold,
                 "reservations": sale.reservations, "limit_per_user": sale.limit_per_user,
                 "ttl_ms": sale.ttl_ms, "hot": sale.hot, "paused": sale.paused,
-            })
+            });
+            if let Some(q) = sale.queue {
+                v["queue"] = json!({
+                    "waiting": q.waiting, "admit_rate_per_s": q.admit_rate_per_s,
+                    "admitted_outstanding": q.admitted_outstanding, "admitted_total": q.admitted_total,
+                    "oldest_wait_ms": q.oldest_wait_ms,
+                });
+            }
+            v
         }
+        Command::Join { sku, user } => ticket_json(&client.join(sku, user).await?),
+        Command::Poll { sku, user } => ticket_json(&client.poll(sku, user).await?),
     })
 }
 
@@ -191,6 +267,16 @@ fn print_human(v: &Value) {
             if v["hot"] == json!(true) { ", hot" } else { "" },
             if v["paused"] == json!(true) { ", paused" } else { "" },
         );
+        if let Some(q) = v.get("queue") {
+            println!(
+                "queue: {} waiting, {} admitted now, {} admitted in all, {}/s, oldest wait {} ms",
+                q["waiting"],
+                q["admitted_outstanding"],
+                q["admitted_total"],
+                q["admit_rate_per_s"],
+                q["oldest_wait_ms"]
+            );
+        }
         return;
     }
     let mut line = status.to_string();
