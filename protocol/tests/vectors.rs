@@ -206,6 +206,79 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
                 }),
             ),
         ),
+        ("join", 16, Req(Request::Join(TicketRequest { sku: 42, user: 7 }))),
+        (
+            "join_reply_waiting",
+            16,
+            Rep(
+                Opcode::Join,
+                Reply::Ticket(QueueTicket {
+                    status: Status::Waiting,
+                    pre_start: false,
+                    stock_pending: false,
+                    position: 1500,
+                    estimated_wait_ms: 3000,
+                    admitted_until_ms: 0,
+                }),
+            ),
+        ),
+        ("poll", 17, Req(Request::Poll(TicketRequest { sku: 42, user: 7 }))),
+        (
+            "poll_reply_admitted",
+            17,
+            Rep(
+                Opcode::Poll,
+                Reply::Ticket(QueueTicket {
+                    admitted_until_ms: 1_795_000_120_000,
+                    ..QueueTicket::of(Status::Admitted)
+                }),
+            ),
+        ),
+        (
+            "sale_create_queued",
+            18,
+            Req(Request::SaleCreate(SaleCreate {
+                sku: 42,
+                stock: 1000,
+                limit_per_user: 1,
+                ttl_ms: 600_000,
+                hot: true,
+                queue: Some(QueueConfig {
+                    admit_rate_per_s: 500,
+                    admit_cap: 0,
+                    admission_ms: 120_000,
+                    start_at_ms: 1_795_000_000_000,
+                }),
+            })),
+        ),
+        (
+            "status_reply_queued",
+            19,
+            Rep(
+                Opcode::Status,
+                Reply::Status(StatusReply {
+                    status: Status::Ok,
+                    sale: SaleStatus {
+                        total: 1000,
+                        available: 990,
+                        reserved: 6,
+                        sold: 4,
+                        limit_per_user: 1,
+                        ttl_ms: 600_000,
+                        reservations: 6,
+                        hot: true,
+                        paused: false,
+                        queue: Some(QueueStats {
+                            waiting: 250_000,
+                            admit_rate_per_s: 500,
+                            admitted_outstanding: 12,
+                            admitted_total: 1_010,
+                            oldest_wait_ms: 2_020_000,
+                        }),
+                    },
+                }),
+            ),
+        ),
     ]
 }
 
@@ -283,6 +356,8 @@ fn spec_lists_every_status_and_opcode() {
         ("TOKEN_BYTES_MAX", stampede_protocol::limits::TOKEN_BYTES_MAX),
         ("RECORD_PAYLOAD_BYTES_MAX", stampede_protocol::limits::RECORD_PAYLOAD_BYTES_MAX),
         ("REPLICATION_HEARTBEAT_MS", stampede_protocol::limits::REPLICATION_HEARTBEAT_MS as usize),
+        ("QUEUE_ADMISSION_MS_MAX", stampede_protocol::limits::QUEUE_ADMISSION_MS_MAX as usize),
+        ("QUEUE_ADMIT_RATE_PER_S_MAX", stampede_protocol::limits::QUEUE_ADMIT_RATE_PER_S_MAX as usize),
     ] {
         let row = format!("| `{name}` | {value} |");
         assert!(spec.contains(&row), "PROTOCOL.md lacks the limit row `{row}`");
