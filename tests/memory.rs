@@ -1,5 +1,5 @@
-//! Memory budget of the per-user purchase record, measured with a counting
-//! allocator on the real engine.
+//! Memory budgets measured with a counting allocator on the real engine:
+//! the per-user purchase record, and a queue of 1M waiting users.
 //!
 //! Two engines hold the same 1M reservations of one unit each: in one they
 //! belong to 1M distinct users, in the other to a single user. Everything
@@ -38,6 +38,9 @@ static ALLOCATOR: Counting = Counting;
 
 const USERS: u64 = 1_000_000;
 
+/// The allocator counts every thread: measurements take turns.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Bytes held by an engine with 1M one-unit reservations.
 fn engine_bytes(distinct_users: bool) -> isize {
     let before = LIVE_BYTES.load(Ordering::Relaxed);
@@ -60,6 +63,7 @@ fn engine_bytes(distinct_users: bool) -> isize {
 
 #[test]
 fn per_user_record_fits_in_64_bytes() {
+    let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     let distinct = engine_bytes(true);
     let single = engine_bytes(false);
     let per_user = (distinct - single) as f64 / USERS as f64;
@@ -68,4 +72,34 @@ fn per_user_record_fits_in_64_bytes() {
     println!("everything else per reservation (record, id directory, expiry queue): {per_reservation:.1} bytes");
     assert!(per_user > 0.0, "the measurement must see the user table");
     assert!(per_user <= 64.0, "per-user record costs {per_user:.1} bytes, budget 64");
+}
+
+/// 1M users waiting in one sale's queue fit in 64 MB (the budget),
+/// joins counted while they happen (the log's events are dropped, as the
+/// shard hands them to the log writer).
+#[test]
+fn a_queue_of_1m_waiting_users_fits_in_64_mb() {
+    let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut engine = Engine::new(Arc::new(ReservationDirectory::with_capacity(1024)));
+    let mut events = Vec::new();
+    let queue = stampede_protocol::message::QueueConfig {
+        admit_rate_per_s: 1_000,
+        admit_cap: 0,
+        admission_ms: 120_000,
+        start_at_ms: 0,
+    };
+    let create = SaleCreate { sku: 1, stock: 1_000, limit_per_user: 1, ttl_ms: 600_000, hot: true, queue: Some(queue) };
+    assert_eq!(engine.create_sale(&create, 1, &mut events).status, Status::Ok);
+    events.clear();
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    for user in 0..USERS {
+        let ticket = engine.join(1, user * 7919, 2, &mut events);
+        assert_eq!(ticket.status, Status::Waiting);
+        events.clear();
+    }
+    let held = LIVE_BYTES.load(Ordering::Relaxed) - before;
+    let per_user = held as f64 / USERS as f64;
+    println!("queue: {:.1} MB for 1M waiting users ({per_user:.1} bytes/user)", held as f64 / 1e6);
+    assert_eq!(engine.poll(1, 999_999 * 7919, 3).position, USERS, "the last joiner is last");
+    assert!(held <= 64_000_000, "1M waiting users hold {held} bytes, budget 64 MB");
 }

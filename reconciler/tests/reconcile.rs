@@ -49,11 +49,11 @@ async fn end_to_end_report_is_clean_and_counters_match_the_engine() {
     assert_eq!(json["ok"], true);
     assert_eq!(json["lsn"], lsn);
     assert_eq!(json["lag_records"], 0);
-    assert_eq!(json["skus"].as_array().unwrap().len(), 5);
+    assert_eq!(json["skus"].as_array().unwrap().len(), 6);
 
     // PostgreSQL's counters are the engine's, SKU by SKU.
     let counters = db.counters().await;
-    assert_eq!(counters.len(), 5);
+    assert_eq!(counters.len(), 6);
     for (sku, total, available, reserved, sold) in counters {
         let live = client.status(sku).await.unwrap().sale;
         assert_eq!(
@@ -68,7 +68,9 @@ async fn end_to_end_report_is_clean_and_counters_match_the_engine() {
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    for kind in ["confirmed", "expired", "released", "reserved", "sale_created"] {
+    for kind in
+        ["confirmed", "expired", "released", "reserved", "sale_created", "queue_configured", "queue_joined", "admitted"]
+    {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} event in the ledger: {kinds:?}");
     }
     // The settled LSN reached the server through the stream.

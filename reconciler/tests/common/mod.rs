@@ -219,6 +219,16 @@ pub async fn create_sales(client: &Client) {
             .unwrap();
         assert_eq!(outcome.status, Status::Ok, "create sku {sku}");
     }
+    // sku 6 is gated by a virtual queue: its joins and admissions are log
+    // records the reconciler must carry into the ledger too.
+    let queue = stampede_protocol::message::QueueConfig {
+        admit_rate_per_s: 2_000,
+        admit_cap: 50,
+        admission_ms: 200,
+        start_at_ms: 0,
+    };
+    let sale = SaleCreate { sku: 6, stock: 1_000, limit_per_user: 1, ttl_ms: 60_000, hot: false, queue: Some(queue) };
+    assert_eq!(client.create_sale(sale).await.unwrap().status, Status::Ok);
 }
 
 /// Random checkout traffic: reserve batches, confirms, releases, restocks,
@@ -265,6 +275,18 @@ impl Load {
                 client.confirm(id, payment_ref.as_bytes()).await.unwrap();
             } else {
                 client.release(id).await.unwrap();
+            }
+        }
+        for _ in 0..10 {
+            let user = self.rng.gen_range(0..5_000);
+            let ticket = client.join(6, user).await.unwrap();
+            if ticket.status == Status::Admitted && self.rng.gen_bool(0.5) {
+                self.next_id += 1;
+                let outcome = client.reserve(6, user, 1, self.next_id).await.unwrap();
+                if outcome.status == Status::Reserved {
+                    self.held.push(self.next_id);
+                    self.acknowledged += 1;
+                }
             }
         }
         match self.rng.gen_range(0..20) {
