@@ -5,6 +5,7 @@
 //!   (and of 10k) users: the same cost at both sizes is the O(1) claim.
 //! - `queue_start_shuffle_1m`: the start of a sale with 1M pre-queued users
 //!   (shuffle + placing them in line). Target: < 100 ms.
+//!
 //! (The memory budget, 1M waiting users in <= 64 MB, is measured by
 //! `cargo test --release --test memory`.)
 

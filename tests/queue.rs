@@ -77,7 +77,7 @@ fn pre_start_joiners_go_first_in_the_logged_shuffle_order_then_strict_fifo() {
         let t = engine.join(SKU, user, 2_000 + i as u64, &mut events);
         assert_eq!(t.status, Status::Waiting);
         assert!(t.pre_start && t.position == 0, "before the start no one has a position: {t:?}");
-        if stampede::engine::queue::splitmix64(&mut rng_state) % 3 == 0 {
+        if stampede::engine::queue::splitmix64(&mut rng_state).is_multiple_of(3) {
             let again = engine.join(SKU, user, 3_000 + i as u64, &mut events);
             assert_eq!(again, engine.poll(SKU, user, 3_000 + i as u64), "joining again is the same ticket");
         }
@@ -160,7 +160,7 @@ fn admission_keeps_to_the_rate_and_the_cap_within_one_percent() {
         admitted.len()
     );
     // And second by second, too.
-    let mut per_second = vec![0u64; 10];
+    let mut per_second = [0u64; 10];
     for e in &events {
         if let Event::Admitted { at_ms, .. } = e {
             if (1_010..11_000).contains(at_ms) {

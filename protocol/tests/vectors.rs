@@ -268,13 +268,13 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
                         reservations: 6,
                         hot: true,
                         paused: false,
-                        queue: Some(QueueStats {
+                        queue: Some(Box::new(QueueStats {
                             waiting: 250_000,
                             admit_rate_per_s: 500,
                             admitted_outstanding: 12,
                             admitted_total: 1_010,
                             oldest_wait_ms: 2_020_000,
-                        }),
+                        })),
                     },
                 }),
             ),

@@ -150,7 +150,7 @@ impl Sale {
             reservations: self.holds,
             hot: self.hot,
             paused: self.paused,
-            queue: self.queue.as_ref().map(|q| q.stats(now_ms)),
+            queue: self.queue.as_ref().map(|q| Box::new(q.stats(now_ms))),
         }
     }
 

@@ -113,7 +113,7 @@ pub fn decode_sku(body: &[u8], what: &'static str) -> Result<u64, Malformed> {
 }
 
 /// STATUS reply.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct SaleStatus {
     pub total: u64,
     pub available: u64,
@@ -124,12 +124,14 @@ pub struct SaleStatus {
     pub reservations: u64,
     pub hot: bool,
     pub paused: bool,
-    /// The sale's queue figures, if it has a queue.
-    pub queue: Option<QueueStats>,
+    /// The sale's queue figures, if it has a queue. Boxed: every reply
+    /// travels through the connection's channel by value, and most sales
+    /// have no queue.
+    pub queue: Option<Box<QueueStats>>,
 }
 
 /// STATUS reply with its status code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusReply {
     pub status: Status,
     pub sale: SaleStatus,
@@ -164,7 +166,7 @@ impl StatusReply {
         let ttl_ms = r.u64()?;
         let reservations = r.u64()?;
         let flags = r.u8()?;
-        let queue = if flags & 4 != 0 { Some(QueueStats::read(&mut r)?) } else { None };
+        let queue = if flags & 4 != 0 { Some(Box::new(QueueStats::read(&mut r)?)) } else { None };
         r.finish()?;
         let sale = SaleStatus {
             total,
