@@ -1,0 +1,457 @@
+//! The drill loop: workers, closed or open loop, latency, the tally, and
+//! the invariants checked against the target at the end.
+//!
+//! Workers: `connections x depth` tasks, each with one request (or batch)
+//! in flight, pulling the next virtual users from a shared counter. No
+//! task per user: a million users cost a counter.
+//!
+//! Open loop (`--rate`): virtual user k is *due* at a fixed time on the
+//! schedule (constant rate, or the spike profile). A worker that picks it
+//! up late still measures from the due time, so queueing inside an
+//! overloaded system shows up in the latency instead of silently lowering
+//! the offered load: the coordinated-omission correction wrk2 makes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use stampede_protocol::Status;
+
+use crate::report::{Invariants, Latency, OpSummary, Second, Summary};
+use crate::scenario::{AfterReserve, Plan, Scenario, Session};
+use crate::target::Target;
+
+/// Latencies are recorded in microseconds up to this (anything slower is
+/// clamped: it is a failure by any standard).
+const LATENCY_US_MAX: u64 = 60_000_000;
+/// How long a queued user keeps polling before giving up.
+const QUEUE_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Spike {
+    /// Peak rate as a multiple of `--rate`.
+    pub factor: f64,
+    /// When the ramp starts (seconds into the drill); it reaches the peak 1 s later.
+    pub at_secs: f64,
+    /// How long the peak holds.
+    pub hold_secs: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DrillConfig {
+    pub connections: usize,
+    /// Requests in flight per connection.
+    pub depth: usize,
+    /// Reserve operations per request (RESERVE_BATCH; a pipeline for Redis).
+    pub batch: usize,
+    pub duration_secs: f64,
+    /// Open loop at this many virtual users per second; closed loop if `None`.
+    pub rate: Option<f64>,
+    pub spike: Option<Spike>,
+    /// Only PING: the protocol and network floor.
+    pub ping_only: bool,
+    #[serde(skip)]
+    pub progress: bool,
+}
+
+#[derive(Clone, Copy)]
+enum OpKind {
+    Reserve,
+    Confirm,
+    Release,
+    Join,
+    Poll,
+    Ping,
+}
+
+const OP_NAMES: [&str; 6] = ["reserve", "confirm", "release", "join", "poll", "ping"];
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds")
+}
+
+/// What one worker saw; merged at the end.
+struct Recorder {
+    started: Instant,
+    ops: Vec<Histogram<u64>>,
+    timeline: Vec<(u64, Histogram<u64>)>,
+    outcomes: BTreeMap<&'static str, u64>,
+    /// Per SKU: units acknowledged reserved, confirmed, released.
+    reserved: HashMap<u64, u64>,
+    confirmed: HashMap<u64, u64>,
+    /// Held (unsettled) reservations: (sku, expires_at_ms).
+    held: Vec<(u64, u64)>,
+    /// Net units per (sku, user) from acknowledged replies.
+    per_user: HashMap<(u64, u64), i64>,
+}
+
+impl Recorder {
+    fn new(started: Instant) -> Recorder {
+        Recorder {
+            started,
+            ops: (0..OP_NAMES.len()).map(|_| histogram()).collect(),
+            timeline: Vec::new(),
+            outcomes: BTreeMap::new(),
+            reserved: HashMap::new(),
+            confirmed: HashMap::new(),
+            held: Vec::new(),
+            per_user: HashMap::new(),
+        }
+    }
+
+    fn record(&mut self, op: OpKind, since: Instant) {
+        let now = Instant::now();
+        let us = (now.saturating_duration_since(since).as_micros() as u64).clamp(1, LATENCY_US_MAX);
+        self.ops[op as usize].record(us).expect("clamped");
+        let second = now.duration_since(self.started).as_secs() as usize;
+        while self.timeline.len() <= second {
+            self.timeline.push((0, histogram()));
+        }
+        let slot = &mut self.timeline[second];
+        slot.0 += 1;
+        slot.1.record(us).expect("clamped");
+    }
+
+    fn outcome(&mut self, name: &'static str) {
+        *self.outcomes.entry(name).or_default() += 1;
+    }
+
+    fn merge(&mut self, other: Recorder) {
+        for (a, b) in self.ops.iter_mut().zip(&other.ops) {
+            a.add(b).expect("same bounds");
+        }
+        for (i, (n, h)) in other.timeline.into_iter().enumerate() {
+            while self.timeline.len() <= i {
+                self.timeline.push((0, histogram()));
+            }
+            self.timeline[i].0 += n;
+            self.timeline[i].1.add(&h).expect("same bounds");
+        }
+        for (k, v) in other.outcomes {
+            *self.outcomes.entry(k).or_default() += v;
+        }
+        for (k, v) in other.reserved {
+            *self.reserved.entry(k).or_default() += v;
+        }
+        for (k, v) in other.confirmed {
+            *self.confirmed.entry(k).or_default() += v;
+        }
+        self.held.extend(other.held);
+        for (k, v) in other.per_user {
+            *self.per_user.entry(k).or_default() += v;
+        }
+    }
+}
+
+/// When virtual user k is due (open loop): the cumulative rate per ms.
+struct Schedule {
+    /// cumulative[i] = users due by the end of millisecond i.
+    cumulative: Vec<f64>,
+}
+
+impl Schedule {
+    fn new(rate: f64, spike: Option<Spike>, duration_secs: f64) -> Schedule {
+        let ms = (duration_secs * 1000.0).ceil() as usize + 1;
+        let mut cumulative = Vec::with_capacity(ms);
+        let mut total = 0.0;
+        for i in 0..ms {
+            let t = i as f64 / 1000.0;
+            let factor = match spike {
+                Some(s) if t >= s.at_secs && t < s.at_secs + 1.0 => 1.0 + (s.factor - 1.0) * (t - s.at_secs),
+                Some(s) if t >= s.at_secs + 1.0 && t < s.at_secs + 1.0 + s.hold_secs => s.factor,
+                _ => 1.0,
+            };
+            total += rate * factor / 1000.0;
+            cumulative.push(total);
+        }
+        Schedule { cumulative }
+    }
+
+    /// Offset from the start at which user `k` is due; `None` past the end.
+    fn due(&self, k: u64) -> Option<Duration> {
+        let i = self.cumulative.partition_point(|&c| c < (k + 1) as f64);
+        (i < self.cumulative.len()).then(|| Duration::from_millis(i as u64))
+    }
+}
+
+struct Shared {
+    target: Arc<Target>,
+    plan: Arc<Plan>,
+    config: DrillConfig,
+    next: AtomicU64,
+    started: Instant,
+    deadline: Instant,
+    schedule: Option<Schedule>,
+    requests: AtomicU64,
+    reserved: AtomicU64,
+}
+
+fn status_name(status: Status) -> &'static str {
+    status.name()
+}
+
+async fn worker(shared: Arc<Shared>) -> Recorder {
+    let mut rec = Recorder::new(shared.started);
+    let batch = shared.config.batch.max(1) as u64;
+    let users = shared.plan.users;
+    loop {
+        let k = shared.next.fetch_add(batch, Ordering::Relaxed);
+        if k >= users || Instant::now() >= shared.deadline {
+            break;
+        }
+        let n = batch.min(users - k);
+        let due = match &shared.schedule {
+            Some(schedule) => match schedule.due(k + n - 1) {
+                Some(offset) => {
+                    let at = shared.started + offset;
+                    tokio::time::sleep_until(at.into()).await;
+                    at
+                }
+                None => break,
+            },
+            None => Instant::now(),
+        };
+        if shared.config.ping_only {
+            for _ in 0..n {
+                match shared.target.ping().await {
+                    Ok(()) => rec.outcome("ok"),
+                    Err(_) => rec.outcome("error"),
+                }
+                rec.record(OpKind::Ping, due);
+                shared.requests.fetch_add(1, Ordering::Relaxed);
+            }
+            continue;
+        }
+        let mut sessions: Vec<Session> = (k..k + n).map(|i| shared.plan.session(i)).collect();
+        if shared.plan.scenario == Scenario::Queue {
+            sessions = wait_for_admission(&shared, &mut rec, sessions).await;
+            if sessions.is_empty() {
+                continue;
+            }
+        }
+        let start = if shared.schedule.is_some() { due } else { Instant::now() };
+        let results = shared.target.reserve(&shared.plan, &sessions).await;
+        rec.record(OpKind::Reserve, start);
+        shared.requests.fetch_add(1, Ordering::Relaxed);
+        let results = match results {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::debug!(error = %e, "reserve failed");
+                for _ in &sessions {
+                    rec.outcome("error");
+                }
+                continue;
+            }
+        };
+        let mut winners = Vec::new();
+        for (session, (status, detail)) in sessions.iter().zip(results) {
+            rec.outcome(status_name(status));
+            if status == Status::Reserved {
+                shared.reserved.fetch_add(1, Ordering::Relaxed);
+                *rec.reserved.entry(session.sku).or_default() += 1;
+                *rec.per_user.entry((session.sku, session.user)).or_default() += 1;
+                let ttl_ms = shared.plan.sales.iter().find(|s| s.sku == session.sku).map_or(0, |s| s.ttl_ms);
+                let expires_at_ms = if detail != 0 { detail } else { now_ms() + ttl_ms };
+                winners.push((*session, expires_at_ms));
+            }
+        }
+        // Winners pay (or give up, or walk away) concurrently.
+        let settles = winners.iter().map(|(session, expires_at_ms)| {
+            let shared = &shared;
+            async move {
+                let started = Instant::now();
+                let result = match session.then {
+                    AfterReserve::Confirm => Some((OpKind::Confirm, shared.target.confirm(session).await)),
+                    AfterReserve::Release => Some((OpKind::Release, shared.target.release(session).await)),
+                    AfterReserve::Abandon => None,
+                };
+                (*session, *expires_at_ms, started, result)
+            }
+        });
+        for (session, expires_at_ms, started, result) in futures_util::future::join_all(settles).await {
+            let Some((op, result)) = result else {
+                rec.held.push((session.sku, expires_at_ms));
+                continue;
+            };
+            rec.record(op, started);
+            shared.requests.fetch_add(1, Ordering::Relaxed);
+            match result {
+                Ok(Status::Confirmed) => {
+                    rec.outcome("confirmed");
+                    *rec.confirmed.entry(session.sku).or_default() += 1;
+                }
+                Ok(Status::Released) => {
+                    rec.outcome("released");
+                    *rec.per_user.entry((session.sku, session.user)).or_default() -= 1;
+                }
+                Ok(status) => rec.outcome(status_name(status)),
+                Err(_) => {
+                    rec.outcome("error");
+                    // Unknown outcome: it may still hold its units.
+                    rec.held.push((session.sku, expires_at_ms));
+                }
+            }
+        }
+    }
+    rec
+}
+
+/// Queue scenario: join, then poll until admitted (or turned away).
+async fn wait_for_admission(shared: &Shared, rec: &mut Recorder, sessions: Vec<Session>) -> Vec<Session> {
+    let mut admitted = Vec::new();
+    for session in sessions {
+        let started = Instant::now();
+        let mut ticket = shared.target.ticket(&session, true).await;
+        rec.record(OpKind::Join, started);
+        shared.requests.fetch_add(1, Ordering::Relaxed);
+        loop {
+            match &ticket {
+                Ok(t) if t.status == Status::Admitted => {
+                    admitted.push(session);
+                    break;
+                }
+                Ok(t) if t.status == Status::Waiting && Instant::now() < shared.deadline => {}
+                Ok(t) => {
+                    rec.outcome(t.status.name());
+                    break;
+                }
+                Err(_) => {
+                    rec.outcome("error");
+                    break;
+                }
+            }
+            tokio::time::sleep(QUEUE_POLL_INTERVAL).await;
+            let started = Instant::now();
+            ticket = shared.target.ticket(&session, false).await;
+            rec.record(OpKind::Poll, started);
+            shared.requests.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    admitted
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn latency(h: &Histogram<u64>) -> Latency {
+    Latency {
+        p50: h.value_at_quantile(0.5),
+        p90: h.value_at_quantile(0.9),
+        p99: h.value_at_quantile(0.99),
+        p999: h.value_at_quantile(0.999),
+        max: h.max(),
+    }
+}
+
+/// Run one drill against `target` (already connected) and check the
+/// invariants. `label` names the target in the report.
+pub async fn run(target: Arc<Target>, plan: Arc<Plan>, config: DrillConfig, label: &str) -> anyhow::Result<Summary> {
+    if !config.ping_only {
+        target.prepare(&plan).await?;
+    }
+    let started = Instant::now();
+    let schedule = config.rate.map(|rate| Schedule::new(rate, config.spike, config.duration_secs));
+    let shared = Arc::new(Shared {
+        target: target.clone(),
+        plan: plan.clone(),
+        deadline: started + Duration::from_secs_f64(config.duration_secs),
+        config: config.clone(),
+        next: AtomicU64::new(0),
+        started,
+        schedule,
+        requests: AtomicU64::new(0),
+        reserved: AtomicU64::new(0),
+    });
+    let done = Arc::new(AtomicBool::new(false));
+    let progress = config.progress.then(|| {
+        let (shared, done) = (shared.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut last = 0;
+            while !done.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let requests = shared.requests.load(Ordering::Relaxed);
+                eprint!(
+                    "\r[{:6.1}s] {:>12} requests  {:>10} req/s  {:>10} reserved  ",
+                    started.elapsed().as_secs_f64(),
+                    requests,
+                    requests - last,
+                    shared.reserved.load(Ordering::Relaxed)
+                );
+                last = requests;
+            }
+            eprintln!();
+        })
+    });
+    let workers: Vec<_> =
+        (0..(config.connections * config.depth).max(1)).map(|_| tokio::spawn(worker(shared.clone()))).collect();
+    let mut total = Recorder::new(started);
+    for w in workers {
+        total.merge(w.await?);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    if let Some(p) = progress {
+        let _ = p.await;
+    }
+
+    // --- invariants ---------------------------------------------------------
+    let audit = if config.ping_only { Vec::new() } else { target.audit(&plan).await? };
+    let now = now_ms();
+    let mut invariants = Invariants::default();
+    for state in &audit {
+        let stock = plan.sales.iter().find(|s| s.sku == state.sku).map_or(0, |s| s.stock);
+        if state.available + state.reserved + state.sold != state.total || state.sold + state.reserved > state.total {
+            invariants.oversold += 1;
+        }
+        let confirmed = total.confirmed.get(&state.sku).copied().unwrap_or(0);
+        invariants.oversold += confirmed.saturating_sub(stock);
+        // Every acknowledged sale is sold on the server; every acknowledged
+        // hold that cannot have expired yet (1 s margin) is still held.
+        let holding: u64 =
+            total.held.iter().filter(|(sku, exp)| *sku == state.sku && *exp > now + 1_000).count() as u64;
+        invariants.lost_acks += confirmed.saturating_sub(state.sold) + holding.saturating_sub(state.reserved);
+    }
+    invariants.limit_violations =
+        total.per_user.iter().filter(|((sku, _), units)| **units > i64::from(plan.limit_of(*sku))).count() as u64;
+    invariants.ok = invariants.oversold == 0 && invariants.limit_violations == 0 && invariants.lost_acks == 0;
+
+    let mut all = histogram();
+    let mut ops = BTreeMap::new();
+    for (name, h) in OP_NAMES.iter().zip(&total.ops) {
+        if h.len() > 0 {
+            all.add(h).expect("same bounds");
+            ops.insert(name.to_string(), OpSummary { count: h.len(), latency_us: latency(h) });
+        }
+    }
+    let requests = all.len();
+    let timeline = total
+        .timeline
+        .iter()
+        .enumerate()
+        .map(|(second, (n, h))| Second {
+            second: second as u64,
+            requests: *n,
+            p50_us: if *n > 0 { h.value_at_quantile(0.5) } else { 0 },
+            p99_us: if *n > 0 { h.value_at_quantile(0.99) } else { 0 },
+            max_us: h.max(),
+        })
+        .collect();
+    Ok(Summary {
+        scenario: plan.scenario,
+        target: label.to_string(),
+        users: plan.users,
+        duration_s: elapsed,
+        requests,
+        throughput_rps: requests as f64 / elapsed,
+        latency_us: latency(&all),
+        ops,
+        outcomes: total.outcomes.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        invariants,
+        audit,
+        timeline,
+        config,
+    })
+}

@@ -1,0 +1,23 @@
+//! stampede-loadgen: Black Friday drills with verified invariants, and the
+//! same drills against Redis and PostgreSQL for comparison.
+//!
+//! # Layout
+//!
+//! - [`scenario`]: the scenarios (`flash`, `mixed`, `checkout`, `queue`):
+//!   which sales exist and what virtual user k does (derived from k, so a
+//!   million users cost nothing until they act).
+//! - [`target`]: stampede (client library), Redis (one Lua script via
+//!   EVALSHA, pipelined) and PostgreSQL (a conditional UPDATE on the SKU
+//!   row plus a per-user row, in a transaction), one outcome vocabulary.
+//! - [`drill`]: workers (connections x depth), closed or open loop (with
+//!   coordinated-omission-corrected latency and a spike profile),
+//!   hdrhistogram per operation, the tally, the invariants.
+//! - [`report`]: the summary (JSON), the table, the HTML report.
+//! - [`local`]: a stampede server started in-process for drills with no
+//!   `--target`, and `redis-server` processes started for `compare`.
+
+pub mod drill;
+pub mod local;
+pub mod report;
+pub mod scenario;
+pub mod target;

@@ -1,0 +1,219 @@
+//! `stampede-loadgen`: `drill` runs a scenario against one target and
+//! checks the invariants (exit 1 if one broke, 2 if it could not run);
+//! `compare` runs it against stampede, Redis (relaxed and durable) and
+//! PostgreSQL, plus a PING-only run, and prints the ratios.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use serde_json::json;
+use stampede::wal::Durability;
+use stampede_loadgen::drill::{self, DrillConfig, Spike};
+use stampede_loadgen::local::{LocalRedis, LocalStampede};
+use stampede_loadgen::report::Summary;
+use stampede_loadgen::scenario::{Plan, Scenario};
+use stampede_loadgen::target::Target;
+
+/// The allocator the server uses (drills usually run it in-process).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(name = "stampede-loadgen", version, about = "Black Friday drills for stampede, with baselines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one scenario against one target and verify the invariants.
+    Drill(DrillArgs),
+    /// Run one scenario against stampede, Redis (everysec and always), PostgreSQL and a PING floor.
+    Compare {
+        #[command(flatten)]
+        args: DrillArgs,
+        /// PostgreSQL for the baseline (tables lg_* are created in it).
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+        postgres_url: String,
+    },
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+struct DrillArgs {
+    #[arg(long, value_enum, default_value = "flash")]
+    scenario: Scenario,
+    /// stampede://HOST:PORT (token: STAMPEDE_TOKEN), redis://HOST:PORT or postgres://...;
+    /// none: start a stampede server in-process (temporary data dir).
+    #[arg(long)]
+    target: Option<String>,
+    /// Virtual users (one shopping session each).
+    #[arg(long, default_value_t = 1_000_000)]
+    users: u64,
+    /// Units of the hot sale (of each SKU in `mixed`).
+    #[arg(long, default_value_t = 10_000)]
+    stock: u64,
+    /// Stop after this long even if users remain.
+    #[arg(long, default_value_t = 30.0)]
+    duration_secs: f64,
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 4)]
+    depth: usize,
+    /// Reserves per request (RESERVE_BATCH; a pipeline on Redis).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Open loop: virtual users per second (latency from the scheduled time); closed loop if unset.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Open loop spike: ramp to this multiple of --rate within 1 s...
+    #[arg(long, requires = "rate")]
+    spike: Option<f64>,
+    /// ...starting this many seconds in...
+    #[arg(long, default_value_t = 5.0)]
+    spike_at_secs: f64,
+    /// ...and holding it this long.
+    #[arg(long, default_value_t = 5.0)]
+    spike_secs: f64,
+    /// Reservation TTL (checkout abandons expire after it).
+    #[arg(long, default_value_t = 600_000)]
+    ttl_ms: u64,
+    /// Only PING: the protocol and network floor of the target.
+    #[arg(long)]
+    ping: bool,
+    /// Durability of the in-process server.
+    #[arg(long, value_enum, default_value = "fsync")]
+    durability: Durability,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the summary as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write a self-contained HTML report here.
+    #[arg(long)]
+    html: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl DrillArgs {
+    fn config(&self, ping_only: bool) -> DrillConfig {
+        DrillConfig {
+            connections: self.connections.max(1),
+            depth: self.depth.max(1),
+            batch: self.batch.max(1),
+            duration_secs: self.duration_secs,
+            rate: self.rate,
+            spike: self.spike.map(|factor| Spike { factor, at_secs: self.spike_at_secs, hold_secs: self.spike_secs }),
+            ping_only,
+            progress: !self.quiet,
+        }
+    }
+
+    fn plan(&self) -> Arc<Plan> {
+        Arc::new(Plan::new(self.scenario, self.users, self.stock, self.ttl_ms, self.seed))
+    }
+}
+
+async fn drill_on(url: &str, label: &str, args: &DrillArgs, ping_only: bool) -> anyhow::Result<Summary> {
+    let target = Arc::new(Target::connect(url, args.connections).await?);
+    drill::run(target, args.plan(), args.config(ping_only), label).await
+}
+
+/// A drill against an in-process stampede server.
+async fn drill_local(args: &DrillArgs, ping_too: bool) -> anyhow::Result<(Summary, Option<Summary>)> {
+    let server = LocalStampede::start(args.durability).await?;
+    std::env::set_var("STAMPEDE_TOKEN", &server.token);
+    let url = format!("stampede://{}", server.addr());
+    let summary = drill_on(&url, "stampede", args, args.ping).await;
+    let ping = if ping_too && summary.is_ok() { Some(drill_on(&url, "ping", args, true).await) } else { None };
+    server.stop().await?;
+    Ok((summary?, ping.transpose()?))
+}
+
+fn write_outputs(args: &DrillArgs, json_value: &serde_json::Value, html: Option<String>) -> anyhow::Result<()> {
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(json_value)?)?;
+    }
+    if let (Some(path), Some(html)) = (&args.html, html) {
+        std::fs::write(path, html)?;
+    }
+    Ok(())
+}
+
+async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Drill(args) => {
+            let summary = match &args.target {
+                None => drill_local(&args, false).await?.0,
+                Some(url) => drill_on(url, url.split("://").next().unwrap_or("target"), &args, args.ping).await?,
+            };
+            print!("{}", summary.table());
+            write_outputs(&args, &serde_json::to_value(&summary)?, Some(summary.html()))?;
+            Ok(if summary.invariants.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Compare { args, postgres_url } => {
+            let mut runs = serde_json::Map::new();
+            let mut ok = true;
+            let mut record = |name: &str, summary: &Summary| {
+                print!("{}", summary.table());
+                println!();
+                ok &= summary.invariants.ok;
+                runs.insert(name.to_string(), serde_json::to_value(summary).expect("serializable"));
+                summary.throughput_rps
+            };
+            let (stampede, ping) = drill_local(&args, true).await?;
+            let stampede_rps = record("stampede", &stampede);
+            let ping = ping.expect("ping run");
+            let ping_rps = record("ping", &ping);
+            let relaxed = LocalRedis::start("everysec")?;
+            let redis = drill_on(&relaxed.url, "redis (appendfsync everysec)", &args, false).await?;
+            drop(relaxed);
+            let redis_rps = record("redis", &redis);
+            let durable = LocalRedis::start("always")?;
+            let redis_durable = drill_on(&durable.url, "redis (appendfsync always)", &args, false).await?;
+            drop(durable);
+            let redis_durable_rps = record("redis_durable", &redis_durable);
+            let postgres = drill_on(&postgres_url, "postgres", &args, false).await?;
+            let postgres_rps = record("postgres", &postgres);
+            let ratios = json!({
+                "stampede_vs_redis_throughput": stampede_rps / redis_rps,
+                "stampede_vs_redis_durable_throughput": stampede_rps / redis_durable_rps,
+                "stampede_vs_postgres_throughput": stampede_rps / postgres_rps,
+                "stampede_vs_ping_throughput": stampede_rps / ping_rps,
+                "stampede_vs_redis_p99": stampede.latency_us.p99 as f64 / redis.latency_us.p99.max(1) as f64,
+                "stampede_vs_redis_durable_p99": stampede.latency_us.p99 as f64 / redis_durable.latency_us.p99.max(1) as f64,
+                "stampede_vs_postgres_p99": stampede.latency_us.p99 as f64 / postgres.latency_us.p99.max(1) as f64,
+            });
+            println!("ratios (stampede / other): {}", serde_json::to_string_pretty(&ratios)?);
+            write_outputs(&args, &json!({ "runs": runs, "ratios": ratios }), Some(stampede.html()))?;
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("stampede-loadgen: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(main_async(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("stampede-loadgen: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

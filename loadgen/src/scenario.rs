@@ -1,0 +1,140 @@
+//! Scenarios: which sales exist and what each virtual user does.
+//!
+//! A virtual user is an index `0..users`, not a task: its SKU, user id and
+//! reservation id are derived from the index, so millions of users cost
+//! nothing until a worker picks them up. Randomness is SplitMix64 of the
+//! index and the drill's seed: a drill is repeatable.
+
+use clap::ValueEnum;
+use serde::Serialize;
+use stampede_protocol::message::QueueConfig;
+
+/// SKU of the flash / checkout / queue sale.
+pub const HOT_SKU: u64 = 1;
+/// SKUs of the `mixed` scenario: 2 hot ones and a long tail.
+pub const MIXED_SKUS: u64 = 100;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// One hot SKU, limited stock, limit 1 per user: a spike of buyers, most lose.
+    Flash,
+    /// 100 SKUs with Zipf-skewed demand (s = 1.1), the top two hot.
+    Mixed,
+    /// Reserve, then confirm (p = 0.6), release (q = 0.2) or abandon (expires).
+    Checkout,
+    /// A queue-gated flash sale: join, poll until admitted, reserve, confirm.
+    Queue,
+}
+
+/// What the drill creates before it starts.
+#[derive(Clone, Debug)]
+pub struct SaleSpec {
+    pub sku: u64,
+    pub stock: u64,
+    pub limit_per_user: u32,
+    pub ttl_ms: u64,
+    pub hot: bool,
+    pub queue: Option<QueueConfig>,
+}
+
+/// What one virtual user does.
+#[derive(Clone, Copy, Debug)]
+pub struct Session {
+    pub sku: u64,
+    pub user: u64,
+    pub reservation_id: u128,
+    pub then: AfterReserve,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterReserve {
+    Confirm,
+    Release,
+    Abandon,
+}
+
+/// A scenario instantiated for a drill.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub scenario: Scenario,
+    pub users: u64,
+    pub sales: Vec<SaleSpec>,
+    seed: u64,
+    /// Cumulative Zipf weights of the mixed SKUs (index = sku - 1).
+    zipf_cdf: Vec<f64>,
+}
+
+pub fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A float in [0, 1) from a hash.
+fn unit(x: u64) -> f64 {
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Plan {
+    /// `stock` is the hot sale's stock (per SKU in `mixed`); `ttl_ms` the
+    /// reservation TTL (checkout abandons expire after it).
+    pub fn new(scenario: Scenario, users: u64, stock: u64, ttl_ms: u64, seed: u64) -> Plan {
+        let sale = |sku, stock, limit, hot| SaleSpec { sku, stock, limit_per_user: limit, ttl_ms, hot, queue: None };
+        let sales = match scenario {
+            Scenario::Flash | Scenario::Checkout => vec![sale(HOT_SKU, stock, 1, true)],
+            Scenario::Mixed => (1..=MIXED_SKUS).map(|sku| sale(sku, stock, 2, sku <= 2)).collect(),
+            Scenario::Queue => vec![SaleSpec {
+                queue: Some(QueueConfig {
+                    // Admit fast enough that the drill is about the sale,
+                    // capped by the stock (the cap follows it).
+                    admit_rate_per_s: 50_000,
+                    admit_cap: 0,
+                    admission_ms: 30_000,
+                    start_at_ms: 0,
+                }),
+                ..sale(HOT_SKU, stock, 1, true)
+            }],
+        };
+        let mut zipf_cdf = Vec::new();
+        if scenario == Scenario::Mixed {
+            let mut total = 0.0;
+            for rank in 1..=MIXED_SKUS {
+                total += 1.0 / (rank as f64).powf(1.1);
+                zipf_cdf.push(total);
+            }
+            for w in &mut zipf_cdf {
+                *w /= total;
+            }
+        }
+        Plan { scenario, users, sales, seed, zipf_cdf }
+    }
+
+    pub fn limit_of(&self, sku: u64) -> u32 {
+        self.sales.iter().find(|s| s.sku == sku).map_or(1, |s| s.limit_per_user)
+    }
+
+    pub fn session(&self, index: u64) -> Session {
+        let h = splitmix64(index ^ self.seed.rotate_left(17));
+        let sku = match self.scenario {
+            Scenario::Mixed => {
+                let u = unit(h);
+                self.zipf_cdf.partition_point(|&c| c < u) as u64 + 1
+            }
+            _ => HOT_SKU,
+        };
+        let then = match self.scenario {
+            Scenario::Checkout => match unit(splitmix64(h)) {
+                p if p < 0.6 => AfterReserve::Confirm,
+                p if p < 0.8 => AfterReserve::Release,
+                _ => AfterReserve::Abandon,
+            },
+            _ => AfterReserve::Confirm,
+        };
+        // Reservation ids: the drill's seed in the high half, the index low:
+        // unique per drill, repeatable, never 0.
+        let reservation_id = (u128::from(self.seed | 1) << 64) | u128::from(index + 1);
+        Session { sku, user: index, reservation_id, then }
+    }
+}
