@@ -421,7 +421,7 @@ pub async fn run(target: Arc<Target>, plan: Arc<Plan>, config: DrillConfig, labe
     let mut all = histogram();
     let mut ops = BTreeMap::new();
     for (name, h) in OP_NAMES.iter().zip(&total.ops) {
-        if h.len() > 0 {
+        if !h.is_empty() {
             all.add(h).expect("same bounds");
             ops.insert(name.to_string(), OpSummary { count: h.len(), latency_us: latency(h) });
         }

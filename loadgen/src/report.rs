@@ -178,8 +178,11 @@ impl Summary {
     }
 }
 
+/// One line of a chart: name, colour, (x, y) points.
+type Series<'a> = (&'a str, &'a str, &'a Vec<(f64, f64)>);
+
 /// A line chart as inline SVG.
-fn chart(series: &[(&str, &str, &Vec<(f64, f64)>)], x_unit: &str, y_unit: &str) -> String {
+fn chart(series: &[Series<'_>], x_unit: &str, y_unit: &str) -> String {
     let (w, h, pad) = (800.0, 260.0, 50.0);
     let x_max = series.iter().flat_map(|(_, _, s)| s.iter().map(|p| p.0)).fold(1.0, f64::max);
     let y_max = series.iter().flat_map(|(_, _, s)| s.iter().map(|p| p.1)).fold(1.0, f64::max) * 1.05;

@@ -1,0 +1,168 @@
+//! Short drills of every scenario against a real stampede server on
+//! 127.0.0.1 (in-process, durable), the baselines' semantics against the
+//! real Redis and PostgreSQL, and the binary's exit codes and outputs.
+
+use std::sync::Arc;
+
+use stampede::wal::Durability;
+use stampede_loadgen::drill::{self, DrillConfig, Spike};
+use stampede_loadgen::local::LocalStampede;
+use stampede_loadgen::scenario::{Plan, Scenario, Session};
+use stampede_loadgen::target::Target;
+use stampede_protocol::Status;
+
+fn config() -> DrillConfig {
+    DrillConfig {
+        connections: 4,
+        depth: 4,
+        batch: 1,
+        duration_secs: 30.0,
+        rate: None,
+        spike: None,
+        ping_only: false,
+        progress: false,
+    }
+}
+
+async fn local_target(server: &LocalStampede) -> Arc<Target> {
+    std::env::set_var("STAMPEDE_TOKEN", &server.token);
+    Arc::new(Target::connect(&format!("stampede://{}", server.addr()), 4).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_keeps_the_invariants_on_stampede() {
+    for (scenario, users, stock) in [
+        (Scenario::Flash, 3_000, 200),
+        (Scenario::Mixed, 3_000, 20),
+        (Scenario::Checkout, 2_000, 300),
+        (Scenario::Queue, 600, 100),
+    ] {
+        // A fresh server per scenario (the sales are created anew).
+        let server = LocalStampede::start(Durability::Fsync).await.unwrap();
+        let target = local_target(&server).await;
+        let plan = Arc::new(Plan::new(scenario, users, stock, 600_000, scenario as u64 + 7));
+        let mut config = config();
+        config.batch = if scenario == Scenario::Flash { 16 } else { 1 };
+        let summary = drill::run(target, plan.clone(), config, "stampede").await.unwrap();
+        assert!(summary.invariants.ok, "{scenario:?}: {}", summary.table());
+        let sold: u64 = summary.audit.iter().map(|s| s.sold).sum();
+        let reserved: u64 = summary.audit.iter().map(|s| s.reserved).sum();
+        let confirmed = summary.outcomes.get("confirmed").copied().unwrap_or(0);
+        assert_eq!(sold, confirmed, "{scenario:?}: every confirmation the drill saw is a sale on the server");
+        match scenario {
+            Scenario::Flash | Scenario::Queue => {
+                assert_eq!(sold, stock, "{scenario:?}: demand above stock sells out exactly");
+                assert_eq!(
+                    summary.outcomes["sold_out"],
+                    users - stock,
+                    "{scenario:?}: every other buyer hears sold_out"
+                );
+            }
+            Scenario::Checkout => {
+                assert!(reserved > 0 && summary.outcomes["released"] > 0, "{}", summary.table());
+            }
+            Scenario::Mixed => assert!(summary.audit.len() == 100),
+        }
+        server.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_with_a_spike_offers_the_scheduled_load() {
+    let server = LocalStampede::start(Durability::Async).await.unwrap();
+    let target = local_target(&server).await;
+    let plan = Arc::new(Plan::new(Scenario::Flash, 100_000, 1_000_000, 600_000, 3));
+    let mut config = config();
+    config.duration_secs = 2.0;
+    config.rate = Some(500.0);
+    config.spike = Some(Spike { factor: 4.0, at_secs: 0.5, hold_secs: 0.5 });
+    let summary = drill::run(target, plan, config, "stampede").await.unwrap();
+    // 2 s at 500/s, plus the spike: the ramp (1 s averaging 2.5x) and 0.5 s
+    // at 4x add 750 + 750 users: 2500 due in all.
+    let reserves = summary.ops["reserve"].count as f64;
+    assert!((reserves - 2_500.0).abs() < 2_500.0 * 0.05, "{reserves} reserves offered: {}", summary.table());
+    assert!(summary.invariants.ok);
+    server.stop().await.unwrap();
+}
+
+/// The Redis baseline's Lua scripts do what stampede does: per-user limit,
+/// stock decrement, idempotent retry, reservation TTL, confirm/release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_lua_script_has_stampedes_semantics() {
+    if std::env::var_os("STAMPEDE_SKIP_REDIS").is_some() {
+        eprintln!("STAMPEDE_SKIP_REDIS set: not testing the Redis baseline");
+        return;
+    }
+    let target = Target::connect("redis://127.0.0.1:6379/15", 1).await.unwrap_or_else(|e| {
+        panic!(
+            "{e}\nthe Redis baseline test needs Redis on 127.0.0.1:6379 (start it: redis-server --daemonize yes \
+             --bind 127.0.0.1 --port 6379 --save '' --appendonly no), or set STAMPEDE_SKIP_REDIS=1 to opt out"
+        )
+    });
+    check_baseline_semantics(&target, 300).await;
+}
+
+/// The PostgreSQL baseline's transaction has the same semantics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_baseline_has_stampedes_semantics() {
+    let target = Target::connect("postgres://postgres@127.0.0.1:5432/test", 2).await.unwrap();
+    check_baseline_semantics(&target, 300).await;
+}
+
+async fn check_baseline_semantics(target: &Target, ttl_ms: u64) {
+    // Stock 3, limit 1 (flash).
+    let plan = Plan::new(Scenario::Flash, 10, 3, ttl_ms, 99);
+    target.prepare(&plan).await.unwrap();
+    let s: Vec<Session> = (0..4).map(|i| plan.session(i)).collect();
+    let same_user_again = Session { reservation_id: s[3].reservation_id, ..s[0] };
+    let first = target.reserve(&plan, &s[..2]).await.unwrap();
+    assert_eq!(first.iter().map(|r| r.0).collect::<Vec<_>>(), vec![Status::Reserved, Status::Reserved]);
+    assert_eq!(target.reserve(&plan, &s[..1]).await.unwrap()[0].0, Status::Reserved, "an idempotent retry");
+    assert_eq!(target.reserve(&plan, &[same_user_again]).await.unwrap()[0].0, Status::LimitExceeded);
+    assert_eq!(target.reserve(&plan, &s[2..3]).await.unwrap()[0].0, Status::Reserved);
+    assert_eq!(target.reserve(&plan, &s[3..4]).await.unwrap()[0].0, Status::SoldOut);
+    // Release gives the unit back; confirm sells.
+    assert_eq!(target.release(&s[1]).await.unwrap(), Status::Released);
+    assert_eq!(target.confirm(&s[0]).await.unwrap(), Status::Confirmed);
+    assert_eq!(target.reserve(&plan, &s[3..4]).await.unwrap()[0].0, Status::Reserved);
+    let audit = target.audit(&plan).await.unwrap();
+    assert_eq!((audit[0].total, audit[0].available, audit[0].reserved, audit[0].sold), (3, 0, 2, 1));
+    // After the TTL the hold cannot be confirmed.
+    tokio::time::sleep(std::time::Duration::from_millis(ttl_ms + 200)).await;
+    assert_eq!(target.confirm(&s[2]).await.unwrap(), Status::Expired);
+}
+
+#[test]
+fn the_binary_writes_json_and_html_and_exits_zero_when_the_invariants_hold() {
+    let dir = std::env::temp_dir().join(format!("stampede-loadgen-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, html) = (dir.join("drill.json"), dir.join("drill.html"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stampede-loadgen"))
+        .args(["drill", "--scenario", "flash", "--users", "2000", "--stock", "100", "--quiet", "--connections", "4"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--html")
+        .arg(&html)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("invariants: OK"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in
+        ["scenario", "target", "duration_s", "requests", "throughput_rps", "latency_us", "outcomes", "invariants"]
+    {
+        assert!(v.get(key).is_some(), "JSON lacks {key}: {v}");
+    }
+    for key in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(v["latency_us"].get(key).is_some(), "latency lacks {key}");
+    }
+    assert_eq!(v["invariants"]["ok"], true);
+    assert_eq!(v["outcomes"]["sold_out"], 1_900);
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<svg") && page.contains("<polyline") && page.ends_with("</html>"));
+    for fetch in ["<script", "<link", "src=", "@import"] {
+        assert!(!page.contains(fetch), "the report must open with no network: it has {fetch}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
