@@ -84,6 +84,9 @@ struct DrillArgs {
     /// Only PING: the protocol and network floor of the target.
     #[arg(long)]
     ping: bool,
+    /// Winners do not confirm: every request is a RESERVE (the sell-through shape).
+    #[arg(long)]
+    reserve_only: bool,
     /// Durability of the in-process server.
     #[arg(long, value_enum, default_value = "fsync")]
     durability: Durability,
@@ -115,7 +118,9 @@ impl DrillArgs {
     }
 
     fn plan(&self) -> Arc<Plan> {
-        Arc::new(Plan::new(self.scenario, self.users, self.stock, self.ttl_ms, self.seed))
+        let mut plan = Plan::new(self.scenario, self.users, self.stock, self.ttl_ms, self.seed);
+        plan.reserve_only = self.reserve_only;
+        Arc::new(plan)
     }
 }
 

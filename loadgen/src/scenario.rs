@@ -60,6 +60,9 @@ pub struct Plan {
     pub scenario: Scenario,
     pub users: u64,
     pub sales: Vec<SaleSpec>,
+    /// Winners neither confirm nor release: every request is a RESERVE
+    /// (the sell-through benchmark shape).
+    pub reserve_only: bool,
     seed: u64,
     /// Cumulative Zipf weights of the mixed SKUs (index = sku - 1).
     zipf_cdf: Vec<f64>,
@@ -108,7 +111,7 @@ impl Plan {
                 *w /= total;
             }
         }
-        Plan { scenario, users, sales, seed, zipf_cdf }
+        Plan { scenario, users, sales, reserve_only: false, seed, zipf_cdf }
     }
 
     pub fn limit_of(&self, sku: u64) -> u32 {
@@ -125,6 +128,7 @@ impl Plan {
             _ => HOT_SKU,
         };
         let then = match self.scenario {
+            _ if self.reserve_only => AfterReserve::Abandon,
             Scenario::Checkout => match unit(splitmix64(h)) {
                 p if p < 0.6 => AfterReserve::Confirm,
                 p if p < 0.8 => AfterReserve::Release,
