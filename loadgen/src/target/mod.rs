@@ -1,0 +1,117 @@
+//! Where a drill sends its traffic: stampede, or the same job done by a
+//! Redis Lua script or by PostgreSQL rows (the baselines). All three speak
+//! the same outcome vocabulary (stampede's status codes), so one drill
+//! loop, one tally and one set of invariants serve them all.
+
+pub mod postgres;
+pub mod redis;
+pub mod stampede;
+
+use stampede_protocol::message::QueueTicket;
+use stampede_protocol::Status;
+
+use crate::scenario::{Plan, Session};
+
+/// One SKU's counters as the target reports them after a drill.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SkuState {
+    pub sku: u64,
+    pub total: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+}
+
+pub enum Target {
+    Stampede(stampede::StampedeTarget),
+    Redis(redis::RedisTarget),
+    Postgres(postgres::PgTarget),
+}
+
+impl Target {
+    /// `stampede://host:port` (token from `STAMPEDE_TOKEN`, admin role),
+    /// `redis://host:port`, `postgres://...`.
+    pub async fn connect(url: &str, connections: usize) -> anyhow::Result<Target> {
+        if let Some(addr) = url.strip_prefix("stampede://") {
+            let token = std::env::var("STAMPEDE_TOKEN")
+                .map_err(|_| anyhow::anyhow!("set STAMPEDE_TOKEN to an admin token of {addr}"))?;
+            return Ok(Target::Stampede(stampede::StampedeTarget::connect(addr, &token, connections).await?));
+        }
+        if url.starts_with("redis://") {
+            return Ok(Target::Redis(redis::RedisTarget::connect(url, connections).await?));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Target::Postgres(postgres::PgTarget::connect(url, connections).await?));
+        }
+        anyhow::bail!("unknown target {url:?}: use stampede://HOST:PORT, redis://HOST:PORT or postgres://...")
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Stampede(_) => "stampede",
+            Target::Redis(_) => "redis",
+            Target::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Create the scenario's sales (fresh state).
+    pub async fn prepare(&self, plan: &Plan) -> anyhow::Result<()> {
+        match self {
+            Target::Stampede(t) => t.prepare(plan).await,
+            Target::Redis(t) => t.prepare(plan).await,
+            Target::Postgres(t) => t.prepare(plan).await,
+        }
+    }
+
+    /// Reserve one unit for each session (one frame, pipeline or
+    /// transaction each, as the target does it best). Per session:
+    /// `(status, detail)`; `detail` is the expiry for `reserved`.
+    pub async fn reserve(&self, plan: &Plan, sessions: &[Session]) -> anyhow::Result<Vec<(Status, u64)>> {
+        match self {
+            Target::Stampede(t) => t.reserve(sessions).await,
+            Target::Redis(t) => t.reserve(plan, sessions).await,
+            Target::Postgres(t) => t.reserve(plan, sessions).await,
+        }
+    }
+
+    pub async fn confirm(&self, session: &Session) -> anyhow::Result<Status> {
+        match self {
+            Target::Stampede(t) => t.confirm(session).await,
+            Target::Redis(t) => t.confirm(session).await,
+            Target::Postgres(t) => t.confirm(session).await,
+        }
+    }
+
+    pub async fn release(&self, session: &Session) -> anyhow::Result<Status> {
+        match self {
+            Target::Stampede(t) => t.release(session).await,
+            Target::Redis(t) => t.release(session).await,
+            Target::Postgres(t) => t.release(session).await,
+        }
+    }
+
+    /// JOIN (`join` true) or POLL of a queued sale (stampede only).
+    pub async fn ticket(&self, session: &Session, join: bool) -> anyhow::Result<QueueTicket> {
+        match self {
+            Target::Stampede(t) => t.ticket(session, join).await,
+            _ => anyhow::bail!("the queue scenario needs a stampede target"),
+        }
+    }
+
+    /// The protocol's and the network's floor: one round trip, no work.
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        match self {
+            Target::Stampede(t) => t.ping().await,
+            Target::Redis(t) => t.ping().await,
+            Target::Postgres(t) => t.ping().await,
+        }
+    }
+
+    pub async fn audit(&self, plan: &Plan) -> anyhow::Result<Vec<SkuState>> {
+        match self {
+            Target::Stampede(t) => t.audit(plan).await,
+            Target::Redis(t) => t.audit(plan).await,
+            Target::Postgres(t) => t.audit(plan).await,
+        }
+    }
+}
