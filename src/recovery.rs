@@ -397,6 +397,17 @@ pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, Recover
             sync_dir(dir)?;
         }
     }
+    // What was replayed is now treated as durable (served, streamed to the
+    // reconciler, built on by new records), but a process killed between
+    // write(2) and fdatasync left the tail of the last segment in the page
+    // cache only. Sync it now, before anything depends on it: otherwise a
+    // later power loss could take those records back, after the reconciler
+    // settled them and after newer segments were synced behind them.
+    // (Closed segments were synced when the writer rotated past them.)
+    if let Some((_, last)) = list_segments(dir)?.last() {
+        std::fs::File::open(last)?.sync_all()?;
+        sync_dir(dir)?;
+    }
     Ok(Recovered { engines: loader.engines, next_lsn, report })
 }
 

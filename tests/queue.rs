@@ -416,3 +416,48 @@ fn a_restart_mid_queue_keeps_the_order() {
         }
     });
 }
+
+/// A used admission ends at its deadline (POLL says so, JOIN is a new
+/// place), a pause stops the admission clock, and a retried SALE_CREATE
+/// completes a queue whose record a crash tore off.
+#[test]
+fn admissions_end_pause_and_torn_creation_are_handled() {
+    let mut engine = engine();
+    let mut events = Vec::new();
+    let queue = QueueConfig { admit_rate_per_s: 1_000, admit_cap: 0, admission_ms: 500, start_at_ms: 0 };
+    queued_sale(&mut engine, 100, queue, &mut events);
+    for user in 0..3 {
+        engine.join(SKU, user, 1_000, &mut events);
+    }
+    assert_eq!(run_ticks(&mut engine, 1_000, 1_010, 1, &mut events), vec![0, 1, 2]);
+    // User 0 buys, and after the window is over is done with this admission.
+    assert_eq!(reserve(&mut engine, 0, 1_100, &mut events), Status::Reserved);
+    assert_eq!(engine.poll(SKU, 0, 1_200).status, Status::Admitted);
+    assert_eq!(engine.poll(SKU, 0, 1_600).status, Status::Expired);
+    assert_eq!(engine.join(SKU, 0, 1_600, &mut events).status, Status::Waiting, "a new place in line");
+
+    // A pause from 1_100 to 2_100 stops users 1 and 2's clocks (deadline
+    // 1_500 moves to 2_500): nobody lapses, and they can buy after it.
+    assert_eq!(engine.set_paused(SKU, true, 1_100, &mut events).status, Status::Ok);
+    run_ticks(&mut engine, 1_110, 2_090, 1, &mut events);
+    assert!(!events.iter().any(|e| matches!(e, Event::AdmissionLapsed { .. })), "no lapse during a pause");
+    assert_eq!(engine.set_paused(SKU, false, 2_100, &mut events).status, Status::Ok);
+    run_ticks(&mut engine, 2_100, 2_200, 1, &mut events);
+    assert_eq!(reserve(&mut engine, 1, 2_400, &mut events), Status::Reserved, "the window moved out by the pause");
+    let mut replayed = self::engine();
+    for e in &events {
+        replayed.apply(e);
+    }
+    assert_eq!(replayed.digest(), engine.digest());
+
+    // Torn creation: SALE_CREATED survived a crash, QUEUE_CONFIGURED did not.
+    let mut torn = self::engine();
+    let created = Event::SaleCreated { sku: 7, stock: 10, limit_per_user: 1, ttl_ms: 600_000, hot: false, at_ms: 1 };
+    torn.apply(&created);
+    let retry = SaleCreate { sku: 7, stock: 10, limit_per_user: 1, ttl_ms: 600_000, hot: false, queue: Some(queue) };
+    let mut retry_events = Vec::new();
+    assert_eq!(torn.create_sale(&retry, 2, &mut retry_events).status, Status::Ok, "the retry completes it");
+    assert!(matches!(retry_events.as_slice(), [Event::QueueConfigured { sku: 7, .. }]));
+    assert!(torn.status(7, 3).sale.queue.is_some());
+    assert_eq!(torn.create_sale(&retry, 3, &mut Vec::new()).status, Status::SaleExists, "once complete: exists");
+}

@@ -19,7 +19,8 @@ pub const MIXED_SKUS: u64 = 100;
 pub enum Scenario {
     /// One hot SKU, limited stock, limit 1 per user: a spike of buyers, most lose.
     Flash,
-    /// 100 SKUs with Zipf-skewed demand (s = 1.1), the top two hot.
+    /// 100 SKUs with Zipf-skewed demand (s = 1.1), the top two hot; each
+    /// shopper tries three times with a limit of 2.
     Mixed,
     /// Reserve, then confirm (p = 0.6), release (q = 0.2) or abandon (expires).
     Checkout,
@@ -120,9 +121,13 @@ impl Plan {
 
     pub fn session(&self, index: u64) -> Session {
         let h = splitmix64(index ^ self.seed.rotate_left(17));
+        // In `mixed` each shopper tries three times (limit 2), always for
+        // the same SKU: the third attempt must be refused, which the
+        // drill's tally checks.
+        let user = if self.scenario == Scenario::Mixed { index / 3 } else { index };
         let sku = match self.scenario {
             Scenario::Mixed => {
-                let u = unit(h);
+                let u = unit(splitmix64(user ^ self.seed.rotate_left(29)));
                 self.zipf_cdf.partition_point(|&c| c < u) as u64 + 1
             }
             _ => HOT_SKU,
@@ -139,6 +144,6 @@ impl Plan {
         // Reservation ids: the drill's seed in the high half, the index low:
         // unique per drill, repeatable, never 0.
         let reservation_id = (u128::from(self.seed | 1) << 64) | u128::from(index + 1);
-        Session { sku, user: index, reservation_id, then }
+        Session { sku, user, reservation_id, then }
     }
 }

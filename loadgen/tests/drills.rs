@@ -61,7 +61,10 @@ async fn every_scenario_keeps_the_invariants_on_stampede() {
             Scenario::Checkout => {
                 assert!(reserved > 0 && summary.outcomes["released"] > 0, "{}", summary.table());
             }
-            Scenario::Mixed => assert!(summary.audit.len() == 100),
+            Scenario::Mixed => {
+                assert_eq!(summary.audit.len(), 100);
+                assert!(summary.outcomes["limit_exceeded"] > 0, "third attempts are refused: {}", summary.table());
+            }
         }
         server.stop().await.unwrap();
     }

@@ -51,3 +51,8 @@ pub const QUEUE_ADMISSION_MS_MAX: u64 = 3600 * 1000;
 
 /// Most users admitted per second by one queue.
 pub const QUEUE_ADMIT_RATE_PER_S_MAX: u32 = 1_000_000;
+
+/// Latest queue start time (unix ms): the year 2286. Anything later is a
+/// unit mistake (nanoseconds or microseconds), refused with
+/// `invalid_argument` rather than a sale that never opens.
+pub const QUEUE_START_AT_MS_MAX: u64 = 9_999_999_999_999;

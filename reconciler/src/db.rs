@@ -132,7 +132,7 @@ fn reservation_row(row: &sqlx::postgres::PgRow) -> Result<ReservationRow, sqlx::
         id: row.get::<Uuid, _>(0).as_u128(),
         sku: row.get::<i64, _>(1) as u64,
         user: row.get::<i64, _>(2) as u64,
-        qty: row.get::<i32, _>(3) as u32,
+        qty: row.get::<i64, _>(3) as u32,
         state: state_from(row.get::<&str, _>(4))?,
         reserved_at_ms: row.get::<i64, _>(5) as u64,
         expires_at_ms: row.get::<i64, _>(6) as u64,
@@ -275,7 +275,7 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
             copy.uuid(r.id);
             copy.i64(r.sku as i64);
             copy.i64(r.user as i64);
-            copy.i32(r.qty as i32);
+            copy.i64(i64::from(r.qty));
             copy.text(r.state.name());
             copy.timestamp(Some(r.reserved_at_ms));
             copy.timestamp(Some(r.expires_at_ms));
@@ -420,10 +420,6 @@ impl CopyBinary {
         self.field(&v.to_be_bytes());
     }
 
-    fn i32(&mut self, v: i32) {
-        self.field(&v.to_be_bytes());
-    }
-
     fn text(&mut self, v: &str) {
         self.field(v.as_bytes());
     }
@@ -436,7 +432,11 @@ impl CopyBinary {
     /// timestamptz from unix ms: microseconds since 2000-01-01 UTC.
     fn timestamp(&mut self, unix_ms: Option<u64>) {
         match unix_ms {
-            Some(ms) => self.i64((ms as i64 - POSTGRES_EPOCH_UNIX_MS) * 1000),
+            // Saturating: the engine bounds its times, but a far-future
+            // value must never panic the reconciler.
+            Some(ms) => {
+                self.i64((ms.min(i64::MAX as u64) as i64).saturating_sub(POSTGRES_EPOCH_UNIX_MS).saturating_mul(1000))
+            }
             None => self.null(),
         }
     }

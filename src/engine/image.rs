@@ -70,7 +70,7 @@ impl SaleImage {
     ///   line_count u64, per user in line: user u64, joined_offset_ms u32,
     ///   next u64, admitted_count u64, per admission: user u64, until_ms u64,
     ///   used_count u64, per used admission: user u64, until_ms u64,
-    ///   admitted_total u64, lapsed_total u64
+    ///   admitted_total u64, lapsed_total u64, paused_at_ms u64
     /// ```
     pub fn encode(&self, dst: &mut BytesMut) {
         dst.put_u64_le(self.sku);
@@ -114,6 +114,7 @@ impl SaleImage {
             }
             dst.put_u64_le(q.admitted_total);
             dst.put_u64_le(q.lapsed_total);
+            dst.put_u64_le(q.paused_at_ms);
         }
     }
 
@@ -202,6 +203,7 @@ fn read_queue(r: &mut Reader<'_>) -> Result<QueueImage, Malformed> {
         used,
         admitted_total: r.u64()?,
         lapsed_total: r.u64()?,
+        paused_at_ms: r.u64()?,
     })
 }
 

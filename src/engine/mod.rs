@@ -37,8 +37,8 @@ pub use image::{ReservationImage, SaleImage};
 pub use queue::{QueueImage, TicketState, WaitingRoom};
 
 use crate::limits::{
-    EXPIRY_TICK_MS, QUEUE_ADMISSION_MS_MAX, QUEUE_ADMIT_RATE_PER_S_MAX, QUEUE_WAITING_MAX, RESERVATION_TTL_MS_MAX,
-    STOCK_UNITS_MAX,
+    EXPIRY_TICK_MS, QUEUE_ADMISSION_MS_MAX, QUEUE_ADMIT_RATE_PER_S_MAX, QUEUE_START_AT_MS_MAX, QUEUE_WAITING_MAX,
+    RESERVATION_TTL_MS_MAX, STOCK_UNITS_MAX,
 };
 
 type FastMap<K, V> = std::collections::HashMap<K, V, RandomState>;
@@ -50,6 +50,7 @@ pub fn validate_sale(cmd: &SaleCreate) -> Result<(), Status> {
     let queue_valid = cmd.queue.is_none_or(|q| {
         (1..=QUEUE_ADMIT_RATE_PER_S_MAX).contains(&q.admit_rate_per_s)
             && (1..=QUEUE_ADMISSION_MS_MAX).contains(&q.admission_ms)
+            && q.start_at_ms <= QUEUE_START_AT_MS_MAX
     });
     if valid && queue_valid {
         Ok(())
@@ -251,8 +252,34 @@ impl Engine {
     // ----------------------------------------------------------------- decide
 
     pub fn create_sale(&mut self, cmd: &SaleCreate, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
-        if self.sales.contains_key(&cmd.sku) {
-            return Outcome::of(Status::SaleExists);
+        if let Some(sale) = self.sales.get(&cmd.sku) {
+            // SALE_CREATED and QUEUE_CONFIGURED are two records: a crash
+            // can keep the first and tear off the second (never
+            // acknowledged). The admin's retry completes the creation, as
+            // long as nothing has happened to the sale since.
+            let untouched = sale.queue.is_none()
+                && sale.total == cmd.stock
+                && sale.available == cmd.stock
+                && sale.limit_per_user == cmd.limit_per_user
+                && sale.ttl_ms == cmd.ttl_ms
+                && sale.hot == cmd.hot
+                && !sale.paused
+                && sale.holds == 0
+                && sale.sold == 0;
+            let Some(q) = cmd.queue.filter(|_| untouched && validate_sale(cmd).is_ok()) else {
+                return Outcome::of(Status::SaleExists);
+            };
+            let event = Event::QueueConfigured {
+                sku: cmd.sku,
+                admit_rate_per_s: q.admit_rate_per_s,
+                admit_cap: q.admit_cap,
+                admission_ms: q.admission_ms,
+                start_at_ms: q.start_at_ms,
+                at_ms: now_ms,
+            };
+            self.apply(&event);
+            events.push(event);
+            return Outcome::of(Status::Ok);
         }
         if let Err(status) = validate_sale(cmd) {
             return Outcome::of(status);
@@ -477,7 +504,7 @@ impl Engine {
             // No queue: everyone is admitted, with no deadline.
             return QueueTicket::of(Status::Admitted);
         };
-        if matches!(room.ticket(user), TicketState::None | TicketState::Lapsed) {
+        if matches!(room.ticket(user, now_ms), TicketState::None | TicketState::Lapsed) {
             if sale.sold_out_for_good() {
                 return QueueTicket::of(Status::SoldOut);
             }
@@ -499,7 +526,7 @@ impl Engine {
         let Some(room) = &sale.queue else {
             return QueueTicket::of(Status::Admitted);
         };
-        let ticket = room.ticket(user);
+        let ticket = room.ticket(user, now_ms);
         if sale.sold_out_for_good() && ticket != TicketState::None {
             return QueueTicket::of(Status::SoldOut);
         }
@@ -539,15 +566,17 @@ impl Engine {
             if !self.room_mut(sku).started() {
                 continue;
             }
+            if self.sales[&sku].paused {
+                // Windows stand still while no one can reserve (RESUMED
+                // moves them out by the pause).
+                continue;
+            }
             while let Some(user) = self.room_mut(sku).due_lapse(now_ms) {
                 let event = Event::AdmissionLapsed { sku, user, at_ms: now_ms };
                 self.apply(&event);
                 events.push(event);
             }
             let sale = &self.sales[&sku];
-            if sale.paused {
-                continue;
-            }
             let cap = match sale.queue.as_ref().expect("queued").config.admit_cap {
                 0 => sale.available,
                 cap => u64::from(cap).min(sale.available),
@@ -620,10 +649,17 @@ impl Engine {
                 sale.assert_invariant(sku);
                 sale.publish();
             }
-            Event::Paused { sku, .. } | Event::Resumed { sku, .. } => {
+            Event::Paused { sku, at_ms } | Event::Resumed { sku, at_ms } => {
                 let sale = self.sale_mut(sku);
                 sale.paused = matches!(event, Event::Paused { .. });
                 sale.publish();
+                if let Some(room) = sale.queue.as_deref_mut() {
+                    if sale.paused {
+                        room.apply_paused(at_ms);
+                    } else {
+                        room.apply_resumed(at_ms);
+                    }
+                }
             }
             Event::Reserved { sku, reservation_id, .. } => {
                 // Replay path: the live path claimed the id while deciding.

@@ -82,6 +82,8 @@ pub struct WaitingRoom {
     used: FastMap<u64, u64>,
     pub admitted_total: u64,
     pub lapsed_total: u64,
+    /// When the sale was last paused (admission windows stop meanwhile).
+    paused_at_ms: u64,
     /// Token bucket for live admission decisions. Not part of the state
     /// the log rebuilds: after a restart it starts empty.
     tokens: f64,
@@ -127,6 +129,7 @@ impl WaitingRoom {
             used: FastMap::default(),
             admitted_total: 0,
             lapsed_total: 0,
+            paused_at_ms: 0,
             tokens: 0.0,
             refilled_at_ms: 0,
         }
@@ -146,7 +149,9 @@ impl WaitingRoom {
         (self.pre.len() + self.line.len() - self.next) as u64
     }
 
-    pub fn ticket(&self, user: u64) -> TicketState {
+    /// Where `user` stands at `now_ms`. A used admission ends at its
+    /// deadline like an unused one (the user may JOIN again).
+    pub fn ticket(&self, user: u64, now_ms: u64) -> TicketState {
         let Some(&seq) = self.tickets.get(&user) else {
             return TicketState::None;
         };
@@ -159,15 +164,15 @@ impl WaitingRoom {
         if let Some(&until_ms) = self.admitted.get(&user) {
             return TicketState::Admitted { until_ms, used: false };
         }
-        if let Some(&until_ms) = self.used.get(&user) {
-            return TicketState::Admitted { until_ms, used: true };
+        match self.used.get(&user) {
+            Some(&until_ms) if now_ms < until_ms => TicketState::Admitted { until_ms, used: true },
+            _ => TicketState::Lapsed,
         }
-        TicketState::Lapsed
     }
 
     /// May `user` reserve at `now_ms`?
     pub fn may_reserve(&self, user: u64, now_ms: u64) -> bool {
-        match self.ticket(user) {
+        match self.ticket(user, now_ms) {
             TicketState::Admitted { until_ms, .. } => now_ms < until_ms,
             _ => false,
         }
@@ -253,7 +258,7 @@ impl WaitingRoom {
 
     /// QUEUE_JOINED: a new ticket (a lapsed user goes to the back).
     pub fn apply_joined(&mut self, user: u64, at_ms: u64) {
-        debug_assert!(matches!(self.ticket(user), TicketState::None | TicketState::Lapsed));
+        debug_assert!(matches!(self.ticket(user, at_ms), TicketState::None | TicketState::Lapsed));
         let offset = self.offset(at_ms);
         if self.started {
             self.tickets.insert(user, self.line.len() as u64);
@@ -303,6 +308,24 @@ impl WaitingRoom {
         self.lapsed_total += 1;
     }
 
+    /// PAUSED: remember when, to stop the admission clock.
+    pub fn apply_paused(&mut self, at_ms: u64) {
+        self.paused_at_ms = at_ms;
+    }
+
+    /// RESUMED: admission windows do not run while no one can reserve, so
+    /// every outstanding one moves out by the pause (a uniform shift keeps
+    /// the deadline FIFO sorted).
+    pub fn apply_resumed(&mut self, at_ms: u64) {
+        let paused_ms = at_ms.saturating_sub(self.paused_at_ms);
+        for (deadline, _) in self.deadlines.iter_mut() {
+            *deadline += paused_ms;
+        }
+        for deadline in self.admitted.values_mut() {
+            *deadline += paused_ms;
+        }
+    }
+
     /// A RESERVED by an admitted user uses the admission.
     pub fn apply_reserved(&mut self, user: u64) {
         if let Some(until_ms) = self.admitted.remove(&user) {
@@ -332,6 +355,7 @@ impl WaitingRoom {
             used,
             admitted_total: self.admitted_total,
             lapsed_total: self.lapsed_total,
+            paused_at_ms: self.paused_at_ms,
         }
     }
 
@@ -359,6 +383,7 @@ impl WaitingRoom {
         room.used = image.used.into_iter().collect();
         room.admitted_total = image.admitted_total;
         room.lapsed_total = image.lapsed_total;
+        room.paused_at_ms = image.paused_at_ms;
         room
     }
 }
@@ -380,4 +405,5 @@ pub struct QueueImage {
     pub used: Vec<(u64, u64)>,
     pub admitted_total: u64,
     pub lapsed_total: u64,
+    pub paused_at_ms: u64,
 }
