@@ -37,6 +37,8 @@ pub struct NodeConfig {
     /// Called from the log writer when the log cannot continue.
     pub fatal: FatalHandler,
     pub clock: Arc<dyn Clock>,
+    /// Serve /metrics, /healthz and /readyz here (`None`: off).
+    pub metrics_listen: Option<String>,
 }
 
 impl NodeConfig {
@@ -56,6 +58,7 @@ impl NodeConfig {
             syncer: Box::new(DataSync),
             fatal: Arc::new(|message: &str| panic!("fatal: {message}")),
             clock: Arc::new(SystemClock),
+            metrics_listen: None,
         }
     }
 }
@@ -63,6 +66,10 @@ impl NodeConfig {
 /// A running durable server.
 pub struct Node {
     pub server: ServerHandle,
+    /// Where /metrics is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
+    /// /readyz answers 200 while this is set.
+    ready: Arc<AtomicBool>,
     pub recovery: RecoveryReport,
     pub wal_stats: Arc<WalStats>,
     wal: WalHandle,
@@ -118,6 +125,19 @@ impl Node {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let server = server::start(listener, server_config)?;
+        let ready = Arc::new(AtomicBool::new(false));
+        let metrics_addr = match &config.metrics_listen {
+            Some(addr) => {
+                let exporter =
+                    crate::server::metrics::Exporter { shared: server.shared.clone(), wal: Some(wal.stats.clone()) };
+                let bound = crate::server::metrics::start(addr, exporter, ready.clone())
+                    .await
+                    .with_context(|| format!("binding the metrics listener {addr}"))?;
+                tracing::info!(addr = %bound, "metrics on /metrics, health on /healthz and /readyz");
+                Some(bound)
+            }
+            None => None,
+        };
 
         // Periodic checkpoints in the background (closed segments only).
         let stopping = Arc::new(AtomicBool::new(false));
@@ -143,8 +163,12 @@ impl Node {
                 }
             })?
         };
+        // Recovered, logging, listening: ready.
+        ready.store(true, Ordering::Release);
         Ok(Node {
             server,
+            metrics_addr,
+            ready,
             recovery: report,
             wal_stats: wal.stats.clone(),
             wal,
@@ -165,6 +189,7 @@ impl Node {
     /// call it off the runtime's worker threads.
     pub fn shutdown(self) -> anyhow::Result<()> {
         tracing::info!("shutting down: no new connections, draining shards");
+        self.ready.store(false, Ordering::Release);
         self.server.stop_accepting();
         self.server.shared.router.shutdown();
         self.wal.close().context("closing the write-ahead log")?;

@@ -243,6 +243,11 @@ impl Router {
         f(routes.get(&sku).map(|r| &**r))
     }
 
+    /// Every routed SKU with its route (metrics).
+    pub fn routes(&self) -> Vec<(u64, Arc<Route>)> {
+        self.routes.pin().iter().map(|(sku, route)| (*sku, route.clone())).collect()
+    }
+
     pub fn shards(&self) -> Vec<Arc<ShardHandle>> {
         let mut all = self.pool.clone();
         all.extend(self.hot.lock().iter().cloned());

@@ -66,6 +66,10 @@ struct Args {
     /// On mid-log corruption, cut the log there instead of refusing to start (records after it are lost).
     #[arg(long)]
     wal_truncate_corrupt: bool,
+    /// Serve Prometheus metrics (/metrics) and health (/healthz, /readyz) on this address
+    /// (e.g. 127.0.0.1:9090). Off by default.
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Test seam: the log's fsync fails after this many successful calls.
     #[arg(long, hide = true)]
     fail_fsync_after: Option<u64>,
@@ -130,6 +134,7 @@ fn main() -> anyhow::Result<()> {
     config.snapshot_interval = Duration::from_secs(args.snapshot_interval_secs.max(1));
     config.retention = args.wal_retention;
     config.truncate_corrupt = args.wal_truncate_corrupt;
+    config.metrics_listen = args.metrics_listen.clone();
     if let Some(ok_syncs) = args.fail_fsync_after {
         config.syncer = Box::new(FailingSync { ok_syncs });
     }

@@ -67,12 +67,21 @@ pub fn validate_sale(cmd: &SaleCreate) -> Result<(), Status> {
 #[derive(Debug, Default)]
 pub struct SkuGauge {
     available: AtomicU64,
+    /// Reserved and sold units, for metrics only (read with `Relaxed`).
+    reserved: AtomicU64,
+    sold: AtomicU64,
     paused: AtomicBool,
 }
 
 impl SkuGauge {
     pub fn available(&self) -> u64 {
         self.available.load(Ordering::Acquire)
+    }
+    pub fn reserved(&self) -> u64 {
+        self.reserved.load(Ordering::Relaxed)
+    }
+    pub fn sold(&self) -> u64 {
+        self.sold.load(Ordering::Relaxed)
     }
     pub fn paused(&self) -> bool {
         self.paused.load(Ordering::Acquire)
@@ -124,6 +133,8 @@ struct Sale {
 
 impl Sale {
     fn publish(&self) {
+        self.gauge.reserved.store(self.reserved, Ordering::Relaxed);
+        self.gauge.sold.store(self.sold, Ordering::Relaxed);
         self.gauge.available.store(self.available, Ordering::Release);
         self.gauge.paused.store(self.paused, Ordering::Release);
     }
@@ -674,6 +685,7 @@ impl Engine {
                 sale.reserved -= u64::from(qty);
                 sale.sold += u64::from(qty);
                 sale.assert_invariant(sku);
+                sale.publish();
             }
             Event::Released { reservation_id, at_ms, .. } | Event::Expired { reservation_id, at_ms, .. } => {
                 let state =

@@ -67,7 +67,7 @@ where
     let (read_half, write_half) = tokio::io::split(stream);
     let (tx, rx) = mpsc::unbounded_channel();
     let permits = Arc::new(Semaphore::new(CONNECTION_REQUESTS_INFLIGHT_MAX));
-    let writer = tokio::spawn(write_loop(write_half, rx, permits.clone()));
+    let writer = tokio::spawn(write_loop(write_half, rx, permits.clone(), shared.clone()));
     let mut conn = Conn { shared, tx, role: Role::None, next_batch: 0 };
     conn.read_loop(read_half, &permits).await;
     // Dropping our sender lets the writer finish once every in-flight reply
@@ -373,16 +373,22 @@ struct PendingBatch {
     missing: usize,
 }
 
-async fn write_loop<W: AsyncWrite>(write_half: W, mut rx: mpsc::UnboundedReceiver<Outbound>, permits: Arc<Semaphore>) {
+async fn write_loop<W: AsyncWrite>(
+    write_half: W,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    permits: Arc<Semaphore>,
+    shared: Arc<Shared>,
+) {
+    let counters = &shared.requests;
     let mut write_half = std::pin::pin!(write_half);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut batches: HashMap<u64, PendingBatch> = HashMap::new();
     while let Some(first) = rx.recv().await {
-        let mut completed = encode(first, &mut buf, &mut batches);
+        let mut completed = encode(first, &mut buf, &mut batches, counters);
         // Coalesce everything already queued into one write.
         while buf.len() < 256 * 1024 {
             match rx.try_recv() {
-                Ok(msg) => completed += encode(msg, &mut buf, &mut batches),
+                Ok(msg) => completed += encode(msg, &mut buf, &mut batches, counters),
                 Err(_) => break,
             }
         }
@@ -403,9 +409,16 @@ async fn write_loop<W: AsyncWrite>(write_half: W, mut rx: mpsc::UnboundedReceive
 }
 
 /// Encode one message; returns the number of requests it completed.
-fn encode(msg: Outbound, buf: &mut BytesMut, batches: &mut HashMap<u64, PendingBatch>) -> usize {
+fn encode(
+    msg: Outbound,
+    buf: &mut BytesMut,
+    batches: &mut HashMap<u64, PendingBatch>,
+    counters: &super::metrics::RequestCounters,
+) -> usize {
     let (batch_key, parts) = match msg {
         Outbound::Reply { request_id, opcode, reply } => {
+            let counted = if matches!(reply, Reply::Error(_)) { None } else { Some(opcode) };
+            counters.count(counted, reply.status().unwrap_or(Status::Ok));
             reply.encode_frame(opcode, request_id, buf);
             return 1;
         }
@@ -435,6 +448,9 @@ fn encode(msg: Outbound, buf: &mut BytesMut, batches: &mut HashMap<u64, PendingB
     }
     let batch = batches.remove(&batch_key).expect("present");
     let results: Vec<Outcome> = batch.results.into_iter().map(|r| r.expect("all answered")).collect();
+    for outcome in &results {
+        counters.count(Some(Opcode::ReserveBatch), outcome.status);
+    }
     Reply::Batch(results).encode_frame(Opcode::ReserveBatch, batch.request_id, buf);
     1
 }

@@ -60,6 +60,11 @@ impl LogService {
         }
     }
 
+    /// The consumer's last settled LSN (0 if none).
+    pub fn consumer_lsn(&self) -> u64 {
+        *self.consumer_file.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn synced_lsn(&self) -> u64 {
         *self.synced.borrow()
     }

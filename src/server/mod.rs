@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod conn;
 pub mod log;
+pub mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +26,8 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     /// The log operations; `None` on a server without a write-ahead log.
     pub log: Option<Arc<log::LogService>>,
+    /// Replies sent, by opcode and status (for /metrics).
+    pub requests: metrics::RequestCounters,
     /// One permit per open connection, `CONNECTIONS_MAX` in all.
     connection_slots: Arc<Semaphore>,
 }
@@ -92,8 +95,14 @@ pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<Ser
     let engines = config.engines.unwrap_or_else(|| Engines::empty(config.pool_shards));
     let router = Router::new(engines, config.clock.clone(), config.sinks, config.pin_hot_shards);
     let connection_slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    let shared =
-        Arc::new(Shared { router, tokens: config.tokens, clock: config.clock, log: config.log, connection_slots });
+    let shared = Arc::new(Shared {
+        router,
+        tokens: config.tokens,
+        clock: config.clock,
+        log: config.log,
+        requests: metrics::RequestCounters::default(),
+        connection_slots,
+    });
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));
     Ok(ServerHandle { addr, shared, accept })
 }

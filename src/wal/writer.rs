@@ -78,8 +78,13 @@ impl Syncer for FailingSync {
 pub type FatalHandler = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Counters readable from other threads (metrics, tests, replication).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WalStats {
+    /// fdatasync latency, seconds (recorded by the writer, read by /metrics;
+    /// prometheus-client's histogram: one short lock per fsync).
+    pub fsync_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Records per group commit.
+    pub group_records: prometheus_client::metrics::histogram::Histogram,
     /// Highest LSN whose record is durable (per the durability mode).
     pub durable_lsn: AtomicU64,
     /// Highest LSN whose record has been fdatasync'ed (in `fsync` mode the
@@ -91,6 +96,24 @@ pub struct WalStats {
     pub groups_total: AtomicU64,
     /// First LSN of the segment being written (older ones are closed).
     pub active_segment_first_lsn: AtomicU64,
+}
+
+impl Default for WalStats {
+    fn default() -> Self {
+        use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+        WalStats {
+            // 50 us .. ~0.8 s: a healthy fdatasync is 0.1-1 ms; seconds mean trouble.
+            fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 15)),
+            group_records: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            durable_lsn: AtomicU64::new(0),
+            synced_lsn: AtomicU64::new(0),
+            records_total: AtomicU64::new(0),
+            bytes_total: AtomicU64::new(0),
+            syncs_total: AtomicU64::new(0),
+            groups_total: AtomicU64::new(0),
+            active_segment_first_lsn: AtomicU64::new(0),
+        }
+    }
 }
 
 /// A running log writer.
@@ -170,6 +193,7 @@ pub fn start(
         buf: BytesMut::with_capacity(1 << 20),
         group: Vec::new(),
         dirty: false,
+        group_records: 0,
         last_sync: Instant::now(),
         syncer,
         stats: stats.clone(),
@@ -195,6 +219,8 @@ struct Writer {
     group: Vec<Delivery>,
     /// Written but not yet synced (async mode).
     dirty: bool,
+    /// Records in the group being collected.
+    group_records: u64,
     last_sync: Instant,
     syncer: Box<dyn Syncer>,
     stats: Arc<WalStats>,
@@ -249,6 +275,7 @@ impl Writer {
                     self.next_lsn += 1;
                 }
                 self.stats.records_total.fetch_add(submission.events.len() as u64, Ordering::Relaxed);
+                self.group_records += submission.events.len() as u64;
                 self.group.extend(submission.replies);
                 false
             }
@@ -274,6 +301,10 @@ impl Writer {
             self.stats.durable_lsn.store(self.next_lsn - 1, Ordering::Release);
         }
         self.stats.groups_total.fetch_add(1, Ordering::Relaxed);
+        if self.group_records > 0 {
+            self.stats.group_records.observe(self.group_records as f64);
+            self.group_records = 0;
+        }
         for reply in self.group.drain(..) {
             reply.deliver();
         }
@@ -285,7 +316,9 @@ impl Writer {
 
     fn sync(&mut self) -> std::io::Result<()> {
         if self.dirty {
+            let started = Instant::now();
             self.syncer.sync(&self.file)?;
+            self.stats.fsync_seconds.observe(started.elapsed().as_secs_f64());
             self.dirty = false;
             self.last_sync = Instant::now();
             self.stats.syncs_total.fetch_add(1, Ordering::Relaxed);

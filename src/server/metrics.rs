@@ -1,0 +1,251 @@
+//! Metrics in the Prometheus text format, and the health endpoints, on
+//! their own HTTP listener (`--metrics-listen`; off by default):
+//!
+//! - `GET /metrics`: every figure below, encoded by prometheus-client.
+//! - `GET /healthz`: 200 while the process serves (liveness).
+//! - `GET /readyz`: 200 once recovery is done and the listener accepts;
+//!   503 while shutting down (readiness).
+//!
+//! The request path never takes a lock for metrics: replies are counted in
+//! a fixed matrix of atomics (opcode x status) by the connection writers,
+//! gauges are read from the atomics the server keeps anyway (SKU gauges,
+//! shard queues, log writer stats), and a [`Collector`] turns them into
+//! metric families at scrape time.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use stampede_protocol::message::Opcode;
+use stampede_protocol::Status;
+
+use super::Shared;
+use crate::wal::writer::WalStats;
+
+/// Replies sent, by opcode and status. Index: opcode slot x status slot;
+/// the last opcode slot counts ERROR frames.
+#[derive(Debug)]
+pub struct RequestCounters {
+    counts: Vec<AtomicU64>,
+}
+
+const ERROR_SLOT: usize = Opcode::ALL.len();
+
+impl Default for RequestCounters {
+    fn default() -> Self {
+        RequestCounters { counts: (0..(ERROR_SLOT + 1) * Status::ALL.len()).map(|_| AtomicU64::new(0)).collect() }
+    }
+}
+
+impl RequestCounters {
+    fn slot(opcode: Option<Opcode>, status: Status) -> usize {
+        let op = opcode.and_then(|op| Opcode::ALL.iter().position(|o| *o == op)).unwrap_or(ERROR_SLOT);
+        let st = Status::ALL.iter().position(|s| *s == status).unwrap_or(0);
+        op * Status::ALL.len() + st
+    }
+
+    /// Count one reply (`opcode` `None`: an ERROR frame).
+    pub fn count(&self, opcode: Option<Opcode>, status: Status) {
+        self.counts[Self::slot(opcode, status)].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn opcode_name(slot: usize) -> String {
+    match Opcode::ALL.get(slot) {
+        Some(op) => format!("{op:?}").to_lowercase(),
+        None => "error".to_string(),
+    }
+}
+
+/// Everything /metrics reports, read at scrape time.
+pub struct Exporter {
+    pub shared: Arc<Shared>,
+    pub wal: Option<Arc<WalStats>>,
+}
+
+impl std::fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exporter").finish_non_exhaustive()
+    }
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(value);
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(value);
+    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+impl Collector for Exporter {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        // Replies by opcode and status.
+        {
+            let mut family = encoder.encode_descriptor(
+                "stampede_replies",
+                "Replies sent, by request opcode and status",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            let counters = &self.shared.requests;
+            for (i, count) in counters.counts.iter().enumerate() {
+                let n = count.load(Ordering::Relaxed);
+                if n == 0 {
+                    continue;
+                }
+                let (op, st) = (i / Status::ALL.len(), i % Status::ALL.len());
+                let labels = [("opcode", opcode_name(op)), ("status", Status::ALL[st].name().to_string())];
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        gauge(
+            &mut encoder,
+            "stampede_connections",
+            "Client connections being served",
+            self.shared.connections_active() as i64,
+        )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "stampede_shard_queue_depth",
+                "Messages waiting in each shard's queue (busy is answered at 65536)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for shard in self.shared.router.shards() {
+                let labels = [("shard", shard.id.to_string()), ("hot", shard.hot.to_string())];
+                ConstGauge::new(shard.queue_len() as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        // Hot SKUs: their stock, live.
+        for (name, help, pick) in [
+            ("stampede_sku_available", "Units available, per hot SKU", 0),
+            ("stampede_sku_reserved", "Units reserved, per hot SKU", 1),
+            ("stampede_sku_sold", "Units sold, per hot SKU", 2),
+        ] {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            for (sku, route) in self.shared.router.routes() {
+                if !route.shard.hot {
+                    continue;
+                }
+                let g = &route.gauge;
+                let value = [g.available(), g.reserved(), g.sold()][pick];
+                ConstGauge::new(value as i64).encode(family.encode_family(&[("sku", sku.to_string())])?)?;
+            }
+        }
+        if let Some(wal) = &self.wal {
+            counter(
+                &mut encoder,
+                "stampede_wal_records",
+                "Records appended to the write-ahead log",
+                wal.records_total.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut encoder,
+                "stampede_wal_bytes",
+                "Bytes appended to the write-ahead log",
+                wal.bytes_total.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut encoder,
+                "stampede_wal_syncs",
+                "fdatasync calls of the log writer",
+                wal.syncs_total.load(Ordering::Relaxed),
+            )?;
+            counter(&mut encoder, "stampede_wal_groups", "Group commits", wal.groups_total.load(Ordering::Relaxed))?;
+            let synced = wal.synced_lsn.load(Ordering::Acquire);
+            gauge(&mut encoder, "stampede_wal_synced_lsn", "Highest LSN on disk", synced as i64)?;
+            wal.fsync_seconds.encode(encoder.encode_descriptor(
+                "stampede_wal_fsync_seconds",
+                "fdatasync latency of the log writer",
+                None,
+                wal.fsync_seconds.metric_type(),
+            )?)?;
+            wal.group_records.encode(encoder.encode_descriptor(
+                "stampede_wal_group_records",
+                "Records per group commit",
+                None,
+                wal.group_records.metric_type(),
+            )?)?;
+            if let Some(log) = &self.shared.log {
+                let consumer = log.consumer_lsn();
+                gauge(
+                    &mut encoder,
+                    "stampede_replication_settled_lsn",
+                    "LSN the reconciler has settled (SETTLED)",
+                    consumer as i64,
+                )?;
+                gauge(
+                    &mut encoder,
+                    "stampede_replication_lag_records",
+                    "Records durable on the server but not yet settled by the reconciler",
+                    synced.saturating_sub(consumer) as i64,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serve /metrics, /healthz and /readyz on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, ready: Arc<AtomicBool>) {
+    loop {
+        let Ok((stream, _peer)) = listener.accept().await else { continue };
+        let (registry, ready) = (registry.clone(), ready.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                let (registry, ready) = (registry.clone(), ready.clone());
+                async move { Ok::<_, Infallible>(respond(&request, &registry, &ready)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+        });
+    }
+}
+
+fn respond(request: &Request<hyper::body::Incoming>, registry: &Registry, ready: &AtomicBool) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
+    };
+    match (request.method(), request.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, registry) {
+                Ok(()) => Response::builder()
+                    .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("valid response"),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")),
+            }
+        }
+        (&hyper::Method::GET, "/healthz") => text(StatusCode::OK, "alive\n".into()),
+        (&hyper::Method::GET, "/readyz") if ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
+        (&hyper::Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n".into()),
+    }
+}
+
+/// Start the endpoint on `addr`; returns the bound address.
+pub async fn start(addr: &str, exporter: Exporter, ready: Arc<AtomicBool>) -> std::io::Result<SocketAddr> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(exporter));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(serve(listener, Arc::new(registry), ready));
+    Ok(bound)
+}

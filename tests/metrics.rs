@@ -1,0 +1,96 @@
+//! The metrics endpoint of a real durable server on 127.0.0.1: valid
+//! Prometheus text (parsed by a parser crate), counters that move under
+//! load, and the health endpoints.
+
+mod common;
+
+use std::sync::Arc;
+
+use stampede::node::{Node, NodeConfig};
+use stampede::server::Tokens;
+use stampede_protocol::client::{Client, ClientConfig};
+use stampede_protocol::message::SaleCreate;
+use stampede_protocol::Status;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GET `path` over a fresh HTTP/1.1 connection: (status code, body).
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn parse(body: &str) -> prometheus_parse::Scrape {
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).unwrap_or_else(|e| panic!("not Prometheus text ({e}):\n{body}"))
+}
+
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_move_under_load() {
+    let dir = common::process::TempDir::new("metrics");
+    let tokens = Tokens { admin: Some(b"adm".to_vec()), checkout: None, replication: None, insecure: false };
+    let mut config = NodeConfig::new(&dir.0, "127.0.0.1:0", tokens);
+    config.pin_hot_shards = false;
+    config.metrics_listen = Some("127.0.0.1:0".into());
+    let node = Node::start(config).await.unwrap();
+    let metrics = node.metrics_addr.expect("metrics listener");
+    assert_eq!(get(metrics, "/healthz").await.0, 200);
+    assert_eq!(get(metrics, "/readyz").await.0, 200);
+    assert_eq!(get(metrics, "/nope").await.0, 404);
+
+    let (status, body) = get(metrics, "/metrics").await;
+    assert_eq!(status, 200);
+    let before = parse(&body);
+    assert_eq!(value(&before, "stampede_replies_total", &[("opcode", "reserve"), ("status", "reserved")]), 0.0);
+
+    let mut client_config = ClientConfig::new(node.addr().to_string(), "adm");
+    client_config.connections = 2;
+    let client = Arc::new(Client::connect(client_config).await.unwrap());
+    let sale = SaleCreate { sku: 42, stock: 100, limit_per_user: 1, ttl_ms: 600_000, hot: true, queue: None };
+    assert_eq!(client.create_sale(sale).await.unwrap().status, Status::Ok);
+    for user in 0..150u64 {
+        client.reserve(42, user, 1, u128::from(user) + 1).await.unwrap();
+    }
+    client.confirm(1, b"pi").await.unwrap();
+
+    let after = parse(&get(metrics, "/metrics").await.1);
+    assert_eq!(value(&after, "stampede_replies_total", &[("opcode", "reserve"), ("status", "reserved")]), 100.0);
+    assert_eq!(value(&after, "stampede_replies_total", &[("opcode", "reserve"), ("status", "sold_out")]), 50.0);
+    assert_eq!(value(&after, "stampede_sku_available", &[("sku", "42")]), 0.0);
+    assert_eq!(value(&after, "stampede_sku_reserved", &[("sku", "42")]), 99.0);
+    assert_eq!(value(&after, "stampede_sku_sold", &[("sku", "42")]), 1.0);
+    assert!(value(&after, "stampede_wal_records_total", &[]) >= 102.0, "sale + 100 reserves + 1 confirm");
+    assert!(value(&after, "stampede_wal_syncs_total", &[]) >= 1.0);
+    assert!(value(&after, "stampede_connections", &[]) >= 2.0);
+    let fsyncs = after.samples.iter().find(|s| s.metric == "stampede_wal_fsync_seconds").expect("fsync histogram");
+    match &fsyncs.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            assert!(buckets.iter().any(|b| b.count > 0.0), "fsync latencies recorded: {buckets:?}")
+        }
+        other => panic!("fsync latency is a histogram with real buckets, got {other:?}"),
+    }
+    assert_eq!(value(&after, "stampede_replication_lag_records", &[]), value(&after, "stampede_wal_synced_lsn", &[]));
+
+    drop(client);
+    tokio::task::spawn_blocking(move || node.shutdown()).await.unwrap().unwrap();
+    assert_eq!(get(metrics, "/readyz").await.0, 503, "not ready once shutting down");
+}
