@@ -433,7 +433,8 @@ pub fn state_at(dir: &Path, lsn: u64) -> Result<Vec<SaleImage>, RecoveryError> {
 
 /// Which segments may be deleted once a snapshot covers them.
 /// (`clap::ValueEnum`: parsed from `consumer` / `snapshot`.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Retention {
     /// Keep segments until the downstream consumer (the reconciler) has
     /// settled past them, as recorded in `consumer.lsn`.

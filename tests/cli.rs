@@ -171,3 +171,50 @@ fn ctl_drives_a_queued_sale() {
         ctl(addr, ADMIN, &["sale", "create", "--sku", "10", "--stock", "1", "--limit", "1", "--queue"]);
     assert_eq!(code, 2, "{stderr}");
 }
+
+#[test]
+fn config_file_settings_flags_override_it_and_unknown_keys_are_refused() {
+    use std::io::{BufRead, BufReader};
+    let dir = TempDir::new("config");
+    let (from_file, from_flag) = (dir.0.join("from-file"), dir.0.join("from-flag"));
+
+    // An unknown key is refused, naming it.
+    let bad = dir.0.join("bad.toml");
+    std::fs::write(&bad, "listn = \"127.0.0.1:0\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_stampede-server")).arg("--config").arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listn") && stderr.contains("unknown field"), "{stderr}");
+
+    // Settings and tokens from the file; --data-dir on the command line wins.
+    let good = dir.0.join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nno_pin = true\nwal_retention = \"snapshot\"\n\n[tokens]\nadmin = \"file-admin\"\n",
+            from_file.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stampede-server"))
+        .arg("--config")
+        .arg(&good)
+        .arg("--data-dir")
+        .arg(&from_flag)
+        .env_remove("STAMPEDE_ADMIN_TOKEN")
+        .env_remove("STAMPEDE_CHECKOUT_TOKEN")
+        .env_remove("STAMPEDE_REPLICATION_TOKEN")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("stampede-server listening on ").unwrap_or_else(|| panic!("{line:?}")).to_string();
+    let (code, v) = ctl_json(&addr, "file-admin", &["ping"]);
+    assert_eq!((code, v["status"].as_str()), (0, Some("ok")), "the file's admin token works");
+    assert!(from_flag.join("LOCK").exists(), "the flag's data dir is used");
+    assert!(!from_file.exists(), "the file's data dir is overridden");
+    let _ = child.kill();
+    let _ = child.wait();
+}

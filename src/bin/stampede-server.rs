@@ -15,22 +15,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
 use stampede::node::{Node, NodeConfig};
 use stampede::recovery::Retention;
 use stampede::server::Tokens;
 use stampede::wal::writer::FailingSync;
 use stampede::wal::{Durability, WalConfig};
 
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(name = "stampede-server", version, about = "Flash-sale inventory server")]
 struct Args {
+    /// A TOML file with any of the settings below (same names, snake_case) and a
+    /// [tokens] table (admin, checkout, replication). Command-line flags override it;
+    /// token environment variables override its tokens. Unknown keys are refused.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Log format: `text` for people, `json` (one object per line) for log pipelines.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: String,
     /// Directory for the write-ahead log and snapshots (created if missing; one server per dir).
+    /// Required, here or in the config file.
     #[arg(long)]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
     /// Shards for ordinary SKUs; each hot SKU gets a pinned shard of its own.
     #[arg(long, default_value_t = 1)]
     shards: usize,
@@ -75,25 +83,120 @@ struct Args {
     fail_fsync_after: Option<u64>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The `--config` file: every setting optional, unknown keys refused.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    shards: Option<usize>,
+    io_threads: Option<usize>,
+    no_pin: Option<bool>,
+    insecure: Option<bool>,
+    durability: Option<Durability>,
+    wal_flush_bytes: Option<usize>,
+    wal_flush_interval_us: Option<u64>,
+    wal_async_sync_ms: Option<u64>,
+    snapshot_interval_secs: Option<u64>,
+    wal_retention: Option<Retention>,
+    wal_truncate_corrupt: Option<bool>,
+    metrics_listen: Option<String>,
+    log_format: Option<LogFormat>,
+    tokens: Option<FileTokens>,
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTokens {
+    admin: Option<String>,
+    checkout: Option<String>,
+    replication: Option<String>,
+}
+
+impl std::fmt::Debug for FileTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FileTokens(<redacted>)")
+    }
+}
+
+/// Read `--config` (if any) and fill every setting not given on the command
+/// line from it. Returns the file's tokens.
+fn apply_config_file(args: &mut Args, matches: &clap::ArgMatches) -> anyhow::Result<FileTokens> {
+    let Some(path) = args.config.clone() else {
+        return Ok(FileTokens::default());
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading config file {}", path.display()))?;
+    let file: FileConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+    let from_cli = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    macro_rules! take {
+        ($field:ident) => {
+            if !from_cli(stringify!($field)) {
+                if let Some(v) = file.$field {
+                    args.$field = v;
+                }
+            }
+        };
+        ($field:ident, optional) => {
+            if !from_cli(stringify!($field)) && file.$field.is_some() {
+                args.$field = file.$field;
+            }
+        };
+    }
+    take!(listen);
+    take!(data_dir, optional);
+    take!(shards);
+    take!(io_threads, optional);
+    take!(no_pin);
+    take!(insecure);
+    take!(durability);
+    take!(wal_flush_bytes);
+    take!(wal_flush_interval_us);
+    take!(wal_async_sync_ms);
+    take!(snapshot_interval_secs);
+    take!(wal_retention);
+    take!(wal_truncate_corrupt);
+    take!(metrics_listen, optional);
+    take!(log_format);
+    Ok(file.tokens.unwrap_or_default())
+}
+
 /// mimalloc: the engine allocates and frees many small records; glibc's
 /// allocator spent a quarter of replay time consolidating free lists.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn token_from_env(name: &str) -> anyhow::Result<Option<Vec<u8>>> {
+/// A token from the environment, else from the config file.
+fn token(name: &str, from_file: Option<String>) -> anyhow::Result<Option<Vec<u8>>> {
     match std::env::var(name) {
         Ok(v) if v.is_empty() => bail!("{name} is set but empty"),
         Ok(v) => Ok(Some(v.into_bytes())),
-        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotPresent) => match from_file {
+            Some(v) if v.is_empty() => bail!("the config file's token for {name} is empty"),
+            other => Ok(other.map(String::into_bytes)),
+        },
         Err(e) => bail!("{name}: {e}"),
     }
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let matches = <Args as clap::CommandFactory>::command().get_matches();
+    let mut args = <Args as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Config errors are reported before logging is set up: straight to stderr.
+    let file_tokens = apply_config_file(&mut args, &matches)?;
+    let filter = || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init(),
+        LogFormat::Json => {
+            tracing_subscriber::fmt().json().with_env_filter(filter()).with_writer(std::io::stderr).init()
+        }
+    }
     // A panic anywhere (an engine invariant assertion, a bug in the log
     // writer) means this process can no longer be trusted to acknowledge
     // anything: stop at once and let a restart recover from disk.
@@ -103,10 +206,13 @@ fn main() -> anyhow::Result<()> {
         eprintln!("stampede-server: fatal: a thread panicked; exiting (restart to recover from the data dir)");
         std::process::exit(70);
     }));
-    let args = Args::parse();
-    let admin = token_from_env("STAMPEDE_ADMIN_TOKEN")?;
-    let checkout = token_from_env("STAMPEDE_CHECKOUT_TOKEN")?;
-    let replication = token_from_env("STAMPEDE_REPLICATION_TOKEN")?;
+    let Some(data_dir) = args.data_dir.clone() else {
+        bail!("no data dir: pass --data-dir DIR or set data_dir in the --config file");
+    };
+    tracing::info!(config = ?args, "effective configuration (tokens not shown)");
+    let admin = token("STAMPEDE_ADMIN_TOKEN", file_tokens.admin)?;
+    let checkout = token("STAMPEDE_CHECKOUT_TOKEN", file_tokens.checkout)?;
+    let replication = token("STAMPEDE_REPLICATION_TOKEN", file_tokens.replication)?;
     let configured = admin.is_some() || checkout.is_some() || replication.is_some();
     if !configured && !args.insecure {
         bail!(
@@ -121,13 +227,13 @@ fn main() -> anyhow::Result<()> {
         tracing::warn!("running with --insecure: every connection has the admin role");
     }
 
-    let mut wal = WalConfig::new(&args.data_dir);
+    let mut wal = WalConfig::new(&data_dir);
     wal.durability = args.durability;
     wal.flush_bytes = args.wal_flush_bytes.max(1);
     wal.flush_interval = Duration::from_micros(args.wal_flush_interval_us);
     wal.async_sync_interval = Duration::from_millis(args.wal_async_sync_ms.max(1));
     let tokens = Tokens { admin, checkout, replication, insecure: args.insecure };
-    let mut config = NodeConfig::new(&args.data_dir, &args.listen, tokens);
+    let mut config = NodeConfig::new(&data_dir, &args.listen, tokens);
     config.pool_shards = args.shards.max(1);
     config.pin_hot_shards = !args.no_pin;
     config.wal = wal;
@@ -155,7 +261,7 @@ fn main() -> anyhow::Result<()> {
     let node = runtime.block_on(Node::start(config))?;
     // Scripts and tests read this line to learn the port.
     println!("stampede-server listening on {}", node.addr());
-    tracing::info!(addr = %node.addr(), durability = ?args.durability, data_dir = %args.data_dir.display(), "serving");
+    tracing::info!(addr = %node.addr(), durability = ?args.durability, data_dir = %data_dir.display(), "serving");
     runtime.block_on(shutdown_signal());
     node.shutdown()
 }

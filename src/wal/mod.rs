@@ -26,7 +26,8 @@ use crate::limits::{
 
 /// When a reply may leave relative to its record reaching the disk.
 /// (`clap::ValueEnum`: parsed from `fsync` / `async` on command lines.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// Reply after `fdatasync` of the group. Loss window: none.
     Fsync,
