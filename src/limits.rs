@@ -34,6 +34,13 @@ pub const CONNECTION_REQUESTS_INFLIGHT_MAX: usize = 4096;
 /// and immediately closed so the listener backlog does not fill up.
 pub const CONNECTIONS_MAX: usize = 10_000;
 
+/// An authenticated connection that sends nothing for this long, with no
+/// request in flight, is closed: it holds a connection slot (of
+/// CONNECTIONS_MAX) and buffers for nobody. Pooled clients ping more often
+/// than this; the reconciler's stream is exempt (its server sends
+/// heartbeats).
+pub const CONNECTION_IDLE_TIMEOUT_MS: u64 = 5 * 60 * 1000;
+
 /// A connection must complete HELLO within this time (slowloris guard).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 

@@ -210,7 +210,8 @@ fn config_file_settings_flags_override_it_and_unknown_keys_are_refused() {
         .unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("stampede-server listening on ").unwrap_or_else(|| panic!("{line:?}")).to_string();
+    let addr =
+        line.trim().strip_prefix("stampede-server listening on ").unwrap_or_else(|| panic!("{line:?}")).to_string();
     let (code, v) = ctl_json(&addr, "file-admin", &["ping"]);
     assert_eq!((code, v["status"].as_str()), (0, Some("ok")), "the file's admin token works");
     assert!(from_flag.join("LOCK").exists(), "the flag's data dir is used");

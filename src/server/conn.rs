@@ -106,8 +106,21 @@ impl Conn {
                         return;
                     }
                 }
-            } else {
+            } else if self.role == Role::Replication {
+                // A log consumer may send nothing for as long as the log is
+                // quiet; its stream's heartbeats keep the connection alive.
                 frames.next().await
+            } else {
+                match tokio::time::timeout(self.shared.idle_timeout, frames.next()).await {
+                    Ok(next) => next,
+                    // Idle with requests still in flight is a client waiting
+                    // for us, not an idle client: keep waiting.
+                    Err(_) if permits.available_permits() < CONNECTION_REQUESTS_INFLIGHT_MAX => continue,
+                    Err(_) => {
+                        tracing::debug!("closing an idle connection");
+                        return;
+                    }
+                }
             };
             let frame = match next {
                 None => return,

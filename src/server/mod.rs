@@ -28,6 +28,8 @@ pub struct Shared {
     pub log: Option<Arc<log::LogService>>,
     /// Replies sent, by opcode and status (for /metrics).
     pub requests: metrics::RequestCounters,
+    /// Close connections idle this long (`CONNECTION_IDLE_TIMEOUT_MS`).
+    pub idle_timeout: std::time::Duration,
     /// One permit per open connection, `CONNECTIONS_MAX` in all.
     connection_slots: Arc<Semaphore>,
 }
@@ -53,6 +55,9 @@ pub struct ServerConfig {
     pub sinks: SinkFactory,
     /// Serve REPLICATE / SETTLED / STATE_DUMP from this log.
     pub log: Option<Arc<log::LogService>>,
+    /// Close authenticated connections idle (nothing sent, nothing in
+    /// flight) this long.
+    pub idle_timeout: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -65,6 +70,7 @@ impl ServerConfig {
             clock: Arc::new(SystemClock),
             sinks: Box::new(|_| Box::new(VolatileSink::default())),
             log: None,
+            idle_timeout: std::time::Duration::from_millis(crate::limits::CONNECTION_IDLE_TIMEOUT_MS),
         }
     }
 }
@@ -101,6 +107,7 @@ pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<Ser
         clock: config.clock,
         log: config.log,
         requests: metrics::RequestCounters::default(),
+        idle_timeout: config.idle_timeout,
         connection_slots,
     });
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));

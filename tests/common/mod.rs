@@ -24,6 +24,11 @@ pub struct TestServer {
 
 /// Start a server with two pool shards (hot SKUs get their own, unpinned).
 pub async fn start_server() -> TestServer {
+    start_server_with(|_| {}).await
+}
+
+/// The same, with the config adjusted by `adjust` first.
+pub async fn start_server_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
     let tokens = Tokens {
         admin: Some(ADMIN_TOKEN.as_bytes().to_vec()),
@@ -35,6 +40,7 @@ pub async fn start_server() -> TestServer {
     config.pool_shards = 2;
     config.pin_hot_shards = false;
     config.clock = Arc::new(SystemClock);
+    adjust(&mut config);
     let handle = server::start(listener, config).expect("start server");
     let addr = handle.addr.to_string();
     TestServer { handle, addr }

@@ -1,0 +1,73 @@
+//! Limits that protect the server, against a real server on 127.0.0.1:
+//! idle connections are closed, and a client that never reads its replies
+//! stalls only itself while everyone else keeps being answered.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use stampede_protocol::message::{Hello, Request};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn raw_connection(addr: &str, token: &str) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = BytesMut::new();
+    Request::Hello(Hello { token: Bytes::copy_from_slice(token.as_bytes()) }).encode_frame(1, &mut buf);
+    stream.write_all(&buf).await.unwrap();
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_but_a_busy_one_is_not() {
+    let server = common::start_server_with(|c| c.idle_timeout = Duration::from_millis(300)).await;
+    let mut idle = raw_connection(&server.addr, common::CHECKOUT_TOKEN).await;
+    let started = Instant::now();
+    let mut sink = Vec::new();
+    // Reads the HELLO reply, then EOF once the server closes the connection.
+    let read = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut sink)).await;
+    assert!(read.is_ok(), "the idle connection was not closed");
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed too early: {:?}", started.elapsed());
+    assert_eq!(server.handle.shared.connections_active(), 0);
+
+    // A client that keeps talking is never cut off.
+    let client = server.checkout(1).await;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.ping().await.expect("an active connection stays open");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_never_reads_stalls_only_itself() {
+    let server = common::start_server().await;
+    let mut slow = raw_connection(&server.addr, common::CHECKOUT_TOKEN).await;
+    // Pipeline far more PINGs than the in-flight cap and never read a reply.
+    let mut frames = BytesMut::new();
+    for id in 2..60_000u64 {
+        Request::Ping.encode_frame(id, &mut frames);
+    }
+    let writer = tokio::spawn(async move {
+        // Blocks once the server stops reading this connection.
+        let _ = tokio::time::timeout(Duration::from_secs(5), slow.write_all(&frames)).await;
+        slow
+    });
+    // Meanwhile everyone else is answered promptly.
+    let others = server.checkout(4).await;
+    for _ in 0..200 {
+        let started = Instant::now();
+        others.ping().await.expect("other clients keep being served");
+        assert!(started.elapsed() < Duration::from_secs(1), "a ping took {:?}", started.elapsed());
+    }
+    // The server stopped reading the slow client: its writes are stuck
+    // behind TCP flow control instead of growing server memory.
+    let slow = writer.await.unwrap();
+    assert_eq!(server.handle.shared.connections_active(), 5, "4 clients' connections and the stuck one");
+    // When the slow client goes away, its connection (and its slot) does too.
+    drop(slow);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.handle.shared.connections_active() > 4 {
+        assert!(Instant::now() < deadline, "the stuck connection was never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
