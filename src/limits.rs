@@ -107,3 +107,10 @@ pub const STATE_DUMPS_CONCURRENT_MAX: usize = 1;
 /// `busy`. Ten million people in line for one drop is already beyond any
 /// real sale; the cap keeps a bot flood from exhausting memory.
 pub const QUEUE_WAITING_MAX: u64 = 10_000_000;
+
+/// Default per-user RESERVE rate (operations per second, per user id,
+/// across all connections) and burst. A person clicking Buy sends a
+/// handful; a checkout service retrying with backoff a few dozen; a bot
+/// thousands. Above it RESERVE answers `rate_limited` with a retry-after.
+pub const USER_RESERVES_PER_S_DEFAULT: u32 = 100;
+pub const USER_RESERVES_BURST_DEFAULT: u32 = 200;

@@ -39,6 +39,8 @@ pub struct NodeConfig {
     pub clock: Arc<dyn Clock>,
     /// Serve /metrics, /healthz and /readyz here (`None`: off).
     pub metrics_listen: Option<String>,
+    /// Per-user RESERVE rate and burst (`None`: off).
+    pub user_rate: Option<(u32, u32)>,
 }
 
 impl NodeConfig {
@@ -59,6 +61,7 @@ impl NodeConfig {
             fatal: Arc::new(|message: &str| panic!("fatal: {message}")),
             clock: Arc::new(SystemClock),
             metrics_listen: None,
+            user_rate: Some((crate::limits::USER_RESERVES_PER_S_DEFAULT, crate::limits::USER_RESERVES_BURST_DEFAULT)),
         }
     }
 }
@@ -121,6 +124,7 @@ impl Node {
         server_config.clock = config.clock;
         server_config.sinks = wal.sink_factory();
         server_config.log = Some(log);
+        server_config.user_rate = config.user_rate;
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;

@@ -71,3 +71,37 @@ async fn a_reader_that_never_reads_stalls_only_itself() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_above_the_reserve_rate_is_told_when_to_retry() {
+    use stampede_protocol::message::Reserve;
+    use stampede_protocol::Status;
+    let server = common::start_server_with(|c| c.user_rate = Some((5, 5))).await;
+    server.create_sale(1, 1_000, 100, 600_000, true).await;
+    // No client-side retries: the library would wait out the hint itself.
+    let connect = || {
+        let mut config = stampede_protocol::client::ClientConfig::new(&server.addr, common::CHECKOUT_TOKEN);
+        config.max_attempts = 1;
+        stampede_protocol::client::Client::connect(config)
+    };
+    let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
+    // One user, two connections, 12 attempts at once: 5 pass (the burst).
+    let mut statuses = Vec::new();
+    for i in 0..6u128 {
+        statuses.push(a.reserve(1, 7, 1, 100 + i).await.unwrap());
+        statuses.push(b.reserve(1, 7, 1, 200 + i).await.unwrap());
+    }
+    let passed = statuses.iter().filter(|o| o.status == Status::Reserved).count();
+    let limited: Vec<_> = statuses.iter().filter(|o| o.status == Status::RateLimited).collect();
+    assert_eq!((passed, limited.len()), (5, 7), "{statuses:?}");
+    assert!(limited.iter().all(|o| (1..=200).contains(&o.detail)), "retry-after hints: {limited:?}");
+    // Others are not affected, in a batch too.
+    let batch: Vec<Reserve> =
+        (0..5u64).map(|u| Reserve { sku: 1, user: 1_000 + u, qty: 1, reservation_id: 500 + u128::from(u) }).collect();
+    assert!(a.reserve_batch(&batch).await.unwrap().iter().all(|o| o.status == Status::Reserved));
+    // After the hint, user 7 may go on (and the default client waits out
+    // the hint by itself).
+    assert_eq!(server.checkout(1).await.reserve(1, 7, 1, 301).await.unwrap().status, Status::Reserved);
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    assert_eq!(a.reserve(1, 7, 1, 300).await.unwrap().status, Status::Reserved);
+}

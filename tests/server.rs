@@ -46,7 +46,10 @@ async fn last_unit_race_sells_exactly_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_limit_holds_across_connections() {
-    let server = start_server().await;
+    // 400 simultaneous attempts by one user: the per-user *rate* limit
+    // (tests/limits.rs) would refuse most of them before the purchase
+    // limit is even asked; this test is about the purchase limit.
+    let server = common::start_server_with(|c| c.user_rate = None).await;
     for (sku, hot) in [(7u64, false), (8, true)] {
         server.create_sale(sku, 1000, 2, 60_000, hot).await;
         let clients: Vec<Client> = futures_util::future::join_all((0..20).map(|_| server.checkout(1))).await;

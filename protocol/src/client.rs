@@ -410,6 +410,7 @@ fn reply_busy_hint(reply: &Reply) -> Option<u64> {
     match reply {
         Reply::Outcome(o) if o.status == Status::Busy => Some(o.detail),
         Reply::Outcome(o) if o.status == Status::ShuttingDown => Some(100),
+        Reply::Outcome(o) if o.status == Status::RateLimited => Some(o.detail),
         Reply::Status(s) if s.status == Status::Busy => Some(crate::limits::BUSY_RETRY_AFTER_MS_DEFAULT),
         Reply::Ticket(t) if t.status == Status::Busy => Some(crate::limits::BUSY_RETRY_AFTER_MS_DEFAULT),
         _ => None,

@@ -70,6 +70,9 @@ pub enum Status {
     Busy = 30,
     /// The server is shutting down; retry against it (or another) later.
     ShuttingDown = 31,
+    /// This user sent RESERVEs faster than the per-user rate allows.
+    /// `detail` = when to retry, in ms. Nothing was done.
+    RateLimited = 32,
 
     // --- auth ---------------------------------------------------------
     /// A request other than HELLO arrived before a successful HELLO.
@@ -127,6 +130,7 @@ impl Status {
         Status::NoTicket,
         Status::Busy,
         Status::ShuttingDown,
+        Status::RateLimited,
         Status::Unauthenticated,
         Status::AuthFailed,
         Status::Forbidden,
@@ -177,6 +181,7 @@ impl Status {
             Status::NoTicket => "no_ticket",
             Status::Busy => "busy",
             Status::ShuttingDown => "shutting_down",
+            Status::RateLimited => "rate_limited",
             Status::Unauthenticated => "unauthenticated",
             Status::AuthFailed => "auth_failed",
             Status::Forbidden => "forbidden",
@@ -199,7 +204,7 @@ impl Status {
 
     /// True when retrying the same request later may succeed.
     pub const fn is_retryable(self) -> bool {
-        matches!(self, Status::Busy | Status::ShuttingDown)
+        matches!(self, Status::Busy | Status::ShuttingDown | Status::RateLimited)
     }
 }
 

@@ -78,6 +78,13 @@ struct Args {
     /// (e.g. 127.0.0.1:9090). Off by default.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// RESERVE operations per second allowed per user id, across all connections
+    /// (above it: `rate_limited` with a retry-after). 0 turns the limit off.
+    #[arg(long, default_value_t = stampede::limits::USER_RESERVES_PER_S_DEFAULT)]
+    user_reserve_rate: u32,
+    /// Burst of the per-user rate.
+    #[arg(long, default_value_t = stampede::limits::USER_RESERVES_BURST_DEFAULT)]
+    user_reserve_burst: u32,
     /// Test seam: the log's fsync fails after this many successful calls.
     #[arg(long, hide = true)]
     fail_fsync_after: Option<u64>,
@@ -109,6 +116,8 @@ struct FileConfig {
     wal_truncate_corrupt: Option<bool>,
     metrics_listen: Option<String>,
     log_format: Option<LogFormat>,
+    user_reserve_rate: Option<u32>,
+    user_reserve_burst: Option<u32>,
     tokens: Option<FileTokens>,
 }
 
@@ -164,6 +173,8 @@ fn apply_config_file(args: &mut Args, matches: &clap::ArgMatches) -> anyhow::Res
     take!(wal_truncate_corrupt);
     take!(metrics_listen, optional);
     take!(log_format);
+    take!(user_reserve_rate);
+    take!(user_reserve_burst);
     Ok(file.tokens.unwrap_or_default())
 }
 
@@ -241,6 +252,7 @@ fn main() -> anyhow::Result<()> {
     config.retention = args.wal_retention;
     config.truncate_corrupt = args.wal_truncate_corrupt;
     config.metrics_listen = args.metrics_listen.clone();
+    config.user_rate = (args.user_reserve_rate > 0).then_some((args.user_reserve_rate, args.user_reserve_burst.max(1)));
     if let Some(ok_syncs) = args.fail_fsync_after {
         config.syncer = Box::new(FailingSync { ok_syncs });
     }

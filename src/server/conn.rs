@@ -197,6 +197,11 @@ impl Conn {
                 self.reply(request_id, opcode, Reply::Outcome(Outcome::new(Status::Ok, now_ms)));
             }
             Request::Reserve(op) => {
+                if let Some(retry_after_ms) = self.rate_limited(op.user) {
+                    let outcome = Outcome::new(Status::RateLimited, retry_after_ms);
+                    self.reply(request_id, opcode, Reply::Outcome(outcome));
+                    return Flow::Continue;
+                }
                 let answered = router.with_route(op.sku, |route| {
                     let Some(route) = route else {
                         return Some(Outcome::of(Status::UnknownSku));
@@ -304,6 +309,11 @@ impl Conn {
         }
     }
 
+    /// `Some(retry_after_ms)` when `user` is over the per-user RESERVE rate.
+    fn rate_limited(&self, user: u64) -> Option<u64> {
+        self.shared.user_rate.as_ref().and_then(|limiter| limiter.check(user).err())
+    }
+
     /// Route CONFIRM/RELEASE by reservation id: directory -> sku -> shard.
     fn to_reservation_shard(&self, request_id: u64, opcode: Opcode, id: u128, msg: ShardMsg) {
         let router = &self.shared.router;
@@ -326,6 +336,10 @@ impl Conn {
         let mut groups: Vec<ShardGroup> = Vec::new();
         for (index, op) in ops.iter().enumerate() {
             let index = index as u16;
+            if let Some(retry_after_ms) = self.rate_limited(op.user) {
+                filled.push((index, Outcome::new(Status::RateLimited, retry_after_ms)));
+                continue;
+            }
             let Some(route) = router.route(op.sku) else {
                 filled.push((index, Outcome::of(Status::UnknownSku)));
                 continue;

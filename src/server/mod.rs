@@ -5,6 +5,7 @@ pub mod auth;
 pub mod conn;
 pub mod log;
 pub mod metrics;
+pub mod ratelimit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ pub struct Shared {
     pub requests: metrics::RequestCounters,
     /// Close connections idle this long (`CONNECTION_IDLE_TIMEOUT_MS`).
     pub idle_timeout: std::time::Duration,
+    /// Per-user RESERVE rate (`None`: off).
+    pub user_rate: Option<ratelimit::UserRateLimiter>,
     /// One permit per open connection, `CONNECTIONS_MAX` in all.
     connection_slots: Arc<Semaphore>,
 }
@@ -58,6 +61,9 @@ pub struct ServerConfig {
     /// Close authenticated connections idle (nothing sent, nothing in
     /// flight) this long.
     pub idle_timeout: std::time::Duration,
+    /// RESERVE operations per second and burst allowed per user id
+    /// (`None`: no per-user rate limit).
+    pub user_rate: Option<(u32, u32)>,
 }
 
 impl ServerConfig {
@@ -71,6 +77,7 @@ impl ServerConfig {
             sinks: Box::new(|_| Box::new(VolatileSink::default())),
             log: None,
             idle_timeout: std::time::Duration::from_millis(crate::limits::CONNECTION_IDLE_TIMEOUT_MS),
+            user_rate: Some((crate::limits::USER_RESERVES_PER_S_DEFAULT, crate::limits::USER_RESERVES_BURST_DEFAULT)),
         }
     }
 }
@@ -108,8 +115,21 @@ pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<Ser
         log: config.log,
         requests: metrics::RequestCounters::default(),
         idle_timeout: config.idle_timeout,
+        user_rate: config.user_rate.map(|(rate, burst)| ratelimit::UserRateLimiter::new(rate, burst)),
         connection_slots,
     });
+    if shared.user_rate.is_some() {
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ratelimit::SWEEP_INTERVAL).await;
+                let Some(shared) = weak.upgrade() else { return };
+                if let Some(limiter) = &shared.user_rate {
+                    limiter.sweep();
+                }
+            }
+        });
+    }
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));
     Ok(ServerHandle { addr, shared, accept })
 }
