@@ -277,19 +277,10 @@ impl Engine {
                 && !sale.paused
                 && sale.holds == 0
                 && sale.sold == 0;
-            let Some(q) = cmd.queue.filter(|_| untouched && validate_sale(cmd).is_ok()) else {
+            if !(untouched && cmd.queue.is_some() && validate_sale(cmd).is_ok()) {
                 return Outcome::of(Status::SaleExists);
-            };
-            let event = Event::QueueConfigured {
-                sku: cmd.sku,
-                admit_rate_per_s: q.admit_rate_per_s,
-                admit_cap: q.admit_cap,
-                admission_ms: q.admission_ms,
-                start_at_ms: q.start_at_ms,
-                at_ms: now_ms,
-            };
-            self.apply(&event);
-            events.push(event);
+            }
+            self.configure_queue(cmd, now_ms, events);
             return Outcome::of(Status::Ok);
         }
         if let Err(status) = validate_sale(cmd) {
@@ -305,19 +296,23 @@ impl Engine {
         };
         self.apply(&event);
         events.push(event);
-        if let Some(q) = cmd.queue {
-            let event = Event::QueueConfigured {
-                sku: cmd.sku,
-                admit_rate_per_s: q.admit_rate_per_s,
-                admit_cap: q.admit_cap,
-                admission_ms: q.admission_ms,
-                start_at_ms: q.start_at_ms,
-                at_ms: now_ms,
-            };
-            self.apply(&event);
-            events.push(event);
-        }
+        self.configure_queue(cmd, now_ms, events);
         Outcome::of(Status::Ok)
+    }
+
+    /// The QUEUE_CONFIGURED half of a queued SALE_CREATE (if it has a queue).
+    fn configure_queue(&mut self, cmd: &SaleCreate, now_ms: u64, events: &mut Vec<Event>) {
+        let Some(q) = cmd.queue else { return };
+        let event = Event::QueueConfigured {
+            sku: cmd.sku,
+            admit_rate_per_s: q.admit_rate_per_s,
+            admit_cap: q.admit_cap,
+            admission_ms: q.admission_ms,
+            start_at_ms: q.start_at_ms,
+            at_ms: now_ms,
+        };
+        self.apply(&event);
+        events.push(event);
     }
 
     pub fn restock(&mut self, sku: u64, qty: u64, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
