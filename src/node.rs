@@ -41,6 +41,8 @@ pub struct NodeConfig {
     pub metrics_listen: Option<String>,
     /// Per-user RESERVE rate and burst (`None`: off).
     pub user_rate: Option<(u32, u32)>,
+    /// TLS on the client port (`None`: plaintext).
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl NodeConfig {
@@ -62,6 +64,7 @@ impl NodeConfig {
             clock: Arc::new(SystemClock),
             metrics_listen: None,
             user_rate: Some((crate::limits::USER_RESERVES_PER_S_DEFAULT, crate::limits::USER_RESERVES_BURST_DEFAULT)),
+            tls: None,
         }
     }
 }
@@ -125,6 +128,7 @@ impl Node {
         server_config.sinks = wal.sink_factory();
         server_config.log = Some(log);
         server_config.user_rate = config.user_rate;
+        server_config.tls = config.tls;
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;

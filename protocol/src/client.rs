@@ -105,6 +105,8 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Attempts per call (first try included) on transient failures and `busy`.
     pub max_attempts: u32,
+    /// Speak TLS, trusting this configuration's roots (see [`crate::tls`]).
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 impl ClientConfig {
@@ -116,6 +118,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
             max_attempts: 5,
+            tls: None,
         }
     }
 }
@@ -219,7 +222,22 @@ impl Client {
             })?
             .map_err(|source| ClientError::Connect { addr: config.addr.clone(), source })?;
         stream.set_nodelay(true).ok();
-        let conn = Arc::new(spawn_conn(stream));
+        let conn = Arc::new(match &config.tls {
+            None => spawn_conn(stream),
+            Some(tls) => {
+                let name = crate::tls::server_name(&config.addr).map_err(|e| ClientError::Connect {
+                    addr: config.addr.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                let handshake = tokio::time::timeout(config.connect_timeout, connector.connect(name, stream));
+                let stream = handshake
+                    .await
+                    .map_err(|_| ClientError::Timeout(config.connect_timeout))?
+                    .map_err(|source| ClientError::Connect { addr: config.addr.clone(), source })?;
+                spawn_conn(stream)
+            }
+        });
         // Authenticate before anyone else may use this connection.
         let hello = Request::Hello(Hello { token: Bytes::copy_from_slice(config.token.as_bytes()) });
         let reply = self.send_once(&conn, hello).await?;

@@ -16,6 +16,7 @@
 //!   log record that carries one (the WAL's format and the replication
 //!   stream's).
 //! - [`client`]: pipelined, reconnecting, retry-safe async client.
+//! - [`tls`]: optional TLS (rustls) for client connections.
 //! - [`replication`]: the log-streaming and state-dump client (reconciler).
 //!
 //! PROTOCOL.md next to this crate is the normative spec; the hex test
@@ -34,6 +35,7 @@ pub mod message;
 pub mod record;
 pub mod replication;
 pub mod status;
+pub mod tls;
 pub mod wire;
 
 pub use frame::{Frame, FrameCodec, FrameError};

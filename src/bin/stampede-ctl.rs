@@ -20,6 +20,9 @@ struct Args {
     /// Print one JSON object per command.
     #[arg(long, global = true)]
     json: bool,
+    /// Connect over TLS, trusting the CA certificate(s) in this PEM file.
+    #[arg(long, global = true)]
+    tls_ca: Option<std::path::PathBuf>,
     /// Token (from the environment only, so it never shows in `ps`).
     #[arg(skip = std::env::var("STAMPEDE_TOKEN").unwrap_or_default())]
     token: String,
@@ -178,7 +181,14 @@ fn ticket_json(t: &QueueTicket) -> Value {
 }
 
 async fn run(args: Args) -> Result<Value, ClientError> {
-    let client = Client::connect(ClientConfig::new(args.server.clone(), args.token.clone())).await?;
+    let mut config = ClientConfig::new(args.server.clone(), args.token.clone());
+    if let Some(ca) = &args.tls_ca {
+        config.tls = Some(
+            stampede_protocol::tls::client_config(ca)
+                .map_err(|e| ClientError::InvalidRequest(format!("TLS CA file: {e}")))?,
+        );
+    }
+    let client = Client::connect(config).await?;
     Ok(match args.command {
         Command::Ping => {
             let o = client.ping().await?;

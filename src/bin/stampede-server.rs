@@ -85,6 +85,12 @@ struct Args {
     /// Burst of the per-user rate.
     #[arg(long, default_value_t = stampede::limits::USER_RESERVES_BURST_DEFAULT)]
     user_reserve_burst: u32,
+    /// Serve clients over TLS with this certificate chain (PEM)...
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// ...and this private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Test seam: the log's fsync fails after this many successful calls.
     #[arg(long, hide = true)]
     fail_fsync_after: Option<u64>,
@@ -118,6 +124,8 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     user_reserve_rate: Option<u32>,
     user_reserve_burst: Option<u32>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     tokens: Option<FileTokens>,
 }
 
@@ -175,6 +183,8 @@ fn apply_config_file(args: &mut Args, matches: &clap::ArgMatches) -> anyhow::Res
     take!(log_format);
     take!(user_reserve_rate);
     take!(user_reserve_burst);
+    take!(tls_cert, optional);
+    take!(tls_key, optional);
     Ok(file.tokens.unwrap_or_default())
 }
 
@@ -253,6 +263,13 @@ fn main() -> anyhow::Result<()> {
     config.truncate_corrupt = args.wal_truncate_corrupt;
     config.metrics_listen = args.metrics_listen.clone();
     config.user_rate = (args.user_reserve_rate > 0).then_some((args.user_reserve_rate, args.user_reserve_burst.max(1)));
+    config.tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(stampede_protocol::tls::server_config(cert, key).context("loading TLS certificate")?)
+        }
+        (None, None) => None,
+        _ => bail!("TLS needs both tls_cert and tls_key"),
+    };
     if let Some(ok_syncs) = args.fail_fsync_after {
         config.syncer = Box::new(FailingSync { ok_syncs });
     }

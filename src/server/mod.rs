@@ -64,6 +64,8 @@ pub struct ServerConfig {
     /// RESERVE operations per second and burst allowed per user id
     /// (`None`: no per-user rate limit).
     pub user_rate: Option<(u32, u32)>,
+    /// Speak TLS on the client port (`None`: plaintext).
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl ServerConfig {
@@ -78,6 +80,7 @@ impl ServerConfig {
             log: None,
             idle_timeout: std::time::Duration::from_millis(crate::limits::CONNECTION_IDLE_TIMEOUT_MS),
             user_rate: Some((crate::limits::USER_RESERVES_PER_S_DEFAULT, crate::limits::USER_RESERVES_BURST_DEFAULT)),
+            tls: None,
         }
     }
 }
@@ -130,11 +133,12 @@ pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<Ser
             }
         });
     }
-    let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+    let tls = config.tls.map(tokio_rustls::TlsAcceptor::from);
+    let accept = tokio::spawn(accept_loop(listener, shared.clone(), tls));
     Ok(ServerHandle { addr, shared, accept })
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<tokio_rustls::TlsAcceptor>) {
     let slots = shared.connection_slots.clone();
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -153,8 +157,23 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         stream.set_nodelay(true).ok();
         let shared = shared.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            conn::serve(stream, shared).await;
+            match tls {
+                None => conn::serve(stream, shared).await,
+                Some(acceptor) => {
+                    // The TLS handshake counts against the HELLO deadline:
+                    // a client that never finishes it is a slowloris too.
+                    let deadline = std::time::Duration::from_millis(crate::limits::HANDSHAKE_TIMEOUT_MS);
+                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => conn::serve(stream, shared).await,
+                        // Plaintext on a TLS port, a bad certificate, a
+                        // timeout: close this connection, nothing else.
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
             drop(slot);
         });
     }
