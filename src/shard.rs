@@ -35,6 +35,8 @@ use crate::sink::{AdminResult, ConnTx, Delivery, LogSink};
 pub struct ReplyTo {
     pub tx: ConnTx,
     pub request_id: u64,
+    /// When the connection read the request (latency histograms).
+    pub received: std::time::Instant,
 }
 
 pub enum AdminCmd {
@@ -443,7 +445,7 @@ impl ShardLoop {
             }
             ShardMsg::Shutdown => return true,
         };
-        let msg = Outbound::Reply { request_id: reply.request_id, opcode, reply: body };
+        let msg = Outbound::Reply { request_id: reply.request_id, opcode, reply: body, received: Some(reply.received) };
         self.replies.push(Delivery::Conn(reply.tx, msg));
         false
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use stampede_protocol::message::{Hello, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::codec::Decoder;
 
 async fn raw_connection(addr: &str, token: &str) -> tokio::net::TcpStream {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -104,4 +105,40 @@ async fn a_user_above_the_reserve_rate_is_told_when_to_retry() {
     assert_eq!(server.checkout(1).await.reserve(1, 7, 1, 301).await.unwrap().status, Status::Reserved);
     tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     assert_eq!(a.reserve(1, 7, 1, 300).await.unwrap().status, Status::Reserved);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_and_the_handshake_deadline_hold() {
+    let server = common::start_server_with(|c| {
+        c.connections_max = 3;
+        c.handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // A connection that never sends HELLO is told why and closed at the deadline.
+    let mut silent = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let started = Instant::now();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut reply)).await.unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed before the deadline");
+    let frame = stampede_protocol::FrameCodec::new().decode(&mut BytesMut::from(&reply[..])).unwrap().unwrap();
+    let error = stampede_protocol::Reply::decode(&frame).unwrap();
+    assert_eq!(error.status(), Some(stampede_protocol::Status::Unauthenticated), "told why: {error:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.handle.shared.connections_active() > 0 {
+        assert!(Instant::now() < deadline, "the closed connection's slot was not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Three clients fill the cap; a fourth is accepted and closed at once.
+    let clients: Vec<_> = futures_util::future::join_all((0..3).map(|_| server.checkout(1))).await;
+    for c in &clients {
+        c.ping().await.unwrap();
+    }
+    let mut extra = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut sink)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "over the cap: closed without a frame ({closed:?})");
+    for c in &clients {
+        c.ping().await.expect("the connections within the cap are unaffected");
+    }
 }

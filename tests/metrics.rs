@@ -89,6 +89,18 @@ async fn metrics_parse_and_move_under_load() {
         other => panic!("fsync latency is a histogram with real buckets, got {other:?}"),
     }
     assert_eq!(value(&after, "stampede_replication_lag_records", &[]), value(&after, "stampede_wal_synced_lsn", &[]));
+    let reserve_latency = after
+        .samples
+        .iter()
+        .find(|s| s.metric == "stampede_request_duration_seconds" && s.labels.get("opcode") == Some("reserve"))
+        .expect("a reserve latency histogram");
+    match &reserve_latency.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            let total = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
+            assert_eq!(total, 150.0, "every reserve timed: {buckets:?}");
+        }
+        other => panic!("request latency is a histogram with real buckets, got {other:?}"),
+    }
 
     drop(client);
     tokio::task::spawn_blocking(move || node.shutdown()).await.unwrap().unwrap();

@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
@@ -30,20 +29,21 @@ use tokio_util::codec::FramedRead;
 
 use super::Shared;
 use crate::engine::{ReservationDirectory, SkuGauge};
-use crate::limits::{BATCH_OPS_MAX, CONNECTION_REQUESTS_INFLIGHT_MAX, FRAME_BODY_BYTES_MAX, HANDSHAKE_TIMEOUT_MS};
+use crate::limits::{BATCH_OPS_MAX, CONNECTION_REQUESTS_INFLIGHT_MAX, FRAME_BODY_BYTES_MAX};
 use crate::shard::{busy_outcome, AdminCmd, ReplyTo, ShardHandle, ShardMsg};
 use crate::sink::ConnTx;
 
 /// What the writer task is asked to send.
 pub enum Outbound {
-    /// A complete reply to the request `request_id` (which had `opcode`).
-    Reply { request_id: u64, opcode: Opcode, reply: Reply },
+    /// A complete reply to the request `request_id` (which had `opcode`),
+    /// read at `received` (for the latency histogram; `None`: not timed).
+    Reply { request_id: u64, opcode: Opcode, reply: Reply, received: Option<std::time::Instant> },
     /// A batch was dispatched: `total` results are coming, `filled` of them
     /// already known (answered on the fast path). Always sent before any
     /// shard can answer its part, through this same channel. `batch` is a
     /// per-connection sequence number, not the client's request id, so a
     /// client that reuses a request id cannot mix two batches up.
-    BatchStart { batch: u64, request_id: u64, total: u16, filled: Vec<(u16, Outcome)> },
+    BatchStart { batch: u64, request_id: u64, total: u16, filled: Vec<(u16, Outcome)>, received: std::time::Instant },
     /// Results of one shard's part of batch `batch`.
     BatchPart { batch: u64, results: Vec<(u16, Outcome)> },
     /// A ready-made frame of a stream (REPLICATE, STATE_DUMP). It completes
@@ -55,7 +55,7 @@ impl Outbound {
     fn error(request_id: u64, status: Status, message: impl Into<String>) -> Outbound {
         // The opcode is not used for ERROR frames (they carry 0xff).
         let reply = Reply::Error(ErrorReply { status, message: message.into() });
-        Outbound::Reply { request_id, opcode: Opcode::Ping, reply }
+        Outbound::Reply { request_id, opcode: Opcode::Ping, reply, received: None }
     }
 }
 
@@ -68,7 +68,7 @@ where
     let (tx, rx) = mpsc::unbounded_channel();
     let permits = Arc::new(Semaphore::new(CONNECTION_REQUESTS_INFLIGHT_MAX));
     let writer = tokio::spawn(write_loop(write_half, rx, permits.clone(), shared.clone()));
-    let mut conn = Conn { shared, tx, role: Role::None, next_batch: 0 };
+    let mut conn = Conn { shared, tx, role: Role::None, next_batch: 0, received: std::time::Instant::now() };
     conn.read_loop(read_half, &permits).await;
     // Dropping our sender lets the writer finish once every in-flight reply
     // (whose senders the shards hold) is written.
@@ -82,6 +82,8 @@ struct Conn {
     role: Role,
     /// Sequence number of the next RESERVE_BATCH on this connection.
     next_batch: u64,
+    /// When the request being dispatched was read (latency histograms).
+    received: std::time::Instant,
 }
 
 enum Flow {
@@ -92,7 +94,7 @@ enum Flow {
 impl Conn {
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, read_half: R, permits: &Semaphore) {
         let mut frames = FramedRead::new(read_half, FrameCodec::new());
-        let handshake_deadline = tokio::time::Instant::now() + Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
+        let handshake_deadline = tokio::time::Instant::now() + self.shared.handshake_timeout;
         loop {
             let next = if self.role == Role::None {
                 match tokio::time::timeout_at(handshake_deadline, frames.next()).await {
@@ -148,6 +150,7 @@ impl Conn {
                     return;
                 }
             };
+            self.received = std::time::Instant::now();
             if let Flow::Close = self.dispatch(frame.request_id, request) {
                 return;
             }
@@ -155,11 +158,11 @@ impl Conn {
     }
 
     fn reply(&self, request_id: u64, opcode: Opcode, reply: Reply) {
-        let _ = self.tx.send(Outbound::Reply { request_id, opcode, reply });
+        let _ = self.tx.send(Outbound::Reply { request_id, opcode, reply, received: Some(self.received) });
     }
 
     fn reply_to(&self, request_id: u64) -> ReplyTo {
-        ReplyTo { tx: self.tx.clone(), request_id }
+        ReplyTo { tx: self.tx.clone(), request_id, received: self.received }
     }
 
     fn dispatch(&mut self, request_id: u64, request: Request) -> Flow {
@@ -269,6 +272,7 @@ impl Conn {
                 // loop so they do not stall this connection's pipeline.
                 let shared = self.shared.clone();
                 let tx = self.tx.clone();
+                let received = self.received;
                 tokio::spawn(async move {
                     let router = &shared.router;
                     let outcome = match request {
@@ -278,7 +282,8 @@ impl Conn {
                         Request::Resume { sku } => router.admin(sku, AdminCmd::SetPaused { sku, paused: false }).await,
                         _ => unreachable!("admin requests only"),
                     };
-                    let _ = tx.send(Outbound::Reply { request_id, opcode, reply: Reply::Outcome(outcome) });
+                    let reply = Reply::Outcome(outcome);
+                    let _ = tx.send(Outbound::Reply { request_id, opcode, reply, received: Some(received) });
                 });
             }
             Request::Replicate(_) | Request::Settled(_) | Request::StateDump => self.log_request(request_id, request),
@@ -354,7 +359,8 @@ impl Conn {
             }
         }
         let total = ops.len() as u16;
-        let _ = self.tx.send(Outbound::BatchStart { batch, request_id, total, filled });
+        let received = self.received;
+        let _ = self.tx.send(Outbound::BatchStart { batch, request_id, total, filled, received });
         for (shard, group) in groups {
             if let Err(ShardMsg::ReserveBatch { ops, .. }) =
                 shard.try_send(ShardMsg::ReserveBatch { ops: group, reply: self.reply_to(batch) })
@@ -396,6 +402,7 @@ type ShardGroup = (Arc<ShardHandle>, Vec<(u16, Reserve)>);
 /// A batch whose parts are still arriving from shards.
 struct PendingBatch {
     request_id: u64,
+    received: std::time::Instant,
     results: Vec<Option<Outcome>>,
     missing: usize,
 }
@@ -443,15 +450,18 @@ fn encode(
     counters: &super::metrics::RequestCounters,
 ) -> usize {
     let (batch_key, parts) = match msg {
-        Outbound::Reply { request_id, opcode, reply } => {
+        Outbound::Reply { request_id, opcode, reply, received } => {
             let counted = if matches!(reply, Reply::Error(_)) { None } else { Some(opcode) };
             counters.count(counted, reply.status().unwrap_or(Status::Ok));
+            if let (Some(op), Some(received)) = (counted, received) {
+                counters.latency(op, received.elapsed());
+            }
             reply.encode_frame(opcode, request_id, buf);
             return 1;
         }
-        Outbound::BatchStart { batch, request_id, total, filled } => {
+        Outbound::BatchStart { batch, request_id, total, filled, received } => {
             let total = usize::from(total);
-            batches.insert(batch, PendingBatch { request_id, results: vec![None; total], missing: total });
+            batches.insert(batch, PendingBatch { request_id, received, results: vec![None; total], missing: total });
             (batch, filled)
         }
         Outbound::BatchPart { batch, results } => (batch, results),
@@ -478,6 +488,7 @@ fn encode(
     for outcome in &results {
         counters.count(Some(Opcode::ReserveBatch), outcome.status);
     }
+    counters.latency(Opcode::ReserveBatch, batch.received.elapsed());
     Reply::Batch(results).encode_frame(Opcode::ReserveBatch, batch.request_id, buf);
     1
 }

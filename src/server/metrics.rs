@@ -36,13 +36,56 @@ use crate::wal::writer::WalStats;
 #[derive(Debug)]
 pub struct RequestCounters {
     counts: Vec<AtomicU64>,
+    /// Per opcode: time from reading the request to writing its reply.
+    latencies: Vec<LatencyHistogram>,
+}
+
+/// Upper bounds of the latency buckets, in microseconds (plus +Inf).
+const LATENCY_BUCKETS_US: [u64; 14] =
+    [50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 250_000, 500_000, 1_000_000];
+
+/// A histogram of atomics: recording is a few relaxed adds, no lock, on
+/// the connection writers' hot path.
+#[derive(Debug)]
+struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    fn new() -> Self {
+        LatencyHistogram { buckets: std::array::from_fn(|_| AtomicU64::new(0)), sum_us: AtomicU64::new(0) }
+    }
+
+    fn record(&self, us: u64) {
+        let i = LATENCY_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(LATENCY_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count, per-bucket (le seconds, count)): the
+    /// encoder makes the counts cumulative, as the exposition format wants.
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut total = 0;
+        let mut buckets = Vec::with_capacity(self.buckets.len());
+        for (i, b) in self.buckets.iter().enumerate() {
+            let n = b.load(Ordering::Relaxed);
+            total += n;
+            let le = LATENCY_BUCKETS_US.get(i).map_or(f64::INFINITY, |&us| us as f64 / 1e6);
+            buckets.push((le, n));
+        }
+        (self.sum_us.load(Ordering::Relaxed) as f64 / 1e6, total, buckets)
+    }
 }
 
 const ERROR_SLOT: usize = Opcode::ALL.len();
 
 impl Default for RequestCounters {
     fn default() -> Self {
-        RequestCounters { counts: (0..(ERROR_SLOT + 1) * Status::ALL.len()).map(|_| AtomicU64::new(0)).collect() }
+        RequestCounters {
+            counts: (0..(ERROR_SLOT + 1) * Status::ALL.len()).map(|_| AtomicU64::new(0)).collect(),
+            latencies: (0..ERROR_SLOT).map(|_| LatencyHistogram::new()).collect(),
+        }
     }
 }
 
@@ -51,6 +94,13 @@ impl RequestCounters {
         let op = opcode.and_then(|op| Opcode::ALL.iter().position(|o| *o == op)).unwrap_or(ERROR_SLOT);
         let st = Status::ALL.iter().position(|s| *s == status).unwrap_or(0);
         op * Status::ALL.len() + st
+    }
+
+    /// Record the latency of one reply to `opcode`.
+    pub fn latency(&self, opcode: Opcode, elapsed: std::time::Duration) {
+        if let Some(slot) = Opcode::ALL.iter().position(|o| *o == opcode) {
+            self.latencies[slot].record(elapsed.as_micros() as u64);
+        }
     }
 
     /// Count one reply (`opcode` `None`: an ERROR frame).
@@ -107,6 +157,24 @@ impl Collector for Exporter {
                 let (op, st) = (i / Status::ALL.len(), i % Status::ALL.len());
                 let labels = [("opcode", opcode_name(op)), ("status", Status::ALL[st].name().to_string())];
                 ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "stampede_request_duration_seconds",
+                "Time from reading a request to writing its reply, by opcode",
+                None,
+                prometheus_client::metrics::MetricType::Histogram,
+            )?;
+            for (slot, histogram) in self.shared.requests.latencies.iter().enumerate() {
+                let (sum, count, buckets) = histogram.snapshot();
+                if count == 0 {
+                    continue;
+                }
+                let labels = [("opcode", opcode_name(slot))];
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
             }
         }
         gauge(

@@ -33,14 +33,18 @@ pub struct Shared {
     pub idle_timeout: std::time::Duration,
     /// Per-user RESERVE rate (`None`: off).
     pub user_rate: Option<ratelimit::UserRateLimiter>,
-    /// One permit per open connection, `CONNECTIONS_MAX` in all.
+    /// At most this many connections (`CONNECTIONS_MAX`).
+    pub connections_max: usize,
+    /// HELLO (and the TLS handshake) must complete within this.
+    pub handshake_timeout: std::time::Duration,
+    /// One permit per open connection, `connections_max` in all.
     connection_slots: Arc<Semaphore>,
 }
 
 impl Shared {
     /// Connections currently being served.
     pub fn connections_active(&self) -> usize {
-        CONNECTIONS_MAX - self.connection_slots.available_permits()
+        self.connections_max - self.connection_slots.available_permits()
     }
 }
 
@@ -66,6 +70,10 @@ pub struct ServerConfig {
     pub user_rate: Option<(u32, u32)>,
     /// Speak TLS on the client port (`None`: plaintext).
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Connection cap (`CONNECTIONS_MAX`; lower only in tests).
+    pub connections_max: usize,
+    /// HELLO deadline (`HANDSHAKE_TIMEOUT_MS`).
+    pub handshake_timeout: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -81,6 +89,8 @@ impl ServerConfig {
             idle_timeout: std::time::Duration::from_millis(crate::limits::CONNECTION_IDLE_TIMEOUT_MS),
             user_rate: Some((crate::limits::USER_RESERVES_PER_S_DEFAULT, crate::limits::USER_RESERVES_BURST_DEFAULT)),
             tls: None,
+            connections_max: CONNECTIONS_MAX,
+            handshake_timeout: std::time::Duration::from_millis(crate::limits::HANDSHAKE_TIMEOUT_MS),
         }
     }
 }
@@ -110,7 +120,7 @@ pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<Ser
     let addr = listener.local_addr()?;
     let engines = config.engines.unwrap_or_else(|| Engines::empty(config.pool_shards));
     let router = Router::new(engines, config.clock.clone(), config.sinks, config.pin_hot_shards);
-    let connection_slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let connection_slots = Arc::new(Semaphore::new(config.connections_max));
     let shared = Arc::new(Shared {
         router,
         tokens: config.tokens,
@@ -118,6 +128,8 @@ pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<Ser
         log: config.log,
         requests: metrics::RequestCounters::default(),
         idle_timeout: config.idle_timeout,
+        connections_max: config.connections_max,
+        handshake_timeout: config.handshake_timeout,
         user_rate: config.user_rate.map(|(rate, burst)| ratelimit::UserRateLimiter::new(rate, burst)),
         connection_slots,
     });
@@ -151,7 +163,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<tok
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = CONNECTIONS_MAX, "connection limit reached; closing new connection");
+            tracing::warn!(%peer, limit = shared.connections_max, "connection limit reached; closing new connection");
             drop(stream);
             continue;
         };
@@ -164,8 +176,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<tok
                 Some(acceptor) => {
                     // The TLS handshake counts against the HELLO deadline:
                     // a client that never finishes it is a slowloris too.
-                    let deadline = std::time::Duration::from_millis(crate::limits::HANDSHAKE_TIMEOUT_MS);
-                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(shared.handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => conn::serve(stream, shared).await,
                         // Plaintext on a TLS port, a bad certificate, a
                         // timeout: close this connection, nothing else.
