@@ -219,3 +219,35 @@ fn config_file_settings_flags_override_it_and_unknown_keys_are_refused() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_and_show_the_effective_config() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = TempDir::new("jsonlog");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stampede-server"))
+        .args(["--listen", "127.0.0.1:0", "--insecure", "--no-pin", "--log-format", "json", "--data-dir"])
+        .arg(&dir.0)
+        .env("RUST_LOG", "info")
+        .env_remove("STAMPEDE_ADMIN_TOKEN")
+        .env_remove("STAMPEDE_CHECKOUT_TOKEN")
+        .env_remove("STAMPEDE_REPLICATION_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("stampede-server listening on"), "{line}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "{stderr}");
+    for l in &lines {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"));
+        assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
+    }
+    assert!(stderr.contains("effective configuration"), "{stderr}");
+    assert!(!stderr.contains("proc-admin"), "no token in the logs");
+}

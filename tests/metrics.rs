@@ -71,6 +71,18 @@ async fn metrics_parse_and_move_under_load() {
         client.reserve(42, user, 1, u128::from(user) + 1).await.unwrap();
     }
     client.confirm(1, b"pi").await.unwrap();
+    // A queued sale that opens in an hour: its line shows in /metrics.
+    let queue = stampede_protocol::message::QueueConfig {
+        admit_rate_per_s: 10,
+        admit_cap: 0,
+        admission_ms: 60_000,
+        start_at_ms: 9_000_000_000_000,
+    };
+    let queued = SaleCreate { sku: 43, stock: 10, limit_per_user: 1, ttl_ms: 600_000, hot: false, queue: Some(queue) };
+    assert_eq!(client.create_sale(queued).await.unwrap().status, Status::Ok);
+    for user in 0..3 {
+        assert_eq!(client.join(43, user).await.unwrap().status, Status::Waiting);
+    }
 
     let after = parse(&get(metrics, "/metrics").await.1);
     assert_eq!(value(&after, "stampede_replies_total", &[("opcode", "reserve"), ("status", "reserved")]), 100.0);
@@ -78,6 +90,7 @@ async fn metrics_parse_and_move_under_load() {
     assert_eq!(value(&after, "stampede_sku_available", &[("sku", "42")]), 0.0);
     assert_eq!(value(&after, "stampede_sku_reserved", &[("sku", "42")]), 99.0);
     assert_eq!(value(&after, "stampede_sku_sold", &[("sku", "42")]), 1.0);
+    assert_eq!(value(&after, "stampede_queue_waiting", &[("sku", "43")]), 3.0);
     assert!(value(&after, "stampede_wal_records_total", &[]) >= 102.0, "sale + 100 reserves + 1 confirm");
     assert!(value(&after, "stampede_wal_syncs_total", &[]) >= 1.0);
     assert!(value(&after, "stampede_connections", &[]) >= 2.0);

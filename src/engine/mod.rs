@@ -70,6 +70,8 @@ pub struct SkuGauge {
     /// Reserved and sold units, for metrics only (read with `Relaxed`).
     reserved: AtomicU64,
     sold: AtomicU64,
+    /// Users in the sale's virtual queue; `u64::MAX`: the sale has none.
+    waiting: AtomicU64,
     paused: AtomicBool,
 }
 
@@ -82,6 +84,10 @@ impl SkuGauge {
     }
     pub fn sold(&self) -> u64 {
         self.sold.load(Ordering::Relaxed)
+    }
+    /// Users waiting in the sale's queue, if it has one (metrics).
+    pub fn waiting(&self) -> Option<u64> {
+        Some(self.waiting.load(Ordering::Relaxed)).filter(|&w| w != u64::MAX)
     }
     pub fn paused(&self) -> bool {
         self.paused.load(Ordering::Acquire)
@@ -133,6 +139,8 @@ struct Sale {
 
 impl Sale {
     fn publish(&self) {
+        let waiting = self.queue.as_ref().map_or(u64::MAX, |q| q.waiting());
+        self.gauge.waiting.store(waiting, Ordering::Relaxed);
         self.gauge.reserved.store(self.reserved, Ordering::Relaxed);
         self.gauge.sold.store(self.sold, Ordering::Relaxed);
         self.gauge.available.store(self.available, Ordering::Release);
@@ -704,11 +712,18 @@ impl Engine {
                 let sale = self.sale_mut(sku);
                 assert!(sale.queue.is_none(), "sku {sku}: queue configured twice");
                 sale.queue = Some(Box::new(WaitingRoom::new(config, at_ms)));
+                sale.publish();
                 self.queued.push(sku);
             }
-            Event::QueueJoined { sku, user, at_ms } => self.room_mut(sku).apply_joined(user, at_ms),
+            Event::QueueJoined { sku, user, at_ms } => {
+                self.room_mut(sku).apply_joined(user, at_ms);
+                self.sale_mut(sku).publish();
+            }
             Event::QueueStarted { sku, seed, .. } => self.room_mut(sku).apply_started(seed),
-            Event::Admitted { sku, user, until_ms, .. } => self.room_mut(sku).apply_admitted(user, until_ms),
+            Event::Admitted { sku, user, until_ms, .. } => {
+                self.room_mut(sku).apply_admitted(user, until_ms);
+                self.sale_mut(sku).publish();
+            }
             Event::AdmissionLapsed { sku, user, .. } => self.room_mut(sku).apply_lapsed(user),
         }
     }

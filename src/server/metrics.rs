@@ -212,6 +212,19 @@ impl Collector for Exporter {
                 ConstGauge::new(value as i64).encode(family.encode_family(&[("sku", sku.to_string())])?)?;
             }
         }
+        {
+            let mut family = encoder.encode_descriptor(
+                "stampede_queue_waiting",
+                "Users waiting in a sale's virtual queue",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (sku, route) in self.shared.router.routes() {
+                if let Some(waiting) = route.gauge.waiting() {
+                    ConstGauge::new(waiting as i64).encode(family.encode_family(&[("sku", sku.to_string())])?)?;
+                }
+            }
+        }
         if let Some(wal) = &self.wal {
             counter(
                 &mut encoder,
