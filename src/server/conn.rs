@@ -200,17 +200,17 @@ impl Conn {
                 self.reply(request_id, opcode, Reply::Outcome(Outcome::new(Status::Ok, now_ms)));
             }
             Request::Reserve(op) => {
-                if let Some(retry_after_ms) = self.rate_limited(op.user) {
-                    let outcome = Outcome::new(Status::RateLimited, retry_after_ms);
-                    self.reply(request_id, opcode, Reply::Outcome(outcome));
-                    return Flow::Continue;
-                }
                 let answered = router.with_route(op.sku, |route| {
                     let Some(route) = route else {
                         return Some(Outcome::of(Status::UnknownSku));
                     };
                     if let Some(refusal) = fast_refusal(&route.gauge, &router.directory, &op) {
                         return Some(refusal);
+                    }
+                    // The per-user rate guards the shard: a sold-out answer
+                    // costs less than the check, so it is never limited.
+                    if let Some(retry_after_ms) = self.rate_limited(op.user) {
+                        return Some(Outcome::new(Status::RateLimited, retry_after_ms));
                     }
                     let msg = ShardMsg::Reserve { op, reply: self.reply_to(request_id) };
                     route.shard.try_send(msg).err().map(|_| busy_outcome())
@@ -341,16 +341,16 @@ impl Conn {
         let mut groups: Vec<ShardGroup> = Vec::new();
         for (index, op) in ops.iter().enumerate() {
             let index = index as u16;
-            if let Some(retry_after_ms) = self.rate_limited(op.user) {
-                filled.push((index, Outcome::new(Status::RateLimited, retry_after_ms)));
-                continue;
-            }
             let Some(route) = router.route(op.sku) else {
                 filled.push((index, Outcome::of(Status::UnknownSku)));
                 continue;
             };
             if let Some(refusal) = fast_refusal(&route.gauge, &router.directory, op) {
                 filled.push((index, refusal));
+                continue;
+            }
+            if let Some(retry_after_ms) = self.rate_limited(op.user) {
+                filled.push((index, Outcome::new(Status::RateLimited, retry_after_ms)));
                 continue;
             }
             match groups.iter_mut().find(|(shard, _)| shard.id == route.shard.id) {
