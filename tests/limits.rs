@@ -141,4 +141,12 @@ async fn the_connection_cap_and_the_handshake_deadline_hold() {
     for c in &clients {
         c.ping().await.expect("the connections within the cap are unaffected");
     }
+    // Dropped clients give their slots back promptly (the client library
+    // half-closes; the server then closes its side).
+    drop(clients);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.handle.shared.connections_active() > 0 {
+        assert!(Instant::now() < deadline, "dropped clients' connections linger");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

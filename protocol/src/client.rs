@@ -462,7 +462,12 @@ where
             }
             buf.clear();
         }
-        // Dropping `rx` marks the connection closed for new calls.
+        // Every sender is gone (the client was dropped) or the socket
+        // failed: say goodbye (FIN), so the server closes its side and the
+        // reader task ends, instead of the connection lingering until the
+        // server's idle timeout. Dropping `rx` marks the connection closed
+        // for new calls.
+        let _ = write_half.shutdown().await;
     });
 
     let reader_pending = pending.clone();
