@@ -89,31 +89,23 @@ pub struct Report {
     pub ok: bool,
 }
 
+impl Counters {
+    /// A sale's counters as either side reports them (the reservation
+    /// count is filled in once the holds are grouped).
+    fn of(total: u64, available: u64, reserved: u64, sold: u64, limit_per_user: u32, paused: bool) -> Counters {
+        Counters { total, available, reserved, sold, limit_per_user, paused, reservations: 0 }
+    }
+}
+
 impl From<&SaleEntry> for Counters {
     fn from(s: &SaleEntry) -> Counters {
-        Counters {
-            total: s.total,
-            available: s.available,
-            reserved: s.reserved,
-            sold: s.sold,
-            limit_per_user: s.limit_per_user,
-            paused: s.paused,
-            reservations: 0,
-        }
+        Counters::of(s.total, s.available, s.reserved, s.sold, s.limit_per_user, s.paused)
     }
 }
 
 impl From<&SaleRow> for Counters {
     fn from(s: &SaleRow) -> Counters {
-        Counters {
-            total: s.total,
-            available: s.available,
-            reserved: s.reserved,
-            sold: s.sold,
-            limit_per_user: s.limit_per_user,
-            paused: s.paused,
-            reservations: 0,
-        }
+        Counters::of(s.total, s.available, s.reserved, s.sold, s.limit_per_user, s.paused)
     }
 }
 

@@ -80,10 +80,37 @@ impl LatencyHistogram {
 
 const ERROR_SLOT: usize = Opcode::ALL.len();
 
+/// Status codes are below this (checked at compile time), so a status's
+/// slot is its code: no search on the reply path.
+const STATUS_SLOTS: usize = 64;
+const _: () = {
+    let mut i = 0;
+    while i < Status::ALL.len() {
+        assert!((Status::ALL[i] as usize) < STATUS_SLOTS);
+        i += 1;
+    }
+};
+
+/// Opcode byte -> its slot (position in `Opcode::ALL`), built at compile
+/// time so the reply path indexes instead of searching.
+const OPCODE_SLOTS: [u8; 256] = {
+    let mut table = [u8::MAX; 256];
+    let mut i = 0;
+    while i < Opcode::ALL.len() {
+        table[Opcode::ALL[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
+fn opcode_slot(opcode: Opcode) -> usize {
+    usize::from(OPCODE_SLOTS[opcode as usize])
+}
+
 impl Default for RequestCounters {
     fn default() -> Self {
         RequestCounters {
-            counts: (0..(ERROR_SLOT + 1) * Status::ALL.len()).map(|_| AtomicU64::new(0)).collect(),
+            counts: (0..(ERROR_SLOT + 1) * STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             latencies: (0..ERROR_SLOT).map(|_| LatencyHistogram::new()).collect(),
         }
     }
@@ -91,16 +118,12 @@ impl Default for RequestCounters {
 
 impl RequestCounters {
     fn slot(opcode: Option<Opcode>, status: Status) -> usize {
-        let op = opcode.and_then(|op| Opcode::ALL.iter().position(|o| *o == op)).unwrap_or(ERROR_SLOT);
-        let st = Status::ALL.iter().position(|s| *s == status).unwrap_or(0);
-        op * Status::ALL.len() + st
+        opcode.map_or(ERROR_SLOT, opcode_slot) * STATUS_SLOTS + status.code() as usize
     }
 
     /// Record the latency of one reply to `opcode`.
     pub fn latency(&self, opcode: Opcode, elapsed: std::time::Duration) {
-        if let Some(slot) = Opcode::ALL.iter().position(|o| *o == opcode) {
-            self.latencies[slot].record(elapsed.as_micros() as u64);
-        }
+        self.latencies[opcode_slot(opcode)].record(elapsed.as_micros() as u64);
     }
 
     /// Count one reply (`opcode` `None`: an ERROR frame).
@@ -154,8 +177,9 @@ impl Collector for Exporter {
                 if n == 0 {
                     continue;
                 }
-                let (op, st) = (i / Status::ALL.len(), i % Status::ALL.len());
-                let labels = [("opcode", opcode_name(op)), ("status", Status::ALL[st].name().to_string())];
+                let (op, code) = (i / STATUS_SLOTS, (i % STATUS_SLOTS) as u16);
+                let status = Status::from_code(code).map_or("unknown", Status::name);
+                let labels = [("opcode", opcode_name(op)), ("status", status.to_string())];
                 ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
             }
         }
