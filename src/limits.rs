@@ -59,10 +59,24 @@ pub const RESERVATION_TTL_MS_DEFAULT: u64 = 10 * 60 * 1000;
 /// and ideally a core; more than this is a configuration mistake.
 pub const HOT_SHARDS_MAX: usize = 64;
 
-/// Reservation ids the id directory has room for before its first resize.
-/// A resize of a concurrent table is the most expensive thing on the
-/// reserve path; 1M entries (~16 MiB) covers a large drop without one.
+/// Reservation ids a server's id directory is sized for in its main table
+/// (at most half full, so probes stay short); more go on in its overflow
+/// map at a slower pace. 1M ids: 2M slots of 32 bytes (64 MiB of address
+/// space, resident only as ids land in it).
 pub const DIRECTORY_IDS_PRESIZED: usize = 1 << 20;
+
+/// A new sale's tables (per-user records, reservations, expiry queue) are
+/// sized for its stock up to this many units, so the drop itself never
+/// waits for a rehash. Past it they grow as needed.
+pub const SALE_PRESIZED_RESERVATIONS_MAX: u64 = 1 << 20;
+
+/// Largest main table of the id directory (128 MiB); recovery of a longer
+/// log puts the ids beyond it in the overflow map.
+pub const DIRECTORY_MAIN_SLOTS_MAX: usize = 1 << 22;
+
+/// Slots a directory probe looks at before the id goes to overflow: 8
+/// cache lines, a window the hardware prefetcher follows.
+pub const DIRECTORY_PROBE_SLOTS: usize = 16;
 
 /// A WAL segment is closed and a new one started past this size. 64 MiB
 /// keeps the number of files small while a segment still replays in well

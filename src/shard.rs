@@ -24,7 +24,7 @@ use stampede_protocol::Status;
 use tokio::sync::oneshot;
 
 use crate::clock::Clock;
-use crate::engine::{Engine, ReservationDirectory, SkuGauge};
+use crate::engine::{Engine, ReservationDirectory, SkuGauge, RESERVE_PREFETCH_AHEAD};
 use crate::limits::{
     BUSY_RETRY_AFTER_MS, EXPIRY_TICK_MS, HOT_SHARDS_MAX, SHARD_CYCLE_OPS_MAX, SHARD_QUEUE_MESSAGES_MAX,
 };
@@ -338,7 +338,16 @@ fn spawn_shard(
                     tracing::warn!(shard = id, core = core.id, "could not pin hot shard to its core");
                 }
             }
-            ShardLoop { engine, clock, sink, events: Vec::new(), replies: Vec::new() }.run(rx)
+            ShardLoop {
+                engine,
+                clock,
+                sink,
+                events: Vec::new(),
+                replies: Vec::new(),
+                inbox: Vec::new(),
+                ahead: Vec::new(),
+            }
+            .run(rx)
         })
         .expect("spawn shard thread");
     Arc::new(ShardHandle { id, hot, tx, thread: Mutex::new(Some(thread)) })
@@ -350,6 +359,10 @@ struct ShardLoop {
     sink: Box<dyn LogSink>,
     events: Vec<crate::engine::Event>,
     replies: Vec<Delivery>,
+    /// This cycle's messages (kept for its allocation).
+    inbox: Vec<ShardMsg>,
+    /// The RESERVEs among them, in order, for prefetching.
+    ahead: Vec<Reserve>,
 }
 
 impl ShardLoop {
@@ -375,15 +388,43 @@ impl ShardLoop {
             );
             // A cycle ends after SHARD_CYCLE_OPS_MAX operations, so the log
             // writer can fsync one cycle while the shard decides the next.
+            // The cycle's messages are taken off the queue first, so that
+            // deciding one RESERVE can prefetch for the ones behind it.
             let mut stop = false;
             if let Some(msg) = first {
                 let mut ops = msg.ops();
-                stop = self.handle(msg, now_ms);
-                while !stop && ops < SHARD_CYCLE_OPS_MAX {
+                self.inbox.push(msg);
+                while ops < SHARD_CYCLE_OPS_MAX && !matches!(self.inbox.last(), Some(ShardMsg::Shutdown)) {
                     let Ok(msg) = rx.try_recv() else { break };
                     ops += msg.ops();
-                    stop = self.handle(msg, now_ms);
+                    self.inbox.push(msg);
                 }
+                let mut inbox = std::mem::take(&mut self.inbox);
+                let mut ahead = std::mem::take(&mut self.ahead);
+                ahead.extend(inbox.iter().filter_map(|msg| match msg {
+                    ShardMsg::Reserve { op, .. } => Some(*op),
+                    _ => None,
+                }));
+                for op in ahead.iter().take(RESERVE_PREFETCH_AHEAD) {
+                    self.engine.prefetch_reserve(op);
+                }
+                let mut reserves = 0;
+                for msg in inbox.drain(..) {
+                    if matches!(msg, ShardMsg::Reserve { .. }) {
+                        if let Some(op) = ahead.get(reserves + RESERVE_PREFETCH_AHEAD) {
+                            self.engine.prefetch_reserve(op);
+                        }
+                        reserves += 1;
+                    }
+                    stop = self.handle(msg, now_ms);
+                    if stop {
+                        break;
+                    }
+                }
+                // Keep the allocations for the next cycle.
+                inbox.clear();
+                ahead.clear();
+                (self.inbox, self.ahead) = (inbox, ahead);
             }
             if !self.events.is_empty() || !self.replies.is_empty() {
                 self.sink.submit(&mut self.events, &mut self.replies);
@@ -404,7 +445,14 @@ impl ShardLoop {
                 (reply, Opcode::Reserve, Reply::Outcome(outcome))
             }
             ShardMsg::ReserveBatch { ops, reply } => {
-                let results = ops.iter().map(|(index, op)| (*index, engine.reserve(op, now_ms, events))).collect();
+                let mut results = Vec::with_capacity(ops.len());
+                engine.reserve_run(
+                    &ops,
+                    |(_, op)| op,
+                    now_ms,
+                    events,
+                    |(index, _), outcome| results.push((*index, outcome)),
+                );
                 // For batches `request_id` carries the connection's batch key.
                 let msg = Outbound::BatchPart { batch: reply.request_id, results };
                 self.replies.push(Delivery::Conn(reply.tx, msg));

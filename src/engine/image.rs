@@ -14,7 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use stampede_protocol::wire::{Malformed, Reader};
 
 use super::queue::{QueueImage, WaitingRoom};
-use super::{Claim, Engine, ExpiryEntry, FastMap, HoldState, Reservation, Sale, SkuGauge};
+use super::{Claim, Engine, ExpiryEntry, FastMap, FlatMap, HoldState, Reservation, Sale, SkuGauge};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SaleImage {
@@ -211,7 +211,7 @@ impl Engine {
     /// Every sale as an image, sorted by SKU (deterministic output).
     pub fn export(&self) -> Vec<SaleImage> {
         let mut per_sku: FastMap<u64, Vec<ReservationImage>> = FastMap::default();
-        for (&key, r) in &self.reservations {
+        for (&key, r) in self.reservations.iter() {
             let id = key.id();
             per_sku.entry(r.sku).or_default().push(ReservationImage {
                 id,
@@ -253,7 +253,7 @@ impl Engine {
     pub fn import(&mut self, image: SaleImage) {
         let sku = image.sku;
         assert!(!self.sales.contains_key(&sku), "sku {sku} imported twice");
-        let mut users: FastMap<u64, u32> = FastMap::default();
+        let mut users: FlatMap<u64, u32> = FlatMap::default();
         let mut held: Vec<(u64, u128)> = Vec::new();
         let (mut reserved, mut sold, mut holds) = (0u64, 0u64, 0u64);
         for r in image.reservations {
@@ -262,20 +262,20 @@ impl Engine {
                     reserved += u64::from(r.qty);
                     holds += 1;
                     held.push((r.expires_at_ms, r.id));
-                    *users.entry(r.user).or_default() += r.qty;
+                    *users.get_or_insert(r.user, 0) += r.qty;
                 }
                 HoldState::Confirmed => {
                     sold += u64::from(r.qty);
-                    *users.entry(r.user).or_default() += r.qty;
+                    *users.get_or_insert(r.user, 0) += r.qty;
                 }
                 HoldState::Released | HoldState::Expired => {}
             }
             let claim = self.directory.claim(r.id, sku);
-            assert!(!matches!(claim, Claim::Conflict { .. }), "reservation {:#x} belongs to two skus", r.id);
+            assert!(!matches!(claim, Claim::Conflict), "reservation {:#x} belongs to two skus", r.id);
             if let Some(payment_ref) = r.payment_ref {
                 self.payment_refs.insert(r.id.into(), payment_ref[..].into());
             }
-            let previous = self.reservations.insert(
+            let added = self.reservations.insert(
                 r.id.into(),
                 Reservation {
                     sku,
@@ -286,11 +286,11 @@ impl Engine {
                     settled_at_ms: r.settled_at_ms,
                 },
             );
-            assert!(previous.is_none(), "reservation {:#x} imported twice", r.id);
+            assert!(added, "reservation {:#x} imported twice", r.id);
         }
         assert_eq!(reserved, image.reserved, "sku {sku}: image reserved counter disagrees with its reservations");
         assert_eq!(sold, image.sold, "sku {sku}: image sold counter disagrees with its reservations");
-        assert!(users.values().all(|&u| u <= image.limit_per_user), "sku {sku}: a user above the limit in the image");
+        assert!(users.values().all(|u| u <= image.limit_per_user), "sku {sku}: a user above the limit in the image");
         held.sort_unstable();
         let sale = Sale {
             total: image.total,
