@@ -34,9 +34,10 @@ async fn end_to_end_report_is_clean_and_counters_match_the_engine() {
     for _ in 0..30 {
         load.round(&client).await;
     }
-    // Let sku 5's 300 ms holds expire (EXPIRED events), then stop changing.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let lsn = synced(&node);
+    // Let sku 5's 300 ms holds expire (EXPIRED events) and sku 6's line
+    // run its course (admissions lapse after 200 ms and admit the next),
+    // until the log stops changing.
+    let lsn = quiesce(&node).await;
     assert!(lsn > 5_000, "the load wrote {lsn} records");
 
     let (url, server) = (db.url.clone(), addr.clone());
@@ -353,4 +354,20 @@ async fn schema_and_connection_problems_are_clear_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("newer than this binary"), "{out:?}");
     db.drop_db().await;
+}
+
+/// Wait until the node's synced LSN has not moved for 500 ms (at most 30 s)
+/// and return it: expiries and queue admissions go on after the load stops.
+async fn quiesce(node: &stampede::node::Node) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = synced(node);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = synced(node);
+        if now == last {
+            return now;
+        }
+        assert!(std::time::Instant::now() < deadline, "the log kept changing for 30 s after the load");
+        last = now;
+    }
 }

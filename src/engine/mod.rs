@@ -508,6 +508,24 @@ impl Engine {
         }
     }
 
+    /// Start loading what applying `event` in replay will miss on: the
+    /// reservation index, and for a new reservation the per-user record.
+    #[inline]
+    pub fn prefetch_apply(&self, event: &Event) {
+        match *event {
+            Event::Reserved { sku, user, reservation_id, .. } => {
+                self.reservations.prefetch(&reservation_id.into());
+                if let Some(sale) = self.sales.get(&sku) {
+                    sale.users.prefetch(&user);
+                }
+            }
+            Event::Confirmed { reservation_id, .. }
+            | Event::Released { reservation_id, .. }
+            | Event::Expired { reservation_id, .. } => self.reservations.prefetch(&reservation_id.into()),
+            _ => {}
+        }
+    }
+
     /// CONFIRM. A reservation past its expiry is expired here (even if the
     /// expiry tick has not run yet), so a late payment is never accepted.
     pub fn confirm(&mut self, id: u128, payment_ref: &Bytes, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
