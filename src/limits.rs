@@ -65,9 +65,10 @@ pub const HOT_SHARDS_MAX: usize = 64;
 /// space, resident only as ids land in it).
 pub const DIRECTORY_IDS_PRESIZED: usize = 1 << 20;
 
-/// A new sale's tables (per-user records, reservations, expiry queue) are
-/// sized for its stock up to this many units, so the drop itself never
-/// waits for a rehash. Past it they grow as needed.
+/// A new hot sale's tables (per-user records, reservation index and
+/// records, expiry queue) are sized for its stock up to this many units
+/// (~170 bytes a unit, resident from the sale's creation), so the drop
+/// itself never waits for a rehash or a page fault. Past it they grow.
 pub const SALE_PRESIZED_RESERVATIONS_MAX: u64 = 1 << 20;
 
 /// Largest main table of the id directory (128 MiB); recovery of a longer
@@ -128,3 +129,8 @@ pub const QUEUE_WAITING_MAX: u64 = 10_000_000;
 /// thousands. Above it RESERVE answers `rate_limited` with a retry-after.
 pub const USER_RESERVES_PER_S_DEFAULT: u32 = 100;
 pub const USER_RESERVES_BURST_DEFAULT: u32 = 200;
+
+/// Token buckets of the per-user rate limiter (a power of two): 4M x 8
+/// bytes = 32 MiB, faulted in as used. Users share buckets by hash; see
+/// `server/ratelimit.rs` for why two per user keep that fair.
+pub const USER_RATE_BUCKETS: usize = 1 << 22;

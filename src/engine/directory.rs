@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use foldhash::fast::RandomState;
 use portable_atomic::AtomicU128;
 
+use super::flat::{prefault, zeroed, Zeroable};
 use crate::limits::{DIRECTORY_IDS_PRESIZED, DIRECTORY_MAIN_SLOTS_MAX, DIRECTORY_PROBE_SLOTS};
 
 /// One entry of the main table. All-zero bytes are an empty slot, so the
@@ -58,6 +59,9 @@ struct Slot {
 }
 
 const _: () = assert!(std::mem::size_of::<Slot>() == 32);
+
+// SAFETY: atomic integers, whose all-zero value is 0.
+unsafe impl Zeroable for Slot {}
 
 pub struct ReservationDirectory {
     main: Box<[Slot]>,
@@ -100,18 +104,9 @@ impl ReservationDirectory {
         Self::default()
     }
 
-    /// Sized for a large drop (`DIRECTORY_IDS_PRESIZED`), its main table
-    /// faulted in now: at the start of a server rather than under the first
-    /// million reservations of a drop (a page fault and a page of zeroing
-    /// per 128 ids, a third of the reserve time in the engine benchmark).
+    /// Sized for a large drop (`DIRECTORY_IDS_PRESIZED`).
     pub fn for_server() -> Self {
-        let directory = Self::with_capacity(DIRECTORY_IDS_PRESIZED);
-        const SLOTS_PER_PAGE: usize = 4096 / std::mem::size_of::<Slot>();
-        for slot in directory.main.iter().step_by(SLOTS_PER_PAGE) {
-            // A write, so the page is allocated (a read maps the zero page).
-            slot.ready.store(0, Ordering::Relaxed);
-        }
-        directory
+        Self::with_capacity(DIRECTORY_IDS_PRESIZED)
     }
 
     /// Room for `capacity` ids at a load of at most one half in main (short
@@ -120,8 +115,14 @@ impl ReservationDirectory {
     pub fn with_capacity(capacity: usize) -> Self {
         let slots = (2 * capacity).next_power_of_two().clamp(DIRECTORY_PROBE_SLOTS, DIRECTORY_MAIN_SLOTS_MAX);
         let overflow_capacity = capacity.saturating_sub(slots / 2).max(1024);
+        // Faulted in now, when a server starts, rather than under the first
+        // reservations of a drop: a page fault and a page of zeroing per
+        // 128 ids was a third of the reserve time in the engine benchmark,
+        // and the first requests of a drill waited ~100 ms on them.
+        let mut main = zeroed(slots);
+        prefault(&mut main);
         ReservationDirectory {
-            main: zeroed_slots(slots),
+            main,
             mask: slots - 1,
             hasher: RandomState::default(),
             overflow: papaya::HashMap::builder()
@@ -226,22 +227,6 @@ impl ReservationDirectory {
     pub fn overflow_len(&self) -> usize {
         self.overflow.len()
     }
-}
-
-/// `n` empty slots from zeroed memory: the allocator hands back untouched
-/// pages for a large table, so a presized directory costs resident memory
-/// only as ids land in it.
-fn zeroed_slots(n: usize) -> Box<[Slot]> {
-    let layout = std::alloc::Layout::array::<Slot>(n).expect("directory size");
-    // SAFETY: the layout is non-zero sized (n >= DIRECTORY_PROBE_SLOTS).
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Slot>();
-    if ptr.is_null() {
-        std::alloc::handle_alloc_error(layout);
-    }
-    // SAFETY: `ptr` is a live allocation of `Layout::array::<Slot>(n)`, the
-    // layout `Box<[Slot]>` frees with; all-zero bytes are a valid `Slot`
-    // (atomic integers holding 0).
-    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)) }
 }
 
 #[cfg(test)]

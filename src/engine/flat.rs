@@ -26,23 +26,27 @@ use foldhash::fast::RandomState;
 ///
 /// # Safety
 /// Implement only for types where every all-zero bit pattern is valid.
-pub unsafe trait Zeroable: Copy {}
+pub unsafe trait Zeroable {}
 
 // SAFETY: plain integers.
 unsafe impl Zeroable for u32 {}
+// SAFETY: `repr(C)` pair of zero-valid types.
+unsafe impl<K: Zeroable + Copy, V: Zeroable + Copy> Zeroable for Slot<K, V> {}
 // SAFETY: plain integers.
 unsafe impl Zeroable for u64 {}
 // SAFETY: plain integers.
 unsafe impl Zeroable for [u64; 2] {}
+// SAFETY: an atomic integer has the bit validity of its integer.
+unsafe impl Zeroable for std::sync::atomic::AtomicU64 {}
 
 #[derive(Clone, Copy)]
 #[repr(C)]
-struct Slot<K, V> {
+struct Slot<K: Copy, V: Copy> {
     key: K,
     value: V,
 }
 
-pub struct FlatMap<K, V> {
+pub struct FlatMap<K: Copy, V: Copy> {
     slots: Box<[Slot<K, V>]>,
     mask: usize,
     /// Occupied slots (not counting `zero_key`).
@@ -54,13 +58,13 @@ pub struct FlatMap<K, V> {
 
 const MIN_SLOTS: usize = 16;
 
-impl<K: Zeroable + Eq + Hash, V: Zeroable> Default for FlatMap<K, V> {
+impl<K: Zeroable + Copy + Eq + Hash, V: Zeroable + Copy> Default for FlatMap<K, V> {
     fn default() -> Self {
         Self::with_capacity(0)
     }
 }
 
-impl<K: Zeroable + Eq + Hash, V: Zeroable> FlatMap<K, V> {
+impl<K: Zeroable + Copy + Eq + Hash, V: Zeroable + Copy> FlatMap<K, V> {
     /// Room for `capacity` keys without growing.
     pub fn with_capacity(capacity: usize) -> Self {
         let slots = (2 * capacity).next_power_of_two().max(MIN_SLOTS);
@@ -68,8 +72,7 @@ impl<K: Zeroable + Eq + Hash, V: Zeroable> FlatMap<K, V> {
     }
 
     fn zero() -> K {
-        // SAFETY: `K: Zeroable`.
-        unsafe { std::mem::zeroed() }
+        unsafe_zeroed()
     }
 
     fn home(&self, key: &K) -> usize {
@@ -90,6 +93,11 @@ impl<K: Zeroable + Eq + Hash, V: Zeroable> FlatMap<K, V> {
         if needed > self.slots.len() {
             self.resize(needed.next_power_of_two());
         }
+    }
+
+    /// Allocate every page of the table now (see [`prefault`]).
+    pub fn prefault(&mut self) {
+        prefault(&mut self.slots);
     }
 
     /// Start loading the line where `key`'s probe begins (a hint only).
@@ -194,9 +202,7 @@ impl<K: Zeroable + Eq + Hash, V: Zeroable> FlatMap<K, V> {
             }
             i = (i + 1) & self.mask;
         }
-        self.slots[hole] = Slot { key: zero, value: self.slots[hole].value };
-        // SAFETY: `V: Zeroable`.
-        self.slots[hole].value = unsafe { std::mem::zeroed() };
+        self.slots[hole] = Slot { key: zero, value: unsafe_zeroed() };
         self.len -= 1;
         Some(value)
     }
@@ -226,13 +232,15 @@ impl<K: Zeroable + Eq + Hash, V: Zeroable> FlatMap<K, V> {
     }
 }
 
-impl<K: Zeroable + Eq + Hash + Ord, V: Zeroable + PartialEq> PartialEq for FlatMap<K, V> {
+impl<K: Zeroable + Copy + Eq + Hash + Ord, V: Zeroable + Copy + PartialEq> PartialEq for FlatMap<K, V> {
     fn eq(&self, other: &Self) -> bool {
         self.len() == other.len() && self.iter().all(|(k, v)| other.get(&k) == Some(v))
     }
 }
 
-impl<K: Zeroable + Eq + Hash + Ord + std::fmt::Debug, V: Zeroable + std::fmt::Debug> std::fmt::Debug for FlatMap<K, V> {
+impl<K: Zeroable + Copy + Eq + Hash + Ord + std::fmt::Debug, V: Zeroable + Copy + std::fmt::Debug> std::fmt::Debug
+    for FlatMap<K, V>
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut entries: Vec<(K, V)> = self.iter().collect();
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -240,19 +248,45 @@ impl<K: Zeroable + Eq + Hash + Ord + std::fmt::Debug, V: Zeroable + std::fmt::De
     }
 }
 
-/// `n` zeroed slots: zeroed memory is handed out untouched, so a presized
-/// table costs resident memory only as it fills.
-fn zeroed<K: Zeroable, V: Zeroable>(n: usize) -> Box<[Slot<K, V>]> {
-    let layout = std::alloc::Layout::array::<Slot<K, V>>(n).expect("table size");
-    // SAFETY: non-zero size (n >= MIN_SLOTS, slots are non-empty types).
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Slot<K, V>>();
+/// Write one byte of every page of `values` (keeping its value), so the
+/// pages are allocated now rather than at their first use. For a table
+/// whose first use is a flash sale's first second: every early request
+/// would otherwise touch a fresh page at random, and a fresh (huge) page is
+/// a fault and up to 2 MiB of zeroing on the shard thread.
+pub fn prefault<T>(values: &mut [T]) {
+    let bytes = std::mem::size_of_val(values);
+    let base = values.as_mut_ptr().cast::<u8>();
+    for offset in (0..bytes).step_by(4096) {
+        // SAFETY: `offset` is within the slice's bytes, which we hold
+        // exclusively; the byte is read and written back unchanged
+        // (volatile, so the write is not optimised away).
+        unsafe {
+            let byte = base.add(offset);
+            std::ptr::write_volatile(byte, std::ptr::read_volatile(byte));
+        }
+    }
+}
+
+/// `n` zeroed values: the allocator hands back untouched pages for a large
+/// table, so a presized table costs resident memory only as it fills.
+pub fn zeroed<T: Zeroable>(n: usize) -> Box<[T]> {
+    let layout = std::alloc::Layout::array::<T>(n).expect("table size");
+    if layout.size() == 0 {
+        return (0..n).map(|_| unsafe_zeroed()).collect();
+    }
+    // SAFETY: non-zero size, checked above.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
     if ptr.is_null() {
         std::alloc::handle_alloc_error(layout);
     }
-    // SAFETY: a live allocation of `Layout::array::<Slot>(n)`, which is what
-    // `Box<[Slot]>` frees; all-zero bytes are a valid `Slot` (`Zeroable`
-    // key and value, `repr(C)`).
+    // SAFETY: a live allocation of `Layout::array::<T>(n)`, which is what
+    // `Box<[T]>` frees; all-zero bytes are a valid `T` (`Zeroable`).
     unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, n)) }
+}
+
+fn unsafe_zeroed<T: Zeroable>() -> T {
+    // SAFETY: `T: Zeroable`.
+    unsafe { std::mem::zeroed() }
 }
 
 #[cfg(test)]

@@ -750,13 +750,20 @@ impl Engine {
     pub fn apply(&mut self, event: &Event) {
         match *event {
             Event::SaleCreated { sku, stock, limit_per_user, ttl_ms, hot, .. } => {
-                // Size the sale's tables for its stock up front: growing a
-                // table of a million entries rehashes all of them, a stall
-                // of tens of milliseconds for the shard in the middle of
-                // the drop. Memory past the first touch of each page is
-                // only committed as reservations arrive.
-                let presized = stock.min(SALE_PRESIZED_RESERVATIONS_MAX) as usize;
-                self.reservations.reserve(presized);
+                // A hot sale's tables are sized for its stock and faulted
+                // in up front: growing a table of a million entries
+                // rehashes all of them (a stall of tens of milliseconds for
+                // the shard in the middle of the drop), and the first
+                // touch of each page of a big table costs a fault and up to
+                // 2 MiB of zeroing, which the drop's first requests would
+                // pay. Ordinary sales share a pool shard and grow on demand.
+                let presized = if hot { stock.min(SALE_PRESIZED_RESERVATIONS_MAX) as usize } else { 0 };
+                let mut users = FlatMap::with_capacity(presized);
+                if presized > 0 {
+                    self.reservations.reserve(presized);
+                    self.reservations.index.prefault();
+                    users.prefault();
+                }
                 let sale = Sale {
                     total: stock,
                     available: stock,
@@ -767,7 +774,7 @@ impl Engine {
                     hot,
                     paused: false,
                     holds: 0,
-                    users: FlatMap::with_capacity(presized),
+                    users,
                     expiry: VecDeque::with_capacity(presized),
                     gauge: Arc::new(SkuGauge::default()),
                     queue: None,

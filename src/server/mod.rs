@@ -133,18 +133,6 @@ pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<Ser
         user_rate: config.user_rate.map(|(rate, burst)| ratelimit::UserRateLimiter::new(rate, burst)),
         connection_slots,
     });
-    if shared.user_rate.is_some() {
-        let weak = Arc::downgrade(&shared);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(ratelimit::SWEEP_INTERVAL).await;
-                let Some(shared) = weak.upgrade() else { return };
-                if let Some(limiter) = &shared.user_rate {
-                    limiter.sweep();
-                }
-            }
-        });
-    }
     let tls = config.tls.map(tokio_rustls::TlsAcceptor::from);
     let accept = tokio::spawn(accept_loop(listener, shared.clone(), tls));
     Ok(ServerHandle { addr, shared, accept })
