@@ -35,6 +35,8 @@ fn hot_sale(engine: &mut Engine, stock: u64) {
 }
 
 fn reserve_users(c: &mut Criterion) {
+    // As stampede-server runs (see stampede::memory).
+    stampede::memory::disable_transparent_huge_pages();
     reserve_n_users(c, "reserve_1m_users", USERS);
     reserve_n_users(c, "reserve_10k_users", 10_000);
     stampede_1m_users(c);
@@ -138,6 +140,7 @@ fn reserve_n_users(c: &mut Criterion, name: &str, users: u64) {
 }
 
 fn refusals(c: &mut Criterion) {
+    stampede::memory::disable_transparent_huge_pages();
     let mut group = c.benchmark_group("engine");
     // A sold-out sale whose directory holds the ids of its 10k winners.
     let directory = Arc::new(ReservationDirectory::for_server());

@@ -132,6 +132,8 @@ fn write_log(dir: &std::path::Path, events: u64) -> u64 {
 }
 
 fn main() {
+    // As stampede-server runs (see stampede::memory).
+    stampede::memory::disable_transparent_huge_pages();
     let full = std::env::args().any(|a| a == "--bench");
     let scale = |full_size: usize, smoke: usize| if full { full_size } else { smoke };
 

@@ -19,6 +19,7 @@
 //!   engines from it and takes checkpoints.
 //! - [`node`]: all of the above started and stopped in order (what
 //!   `stampede-server` runs).
+//! - [`memory`]: process-wide memory policy (no transparent huge pages).
 //!
 //! # One reservation, end to end
 //!
@@ -36,6 +37,7 @@
 pub mod clock;
 pub mod engine;
 pub mod limits;
+pub mod memory;
 pub mod node;
 pub mod recovery;
 pub mod server;

@@ -202,6 +202,10 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // The drill's in-process server runs as stampede-server does (see
+    // stampede::memory), and the loadgen's own stalls stay out of the
+    // target's latency.
+    stampede::memory::disable_transparent_huge_pages();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

@@ -207,6 +207,8 @@ fn token(name: &str, from_file: Option<String>) -> anyhow::Result<Option<Vec<u8>
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before the runtime and the tables exist: applies to every mapping.
+    let thp_off = stampede::memory::disable_transparent_huge_pages();
     let matches = <Args as clap::CommandFactory>::command().get_matches();
     let mut args = <Args as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Config errors are reported before logging is set up: straight to stderr.
@@ -231,6 +233,7 @@ fn main() -> anyhow::Result<()> {
         bail!("no data dir: pass --data-dir DIR or set data_dir in the --config file");
     };
     tracing::info!(config = ?args, "effective configuration (tokens not shown)");
+    tracing::info!(transparent_huge_pages_off = thp_off, "memory policy");
     let admin = token("STAMPEDE_ADMIN_TOKEN", file_tokens.admin)?;
     let checkout = token("STAMPEDE_CHECKOUT_TOKEN", file_tokens.checkout)?;
     let replication = token("STAMPEDE_REPLICATION_TOKEN", file_tokens.replication)?;
