@@ -89,9 +89,12 @@ struct Loader {
 impl Loader {
     /// `records_estimate` sizes the id directory up front: resizing a
     /// concurrent table millions of entries large dominates replay time.
-    fn new(pool_shards: usize, records_estimate: usize) -> Loader {
+    /// `serving`: the engines will serve requests (startup recovery), so
+    /// the directory is prefaulted; a state dump or checkpoint skips that.
+    fn new(pool_shards: usize, records_estimate: usize, serving: bool) -> Loader {
         let capacity = DIRECTORY_IDS_PRESIZED.max(records_estimate);
-        let directory = Arc::new(ReservationDirectory::with_capacity(capacity));
+        let directory = ReservationDirectory::with_capacity(capacity);
+        let directory = Arc::new(if serving { directory.prefaulted() } else { directory });
         let pool_shards = pool_shards.max(1);
         let pool = (0..pool_shards)
             .map(|_| {
@@ -402,7 +405,7 @@ fn cut(path: &Path, offset: u64) -> std::io::Result<()> {
 
 /// Rebuild the engines from `dir` (startup).
 pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, RecoveryError> {
-    let mut loader = Loader::new(options.pool_shards, records_estimate(dir, None)?);
+    let mut loader = Loader::new(options.pool_shards, records_estimate(dir, None)?, true);
     let mode = Mode::Repair { truncate_corrupt: options.truncate_corrupt };
     let report = load(dir, &mut loader, mode, Bounds::default())?;
     // The writer starts a fresh segment at next_lsn; a last segment that
@@ -435,7 +438,7 @@ pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, Recover
 /// is a deterministic function of its log, this *is* the state the live
 /// engine had once it applied record `lsn`.
 pub fn state_at(dir: &Path, lsn: u64) -> Result<Vec<SaleImage>, RecoveryError> {
-    let mut loader = Loader::new(1, records_estimate(dir, None)?);
+    let mut loader = Loader::new(1, records_estimate(dir, None)?, false);
     let report = load(dir, &mut loader, Mode::ReadOnly, Bounds { below: None, upto: Some(lsn) })?;
     if report.last_lsn != lsn {
         return Err(RecoveryError::Io(std::io::Error::other(format!(
@@ -481,7 +484,7 @@ pub fn checkpoint(
     retention: Retention,
 ) -> Result<Checkpoint, RecoveryError> {
     let started = Instant::now();
-    let mut loader = Loader::new(1, records_estimate(dir, active_first_lsn)?);
+    let mut loader = Loader::new(1, records_estimate(dir, active_first_lsn)?, false);
     let report = load(dir, &mut loader, Mode::ReadOnly, Bounds { below: active_first_lsn, upto: None })?;
     let mut result = Checkpoint::default();
     let covered = report.last_lsn;

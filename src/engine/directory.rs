@@ -104,9 +104,19 @@ impl ReservationDirectory {
         Self::default()
     }
 
-    /// Sized for a large drop (`DIRECTORY_IDS_PRESIZED`).
+    /// Sized for a large drop (`DIRECTORY_IDS_PRESIZED`) and prefaulted.
     pub fn for_server() -> Self {
-        Self::with_capacity(DIRECTORY_IDS_PRESIZED)
+        Self::with_capacity(DIRECTORY_IDS_PRESIZED).prefaulted()
+    }
+
+    /// Fault the main table in now, as a serving directory should be: when
+    /// a server starts rather than under the first reservations of a drop
+    /// (a page fault and a page of zeroing per 128 ids was a third of the
+    /// reserve time in the engine benchmark, and the first requests of a
+    /// drill waited on them). Not for throwaway directories (state dumps).
+    pub fn prefaulted(mut self) -> Self {
+        prefault(&mut self.main);
+        self
     }
 
     /// Room for `capacity` ids at a load of at most one half in main (short
@@ -115,14 +125,8 @@ impl ReservationDirectory {
     pub fn with_capacity(capacity: usize) -> Self {
         let slots = (2 * capacity).next_power_of_two().clamp(DIRECTORY_PROBE_SLOTS, DIRECTORY_MAIN_SLOTS_MAX);
         let overflow_capacity = capacity.saturating_sub(slots / 2).max(1024);
-        // Faulted in now, when a server starts, rather than under the first
-        // reservations of a drop: a page fault and a page of zeroing per
-        // 128 ids was a third of the reserve time in the engine benchmark,
-        // and the first requests of a drill waited ~100 ms on them.
-        let mut main = zeroed(slots);
-        prefault(&mut main);
         ReservationDirectory {
-            main,
+            main: zeroed(slots),
             mask: slots - 1,
             hasher: RandomState::default(),
             overflow: papaya::HashMap::builder()
