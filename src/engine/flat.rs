@@ -243,7 +243,7 @@ impl<K: Zeroable + Copy + Eq + Hash + Ord + std::fmt::Debug, V: Zeroable + Copy 
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut entries: Vec<(K, V)> = self.iter().collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        entries.sort_unstable_by_key(|a| a.0);
         f.debug_map().entries(entries.iter().map(|(k, v)| (k, v))).finish()
     }
 }
