@@ -142,7 +142,10 @@ mod tests {
         // Each heavy user gets at most the burst of each of its two buckets
         // (plus a token or two of refill while the test runs).
         assert!(allowed_heavy <= 24 * heavy, "heavy users allowed {allowed_heavy}");
-        assert!(allowed_heavy >= 10 * heavy, "every heavy user gets its burst: {allowed_heavy}");
+        // A heavy user whose two buckets were both drained by earlier heavy
+        // users gets less than its burst (~0.25% of them): on average
+        // nearly the whole burst.
+        assert!(allowed_heavy >= 99 * heavy / 10, "heavy users get their burst: {allowed_heavy}");
         // 100k light users, 3 requests each.
         let refused_light =
             (heavy..2 * heavy).filter(|&user| (0..3).any(|_| limiter.check(user).is_err())).count() as u64;
