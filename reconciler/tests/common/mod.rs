@@ -73,6 +73,14 @@ impl TestDb {
         admin.close().await;
     }
 
+    /// Whether the reconciler has created its schema yet (a reconciler
+    /// killed within its first moments may not have).
+    pub async fn migrated(&self) -> bool {
+        let row =
+            sqlx::query("SELECT to_regclass('stampede.watermark') IS NOT NULL").fetch_one(&self.pool).await.unwrap();
+        row.get::<bool, _>(0)
+    }
+
     pub async fn watermark(&self) -> u64 {
         let row = sqlx::query("SELECT settled_lsn FROM stampede.watermark").fetch_one(&self.pool).await.unwrap();
         row.get::<i64, _>(0) as u64
