@@ -34,6 +34,8 @@ const SKU: u64 = 42;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // As stampede-server runs (see stampede::memory).
+    stampede::memory::disable_transparent_huge_pages();
     let mut args = std::env::args().skip(1);
     let buyers: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(200_000).min(10_000_000);
     let stock: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(10_000);
