@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use stampede::engine::{Engine, ReservationDirectory};
+use stampede::engine::{Engine, Event, ReservationDirectory};
 use stampede::server::conn::fast_refusal;
 use stampede_protocol::message::{Reserve, SaleCreate};
 use stampede_protocol::Status;
@@ -42,6 +42,26 @@ fn reserve_users(c: &mut Criterion) {
     stampede_1m_users(c);
 }
 
+/// Users `0..users` each reserve one unit of SKU 42 (id = user + 1),
+/// decided as a shard does: each cycle of `CYCLE` requests as one
+/// prefetching run, its events then handed off. Returns the units reserved.
+fn reserve_in_cycles(engine: &mut Engine, users: u64, events: &mut Vec<Event>) -> u64 {
+    let mut won = 0u64;
+    let mut ops = Vec::with_capacity(CYCLE);
+    for first in (0..users).step_by(CYCLE) {
+        ops.clear();
+        ops.extend((first..users.min(first + CYCLE as u64)).map(|user| Reserve {
+            sku: 42,
+            user,
+            qty: 1,
+            reservation_id: u128::from(user) + 1,
+        }));
+        engine.reserve_run(&ops, |op| op, 1, events, |_, outcome| won += u64::from(outcome.status == Status::Reserved));
+        events.clear();
+    }
+    won
+}
+
 /// The stampede shape decided entirely by the shard (no connection fast
 /// path): 1M distinct users each try once for one of 10k units on a hot
 /// SKU; 10k win, the rest are refused `sold_out` by the engine.
@@ -57,27 +77,7 @@ fn stampede_1m_users(c: &mut Criterion) {
                 (engine, Vec::with_capacity(4096))
             },
             |(mut engine, mut events)| {
-                let mut won = 0u64;
-                let mut ops = Vec::with_capacity(CYCLE);
-                for first in (0..USERS).step_by(CYCLE) {
-                    ops.clear();
-                    ops.extend((first..USERS.min(first + CYCLE as u64)).map(|user| Reserve {
-                        sku: 42,
-                        user,
-                        qty: 1,
-                        reservation_id: u128::from(user) + 1,
-                    }));
-                    engine.reserve_run(
-                        &ops,
-                        |op| op,
-                        1,
-                        &mut events,
-                        |_, outcome| {
-                            won += u64::from(outcome.status == Status::Reserved);
-                        },
-                    );
-                    events.clear();
-                }
+                let won = reserve_in_cycles(&mut engine, USERS, &mut events);
                 assert_eq!(won, 10_000);
                 (engine, events)
             },
@@ -109,28 +109,8 @@ fn reserve_n_users(c: &mut Criterion, name: &str, users: u64) {
                 (engine, Vec::with_capacity(4096))
             },
             |(mut engine, mut events)| {
-                // A shard decides a cycle's requests as one run (prefetching
-                // ahead), then hands the events to its sink.
-                let mut ops = Vec::with_capacity(CYCLE);
-                for first in (0..users).step_by(CYCLE) {
-                    ops.clear();
-                    ops.extend((first..users.min(first + CYCLE as u64)).map(|user| Reserve {
-                        sku: 42,
-                        user,
-                        qty: 1,
-                        reservation_id: u128::from(user) + 1,
-                    }));
-                    engine.reserve_run(
-                        &ops,
-                        |op| op,
-                        1,
-                        &mut events,
-                        |_, outcome| {
-                            debug_assert_eq!(outcome.status, Status::Reserved);
-                        },
-                    );
-                    events.clear();
-                }
+                let won = reserve_in_cycles(&mut engine, users, &mut events);
+                debug_assert_eq!(won, users);
                 (engine, events)
             },
             BatchSize::PerIteration,

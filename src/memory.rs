@@ -7,8 +7,9 @@
 /// them. On the latency path that was the tail of the whole server: with
 /// them, an open-loop drill at half of peak had a p99 of 5-9 ms and a
 /// 100-400 ms stall in its first second; without, a p99 of ~2 ms and no
-/// stall. The price is TLB misses on the big tables: the engine's reserve
-/// benchmark at 1M users goes from ~8.5M to ~7.8M decisions/s. Big tables
+/// stall. The price is TLB misses on the big tables: up to ~10% of the
+/// engine's reserve benchmark at 1M users (7.8-8.5M decisions/s without,
+/// 8.5-9.6M with, across runs on the project machine). Big tables
 /// are prefaulted when created (see `engine::flat::prefault`), so what huge
 /// pages would save on faults is saved anyway.
 ///
