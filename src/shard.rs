@@ -338,16 +338,8 @@ fn spawn_shard(
                     tracing::warn!(shard = id, core = core.id, "could not pin hot shard to its core");
                 }
             }
-            ShardLoop {
-                engine,
-                clock,
-                sink,
-                events: Vec::new(),
-                replies: Vec::new(),
-                inbox: Vec::new(),
-                ahead: Vec::new(),
-            }
-            .run(rx)
+            ShardLoop { engine, clock, sink, events: Vec::new(), replies: Vec::new(), inbox: Default::default() }
+                .run(rx)
         })
         .expect("spawn shard thread");
     Arc::new(ShardHandle { id, hot, tx, thread: Mutex::new(Some(thread)) })
@@ -360,9 +352,7 @@ struct ShardLoop {
     events: Vec<crate::engine::Event>,
     replies: Vec<Delivery>,
     /// This cycle's messages (kept for its allocation).
-    inbox: Vec<ShardMsg>,
-    /// The RESERVEs among them, in order, for prefetching.
-    ahead: Vec<Reserve>,
+    inbox: std::collections::VecDeque<ShardMsg>,
 }
 
 impl ShardLoop {
@@ -393,38 +383,26 @@ impl ShardLoop {
             let mut stop = false;
             if let Some(msg) = first {
                 let mut ops = msg.ops();
-                self.inbox.push(msg);
-                while ops < SHARD_CYCLE_OPS_MAX && !matches!(self.inbox.last(), Some(ShardMsg::Shutdown)) {
+                self.inbox.push_back(msg);
+                while ops < SHARD_CYCLE_OPS_MAX && !matches!(self.inbox.back(), Some(ShardMsg::Shutdown)) {
                     let Ok(msg) = rx.try_recv() else { break };
                     ops += msg.ops();
-                    self.inbox.push(msg);
+                    self.inbox.push_back(msg);
                 }
-                let mut inbox = std::mem::take(&mut self.inbox);
-                let mut ahead = std::mem::take(&mut self.ahead);
-                ahead.extend(inbox.iter().filter_map(|msg| match msg {
-                    ShardMsg::Reserve { op, .. } => Some(*op),
-                    _ => None,
-                }));
-                for op in ahead.iter().take(RESERVE_PREFETCH_AHEAD) {
-                    self.engine.prefetch_reserve(op);
+                for msg in self.inbox.iter().take(RESERVE_PREFETCH_AHEAD) {
+                    self.prefetch(msg);
                 }
-                let mut reserves = 0;
-                for msg in inbox.drain(..) {
-                    if matches!(msg, ShardMsg::Reserve { .. }) {
-                        if let Some(op) = ahead.get(reserves + RESERVE_PREFETCH_AHEAD) {
-                            self.engine.prefetch_reserve(op);
-                        }
-                        reserves += 1;
+                while let Some(msg) = self.inbox.pop_front() {
+                    // The message RESERVE_PREFETCH_AHEAD places behind this one.
+                    if let Some(ahead) = self.inbox.get(RESERVE_PREFETCH_AHEAD - 1) {
+                        self.prefetch(ahead);
                     }
                     stop = self.handle(msg, now_ms);
                     if stop {
                         break;
                     }
                 }
-                // Keep the allocations for the next cycle.
-                inbox.clear();
-                ahead.clear();
-                (self.inbox, self.ahead) = (inbox, ahead);
+                self.inbox.clear();
             }
             if !self.events.is_empty() || !self.replies.is_empty() {
                 self.sink.submit(&mut self.events, &mut self.replies);
@@ -432,6 +410,13 @@ impl ShardLoop {
             if stop {
                 return;
             }
+        }
+    }
+
+    /// Start loading what deciding `msg` will miss on (RESERVEs; a hint).
+    fn prefetch(&self, msg: &ShardMsg) {
+        if let ShardMsg::Reserve { op, .. } = msg {
+            self.engine.prefetch_reserve(op);
         }
     }
 
