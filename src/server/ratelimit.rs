@@ -6,7 +6,7 @@
 //! seconds: a map growing by a million entries (allocation, concurrent
 //! resizes) stalled the connection tasks for half a second at the start of
 //! a drill, and held memory for every user ever seen until swept. A fixed
-//! table costs [`USER_RATE_BUCKETS`] x 8 bytes, faulted in as used, and
+//! table costs [`USER_RATE_BUCKETS`] x 8 bytes, faulted in at start, and
 //! nothing per user; a check is two atomic updates.
 //!
 //! Users share buckets, so each user has two (two independent hashes): a
