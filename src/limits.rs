@@ -131,6 +131,6 @@ pub const USER_RESERVES_PER_S_DEFAULT: u32 = 100;
 pub const USER_RESERVES_BURST_DEFAULT: u32 = 200;
 
 /// Token buckets of the per-user rate limiter (a power of two): 4M x 8
-/// bytes = 32 MiB, faulted in as used. Users share buckets by hash; see
+/// bytes = 32 MiB, faulted in at start. Users share buckets by hash; see
 /// `server/ratelimit.rs` for why two per user keep that fair.
 pub const USER_RATE_BUCKETS: usize = 1 << 22;
