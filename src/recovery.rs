@@ -77,6 +77,22 @@ enum Slot {
     Hot(usize),
 }
 
+impl Slot {
+    fn engine(self, engines: &Engines) -> &Engine {
+        match self {
+            Slot::Pool(i) => &engines.pool[i],
+            Slot::Hot(i) => &engines.hot[i],
+        }
+    }
+
+    fn engine_mut(self, engines: &mut Engines) -> &mut Engine {
+        match self {
+            Slot::Pool(i) => &mut engines.pool[i],
+            Slot::Hot(i) => &mut engines.hot[i],
+        }
+    }
+}
+
 /// Routes SKUs to engines exactly as the live router does.
 struct Loader {
     engines: Engines,
@@ -118,16 +134,9 @@ impl Loader {
         slot
     }
 
-    fn engine(&mut self, slot: Slot) -> &mut Engine {
-        match slot {
-            Slot::Pool(i) => &mut self.engines.pool[i],
-            Slot::Hot(i) => &mut self.engines.hot[i],
-        }
-    }
-
     fn import(&mut self, image: SaleImage) {
         let slot = self.new_slot(image.sku, image.hot);
-        self.engine(slot).import(image);
+        slot.engine_mut(&mut self.engines).import(image);
     }
 
     fn apply(&mut self, event: &Event) {
@@ -135,21 +144,13 @@ impl Loader {
             Event::SaleCreated { sku, hot, .. } => self.new_slot(sku, hot),
             _ => *self.slots.get(&event.sku()).unwrap_or_else(|| panic!("event for unknown sku: {event:?}")),
         };
-        let engine = match slot {
-            Slot::Pool(i) => &mut self.engines.pool[i],
-            Slot::Hot(i) => &mut self.engines.hot[i],
-        };
-        engine.apply_deferring_claim(event, &mut self.claims);
+        slot.engine_mut(&mut self.engines).apply_deferring_claim(event, &mut self.claims);
     }
 
     /// Start loading what applying `event` will miss on (a hint).
     fn prefetch(&self, event: &Event) {
-        if let Some(slot) = self.slots.get(&event.sku()) {
-            let engine = match *slot {
-                Slot::Pool(i) => &self.engines.pool[i],
-                Slot::Hot(i) => &self.engines.hot[i],
-            };
-            engine.prefetch_apply(event);
+        if let Some(&slot) = self.slots.get(&event.sku()) {
+            slot.engine(&self.engines).prefetch_apply(event);
         }
     }
 

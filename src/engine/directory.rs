@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use foldhash::fast::RandomState;
 use portable_atomic::AtomicU128;
 
-use super::flat::{prefault, zeroed, Zeroable};
+use super::flat::{prefault, prefetch_line, zeroed, Zeroable};
 use crate::limits::{DIRECTORY_IDS_PRESIZED, DIRECTORY_MAIN_SLOTS_MAX, DIRECTORY_PROBE_SLOTS};
 
 /// One entry of the main table. All-zero bytes are an empty slot, so the
@@ -160,16 +160,7 @@ impl ReservationDirectory {
     /// with the work on this one. A hint only: no effect on results.
     #[inline]
     pub fn prefetch(&self, id: u128) {
-        let slot: *const Slot = &self.main[self.home(id)];
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: prefetching never faults and reads nothing; the address is
-        // that of a live slot. SSE is part of the x86_64 baseline.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(slot.cast());
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = slot;
+        prefetch_line(&self.main[self.home(id)]);
     }
 
     /// Atomically claim `id` (never 0) for `sku`. Two shards racing for one

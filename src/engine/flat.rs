@@ -103,16 +103,7 @@ impl<K: Zeroable + Copy + Eq + Hash, V: Zeroable + Copy> FlatMap<K, V> {
     /// Start loading the line where `key`'s probe begins (a hint only).
     #[inline]
     pub fn prefetch(&self, key: &K) {
-        let slot: *const Slot<K, V> = &self.slots[self.home(key)];
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: prefetching never faults and reads nothing; the address is
-        // that of a live slot. SSE is part of the x86_64 baseline.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(slot.cast());
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = slot;
+        prefetch_line(&self.slots[self.home(key)]);
     }
 
     /// The slot holding `key`, or the empty slot where it would go.
@@ -246,6 +237,22 @@ impl<K: Zeroable + Copy + Eq + Hash + Ord + std::fmt::Debug, V: Zeroable + Copy 
         entries.sort_unstable_by_key(|a| a.0);
         f.debug_map().entries(entries.iter().map(|(k, v)| (k, v))).finish()
     }
+}
+
+/// Start loading the cache line holding `value` (a hint: no effect on
+/// results, never faults).
+#[inline]
+pub fn prefetch_line<T>(value: &T) {
+    let ptr: *const T = value;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching never faults and reads nothing; the address is
+    // that of a live value. SSE is part of the x86_64 baseline.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(ptr.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ptr;
 }
 
 /// Write one byte of every page of `values` (keeping its value), so the
