@@ -1,5 +1,5 @@
 //! The drill loop: workers, closed or open loop, latency, the tally, and
-//! the invariants checked against the target at the end.
+//! the invariants checked against the target at the end (`audit.rs`).
 //!
 //! Workers: `connections x depth` tasks, each with one request (or batch)
 //! in flight, pulling the next virtual users from a shared counter. No
@@ -17,7 +17,7 @@
 //! and since latency counts from the due time, their lateness (0-1 ms,
 //! more than the server's own p50) would be charged to the target.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use stampede_protocol::Status;
 
+use crate::audit::{self, Acked, Tally};
 use crate::report::{Invariants, Latency, OpSummary, Second, Summary};
 use crate::scenario::{AfterReserve, Plan, Scenario, Session};
-use crate::target::Target;
+use crate::target::{SkuState, Target};
 
 /// Latencies are recorded in microseconds up to this (anything slower is
 /// clamped: it is a failure by any standard).
@@ -93,31 +94,17 @@ struct Latencies {
 
 type SharedLatencies = Arc<std::sync::Mutex<Latencies>>;
 
-/// What one worker saw; merged at the end.
+/// What one worker saw; merged at the end. (Answers about reservations
+/// go to the shared [`Tally`].)
 struct Recorder {
     started: Instant,
     latencies: SharedLatencies,
     outcomes: BTreeMap<&'static str, u64>,
-    /// Per SKU: units acknowledged reserved, confirmed, released.
-    reserved: HashMap<u64, u64>,
-    confirmed: HashMap<u64, u64>,
-    /// Held (unsettled) reservations: (sku, expires_at_ms).
-    held: Vec<(u64, u64)>,
-    /// Net units per (sku, user) from acknowledged replies.
-    per_user: HashMap<(u64, u64), i64>,
 }
 
 impl Recorder {
     fn new(started: Instant, latencies: SharedLatencies) -> Recorder {
-        Recorder {
-            started,
-            latencies,
-            outcomes: BTreeMap::new(),
-            reserved: HashMap::new(),
-            confirmed: HashMap::new(),
-            held: Vec::new(),
-            per_user: HashMap::new(),
-        }
+        Recorder { started, latencies, outcomes: BTreeMap::new() }
     }
 
     fn record(&mut self, op: OpKind, since: Instant) {
@@ -142,16 +129,6 @@ impl Recorder {
     fn merge(&mut self, other: Recorder) {
         for (k, v) in other.outcomes {
             *self.outcomes.entry(k).or_default() += v;
-        }
-        for (k, v) in other.reserved {
-            *self.reserved.entry(k).or_default() += v;
-        }
-        for (k, v) in other.confirmed {
-            *self.confirmed.entry(k).or_default() += v;
-        }
-        self.held.extend(other.held);
-        for (k, v) in other.per_user {
-            *self.per_user.entry(k).or_default() += v;
         }
     }
 }
@@ -228,6 +205,7 @@ struct Shared {
     /// Open loop: one permit per user whose due time has come.
     permits: Arc<tokio::sync::Semaphore>,
     latencies: SharedLatencies,
+    tally: Tally,
     requests: AtomicU64,
     reserved: AtomicU64,
 }
@@ -284,6 +262,7 @@ async fn worker(shared: Arc<Shared>) -> Recorder {
             }
         }
         let start = if shared.schedule.is_some() { due } else { Instant::now() };
+        let sent_ms = now_ms();
         let results = shared.target.reserve(&shared.plan, &sessions).await;
         rec.record(OpKind::Reserve, start);
         shared.requests.fetch_add(1, Ordering::Relaxed);
@@ -291,8 +270,9 @@ async fn worker(shared: Arc<Shared>) -> Recorder {
             Ok(results) => results,
             Err(e) => {
                 tracing::debug!(error = %e, "reserve failed");
-                for _ in &sessions {
+                for session in &sessions {
                     rec.outcome("error");
+                    shared.tally.set(session.index, Acked::Unknown);
                 }
                 continue;
             }
@@ -302,48 +282,42 @@ async fn worker(shared: Arc<Shared>) -> Recorder {
             rec.outcome(status_name(status));
             if status == Status::Reserved {
                 shared.reserved.fetch_add(1, Ordering::Relaxed);
-                *rec.reserved.entry(session.sku).or_default() += 1;
-                *rec.per_user.entry((session.sku, session.user)).or_default() += 1;
-                let ttl_ms = shared.plan.sales.iter().find(|s| s.sku == session.sku).map_or(0, |s| s.ttl_ms);
-                let expires_at_ms = if detail != 0 { detail } else { now_ms() + ttl_ms };
-                winners.push((*session, expires_at_ms));
+                // The target's expiry if it said (stampede does), else a
+                // lower bound: it decided after the request was sent.
+                let expires_at_ms = if detail != 0 { detail } else { sent_ms + shared.plan.ttl_of(session.sku) };
+                shared.tally.held(session.index, expires_at_ms);
+                if session.then != AfterReserve::Abandon {
+                    winners.push(*session);
+                }
             }
         }
-        // Winners pay (or give up, or walk away) concurrently.
-        let settles = winners.iter().map(|(session, expires_at_ms)| {
+        // Winners pay or give up, concurrently (abandoned holds expire).
+        let settles = winners.iter().map(|session| {
             let shared = &shared;
             async move {
                 let started = Instant::now();
-                let result = match session.then {
-                    AfterReserve::Confirm => Some((OpKind::Confirm, shared.target.confirm(session).await)),
-                    AfterReserve::Release => Some((OpKind::Release, shared.target.release(session).await)),
-                    AfterReserve::Abandon => None,
+                let (op, result) = match session.then {
+                    AfterReserve::Release => (OpKind::Release, shared.target.release(session).await),
+                    _ => (OpKind::Confirm, shared.target.confirm(session).await),
                 };
-                (*session, *expires_at_ms, started, result)
+                (session.index, started, op, result)
             }
         });
-        for (session, expires_at_ms, started, result) in futures_util::future::join_all(settles).await {
-            let Some((op, result)) = result else {
-                rec.held.push((session.sku, expires_at_ms));
-                continue;
-            };
+        for (index, started, op, result) in futures_util::future::join_all(settles).await {
             rec.record(op, started);
             shared.requests.fetch_add(1, Ordering::Relaxed);
-            match result {
-                Ok(Status::Confirmed) => {
-                    rec.outcome("confirmed");
-                    *rec.confirmed.entry(session.sku).or_default() += 1;
-                }
-                Ok(Status::Released) => {
-                    rec.outcome("released");
-                    *rec.per_user.entry((session.sku, session.user)).or_default() -= 1;
-                }
-                Ok(status) => rec.outcome(status_name(status)),
-                Err(_) => {
-                    // Unknown outcome (it may or may not have been
-                    // applied): counted, but held to no invariant.
-                    rec.outcome("error");
-                }
+            let acked = match result {
+                Ok(Status::Confirmed) => Some(Acked::Confirmed),
+                Ok(Status::Released) => Some(Acked::Released),
+                Ok(Status::Expired) => Some(Acked::Lapsed),
+                // Any other answer (busy, ...) left the hold as it was.
+                Ok(_) => None,
+                // Unknown outcome: it may or may not have been applied.
+                Err(_) => Some(Acked::Unknown),
+            };
+            rec.outcome(result.map_or("error", status_name));
+            if let Some(acked) = acked {
+                shared.tally.set(index, acked);
             }
         }
     }
@@ -398,12 +372,36 @@ fn latency(h: &Histogram<u64>) -> Latency {
     }
 }
 
+/// Outcomes every summary lists, even when none happened (readers of the
+/// JSON look them up by name).
+const OUTCOMES_ALWAYS: [&str; 5] = ["reserved", "sold_out", "limit_exceeded", "busy", "error"];
+
 /// Run one drill against `target` (already connected) and check the
 /// invariants. `label` names the target in the report.
 pub async fn run(target: Arc<Target>, plan: Arc<Plan>, config: DrillConfig, label: &str) -> anyhow::Result<Summary> {
+    Ok(execute(target, plan, config, label).await?.0)
+}
+
+/// The audit at the end of a drill: the target's state, read now, against
+/// the drill's tally (see [`crate::audit`]). Also returns the target's
+/// counters per SKU.
+pub async fn verify(target: &Target, plan: &Plan, tally: &Tally) -> anyhow::Result<(Invariants, Vec<SkuState>)> {
+    let state = target.state(plan).await?;
+    Ok((audit::check(plan, tally, &state, now_ms()), state.sales))
+}
+
+/// [`run`], also returning the tally (to audit the target again later).
+pub async fn execute(
+    target: Arc<Target>,
+    plan: Arc<Plan>,
+    config: DrillConfig,
+    label: &str,
+) -> anyhow::Result<(Summary, Tally)> {
     if !config.ping_only {
         target.prepare(&plan).await?;
     }
+    // Made (and its memory touched) before the clock starts.
+    let tally = Tally::new(if config.ping_only { 0 } else { plan.users }, now_ms());
     let latencies = Arc::new(std::sync::Mutex::new(Latencies {
         ops: (0..OP_NAMES.len()).map(|_| histogram()).collect(),
         timeline: Vec::new(),
@@ -429,6 +427,7 @@ pub async fn run(target: Arc<Target>, plan: Arc<Plan>, config: DrillConfig, labe
         schedule,
         permits,
         latencies,
+        tally,
         requests: AtomicU64::new(0),
         reserved: AtomicU64::new(0),
     });
@@ -468,28 +467,15 @@ pub async fn run(target: Arc<Target>, plan: Arc<Plan>, config: DrillConfig, labe
         let _ = p.await;
     }
 
-    // --- invariants ---------------------------------------------------------
-    let audit = if config.ping_only { Vec::new() } else { target.audit(&plan).await? };
-    let now = now_ms();
-    let mut invariants = Invariants::default();
-    for state in &audit {
-        let stock = plan.sales.iter().find(|s| s.sku == state.sku).map_or(0, |s| s.stock);
-        if state.available + state.reserved + state.sold != state.total || state.sold + state.reserved > state.total {
-            invariants.oversold += 1;
-        }
-        let confirmed = total.confirmed.get(&state.sku).copied().unwrap_or(0);
-        invariants.oversold += confirmed.saturating_sub(stock);
-        // Every acknowledged sale is sold on the server; every acknowledged
-        // hold that cannot have expired yet (1 s margin) is still held.
-        let holding: u64 =
-            total.held.iter().filter(|(sku, exp)| *sku == state.sku && *exp > now + 1_000).count() as u64;
-        invariants.lost_acks += confirmed.saturating_sub(state.sold) + holding.saturating_sub(state.reserved);
-    }
-    invariants.limit_violations =
-        total.per_user.iter().filter(|((sku, _), units)| **units > i64::from(plan.limit_of(*sku))).count() as u64;
-    invariants.ok = invariants.oversold == 0 && invariants.limit_violations == 0 && invariants.lost_acks == 0;
+    let latencies = total.latencies.clone();
+    let tally = Arc::into_inner(shared).expect("workers and the progress task are done").tally;
+    let (invariants, audit) = if config.ping_only {
+        (Invariants { ok: true, ..Invariants::default() }, Vec::new())
+    } else {
+        verify(&target, &plan, &tally).await?
+    };
 
-    let latencies = std::mem::take(&mut *total.latencies.lock().unwrap_or_else(|e| e.into_inner()));
+    let latencies = std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner()));
     let mut all = histogram();
     let mut ops = BTreeMap::new();
     for (name, h) in OP_NAMES.iter().zip(&latencies.ops) {
@@ -511,7 +497,11 @@ pub async fn run(target: Arc<Target>, plan: Arc<Plan>, config: DrillConfig, labe
             max_us: h.max(),
         })
         .collect();
-    Ok(Summary {
+    let mut outcomes: BTreeMap<String, u64> = total.outcomes.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    for name in OUTCOMES_ALWAYS {
+        outcomes.entry(name.to_string()).or_default();
+    }
+    let summary = Summary {
         scenario: plan.scenario,
         target: label.to_string(),
         users: plan.users,
@@ -520,10 +510,11 @@ pub async fn run(target: Arc<Target>, plan: Arc<Plan>, config: DrillConfig, labe
         throughput_rps: requests as f64 / elapsed,
         latency_us: latency(&all),
         ops,
-        outcomes: total.outcomes.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        outcomes,
         invariants,
         audit,
         timeline,
         config,
-    })
+    };
+    Ok((summary, tally))
 }

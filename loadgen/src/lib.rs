@@ -11,11 +11,14 @@
 //!   row plus a per-user row, in a transaction), one outcome vocabulary.
 //! - [`drill`]: workers (connections x depth), closed or open loop (with
 //!   coordinated-omission-corrected latency and a spike profile),
-//!   hdrhistogram per operation, the tally, the invariants.
+//!   hdrhistogram per operation; every answer goes to the tally.
+//! - [`audit`]: the tally, and the invariants checked reservation by
+//!   reservation against the target's state at the end.
 //! - [`report`]: the summary (JSON), the table, the HTML report.
 //! - [`local`]: a stampede server started in-process for drills with no
 //!   `--target`, and `redis-server` processes started for `compare`.
 
+pub mod audit;
 pub mod drill;
 pub mod local;
 pub mod report;

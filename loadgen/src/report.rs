@@ -27,14 +27,32 @@ pub struct OpSummary {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Invariants {
-    /// SKUs whose counters do not add up or exceed the stock, plus units
-    /// confirmed to the drill beyond the stock.
+    /// Units the target's counters cannot account for: counters that do
+    /// not add up, units sold beyond the stock or without a confirmed
+    /// reservation, and sales acknowledged to the drill beyond the stock.
     pub oversold: u64,
-    /// (sku, user) pairs holding more than the limit by the drill's tally.
+    /// (sku, user) pairs holding more than the limit, by the target's
+    /// reservations plus by the drill's acknowledgements.
     pub limit_violations: u64,
-    /// Acknowledged sales or unexpired holds the target does not have.
+    /// Acknowledged reservations the target does not have in the
+    /// acknowledged state (see `audit`).
     pub lost_acks: u64,
+    /// Reservations the target holds or sold that the drill was refused
+    /// or never asked for.
+    pub phantoms: u64,
+    /// Acknowledged reservations checked one by one against the target.
+    pub acknowledged: u64,
     pub ok: bool,
+}
+
+impl Invariants {
+    /// The counts, for the table and the HTML report.
+    pub fn counts(&self) -> String {
+        format!(
+            "oversold {}, limit violations {}, lost acks {}, phantoms {}; {} acknowledged reservations checked",
+            self.oversold, self.limit_violations, self.lost_acks, self.phantoms, self.acknowledged
+        )
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -108,14 +126,11 @@ impl Summary {
                 s.sku, s.total, s.available, s.reserved, s.sold
             );
         }
-        let i = &self.invariants;
         let _ = writeln!(
             out,
-            "invariants: {} (oversold {}, limit violations {}, lost acks {})",
-            if i.ok { "OK" } else { "BROKEN" },
-            i.oversold,
-            i.limit_violations,
-            i.lost_acks
+            "invariants: {} ({})",
+            if self.invariants.ok { "OK" } else { "BROKEN" },
+            self.invariants.counts()
         );
         out
     }
@@ -137,16 +152,13 @@ impl Summary {
         );
         let _ = write!(
             page,
-            "<p>{} requests in {:.2} s: <b>{} req/s</b>. Invariants: <b class=\"{}\">{}</b> \
-             (oversold {}, limit violations {}, lost acks {}).</p>",
+            "<p>{} requests in {:.2} s: <b>{} req/s</b>. Invariants: <b class=\"{}\">{}</b> ({}).</p>",
             self.requests,
             self.duration_s,
             human(self.throughput_rps),
             if self.invariants.ok { "ok" } else { "bad" },
             if self.invariants.ok { "OK" } else { "BROKEN" },
-            self.invariants.oversold,
-            self.invariants.limit_violations,
-            self.invariants.lost_acks
+            self.invariants.counts()
         );
         page.push_str("<table><tr><th>op</th><th>count</th><th>p50 µs</th><th>p90 µs</th><th>p99 µs</th><th>p99.9 µs</th><th>max µs</th></tr>");
         for (name, op) in &self.ops {

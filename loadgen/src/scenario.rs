@@ -42,6 +42,8 @@ pub struct SaleSpec {
 /// What one virtual user does.
 #[derive(Clone, Copy, Debug)]
 pub struct Session {
+    /// The virtual user's index (`Plan::session(index)`).
+    pub index: u64,
     pub sku: u64,
     pub user: u64,
     pub reservation_id: u128,
@@ -144,6 +146,18 @@ impl Plan {
         // Reservation ids: the drill's seed in the high half, the index low:
         // unique per drill, repeatable, never 0.
         let reservation_id = (u128::from(self.seed | 1) << 64) | u128::from(index + 1);
-        Session { sku, user, reservation_id, then }
+        Session { index, sku, user, reservation_id, then }
+    }
+
+    /// The virtual user whose reservation id this is, if it is one of
+    /// this plan's (the inverse of the id `session` derives).
+    pub fn index_of(&self, reservation_id: u128) -> Option<u64> {
+        let (high, low) = ((reservation_id >> 64) as u64, reservation_id as u64);
+        (high == self.seed | 1 && low > 0).then(|| low - 1)
+    }
+
+    /// The reservation TTL of `sku`'s sale.
+    pub fn ttl_of(&self, sku: u64) -> u64 {
+        self.sales.iter().find(|s| s.sku == sku).map_or(0, |s| s.ttl_ms)
     }
 }

@@ -5,10 +5,13 @@
 use std::sync::Arc;
 
 use stampede::wal::Durability;
+use stampede_loadgen::audit::Acked;
 use stampede_loadgen::drill::{self, DrillConfig, Spike};
 use stampede_loadgen::local::LocalStampede;
 use stampede_loadgen::scenario::{Plan, Scenario, Session};
 use stampede_loadgen::target::Target;
+use stampede_protocol::client::{Client, ClientConfig};
+use stampede_protocol::message::HoldState;
 use stampede_protocol::Status;
 
 fn config() -> DrillConfig {
@@ -45,6 +48,10 @@ async fn every_scenario_keeps_the_invariants_on_stampede() {
         config.batch = if scenario == Scenario::Flash { 16 } else { 1 };
         let summary = drill::run(target, plan.clone(), config, "stampede").await.unwrap();
         assert!(summary.invariants.ok, "{scenario:?}: {}", summary.table());
+        assert_eq!(
+            summary.invariants.acknowledged, summary.outcomes["reserved"],
+            "{scenario:?}: every acknowledged reservation was checked on the server"
+        );
         let sold: u64 = summary.audit.iter().map(|s| s.sold).sum();
         let reserved: u64 = summary.audit.iter().map(|s| s.reserved).sum();
         let confirmed = summary.outcomes.get("confirmed").copied().unwrap_or(0);
@@ -88,6 +95,32 @@ async fn open_loop_with_a_spike_offers_the_scheduled_load() {
     server.stop().await.unwrap();
 }
 
+/// The audit reads the server's state: a reservation taken away behind
+/// the drill's back is a lost ack, one it was refused is a phantom.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_finds_a_lost_and_a_phantom_reservation_on_a_real_server() {
+    let server = LocalStampede::start(Durability::Fsync).await.unwrap();
+    let target = local_target(&server).await;
+    let mut plan = Plan::new(Scenario::Flash, 500, 100, 600_000, 11);
+    plan.reserve_only = true;
+    let plan = Arc::new(plan);
+    let (summary, tally) = drill::execute(target.clone(), plan.clone(), config(), "stampede").await.unwrap();
+    assert!(summary.invariants.ok, "{}", summary.table());
+    assert_eq!(summary.invariants.acknowledged, 100);
+
+    let held = (0..500).find(|&i| tally.get(i).0 == Acked::Held).unwrap();
+    let refused = (0..500).find(|&i| tally.get(i).0 == Acked::Nothing).unwrap();
+    let client = Client::connect(ClientConfig::new(server.addr(), &server.token)).await.unwrap();
+    let (held, refused) = (plan.session(held), plan.session(refused));
+    assert_eq!(client.release(held.reservation_id).await.unwrap().status, Status::Released);
+    let phantom = client.reserve(refused.sku, refused.user, 1, refused.reservation_id).await.unwrap();
+    assert_eq!(phantom.status, Status::Reserved);
+
+    let (invariants, _) = drill::verify(&target, &plan, &tally).await.unwrap();
+    assert_eq!((invariants.lost_acks, invariants.phantoms, invariants.ok), (1, 1, false), "{invariants:?}");
+    server.stop().await.unwrap();
+}
+
 /// The Redis baseline's Lua scripts do what stampede does: per-user limit,
 /// stock decrement, idempotent retry, reservation TTL, confirm/release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,8 +161,25 @@ async fn check_baseline_semantics(target: &Target, ttl_ms: u64) {
     assert_eq!(target.release(&s[1]).await.unwrap(), Status::Released);
     assert_eq!(target.confirm(&s[0]).await.unwrap(), Status::Confirmed);
     assert_eq!(target.reserve(&plan, &s[3..4]).await.unwrap()[0].0, Status::Reserved);
+    assert_eq!(target.confirm(&s[0]).await.unwrap(), Status::Confirmed, "confirming twice");
+    assert_eq!(target.release(&s[0]).await.unwrap(), Status::AlreadyConfirmed);
+    assert_eq!(target.release(&s[1]).await.unwrap(), Status::Released, "releasing twice");
+    assert_eq!(target.confirm(&s[1]).await.unwrap(), Status::AlreadyReleased);
     let audit = target.audit(&plan).await.unwrap();
     assert_eq!((audit[0].total, audit[0].available, audit[0].reserved, audit[0].sold), (3, 0, 2, 1));
+    // The audit's view: every reservation with its owner and state.
+    let state = target.state(&plan).await.unwrap();
+    let mut found: Vec<(u128, u64, HoldState)> = state.reservations.iter().map(|r| (r.id, r.user, r.state)).collect();
+    found.sort();
+    let mut expected = vec![
+        (s[0].reservation_id, s[0].user, HoldState::Confirmed),
+        (s[1].reservation_id, s[1].user, HoldState::Released),
+        (s[2].reservation_id, s[2].user, HoldState::Held),
+        (s[3].reservation_id, s[3].user, HoldState::Held),
+    ];
+    expected.sort();
+    assert_eq!(found, expected);
+    assert!(state.reservations.iter().all(|r| r.sku == s[0].sku && r.qty == 1));
     // After the TTL the hold cannot be confirmed.
     tokio::time::sleep(std::time::Duration::from_millis(ttl_ms + 200)).await;
     assert_eq!(target.confirm(&s[2]).await.unwrap(), Status::Expired);

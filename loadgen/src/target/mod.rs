@@ -10,6 +10,7 @@ pub mod stampede;
 use stampede_protocol::message::QueueTicket;
 use stampede_protocol::Status;
 
+use crate::audit::TargetState;
 use crate::scenario::{Plan, Session};
 
 /// One SKU's counters as the target reports them after a drill.
@@ -107,11 +108,22 @@ impl Target {
         }
     }
 
+    /// Counters per SKU of the plan's sales, as the target has them now.
     pub async fn audit(&self, plan: &Plan) -> anyhow::Result<Vec<SkuState>> {
         match self {
             Target::Stampede(t) => t.audit(plan).await,
             Target::Redis(t) => t.audit(plan).await,
             Target::Postgres(t) => t.audit(plan).await,
+        }
+    }
+
+    /// The counters and every reservation the target has for the plan's
+    /// sales (the end-of-drill audit).
+    pub async fn state(&self, plan: &Plan) -> anyhow::Result<TargetState> {
+        match self {
+            Target::Stampede(t) => t.state(plan).await,
+            Target::Redis(t) => t.state(plan).await,
+            Target::Postgres(t) => t.state(plan).await,
         }
     }
 }

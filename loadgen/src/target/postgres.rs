@@ -11,7 +11,10 @@ use sqlx::Row;
 use stampede_protocol::Status;
 use uuid::Uuid;
 
+use stampede_protocol::message::HoldState;
+
 use super::SkuState;
+use crate::audit::{TargetReservation, TargetState};
 use crate::scenario::{Plan, Session};
 
 pub struct PgTarget {
@@ -114,7 +117,24 @@ impl PgTarget {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
-            return Ok(Status::Expired);
+            // Not held any more (or never): answer as stampede would.
+            let row = sqlx::query("SELECT state, expires_at <= now() FROM lg_reservations WHERE id = $1")
+                .bind(Uuid::from_u128(s.reservation_id))
+                .fetch_optional(&mut *tx)
+                .await?;
+            return Ok(match row.as_ref().map(|r| (r.get::<String, _>(0), r.get::<bool, _>(1))) {
+                None => Status::UnknownReservation,
+                Some((held, true)) if held == "held" => Status::Expired,
+                Some((settled, _)) if settled == state => {
+                    if confirm {
+                        Status::Confirmed
+                    } else {
+                        Status::Released
+                    }
+                }
+                Some((_, _)) if confirm => Status::AlreadyReleased,
+                Some((_, _)) => Status::AlreadyConfirmed,
+            });
         };
         let qty: i32 = row.get(0);
         if confirm {
@@ -151,6 +171,34 @@ impl PgTarget {
     pub async fn ping(&self) -> anyhow::Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// Counters and every reservation row (an expired hold stays `held`
+    /// with its expiry in the past: nothing sweeps it).
+    pub async fn state(&self, plan: &Plan) -> anyhow::Result<TargetState> {
+        let rows = sqlx::query(
+            "SELECT id, sku, user_id, qty, state, (extract(epoch FROM expires_at) * 1000)::bigint FROM lg_reservations",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut reservations = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let state = match r.get::<&str, _>(4) {
+                "held" => HoldState::Held,
+                "confirmed" => HoldState::Confirmed,
+                "released" => HoldState::Released,
+                other => anyhow::bail!("unexpected reservation state {other:?} in lg_reservations"),
+            };
+            reservations.push(TargetReservation {
+                id: r.get::<Uuid, _>(0).as_u128(),
+                sku: r.get::<i64, _>(1) as u64,
+                user: r.get::<i64, _>(2) as u64,
+                qty: r.get::<i32, _>(3) as u32,
+                state,
+                expires_at_ms: r.get::<i64, _>(5) as u64,
+            });
+        }
+        Ok(TargetState { sales: self.audit(plan).await?, reservations })
     }
 
     pub async fn audit(&self, _plan: &Plan) -> anyhow::Result<Vec<SkuState>> {

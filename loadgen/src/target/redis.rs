@@ -15,8 +15,14 @@ use redis::aio::MultiplexedConnection;
 use redis::Script;
 use stampede_protocol::Status;
 
+use stampede_protocol::message::HoldState;
+
 use super::SkuState;
+use crate::audit::{TargetReservation, TargetState};
 use crate::scenario::{Plan, Session};
+
+/// Keys per SCAN step and per GET/PTTL pipeline of the audit.
+const AUDIT_KEYS_PER_STEP: usize = 10_000;
 
 pub struct RedisTarget {
     connections: Vec<MultiplexedConnection>,
@@ -97,7 +103,8 @@ impl RedisTarget {
                 .arg(1)
                 .arg(plan.limit_of(s.sku))
                 .arg(s.reservation_id.to_string())
-                .arg(ttl_ms);
+                .arg(ttl_ms)
+                .arg(s.sku);
         }
         let codes: Vec<i64> = pipe.query_async(&mut self.conn()).await?;
         Ok(codes.into_iter().map(|c| (status_of(c), 0)).collect())
@@ -130,6 +137,40 @@ impl RedisTarget {
         Ok(())
     }
 
+    /// Counters, plus every reservation key (held ones with their TTL;
+    /// an expired hold is gone, as Redis forgets it).
+    pub async fn state(&self, plan: &Plan) -> anyhow::Result<TargetState> {
+        let mut con = self.conn();
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+        let mut state = TargetState { sales: self.audit(plan).await?, reservations: Vec::new() };
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("lg:res:*")
+                .arg("COUNT")
+                .arg(AUDIT_KEYS_PER_STEP)
+                .query_async(&mut con)
+                .await?;
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+            }
+            let values: Vec<(Option<String>, i64)> =
+                if keys.is_empty() { Vec::new() } else { pipe.query_async(&mut con).await? };
+            for (key, (value, pttl_ms)) in keys.iter().zip(values) {
+                // Expired between SCAN and GET: gone, like any expired hold.
+                let Some(value) = value else { continue };
+                state.reservations.push(parse_reservation(key, &value, now_ms, pttl_ms)?);
+            }
+            if next == 0 {
+                return Ok(state);
+            }
+            cursor = next;
+        }
+    }
+
     pub async fn audit(&self, plan: &Plan) -> anyhow::Result<Vec<SkuState>> {
         let mut con = self.conn();
         let mut out = Vec::new();
@@ -141,4 +182,28 @@ impl RedisTarget {
         }
         Ok(out)
     }
+}
+
+/// `lg:res:{id}` = `{h|c|r}:{sku}:{user}:{qty}` (see reserve.lua).
+fn parse_reservation(key: &str, value: &str, now_ms: u64, pttl_ms: i64) -> anyhow::Result<TargetReservation> {
+    let bad = || anyhow::anyhow!("unexpected reservation {key} = {value:?} in Redis");
+    let id = key.strip_prefix("lg:res:").and_then(|id| id.parse().ok()).ok_or_else(bad)?;
+    let mut fields = value.split(':');
+    let state = match fields.next() {
+        Some("h") => HoldState::Held,
+        Some("c") => HoldState::Confirmed,
+        Some("r") => HoldState::Released,
+        _ => return Err(bad()),
+    };
+    let mut number = || fields.next().and_then(|n| n.parse::<u64>().ok()).ok_or_else(bad);
+    let (sku, user, qty) = (number()?, number()?, number()?);
+    Ok(TargetReservation {
+        id,
+        sku,
+        user,
+        qty: u32::try_from(qty)?,
+        state,
+        // A settled reservation has no TTL (-1): it never expires.
+        expires_at_ms: if pttl_ms >= 0 { now_ms + pttl_ms as u64 } else { u64::MAX },
+    })
 }

@@ -1,15 +1,26 @@
 //! stampede through its own client library (pipelined, several
 //! connections, RESERVE_BATCH for batches).
 
-use stampede_protocol::client::{Client, ClientConfig};
-use stampede_protocol::message::{QueueTicket, Reserve, SaleCreate};
+use std::time::Duration;
+
+use stampede_protocol::client::{Client, ClientConfig, ClientError};
+use stampede_protocol::message::{DumpEntry, QueueTicket, Reserve, SaleCreate};
+use stampede_protocol::replication::{ReplicationClient, StateDump};
 use stampede_protocol::Status;
 
 use super::SkuState;
+use crate::audit::{TargetReservation, TargetState};
 use crate::scenario::{Plan, Session};
+
+/// How long the audit waits for a state dump that covers every
+/// acknowledged change (see `state`).
+const DUMP_SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+const DUMP_RETRY_INTERVAL: Duration = Duration::from_millis(50);
 
 pub struct StampedeTarget {
     client: Client,
+    addr: String,
+    token: String,
 }
 
 impl StampedeTarget {
@@ -19,7 +30,7 @@ impl StampedeTarget {
         // A drill measures the server: report busy as an outcome instead of
         // hiding it in client retries.
         config.max_attempts = 1;
-        Ok(StampedeTarget { client: Client::connect(config).await? })
+        Ok(StampedeTarget { client: Client::connect(config).await?, addr: addr.to_string(), token: token.to_string() })
     }
 
     pub async fn prepare(&self, plan: &Plan) -> anyhow::Result<()> {
@@ -82,6 +93,71 @@ impl StampedeTarget {
         }
         Ok(out)
     }
+}
+
+impl StampedeTarget {
+    /// Every reservation, from a STATE_DUMP (the admin token may take one).
+    /// A dump shows the state at the log's synced position; in `async`
+    /// durability the last acknowledged changes may not be synced yet, so
+    /// the dump is taken again until its counters match the live ones
+    /// (STATUS). Nothing else changes them once the drill's load is over
+    /// but expiries, which the retry absorbs.
+    pub async fn state(&self, plan: &Plan) -> anyhow::Result<TargetState> {
+        let deadline = tokio::time::Instant::now() + DUMP_SETTLE_TIMEOUT;
+        loop {
+            let live = self.audit(plan).await?;
+            let dump = self.dump().await?;
+            let state = state_of(plan, dump);
+            let covered = live.iter().all(|l| {
+                state
+                    .sales
+                    .iter()
+                    .any(|s| (s.sku, s.available, s.reserved, s.sold) == (l.sku, l.available, l.reserved, l.sold))
+            });
+            if covered || tokio::time::Instant::now() >= deadline {
+                return Ok(state);
+            }
+            tokio::time::sleep(DUMP_RETRY_INTERVAL).await;
+        }
+    }
+
+    async fn dump(&self) -> anyhow::Result<StateDump> {
+        loop {
+            let mut log = ReplicationClient::connect(&self.addr, &self.token).await?;
+            match log.state_dump().await {
+                // One dump at a time per server: wait for the other one.
+                Err(ClientError::Server { status: Status::Busy, .. }) => tokio::time::sleep(DUMP_RETRY_INTERVAL).await,
+                other => return Ok(other?),
+            }
+        }
+    }
+}
+
+/// The plan's sales and their reservations out of a dump.
+fn state_of(plan: &Plan, dump: StateDump) -> TargetState {
+    let ours = |sku: u64| plan.sales.iter().any(|s| s.sku == sku);
+    let mut state = TargetState::default();
+    for entry in dump.entries {
+        match entry {
+            DumpEntry::Sale(s) if ours(s.sku) => state.sales.push(SkuState {
+                sku: s.sku,
+                total: s.total,
+                available: s.available,
+                reserved: s.reserved,
+                sold: s.sold,
+            }),
+            DumpEntry::Reservation(r) if ours(r.sku) => state.reservations.push(TargetReservation {
+                id: r.reservation_id,
+                sku: r.sku,
+                user: r.user,
+                qty: r.qty,
+                state: r.state,
+                expires_at_ms: r.expires_at_ms,
+            }),
+            _ => {}
+        }
+    }
+    state
 }
 
 async fn self_create(client: &Client, sale: SaleCreate) -> anyhow::Result<Status> {
