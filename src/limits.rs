@@ -71,13 +71,23 @@ pub const DIRECTORY_IDS_PRESIZED: usize = 1 << 20;
 /// itself never waits for a rehash or a page fault. Past it they grow.
 pub const SALE_PRESIZED_RESERVATIONS_MAX: u64 = 1 << 20;
 
-/// Largest main table of the id directory (128 MiB); recovery of a longer
-/// log puts the ids beyond it in the overflow map.
+/// Largest first tier of the id directory (128 MiB), however long the log
+/// recovery presizes it for; the ids beyond it go on in further tiers.
 pub const DIRECTORY_MAIN_SLOTS_MAX: usize = 1 << 22;
 
-/// Slots a directory probe looks at before the id goes to overflow: 8
-/// cache lines, a window the hardware prefetcher follows.
+/// Slots a directory probe looks at in one tier before the id goes on to
+/// the next: 8 cache lines in a row, which the hardware prefetcher
+/// follows. A new id scans the whole window of every tier that is full
+/// for it, so a longer window costs every claim once tiers crowd (32 made
+/// a 10M-id sale markedly slower); at half load, clusters send a few
+/// thousand of a million ids on early, which costs a page fault each.
 pub const DIRECTORY_PROBE_SLOTS: usize = 16;
+
+/// Tiers the id directory may chain, each twice the size of the one
+/// before: 32 doublings of even a test's 2 Ki-slot first tier is more
+/// slots than any machine has memory for, so this bound is never what
+/// stops a server (memory is). It sizes the fixed array of tier pointers.
+pub const DIRECTORY_TIERS_MAX: usize = 32;
 
 /// A WAL segment is closed and a new one started past this size. 64 MiB
 /// keeps the number of files small while a segment still replays in well

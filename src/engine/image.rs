@@ -7,7 +7,6 @@
 //! and asserts that the counters agree with the reservations, so a damaged
 //! or inconsistent snapshot is refused rather than served.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -303,7 +302,10 @@ impl Engine {
             paused: image.paused,
             holds,
             users,
-            expiry: held.into_iter().map(|(deadline, id)| ExpiryEntry::new(deadline, id)).collect::<VecDeque<_>>(),
+            expiry: held
+                .into_iter()
+                .map(|(deadline, id)| ExpiryEntry::new(deadline, id))
+                .collect::<super::chunked::ChunkedQueue<_>>(),
             gauge: Arc::new(SkuGauge::default()),
             queue: image.queue.map(|q| Box::new(WaitingRoom::import(q))),
         };

@@ -17,13 +17,13 @@
 //! into a [`SkuGauge`] of atomics, written only by this engine, so connection
 //! tasks can answer `sold_out` without a hop to the shard thread.
 
+pub mod chunked;
 pub mod directory;
 pub mod event;
 pub mod flat;
 pub mod image;
 pub mod queue;
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -32,6 +32,7 @@ use foldhash::fast::RandomState;
 use stampede_protocol::message::{Outcome, QueueTicket, Reserve, SaleCreate, SaleStatus, StatusReply};
 use stampede_protocol::Status;
 
+use chunked::{ChunkedQueue, ChunkedVec};
 pub use directory::{Claim, ReservationDirectory};
 pub use event::Event;
 use flat::{FlatMap, Zeroable};
@@ -139,7 +140,8 @@ struct Sale {
     /// deadlines are made monotonic at reserve time, so a FIFO queue does
     /// what a timer wheel would: O(1) to add, O(1) per expiry, no scan.
     /// Entries for reservations settled early are skipped when popped.
-    expiry: VecDeque<ExpiryEntry>,
+    /// Chunked, so growing it never copies the queue (see `chunked.rs`).
+    expiry: ChunkedQueue<ExpiryEntry>,
     gauge: Arc<SkuGauge>,
     /// The virtual queue, if the sale has one (boxed: most sales do not).
     queue: Option<Box<WaitingRoom>>,
@@ -217,7 +219,9 @@ unsafe impl Zeroable for IdKey {}
 #[derive(Default)]
 struct Holds {
     index: FlatMap<IdKey, u32>,
-    records: Vec<(IdKey, Reservation)>,
+    /// Chunked: a growing `Vec` would copy every record on the shard
+    /// thread each time it doubles (see `chunked.rs`).
+    records: ChunkedVec<(IdKey, Reservation)>,
 }
 
 impl Holds {
@@ -238,8 +242,8 @@ impl Holds {
         true
     }
     fn reserve(&mut self, additional: usize) {
+        // Records need no room made: they go into chunks as they come.
         self.index.reserve(additional);
-        self.records.reserve(additional);
     }
     fn prefetch(&self, key: &IdKey) {
         self.index.prefetch(key);
@@ -775,7 +779,7 @@ impl Engine {
                     paused: false,
                     holds: 0,
                     users,
-                    expiry: VecDeque::with_capacity(presized),
+                    expiry: ChunkedQueue::default(),
                     gauge: Arc::new(SkuGauge::default()),
                     queue: None,
                 };

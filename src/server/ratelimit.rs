@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use foldhash::fast::RandomState;
 
-use crate::engine::flat::{prefault, zeroed};
+use crate::engine::flat::{prefault, zeroed, Table};
 use crate::limits::USER_RATE_BUCKETS;
 
 pub struct UserRateLimiter {
@@ -37,7 +37,7 @@ pub struct UserRateLimiter {
     rate_milli_per_ms: u64,
     burst_milli: u64,
     started: Instant,
-    buckets: Box<[AtomicU64]>,
+    buckets: Table<AtomicU64>,
     /// Two independently seeded hashes of the user id (random per process,
     /// so nobody can pick user ids that collide on purpose).
     hashers: [RandomState; 2],
