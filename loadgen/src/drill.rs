@@ -244,12 +244,16 @@ async fn worker(shared: Arc<Shared>) -> Recorder {
             None => Instant::now(),
         };
         if shared.config.ping_only {
+            // PINGs cannot be batched: a batch's users go one after the
+            // other, each timed from its own send (closed loop) or from the
+            // batch's due time (open loop).
             for _ in 0..n {
+                let start = if shared.schedule.is_some() { due } else { Instant::now() };
                 match shared.target.ping().await {
                     Ok(()) => rec.outcome("ok"),
                     Err(_) => rec.outcome("error"),
                 }
-                rec.record(OpKind::Ping, due);
+                rec.record(OpKind::Ping, start);
                 shared.requests.fetch_add(1, Ordering::Relaxed);
             }
             continue;

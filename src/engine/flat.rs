@@ -544,8 +544,12 @@ unsafe impl<T: Send> Send for Table<T> {}
 // SAFETY: as above; shared access hands out only `&[T]`.
 unsafe impl<T: Sync> Sync for Table<T> {}
 
-/// Tables at least this big come straight from `mmap`.
-const TABLE_MAPPED_BYTES: usize = 1 << 20;
+/// Tables at least this big come straight from `mmap`. Below it the
+/// allocator's memset of recycled memory is cheaper than faulting in fresh
+/// pages (a small table made often, as in tests and state dumps, stays
+/// resident and warm); above it, a memset on the thread that needs the
+/// table is the stall (see `zeroed`).
+const TABLE_MAPPED_BYTES: usize = 64 << 20;
 
 /// Bytes of tables mapped straight from the OS and not yet freed (address
 /// space; pages are resident as they are touched). The allocator does not
@@ -557,11 +561,11 @@ pub fn mapped_table_bytes() -> usize {
     MAPPED_TABLE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// `n` zeroed values, resident only as their pages are touched. A big
-/// table is mapped straight from the OS, whose fresh pages are zero
-/// without being written: the allocator would hand back memory it
-/// recycled, and zero it with a memset first (128 MiB: ~40 ms, on the
-/// thread that needed the table, in the middle of a sale).
+/// `n` zeroed values. A big table is mapped straight from the OS, whose
+/// fresh pages are zero without being written and resident only once
+/// touched: the allocator would hand back memory it recycled, and zero it
+/// with a memset first (128 MiB: ~40 ms, on the thread that needed the
+/// table, in the middle of a sale).
 pub fn zeroed<T: Zeroable>(n: usize) -> Table<T> {
     let layout = std::alloc::Layout::array::<T>(n).expect("table size");
     if layout.size() == 0 {
