@@ -17,6 +17,26 @@ use std::collections::VecDeque;
 const CHUNK_SHIFT: u32 = 16;
 const CHUNK_LEN: usize = 1 << CHUNK_SHIFT;
 
+/// Push `value` into the last chunk if it has room; otherwise return a new
+/// chunk holding it, for the caller to append.
+#[inline]
+fn push_into<T>(last: Option<&mut Vec<T>>, value: T) -> Option<Vec<T>> {
+    match last {
+        Some(chunk) if chunk.len() < CHUNK_LEN => {
+            chunk.push(value);
+            None
+        }
+        _ => Some(new_chunk(value)),
+    }
+}
+
+#[cold]
+fn new_chunk<T>(value: T) -> Vec<T> {
+    let mut chunk = Vec::with_capacity(CHUNK_LEN);
+    chunk.push(value);
+    chunk
+}
+
 /// An append-only vector in fixed-size chunks.
 pub struct ChunkedVec<T> {
     chunks: Vec<Vec<T>>,
@@ -40,18 +60,10 @@ impl<T> ChunkedVec<T> {
 
     #[inline]
     pub fn push(&mut self, value: T) {
-        match self.chunks.last_mut() {
-            Some(last) if last.len() < CHUNK_LEN => last.push(value),
-            _ => self.push_to_new_chunk(value),
+        if let Some(chunk) = push_into(self.chunks.last_mut(), value) {
+            self.chunks.push(chunk);
         }
         self.len += 1;
-    }
-
-    #[cold]
-    fn push_to_new_chunk(&mut self, value: T) {
-        let mut chunk = Vec::with_capacity(CHUNK_LEN);
-        chunk.push(value);
-        self.chunks.push(chunk);
     }
 
     #[inline]
@@ -109,18 +121,10 @@ impl<T: Copy> ChunkedQueue<T> {
 
     #[inline]
     pub fn push_back(&mut self, value: T) {
-        match self.chunks.back_mut() {
-            Some(chunk) if chunk.len() < CHUNK_LEN => chunk.push(value),
-            _ => self.push_to_new_chunk(value),
+        if let Some(chunk) = push_into(self.chunks.back_mut(), value) {
+            self.chunks.push_back(chunk);
         }
         self.len += 1;
-    }
-
-    #[cold]
-    fn push_to_new_chunk(&mut self, value: T) {
-        let mut chunk = Vec::with_capacity(CHUNK_LEN);
-        chunk.push(value);
-        self.chunks.push_back(chunk);
     }
 
     #[inline]

@@ -21,7 +21,7 @@ use super::SkuState;
 use crate::audit::{TargetReservation, TargetState};
 use crate::scenario::{Plan, Session};
 
-/// Keys per SCAN step and per GET/PTTL pipeline of the audit.
+/// Keys per SCAN step, UNLINK, and GET/PTTL pipeline of the audit.
 const AUDIT_KEYS_PER_STEP: usize = 10_000;
 
 pub struct RedisTarget {
@@ -62,23 +62,8 @@ impl RedisTarget {
     pub async fn prepare(&self, plan: &Plan) -> anyhow::Result<()> {
         let mut con = self.conn();
         // Start clean, touching only the drill's own keys (prefix `lg:`).
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg("lg:*")
-                .arg("COUNT")
-                .arg(10_000)
-                .query_async(&mut con)
-                .await?;
-            if !keys.is_empty() {
-                redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut con).await?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
+        for keys in self.keys("lg:*").await?.chunks(AUDIT_KEYS_PER_STEP) {
+            redis::cmd("UNLINK").arg(keys).query_async::<()>(&mut con).await?;
         }
         for s in &plan.sales {
             redis::cmd("SET").arg(format!("lg:stock:{}", s.sku)).arg(s.stock).query_async::<()>(&mut con).await?;
@@ -143,29 +128,38 @@ impl RedisTarget {
         let mut con = self.conn();
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
         let mut state = TargetState { sales: self.audit(plan).await?, reservations: Vec::new() };
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg("lg:res:*")
-                .arg("COUNT")
-                .arg(AUDIT_KEYS_PER_STEP)
-                .query_async(&mut con)
-                .await?;
+        for keys in self.keys("lg:res:*").await?.chunks(AUDIT_KEYS_PER_STEP) {
             let mut pipe = redis::pipe();
-            for key in &keys {
+            for key in keys {
                 pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
             }
-            let values: Vec<(Option<String>, i64)> =
-                if keys.is_empty() { Vec::new() } else { pipe.query_async(&mut con).await? };
+            let values: Vec<(Option<String>, i64)> = pipe.query_async(&mut con).await?;
             for (key, (value, pttl_ms)) in keys.iter().zip(values) {
                 // Expired between SCAN and GET: gone, like any expired hold.
                 let Some(value) = value else { continue };
                 state.reservations.push(parse_reservation(key, &value, now_ms, pttl_ms)?);
             }
+        }
+        Ok(state)
+    }
+
+    /// Every key matching `pattern` (SCAN, so Redis is never blocked).
+    async fn keys(&self, pattern: &str) -> anyhow::Result<Vec<String>> {
+        let mut con = self.conn();
+        let mut all = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(AUDIT_KEYS_PER_STEP)
+                .query_async(&mut con)
+                .await?;
+            all.extend(keys);
             if next == 0 {
-                return Ok(state);
+                return Ok(all);
             }
             cursor = next;
         }
