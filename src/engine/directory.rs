@@ -126,8 +126,10 @@ struct Tier {
     mask: usize,
     /// Ids claimed into this tier, counted without a locked instruction
     /// (a plain load and store: shards racing may lose a count, which
-    /// only delays the next tier's preparation a little).
-    claimed: AtomicUsize,
+    /// only delays the next tier's preparation a little). On a cache line
+    /// of its own: a shard writes it at every claim, and the line with
+    /// `slots` and `mask` is read by every lookup on the I/O threads.
+    claimed: CacheLine<AtomicUsize>,
     /// Whether the next tier's preparation has been asked for.
     next_requested: AtomicBool,
 }
@@ -137,7 +139,7 @@ impl Tier {
         Tier {
             slots: zeroed(slots),
             mask: slots - 1,
-            claimed: AtomicUsize::new(0),
+            claimed: CacheLine(AtomicUsize::new(0)),
             next_requested: AtomicBool::new(false),
         }
     }
@@ -170,6 +172,10 @@ impl Tier {
         Probe::Full
     }
 }
+
+/// A value alone on its cache line (no false sharing with its neighbours).
+#[repr(align(64))]
+struct CacheLine<T>(T);
 
 /// Result of claiming an id for a SKU.
 #[derive(Debug, PartialEq, Eq)]
@@ -267,8 +273,8 @@ impl ReservationDirectory {
     /// directory that never outgrows its presized first tier never spends
     /// the memory.
     fn count_claim(&self, k: usize, tier: &Tier) {
-        let claimed = tier.claimed.load(Ordering::Relaxed) + 1;
-        tier.claimed.store(claimed, Ordering::Relaxed);
+        let claimed = tier.claimed.0.load(Ordering::Relaxed) + 1;
+        tier.claimed.0.store(claimed, Ordering::Relaxed);
         if 2 * claimed < tier.slots.len() || tier.next_requested.load(Ordering::Relaxed) {
             return;
         }
@@ -307,7 +313,7 @@ impl ReservationDirectory {
         let mut k = 0;
         while let Some(tier) = self.tier(k) {
             prefetch_line(tier.home(hash));
-            if 8 * tier.claimed.load(Ordering::Relaxed) < 5 * tier.slots.len() {
+            if 8 * tier.claimed.0.load(Ordering::Relaxed) < 5 * tier.slots.len() {
                 break;
             }
             k += 1;
