@@ -59,10 +59,10 @@ pub const RESERVATION_TTL_MS_DEFAULT: u64 = 10 * 60 * 1000;
 /// and ideally a core; more than this is a configuration mistake.
 pub const HOT_SHARDS_MAX: usize = 64;
 
-/// Reservation ids a server's id directory is sized for in its main table
-/// (at most half full, so probes stay short); more go on in its overflow
-/// map at a slower pace. 1M ids: 2M slots of 32 bytes (64 MiB of address
-/// space, resident only as ids land in it).
+/// Reservation ids a server's id directory is sized for in its first tier
+/// (at most half full, so probes stay short); more go on in further tiers
+/// (engine/directory.rs). 1M ids: 2M slots of 32 bytes (64 MiB, faulted in
+/// when the server starts).
 pub const DIRECTORY_IDS_PRESIZED: usize = 1 << 20;
 
 /// A new hot sale's tables (per-user records, reservation index and

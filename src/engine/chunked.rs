@@ -17,25 +17,8 @@ use std::collections::VecDeque;
 const CHUNK_SHIFT: u32 = 16;
 const CHUNK_LEN: usize = 1 << CHUNK_SHIFT;
 
-/// Push `value` into the last chunk if it has room; otherwise return a new
-/// chunk holding it, for the caller to append.
-#[inline]
-fn push_into<T>(last: Option<&mut Vec<T>>, value: T) -> Option<Vec<T>> {
-    match last {
-        Some(chunk) if chunk.len() < CHUNK_LEN => {
-            chunk.push(value);
-            None
-        }
-        _ => Some(new_chunk(value)),
-    }
-}
-
-#[cold]
-fn new_chunk<T>(value: T) -> Vec<T> {
-    let mut chunk = Vec::with_capacity(CHUNK_LEN);
-    chunk.push(value);
-    chunk
-}
+/// Entries of a queue's first chunk (its next ones double up to CHUNK_LEN).
+const QUEUE_FIRST_CHUNK_LEN: usize = 16;
 
 /// An append-only vector in fixed-size chunks.
 pub struct ChunkedVec<T> {
@@ -60,10 +43,18 @@ impl<T> ChunkedVec<T> {
 
     #[inline]
     pub fn push(&mut self, value: T) {
-        if let Some(chunk) = push_into(self.chunks.last_mut(), value) {
-            self.chunks.push(chunk);
+        match self.chunks.last_mut() {
+            Some(last) if last.len() < CHUNK_LEN => last.push(value),
+            _ => self.push_to_new_chunk(value),
         }
         self.len += 1;
+    }
+
+    #[cold]
+    fn push_to_new_chunk(&mut self, value: T) {
+        let mut chunk = Vec::with_capacity(CHUNK_LEN);
+        chunk.push(value);
+        self.chunks.push(chunk);
     }
 
     #[inline]
@@ -95,8 +86,11 @@ impl<T> std::ops::IndexMut<usize> for ChunkedVec<T> {
     }
 }
 
-/// A FIFO queue in fixed-size chunks: pushed at the back, popped at the
-/// front; a chunk is freed once everything in it has been popped.
+/// A FIFO queue in chunks: pushed at the back, popped at the front; a
+/// chunk is freed once everything in it has been popped. Chunks start
+/// small and double up to `CHUNK_LEN` entries: every sale has a queue
+/// (its pending expiries), and most hold a few entries at a time, so a
+/// first chunk of 1.5 MiB for each would be memory for nothing.
 pub struct ChunkedQueue<T> {
     chunks: VecDeque<Vec<T>>,
     /// Elements already popped from the front chunk.
@@ -121,10 +115,20 @@ impl<T: Copy> ChunkedQueue<T> {
 
     #[inline]
     pub fn push_back(&mut self, value: T) {
-        if let Some(chunk) = push_into(self.chunks.back_mut(), value) {
-            self.chunks.push_back(chunk);
+        match self.chunks.back_mut() {
+            // `len < capacity`: a push never reallocates a chunk.
+            Some(chunk) if chunk.len() < chunk.capacity() => chunk.push(value),
+            _ => self.push_to_new_chunk(value),
         }
         self.len += 1;
+    }
+
+    #[cold]
+    fn push_to_new_chunk(&mut self, value: T) {
+        let previous = self.chunks.back().map_or(0, Vec::capacity);
+        let mut chunk = Vec::with_capacity((2 * previous).clamp(QUEUE_FIRST_CHUNK_LEN, CHUNK_LEN));
+        chunk.push(value);
+        self.chunks.push_back(chunk);
     }
 
     #[inline]
@@ -140,9 +144,9 @@ impl<T: Copy> ChunkedQueue<T> {
         let value = *self.front()?;
         self.head += 1;
         self.len -= 1;
-        // The front chunk is spent once it is full and fully popped, or
-        // when the queue is empty (it was also the back chunk).
-        if self.head == self.chunks[0].len() && (self.head == CHUNK_LEN || self.len == 0) {
+        // The front chunk is spent once fully popped, if it is not also
+        // the back chunk being filled (a chunk before the back one is full).
+        if self.head == self.chunks[0].len() && (self.chunks.len() > 1 || self.len == 0) {
             self.chunks.pop_front();
             self.head = 0;
         }

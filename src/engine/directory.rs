@@ -290,11 +290,10 @@ impl ReservationDirectory {
         let _ = std::thread::Builder::new().name("directory-tier".into()).spawn(move || match chain.tier(k + 1) {
             // Added early by a claim: fault it in where it is, in use.
             Some(tier) => populate_shared(&tier.slots),
-            // Published only once faulted in. A claim that needs it before
-            // adds its own, and this one is freed (see `publish`).
-            None => {
-                chain.publish(k + 1, Tier::prefaulted(slots));
-            }
+            // Published only once faulted in. A claim that needed it
+            // before added its own (and ours is freed, see `publish`):
+            // fault in that one, where it is.
+            None => populate_shared(&chain.publish(k + 1, Tier::prefaulted(slots)).slots),
         });
     }
 

@@ -11,7 +11,8 @@
 //! The shape is the plainest that does the job: open addressing with
 //! linear probing over `(key, value)` slots of plain integers, at most half
 //! full (short probes, and a miss on an absent key ends at the first empty
-//! slot), doubled when full, deletion by backward shift (no tombstones).
+//! slot), grown at half full into a table twice the size a few slots at a
+//! time (see `grow`), deletion by backward shift (no tombstones).
 //! The all-zero key marks an empty slot; the one real key equal to it is
 //! kept aside. Allocated zeroed, so a presized table costs memory only as
 //! its pages are touched. The `flat_map_matches_std` property test checks
@@ -79,11 +80,12 @@ struct Old<K: Copy, V: Copy> {
 
 const MIN_SLOTS: usize = 16;
 
-/// A table at least this big is faulted in ahead by a helper thread
-/// (768 MiB takes ~250 ms here, which would otherwise stall the shard
-/// thread), and freed by one (unmapping a gigabyte takes tens of
-/// milliseconds); a smaller one is faulted in and freed on the spot (4 MiB:
-/// about a millisecond).
+/// A table at least this big is worth a helper thread: a directory tier
+/// faulted in ahead (768 MiB takes ~250 ms here, which would otherwise
+/// stall the shard thread), a table freed after a growth (unmapping a
+/// gigabyte takes tens of milliseconds). A smaller one is faulted in and
+/// freed on the spot (4 MiB: about a millisecond). Engine tables prepare
+/// their successor ahead only from `SUCCESSOR_AHEAD_BYTES`.
 pub(crate) const TABLE_IN_BACKGROUND_BYTES: usize = 4 << 20;
 
 /// A successor table at least this big is prepared ahead (see

@@ -126,7 +126,6 @@ impl RedisTarget {
     /// an expired hold is gone, as Redis forgets it).
     pub async fn state(&self, plan: &Plan) -> anyhow::Result<TargetState> {
         let mut con = self.conn();
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
         let mut state = TargetState { sales: self.audit(plan).await?, reservations: Vec::new() };
         for keys in self.keys("lg:res:*").await?.chunks(AUDIT_KEYS_PER_STEP) {
             let mut pipe = redis::pipe();
@@ -134,6 +133,9 @@ impl RedisTarget {
                 pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
             }
             let values: Vec<(Option<String>, i64)> = pipe.query_async(&mut con).await?;
+            // The TTLs were read just now (not when the scan began: at
+            // millions of keys the audit itself takes seconds).
+            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
             for (key, (value, pttl_ms)) in keys.iter().zip(values) {
                 // Expired between SCAN and GET: gone, like any expired hold.
                 let Some(value) = value else { continue };

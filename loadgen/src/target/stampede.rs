@@ -102,31 +102,40 @@ impl StampedeTarget {
     /// the dump is taken again until its counters match the live ones
     /// (STATUS). Nothing else changes them once the drill's load is over
     /// but expiries, which the retry absorbs.
+    ///
+    /// Fails if no dump covered the live counters within
+    /// `DUMP_SETTLE_TIMEOUT`: an audit of a stale dump would report the
+    /// lag as lost acknowledgements.
     pub async fn state(&self, plan: &Plan) -> anyhow::Result<TargetState> {
         let deadline = tokio::time::Instant::now() + DUMP_SETTLE_TIMEOUT;
         loop {
             let live = self.audit(plan).await?;
-            let dump = self.dump().await?;
-            let state = state_of(plan, dump);
+            let state = state_of(plan, self.dump(deadline).await?);
             let covered = live.iter().all(|l| {
                 state
                     .sales
                     .iter()
                     .any(|s| (s.sku, s.available, s.reserved, s.sold) == (l.sku, l.available, l.reserved, l.sold))
             });
-            if covered || tokio::time::Instant::now() >= deadline {
+            if covered {
                 return Ok(state);
             }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the server's state dumps did not catch up with its live counters within {DUMP_SETTLE_TIMEOUT:?}"
+            );
             tokio::time::sleep(DUMP_RETRY_INTERVAL).await;
         }
     }
 
-    async fn dump(&self) -> anyhow::Result<StateDump> {
+    /// One STATE_DUMP, waiting (until `deadline`) while another one runs.
+    async fn dump(&self, deadline: tokio::time::Instant) -> anyhow::Result<StateDump> {
         loop {
             let mut log = ReplicationClient::connect(&self.addr, &self.token).await?;
             match log.state_dump().await {
-                // One dump at a time per server: wait for the other one.
-                Err(ClientError::Server { status: Status::Busy, .. }) => tokio::time::sleep(DUMP_RETRY_INTERVAL).await,
+                Err(ClientError::Server { status: Status::Busy, .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(DUMP_RETRY_INTERVAL).await
+                }
                 other => return Ok(other?),
             }
         }
