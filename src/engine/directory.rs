@@ -144,6 +144,12 @@ impl Tier {
         }
     }
 
+    /// Whether a tier of `slots` is small enough to fault in on the spot
+    /// rather than on a helper thread.
+    fn small(slots: usize) -> bool {
+        slots * std::mem::size_of::<Slot>() < TABLE_IN_BACKGROUND_BYTES
+    }
+
     /// A tier with its pages resident and writable (see `prefault`: a
     /// probe reads a slot before the claim writes it, and a page read
     /// first costs an inter-processor interrupt when first written).
@@ -261,8 +267,7 @@ impl ReservationDirectory {
         }
         assert!(k < DIRECTORY_TIERS_MAX, "reservation directory: all {DIRECTORY_TIERS_MAX} tiers full");
         let slots = 2 * self.tier(k - 1).expect("tiers are added in order").slots.len();
-        let small = slots * std::mem::size_of::<Slot>() < TABLE_IN_BACKGROUND_BYTES;
-        self.chain.publish(k, if small { Tier::prefaulted(slots) } else { Tier::new(slots) })
+        self.chain.publish(k, if Tier::small(slots) { Tier::prefaulted(slots) } else { Tier::new(slots) })
     }
 
     /// Count a claim into tier `k`. Once it holds as many ids as it was
@@ -282,7 +287,7 @@ impl ReservationDirectory {
             return;
         }
         let slots = 2 * tier.slots.len();
-        if slots * std::mem::size_of::<Slot>() < TABLE_IN_BACKGROUND_BYTES {
+        if Tier::small(slots) {
             return;
         }
         let chain = self.chain.clone();

@@ -234,7 +234,8 @@ impl<K: Zeroable + Copy + Eq + Hash + Send + 'static, V: Zeroable + Copy + Send 
             Err(empty) => {
                 self.slots[empty] = Slot { key, value: default };
                 self.len += 1;
-                if 8 * self.len >= 3 * self.slots.len() && self.len > self.presized && self.successor.is_none() {
+                if 8 * self.len >= 3 * self.slots.len() && self.successor.is_none() && self.successor_worth_preparing()
+                {
                     self.prepare_successor();
                 }
                 (false, empty)
@@ -316,6 +317,13 @@ impl<K: Zeroable + Copy + Eq + Hash + Send + 'static, V: Zeroable + Copy + Send 
         self.old = Some(Old { mask: previous.len() - 1, slots: previous, cursor, left });
     }
 
+    /// Whether the next table is big enough to prepare ahead, and this one
+    /// has outgrown the size it was made for (see `prepare_successor`).
+    #[inline]
+    fn successor_worth_preparing(&self) -> bool {
+        self.len > self.presized && 2 * std::mem::size_of_val(&self.slots[..]) >= SUCCESSOR_AHEAD_BYTES
+    }
+
     /// Have a helper thread allocate and fault in the next table (twice
     /// this one) while this one fills from 3/8 to 1/2, if it is big enough
     /// to be worth holding ahead (at 16M slots: 2M inserts against ~250 ms
@@ -324,9 +332,6 @@ impl<K: Zeroable + Copy + Eq + Hash + Send + 'static, V: Zeroable + Copy + Send 
     /// presized tables never spend the memory unless the sale outgrows them.
     fn prepare_successor(&mut self) {
         let slots = 2 * self.slots.len();
-        if slots * std::mem::size_of::<Slot<K, V>>() < SUCCESSOR_AHEAD_BYTES {
-            return;
-        }
         let prepare = move || {
             let mut table = zeroed(slots);
             prefault(&mut table);
@@ -488,7 +493,7 @@ pub fn populate_shared<T: Sync>(values: &[T]) {
 
 /// Drop a table no one uses any more; a big one on a helper thread, so the
 /// caller does not wait for the unmapping.
-pub fn free_in_background<T: Send + 'static>(table: Table<T>) {
+fn free_in_background<T: Send + 'static>(table: Table<T>) {
     if std::mem::size_of_val(&table[..]) < TABLE_IN_BACKGROUND_BYTES {
         return;
     }
