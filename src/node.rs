@@ -112,6 +112,9 @@ impl Node {
             );
         }
         let report = recovered.report;
+        for rejected in &report.snapshots_rejected {
+            tracing::warn!(snapshot = %rejected, "recovered without this snapshot");
+        }
         tracing::info!(
             snapshot_lsn = ?report.snapshot_lsn, records_replayed = report.records_replayed,
             segments = report.segments_scanned, torn_bytes_dropped = report.torn_bytes_dropped,

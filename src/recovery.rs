@@ -2,23 +2,35 @@
 //! write-ahead log after it rebuilds the engines exactly.
 //!
 //! Rules (WAL.md has the full story):
-//! - Snapshots are tried newest first; one that fails its checksum is
-//!   skipped with a log line, and replay starts from an older one.
+//! - Snapshots are tried newest first. One that fails its checksum, whose
+//!   contents contradict themselves, or whose replay breaks an invariant is
+//!   passed over (with a log line) for the next older one, and finally for
+//!   the log alone; at startup the ones passed over are renamed
+//!   `*.discarded` once another way worked. Recovery refuses, naming every
+//!   file it tried, only when nothing covers the state.
 //! - The log must be continuous: every record's LSN is the previous plus
 //!   one, across segments too. A gap is corruption.
-//! - A torn tail (invalid bytes at the very end of the last segment with no
-//!   valid record after them) is truncated, logging how many bytes were
-//!   dropped: those bytes were never fsynced, so never acknowledged.
-//! - Anything else invalid is corruption: recovery refuses, naming the
-//!   segment and offset, unless `truncate_corrupt` is set, in which case
-//!   the log is cut there and later segments are renamed `*.discarded`,
-//!   with a log line saying what was lost.
-//! - After replay every invariant is checked over the whole state.
+//! - A torn tail (bytes at the very end of the last segment that an
+//!   interrupted write leaves: cut short, or zeros from a sector boundary,
+//!   with no valid record after them) is truncated, logging how many bytes
+//!   were dropped: they were never fsynced, so never acknowledged.
+//! - Anything else invalid is corruption, including a complete last record
+//!   that fails its checksum (it may have been acknowledged): recovery
+//!   refuses, naming the segment and offset, unless `truncate_corrupt` is
+//!   set, in which case the log is cut there, the cut bytes and later
+//!   segments are kept as `*.discarded` files (never overwritten), and a log
+//!   line names the last LSN kept and the records lost.
+//! - After replay every invariant is checked over the whole state. No
+//!   assertion on recovered data crashes the process: a broken invariant
+//!   while importing or replaying is caught, turned into a fallback or a
+//!   refusal that names the LSN, and nothing on disk is changed by a refusal.
 //!
 //! A checkpoint runs the same replay over *closed* segments only, writes a
 //! new snapshot, and deletes segments that both the snapshot and the
 //! downstream consumer have moved past.
 
+use std::cell::Cell;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,17 +44,27 @@ use crate::wal::snapshot::{list_snapshots, read_snapshot, write_snapshot};
 /// Name of the file holding the downstream consumer's settled LSN.
 pub const CONSUMER_LSN_FILE: &str = "consumer.lsn";
 
+/// Where the runbook for a refusal to start lives.
+const RUNBOOK: &str = "see ops/OPERATIONS.md, 'The server refuses to start'";
+
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
     #[error("i/o error in the data dir: {0}")]
     Io(#[from] std::io::Error),
     #[error(
         "write-ahead log corrupt in {segment} at byte offset {offset}: {reason}; refusing to start \
-         (--wal-truncate-corrupt cuts the log there, losing every record after it)"
+         (--wal-truncate-corrupt cuts the log there, losing every record after it; {RUNBOOK})"
     )]
     Corrupt { segment: PathBuf, offset: u64, reason: String },
-    #[error("write-ahead log starts at LSN {first_lsn} but the newest snapshot covers only up to {snapshot_lsn}: records are missing")]
-    Gap { snapshot_lsn: u64, first_lsn: u64 },
+    #[error(
+        "the write-ahead log starts at LSN {first_lsn} ({segment}) but {covered}: records {}..={} are missing; \
+         refusing to start ({RUNBOOK})", covered_lsn + 1, first_lsn - 1
+    )]
+    Gap { covered_lsn: u64, first_lsn: u64, segment: PathBuf, covered: String },
+    #[error(
+        "the data dir holds no consistent state: {reason}; refusing to start, nothing was changed on disk ({RUNBOOK})"
+    )]
+    Inconsistent { reason: String },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -59,6 +81,11 @@ pub struct RecoveryReport {
     pub torn_bytes_dropped: u64,
     /// What `truncate_corrupt` threw away, for the log.
     pub discarded: Vec<String>,
+    /// Snapshots passed over, each with the reason (newest first).
+    pub snapshots_rejected: Vec<String>,
+    /// Leftover files removed at start (`*.tmp` of interrupted writes).
+    pub leftovers_removed: Vec<String>,
+    /// The last LSN of the recovered state (0: empty).
     pub last_lsn: u64,
     pub elapsed: Duration,
 }
@@ -102,12 +129,22 @@ struct Loader {
     claims: Vec<(u128, u64)>,
 }
 
+/// How to build an empty [`Loader`]: recovery may need several (one per
+/// way of rebuilding the state it tries).
+#[derive(Clone, Copy)]
+struct LoaderSpec {
+    pool_shards: usize,
+    records_estimate: usize,
+    /// The engines will serve requests (startup recovery), so the id
+    /// directory is prefaulted; a state dump or checkpoint skips that.
+    serving: bool,
+}
+
 impl Loader {
     /// `records_estimate` sizes the id directory up front: resizing a
     /// concurrent table millions of entries large dominates replay time.
-    /// `serving`: the engines will serve requests (startup recovery), so
-    /// the directory is prefaulted; a state dump or checkpoint skips that.
-    fn new(pool_shards: usize, records_estimate: usize, serving: bool) -> Loader {
+    fn new(spec: LoaderSpec) -> Loader {
+        let LoaderSpec { pool_shards, records_estimate, serving } = spec;
         let capacity = DIRECTORY_IDS_PRESIZED.max(records_estimate);
         let directory = ReservationDirectory::with_capacity(capacity);
         let directory = Arc::new(if serving { directory.prefaulted() } else { directory });
@@ -130,13 +167,17 @@ impl Loader {
         } else {
             Slot::Pool(pool_index(sku, self.engines.pool.len()))
         };
-        self.slots.insert(sku, slot);
+        let previous = self.slots.insert(sku, slot);
+        assert!(previous.is_none(), "sku {sku} created twice");
         slot
     }
 
-    fn import(&mut self, image: SaleImage) {
+    fn import(&mut self, image: SaleImage) -> Result<(), String> {
+        if self.slots.contains_key(&image.sku) {
+            return Err(format!("sku {} appears twice", image.sku));
+        }
         let slot = self.new_slot(image.sku, image.hot);
-        slot.engine_mut(&mut self.engines).import(image);
+        slot.engine_mut(&mut self.engines).import(image)
     }
 
     fn apply(&mut self, event: &Event) {
@@ -159,6 +200,47 @@ impl Loader {
     }
 }
 
+thread_local! {
+    /// Set while this thread imports or replays recovered data.
+    static CATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether a panic on this thread will be caught by recovery and turned
+/// into a fallback or a refusal (the server's panic hook, which otherwise
+/// exits the process, lets these through).
+pub fn panic_is_caught() -> bool {
+    CATCHING.with(Cell::get)
+}
+
+/// Marks this thread's panics as caught by recovery while it lives.
+struct CatchGuard;
+
+impl CatchGuard {
+    fn enter() -> CatchGuard {
+        CATCHING.with(|c| c.set(true));
+        CatchGuard
+    }
+}
+
+impl Drop for CatchGuard {
+    fn drop(&mut self) {
+        CATCHING.with(|c| c.set(false));
+    }
+}
+
+/// Run `f`, turning a panic (a broken engine invariant) into an error with
+/// the panic's message.
+fn catching<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let _guard = CatchGuard::enter();
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic without a message".into())
+    })
+}
+
 /// Whether replay may repair the log (startup) or must find it clean
 /// (checkpoints read closed segments that recovery already vetted).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -177,138 +259,301 @@ struct Bounds {
     upto: Option<u64>,
 }
 
-/// Load the newest valid snapshot, then replay segments within `bounds`.
-fn load(dir: &Path, loader: &mut Loader, mode: Mode, bounds: Bounds) -> Result<RecoveryReport, RecoveryError> {
-    let Bounds { below, upto } = bounds;
-    let started = Instant::now();
-    let mut report = RecoveryReport::default();
-    let mut snapshot_lsn = 0;
-    let snapshots = list_snapshots(dir)?.into_iter().filter(|(lsn, _)| upto.is_none_or(|u| *lsn <= u));
-    for (_, path) in snapshots {
-        match read_snapshot(&path) {
-            Ok((lsn, sales)) => {
-                for image in sales {
-                    loader.import(image);
-                }
-                snapshot_lsn = lsn;
-                report.snapshot_lsn = Some(lsn);
-                break;
-            }
-            Err(e) => tracing::warn!(error = %e, "skipping invalid snapshot"),
-        }
+/// Why one way of rebuilding the state (a snapshot and the log after it,
+/// or the log alone) did not work.
+enum Failure {
+    /// The log itself is damaged or incomplete: an older snapshot cannot
+    /// help (it needs the same records and more).
+    Log(RecoveryError),
+    /// The state broke an invariant: the snapshot may be to blame.
+    Inconsistent(String),
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Log(RecoveryError::Io(e))
     }
+}
+
+/// Rebuild the state: the newest snapshot that works and the log after it
+/// (within `bounds`), falling back to older snapshots and to the log alone.
+fn load(dir: &Path, spec: LoaderSpec, mode: Mode, bounds: Bounds) -> Result<(Loader, RecoveryReport), RecoveryError> {
+    let started = Instant::now();
+    let snapshots: Vec<(u64, PathBuf)> =
+        list_snapshots(dir)?.into_iter().filter(|(lsn, _)| bounds.upto.is_none_or(|u| *lsn <= u)).collect();
     let segments: Vec<(u64, PathBuf)> = list_segments(dir)?
         .into_iter()
-        .filter(|(first, _)| below.is_none_or(|b| *first < b) && upto.is_none_or(|u| *first <= u))
+        .filter(|(first, _)| bounds.below.is_none_or(|b| *first < b) && bounds.upto.is_none_or(|u| *first <= u))
         .collect();
+    // Snapshots passed over, with the reason.
+    let mut rejected: Vec<(PathBuf, String)> = Vec::new();
+    let candidates = snapshots.iter().map(Some).chain(std::iter::once(None));
+    for candidate in candidates {
+        let mut loader = Loader::new(spec);
+        let mut report = RecoveryReport::default();
+        let mut snapshot_lsn = 0;
+        if let Some((_, path)) = candidate {
+            match import_snapshot(path, &mut loader) {
+                Ok(lsn) => {
+                    snapshot_lsn = lsn;
+                    report.snapshot_lsn = Some(lsn);
+                }
+                Err(reason) => {
+                    tracing::warn!(snapshot = %path.display(), %reason, "passing over a snapshot");
+                    rejected.push((path.clone(), reason));
+                    continue;
+                }
+            }
+        }
+        let covered = || match candidate {
+            Some((_, path)) => format!("the snapshot {} covers only up to LSN {snapshot_lsn}", path.display()),
+            None if rejected.is_empty() && snapshots.is_empty() => "there is no snapshot".to_string(),
+            None => format!("no snapshot could be used ({})", describe(&rejected)),
+        };
+        match replay(dir, &segments, &mut loader, &mut report, snapshot_lsn, mode, bounds.upto, &covered) {
+            Ok(()) => {
+                if let Mode::Repair { .. } = mode {
+                    for (path, reason) in &rejected {
+                        let kept = discard(path)?;
+                        tracing::warn!(snapshot = %path.display(), kept = %kept.display(), %reason,
+                            "a snapshot that could not be used was renamed out of the way");
+                    }
+                }
+                report.snapshots_rejected =
+                    rejected.iter().map(|(path, reason)| format!("{}: {reason}", path.display())).collect();
+                report.elapsed = started.elapsed();
+                return Ok((loader, report));
+            }
+            Err(Failure::Log(e)) => return Err(e),
+            Err(Failure::Inconsistent(reason)) => match candidate {
+                Some((_, path)) => {
+                    let reason = format!("the log replayed after it broke an invariant: {reason}");
+                    tracing::warn!(snapshot = %path.display(), %reason, "passing over a snapshot");
+                    rejected.push((path.clone(), reason));
+                }
+                None => {
+                    let mut reason = format!("replaying the log from its start: {reason}");
+                    if !rejected.is_empty() {
+                        reason.push_str(&format!("; snapshots tried first: {}", describe(&rejected)));
+                    }
+                    return Err(RecoveryError::Inconsistent { reason });
+                }
+            },
+        }
+    }
+    unreachable!("the last candidate (the log alone) returns")
+}
+
+fn describe(rejected: &[(PathBuf, String)]) -> String {
+    rejected.iter().map(|(path, reason)| format!("{}: {reason}", path.display())).collect::<Vec<_>>().join("; ")
+}
+
+/// Read, verify and import one snapshot; its LSN.
+fn import_snapshot(path: &Path, loader: &mut Loader) -> Result<u64, String> {
+    let (lsn, sales) = read_snapshot(path)?;
+    catching(|| -> Result<(), String> {
+        for image in sales {
+            loader.import(image)?;
+        }
+        for engine in loader.all_engines() {
+            engine.check_invariants();
+        }
+        Ok(())
+    })
+    .and_then(|imported| imported)?;
+    Ok(lsn)
+}
+
+/// Replay `segments` after `snapshot_lsn` into `loader` (up to `upto`),
+/// repairing the log as `mode` allows. `covered` says what the state
+/// covers before the log, for a gap's message.
+#[allow(clippy::too_many_arguments)]
+fn replay(
+    dir: &Path,
+    segments: &[(u64, PathBuf)],
+    loader: &mut Loader,
+    report: &mut RecoveryReport,
+    snapshot_lsn: u64,
+    mode: Mode,
+    upto: Option<u64>,
+    covered: &dyn Fn() -> String,
+) -> Result<(), Failure> {
     report.last_lsn = snapshot_lsn;
     // Replay from the last segment that starts at or before the first LSN
     // the snapshot does not cover.
     let Some(start) = segments.iter().rposition(|(first, _)| *first <= snapshot_lsn + 1) else {
-        if let Some((first_lsn, _)) = segments.first() {
-            return Err(RecoveryError::Gap { snapshot_lsn, first_lsn: *first_lsn });
-        }
-        report.elapsed = started.elapsed();
-        return Ok(report);
+        let Some((first_lsn, segment)) = segments.first() else {
+            return Ok(());
+        };
+        // Every segment starts after what the state covers.
+        let gap = RecoveryError::Gap {
+            covered_lsn: snapshot_lsn,
+            first_lsn: *first_lsn,
+            segment: segment.clone(),
+            covered: covered(),
+        };
+        return match mode {
+            Mode::Repair { truncate_corrupt: true } if snapshot_lsn > 0 => {
+                // The escape hatch: continue from the snapshot, keeping the
+                // unreachable segments aside.
+                discard_after(dir, segments, 0, None, snapshot_lsn, &gap.to_string(), report)?;
+                Ok(())
+            }
+            _ => Err(Failure::Log(gap)),
+        };
     };
     // A reader thread reads, verifies and decodes segments while this
     // thread applies: the two halves of replay overlap on two cores.
     let last_index = segments.len() - 1;
-    let segments = &segments;
     let directory = loader.engines.directory.clone();
-    std::thread::scope(|scope| -> Result<(), RecoveryError> {
-        let (tx, rx) = crossbeam_channel::bounded::<Chunk>(REPLAY_CHUNKS_QUEUED);
-        scope.spawn(move || read_segments(segments, start, upto, tx));
-        // Claims go to the shared id directory from a third thread: in a
-        // valid log an id is reserved once, so order does not matter, and
-        // the directory is complete when the scope ends, before serving.
-        let (claims_tx, claims_rx) = crossbeam_channel::bounded::<Vec<(u128, u64)>>(REPLAY_CHUNKS_QUEUED);
-        let directory = &directory;
-        scope.spawn(move || {
-            for claims in claims_rx {
-                for (id, sku) in claims {
-                    let claim = directory.claim(id, sku);
-                    assert!(!matches!(claim, Claim::Conflict), "reservation {id:#x} replayed for two skus");
-                }
-            }
-        });
-        for chunk in rx {
-            let (index, scan) = match chunk {
-                Chunk::Events(events) => {
-                    // Prefetch a few records ahead, as a shard does for a
-                    // run of RESERVEs: a 10M-record log builds tables far
-                    // larger than the cache.
-                    for (i, (lsn, event)) in events.iter().enumerate() {
-                        if let Some((_, ahead)) = events.get(i + RESERVE_PREFETCH_AHEAD) {
-                            loader.prefetch(ahead);
-                        }
-                        if *lsn > snapshot_lsn {
-                            loader.apply(event);
-                            report.records_replayed += 1;
-                        }
+    // The LSN being applied, for the message if it breaks an invariant.
+    let applying = Cell::new(0u64);
+    let outcome = catching(|| {
+        std::thread::scope(|scope| -> Result<(), Failure> {
+            let (tx, rx) = crossbeam_channel::bounded::<Chunk>(REPLAY_CHUNKS_QUEUED);
+            scope.spawn(move || {
+                let _guard = CatchGuard::enter();
+                read_segments(segments, start, upto, tx)
+            });
+            // Claims go to the shared id directory from a third thread: in a
+            // valid log an id is reserved once, so order does not matter, and
+            // the directory is complete when the scope ends, before serving.
+            let (claims_tx, claims_rx) = crossbeam_channel::bounded::<Vec<(u128, u64)>>(REPLAY_CHUNKS_QUEUED);
+            let directory = &directory;
+            scope.spawn(move || {
+                let _guard = CatchGuard::enter();
+                for claims in claims_rx {
+                    for (id, sku) in claims {
+                        let claim = directory.claim(id, sku);
+                        assert!(!matches!(claim, Claim::Conflict), "reservation {id:#x} replayed for two skus");
                     }
-                    if !loader.claims.is_empty() {
-                        let claims = std::mem::replace(&mut loader.claims, Vec::with_capacity(REPLAY_CHUNK_RECORDS));
-                        let _ = claims_tx.send(claims);
-                    }
-                    continue;
                 }
-                Chunk::Done(index, scan) => (index, scan?),
-            };
-            let path = &segments[index].1;
-            report.segments_scanned += 1;
-            report.last_lsn = report.last_lsn.max(scan.last_lsn);
-            let (offset, reason, torn) = match scan.end {
-                ScanEnd::Clean => continue,
-                ScanEnd::TornTail { offset, reason, .. } => (offset, reason, true),
-                ScanEnd::Corrupt { offset, reason } => (offset, reason, false),
-            };
-            // The reader stopped after this segment; nothing more will come.
-            let Mode::Repair { truncate_corrupt } = mode else {
-                return Err(RecoveryError::Corrupt { segment: path.clone(), offset, reason });
-            };
-            let size = std::fs::metadata(path)?.len();
-            if torn && index == last_index {
-                tracing::warn!(
-                    segment = %path.display(), offset, dropped_bytes = size - offset, %reason,
-                    "truncating torn tail of the write-ahead log (never acknowledged)"
-                );
-                report.torn_bytes_dropped += size - offset;
-                cut(path, offset)?;
+            });
+            for chunk in rx {
+                let (index, scan) = match chunk {
+                    Chunk::Events(events) => {
+                        // Prefetch a few records ahead, as a shard does for a
+                        // run of RESERVEs: a 10M-record log builds tables far
+                        // larger than the cache.
+                        for (i, (lsn, event)) in events.iter().enumerate() {
+                            if let Some((_, ahead)) = events.get(i + RESERVE_PREFETCH_AHEAD) {
+                                loader.prefetch(ahead);
+                            }
+                            if *lsn > snapshot_lsn {
+                                applying.set(*lsn);
+                                loader.apply(event);
+                                report.records_replayed += 1;
+                                report.last_lsn = *lsn;
+                            }
+                        }
+                        if !loader.claims.is_empty() {
+                            let claims =
+                                std::mem::replace(&mut loader.claims, Vec::with_capacity(REPLAY_CHUNK_RECORDS));
+                            let _ = claims_tx.send(claims);
+                        }
+                        continue;
+                    }
+                    Chunk::Done(index, scan) => (index, scan?),
+                };
+                let path = &segments[index].1;
+                report.segments_scanned += 1;
+                let (offset, reason, torn) = match scan.end {
+                    ScanEnd::Clean => continue,
+                    ScanEnd::TornTail { offset, reason, .. } => (offset, reason, true),
+                    ScanEnd::Corrupt { offset, reason } => (offset, reason, false),
+                };
+                // The reader stopped after this segment; nothing more will come.
+                let corrupt = || RecoveryError::Corrupt { segment: path.clone(), offset, reason: reason.clone() };
+                let Mode::Repair { truncate_corrupt } = mode else {
+                    return Err(Failure::Log(corrupt()));
+                };
+                let size = std::fs::metadata(path)?.len();
+                if torn && index == last_index {
+                    tracing::warn!(
+                        segment = %path.display(), offset, dropped_bytes = size - offset, %reason,
+                        "truncating the torn tail of the write-ahead log (an interrupted write: never acknowledged)"
+                    );
+                    report.torn_bytes_dropped += size - offset;
+                    cut(path, offset, false)?;
+                    break;
+                }
+                if !truncate_corrupt {
+                    return Err(Failure::Log(corrupt()));
+                }
+                let kept = report.last_lsn;
+                discard_after(dir, segments, index, Some(offset), kept, &corrupt().to_string(), report)?;
                 break;
             }
-            if !truncate_corrupt {
-                return Err(RecoveryError::Corrupt { segment: path.clone(), offset, reason });
-            }
-            let later = &segments[index + 1..];
-            let lost = format!(
-                "cut {} at offset {offset} ({} bytes) and discarded {} later segment(s): every record after LSN {} is lost",
-                path.display(),
-                size - offset,
-                later.len(),
-                scan.last_lsn
-            );
-            tracing::error!(%reason, "{lost}");
-            report.discarded.push(lost);
-            if offset < SEGMENT_HEADER_BYTES as u64 {
-                // A damaged header: keep the whole segment for forensics.
-                discard(path)?;
-            } else {
-                cut(path, offset)?;
-            }
-            for (_, later_path) in later {
-                discard(later_path)?;
-            }
-            sync_dir(dir)?;
-            break;
+            Ok(())
+        })
+    });
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(failure)) => return Err(failure),
+        Err(message) => {
+            let at = applying.get();
+            let lsn = if at > 0 { format!("applying the record at LSN {at}") } else { "loading".to_string() };
+            return Err(Failure::Inconsistent(format!("{lsn}: {message}")));
         }
-        Ok(())
-    })?;
-    for engine in loader.all_engines() {
-        engine.check_invariants();
     }
-    report.elapsed = started.elapsed();
-    Ok(report)
+    catching(|| {
+        for engine in loader.all_engines() {
+            engine.check_invariants();
+        }
+    })
+    .map_err(|message| Failure::Inconsistent(format!("after replaying up to LSN {}: {message}", report.last_lsn)))
+}
+
+/// The escape hatch (`--wal-truncate-corrupt`): cut segment `index` at
+/// `offset` (`None`: keep none of it) and take every later segment out of
+/// the log, keeping all of it in `*.discarded` files; the state continues
+/// after `kept_lsn`. Logs and reports what was lost.
+fn discard_after(
+    dir: &Path,
+    segments: &[(u64, PathBuf)],
+    index: usize,
+    offset: Option<u64>,
+    kept_lsn: u64,
+    why: &str,
+    report: &mut RecoveryReport,
+) -> std::io::Result<()> {
+    // The highest LSN the discarded bytes held, for the message: scan what
+    // is discarded as far as it reads (best effort; it is damaged).
+    let mut lost_upto = kept_lsn;
+    if let (Some(offset), Ok(bytes)) = (offset, std::fs::read(&segments[index].1)) {
+        lost_upto = lost_upto.max(last_readable_lsn(&bytes, offset as usize + 1, kept_lsn));
+    }
+    let mut buf = Vec::new();
+    for (first, path) in &segments[index + 1..] {
+        if let Ok(scan) = scan_segment(path, *first, &mut buf, |_, _| {}) {
+            lost_upto = lost_upto.max(scan.last_lsn);
+        }
+        lost_upto = lost_upto.max(first.saturating_sub(1));
+    }
+    let mut kept_files = Vec::new();
+    let (path, later) = (&segments[index].1, &segments[index + 1..]);
+    match offset {
+        Some(offset) if offset >= SEGMENT_HEADER_BYTES as u64 => kept_files.push(cut(path, offset, true)?),
+        _ => kept_files.push(discard(path)?),
+    }
+    for (_, later_path) in later {
+        kept_files.push(discard(later_path)?);
+    }
+    sync_dir(dir)?;
+    let lost = if lost_upto > kept_lsn {
+        format!("records {}..={lost_upto} (at least) are lost", kept_lsn + 1)
+    } else {
+        "no whole record was lost".to_string()
+    };
+    let kept_files: Vec<String> = kept_files.iter().map(|p| p.display().to_string()).collect();
+    let message = format!(
+        "--wal-truncate-corrupt: the log now ends at LSN {kept_lsn} and the server continues from there; {lost}; \
+         the cut bytes are kept in {}",
+        kept_files.join(", ")
+    );
+    tracing::error!(cause = %why, "{message}");
+    report.discarded.push(message);
+    Ok(())
 }
 
 /// Decoded records travel from the reader thread in chunks of this many.
@@ -385,15 +630,59 @@ fn records_estimate(dir: &Path, below: Option<u64>) -> std::io::Result<usize> {
     Ok((bytes / 50) as usize)
 }
 
-/// Rename a segment out of the log (`*.discarded`), keeping its bytes.
-fn discard(path: &Path) -> std::io::Result<()> {
-    let mut discarded = path.to_path_buf().into_os_string();
-    discarded.push(".discarded");
-    std::fs::rename(path, discarded)
+/// The highest LSN of a valid record at or after byte `from` of a damaged
+/// segment (`above` if none): find the first valid record by probing every
+/// offset, walk on record by record, probe again after more damage.
+fn last_readable_lsn(bytes: &[u8], from: usize, above: u64) -> u64 {
+    use crate::wal::record::decode_record;
+    let plausible = |lsn: u64| lsn > above && lsn < above + (1 << 40);
+    let (mut at, mut last) = (from, above);
+    while at < bytes.len() {
+        match decode_record(&bytes[at..]) {
+            Ok((lsn, _, used)) if plausible(lsn) => {
+                last = last.max(lsn);
+                at += used;
+            }
+            _ => at += 1,
+        }
+    }
+    last
+}
+
+/// A name for keeping `path`'s bytes out of the log that no earlier
+/// discard used: `<name>.discarded`, then `<name>.1.discarded`, ...
+fn discarded_name(path: &Path, tag: &str) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    (0..)
+        .map(|n| match n {
+            0 => path.with_file_name(format!("{name}{tag}.discarded")),
+            n => path.with_file_name(format!("{name}{tag}.{n}.discarded")),
+        })
+        .find(|candidate| !candidate.exists())
+        .expect("some name is free")
+}
+
+/// Rename a file out of the log (`*.discarded`), keeping its bytes; the
+/// new name.
+fn discard(path: &Path) -> std::io::Result<PathBuf> {
+    let kept = discarded_name(path, "");
+    std::fs::rename(path, &kept)?;
+    Ok(kept)
 }
 
 /// Truncate a segment at `offset`; one cut inside its header is removed.
-fn cut(path: &Path, offset: u64) -> std::io::Result<()> {
+/// With `keep`, the bytes cut off are first copied (and synced) to a
+/// `*.discarded` file, whose name is returned.
+fn cut(path: &Path, offset: u64, keep: bool) -> std::io::Result<PathBuf> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut kept = PathBuf::new();
+    if keep {
+        let bytes = std::fs::read(path)?;
+        kept = discarded_name(path, &format!(".from-{offset}"));
+        let mut file = std::fs::File::create(&kept)?;
+        std::io::Write::write_all(&mut file, &bytes[(offset as usize).min(bytes.len())..])?;
+        file.sync_all()?;
+    }
     if offset < SEGMENT_HEADER_BYTES as u64 {
         std::fs::remove_file(path)?;
     } else {
@@ -401,14 +690,53 @@ fn cut(path: &Path, offset: u64) -> std::io::Result<()> {
         file.set_len(offset)?;
         file.sync_all()?;
     }
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    sync_dir(dir)?;
+    Ok(kept)
+}
+
+/// Remove what an interrupted write left (`snap-*.snap.tmp`,
+/// `consumer.lsn.tmp`): a temporary file is renamed into place only once
+/// complete, so a leftover is garbage, and a snapshot's can be large.
+fn remove_leftovers(dir: &Path, report: &mut RecoveryReport) -> std::io::Result<()> {
+    let mut removed = false;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let leftover = (name.starts_with("snap-") && name.ends_with(".snap.tmp")) || name == "consumer.lsn.tmp";
+        if leftover && entry.file_type()?.is_file() {
+            let bytes = entry.metadata()?.len();
+            std::fs::remove_file(entry.path())?;
+            tracing::warn!(file = %entry.path().display(), bytes, "removed the leftover of an interrupted write");
+            report.leftovers_removed.push(format!("{name} ({bytes} bytes)"));
+            removed = true;
+        }
+    }
+    if removed {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Rebuild the engines from `dir` (startup).
 pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, RecoveryError> {
-    let mut loader = Loader::new(options.pool_shards, records_estimate(dir, None)?, true);
+    let mut leftovers = RecoveryReport::default();
+    remove_leftovers(dir, &mut leftovers)?;
+    let spec =
+        LoaderSpec { pool_shards: options.pool_shards, records_estimate: records_estimate(dir, None)?, serving: true };
     let mode = Mode::Repair { truncate_corrupt: options.truncate_corrupt };
-    let report = load(dir, &mut loader, mode, Bounds::default())?;
+    let (loader, mut report) = load(dir, spec, mode, Bounds::default())?;
+    report.leftovers_removed = leftovers.leftovers_removed;
+    // A consumer that settled records the escape hatch just cut holds
+    // state this log no longer has: say so, with both numbers.
+    let consumer = consumer_lsn(dir);
+    if !report.discarded.is_empty() && consumer > report.last_lsn {
+        tracing::error!(
+            consumer_lsn = consumer,
+            log_ends_at = report.last_lsn,
+            "the downstream consumer (reconciler) settled records up to LSN {consumer}, past the end of the cut log: \
+             PostgreSQL holds records the engine lost; run `stampede-reconciler report` before resuming the sale"
+        );
+    }
     // The writer starts a fresh segment at next_lsn; a last segment that
     // holds no record (it starts at next_lsn) is removed to make room.
     let next_lsn = report.last_lsn + 1;
@@ -439,8 +767,8 @@ pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, Recover
 /// is a deterministic function of its log, this *is* the state the live
 /// engine had once it applied record `lsn`.
 pub fn state_at(dir: &Path, lsn: u64) -> Result<Vec<SaleImage>, RecoveryError> {
-    let mut loader = Loader::new(1, records_estimate(dir, None)?, false);
-    let report = load(dir, &mut loader, Mode::ReadOnly, Bounds { below: None, upto: Some(lsn) })?;
+    let spec = LoaderSpec { pool_shards: 1, records_estimate: records_estimate(dir, None)?, serving: false };
+    let (loader, report) = load(dir, spec, Mode::ReadOnly, Bounds { below: None, upto: Some(lsn) })?;
     if report.last_lsn != lsn {
         return Err(RecoveryError::Io(std::io::Error::other(format!(
             "the log ends at LSN {} before the requested LSN {lsn}",
@@ -485,8 +813,9 @@ pub fn checkpoint(
     retention: Retention,
 ) -> Result<Checkpoint, RecoveryError> {
     let started = Instant::now();
-    let mut loader = Loader::new(1, records_estimate(dir, active_first_lsn)?, false);
-    let report = load(dir, &mut loader, Mode::ReadOnly, Bounds { below: active_first_lsn, upto: None })?;
+    let spec =
+        LoaderSpec { pool_shards: 1, records_estimate: records_estimate(dir, active_first_lsn)?, serving: false };
+    let (loader, report) = load(dir, spec, Mode::ReadOnly, Bounds { below: active_first_lsn, upto: None })?;
     let mut result = Checkpoint::default();
     let covered = report.last_lsn;
     if report.records_replayed > 0 {

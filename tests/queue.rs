@@ -308,7 +308,7 @@ fn replay_and_snapshots_keep_everyone_in_place() {
     }
     let mut imported = self::engine();
     for image in engine.export() {
-        imported.import(image);
+        imported.import(image).expect("a consistent image");
     }
     assert_eq!(replayed.digest(), engine.digest());
     assert_eq!(imported.digest(), engine.digest());

@@ -224,7 +224,10 @@ fn a_flipped_bit_in_the_middle_refuses_to_start_naming_segment_and_offset() {
         let (digest, report) = recovered_digest(&dir.0, true).unwrap();
         assert_eq!(digest, digest_of_prefix(&events, middle));
         assert_eq!(report.discarded.len(), 1);
-        assert!(report.discarded[0].contains("is lost"), "{:?}", report.discarded);
+        // The message names the last LSN kept and the first one lost.
+        let message = &report.discarded[0];
+        assert!(message.contains(&format!("ends at LSN {middle} ")), "{message}");
+        assert!(message.contains(&format!("records {}..=", middle + 1)) && message.contains("lost"), "{message}");
     }
 }
 

@@ -222,10 +222,15 @@ fn main() -> anyhow::Result<()> {
     }
     // A panic anywhere (an engine invariant assertion, a bug in the log
     // writer) means this process can no longer be trusted to acknowledge
-    // anything: stop at once and let a restart recover from disk.
+    // anything: stop at once and let a restart recover from disk. Recovery
+    // catches its own (a snapshot or record that breaks an invariant) and
+    // falls back or refuses to start with the file named, so those pass.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
+        if stampede::recovery::panic_is_caught() {
+            return;
+        }
         eprintln!("stampede-server: fatal: a thread panicked; exiting (restart to recover from the data dir)");
         std::process::exit(70);
     }));

@@ -4,8 +4,8 @@
 //! Export writes out only the primary facts (counters, flags, every
 //! reservation with its state); import rebuilds everything derived from
 //! them (per-user records, expiry queue, hold count, id directory, gauge)
-//! and asserts that the counters agree with the reservations, so a damaged
-//! or inconsistent snapshot is refused rather than served.
+//! and checks that the counters agree with the reservations, so a damaged
+//! or inconsistent snapshot is refused (with the reason) rather than served.
 
 use std::sync::Arc;
 
@@ -247,11 +247,30 @@ impl Engine {
         images
     }
 
-    /// Load a sale image (recovery). Panics on an image that contradicts
-    /// itself: serving from inconsistent state could oversell.
-    pub fn import(&mut self, image: SaleImage) {
+    /// Load a sale image (recovery). An image that contradicts itself (its
+    /// counters do not add up or disagree with its reservations, a user
+    /// above the limit, an id twice or claimed by another sale, a queue
+    /// cursor beyond its line) is refused with the reason: serving from
+    /// inconsistent state could oversell, and recovery falls back to an
+    /// older snapshot or to the log instead. After an error this engine
+    /// holds part of the image and must be discarded.
+    pub fn import(&mut self, image: SaleImage) -> Result<(), String> {
         let sku = image.sku;
-        assert!(!self.sales.contains_key(&sku), "sku {sku} imported twice");
+        let total = image.available.checked_add(image.reserved).and_then(|n| n.checked_add(image.sold));
+        if total != Some(image.total) {
+            return Err(format!(
+                "sku {sku}: available {} + reserved {} + sold {} != total {}",
+                image.available, image.reserved, image.sold, image.total
+            ));
+        }
+        if self.sales.contains_key(&sku) {
+            return Err(format!("sku {sku} appears twice"));
+        }
+        if let Some(q) = &image.queue {
+            if q.next > q.line.len() as u64 {
+                return Err(format!("sku {sku}: queue cursor {} beyond its line of {}", q.next, q.line.len()));
+            }
+        }
         let mut users: FlatMap<u64, u32> = FlatMap::default();
         let mut held: Vec<(u64, u128)> = Vec::new();
         let (mut reserved, mut sold, mut holds) = (0u64, 0u64, 0u64);
@@ -269,8 +288,9 @@ impl Engine {
                 }
                 HoldState::Released | HoldState::Expired => {}
             }
-            let claim = self.directory.claim(r.id, sku);
-            assert!(!matches!(claim, Claim::Conflict), "reservation {:#x} belongs to two skus", r.id);
+            if matches!(self.directory.claim(r.id, sku), Claim::Conflict) {
+                return Err(format!("reservation {:#x} of sku {sku} belongs to another sku too", r.id));
+            }
             if let Some(payment_ref) = r.payment_ref {
                 self.payment_refs.insert(r.id.into(), payment_ref[..].into());
             }
@@ -285,11 +305,22 @@ impl Engine {
                     settled_at_ms: r.settled_at_ms,
                 },
             );
-            assert!(added, "reservation {:#x} imported twice", r.id);
+            if !added {
+                return Err(format!("reservation {:#x} appears twice", r.id));
+            }
         }
-        assert_eq!(reserved, image.reserved, "sku {sku}: image reserved counter disagrees with its reservations");
-        assert_eq!(sold, image.sold, "sku {sku}: image sold counter disagrees with its reservations");
-        assert!(users.values().all(|u| u <= image.limit_per_user), "sku {sku}: a user above the limit in the image");
+        if (reserved, sold) != (image.reserved, image.sold) {
+            return Err(format!(
+                "sku {sku}: counters say reserved {} and sold {}, its reservations add up to {reserved} and {sold}",
+                image.reserved, image.sold
+            ));
+        }
+        if let Some((user, units)) = users.iter().find(|&(_, units)| units > image.limit_per_user) {
+            return Err(format!(
+                "sku {sku}: user {user} holds {units} units, above the limit {}",
+                image.limit_per_user
+            ));
+        }
         held.sort_unstable();
         let sale = Sale {
             total: image.total,
@@ -315,6 +346,7 @@ impl Engine {
         sale.assert_invariant(sku);
         sale.publish();
         self.sales.insert(sku, sale);
+        Ok(())
     }
 
     /// A digest of each sale's complete state (counters, flags and every

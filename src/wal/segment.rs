@@ -115,9 +115,11 @@ pub fn scan_segment(
     };
     let named_lsn = expect_lsn;
     if let Some(reason) = header_problem {
-        // A segment created by a crashed rotation can have a torn header;
-        // it never held a record, so it is a torn tail at offset 0.
-        let end = if bytes.len() < SEGMENT_HEADER_BYTES {
+        // A segment created by a crashed rotation can have a torn header
+        // (short, or zeros where the file grew but the write did not land);
+        // its header is synced before any record goes in, so it never held
+        // one: a torn tail at offset 0.
+        let end = if bytes.len() < SEGMENT_HEADER_BYTES || bytes.iter().all(|&b| b == 0) {
             ScanEnd::TornTail { offset: 0, dropped_bytes: bytes.len() as u64, reason }
         } else {
             ScanEnd::Corrupt { offset: 0, reason }
@@ -132,6 +134,9 @@ pub fn scan_segment(
         end: ScanEnd::Clean,
     };
     if first_lsn != expect_lsn {
+        // Nothing of this segment is usable: the last valid LSN is the one
+        // before it, not what its header claims.
+        scan.last_lsn = expect_lsn.saturating_sub(1);
         scan.end = ScanEnd::Corrupt {
             offset: 16,
             reason: format!("segment starts at LSN {first_lsn}, expected {expect_lsn}"),
@@ -164,16 +169,106 @@ pub fn scan_segment(
 }
 
 /// A bad record is a torn tail only if no valid record with a later LSN
-/// appears anywhere after it; otherwise acknowledged data follows the
-/// damage and it is corruption.
+/// appears anywhere after it *and* its bytes are what an interrupted write
+/// leaves (`tail_kind`); otherwise it is damage that may have hit an
+/// acknowledged record, and recovery must not drop it silently.
 fn classify_failure(bytes: &[u8], at: usize, next_lsn: u64, error: &RecordError) -> ScanEnd {
     let reason = error.to_string();
     let later_valid = (at + 1..bytes.len()).any(|probe| {
         matches!(decode_record(&bytes[probe..]), Ok((lsn, _, _)) if lsn >= next_lsn && lsn < next_lsn + (1 << 40))
     });
     if later_valid {
-        ScanEnd::Corrupt { offset: at as u64, reason }
-    } else {
-        ScanEnd::TornTail { offset: at as u64, dropped_bytes: (bytes.len() - at) as u64, reason }
+        return ScanEnd::Corrupt { offset: at as u64, reason: format!("{reason}, and valid records follow") };
     }
+    match tail_kind(&bytes[at..], at, next_lsn, error) {
+        Tail::Torn(why) => ScanEnd::TornTail {
+            offset: at as u64,
+            dropped_bytes: (bytes.len() - at) as u64,
+            reason: format!("{reason}: {why}"),
+        },
+        Tail::Damaged(why) => ScanEnd::Corrupt { offset: at as u64, reason: format!("{reason}: {why}") },
+    }
+}
+
+/// Writes reach the disk in whole sectors at least (the page cache writes
+/// back whole 4 KiB pages; a `kill -9` stops a `write(2)` between pages):
+/// bytes that never reached the disk start at a multiple of this.
+pub const TORN_WRITE_ALIGN_BYTES: usize = 512;
+
+/// What the invalid bytes at the end of the last segment are.
+enum Tail {
+    /// What an interrupted write leaves: never fsynced, never acknowledged.
+    Torn(&'static str),
+    /// A complete record that is wrong: it may have been acknowledged.
+    Damaged(String),
+}
+
+/// Tell a torn write from a damaged record at the end of the log. `rest`
+/// starts at the first invalid record, at byte `offset` of the segment,
+/// and runs to the end of the file; no valid record follows.
+///
+/// - Fewer bytes than a record header, or a record whose declared length
+///   runs past the end of the file: cut short, **torn**.
+/// - A complete record (its length fits in the file) that one flipped bit
+///   would make valid: **damaged** (this catches a flip in the length
+///   field that makes a complete record look cut short, too).
+/// - A complete record whose bytes, from a sector boundary inside it to the
+///   end of the file, are all zeros: the rest of the write never reached
+///   the disk (a power loss after the file grew), **torn**.
+/// - Anything else (an impossible length, a checksummed payload that does
+///   not decode, a complete record that fails its checksum with no zero
+///   run): **damaged**.
+fn tail_kind(rest: &[u8], offset: usize, next_lsn: u64, error: &RecordError) -> Tail {
+    use crate::limits::RECORD_PAYLOAD_BYTES_MAX;
+    use crate::wal::record::RECORD_HEADER_BYTES;
+    if let RecordError::BadPayload(_) = error {
+        return Tail::Damaged("its checksum is valid, so it was written whole; it may have been acknowledged".into());
+    }
+    if rest.len() < RECORD_HEADER_BYTES {
+        return Tail::Torn("the record header is cut short by the end of the segment");
+    }
+    if let Some(bit) = single_flip_repair(rest, next_lsn) {
+        return Tail::Damaged(format!(
+            "flipping bit {} of byte {} makes it a valid record for LSN {next_lsn}: a complete record, damaged \
+             after it was written; it may have been acknowledged",
+            bit % 8,
+            offset + bit / 8
+        ));
+    }
+    let len = u32::from_le_bytes(rest[12..16].try_into().expect("4 bytes")) as usize;
+    if len > RECORD_PAYLOAD_BYTES_MAX {
+        return Tail::Damaged("an impossible length in a complete header, which no interrupted write leaves".into());
+    }
+    let total = RECORD_HEADER_BYTES + len;
+    if total > rest.len() {
+        return Tail::Torn("the record is cut short by the end of the segment");
+    }
+    // Where the run of zeros that ends the file starts, rounded up to the
+    // next sector boundary: from there on nothing reached the disk.
+    let zeros_from = rest.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1);
+    let aligned = (offset + zeros_from).next_multiple_of(TORN_WRITE_ALIGN_BYTES) - offset;
+    if zeros_from == 0 || aligned < total {
+        return Tail::Torn("the record ends in zeros from a sector boundary to the end of the segment");
+    }
+    Tail::Damaged("a complete record that fails its checksum; it may have been acknowledged".into())
+}
+
+/// The bit (counted from the start of `rest`) whose flip turns the bytes at
+/// the start of `rest` into a valid record with LSN `lsn`, if there is one.
+/// Tries the header's bits and the payload's (as the stored length declares
+/// it); a flip in the length field changes how many bytes the record spans.
+/// Runs only on the failure path (at most ~33k checksums of 4 KiB).
+fn single_flip_repair(rest: &[u8], lsn: u64) -> Option<usize> {
+    use crate::limits::RECORD_PAYLOAD_BYTES_MAX;
+    use crate::wal::record::RECORD_HEADER_BYTES;
+    let mut copy = rest[..rest.len().min(RECORD_HEADER_BYTES + RECORD_PAYLOAD_BYTES_MAX)].to_vec();
+    let declared = u32::from_le_bytes(copy[12..16].try_into().expect("4 bytes")) as usize;
+    let span =
+        if RECORD_HEADER_BYTES + declared <= copy.len() { RECORD_HEADER_BYTES + declared } else { RECORD_HEADER_BYTES };
+    (0..span * 8).find(|&bit| {
+        copy[bit / 8] ^= 1 << (bit % 8);
+        let valid = matches!(decode_record(&copy), Ok((found, _, _)) if found == lsn);
+        copy[bit / 8] ^= 1 << (bit % 8);
+        valid
+    })
 }
