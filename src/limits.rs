@@ -41,6 +41,13 @@ pub const CONNECTIONS_MAX: usize = 10_000;
 /// heartbeats).
 pub const CONNECTION_IDLE_TIMEOUT_MS: u64 = 5 * 60 * 1000;
 
+/// At shutdown, connections get this long to send the replies they owe
+/// and close before the final snapshot is written regardless: a client
+/// that does not read its replies cannot hold a shutdown (or a failover)
+/// hostage. Every reply is in the connection's writer by then; this bounds
+/// only the socket writes.
+pub const SHUTDOWN_CONNECTIONS_DRAIN_MS: u64 = 2_000;
+
 /// A connection must complete HELLO within this time (slowloris guard).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 

@@ -202,10 +202,17 @@ impl Node {
         tracing::info!("shutting down: no new connections, draining shards");
         self.ready.store(false, Ordering::Release);
         self.server.stop_accepting();
+        // Shards decide what is queued; from now on requests are answered
+        // `shutting_down`.
         self.server.shared.router.shutdown();
+        // The last group is fsynced and its replies released.
         self.wal.close().context("closing the write-ahead log")?;
-        // Give connection writers a moment to send the last replies.
-        std::thread::sleep(Duration::from_millis(100));
+        // Connections stop reading, send every reply they owe, and close.
+        let deadline = Duration::from_millis(crate::limits::SHUTDOWN_CONNECTIONS_DRAIN_MS);
+        let open = self.server.close_connections(deadline);
+        if open > 0 {
+            tracing::warn!(connections = open, "connections still open after the drain deadline (clients not reading)");
+        }
         self.stopping.store(true, Ordering::Relaxed);
         let _ = self.checkpointer.join();
         let done = recovery::checkpoint(&self.dir, None, self.retention).context("final snapshot")?;

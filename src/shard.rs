@@ -11,6 +11,7 @@
 //! bounded channel gives a cheap `try_send` that fails fast when full, which
 //! is exactly the `busy` signal.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
-use stampede_protocol::message::{Opcode, Outcome, Reply, Reserve, SaleCreate};
+use stampede_protocol::message::{Opcode, Outcome, QueueTicket, Reply, Reserve, SaleCreate, StatusReply};
 use stampede_protocol::Status;
 use tokio::sync::oneshot;
 
@@ -85,8 +86,12 @@ pub enum ShardMsg {
     Digest {
         done: oneshot::Sender<std::collections::BTreeMap<u64, u64>>,
     },
-    /// Finish this cycle, hand it to the sink, and stop the thread.
-    Shutdown,
+    /// Finish this cycle, hand it to the sink, say so on `done`, then
+    /// answer everything that still arrives `shutting_down` until every
+    /// sender is gone (so no request read by a connection goes unanswered).
+    Shutdown {
+        done: crossbeam_channel::Sender<()>,
+    },
 }
 
 /// The engines a router starts its shards with: empty for a new server,
@@ -115,22 +120,70 @@ impl ShardMsg {
             _ => 1,
         }
     }
+
+    /// Answer this message without deciding it: `busy` (the shard's queue
+    /// is full; retry in `BUSY_RETRY_AFTER_MS`) or `shutting_down`. The one
+    /// place that knows each request's refusal shape.
+    pub fn refuse(self, status: Status) {
+        let retry_after_ms = if status == Status::Busy { BUSY_RETRY_AFTER_MS } else { 0 };
+        let outcome = Outcome::new(status, retry_after_ms);
+        match self {
+            ShardMsg::Reserve { reply, .. } => reply.send(Opcode::Reserve, Reply::Outcome(outcome)),
+            ShardMsg::Confirm { reply, .. } => reply.send(Opcode::Confirm, Reply::Outcome(outcome)),
+            ShardMsg::Release { reply, .. } => reply.send(Opcode::Release, Reply::Outcome(outcome)),
+            ShardMsg::ReserveBatch { ops, reply } => {
+                let results = ops.into_iter().map(|(index, _)| (index, outcome)).collect();
+                let _ = reply.tx.send(Outbound::BatchPart { batch: reply.request_id, results });
+            }
+            ShardMsg::Status { reply, .. } => {
+                reply.send(Opcode::Status, Reply::Status(StatusReply { status, sale: Default::default() }))
+            }
+            ShardMsg::Ticket { join, reply, .. } => {
+                let ticket = QueueTicket { estimated_wait_ms: retry_after_ms, ..QueueTicket::of(status) };
+                reply.send(if join { Opcode::Join } else { Opcode::Poll }, Reply::Ticket(ticket))
+            }
+            ShardMsg::Admin { done, .. } => {
+                let _ = done.send((Outcome::of(status), None));
+            }
+            // Dropping `done` tells the waiter there is no digest.
+            ShardMsg::Digest { .. } | ShardMsg::Shutdown { .. } => {}
+        }
+    }
+}
+
+impl ReplyTo {
+    /// Hand a complete reply to the connection's writer.
+    pub fn send(self, opcode: Opcode, reply: Reply) {
+        let _ =
+            self.tx.send(Outbound::Reply { request_id: self.request_id, opcode, reply, received: Some(self.received) });
+    }
 }
 
 pub struct ShardHandle {
     pub id: usize,
     pub hot: bool,
     pub tx: Sender<ShardMsg>,
-    /// Kept for an orderly shutdown (joined once the queue is closed).
+    /// Set once the server shuts down (shared by every shard of a router):
+    /// requests are then answered `shutting_down` without queueing them.
+    /// Read with one relaxed load per request, written once.
+    stopping: Arc<AtomicBool>,
+    /// The shard thread; it ends once every sender is gone.
     pub thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl ShardHandle {
-    /// Queue a message, or say `busy` if the shard is saturated.
-    pub fn try_send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
-        self.tx.try_send(msg).map_err(|e| match e {
-            TrySendError::Full(m) | TrySendError::Disconnected(m) => m,
-        })
+    /// Queue a request for the shard, or answer it at once: `busy` if the
+    /// shard is saturated, `shutting_down` if the server is stopping.
+    /// Either way the request gets exactly one reply.
+    pub fn submit(&self, msg: ShardMsg) {
+        if self.stopping.load(Ordering::Relaxed) {
+            return msg.refuse(Status::ShuttingDown);
+        }
+        match self.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Full(msg)) => msg.refuse(Status::Busy),
+            Err(TrySendError::Disconnected(msg)) => msg.refuse(Status::ShuttingDown),
+        }
     }
 
     pub fn queue_len(&self) -> usize {
@@ -160,6 +213,8 @@ pub struct Router {
     cores: Vec<core_affinity::CoreId>,
     /// Serialises sale creation so two creates of one SKU cannot both win.
     admin: tokio::sync::Mutex<()>,
+    /// Shared with every shard handle (see `ShardHandle::stopping`).
+    stopping: Arc<AtomicBool>,
 }
 
 impl Router {
@@ -173,10 +228,11 @@ impl Router {
         // float over the rest.
         cores.reverse();
         let routes = papaya::HashMap::with_hasher(RandomState::default());
+        let stopping = Arc::new(AtomicBool::new(false));
         let spawn = |id: usize, hot: bool, core, engine: Engine| {
             let gauges: Vec<(u64, Arc<SkuGauge>)> =
                 engine.skus().map(|sku| (sku, engine.gauge(sku).expect("listed sku"))).collect();
-            let shard = spawn_shard(id, hot, core, engine, clock.clone(), sinks(id));
+            let shard = spawn_shard(id, hot, core, engine, clock.clone(), sinks(id), stopping.clone());
             for (sku, gauge) in gauges {
                 routes.pin().insert(sku, Arc::new(Route { shard: shard.clone(), gauge }));
             }
@@ -200,19 +256,37 @@ impl Router {
             sinks,
             cores,
             admin: tokio::sync::Mutex::new(()),
+            stopping,
         })
     }
 
-    /// Stop every shard after it has handled everything already queued and
-    /// handed its last cycle to the log sink; waits for the threads.
+    /// Whether `shutdown` has begun.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Stop deciding: from now on requests are answered `shutting_down`
+    /// (by the connection, or by the shard for what it finds queued behind
+    /// its stop); every shard first decides what was queued before, hands
+    /// its last cycle to the log sink and drops the sink. Returns once all
+    /// have; the shard threads live on, refusing, until the last sender
+    /// (the last connection) is gone.
     pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         let shards = self.shards();
+        let (done, finished) = crossbeam_channel::bounded(shards.len());
+        let mut stopped = 0;
         for shard in &shards {
-            let _ = shard.tx.send(ShardMsg::Shutdown);
+            if shard.tx.send(ShardMsg::Shutdown { done: done.clone() }).is_ok() {
+                stopped += 1;
+            }
         }
-        for shard in &shards {
-            if let Some(thread) = shard.thread.lock().take() {
-                let _ = thread.join();
+        drop(done);
+        for _ in 0..stopped {
+            // An error means a shard thread ended without saying so (it
+            // panicked, and the process is exiting).
+            if finished.recv().is_err() {
+                break;
             }
         }
     }
@@ -275,7 +349,8 @@ impl Router {
             let id = self.pool.len() + hot.len();
             let core = (!self.cores.is_empty()).then(|| self.cores[hot.len() % self.cores.len()]);
             let engine = Engine::new(self.directory.clone());
-            let shard = spawn_shard(id, true, core, engine, self.clock.clone(), (self.sinks)(id));
+            let sink = (self.sinks)(id);
+            let shard = spawn_shard(id, true, core, engine, self.clock.clone(), sink, self.stopping.clone());
             hot.push(shard.clone());
             shard
         } else {
@@ -315,11 +390,6 @@ async fn admin_call(shard: &ShardHandle, cmd: AdminCmd) -> AdminResult {
     rx.await.unwrap_or((Outcome::of(Status::ShuttingDown), None))
 }
 
-/// The reply for a message the shard could not take.
-pub fn busy_outcome() -> Outcome {
-    Outcome::new(Status::Busy, BUSY_RETRY_AFTER_MS)
-}
-
 fn spawn_shard(
     id: usize,
     hot: bool,
@@ -327,6 +397,7 @@ fn spawn_shard(
     engine: Engine,
     clock: Arc<dyn Clock>,
     sink: Box<dyn LogSink>,
+    stopping: Arc<AtomicBool>,
 ) -> Arc<ShardHandle> {
     let (tx, rx) = crossbeam_channel::bounded(SHARD_QUEUE_MESSAGES_MAX);
     let name = if hot { format!("shard-hot-{id}") } else { format!("shard-{id}") };
@@ -338,11 +409,20 @@ fn spawn_shard(
                     tracing::warn!(shard = id, core = core.id, "could not pin hot shard to its core");
                 }
             }
-            ShardLoop { engine, clock, sink, events: Vec::new(), replies: Vec::new(), inbox: Default::default() }
-                .run(rx)
+            let shard =
+                ShardLoop { engine, clock, sink, events: Vec::new(), replies: Vec::new(), inbox: Default::default() };
+            if let Some(done) = shard.run(&rx) {
+                // Drain mode: nothing more is decided or logged. Whatever a
+                // connection queued after the stop is refused, until the
+                // last sender is dropped.
+                let _ = done.send(());
+                for msg in rx.iter() {
+                    msg.refuse(Status::ShuttingDown);
+                }
+            }
         })
         .expect("spawn shard thread");
-    Arc::new(ShardHandle { id, hot, tx, thread: Mutex::new(Some(thread)) })
+    Arc::new(ShardHandle { id, hot, tx, stopping, thread: Mutex::new(Some(thread)) })
 }
 
 struct ShardLoop {
@@ -356,13 +436,16 @@ struct ShardLoop {
 }
 
 impl ShardLoop {
-    fn run(mut self, rx: Receiver<ShardMsg>) {
+    /// Decide until told to stop; then return the stop's `done` once the
+    /// last cycle is with the sink and the sink is dropped (`None`: every
+    /// sender went away first).
+    fn run(mut self, rx: &Receiver<ShardMsg>) -> Option<crossbeam_channel::Sender<()>> {
         let tick = Duration::from_millis(EXPIRY_TICK_MS);
         loop {
             let first = match rx.recv_timeout(tick) {
                 Ok(msg) => Some(msg),
                 Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => return None,
             };
             let now_ms = self.clock.now_ms();
             // Expire first, so stock that is due back is back before this
@@ -380,11 +463,11 @@ impl ShardLoop {
             // writer can fsync one cycle while the shard decides the next.
             // The cycle's messages are taken off the queue first, so that
             // deciding one RESERVE can prefetch for the ones behind it.
-            let mut stop = false;
+            let mut stop = None;
             if let Some(msg) = first {
                 let mut ops = msg.ops();
                 self.inbox.push_back(msg);
-                while ops < SHARD_CYCLE_OPS_MAX && !matches!(self.inbox.back(), Some(ShardMsg::Shutdown)) {
+                while ops < SHARD_CYCLE_OPS_MAX && !matches!(self.inbox.back(), Some(ShardMsg::Shutdown { .. })) {
                     let Ok(msg) = rx.try_recv() else { break };
                     ops += msg.ops();
                     self.inbox.push_back(msg);
@@ -397,18 +480,23 @@ impl ShardLoop {
                     if let Some(ahead) = self.inbox.get(RESERVE_PREFETCH_AHEAD - 1) {
                         self.prefetch(ahead);
                     }
-                    stop = self.handle(msg, now_ms);
-                    if stop {
+                    if let ShardMsg::Shutdown { done } = msg {
+                        stop = Some(done);
                         break;
                     }
+                    self.handle(msg, now_ms);
                 }
+                // Nothing follows a stop in this cycle (see above).
                 self.inbox.clear();
             }
             if !self.events.is_empty() || !self.replies.is_empty() {
                 self.sink.submit(&mut self.events, &mut self.replies);
             }
-            if stop {
-                return;
+            if stop.is_some() {
+                // The log writer may now be closed: this shard hands it
+                // nothing more.
+                drop(self.sink);
+                return stop;
             }
         }
     }
@@ -420,8 +508,8 @@ impl ShardLoop {
         }
     }
 
-    /// Handle one message; true when it asks the shard to stop.
-    fn handle(&mut self, msg: ShardMsg, now_ms: u64) -> bool {
+    /// Decide one message (not a stop: `run` takes those).
+    fn handle(&mut self, msg: ShardMsg, now_ms: u64) {
         let engine = &mut self.engine;
         let events = &mut self.events;
         let (reply, opcode, body) = match msg {
@@ -441,7 +529,7 @@ impl ShardLoop {
                 // For batches `request_id` carries the connection's batch key.
                 let msg = Outbound::BatchPart { batch: reply.request_id, results };
                 self.replies.push(Delivery::Conn(reply.tx, msg));
-                return false;
+                return;
             }
             ShardMsg::Confirm { reservation_id, payment_ref, reply } => {
                 let outcome = engine.confirm(reservation_id, &payment_ref, now_ms, events);
@@ -470,16 +558,15 @@ impl ShardLoop {
                     AdminCmd::SetPaused { sku, paused } => (engine.set_paused(sku, paused, now_ms, events), None),
                 };
                 self.replies.push(Delivery::Admin(done, result));
-                return false;
+                return;
             }
             ShardMsg::Digest { done } => {
                 let _ = done.send(engine.digest());
-                return false;
+                return;
             }
-            ShardMsg::Shutdown => return true,
+            ShardMsg::Shutdown { .. } => unreachable!("run takes the stop"),
         };
         let msg = Outbound::Reply { request_id: reply.request_id, opcode, reply: body, received: Some(reply.received) };
         self.replies.push(Delivery::Conn(reply.tx, msg));
-        false
     }
 }

@@ -94,6 +94,10 @@ struct Args {
     /// Test seam: the log's fsync fails after this many successful calls.
     #[arg(long, hide = true)]
     fail_fsync_after: Option<u64>,
+    /// Test seam: close log segments at this size instead of
+    /// WAL_SEGMENT_BYTES_MAX (fault-injection tests need many segments).
+    #[arg(long, hide = true)]
+    wal_segment_bytes: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -261,6 +265,9 @@ fn main() -> anyhow::Result<()> {
     wal.flush_bytes = args.wal_flush_bytes.max(1);
     wal.flush_interval = Duration::from_micros(args.wal_flush_interval_us);
     wal.async_sync_interval = Duration::from_millis(args.wal_async_sync_ms.max(1));
+    if let Some(bytes) = args.wal_segment_bytes {
+        wal.segment_bytes_max = bytes.max(4096);
+    }
     let tokens = Tokens { admin, checkout, replication, insecure: args.insecure };
     let mut config = NodeConfig::new(&data_dir, &args.listen, tokens);
     config.pool_shards = args.shards.max(1);

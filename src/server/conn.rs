@@ -4,7 +4,7 @@
 //! ```text
 //! socket -> FrameCodec -> Request::decode -> auth/role check
 //!        -> fast path (unknown sku, sold out, paused: answered right here)
-//!        -> or ShardMsg into the shard's bounded queue (full: busy)
+//!        -> or ShardMsg into the shard's bounded queue (full: busy; stopping: shutting_down)
 //! shard  -> LogSink -> Outbound into this connection's channel -> writer -> socket
 //! ```
 //!
@@ -30,7 +30,7 @@ use tokio_util::codec::FramedRead;
 use super::Shared;
 use crate::engine::{ReservationDirectory, SkuGauge};
 use crate::limits::{BATCH_OPS_MAX, CONNECTION_REQUESTS_INFLIGHT_MAX, FRAME_BODY_BYTES_MAX};
-use crate::shard::{busy_outcome, AdminCmd, ReplyTo, ShardHandle, ShardMsg};
+use crate::shard::{AdminCmd, ReplyTo, ShardHandle, ShardMsg};
 use crate::sink::ConnTx;
 
 /// What the writer task is asked to send.
@@ -68,8 +68,10 @@ where
     let (tx, rx) = mpsc::unbounded_channel();
     let permits = Arc::new(Semaphore::new(CONNECTION_REQUESTS_INFLIGHT_MAX));
     let writer = tokio::spawn(write_loop(write_half, rx, permits.clone(), shared.clone()));
+    // Shutdown began before this connection was served: close it at once.
+    let Some(mut close) = shared.close_signal() else { return };
     let mut conn = Conn { shared, tx, role: Role::None, next_batch: 0, received: std::time::Instant::now() };
-    conn.read_loop(read_half, &permits).await;
+    conn.read_loop(read_half, &permits, &mut close.rx).await;
     // Dropping our sender lets the writer finish once every in-flight reply
     // (whose senders the shards hold) is written.
     drop(conn);
@@ -92,38 +94,23 @@ enum Flow {
 }
 
 impl Conn {
-    async fn read_loop<R: AsyncRead + Unpin>(&mut self, read_half: R, permits: &Semaphore) {
+    async fn read_loop<R: AsyncRead + Unpin>(
+        &mut self,
+        read_half: R,
+        permits: &Semaphore,
+        closing: &mut tokio::sync::oneshot::Receiver<()>,
+    ) {
         let mut frames = FramedRead::new(read_half, FrameCodec::new());
         let handshake_deadline = tokio::time::Instant::now() + self.shared.handshake_timeout;
         loop {
-            let next = if self.role == Role::None {
-                match tokio::time::timeout_at(handshake_deadline, frames.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        let _ = self.tx.send(Outbound::error(
-                            0,
-                            Status::Unauthenticated,
-                            "no HELLO within the handshake timeout",
-                        ));
-                        return;
-                    }
-                }
-            } else if self.role == Role::Replication {
-                // A log consumer may send nothing for as long as the log is
-                // quiet; its stream's heartbeats keep the connection alive.
-                frames.next().await
-            } else {
-                match tokio::time::timeout(self.shared.idle_timeout, frames.next()).await {
-                    Ok(next) => next,
-                    // Idle with requests still in flight is a client waiting
-                    // for us, not an idle client: keep waiting.
-                    Err(_) if permits.available_permits() < CONNECTION_REQUESTS_INFLIGHT_MAX => continue,
-                    Err(_) => {
-                        tracing::debug!("closing an idle connection");
-                        return;
-                    }
-                }
+            // At shutdown, stop reading: every request read so far gets its
+            // reply (the writer finishes them), then the connection closes.
+            let next = tokio::select! {
+                biased;
+                _ = &mut *closing => return,
+                next = self.next_frame(&mut frames, handshake_deadline, permits) => next,
             };
+            let Some(next) = next else { return };
             let frame = match next {
                 None => return,
                 Some(Ok(frame)) => frame,
@@ -154,6 +141,47 @@ impl Conn {
             if let Flow::Close = self.dispatch(frame.request_id, request) {
                 return;
             }
+        }
+    }
+
+    /// The next frame under this connection's deadlines: `None` when the
+    /// connection should close (handshake or idle timeout), `Some(None)` at
+    /// the end of the stream.
+    async fn next_frame<R: AsyncRead + Unpin>(
+        &self,
+        frames: &mut FramedRead<R, FrameCodec>,
+        handshake_deadline: tokio::time::Instant,
+        permits: &Semaphore,
+    ) -> Option<Option<Result<stampede_protocol::frame::Frame, FrameError>>> {
+        loop {
+            return Some(if self.role == Role::None {
+                match tokio::time::timeout_at(handshake_deadline, frames.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        let _ = self.tx.send(Outbound::error(
+                            0,
+                            Status::Unauthenticated,
+                            "no HELLO within the handshake timeout",
+                        ));
+                        return None;
+                    }
+                }
+            } else if self.role == Role::Replication {
+                // A log consumer may send nothing for as long as the log is
+                // quiet; its stream's heartbeats keep the connection alive.
+                frames.next().await
+            } else {
+                match tokio::time::timeout(self.shared.idle_timeout, frames.next()).await {
+                    Ok(next) => next,
+                    // Idle with requests still in flight is a client waiting
+                    // for us, not an idle client: keep waiting.
+                    Err(_) if permits.available_permits() < CONNECTION_REQUESTS_INFLIGHT_MAX => continue,
+                    Err(_) => {
+                        tracing::debug!("closing an idle connection");
+                        return None;
+                    }
+                }
+            });
         }
     }
 
@@ -212,8 +240,8 @@ impl Conn {
                     if let Some(retry_after_ms) = self.rate_limited(op.user) {
                         return Some(Outcome::new(Status::RateLimited, retry_after_ms));
                     }
-                    let msg = ShardMsg::Reserve { op, reply: self.reply_to(request_id) };
-                    route.shard.try_send(msg).err().map(|_| busy_outcome())
+                    route.shard.submit(ShardMsg::Reserve { op, reply: self.reply_to(request_id) });
+                    None
                 });
                 if let Some(outcome) = answered {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));
@@ -239,32 +267,18 @@ impl Conn {
                     let reply = StatusReply { status: Status::UnknownSku, sale: Default::default() };
                     self.reply(request_id, opcode, Reply::Status(reply));
                 }
-                Some(route) => {
-                    if route.shard.try_send(ShardMsg::Status { sku, reply: self.reply_to(request_id) }).is_err() {
-                        let reply = StatusReply { status: Status::Busy, sale: Default::default() };
-                        self.reply(request_id, opcode, Reply::Status(reply));
-                    }
-                }
+                Some(route) => route.shard.submit(ShardMsg::Status { sku, reply: self.reply_to(request_id) }),
             },
             Request::Join(ticket) | Request::Poll(ticket) => {
                 let join = matches!(request, Request::Join(_));
-                let busy = match router.route(ticket.sku) {
-                    None => Some(QueueTicket::of(Status::UnknownSku)),
-                    Some(route) => {
-                        let msg = ShardMsg::Ticket {
-                            sku: ticket.sku,
-                            user: ticket.user,
-                            join,
-                            reply: self.reply_to(request_id),
-                        };
-                        route.shard.try_send(msg).err().map(|_| QueueTicket {
-                            estimated_wait_ms: crate::limits::BUSY_RETRY_AFTER_MS,
-                            ..QueueTicket::of(Status::Busy)
-                        })
-                    }
-                };
-                if let Some(ticket) = busy {
-                    self.reply(request_id, opcode, Reply::Ticket(ticket));
+                match router.route(ticket.sku) {
+                    None => self.reply(request_id, opcode, Reply::Ticket(QueueTicket::of(Status::UnknownSku))),
+                    Some(route) => route.shard.submit(ShardMsg::Ticket {
+                        sku: ticket.sku,
+                        user: ticket.user,
+                        join,
+                        reply: self.reply_to(request_id),
+                    }),
                 }
             }
             Request::SaleCreate(_) | Request::Restock(_) | Request::Pause { .. } | Request::Resume { .. } => {
@@ -322,14 +336,10 @@ impl Conn {
     /// Route CONFIRM/RELEASE by reservation id: directory -> sku -> shard.
     fn to_reservation_shard(&self, request_id: u64, opcode: Opcode, id: u128, msg: ShardMsg) {
         let router = &self.shared.router;
-        let outcome = match router.directory.sku_of(id).and_then(|sku| router.route(sku)) {
-            None => Outcome::of(Status::UnknownReservation),
-            Some(route) => match route.shard.try_send(msg) {
-                Ok(()) => return,
-                Err(_) => busy_outcome(),
-            },
-        };
-        self.reply(request_id, opcode, Reply::Outcome(outcome));
+        match router.directory.sku_of(id).and_then(|sku| router.route(sku)) {
+            None => self.reply(request_id, opcode, Reply::Outcome(Outcome::of(Status::UnknownReservation))),
+            Some(route) => route.shard.submit(msg),
+        }
     }
 
     /// Split a batch by shard; answer what the fast path can right away.
@@ -362,12 +372,7 @@ impl Conn {
         let received = self.received;
         let _ = self.tx.send(Outbound::BatchStart { batch, request_id, total, filled, received });
         for (shard, group) in groups {
-            if let Err(ShardMsg::ReserveBatch { ops, .. }) =
-                shard.try_send(ShardMsg::ReserveBatch { ops: group, reply: self.reply_to(batch) })
-            {
-                let results = ops.into_iter().map(|(index, _)| (index, busy_outcome())).collect();
-                let _ = self.tx.send(Outbound::BatchPart { batch, results });
-            }
+            shard.submit(ShardMsg::ReserveBatch { ops: group, reply: self.reply_to(batch) });
         }
     }
 }

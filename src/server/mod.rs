@@ -39,12 +39,52 @@ pub struct Shared {
     pub handshake_timeout: std::time::Duration,
     /// One permit per open connection, `connections_max` in all.
     connection_slots: Arc<Semaphore>,
+    /// How shutdown tells each connection to stop reading, send the replies
+    /// it owes, and close. One oneshot per connection rather than one
+    /// shared watch: a connection polls its own signal before every frame,
+    /// and a shared signal's waiter list is behind a mutex that every I/O
+    /// thread would then take per request.
+    closers: parking_lot::Mutex<Closers>,
+}
+
+#[derive(Default)]
+struct Closers {
+    closing: bool,
+    next_id: u64,
+    senders: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>,
+}
+
+/// A connection's shutdown signal; deregisters when dropped.
+pub struct CloseSignal {
+    shared: Arc<Shared>,
+    id: u64,
+    pub rx: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Drop for CloseSignal {
+    fn drop(&mut self) {
+        self.shared.closers.lock().senders.remove(&self.id);
+    }
 }
 
 impl Shared {
     /// Connections currently being served.
     pub fn connections_active(&self) -> usize {
         self.connections_max - self.connection_slots.available_permits()
+    }
+
+    /// A new connection's shutdown signal; `None` once shutdown began (the
+    /// connection should close at once).
+    pub fn close_signal(self: &Arc<Self>) -> Option<CloseSignal> {
+        let mut closers = self.closers.lock();
+        if closers.closing {
+            return None;
+        }
+        let id = closers.next_id;
+        closers.next_id += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        closers.senders.insert(id, tx);
+        Some(CloseSignal { shared: self.clone(), id, rx })
     }
 }
 
@@ -107,6 +147,25 @@ impl ServerHandle {
     pub fn stop_accepting(&self) {
         self.accept.abort();
     }
+
+    /// Ask every connection to stop reading, send the replies it owes and
+    /// close; wait until all have, or `deadline` passed (a client that does
+    /// not read its replies cannot hold the shutdown). Blocking: call it
+    /// off the runtime's worker threads.
+    pub fn close_connections(&self, deadline: std::time::Duration) -> usize {
+        {
+            let mut closers = self.shared.closers.lock();
+            closers.closing = true;
+            for (_, tx) in closers.senders.drain() {
+                let _ = tx.send(());
+            }
+        }
+        let started = std::time::Instant::now();
+        while self.shared.connections_active() > 0 && started.elapsed() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        self.shared.connections_active()
+    }
 }
 
 impl Drop for ServerHandle {
@@ -132,6 +191,7 @@ pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<Ser
         handshake_timeout: config.handshake_timeout,
         user_rate: config.user_rate.map(|(rate, burst)| ratelimit::UserRateLimiter::new(rate, burst)),
         connection_slots,
+        closers: Default::default(),
     });
     let tls = config.tls.map(tokio_rustls::TlsAcceptor::from);
     let accept = tokio::spawn(accept_loop(listener, shared.clone(), tls));

@@ -237,7 +237,11 @@ fn tail_kind(rest: &[u8], offset: usize, next_lsn: u64, error: &RecordError) -> 
     }
     let len = u32::from_le_bytes(rest[12..16].try_into().expect("4 bytes")) as usize;
     if len > RECORD_PAYLOAD_BYTES_MAX {
-        return Tail::Damaged("an impossible length in a complete header, which no interrupted write leaves".into());
+        return Tail::Damaged(
+            "an impossible length in a complete header, which no interrupted write leaves; it may have been \
+             acknowledged"
+                .into(),
+        );
     }
     let total = RECORD_HEADER_BYTES + len;
     if total > rest.len() {

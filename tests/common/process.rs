@@ -72,6 +72,28 @@ impl ServerProcess {
         ServerProcess { addr: addr.to_string(), child }
     }
 
+    /// Same, with the server's log (stderr, at `RUST_LOG=warn`) written to
+    /// `log` (appended), for tests that check what it says.
+    pub fn start_logged(data_dir: &Path, extra: &[&str], log: &Path) -> ServerProcess {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("server log file");
+        let mut child = server_command("127.0.0.1:0", data_dir)
+            .args(extra)
+            .env("STAMPEDE_ADMIN_TOKEN", ADMIN)
+            .env("STAMPEDE_CHECKOUT_TOKEN", CHECKOUT)
+            .stdout(Stdio::piped())
+            .stderr(file)
+            .spawn()
+            .expect("spawn stampede-server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let Some(addr) = line.trim().strip_prefix("stampede-server listening on ") else {
+            let status = child.wait().unwrap();
+            let said = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("server did not start ({status}); it said:\n{said}");
+        };
+        ServerProcess { addr: addr.to_string(), child }
+    }
+
     /// kill -9 and reap.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -90,4 +112,48 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Start a server that must refuse to start: its exit status and what it
+/// wrote to stderr. Fails the test if it starts serving instead, or has not
+/// exited within 30 s.
+pub fn start_expecting_refusal(data_dir: &Path, extra: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = server_command("127.0.0.1:0", data_dir)
+        .args(extra)
+        .env("STAMPEDE_ADMIN_TOKEN", ADMIN)
+        .env("STAMPEDE_CHECKOUT_TOKEN", CHECKOUT)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn stampede-server");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the server") {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("the server neither refused nor exited within 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    use std::io::Read;
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(!stdout.contains("listening on"), "the server started serving: {stdout}\n{stderr}");
+    (status, stderr)
+}
+
+/// Copy a data dir (its regular files) to a new temporary dir.
+pub fn copy_dir(from: &Path, tag: &str) -> TempDir {
+    let to = TempDir::new(tag);
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() && entry.file_name() != "LOCK" {
+            std::fs::copy(entry.path(), to.0.join(entry.file_name())).unwrap();
+        }
+    }
+    to
 }
