@@ -48,6 +48,12 @@ pub const CONNECTION_IDLE_TIMEOUT_MS: u64 = 5 * 60 * 1000;
 /// only the socket writes.
 pub const SHUTDOWN_CONNECTIONS_DRAIN_MS: u64 = 2_000;
 
+/// After a connection's last reply and FIN, the server reads and discards
+/// the client's input until it closes too, at most this long: closing a
+/// socket with unread input resets it, and a reset destroys replies the
+/// client has received but not read yet (conn.rs, `linger`).
+pub const CONNECTION_CLOSE_LINGER_MS: u64 = 1_000;
+
 /// A connection must complete HELLO within this time (slowloris guard).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 

@@ -319,8 +319,7 @@ fn load(dir: &Path, spec: LoaderSpec, mode: Mode, bounds: Bounds) -> Result<(Loa
                             "a snapshot that could not be used was renamed out of the way");
                     }
                 }
-                report.snapshots_rejected =
-                    rejected.iter().map(|(path, reason)| format!("{}: {reason}", path.display())).collect();
+                report.snapshots_rejected = rejected.iter().map(|(path, reason)| named(path, reason)).collect();
                 report.elapsed = started.elapsed();
                 return Ok((loader, report));
             }
@@ -344,8 +343,12 @@ fn load(dir: &Path, spec: LoaderSpec, mode: Mode, bounds: Bounds) -> Result<(Loa
     unreachable!("the last candidate (the log alone) returns")
 }
 
+fn named(path: &Path, reason: &str) -> String {
+    format!("{}: {reason}", path.display())
+}
+
 fn describe(rejected: &[(PathBuf, String)]) -> String {
-    rejected.iter().map(|(path, reason)| format!("{}: {reason}", path.display())).collect::<Vec<_>>().join("; ")
+    rejected.iter().map(|(path, reason)| named(path, reason)).collect::<Vec<_>>().join("; ")
 }
 
 /// Read, verify and import one snapshot; its LSN.
@@ -481,7 +484,8 @@ fn replay(
                     return Err(Failure::Log(corrupt()));
                 }
                 let kept = report.last_lsn;
-                discard_after(dir, segments, index, Some(offset), kept, &corrupt().to_string(), report)?;
+                let why = format!("{} at byte offset {offset}: {reason}", path.display());
+                discard_after(dir, segments, index, Some(offset), kept, &why, report)?;
                 break;
             }
             Ok(())
@@ -521,6 +525,10 @@ fn discard_after(
     // is discarded as far as it reads (best effort; it is damaged).
     let mut lost_upto = kept_lsn;
     if let (Some(offset), Ok(bytes)) = (offset, std::fs::read(&segments[index].1)) {
+        // The damaged record itself, if a whole one's worth of bytes is cut.
+        if bytes.len() >= offset as usize + crate::wal::record::RECORD_HEADER_BYTES {
+            lost_upto = kept_lsn + 1;
+        }
         lost_upto = lost_upto.max(last_readable_lsn(&bytes, offset as usize + 1, kept_lsn));
     }
     let mut buf = Vec::new();

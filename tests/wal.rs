@@ -333,3 +333,129 @@ fn truncating_at_a_damaged_segment_header_keeps_the_segment_for_forensics() {
     discarded.push(".discarded");
     assert!(std::path::Path::new(&discarded).exists(), "the damaged segment is kept, renamed");
 }
+
+/// The log of `events` in one segment, and where its last record starts.
+fn one_segment_log(events: &[Event]) -> (TempDir, PathBuf, Vec<u8>, usize) {
+    let n = events.len();
+    let source = TempDir::new("tail-src");
+    write_log(&source.0, events, 16, u64::MAX);
+    let segment = only_segment(&source.0);
+    let full = std::fs::read(&segment).unwrap();
+    let prefix = TempDir::new("tail-prefix");
+    write_log(&prefix.0, &events[..n - 1], 16, u64::MAX);
+    let last_start = std::fs::read(only_segment(&prefix.0)).unwrap().len();
+    (source, segment, full, last_start)
+}
+
+#[test]
+fn every_flipped_bit_of_the_last_record_is_damage_not_a_torn_tail() {
+    let (_, mut events) = workload(23, 300);
+    // Ends with a CONFIRMED whose payment reference is empty: its payload
+    // ends in a zero byte, the case a zero-tail rule could mistake.
+    let mut held = BTreeMap::new();
+    for event in &events {
+        match *event {
+            Event::Reserved { sku, reservation_id, .. } => {
+                held.insert(reservation_id, sku);
+            }
+            Event::Confirmed { reservation_id, .. }
+            | Event::Released { reservation_id, .. }
+            | Event::Expired { reservation_id, .. } => {
+                held.remove(&reservation_id);
+            }
+            _ => {}
+        }
+    }
+    let (&reservation_id, &sku) = held.iter().next().expect("a reservation still held");
+    events.push(Event::Confirmed { sku, reservation_id, at_ms: 9_999_999, payment_ref: Bytes::new() });
+    let (_, segment, full, last_start) = one_segment_log(&events);
+    let want_all = digest_of_prefix(&events, events.len());
+    for bit in 0..(full.len() - last_start) * 8 {
+        let dir = TempDir::new("flip-last");
+        let mut bytes = full.clone();
+        bytes[last_start + bit / 8] ^= 1 << (bit % 8);
+        std::fs::write(dir.0.join(segment.file_name().unwrap()), &bytes).unwrap();
+        match recovered_digest(&dir.0, false) {
+            Err(RecoveryError::Corrupt { offset, reason, .. }) => {
+                assert_eq!(offset, last_start as u64, "bit {bit}: {reason}");
+                assert!(reason.contains("may have been acknowledged"), "bit {bit}: {reason}");
+            }
+            other => panic!("bit {bit}: expected a refusal, got {:?}", other.map(|r| r.1)),
+        }
+        // The file is untouched by the refusal.
+        assert_eq!(std::fs::read(dir.0.join(segment.file_name().unwrap())).unwrap(), bytes);
+    }
+    // Undamaged, it is all there.
+    let dir = TempDir::new("flip-none");
+    std::fs::write(dir.0.join(segment.file_name().unwrap()), &full).unwrap();
+    assert_eq!(recovered_digest(&dir.0, false).unwrap().0, want_all);
+}
+
+#[test]
+fn a_last_record_zeroed_from_a_sector_boundary_is_a_torn_tail() {
+    let (_, events) = workload(29, 400);
+    let (_, segment, full, last_start) = one_segment_log(&events);
+    let want_without_last = digest_of_prefix(&events, events.len() - 1);
+    // The file grown by zeros (a power loss after its size reached the
+    // disk), zeroed from each sector boundary inside the last record.
+    let mut grown = full.clone();
+    grown.resize(full.len().next_multiple_of(512) + 1024, 0);
+    let name = segment.file_name().unwrap();
+    let mut tried = 0;
+    for zero_from in (last_start..full.len()).filter(|at| at % 512 == 0).chain([full.len()]) {
+        let dir = TempDir::new("zeroed");
+        let mut bytes = grown.clone();
+        bytes[zero_from..].fill(0);
+        std::fs::write(dir.0.join(name), &bytes).unwrap();
+        let (digest, report) =
+            recovered_digest(&dir.0, false).unwrap_or_else(|e| panic!("zeros from {zero_from}: {e}"));
+        if zero_from < full.len() {
+            assert_eq!(digest, want_without_last, "zeros from {zero_from}");
+            assert_eq!(report.torn_bytes_dropped, (bytes.len() - last_start) as u64);
+        } else {
+            // The whole record made it; only the zeros after it are torn.
+            assert_eq!(digest, digest_of_prefix(&events, events.len()));
+            assert_eq!(report.torn_bytes_dropped, (bytes.len() - full.len()) as u64);
+        }
+        tried += 1;
+    }
+    assert!(tried >= 1);
+    // Zeros from an offset that is not a sector boundary, inside a complete
+    // record, are damage: a write that stops short does not stop there.
+    let inside = (last_start + 20..full.len()).find(|at| at % 512 != 0 && full[*at] != 0).expect("a non-zero byte");
+    let dir = TempDir::new("zeroed-unaligned");
+    let mut bytes = grown.clone();
+    bytes[inside..].fill(0);
+    std::fs::write(dir.0.join(name), &bytes).unwrap();
+    assert!(matches!(recovered_digest(&dir.0, false), Err(RecoveryError::Corrupt { .. })), "zeros from {inside}");
+}
+
+#[test]
+fn a_second_discard_of_the_same_segment_never_overwrites_the_first() {
+    let (_, events) = workload(31, 2_000);
+    let dir = TempDir::new("discard-twice");
+    write_log(&dir.0, &events, 16, 8 * 1024);
+    let segments = list_segments(&dir.0).unwrap();
+    let (victim_first, victim) = segments[2].clone();
+    let damage = |path: &Path| {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[20] ^= 0x01; // the header's first_lsn
+        std::fs::write(path, bytes).unwrap();
+    };
+    damage(&victim);
+    let first_bytes = std::fs::read(&victim).unwrap();
+    let (_, report) = recovered_digest(&dir.0, true).unwrap();
+    assert_eq!(report.last_lsn, victim_first - 1);
+    // The log continues where it was cut, in a segment of the same name;
+    // damage that one the same way and cut again.
+    append_log(&dir.0, &events[victim_first as usize - 1..], victim_first, 16, 8 * 1024);
+    damage(&victim);
+    let second_bytes = std::fs::read(&victim).unwrap();
+    recovered_digest(&dir.0, true).unwrap();
+    let mut first_kept = victim.clone().into_os_string();
+    first_kept.push(".discarded");
+    let mut second_kept = victim.clone().into_os_string();
+    second_kept.push(".1.discarded");
+    assert_eq!(std::fs::read(&first_kept).unwrap(), first_bytes, "the first discard is kept as it was");
+    assert_eq!(std::fs::read(&second_kept).unwrap(), second_bytes);
+}

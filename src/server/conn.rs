@@ -71,11 +71,50 @@ where
     // Shutdown began before this connection was served: close it at once.
     let Some(mut close) = shared.close_signal() else { return };
     let mut conn = Conn { shared, tx, role: Role::None, next_batch: 0, received: std::time::Instant::now() };
-    conn.read_loop(read_half, &permits, &mut close.rx).await;
+    let mut frames = FramedRead::new(read_half, FrameCodec::new());
+    let linger_after = conn.read_loop(&mut frames, &permits, &mut close.rx).await;
     // Dropping our sender lets the writer finish once every in-flight reply
     // (whose senders the shards hold) is written.
     drop(conn);
-    let _ = writer.await;
+    match linger_after {
+        Linger::Yes => linger(frames.into_inner(), writer).await,
+        Linger::No => {
+            let _ = writer.await;
+        }
+    }
+}
+
+/// Whether closing may find the client's input unread (see `linger`).
+enum Linger {
+    /// We stop reading a client that may still be sending (shutdown, a
+    /// protocol error, a refused HELLO).
+    Yes,
+    /// The client closed, broke, or went silent: nothing is unread.
+    No,
+}
+
+/// Close without losing replies. A socket closed while unread input is
+/// waiting in it (a pipelining client's next requests) sends a reset, and a
+/// reset makes the client's kernel discard the replies it received but the
+/// client has not read yet. So: keep reading and discarding input while
+/// the writer sends what is owed and its FIN, then until the client closes
+/// too (EOF) or `CONNECTION_CLOSE_LINGER_MS` passed.
+async fn linger<R: AsyncRead + Unpin>(mut read_half: R, writer: tokio::task::JoinHandle<()>) {
+    let mut sink = tokio::io::sink();
+    let discard = tokio::io::copy(&mut read_half, &mut sink);
+    tokio::pin!(discard);
+    tokio::pin!(writer);
+    let client_closed = tokio::select! {
+        _ = &mut writer => false,
+        _ = &mut discard => {
+            let _ = writer.await;
+            true
+        }
+    };
+    if !client_closed {
+        let linger = std::time::Duration::from_millis(crate::limits::CONNECTION_CLOSE_LINGER_MS);
+        let _ = tokio::time::timeout(linger, discard).await;
+    }
 }
 
 struct Conn {
@@ -96,50 +135,51 @@ enum Flow {
 impl Conn {
     async fn read_loop<R: AsyncRead + Unpin>(
         &mut self,
-        read_half: R,
+        frames: &mut FramedRead<R, FrameCodec>,
         permits: &Semaphore,
         closing: &mut tokio::sync::oneshot::Receiver<()>,
-    ) {
-        let mut frames = FramedRead::new(read_half, FrameCodec::new());
+    ) -> Linger {
         let handshake_deadline = tokio::time::Instant::now() + self.shared.handshake_timeout;
         loop {
             // At shutdown, stop reading: every request read so far gets its
             // reply (the writer finishes them), then the connection closes.
             let next = tokio::select! {
                 biased;
-                _ = &mut *closing => return,
-                next = self.next_frame(&mut frames, handshake_deadline, permits) => next,
+                _ = &mut *closing => return Linger::Yes,
+                next = self.next_frame(frames, handshake_deadline, permits) => next,
             };
-            let Some(next) = next else { return };
+            // A deadline passed: the client is silent, nothing is unread.
+            let Some(next) = next else { return Linger::No };
             let frame = match next {
-                None => return,
+                None => return Linger::No,
                 Some(Ok(frame)) => frame,
                 Some(Err(FrameError::Io(e))) => {
                     tracing::debug!(error = %e, "connection read error");
-                    return;
+                    return Linger::No;
                 }
                 Some(Err(FrameError::Protocol { status, request_id, detail })) => {
                     tracing::debug!(%status, %detail, "protocol error; closing connection");
                     let _ = self.tx.send(Outbound::error(request_id.unwrap_or(0), status, detail));
-                    return;
+                    return Linger::Yes;
                 }
             };
             // One permit per request, returned by the writer with the reply.
             match permits.acquire().await {
                 Ok(permit) => permit.forget(),
-                Err(_) => return,
+                // The writer is gone: so is the client.
+                Err(_) => return Linger::No,
             }
             let request = match Request::decode(&frame) {
                 Ok(request) => request,
                 Err((status, detail)) => {
                     tracing::debug!(%status, %detail, "malformed request; closing connection");
                     let _ = self.tx.send(Outbound::error(frame.request_id, status, detail));
-                    return;
+                    return Linger::Yes;
                 }
             };
             self.received = std::time::Instant::now();
             if let Flow::Close = self.dispatch(frame.request_id, request) {
-                return;
+                return Linger::Yes;
             }
         }
     }
