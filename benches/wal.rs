@@ -172,6 +172,7 @@ fn main() {
         r.elapsed.as_secs_f64(),
         r.records_replayed as f64 / r.elapsed.as_secs_f64() / 1e6
     );
+    let replay = r.elapsed;
     drop(recovered);
 
     // The same state from a snapshot that covers the whole log (what a
@@ -188,7 +189,6 @@ fn main() {
         snapshot_bytes as f64 / 1048576.0,
         t.elapsed().as_secs_f64()
     );
-    let replay = r.elapsed;
     let from_snapshot =
         recovery::recover(&dir, RecoverOptions { pool_shards: 1, truncate_corrupt: false }).unwrap().report;
     assert_eq!((from_snapshot.records_replayed, from_snapshot.snapshot_lsn), (0, Some(written)));

@@ -70,7 +70,7 @@ async fn create_sale(addr: &str) {
 /// The payment reference a user's confirm carries: empty for every
 /// hundredth user (a record whose payload ends in a zero byte).
 fn payment_ref(user: u64) -> Vec<u8> {
-    if user % 100 == 0 {
+    if user.is_multiple_of(100) {
         Vec::new()
     } else {
         format!("pay-{user}").into_bytes()

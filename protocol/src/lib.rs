@@ -18,6 +18,8 @@
 //! - [`client`]: pipelined, reconnecting, retry-safe async client.
 //! - [`tls`]: optional TLS (rustls) for client connections.
 //! - [`replication`]: the log-streaming and state-dump client (reconciler).
+//! - `metrics_http` (feature `metrics-http`): the Prometheus `/metrics`,
+//!   `/healthz` and `/readyz` endpoint the server and the reconciler serve.
 //!
 //! PROTOCOL.md next to this crate is the normative spec; the hex test
 //! vectors in `testdata/` are checked by `tests/vectors.rs` against this code.
@@ -32,6 +34,8 @@ pub mod event;
 pub mod frame;
 pub mod limits;
 pub mod message;
+#[cfg(feature = "metrics-http")]
+pub mod metrics_http;
 pub mod record;
 pub mod replication;
 pub mod status;

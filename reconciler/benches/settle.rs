@@ -140,7 +140,7 @@ async fn throughput(sizes: &Sizes) {
     let (_url, pool) = fresh_db("stampede_bench_settle").await;
     let config = RunConfig { server: addr.clone(), token: TOKEN.into(), until_caught_up: true };
     let started = Instant::now();
-    let summary = settle::run(&pool, &config).await.unwrap();
+    let summary = settle::run(&pool, &config, &Default::default()).await.unwrap();
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(summary.settled_lsn, lsn);
     println!(
@@ -163,7 +163,7 @@ async fn lag_under_drill(sizes: &Sizes) {
     let config = RunConfig { server: addr.clone(), token: TOKEN.into(), until_caught_up: false };
     let follower = {
         let pool = pool.clone();
-        tokio::spawn(async move { settle::run(&pool, &config).await })
+        tokio::spawn(async move { settle::run(&pool, &config, &Default::default()).await })
     };
     let stats = node.wal_stats.clone();
     let sampler = {

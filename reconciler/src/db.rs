@@ -51,6 +51,41 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
     )
 }
 
+/// Whether an error is the database (or the way to it) being briefly
+/// unavailable: a restart, a failover, a dropped connection. Such work is
+/// retried from the watermark; anything else (bad credentials, a missing
+/// database or schema, a constraint violated) needs a person.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| {
+            // 08: connection exception; 57P01-57P03: admin shutdown, crash
+            // shutdown, cannot connect now (starting up or shutting down);
+            // 53300: too many connections; 40001/40P01: serialization
+            // failure, deadlock (the transaction was rolled back).
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
+        }),
+        _ => false,
+    }
+}
+
+/// Whether an error from [`connect`], [`migrate`] or [`check_schema`] is
+/// transient (see [`is_transient`]).
+pub fn is_transient_anyhow(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.downcast_ref::<sqlx::Error>().is_some_and(is_transient))
+        || error.chain().any(|cause| {
+            cause.downcast_ref::<sqlx::migrate::MigrateError>().is_some_and(|e| match e {
+                sqlx::migrate::MigrateError::Execute(e) => is_transient(e),
+                _ => false,
+            })
+        })
+}
+
 /// Bring the schema up to this binary's version (idempotent).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("applying the stampede schema migrations")

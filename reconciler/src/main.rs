@@ -6,8 +6,10 @@
 //! `DATABASE_URL`.
 //!
 //! Exit codes: 0 success (for `report`: clean), 1 `report` found a
-//! disagreement, 2 could not run (connection, auth, schema, a log record
-//! that does not fit the database).
+//! disagreement, 2 could not run (auth, schema, a log record that does not
+//! fit the database; for `report` and `migrate` also an unreachable
+//! database). `run` rides out an unreachable or restarting server or
+//! database: it retries with backoff, logging each attempt.
 
 use std::process::ExitCode;
 
@@ -15,7 +17,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use stampede_reconciler::db;
 use stampede_reconciler::report::{self, ReportConfig};
-use stampede_reconciler::settle::{self, RunConfig};
+use stampede_reconciler::settle::{self, RunConfig, RunState};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,6 +45,10 @@ enum Command {
         /// Do not apply pending schema migrations; fail if the schema is not current.
         #[arg(long)]
         no_migrate: bool,
+        /// Serve Prometheus metrics (/metrics: watermark, lag, which peer is
+        /// reachable, reconnections) and /healthz, /readyz here (e.g. 127.0.0.1:9091).
+        #[arg(long)]
+        metrics_listen: Option<String>,
     },
     /// Compare the engine with PostgreSQL at the same LSN; exit 1 on any disagreement.
     Report {
@@ -79,17 +85,24 @@ async fn shutdown_signal() {
 
 async fn main_async(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
-        Command::Run { server, database_url, until_caught_up, no_migrate } => {
+        Command::Run { server, database_url, until_caught_up, no_migrate, metrics_listen } => {
             let config = RunConfig { server, token: token()?, until_caught_up };
-            let pool = db::connect(&database_url).await?;
-            if !no_migrate {
-                db::migrate(&pool).await?;
+            let state = RunState::default();
+            if let Some(addr) = &metrics_listen {
+                let bound = stampede_protocol::metrics_http::start(addr, state.registry(), state.ready.clone())
+                    .await
+                    .with_context(|| format!("binding the metrics listener {addr}"))?;
+                // Scripts and tests read this line to learn the port.
+                println!("stampede-reconciler metrics on {bound}");
             }
-            db::check_schema(&pool).await?;
             // Stopping between or inside transactions is always safe: an
             // uncommitted group is rolled back and settled again next run.
+            let work = async {
+                let pool = settle::prepare_database(&database_url, !no_migrate, &state).await?;
+                settle::run(&pool, &config, &state).await
+            };
             tokio::select! {
-                summary = settle::run(&pool, &config) => {
+                summary = work => {
                     let summary = summary?;
                     tracing::info!(
                         settled_lsn = summary.settled_lsn, records_settled = summary.records_settled,

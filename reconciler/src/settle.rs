@@ -17,15 +17,21 @@
 //! committed watermark. The ledger's primary key (the LSN) makes a repeated
 //! record fail loudly rather than count twice.
 //!
-//! Errors: a lost server connection or database connection is retried
-//! (resuming from the watermark); a record that does not fit the settled
-//! state, or a refused stream (`lsn_unavailable`), stops the reconciler
-//! with an error: that needs a person, not a retry.
+//! Errors: a lost server connection or database connection (a restart, a
+//! failover, a network blip; `db::is_transient` decides) is retried with
+//! backoff, resuming from the watermark, each attempt logged and counted
+//! in [`RunState`]; a record that does not fit the settled state, or a
+//! refused stream (`lsn_unavailable`), stops the reconciler with an error:
+//! that needs a person, not a retry.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use sqlx::postgres::PgPool;
 use stampede_protocol::client::ClientError;
 use stampede_protocol::event::Event;
@@ -88,10 +94,7 @@ impl SettleError {
     /// Worth retrying: the database connection failed, not the data.
     fn is_transient(&self) -> bool {
         match self {
-            SettleError::Write(db::WriteError::Db(e)) => matches!(
-                e,
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_)
-            ),
+            SettleError::Write(db::WriteError::Db(e)) => db::is_transient(e),
             _ => false,
         }
     }
@@ -144,24 +147,156 @@ pub async fn settle_batch(pool: &PgPool, records: &[(u64, Event)]) -> Result<u64
 /// Why one connection's worth of following ended.
 enum Ended {
     CaughtUp,
-    /// Retry from the watermark after a pause.
-    Retry(String),
+    /// Retry from the watermark after a pause: what failed, and how.
+    Retry(Peer, String),
+}
+
+/// Retries start this soon and double up to `RECONNECT_BACKOFF_MAX`.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// Connect to PostgreSQL and bring the schema up (`migrate`) or check it,
+/// retrying while the database is unavailable (down, restarting, failing
+/// over), with backoff and a log line per attempt. Errors that a retry
+/// cannot fix (credentials, a missing database, a schema from another
+/// version) are returned at once.
+pub async fn prepare_database(url: &str, migrate: bool, state: &RunState) -> anyhow::Result<PgPool> {
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    for attempt in 1u64.. {
+        let ready = async {
+            let pool = db::connect(url).await?;
+            if migrate {
+                db::migrate(&pool).await?;
+            }
+            db::check_schema(&pool).await?;
+            anyhow::Ok(pool)
+        };
+        match ready.await {
+            Ok(pool) => {
+                state.database_up(true);
+                return Ok(pool);
+            }
+            Err(e) if db::is_transient_anyhow(&e) => {
+                state.reconnecting(Peer::Database);
+                tracing::warn!(
+                    attempt, error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64,
+                    "PostgreSQL unavailable; retrying"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 /// Follow the log and settle it until stopped (or caught up, if asked).
-pub async fn run(pool: &PgPool, config: &RunConfig) -> anyhow::Result<RunSummary> {
+/// A lost server or database connection is retried from the watermark,
+/// with backoff, logging every attempt; `state` shows which is down.
+pub async fn run(pool: &PgPool, config: &RunConfig, state: &RunState) -> anyhow::Result<RunSummary> {
     let mut summary = RunSummary::default();
     let mut target: Option<u64> = None;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    let mut attempt = 0u64;
     loop {
-        match follow(pool, config, &mut target, &mut summary).await? {
+        let settled_before = summary.transactions;
+        match follow(pool, config, &mut target, &mut summary, state).await? {
             Ended::CaughtUp => return Ok(summary),
-            Ended::Retry(why) => {
-                tracing::warn!(reason = %why, retry_in_ms = backoff.as_millis() as u64, "reconnecting");
+            Ended::Retry(peer, why) => {
+                if summary.transactions > settled_before {
+                    // It worked for a while: this is a new outage.
+                    backoff = RECONNECT_BACKOFF_MIN;
+                    attempt = 0;
+                }
+                attempt += 1;
+                state.reconnecting(peer);
+                tracing::warn!(
+                    peer = peer.name(), attempt, reason = %why, settled_lsn = summary.settled_lsn,
+                    retry_in_ms = backoff.as_millis() as u64, "reconnecting; will resume from the watermark"
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
             }
         }
+    }
+}
+
+/// What a connection was lost to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Server,
+    Database,
+}
+
+impl Peer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::Server => "server",
+            Peer::Database => "database",
+        }
+    }
+}
+
+/// What `run` is doing, as metrics (`--metrics-listen`): which peer is
+/// reachable, how far it has settled, how often it reconnected. Cheap
+/// atomics, updated once per transaction or reconnection.
+#[derive(Clone, Debug, Default)]
+pub struct RunState {
+    pub settled_lsn: Gauge,
+    pub durable_lsn: Gauge,
+    pub server_up: Gauge,
+    pub database_up: Gauge,
+    pub reconnects: Family<PeerLabel, Counter>,
+    pub records_settled: Counter,
+    pub transactions: Counter,
+    /// /readyz: following the log with both peers reachable.
+    pub ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct PeerLabel {
+    peer: &'static str,
+}
+
+impl RunState {
+    /// A registry exposing this state under `stampede_reconciler_*`.
+    pub fn registry(&self) -> Registry {
+        let mut registry = Registry::with_prefix("stampede_reconciler");
+        registry.register("settled_lsn", "Last LSN settled into PostgreSQL (the watermark)", self.settled_lsn.clone());
+        registry.register("durable_lsn", "Last durable LSN the server reported", self.durable_lsn.clone());
+        registry.register("server_up", "1 while the log stream is connected", self.server_up.clone());
+        registry.register("database_up", "1 while PostgreSQL answers", self.database_up.clone());
+        registry.register("reconnects", "Connections lost and retried, by peer", self.reconnects.clone());
+        registry.register("records_settled", "Log records settled by this process", self.records_settled.clone());
+        registry.register("transactions", "Settle transactions committed", self.transactions.clone());
+        registry
+    }
+
+    fn reconnecting(&self, peer: Peer) {
+        self.ready.store(false, std::sync::atomic::Ordering::Release);
+        self.reconnects.get_or_create(&PeerLabel { peer: peer.name() }).inc();
+        match peer {
+            Peer::Server => self.server_up.set(0),
+            Peer::Database => self.database_up.set(0),
+        };
+    }
+
+    fn database_up(&self, up: bool) {
+        self.database_up.set(i64::from(up));
+    }
+
+    fn following(&self, durable_lsn: u64) {
+        self.server_up.set(1);
+        self.durable_lsn.set(durable_lsn as i64);
+        let up = self.database_up.get() == 1;
+        self.ready.store(up, std::sync::atomic::Ordering::Release);
+    }
+
+    fn settled(&self, settled_lsn: u64, records: u64) {
+        self.database_up.set(1);
+        self.settled_lsn.set(settled_lsn as i64);
+        self.records_settled.inc_by(records);
+        self.transactions.inc();
     }
 }
 
@@ -175,7 +310,7 @@ fn stream_error(e: ClientError) -> anyhow::Result<Ended> {
             bail!("the server refused replication: {status}: {message}")
         }
         ClientError::Auth(status) => bail!("the server refused the replication token: {status}"),
-        other => Ok(Ended::Retry(other.to_string())),
+        other => Ok(Ended::Retry(Peer::Server, other.to_string())),
     }
 }
 
@@ -184,14 +319,19 @@ async fn follow(
     config: &RunConfig,
     target: &mut Option<u64>,
     summary: &mut RunSummary,
+    state: &RunState,
 ) -> anyhow::Result<Ended> {
-    let (watermark, _) = {
-        let mut conn = match pool.acquire().await {
-            Ok(conn) => conn,
-            Err(e) => return Ok(Ended::Retry(format!("database: {e}"))),
-        };
-        db::watermark(&mut conn, false).await.context("reading the settled watermark")?
+    let read = async {
+        let mut conn = pool.acquire().await?;
+        db::watermark(&mut conn, false).await
     };
+    let (watermark, _) = match read.await {
+        Ok(watermark) => watermark,
+        Err(e) if db::is_transient(&e) => return Ok(Ended::Retry(Peer::Database, e.to_string())),
+        Err(e) => return Err(e).context("reading the settled watermark"),
+    };
+    state.database_up(true);
+    state.settled_lsn.set(watermark as i64);
     summary.settled_lsn = watermark;
     if target.is_some_and(|t| watermark >= t) {
         return Ok(Ended::CaughtUp);
@@ -237,9 +377,10 @@ async fn follow(
         let first = match rx.recv().await {
             Some(Ok(batch)) => batch,
             Some(Err(e)) => return stream_error(e),
-            None => return Ok(Ended::Retry("log stream ended".into())),
+            None => return Ok(Ended::Retry(Peer::Server, "log stream ended".into())),
         };
         durable_lsn = durable_lsn.max(first.durable_lsn);
+        state.following(durable_lsn);
         records.extend(first.records);
         while records.len() < SETTLE_BATCH_RECORDS_MAX {
             match rx.try_recv() {
@@ -259,15 +400,16 @@ async fn follow(
         if !records.is_empty() {
             match settle_batch(pool, &records).await {
                 Ok(settled) => {
-                    summary.records_settled +=
-                        records.iter().filter(|(lsn, _)| *lsn > summary.settled_lsn).count() as u64;
+                    let fresh = records.iter().filter(|(lsn, _)| *lsn > summary.settled_lsn).count() as u64;
+                    summary.records_settled += fresh;
                     summary.settled_lsn = settled;
                     summary.transactions += 1;
+                    state.settled(settled, fresh);
                     if let Err(e) = settler.settled(settled).await {
-                        return Ok(Ended::Retry(format!("reporting the settled LSN: {e}")));
+                        return Ok(Ended::Retry(Peer::Server, format!("reporting the settled LSN: {e}")));
                     }
                 }
-                Err(e) if e.is_transient() => return Ok(Ended::Retry(format!("database: {e}"))),
+                Err(e) if e.is_transient() => return Ok(Ended::Retry(Peer::Database, e.to_string())),
                 Err(e) => return Err(e).context("settling the log into PostgreSQL"),
             }
             records.clear();

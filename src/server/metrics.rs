@@ -12,14 +12,10 @@
 //! shard queues, log writer stats), and a [`Collector`] turns them into
 //! metric families at scrape time.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -303,54 +299,9 @@ impl Collector for Exporter {
     }
 }
 
-/// Serve /metrics, /healthz and /readyz on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, registry: Arc<Registry>, ready: Arc<AtomicBool>) {
-    loop {
-        let Ok((stream, _peer)) = listener.accept().await else { continue };
-        let (registry, ready) = (registry.clone(), ready.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                let (registry, ready) = (registry.clone(), ready.clone());
-                async move { Ok::<_, Infallible>(respond(&request, &registry, &ready)) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
-        });
-    }
-}
-
-fn respond(request: &Request<hyper::body::Incoming>, registry: &Registry, ready: &AtomicBool) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", "text/plain; charset=utf-8")
-            .body(Full::new(Bytes::from(body)))
-            .expect("valid response")
-    };
-    match (request.method(), request.uri().path()) {
-        (&hyper::Method::GET, "/metrics") => {
-            let mut body = String::new();
-            match prometheus_client::encoding::text::encode(&mut body, registry) {
-                Ok(()) => Response::builder()
-                    .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
-                    .body(Full::new(Bytes::from(body)))
-                    .expect("valid response"),
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")),
-            }
-        }
-        (&hyper::Method::GET, "/healthz") => text(StatusCode::OK, "alive\n".into()),
-        (&hyper::Method::GET, "/readyz") if ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
-        (&hyper::Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
-        _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n".into()),
-    }
-}
-
 /// Start the endpoint on `addr`; returns the bound address.
 pub async fn start(addr: &str, exporter: Exporter, ready: Arc<AtomicBool>) -> std::io::Result<SocketAddr> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(exporter));
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(serve(listener, Arc::new(registry), ready));
-    Ok(bound)
+    stampede_protocol::metrics_http::start(addr, registry, ready).await
 }

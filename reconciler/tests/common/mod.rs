@@ -3,6 +3,8 @@
 //! reconciler binary, and a load generator that exercises every event kind.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
