@@ -39,7 +39,7 @@ use crate::engine::{Claim, Engine, Event, ReservationDirectory, SaleImage, RESER
 use crate::limits::DIRECTORY_IDS_PRESIZED;
 use crate::shard::{pool_index, Engines};
 use crate::wal::segment::{list_segments, scan_segment, sync_dir, Scan, ScanEnd, SEGMENT_HEADER_BYTES};
-use crate::wal::snapshot::{list_snapshots, read_snapshot, write_snapshot};
+use crate::wal::snapshot::{list_snapshots, read_snapshot_each, write_snapshot};
 
 /// Name of the file holding the downstream consumer's settled LSN.
 pub const CONSUMER_LSN_FILE: &str = "consumer.lsn";
@@ -134,26 +134,26 @@ struct Loader {
 #[derive(Clone, Copy)]
 struct LoaderSpec {
     pool_shards: usize,
-    records_estimate: usize,
+    reservations_estimate: usize,
     /// The engines will serve requests (startup recovery), so the id
     /// directory is prefaulted; a state dump or checkpoint skips that.
     serving: bool,
 }
 
 impl Loader {
-    /// `records_estimate` sizes the id directory up front: resizing a
-    /// concurrent table millions of entries large dominates replay time.
+    /// `reservations_estimate` sizes the id directory and the engines'
+    /// tables up front: resizing tables millions of entries large
+    /// dominates recovery time.
     fn new(spec: LoaderSpec) -> Loader {
-        let LoaderSpec { pool_shards, records_estimate, serving } = spec;
-        let capacity = DIRECTORY_IDS_PRESIZED.max(records_estimate);
+        let LoaderSpec { pool_shards, reservations_estimate, serving } = spec;
+        let capacity = DIRECTORY_IDS_PRESIZED.max(reservations_estimate);
         let directory = ReservationDirectory::with_capacity(capacity);
         let directory = Arc::new(if serving { directory.prefaulted() } else { directory });
         let pool_shards = pool_shards.max(1);
         let pool = (0..pool_shards)
             .map(|_| {
                 let mut engine = Engine::new(directory.clone());
-                // About half of all records create a reservation.
-                engine.reserve_capacity(records_estimate / 2 / pool_shards);
+                engine.reserve_capacity(reservations_estimate / pool_shards);
                 engine
             })
             .collect();
@@ -172,12 +172,22 @@ impl Loader {
         slot
     }
 
+    /// Import a sale image; its directory claims go to `self.claims`.
     fn import(&mut self, image: SaleImage) -> Result<(), String> {
         if self.slots.contains_key(&image.sku) {
             return Err(format!("sku {} appears twice", image.sku));
         }
         let slot = self.new_slot(image.sku, image.hot);
-        slot.engine_mut(&mut self.engines).import(image)
+        let Loader { engines, claims, .. } = self;
+        slot.engine_mut(engines).import_deferring_claims(image, claims)
+    }
+
+    /// Hand the claims gathered so far to the claiming thread.
+    fn send_claims(&mut self, tx: &crossbeam_channel::Sender<Vec<(u128, u64)>>) {
+        if !self.claims.is_empty() {
+            let claims = std::mem::replace(&mut self.claims, Vec::with_capacity(REPLAY_CHUNK_RECORDS));
+            let _ = tx.send(claims);
+        }
     }
 
     fn apply(&mut self, event: &Event) {
@@ -226,6 +236,29 @@ impl Drop for CatchGuard {
     fn drop(&mut self) {
         CATCHING.with(|c| c.set(false));
     }
+}
+
+/// Run `load` while another thread makes the id-directory claims it
+/// sends: an id is claimed once in a valid state, so order does not
+/// matter, and the directory is complete when this returns. A claim that
+/// conflicts (one id for two SKUs) panics, which the caller catches.
+fn with_claims_thread<T>(
+    directory: &ReservationDirectory,
+    load: impl FnOnce(crossbeam_channel::Sender<Vec<(u128, u64)>>) -> T,
+) -> T {
+    std::thread::scope(|scope| {
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<(u128, u64)>>(REPLAY_CHUNKS_QUEUED);
+        scope.spawn(move || {
+            let _guard = CatchGuard::enter();
+            for claims in rx {
+                for (id, sku) in claims {
+                    let claim = directory.claim(id, sku);
+                    assert!(!matches!(claim, Claim::Conflict), "reservation {id:#x} belongs to two skus");
+                }
+            }
+        });
+        load(tx)
+    })
 }
 
 /// Run `f`, turning a panic (a broken engine invariant) into an error with
@@ -352,20 +385,38 @@ fn describe(rejected: &[(PathBuf, String)]) -> String {
 }
 
 /// Read, verify and import one snapshot; its LSN.
+/// Images are decoded on one thread while this one imports them and a
+/// third makes the id-directory claims. (Every invariant is checked once
+/// more after the replay that follows.)
 fn import_snapshot(path: &Path, loader: &mut Loader) -> Result<u64, String> {
-    let (lsn, sales) = read_snapshot(path)?;
-    catching(|| -> Result<(), String> {
-        for image in sales {
-            loader.import(image)?;
-        }
-        for engine in loader.all_engines() {
-            engine.check_invariants();
-        }
-        Ok(())
-    })
-    .and_then(|imported| imported)?;
-    Ok(lsn)
+    let directory = loader.engines.directory.clone();
+    let imported = catching(|| {
+        with_claims_thread(&directory, |claims| {
+            std::thread::scope(|scope| {
+                let (tx, rx) = crossbeam_channel::bounded::<SaleImage>(SNAPSHOT_IMAGES_QUEUED);
+                let reader = scope.spawn(move || {
+                    let _guard = CatchGuard::enter();
+                    // A send fails only when the importer stopped on an error.
+                    read_snapshot_each(path, |image| tx.send(image).map_err(|_| String::new()))
+                });
+                let mut result = Ok(());
+                for image in rx {
+                    result = loader.import(image);
+                    if result.is_err() {
+                        break;
+                    }
+                    loader.send_claims(&claims);
+                }
+                let read = reader.join().unwrap_or_else(|_| Err("the snapshot reader panicked".into()));
+                result.and(read)
+            })
+        })
+    });
+    imported.and_then(|read| read)
 }
+
+/// Sale images the snapshot reader may decode ahead of the importer.
+const SNAPSHOT_IMAGES_QUEUED: usize = 16;
 
 /// Replay `segments` after `snapshot_lsn` into `loader` (up to `upto`),
 /// repairing the log as `mode` allows. `covered` says what the state
@@ -412,83 +463,68 @@ fn replay(
     // The LSN being applied, for the message if it breaks an invariant.
     let applying = Cell::new(0u64);
     let outcome = catching(|| {
-        std::thread::scope(|scope| -> Result<(), Failure> {
-            let (tx, rx) = crossbeam_channel::bounded::<Chunk>(REPLAY_CHUNKS_QUEUED);
-            scope.spawn(move || {
-                let _guard = CatchGuard::enter();
-                read_segments(segments, start, upto, tx)
-            });
-            // Claims go to the shared id directory from a third thread: in a
-            // valid log an id is reserved once, so order does not matter, and
-            // the directory is complete when the scope ends, before serving.
-            let (claims_tx, claims_rx) = crossbeam_channel::bounded::<Vec<(u128, u64)>>(REPLAY_CHUNKS_QUEUED);
-            let directory = &directory;
-            scope.spawn(move || {
-                let _guard = CatchGuard::enter();
-                for claims in claims_rx {
-                    for (id, sku) in claims {
-                        let claim = directory.claim(id, sku);
-                        assert!(!matches!(claim, Claim::Conflict), "reservation {id:#x} replayed for two skus");
-                    }
-                }
-            });
-            for chunk in rx {
-                let (index, scan) = match chunk {
-                    Chunk::Events(events) => {
-                        // Prefetch a few records ahead, as a shard does for a
-                        // run of RESERVEs: a 10M-record log builds tables far
-                        // larger than the cache.
-                        for (i, (lsn, event)) in events.iter().enumerate() {
-                            if let Some((_, ahead)) = events.get(i + RESERVE_PREFETCH_AHEAD) {
-                                loader.prefetch(ahead);
+        // Claims go to the shared id directory from a third thread.
+        with_claims_thread(&directory, |claims_tx| {
+            std::thread::scope(|scope| -> Result<(), Failure> {
+                let (tx, rx) = crossbeam_channel::bounded::<Chunk>(REPLAY_CHUNKS_QUEUED);
+                scope.spawn(move || {
+                    let _guard = CatchGuard::enter();
+                    read_segments(segments, start, snapshot_lsn + 1, upto, tx)
+                });
+                for chunk in rx {
+                    let (index, scan) = match chunk {
+                        Chunk::Events(events) => {
+                            // Prefetch a few records ahead, as a shard does for a
+                            // run of RESERVEs: a 10M-record log builds tables far
+                            // larger than the cache.
+                            for (i, (lsn, event)) in events.iter().enumerate() {
+                                if let Some((_, ahead)) = events.get(i + RESERVE_PREFETCH_AHEAD) {
+                                    loader.prefetch(ahead);
+                                }
+                                if *lsn > snapshot_lsn {
+                                    applying.set(*lsn);
+                                    loader.apply(event);
+                                    report.records_replayed += 1;
+                                    report.last_lsn = *lsn;
+                                }
                             }
-                            if *lsn > snapshot_lsn {
-                                applying.set(*lsn);
-                                loader.apply(event);
-                                report.records_replayed += 1;
-                                report.last_lsn = *lsn;
-                            }
+                            loader.send_claims(&claims_tx);
+                            continue;
                         }
-                        if !loader.claims.is_empty() {
-                            let claims =
-                                std::mem::replace(&mut loader.claims, Vec::with_capacity(REPLAY_CHUNK_RECORDS));
-                            let _ = claims_tx.send(claims);
-                        }
-                        continue;
+                        Chunk::Done(index, scan) => (index, scan?),
+                    };
+                    let path = &segments[index].1;
+                    report.segments_scanned += 1;
+                    let (offset, reason, torn) = match scan.end {
+                        ScanEnd::Clean => continue,
+                        ScanEnd::TornTail { offset, reason, .. } => (offset, reason, true),
+                        ScanEnd::Corrupt { offset, reason } => (offset, reason, false),
+                    };
+                    // The reader stopped after this segment; nothing more will come.
+                    let corrupt = || RecoveryError::Corrupt { segment: path.clone(), offset, reason: reason.clone() };
+                    let Mode::Repair { truncate_corrupt } = mode else {
+                        return Err(Failure::Log(corrupt()));
+                    };
+                    let size = std::fs::metadata(path)?.len();
+                    if torn && index == last_index {
+                        tracing::warn!(
+                            segment = %path.display(), offset, dropped_bytes = size - offset, %reason,
+                            "truncating the torn tail of the write-ahead log (an interrupted write: never acknowledged)"
+                        );
+                        report.torn_bytes_dropped += size - offset;
+                        cut(path, offset, false)?;
+                        break;
                     }
-                    Chunk::Done(index, scan) => (index, scan?),
-                };
-                let path = &segments[index].1;
-                report.segments_scanned += 1;
-                let (offset, reason, torn) = match scan.end {
-                    ScanEnd::Clean => continue,
-                    ScanEnd::TornTail { offset, reason, .. } => (offset, reason, true),
-                    ScanEnd::Corrupt { offset, reason } => (offset, reason, false),
-                };
-                // The reader stopped after this segment; nothing more will come.
-                let corrupt = || RecoveryError::Corrupt { segment: path.clone(), offset, reason: reason.clone() };
-                let Mode::Repair { truncate_corrupt } = mode else {
-                    return Err(Failure::Log(corrupt()));
-                };
-                let size = std::fs::metadata(path)?.len();
-                if torn && index == last_index {
-                    tracing::warn!(
-                        segment = %path.display(), offset, dropped_bytes = size - offset, %reason,
-                        "truncating the torn tail of the write-ahead log (an interrupted write: never acknowledged)"
-                    );
-                    report.torn_bytes_dropped += size - offset;
-                    cut(path, offset, false)?;
+                    if !truncate_corrupt {
+                        return Err(Failure::Log(corrupt()));
+                    }
+                    let kept = report.last_lsn;
+                    let why = format!("{} at byte offset {offset}: {reason}", path.display());
+                    discard_after(dir, segments, index, Some(offset), kept, &why, report)?;
                     break;
                 }
-                if !truncate_corrupt {
-                    return Err(Failure::Log(corrupt()));
-                }
-                let kept = report.last_lsn;
-                let why = format!("{} at byte offset {offset}: {reason}", path.display());
-                discard_after(dir, segments, index, Some(offset), kept, &why, report)?;
-                break;
-            }
-            Ok(())
+                Ok(())
+            })
         })
     });
     match outcome {
@@ -533,7 +569,7 @@ fn discard_after(
     }
     let mut buf = Vec::new();
     for (first, path) in &segments[index + 1..] {
-        if let Ok(scan) = scan_segment(path, *first, &mut buf, |_, _| {}) {
+        if let Ok(scan) = scan_segment(path, *first, u64::MAX, &mut buf, |_, _| {}) {
             lost_upto = lost_upto.max(scan.last_lsn);
         }
         lost_upto = lost_upto.max(first.saturating_sub(1));
@@ -578,15 +614,22 @@ enum Chunk {
 /// The reader half of replay: scan `segments[start..]` in order, checking
 /// LSN continuity, until the end, the first segment that is not clean, or
 /// the record `upto` (what follows it in that segment is not looked at: it
-/// may be a write in progress).
-fn read_segments(segments: &[(u64, PathBuf)], start: usize, upto: Option<u64>, tx: crossbeam_channel::Sender<Chunk>) {
+/// may be a write in progress). Records before `decode_from` (covered by
+/// the snapshot) are checked but not decoded or sent.
+fn read_segments(
+    segments: &[(u64, PathBuf)],
+    start: usize,
+    decode_from: u64,
+    upto: Option<u64>,
+    tx: crossbeam_channel::Sender<Chunk>,
+) {
     let upto = upto.unwrap_or(u64::MAX);
     let mut buf = Vec::new();
     let mut expect = segments[start].0;
     for (index, (_, path)) in segments.iter().enumerate().skip(start) {
         let mut chunk = Vec::with_capacity(REPLAY_CHUNK_RECORDS);
         let mut receiver_gone = false;
-        let scan = scan_segment(path, expect, &mut buf, |lsn, event| {
+        let scan = scan_segment(path, expect, decode_from, &mut buf, |lsn, event| {
             if lsn > upto {
                 return;
             }
@@ -619,23 +662,26 @@ fn read_segments(segments: &[(u64, PathBuf)], start: usize, upto: Option<u64>, t
     }
 }
 
-/// About how many records and snapshot entries a recovery of `dir` will
-/// load (~50 bytes each): the newest snapshot plus the segments after it
-/// (below `below`), not the whole history retention may still keep.
-fn records_estimate(dir: &Path, below: Option<u64>) -> std::io::Result<usize> {
-    let (snapshot_lsn, mut bytes) = match list_snapshots(dir)?.first() {
+/// About how many reservations a recovery of `dir` will load: the newest
+/// snapshot's (each ~54 bytes there) plus those the segments after it
+/// create (records are ~50 bytes, about half of them create one), not the
+/// whole history retention may still keep. Sizes the tables up front:
+/// growing them while loading millions of entries dominates the time.
+fn reservations_estimate(dir: &Path, below: Option<u64>) -> std::io::Result<usize> {
+    let (snapshot_lsn, snapshot_bytes) = match list_snapshots(dir)?.first() {
         Some((lsn, path)) => (*lsn, std::fs::metadata(path)?.len()),
         None => (0, 0),
     };
+    let mut log_bytes = 0;
     let segments = list_segments(dir)?;
     for (i, (first, path)) in segments.iter().enumerate() {
         let next_first = segments.get(i + 1).map(|(n, _)| *n);
         let after_snapshot = next_first.is_none_or(|n| n > snapshot_lsn + 1);
         if after_snapshot && below.is_none_or(|b| *first < b) {
-            bytes += std::fs::metadata(path)?.len();
+            log_bytes += std::fs::metadata(path)?.len();
         }
     }
-    Ok((bytes / 50) as usize)
+    Ok((snapshot_bytes / 54 + log_bytes / 100) as usize)
 }
 
 /// The highest LSN of a valid record at or after byte `from` of a damaged
@@ -729,8 +775,11 @@ fn remove_leftovers(dir: &Path, report: &mut RecoveryReport) -> std::io::Result<
 pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, RecoveryError> {
     let mut leftovers = RecoveryReport::default();
     remove_leftovers(dir, &mut leftovers)?;
-    let spec =
-        LoaderSpec { pool_shards: options.pool_shards, records_estimate: records_estimate(dir, None)?, serving: true };
+    let spec = LoaderSpec {
+        pool_shards: options.pool_shards,
+        reservations_estimate: reservations_estimate(dir, None)?,
+        serving: true,
+    };
     let mode = Mode::Repair { truncate_corrupt: options.truncate_corrupt };
     let (loader, mut report) = load(dir, spec, mode, Bounds::default())?;
     report.leftovers_removed = leftovers.leftovers_removed;
@@ -775,7 +824,7 @@ pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, Recover
 /// is a deterministic function of its log, this *is* the state the live
 /// engine had once it applied record `lsn`.
 pub fn state_at(dir: &Path, lsn: u64) -> Result<Vec<SaleImage>, RecoveryError> {
-    let spec = LoaderSpec { pool_shards: 1, records_estimate: records_estimate(dir, None)?, serving: false };
+    let spec = LoaderSpec { pool_shards: 1, reservations_estimate: reservations_estimate(dir, None)?, serving: false };
     let (loader, report) = load(dir, spec, Mode::ReadOnly, Bounds { below: None, upto: Some(lsn) })?;
     if report.last_lsn != lsn {
         return Err(RecoveryError::Io(std::io::Error::other(format!(
@@ -821,8 +870,11 @@ pub fn checkpoint(
     retention: Retention,
 ) -> Result<Checkpoint, RecoveryError> {
     let started = Instant::now();
-    let spec =
-        LoaderSpec { pool_shards: 1, records_estimate: records_estimate(dir, active_first_lsn)?, serving: false };
+    let spec = LoaderSpec {
+        pool_shards: 1,
+        reservations_estimate: reservations_estimate(dir, active_first_lsn)?,
+        serving: false,
+    };
     let (loader, report) = load(dir, spec, Mode::ReadOnly, Bounds { below: active_first_lsn, upto: None })?;
     let mut result = Checkpoint::default();
     let covered = report.last_lsn;

@@ -292,7 +292,7 @@ fn a_reservation_that_expires_while_the_server_is_down_is_released_and_logged() 
     let segments = list_segments(&dir.0).unwrap();
     let mut expect = segments[0].0;
     for (_, path) in &segments {
-        let scan = scan_segment(path, expect, &mut buf, |_, event| {
+        let scan = scan_segment(path, expect, 0, &mut buf, |_, event| {
             if let Event::Expired { reservation_id, .. } = event {
                 expired.push(reservation_id);
             }

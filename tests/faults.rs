@@ -174,7 +174,7 @@ fn records_of(segment: &Path) -> Vec<(usize, u64)> {
 }
 
 fn last_lsn_of(segment: &Path, first_lsn: u64) -> u64 {
-    scan_segment(segment, first_lsn, &mut Vec::new(), |_, _| {}).unwrap().last_lsn
+    scan_segment(segment, first_lsn, u64::MAX, &mut Vec::new(), |_, _| {}).unwrap().last_lsn
 }
 
 fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {

@@ -66,6 +66,15 @@ impl std::fmt::Display for RecordError {
 
 /// Parse the record at the start of `buf`: `(lsn, event, bytes used)`.
 pub fn decode_record(buf: &[u8]) -> Result<(u64, Event, usize), RecordError> {
+    let (lsn, total) = verify_record(buf)?;
+    let event = decode_event(&buf[RECORD_HEADER_BYTES..total]).map_err(|e| RecordError::BadPayload(e.0))?;
+    Ok((lsn, event, total))
+}
+
+/// Check the record at the start of `buf` (length and checksum) without
+/// decoding its payload: `(lsn, bytes used)`. For records a reader needs
+/// to step over intact but not to apply (those a snapshot covers).
+pub fn verify_record(buf: &[u8]) -> Result<(u64, usize), RecordError> {
     if buf.len() < RECORD_HEADER_BYTES {
         return Err(RecordError::Truncated { needed: RECORD_HEADER_BYTES, available: buf.len() });
     }
@@ -83,8 +92,7 @@ pub fn decode_record(buf: &[u8]) -> Result<(u64, Event, usize), RecordError> {
     if computed != stored {
         return Err(RecordError::BadChecksum { stored, computed });
     }
-    let event = decode_event(&buf[RECORD_HEADER_BYTES..total]).map_err(|e| RecordError::BadPayload(e.0))?;
-    Ok((lsn, event, total))
+    Ok((lsn, total))
 }
 
 #[cfg(test)]

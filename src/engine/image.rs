@@ -255,6 +255,20 @@ impl Engine {
     /// older snapshot or to the log instead. After an error this engine
     /// holds part of the image and must be discarded.
     pub fn import(&mut self, image: SaleImage) -> Result<(), String> {
+        let mut claims = Vec::new();
+        self.import_deferring_claims(image, &mut claims)?;
+        for (id, sku) in claims {
+            if matches!(self.directory.claim(id, sku), Claim::Conflict) {
+                return Err(format!("reservation {id:#x} of sku {sku} belongs to another sku too"));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::import`], leaving the id-directory claims to the caller as
+    /// `(id, sku)` pairs (recovery makes them on another core meanwhile;
+    /// a claim that conflicts means the image is inconsistent).
+    pub fn import_deferring_claims(&mut self, image: SaleImage, claims: &mut Vec<(u128, u64)>) -> Result<(), String> {
         let sku = image.sku;
         let total = image.available.checked_add(image.reserved).and_then(|n| n.checked_add(image.sold));
         if total != Some(image.total) {
@@ -271,10 +285,22 @@ impl Engine {
                 return Err(format!("sku {sku}: queue cursor {} beyond its line of {}", q.next, q.line.len()));
             }
         }
-        let mut users: FlatMap<u64, u32> = FlatMap::default();
+        // Sized for every holder at once: growing it while importing
+        // millions of entries would move them over and over.
+        let holders = image.reservations.iter().filter(|r| matches!(r.state, HoldState::Held | HoldState::Confirmed));
+        let mut users: FlatMap<u64, u32> = FlatMap::with_capacity(holders.count());
         let mut held: Vec<(u64, u128)> = Vec::new();
         let (mut reserved, mut sold, mut holds) = (0u64, 0u64, 0u64);
-        for r in image.reservations {
+        claims.reserve(image.reservations.len());
+        let list = &image.reservations;
+        for (i, r) in list.iter().enumerate() {
+            // Prefetch a few entries ahead, as replay does: the tables are
+            // far larger than the cache, and each insert would otherwise
+            // wait for its misses one after the other.
+            if let Some(ahead) = list.get(i + super::RESERVE_PREFETCH_AHEAD) {
+                self.reservations.prefetch(&ahead.id.into());
+                users.prefetch(&ahead.user);
+            }
             match r.state {
                 HoldState::Held => {
                     reserved += u64::from(r.qty);
@@ -288,10 +314,8 @@ impl Engine {
                 }
                 HoldState::Released | HoldState::Expired => {}
             }
-            if matches!(self.directory.claim(r.id, sku), Claim::Conflict) {
-                return Err(format!("reservation {:#x} of sku {sku} belongs to another sku too", r.id));
-            }
-            if let Some(payment_ref) = r.payment_ref {
+            claims.push((r.id, sku));
+            if let Some(payment_ref) = &r.payment_ref {
                 self.payment_refs.insert(r.id.into(), payment_ref[..].into());
             }
             let added = self.reservations.insert(

@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::engine::Event;
-use crate::wal::record::{decode_record, RecordError};
+use crate::wal::record::{decode_record, verify_record, RecordError};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"STMPWAL\0";
 pub const SEGMENT_VERSION: u32 = 1;
@@ -86,13 +86,16 @@ pub struct Scan {
     pub end: ScanEnd,
 }
 
-/// Read `path` and hand every valid record to `visit` in order. `expect_lsn`
-/// is the LSN the first record must carry (continuity across segments).
-/// `buf` is reused across calls so replaying many segments does not fault in
-/// (and zero) fresh memory for each one.
+/// Read `path` and hand every valid record from LSN `decode_from` on to
+/// `visit` in order; records before it are checked (length, checksum, LSN)
+/// but not decoded (a snapshot covers them: decoding is most of the cost of
+/// reading a record). `expect_lsn` is the LSN the first record must carry
+/// (continuity across segments). `buf` is reused across calls so replaying
+/// many segments does not fault in (and zero) fresh memory for each one.
 pub fn scan_segment(
     path: &Path,
     expect_lsn: u64,
+    decode_from: u64,
     buf: &mut Vec<u8>,
     mut visit: impl FnMut(u64, Event),
 ) -> std::io::Result<Scan> {
@@ -146,9 +149,16 @@ pub fn scan_segment(
     let mut at = SEGMENT_HEADER_BYTES;
     let mut next_lsn = first_lsn;
     while at < bytes.len() {
-        match decode_record(&bytes[at..]) {
+        let record = if next_lsn < decode_from {
+            verify_record(&bytes[at..]).map(|(lsn, used)| (lsn, None, used))
+        } else {
+            decode_record(&bytes[at..]).map(|(lsn, event, used)| (lsn, Some(event), used))
+        };
+        match record {
             Ok((lsn, event, used)) if lsn == next_lsn => {
-                visit(lsn, event);
+                if let Some(event) = event {
+                    visit(lsn, event);
+                }
                 at += used;
                 next_lsn += 1;
             }

@@ -71,6 +71,20 @@ pub fn write_snapshot(dir: &Path, lsn: u64, sales: &[SaleImage]) -> std::io::Res
 
 /// Read and verify a snapshot: `(lsn, sales)`.
 pub fn read_snapshot(path: &Path) -> Result<(u64, Vec<SaleImage>), String> {
+    let mut sales = Vec::new();
+    let lsn = read_snapshot_each(path, |image| {
+        sales.push(image);
+        Ok(())
+    })?;
+    Ok((lsn, sales))
+}
+
+/// Read a snapshot, verify its checksum, then hand its sale images to
+/// `visit` one at a time as they are decoded (so a caller can load one
+/// while the next is decoded, and never holds them all); the snapshot's
+/// LSN. The checksum covers the whole file and is checked before any
+/// image is decoded; an error from `visit` stops the read.
+pub fn read_snapshot_each(path: &Path, mut visit: impl FnMut(SaleImage) -> Result<(), String>) -> Result<u64, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if bytes.len() < 36 {
         return Err(format!("{}: truncated ({} bytes)", path.display(), bytes.len()));
@@ -83,24 +97,21 @@ pub fn read_snapshot(path: &Path) -> Result<(u64, Vec<SaleImage>), String> {
     if body[0..8] != SNAPSHOT_MAGIC {
         return Err(format!("{}: bad magic", path.display()));
     }
+    let named = |e: stampede_protocol::wire::Malformed| format!("{}: {e}", path.display());
     let mut r = Reader::new(&body[8..], "snapshot");
-    let parse = |r: &mut Reader<'_>| -> Result<(u64, Vec<SaleImage>), stampede_protocol::wire::Malformed> {
-        let version = r.u32()?;
-        if version != SNAPSHOT_VERSION {
-            return Err(stampede_protocol::wire::Malformed(format!(
-                "snapshot format version {version} (this binary reads {SNAPSHOT_VERSION})"
-            )));
-        }
-        let _reserved = r.u32()?;
-        let lsn = r.u64()?;
-        let count = r.u64()?;
-        let mut sales = Vec::new();
-        for _ in 0..count {
-            sales.push(SaleImage::read(r)?);
-        }
-        Ok((lsn, sales))
-    };
-    let result = parse(&mut r).map_err(|e| format!("{}: {e}", path.display()))?;
-    r.finish().map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(result)
+    let version = r.u32().map_err(named)?;
+    if version != SNAPSHOT_VERSION {
+        return Err(format!(
+            "{}: snapshot format version {version} (this binary reads {SNAPSHOT_VERSION})",
+            path.display()
+        ));
+    }
+    let _reserved = r.u32().map_err(named)?;
+    let lsn = r.u64().map_err(named)?;
+    let count = r.u64().map_err(named)?;
+    for _ in 0..count {
+        visit(SaleImage::read(&mut r).map_err(named)?)?;
+    }
+    r.finish().map_err(named)?;
+    Ok(lsn)
 }
