@@ -157,3 +157,11 @@ pub const USER_RESERVES_BURST_DEFAULT: u32 = 200;
 /// bytes = 32 MiB, faulted in at start. Users share buckets by hash; see
 /// `server/ratelimit.rs` for why two per user keep that fair.
 pub const USER_RATE_BUCKETS: usize = 1 << 22;
+
+/// Writes reach the disk in whole sectors at least (the page cache writes
+/// back whole 4 KiB pages, disks persist whole 512-byte sectors, and a
+/// `kill -9` stops a `write(2)` between pages): bytes of an interrupted
+/// write that never reached the disk start at a multiple of this. Recovery
+/// calls a last record torn when it is zeros from such a boundary to the
+/// end of the file, and damaged (possibly acknowledged) otherwise (WAL.md).
+pub const TORN_WRITE_ALIGN_BYTES: usize = 512;

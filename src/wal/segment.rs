@@ -19,6 +19,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::engine::Event;
+use crate::limits::TORN_WRITE_ALIGN_BYTES;
 use crate::wal::record::{decode_record, verify_record, RecordError};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"STMPWAL\0";
@@ -199,11 +200,6 @@ fn classify_failure(bytes: &[u8], at: usize, next_lsn: u64, error: &RecordError)
         Tail::Damaged(why) => ScanEnd::Corrupt { offset: at as u64, reason: format!("{reason}: {why}") },
     }
 }
-
-/// Writes reach the disk in whole sectors at least (the page cache writes
-/// back whole 4 KiB pages; a `kill -9` stops a `write(2)` between pages):
-/// bytes that never reached the disk start at a multiple of this.
-pub const TORN_WRITE_ALIGN_BYTES: usize = 512;
 
 /// What the invalid bytes at the end of the last segment are.
 enum Tail {
