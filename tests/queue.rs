@@ -209,6 +209,28 @@ fn reserve(engine: &mut Engine, user: u64, now: u64, events: &mut Vec<Event>) ->
     engine.reserve(&op, now, events).status
 }
 
+/// Stock comes before admission (PROTOCOL.md §6.2, rule 6q): a user who
+/// was never admitted hears `sold_out` / `insufficient_stock` when that is
+/// the truth, exactly as the connection's fast path answers from the
+/// published counters, and `not_admitted` only while units remain.
+#[test]
+fn a_user_not_admitted_hears_sold_out_first_as_on_the_fast_path() {
+    let mut engine = engine();
+    let mut events = Vec::new();
+    let queue = QueueConfig { admit_rate_per_s: 1_000, admit_cap: 1, admission_ms: 500, start_at_ms: 0 };
+    queued_sale(&mut engine, 1, queue, &mut events);
+    for user in 0..3 {
+        engine.join(SKU, user, 1_000, &mut events);
+    }
+    // The cap (1, and never more than the units) admits user 0 only.
+    assert_eq!(run_ticks(&mut engine, 1_000, 1_100, 1, &mut events), vec![0]);
+    let two = Reserve { sku: SKU, user: 2, qty: 2, reservation_id: 99 };
+    assert_eq!(engine.reserve(&two, 1_100, &mut events).status, Status::InsufficientStock, "asks for 2 of 1");
+    assert_eq!(reserve(&mut engine, 2, 1_100, &mut events), Status::NotAdmitted, "a unit remains");
+    assert_eq!(reserve(&mut engine, 0, 1_100, &mut events), Status::Reserved);
+    assert_eq!(reserve(&mut engine, 2, 1_100, &mut events), Status::SoldOut, "nothing left to queue for");
+}
+
 #[test]
 fn reserving_needs_an_admission_and_lapsed_ones_pass_to_the_next_user() {
     let mut engine = engine();

@@ -6,15 +6,13 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use common::raw::RawConn;
 use common::{start_server, CHECKOUT_TOKEN};
-use futures_util::StreamExt;
 use stampede_protocol::client::{new_reservation_id, Client, ClientConfig, ClientError};
 use stampede_protocol::frame::encode_frame_with;
 use stampede_protocol::message::{Hello, Opcode, Reply, Request, Reserve, Role, SaleCreate};
-use stampede_protocol::{FrameCodec, Status};
+use stampede_protocol::Status;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio_util::codec::FramedRead;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_unit_race_sells_exactly_one() {
@@ -216,51 +214,6 @@ async fn auth_is_enforced() {
     assert!(raw.next().await.is_none(), "server closes after auth_failed");
 }
 
-/// A connection that speaks raw frames, for bad-input tests.
-struct RawConn {
-    write: tokio::net::tcp::OwnedWriteHalf,
-    read: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
-}
-
-impl RawConn {
-    async fn connect(addr: &str) -> RawConn {
-        let (read, write) = TcpStream::connect(addr).await.unwrap().into_split();
-        RawConn { write, read: FramedRead::new(read, FrameCodec::new()) }
-    }
-
-    async fn authed(addr: &str) -> RawConn {
-        let mut conn = RawConn::connect(addr).await;
-        conn.send(1, Request::Hello(Hello { token: Bytes::from_static(CHECKOUT_TOKEN.as_bytes()) })).await;
-        assert!(matches!(conn.next().await, Some((1, Reply::Hello(h))) if h.status == Status::Ok));
-        conn
-    }
-
-    async fn send(&mut self, request_id: u64, request: Request) {
-        let mut buf = BytesMut::new();
-        request.encode_frame(request_id, &mut buf);
-        self.write.write_all(&buf).await.unwrap();
-    }
-
-    async fn send_bytes(&mut self, bytes: &[u8]) {
-        // The server may already have closed; that is fine for these tests.
-        let _ = self.write.write_all(bytes).await;
-    }
-
-    async fn next(&mut self) -> Option<(u64, Reply)> {
-        let frame =
-            tokio::time::timeout(Duration::from_secs(10), self.read.next()).await.expect("reply within 10 s")?;
-        let frame = frame.ok()?;
-        Some((frame.request_id, Reply::decode(&frame).expect("server replies are well formed")))
-    }
-
-    async fn error_status(&mut self) -> Option<(u64, Status)> {
-        match self.next().await? {
-            (id, Reply::Error(e)) => Some((id, e.status)),
-            other => panic!("expected an ERROR reply, got {other:?}"),
-        }
-    }
-}
-
 fn raw_frame(opcode: u8, request_id: u64, body: &[u8]) -> BytesMut {
     let mut buf = BytesMut::new();
     encode_frame_with(&mut buf, opcode, request_id, |b| b.extend_from_slice(body));
@@ -332,7 +285,7 @@ async fn malformed_frames_get_an_error_and_close_only_that_connection() {
     ));
 
     for (name, bytes, expect_id, expect_status) in cases {
-        let mut conn = RawConn::authed(&server.addr).await;
+        let mut conn = RawConn::authed(&server.addr, CHECKOUT_TOKEN).await;
         conn.send_bytes(&bytes).await;
         assert_eq!(conn.error_status().await, Some((expect_id, expect_status)), "{name}");
         assert!(conn.next().await.is_none(), "{name}: connection closed after the error");
@@ -341,7 +294,7 @@ async fn malformed_frames_get_an_error_and_close_only_that_connection() {
     }
 
     // A frame cut off mid-body, then EOF: no reply is possible; nothing breaks.
-    let mut conn = RawConn::authed(&server.addr).await;
+    let mut conn = RawConn::authed(&server.addr, CHECKOUT_TOKEN).await;
     conn.send_bytes(&good[..good.len() - 5]).await;
     conn.write.shutdown().await.unwrap();
     assert!(conn.next().await.is_none());
@@ -355,7 +308,7 @@ async fn pipelined_replies_match_their_requests() {
     let server = start_server().await;
     server.create_sale(30, 10_000, 10_000, 60_000, true).await;
     server.create_sale(31, 10_000, 10_000, 60_000, false).await;
-    let mut conn = RawConn::authed(&server.addr).await;
+    let mut conn = RawConn::authed(&server.addr, CHECKOUT_TOKEN).await;
     // 2000 requests in one write, across two shards plus connection-local answers.
     let mut buf = BytesMut::new();
     let mut expected = HashSet::new();
@@ -387,7 +340,7 @@ async fn a_reused_request_id_cannot_mix_up_batches() {
     let server = start_server().await;
     server.create_sale(40, 100, 100, 60_000, false).await;
     server.create_sale(41, 100, 100, 60_000, true).await;
-    let mut conn = RawConn::authed(&server.addr).await;
+    let mut conn = RawConn::authed(&server.addr, CHECKOUT_TOKEN).await;
     let batch = |first: u128| {
         Request::ReserveBatch(
             (0..10u64)
@@ -417,7 +370,7 @@ async fn a_reused_request_id_cannot_mix_up_batches() {
 async fn a_client_that_never_reads_and_then_resets_frees_its_connection() {
     let server = start_server().await;
     let shared = server.handle.shared.clone();
-    let mut conn = RawConn::authed(&server.addr).await;
+    let mut conn = RawConn::authed(&server.addr, CHECKOUT_TOKEN).await;
     assert_eq!(shared.connections_active(), 1);
     // Far more pipelined requests than the in-flight limit, replies never
     // read: the server's writer blocks on a full socket, its reader parks

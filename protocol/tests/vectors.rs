@@ -279,6 +279,34 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
                 }),
             ),
         ),
+        // Refusals a client must tell apart (PROTOCOL.md §5.1, §6.2, §6.9).
+        ("reserve_reply_shutting_down", 3, Rep(Opcode::Reserve, Reply::Outcome(Outcome::of(Status::ShuttingDown)))),
+        ("reserve_reply_rate_limited", 3, Rep(Opcode::Reserve, Reply::Outcome(Outcome::new(Status::RateLimited, 250)))),
+        (
+            "status_reply_busy",
+            7,
+            Rep(Opcode::Status, Reply::Status(StatusReply { status: Status::Busy, sale: SaleStatus::default() })),
+        ),
+        // SETTLED beyond what the stream sent (§5.13): detail = what it sent.
+        (
+            "settled_reply_refused",
+            14,
+            Rep(Opcode::Settled, Reply::Outcome(Outcome::new(Status::InvalidArgument, 1002))),
+        ),
+        // A second REPLICATE on a connection that streams (§5.12).
+        (
+            "log_batch_refused",
+            20,
+            Rep(
+                Opcode::Replicate,
+                Reply::LogBatch(LogBatch {
+                    status: Status::InvalidArgument,
+                    durable_lsn: 1002,
+                    server_time_ms: 1_795_000_002_000,
+                    records: vec![],
+                }),
+            ),
+        ),
     ]
 }
 

@@ -433,14 +433,17 @@ impl Engine {
         if sale.paused {
             return Outcome::of(Status::Paused);
         }
-        if sale.queue.as_ref().is_some_and(|q| !q.may_reserve(op.user, now_ms)) {
-            return Outcome::of(Status::NotAdmitted);
-        }
+        // Stock before admission, as the connection's fast path answers
+        // from the published counters without knowing the queue: a user
+        // gets the same refusal whichever path decides (PROTOCOL.md §6.2).
         if sale.available == 0 {
             return Outcome::of(Status::SoldOut);
         }
         if sale.available < u64::from(op.qty) {
             return Outcome::of(Status::InsufficientStock);
+        }
+        if sale.queue.as_ref().is_some_and(|q| !q.may_reserve(op.user, now_ms)) {
+            return Outcome::of(Status::NotAdmitted);
         }
         let held = sale.users.get(&op.user).unwrap_or(0);
         if u64::from(held) + u64::from(op.qty) > u64::from(sale.limit_per_user) {

@@ -70,9 +70,14 @@ where
     let writer = tokio::spawn(write_loop(write_half, rx, permits.clone(), shared.clone()));
     // Shutdown began before this connection was served: close it at once.
     let Some(mut close) = shared.close_signal() else { return };
-    let mut conn = Conn { shared, tx, role: Role::None, next_batch: 0, received: std::time::Instant::now() };
+    let mut conn =
+        Conn { shared, tx, role: Role::None, stream: None, next_batch: 0, received: std::time::Instant::now() };
     let mut frames = FramedRead::new(read_half, FrameCodec::new());
     let linger_after = conn.read_loop(&mut frames, &permits, &mut close.rx).await;
+    // A log stream ends with the reader: its consumer is gone or going.
+    if let Some(stream) = &conn.stream {
+        stream.closed.cancel();
+    }
     // Dropping our sender lets the writer finish once every in-flight reply
     // (whose senders the shards hold) is written.
     drop(conn);
@@ -121,6 +126,8 @@ struct Conn {
     shared: Arc<Shared>,
     tx: ConnTx,
     role: Role,
+    /// This connection's REPLICATE stream, once it started one.
+    stream: Option<super::log::StreamState>,
     /// Sequence number of the next RESERVE_BATCH on this connection.
     next_batch: u64,
     /// When the request being dispatched was read (latency histograms).
@@ -277,8 +284,8 @@ impl Conn {
                     }
                     // The per-user rate guards the shard: a sold-out answer
                     // costs less than the check, so it is never limited.
-                    if let Some(retry_after_ms) = self.rate_limited(op.user) {
-                        return Some(Outcome::new(Status::RateLimited, retry_after_ms));
+                    if let Some(refusal) = self.rate_limit(&op) {
+                        return Some(refusal);
                     }
                     route.shard.submit(ShardMsg::Reserve { op, reply: self.reply_to(request_id) });
                     None
@@ -347,7 +354,7 @@ impl Conn {
 
     /// REPLICATE, SETTLED and STATE_DUMP (see `log.rs`). A stream's
     /// request holds its in-flight permit for the life of the stream.
-    fn log_request(&self, request_id: u64, request: Request) {
+    fn log_request(&mut self, request_id: u64, request: Request) {
         let opcode = request.opcode();
         let Some(log) = self.shared.log.clone() else {
             let _ = self.tx.send(Outbound::error(request_id, Status::NoLog, "this server keeps no write-ahead log"));
@@ -355,22 +362,47 @@ impl Conn {
         };
         match request {
             Request::Replicate(replicate) => {
-                tokio::spawn(log.replicate(replicate.from_lsn, request_id, self.tx.clone()));
+                // One stream per connection: a second would interleave its
+                // frames with the first's, and SETTLED could not say which
+                // one it answers.
+                if self.stream.as_ref().is_some_and(|s| s.is_live()) {
+                    log.refuse_replicate(Status::InvalidArgument, request_id, &self.tx);
+                    return;
+                }
+                let stream = super::log::StreamState::new(replicate.from_lsn);
+                self.stream = Some(stream.clone());
+                tokio::spawn(log.replicate(replicate.from_lsn, request_id, self.tx.clone(), stream));
             }
             Request::StateDump => {
                 tokio::spawn(log.state_dump(request_id, self.tx.clone()));
             }
             Request::Settled(settled) => {
-                let status = log.settled(settled.settled_lsn);
-                self.reply(request_id, opcode, Reply::Outcome(Outcome::new(status, settled.settled_lsn)));
+                let (status, lsn) = log.settled(settled.settled_lsn, self.stream.as_ref());
+                self.reply(request_id, opcode, Reply::Outcome(Outcome::new(status, lsn)));
             }
             _ => unreachable!("log requests only"),
         }
     }
 
-    /// `Some(retry_after_ms)` when `user` is over the per-user RESERVE rate.
-    fn rate_limited(&self, user: u64) -> Option<u64> {
-        self.shared.user_rate.as_ref().and_then(|limiter| limiter.check(user).err())
+    /// The per-user RESERVE rate, in its place in the order of answers
+    /// (PROTOCOL.md §6.2): `None` lets `op` through to the shard. A user
+    /// over the rate is answered `rate_limited`, except for a malformed
+    /// request (`invalid_argument`, whatever the rate) and a retry of a
+    /// reservation id the server already knows (the shard answers its
+    /// original outcome: a retry of a success is never refused). Those two
+    /// checks run only for a user already over the rate, so they cost the
+    /// normal path nothing.
+    fn rate_limit(&self, op: &Reserve) -> Option<Outcome> {
+        let retry_after_ms = self.shared.user_rate.as_ref()?.check(op.user).err()?;
+        // In the engine's order: a known id first (`reserved` or
+        // `id_conflict`), then the arguments.
+        if self.shared.router.directory.sku_of(op.reservation_id).is_some() {
+            return None;
+        }
+        if op.qty == 0 || op.reservation_id == 0 {
+            return Some(Outcome::of(Status::InvalidArgument));
+        }
+        Some(Outcome::new(Status::RateLimited, retry_after_ms))
     }
 
     /// Route CONFIRM/RELEASE by reservation id: directory -> sku -> shard.
@@ -399,8 +431,8 @@ impl Conn {
                 filled.push((index, refusal));
                 continue;
             }
-            if let Some(retry_after_ms) = self.rate_limited(op.user) {
-                filled.push((index, Outcome::new(Status::RateLimited, retry_after_ms)));
+            if let Some(refusal) = self.rate_limit(op) {
+                filled.push((index, refusal));
                 continue;
             }
             match groups.iter_mut().find(|(shard, _)| shard.id == route.shard.id) {

@@ -11,6 +11,7 @@
 //! queued for its connection; the socket's pace sets the stream's pace.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use stampede_protocol::message::replicate::LOG_BATCH_HEADER_BYTES;
 use stampede_protocol::message::{DumpChunk, DumpEntry, LogBatch, Opcode, ReservationEntry, SaleEntry};
 use stampede_protocol::Status;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::engine::SaleImage;
@@ -33,6 +35,48 @@ use crate::sink::ConnTx;
 use crate::wal::follow::{CursorError, LogCursor};
 
 use super::conn::Outbound;
+
+/// One connection's REPLICATE stream, shared by the stream task and the
+/// connection (which answers SETTLED and refuses a second REPLICATE).
+#[derive(Clone)]
+pub struct StreamState {
+    /// Highest LSN the stream has handed to the connection.
+    sent: Arc<AtomicU64>,
+    /// Cleared when the stream task ends, for whatever reason.
+    live: Arc<AtomicBool>,
+    /// Cancelled when the connection's reader stops (the consumer closed
+    /// or went away): the stream ends and frees its slot at once instead
+    /// of at its next failed write.
+    pub closed: CancellationToken,
+}
+
+impl StreamState {
+    /// A stream starting at `from_lsn` (it has sent everything before).
+    pub fn new(from_lsn: u64) -> StreamState {
+        StreamState {
+            sent: Arc::new(AtomicU64::new(from_lsn.saturating_sub(1))),
+            live: Arc::new(AtomicBool::new(true)),
+            closed: CancellationToken::new(),
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub fn sent_lsn(&self) -> u64 {
+        self.sent.load(Ordering::Acquire)
+    }
+}
+
+/// Marks the stream ended when the stream task returns or is cancelled.
+struct StreamEnd(StreamState);
+
+impl Drop for StreamEnd {
+    fn drop(&mut self) {
+        self.0.live.store(false, Ordering::Release);
+    }
+}
 
 /// What the log operations need from the running server.
 pub struct LogService {
@@ -69,19 +113,43 @@ impl LogService {
         *self.synced.borrow()
     }
 
-    /// SETTLED: remember the consumer's settled LSN for log retention.
+    /// SETTLED from a connection whose stream is `stream` (`None`: the
+    /// connection has no live REPLICATE stream): remember the consumer's
+    /// settled LSN for log retention. The answer's detail is the LSN the
+    /// server holds afterwards.
+    ///
+    /// - No live stream on this connection: `invalid_argument`. Only a
+    ///   consumer that is reading the log can have settled any of it.
+    /// - Beyond what this stream has sent: `invalid_argument`, detail = the
+    ///   highest LSN the stream sent. A consumer cannot have settled a
+    ///   record it never received; believing it would let a checkpoint
+    ///   delete segments no one settled.
+    /// - At or below what is recorded: `ok`, nothing changes (the recorded
+    ///   LSN never goes backwards; a database restored from an older backup
+    ///   re-settles from its own watermark, and the segments it needs were
+    ///   kept unless retention already passed them).
+    /// - Otherwise `ok`, recorded.
+    ///
+    /// Several streams may settle (one downstream system of record, e.g. a
+    /// reconciler and its replacement during a handover): every one
+    /// reports LSNs committed into the same PostgreSQL, so the highest is
+    /// the truth.
     ///
     /// Written with a rename but not fsynced: after a power loss the file
     /// may hold an older value, which only keeps more segments (the safe
     /// direction). The reconciler's own watermark, in PostgreSQL, is the
     /// authority; this file only gates deletion.
-    pub fn settled(&self, settled_lsn: u64) -> Status {
-        if settled_lsn > self.synced_lsn() {
-            return Status::InvalidArgument;
-        }
+    pub fn settled(&self, settled_lsn: u64, stream: Option<&StreamState>) -> (Status, u64) {
         let mut current = self.consumer_file.lock().unwrap_or_else(|e| e.into_inner());
-        if *current == settled_lsn {
-            return Status::Ok;
+        let Some(stream) = stream.filter(|s| s.is_live()) else {
+            return (Status::InvalidArgument, *current);
+        };
+        let sent = stream.sent_lsn();
+        if settled_lsn > sent {
+            return (Status::InvalidArgument, sent);
+        }
+        if settled_lsn <= *current {
+            return (Status::Ok, *current);
         }
         let tmp = self.dir.join(format!("{CONSUMER_LSN_FILE}.tmp"));
         let written = std::fs::write(&tmp, format!("{settled_lsn}\n"))
@@ -89,17 +157,27 @@ impl LogService {
         match written {
             Ok(()) => {
                 *current = settled_lsn;
-                Status::Ok
+                (Status::Ok, settled_lsn)
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot record the consumer's settled LSN");
-                Status::InternalError
+                (Status::InternalError, *current)
             }
         }
     }
 
-    /// REPLICATE: stream records from `from_lsn` until the connection goes.
-    pub async fn replicate(self: Arc<Self>, from_lsn: u64, request_id: u64, tx: ConnTx) {
+    /// REPLICATE: stream records from `from_lsn` until the connection goes
+    /// (its reader saw the end: `stream` is closed) or the stream cannot go
+    /// on. Frees the stream's slot at once either way.
+    pub async fn replicate(self: Arc<Self>, from_lsn: u64, request_id: u64, tx: ConnTx, stream: StreamState) {
+        let _ended = StreamEnd(stream.clone());
+        tokio::select! {
+            _ = stream.closed.cancelled() => {}
+            _ = self.stream_records(from_lsn, request_id, tx, &stream) => {}
+        }
+    }
+
+    async fn stream_records(&self, from_lsn: u64, request_id: u64, tx: ConnTx, stream: &StreamState) {
         let credit = Arc::new(Semaphore::new(REPLICATION_FRAMES_INFLIGHT_MAX));
         let send = |body: Bytes, permit: OwnedSemaphorePermit| tx.send(Outbound::Frame { bytes: body, credit: permit });
         let Ok(_slot) = self.streams.clone().try_acquire_owned() else {
@@ -169,6 +247,7 @@ impl LogService {
                     if send(frame, permit).is_err() {
                         return; // the consumer went away
                     }
+                    stream.sent.fetch_max(cursor.next_lsn() - 1, Ordering::AcqRel);
                 }
                 Err(e) => {
                     let status = match e {
@@ -219,6 +298,12 @@ impl LogService {
             records(body);
         });
         buf.freeze()
+    }
+
+    /// End a REPLICATE request at once with a LOG_BATCH carrying `status`.
+    pub fn refuse_replicate(&self, status: Status, request_id: u64, tx: &ConnTx) {
+        let credit = Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a fresh semaphore has a permit");
+        let _ = tx.send(Outbound::Frame { bytes: self.log_batch_error(status, request_id), credit });
     }
 
     fn log_batch_error(&self, status: Status, request_id: u64) -> Bytes {
