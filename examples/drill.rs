@@ -176,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
     if status.available != stock - paid {
         failures.push(format!("available {} != stock - sold {}", status.available, stock - paid));
     }
-    handle.shared.router.shutdown();
+    handle.shared.router().expect("a single node has its router").shutdown();
     if let Some(wal) = wal {
         wal.close()?;
     }

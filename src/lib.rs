@@ -35,6 +35,7 @@
 //! 6. The connection's writer task encodes the reply and writes it.
 
 pub mod clock;
+pub mod cluster;
 pub mod engine;
 pub mod limits;
 pub mod memory;

@@ -165,3 +165,30 @@ pub const USER_RATE_BUCKETS: usize = 1 << 22;
 /// calls a last record torn when it is zeros from such a boundary to the
 /// end of the file, and damaged (possibly acknowledged) otherwise (WAL.md).
 pub const TORN_WRITE_ALIGN_BYTES: usize = 512;
+
+/// The leader's etcd lease, by default (`--lease-ttl-ms`): how long a dead
+/// leader keeps its successor waiting, and how long a cut-off leader goes on
+/// acknowledging before it fences itself (a quarter less, see
+/// cluster/election.rs). 2 s puts a failover under 3 s with room for the
+/// standby to notice and promote; etcd handles shorter TTLs badly under load.
+pub const LEADER_LEASE_TTL_MS_DEFAULT: u64 = 2_000;
+
+/// How often a standby reads the `leader` key (and a leader renews: a
+/// quarter of its TTL, whichever is shorter): a failover waits at most this
+/// long after the old lease expired.
+pub const CLUSTER_POLL_INTERVAL_MS: u64 = 100;
+
+/// A node's registration lease (`nodes/<id>` in etcd), renewed every second.
+pub const NODE_LEASE_TTL_S: u64 = 5;
+
+/// A synchronous standby that makes no progress for this long while
+/// replies wait for it is replaced by a caught-up standby, if there is one;
+/// without one, a strict leader answers `sync_standby_unavailable` to new
+/// requests from then on (`--sync-timeout-ms`).
+pub const SYNC_STANDBY_TIMEOUT_MS_DEFAULT: u64 = 2_000;
+
+/// Exit status of a node that must rejoin its cluster from the start: a
+/// leader that lost its lease, or a standby whose log must be cut or
+/// replaced before it can follow. Its supervisor restarts it (the status
+/// is EX_TEMPFAIL); it then recovers from its data dir and follows.
+pub const EXIT_REJOIN: i32 = 75;

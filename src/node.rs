@@ -16,6 +16,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::clock::{Clock, SystemClock};
+use crate::cluster::election::{Election, Leadership};
+use crate::cluster::manager::{self, Join, JoinLog, Manager, RejoinHandler};
+use crate::cluster::{standby, ClusterConfig, ClusterState, History};
+use crate::recovery::Replica;
 use crate::recovery::{self, RecoverOptions, RecoveryReport, Retention};
 use crate::server::log::LogService;
 use crate::server::{self, ServerConfig, ServerHandle, Tokens};
@@ -43,6 +47,11 @@ pub struct NodeConfig {
     pub user_rate: Option<(u32, u32)>,
     /// TLS on the client port (`None`: plaintext).
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Take part in a cluster (`None`: decide alone).
+    pub cluster: Option<ClusterConfig>,
+    /// Called when a cluster node must restart to rejoin (the server
+    /// binary exits with `EXIT_REJOIN`); by default it panics.
+    pub rejoin: RejoinHandler,
 }
 
 impl NodeConfig {
@@ -65,6 +74,8 @@ impl NodeConfig {
             metrics_listen: None,
             user_rate: Some((crate::limits::USER_RESERVES_PER_S_DEFAULT, crate::limits::USER_RESERVES_BURST_DEFAULT)),
             tls: None,
+            cluster: None,
+            rejoin: Arc::new(|reason: &str| panic!("rejoin: {reason}")),
         }
     }
 }
@@ -83,6 +94,11 @@ pub struct Node {
     retention: Retention,
     stopping: Arc<AtomicBool>,
     checkpointer: JoinHandle<()>,
+    /// The leadership this node holds, if it leads a cluster (given up at a
+    /// clean stop, so a standby takes over at once).
+    leadership: Arc<parking_lot::Mutex<Option<Leadership>>>,
+    election: Option<Election>,
+    runtime: tokio::runtime::Handle,
     /// Held (flock) for the node's life: one server per data dir.
     _lock: std::fs::File,
 }
@@ -99,11 +115,38 @@ impl Node {
         }
         let options =
             RecoverOptions { pool_shards: config.pool_shards.max(1), truncate_corrupt: config.truncate_corrupt };
-        let recover_dir = dir.clone();
-        let recovered = tokio::task::spawn_blocking(move || recovery::recover(&recover_dir, options))
-            .await
-            .context("recovery thread")?
-            .context("recovering from the data dir")?;
+        let (mut recovered, mut history) = recover_with_history(&dir, options).await?;
+        // A cluster node first finds its place: follow the leader (fixing
+        // its data dir if its log parts from the leader's), or lead.
+        let election = config.cluster.as_ref().map(Election::new);
+        let start = match (&config.cluster, &election) {
+            (Some(cluster), Some(election)) => loop {
+                let log = JoinLog { dir: &dir, last_lsn: recovered.next_lsn - 1, history: &history };
+                match manager::join(cluster, election, log).await {
+                    Join::Start(start) => break Some(start),
+                    Join::Truncate(lsn) => {
+                        let cut_dir = dir.clone();
+                        let kept = tokio::task::spawn_blocking(move || standby::cut_log_after(&cut_dir, lsn))
+                            .await
+                            .context("cutting the log")??;
+                        tracing::warn!(
+                            after_lsn = lsn, kept_aside = ?kept,
+                            "our log parts from the leader's: cut the records it never acknowledged"
+                        );
+                    }
+                    Join::Snapshot(lsn, term, file) => {
+                        let snap_dir = dir.clone();
+                        let kept =
+                            tokio::task::spawn_blocking(move || standby::install_snapshot(&snap_dir, lsn, term, &file))
+                                .await
+                                .context("installing the snapshot")??;
+                        tracing::warn!(lsn, kept_aside = ?kept, "installed the leader's snapshot");
+                    }
+                }
+                (recovered, history) = recover_with_history(&dir, options).await?;
+            },
+            _ => None,
+        };
         if config.retention == Retention::Consumer && !dir.join(recovery::CONSUMER_LSN_FILE).exists() {
             tracing::warn!(
                 "no downstream consumer has reported a settled LSN ({}): log segments are kept until one does; \
@@ -123,12 +166,36 @@ impl Node {
         );
         let wal = wal_writer::start(config.wal.clone(), recovered.next_lsn, config.syncer, config.fatal)
             .context("starting the log writer")?;
-        let log = Arc::new(LogService::new(dir.clone(), wal.follow_synced(), config.clock.clone()));
+        let cluster = Arc::new(match &config.cluster {
+            None => ClusterState::single(),
+            Some(c) => {
+                // Nothing leaves until this node leads (and renews a lease).
+                wal.fence.close();
+                ClusterState::clustered(c.clone())
+            }
+        });
+        *cluster.history.lock() = history;
+        cluster.durable_lsn.store(recovered.next_lsn - 1, Ordering::Release);
+        cluster.applied_lsn.store(recovered.next_lsn - 1, Ordering::Release);
+        let log = Arc::new(LogService::new(
+            dir.clone(),
+            wal.watches.clone(),
+            wal.control(),
+            cluster.clone(),
+            config.clock.clone(),
+        ));
         let mut server_config = ServerConfig::new(config.tokens);
-        server_config.engines = Some(recovered.engines);
+        let last_lsn = recovered.next_lsn - 1;
+        let (engines, replica) = match start {
+            None => (Some(recovered.engines), None),
+            Some(_) => (None, Some(Replica::new(recovered.engines, last_lsn))),
+        };
+        server_config.engines = engines;
+        server_config.defer_router = start.is_some();
+        server_config.cluster = cluster.clone();
         server_config.pin_hot_shards = config.pin_hot_shards;
         server_config.clock = config.clock;
-        server_config.sinks = wal.sink_factory();
+        server_config.sinks = if start.is_some() { Box::new(|_| unreachable_sink()) } else { wal.sink_factory() };
         server_config.log = Some(log);
         server_config.user_rate = config.user_rate;
         server_config.tls = config.tls;
@@ -136,6 +203,24 @@ impl Node {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let server = server::start(listener, server_config)?;
+        let leadership = Arc::new(parking_lot::Mutex::new(None));
+        if let (Some(start), Some(replica), Some(cluster_config)) = (start, replica, config.cluster.clone()) {
+            let manager = Manager {
+                election: Election::new(&cluster_config),
+                config: cluster_config,
+                cluster: cluster.clone(),
+                dir: dir.clone(),
+                wal: wal.control(),
+                watches: wal.watches.clone(),
+                stats: wal.stats.clone(),
+                fence: wal.fence.clone(),
+                shared: server.shared.clone(),
+                sinks: Some(wal.sink_factory()),
+                rejoin: config.rejoin.clone(),
+                leadership: leadership.clone(),
+            };
+            tokio::spawn(manager.run(start, replica));
+        }
         let ready = Arc::new(AtomicBool::new(false));
         let metrics_addr = match &config.metrics_listen {
             Some(addr) => {
@@ -187,6 +272,9 @@ impl Node {
             retention: config.retention,
             stopping,
             checkpointer,
+            leadership,
+            election,
+            runtime: tokio::runtime::Handle::current(),
             _lock: lock,
         })
     }
@@ -204,9 +292,17 @@ impl Node {
         self.server.stop_accepting();
         // Shards decide what is queued; from now on requests are answered
         // `shutting_down`.
-        self.server.shared.router.shutdown();
+        if let Some(router) = self.server.shared.router() {
+            router.shutdown();
+        }
         // The last group is fsynced and its replies released.
         self.wal.close().context("closing the write-ahead log")?;
+        // A leader gives its lease up: a standby (which holds every
+        // acknowledged record) takes over at once instead of in a TTL.
+        if let (Some(leadership), Some(election)) = (self.leadership.lock().take(), &self.election) {
+            self.runtime.block_on(election.resign(&leadership));
+            tracing::info!(term = leadership.term, "gave up leadership");
+        }
         // Connections stop reading, send every reply they owe, and close.
         let deadline = Duration::from_millis(crate::limits::SHUTDOWN_CONNECTIONS_DRAIN_MS);
         let open = self.server.close_connections(deadline);
@@ -222,4 +318,30 @@ impl Node {
         );
         Ok(())
     }
+}
+
+/// Recover `dir` (off the runtime), and the term history that goes with it.
+async fn recover_with_history(
+    dir: &std::path::Path,
+    options: RecoverOptions,
+) -> anyhow::Result<(recovery::Recovered, History)> {
+    let recover_dir = dir.to_path_buf();
+    let recovered = tokio::task::spawn_blocking(move || recovery::recover(&recover_dir, options))
+        .await
+        .context("recovery thread")?
+        .context("recovering from the data dir")?;
+    let last_lsn = recovered.next_lsn - 1;
+    let history = crate::cluster::history::reconcile(
+        crate::cluster::history::load(dir).context("reading the term history")?,
+        &recovered.report.terms,
+        last_lsn,
+    );
+    crate::cluster::history::store(dir, &history).context("writing the term history")?;
+    Ok((recovered, history))
+}
+
+/// The sink of a router a standby never has (its router comes with the
+/// promotion, with the log writer's sinks).
+fn unreachable_sink() -> Box<dyn crate::sink::LogSink> {
+    Box::new(crate::sink::VolatileSink::default())
 }

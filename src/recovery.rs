@@ -87,6 +87,9 @@ pub struct RecoveryReport {
     pub leftovers_removed: Vec<String>,
     /// The last LSN of the recovered state (0: empty).
     pub last_lsn: u64,
+    /// `(term, lsn)` of every TERM_STARTED record replayed (the log's part
+    /// of the cluster's term history).
+    pub terms: Vec<(u64, u64)>,
     pub elapsed: Duration,
 }
 
@@ -127,6 +130,8 @@ struct Loader {
     slots: std::collections::HashMap<u64, Slot, foldhash::fast::RandomState>,
     /// Directory claims of replayed reservations, not yet made.
     claims: Vec<(u128, u64)>,
+    /// `(term, lsn)` of every TERM_STARTED replayed.
+    terms: Vec<(u64, u64)>,
 }
 
 /// How to build an empty [`Loader`]: recovery may need several (one per
@@ -157,7 +162,12 @@ impl Loader {
                 engine
             })
             .collect();
-        Loader { engines: Engines { directory, pool, hot: Vec::new() }, slots: Default::default(), claims: Vec::new() }
+        Loader {
+            engines: Engines { directory, pool, hot: Vec::new() },
+            slots: Default::default(),
+            claims: Vec::new(),
+            terms: Vec::new(),
+        }
     }
 
     fn new_slot(&mut self, sku: u64, hot: bool) -> Slot {
@@ -190,23 +200,79 @@ impl Loader {
         }
     }
 
-    fn apply(&mut self, event: &Event) {
+    fn apply(&mut self, lsn: u64, event: &Event) {
         let slot = match *event {
             Event::SaleCreated { sku, hot, .. } => self.new_slot(sku, hot),
-            _ => *self.slots.get(&event.sku()).unwrap_or_else(|| panic!("event for unknown sku: {event:?}")),
+            Event::TermStarted { term, .. } => {
+                self.terms.push((term, lsn));
+                return;
+            }
+            _ => {
+                let sku = event.sku().expect("every other event has a sku");
+                *self.slots.get(&sku).unwrap_or_else(|| panic!("event for unknown sku: {event:?}"))
+            }
         };
         slot.engine_mut(&mut self.engines).apply_deferring_claim(event, &mut self.claims);
     }
 
     /// Start loading what applying `event` will miss on (a hint).
     fn prefetch(&self, event: &Event) {
-        if let Some(&slot) = self.slots.get(&event.sku()) {
+        if let Some(&slot) = event.sku().and_then(|sku| self.slots.get(&sku)) {
             slot.engine(&self.engines).prefetch_apply(event);
         }
     }
 
     fn all_engines(&self) -> impl Iterator<Item = &Engine> {
         self.engines.pool.iter().chain(&self.engines.hot)
+    }
+}
+
+/// A hot standby's engines: recovered state, with the leader's records
+/// applied as they arrive, by the code replay uses.
+pub struct Replica {
+    loader: Loader,
+    last_lsn: u64,
+}
+
+impl Replica {
+    /// Continue from engines `recover` returned, whose last record is `last_lsn`.
+    pub fn new(engines: Engines, last_lsn: u64) -> Replica {
+        let mut slots: std::collections::HashMap<u64, Slot, foldhash::fast::RandomState> = Default::default();
+        for (i, engine) in engines.pool.iter().enumerate() {
+            slots.extend(engine.skus().map(|sku| (sku, Slot::Pool(i))));
+        }
+        for (i, engine) in engines.hot.iter().enumerate() {
+            slots.extend(engine.skus().map(|sku| (sku, Slot::Hot(i))));
+        }
+        Replica { loader: Loader { engines, slots, claims: Vec::new(), terms: Vec::new() }, last_lsn }
+    }
+
+    /// Apply the record at `lsn` (the next one). A record that breaks an
+    /// invariant is a bug or a divergent log: the error says which.
+    pub fn apply(&mut self, lsn: u64, event: &Event) -> Result<(), String> {
+        if lsn != self.last_lsn + 1 {
+            return Err(format!("record {lsn} after {}", self.last_lsn));
+        }
+        let loader = &mut self.loader;
+        catching(|| {
+            loader.apply(lsn, event);
+            for (id, sku) in loader.claims.drain(..) {
+                let claim = loader.engines.directory.claim(id, sku);
+                assert!(!matches!(claim, Claim::Conflict), "reservation {id:#x} belongs to two skus");
+            }
+        })
+        .map_err(|message| format!("applying the record at LSN {lsn}: {message}"))?;
+        self.last_lsn = lsn;
+        Ok(())
+    }
+
+    pub fn last_lsn(&self) -> u64 {
+        self.last_lsn
+    }
+
+    /// The engines, to serve from (a promotion).
+    pub fn into_engines(self) -> Engines {
+        self.loader.engines
     }
 }
 
@@ -353,6 +419,7 @@ fn load(dir: &Path, spec: LoaderSpec, mode: Mode, bounds: Bounds) -> Result<(Loa
                     }
                 }
                 report.snapshots_rejected = rejected.iter().map(|(path, reason)| named(path, reason)).collect();
+                report.terms = std::mem::take(&mut loader.terms);
                 report.elapsed = started.elapsed();
                 return Ok((loader, report));
             }
@@ -483,7 +550,7 @@ fn replay(
                                 }
                                 if *lsn > snapshot_lsn {
                                     applying.set(*lsn);
-                                    loader.apply(event);
+                                    loader.apply(*lsn, event);
                                     report.records_replayed += 1;
                                     report.last_lsn = *lsn;
                                 }
@@ -722,6 +789,18 @@ fn discard(path: &Path) -> std::io::Result<PathBuf> {
     let kept = discarded_name(path, "");
     std::fs::rename(path, &kept)?;
     Ok(kept)
+}
+
+/// Take a file out of the log, keeping its bytes (`*.discarded`, never
+/// overwriting an earlier one); the new name.
+pub fn discard_file(path: &Path) -> std::io::Result<PathBuf> {
+    discard(path)
+}
+
+/// Cut a segment at `offset`, first copying the bytes cut off to a
+/// `*.discarded` file; that file's name.
+pub fn cut_keeping(path: &Path, offset: u64) -> std::io::Result<PathBuf> {
+    cut(path, offset, true)
 }
 
 /// Truncate a segment at `offset`; one cut inside its header is removed.

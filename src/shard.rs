@@ -11,7 +11,7 @@
 //! bounded channel gives a cheap `try_send` that fails fast when full, which
 //! is exactly the `busy` signal.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -163,10 +163,12 @@ pub struct ShardHandle {
     pub id: usize,
     pub hot: bool,
     pub tx: Sender<ShardMsg>,
-    /// Set once the server shuts down (shared by every shard of a router):
-    /// requests are then answered `shutting_down` without queueing them.
-    /// Read with one relaxed load per request, written once.
-    stopping: Arc<AtomicBool>,
+    /// The status every request is answered with instead of being queued
+    /// (0: none), shared by every shard of a router: `shutting_down` once
+    /// the server stops, `not_leader` once a leader is fenced,
+    /// `sync_standby_unavailable` while a strict leader has no synchronous
+    /// standby. One relaxed load per request; written rarely.
+    refusing: Arc<AtomicU16>,
     /// The shard thread; it ends once every sender is gone.
     pub thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -176,8 +178,9 @@ impl ShardHandle {
     /// shard is saturated, `shutting_down` if the server is stopping.
     /// Either way the request gets exactly one reply.
     pub fn submit(&self, msg: ShardMsg) {
-        if self.stopping.load(Ordering::Relaxed) {
-            return msg.refuse(Status::ShuttingDown);
+        let refusing = self.refusing.load(Ordering::Relaxed);
+        if refusing != 0 {
+            return msg.refuse(Status::from_code(refusing).unwrap_or(Status::ShuttingDown));
         }
         match self.tx.try_send(msg) {
             Ok(()) => {}
@@ -213,8 +216,8 @@ pub struct Router {
     cores: Vec<core_affinity::CoreId>,
     /// Serialises sale creation so two creates of one SKU cannot both win.
     admin: tokio::sync::Mutex<()>,
-    /// Shared with every shard handle (see `ShardHandle::stopping`).
-    stopping: Arc<AtomicBool>,
+    /// Shared with every shard handle (see `ShardHandle::refusing`).
+    refusing: Arc<AtomicU16>,
 }
 
 impl Router {
@@ -228,11 +231,11 @@ impl Router {
         // float over the rest.
         cores.reverse();
         let routes = papaya::HashMap::with_hasher(RandomState::default());
-        let stopping = Arc::new(AtomicBool::new(false));
+        let refusing = Arc::new(AtomicU16::new(0));
         let spawn = |id: usize, hot: bool, core, engine: Engine| {
             let gauges: Vec<(u64, Arc<SkuGauge>)> =
                 engine.skus().map(|sku| (sku, engine.gauge(sku).expect("listed sku"))).collect();
-            let shard = spawn_shard(id, hot, core, engine, clock.clone(), sinks(id), stopping.clone());
+            let shard = spawn_shard(id, hot, core, engine, clock.clone(), sinks(id), refusing.clone());
             for (sku, gauge) in gauges {
                 routes.pin().insert(sku, Arc::new(Route { shard: shard.clone(), gauge }));
             }
@@ -256,13 +259,27 @@ impl Router {
             sinks,
             cores,
             admin: tokio::sync::Mutex::new(()),
-            stopping,
+            refusing,
         })
     }
 
-    /// Whether `shutdown` has begun.
-    pub fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
+    /// The status requests are refused with right now, if any.
+    pub fn refusing(&self) -> Option<Status> {
+        Status::from_code(self.refusing.load(Ordering::Relaxed)).filter(|s| *s != Status::Ok)
+    }
+
+    /// Refuse every request with `status` from now on (`not_leader` for a
+    /// fenced leader: for good). Never replaces `shutting_down`.
+    pub fn refuse(&self, status: Status) {
+        let _ = self.refusing.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |current| {
+            (current != Status::ShuttingDown.code()).then_some(status.code())
+        });
+    }
+
+    /// Stop refusing with `status` (the condition passed); another
+    /// refusal set meanwhile stays.
+    pub fn stop_refusing(&self, status: Status) {
+        let _ = self.refusing.compare_exchange(status.code(), 0, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// Stop deciding: from now on requests are answered `shutting_down`
@@ -272,7 +289,7 @@ impl Router {
     /// have; the shard threads live on, refusing, until the last sender
     /// (the last connection) is gone.
     pub fn shutdown(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
+        self.refusing.store(Status::ShuttingDown.code(), Ordering::Relaxed);
         let shards = self.shards();
         let (done, finished) = crossbeam_channel::bounded(shards.len());
         let mut stopped = 0;
@@ -350,7 +367,7 @@ impl Router {
             let core = (!self.cores.is_empty()).then(|| self.cores[hot.len() % self.cores.len()]);
             let engine = Engine::new(self.directory.clone());
             let sink = (self.sinks)(id);
-            let shard = spawn_shard(id, true, core, engine, self.clock.clone(), sink, self.stopping.clone());
+            let shard = spawn_shard(id, true, core, engine, self.clock.clone(), sink, self.refusing.clone());
             hot.push(shard.clone());
             shard
         } else {
@@ -397,7 +414,7 @@ fn spawn_shard(
     engine: Engine,
     clock: Arc<dyn Clock>,
     sink: Box<dyn LogSink>,
-    stopping: Arc<AtomicBool>,
+    refusing: Arc<AtomicU16>,
 ) -> Arc<ShardHandle> {
     let (tx, rx) = crossbeam_channel::bounded(SHARD_QUEUE_MESSAGES_MAX);
     let name = if hot { format!("shard-hot-{id}") } else { format!("shard-{id}") };
@@ -422,7 +439,7 @@ fn spawn_shard(
             }
         })
         .expect("spawn shard thread");
-    Arc::new(ShardHandle { id, hot, tx, stopping, thread: Mutex::new(Some(thread)) })
+    Arc::new(ShardHandle { id, hot, tx, refusing, thread: Mutex::new(Some(thread)) })
 }
 
 struct ShardLoop {

@@ -25,6 +25,7 @@
 //! 11 QUEUE_STARTED    sku u64, seed u64, at_ms u64
 //! 12 ADMITTED         sku u64, user u64, until_ms u64, at_ms u64
 //! 13 ADMISSION_LAPSED sku u64, user u64, at_ms u64
+//! 14 TERM_STARTED     term u64, at_ms u64
 //! ```
 //! Kinds are never renumbered; a new event gets a new kind. The same
 //! payload is what the server's write-ahead log stores and what the
@@ -118,12 +119,20 @@ pub enum Event {
         user: u64,
         at_ms: u64,
     },
+    /// A node became the leader of its cluster for `term` (etcd decided);
+    /// the first record it writes. It changes no sale: it marks where the
+    /// history of one term begins, so nodes can find where their logs part.
+    TermStarted {
+        term: u64,
+        at_ms: u64,
+    },
 }
 
 impl Event {
-    /// The SKU whose state this event changes (every event has exactly one).
-    pub fn sku(&self) -> u64 {
-        match self {
+    /// The SKU whose state this event changes; `None` for an event that
+    /// changes no sale (TERM_STARTED).
+    pub fn sku(&self) -> Option<u64> {
+        Some(match self {
             Event::SaleCreated { sku, .. }
             | Event::Restocked { sku, .. }
             | Event::Paused { sku, .. }
@@ -137,7 +146,8 @@ impl Event {
             | Event::QueueStarted { sku, .. }
             | Event::Admitted { sku, .. }
             | Event::AdmissionLapsed { sku, .. } => *sku,
-        }
+            Event::TermStarted { .. } => return None,
+        })
     }
 
     /// The engine time of the event (unix ms).
@@ -155,7 +165,8 @@ impl Event {
             | Event::QueueJoined { at_ms, .. }
             | Event::QueueStarted { at_ms, .. }
             | Event::Admitted { at_ms, .. }
-            | Event::AdmissionLapsed { at_ms, .. } => *at_ms,
+            | Event::AdmissionLapsed { at_ms, .. }
+            | Event::TermStarted { at_ms, .. } => *at_ms,
         }
     }
 }
@@ -173,6 +184,7 @@ const QUEUE_JOINED: u8 = 10;
 const QUEUE_STARTED: u8 = 11;
 const ADMITTED: u8 = 12;
 const ADMISSION_LAPSED: u8 = 13;
+const TERM_STARTED: u8 = 14;
 
 /// Append the payload encoding of `event`.
 pub fn encode_event(event: &Event, dst: &mut BytesMut) {
@@ -249,6 +261,11 @@ pub fn encode_event(event: &Event, dst: &mut BytesMut) {
             dst.put_u64_le(*until_ms);
             dst.put_u64_le(*at_ms);
         }
+        Event::TermStarted { term, at_ms } => {
+            dst.put_u8(TERM_STARTED);
+            dst.put_u64_le(*term);
+            dst.put_u64_le(*at_ms);
+        }
     }
 }
 /// Decode one event payload (the whole payload must be consumed).
@@ -299,6 +316,7 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, Malformed> {
         QUEUE_STARTED => Event::QueueStarted { sku: r.u64()?, seed: r.u64()?, at_ms: r.u64()? },
         ADMITTED => Event::Admitted { sku: r.u64()?, user: r.u64()?, until_ms: r.u64()?, at_ms: r.u64()? },
         ADMISSION_LAPSED => Event::AdmissionLapsed { sku: r.u64()?, user: r.u64()?, at_ms: r.u64()? },
+        TERM_STARTED => Event::TermStarted { term: r.u64()?, at_ms: r.u64()? },
         kind => return Err(Malformed(format!("unknown event kind {kind}"))),
     };
     r.finish()?;
@@ -334,6 +352,7 @@ mod tests {
             (Event::QueueStarted { sku: 0, seed: 0, at_ms: 0 }, 25),
             (Event::Admitted { sku: 0, user: 0, until_ms: 0, at_ms: 0 }, 33),
             (Event::AdmissionLapsed { sku: 0, user: 0, at_ms: 0 }, 25),
+            (Event::TermStarted { term: 0, at_ms: 0 }, 17),
         ];
         for (event, size) in sizes {
             let mut buf = BytesMut::new();

@@ -45,6 +45,14 @@ pub const RECORD_PAYLOAD_BYTES_MAX: usize = 4096;
 /// and always knows the server's durable LSN (its lag).
 pub const REPLICATION_HEARTBEAT_MS: u64 = 1_000;
 
+/// Term history entries a FOLLOW carries (the newest): one per leader
+/// change the follower's log has seen. Where two logs part is recent, so a
+/// long history's oldest entries never matter; this bounds the frame.
+pub const HISTORY_ENTRIES_MAX: usize = 1024;
+
+/// Bytes of snapshot file in one SNAPSHOT_CHUNK: a frame with room to spare.
+pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 60 * 1024;
+
 /// Longest admission window of a queued sale: 1 hour. An admitted user
 /// holds a place no one behind can take; longer than this the line stalls.
 pub const QUEUE_ADMISSION_MS_MAX: u64 = 3600 * 1000;

@@ -41,7 +41,10 @@ use tokio_util::codec::FramedRead;
 
 use crate::client::ClientError;
 use crate::frame::{Frame, FrameCodec};
-use crate::message::{DumpEntry, Hello, LogBatch, Opcode, Replicate, Reply, Request, Role, Settled};
+use crate::message::{
+    ClusterReply, DumpEntry, Follow, FollowAck, FollowBatch, Hello, LogBatch, Opcode, Replicate, Reply, Request, Role,
+    Settled,
+};
 use crate::status::Status;
 
 /// How long to wait for the TCP connection and the HELLO reply.
@@ -50,6 +53,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO_ID: u64 = 1;
 const STREAM_ID: u64 = 2;
 const DUMP_ID: u64 = 3;
+const SNAPSHOT_ID: u64 = 4;
+const CLUSTER_ID: u64 = 5;
 
 /// An authenticated connection with the replication (or admin) role.
 pub struct ReplicationClient {
@@ -153,6 +158,59 @@ impl ReplicationClient {
         Ok(dump.expect("at least one chunk"))
     }
 
+    /// Who leads this node's cluster, as it knows it (CLUSTER).
+    pub async fn cluster(&mut self) -> Result<ClusterReply, ClientError> {
+        send(&mut self.writer, CLUSTER_ID, &Request::Cluster).await?;
+        let frame = tokio::time::timeout(CONNECT_TIMEOUT, next_frame(&mut self.frames))
+            .await
+            .map_err(|_| ClientError::Timeout(CONNECT_TIMEOUT))??;
+        match decode(&frame)? {
+            Reply::Cluster(reply) if frame.request_id == CLUSTER_ID => Ok(reply),
+            other => Err(ClientError::Protocol(format!("expected a CLUSTER reply, got {other:?}"))),
+        }
+    }
+
+    /// The leader's newest snapshot (SNAPSHOT_FETCH): `(lsn, term of the
+    /// record at lsn, the file's bytes)`.
+    pub async fn snapshot(&mut self) -> Result<(u64, u64, Vec<u8>), ClientError> {
+        send(&mut self.writer, SNAPSHOT_ID, &Request::SnapshotFetch).await?;
+        let mut file = Vec::new();
+        loop {
+            let frame = next_frame(&mut self.frames).await?;
+            let chunk = match decode(&frame)? {
+                Reply::SnapshotChunk(chunk) if frame.request_id == SNAPSHOT_ID => chunk,
+                other => return Err(ClientError::Protocol(format!("expected a SNAPSHOT_CHUNK, got {other:?}"))),
+            };
+            if chunk.status != Status::Ok {
+                return Err(ClientError::Server { status: chunk.status, message: "SNAPSHOT_FETCH refused".into() });
+            }
+            if chunk.offset != file.len() as u64 || chunk.total_bytes < chunk.offset + chunk.data.len() as u64 {
+                return Err(ClientError::Protocol(format!(
+                    "snapshot chunk at offset {} after {} bytes",
+                    chunk.offset,
+                    file.len()
+                )));
+            }
+            file.extend_from_slice(&chunk.data);
+            if chunk.last {
+                if file.len() as u64 != chunk.total_bytes {
+                    return Err(ClientError::Protocol("snapshot ended short".into()));
+                }
+                return Ok((chunk.lsn, chunk.term, file));
+            }
+        }
+    }
+
+    /// Follow the log as a standby (FOLLOW). The stream's frames carry the
+    /// leader's term and commit LSN; the first says where this node's log
+    /// must end (`truncate_to`). The [`Acker`] sends FOLLOW_ACKs on the same
+    /// connection.
+    pub async fn follow(mut self, follow: Follow) -> Result<(FollowStream, Acker), ClientError> {
+        send(&mut self.writer, STREAM_ID, &Request::Follow(follow)).await?;
+        let acker = Acker { writer: Arc::new(tokio::sync::Mutex::new(self.writer)) };
+        Ok((FollowStream { frames: self.frames, next_lsn: None }, acker))
+    }
+
     /// Start streaming the log from `from_lsn`. Returns the receiving half
     /// and a [`Settler`] that reports progress on the same connection.
     pub async fn replicate(mut self, from_lsn: u64) -> Result<(LogStream, Settler), ClientError> {
@@ -227,5 +285,51 @@ impl Settler {
     pub async fn settled(&self, settled_lsn: u64) -> Result<(), ClientError> {
         let mut writer = self.writer.lock().await;
         send(&mut writer, settled_lsn, &Request::Settled(Settled { settled_lsn })).await
+    }
+}
+
+/// The receiving half of a FOLLOW stream.
+pub struct FollowStream {
+    frames: FramedRead<OwnedReadHalf, FrameCodec>,
+    /// The LSN the next record must carry, once the first frame set it.
+    next_lsn: Option<u64>,
+}
+
+impl FollowStream {
+    /// The next FOLLOW_BATCH (records may be empty: a heartbeat), records
+    /// checked to continue exactly. A refusal (`not_leader`, `stale_term`,
+    /// `lsn_unavailable`, ...) is [`ClientError::Server`].
+    pub async fn next_batch(&mut self) -> Result<FollowBatch, ClientError> {
+        let frame = next_frame(&mut self.frames).await?;
+        let batch = match decode(&frame)? {
+            Reply::FollowBatch(batch) if frame.request_id == STREAM_ID => batch,
+            other => return Err(ClientError::Protocol(format!("unexpected frame in the follow stream: {other:?}"))),
+        };
+        if batch.status != Status::Ok {
+            return Err(ClientError::Server { status: batch.status, message: "FOLLOW refused".into() });
+        }
+        let next = *self.next_lsn.get_or_insert(batch.truncate_to + 1);
+        if let Some((first, _, _)) = batch.records.first() {
+            if *first != next {
+                return Err(ClientError::Protocol(format!("follow stream jumped: expected LSN {next}, got {first}")));
+            }
+        }
+        if let Some((last, _, _)) = batch.records.last() {
+            self.next_lsn = Some(last + 1);
+        }
+        Ok(batch)
+    }
+}
+
+/// Sends FOLLOW_ACKs on a FOLLOW stream's connection; cheap to clone.
+#[derive(Clone)]
+pub struct Acker {
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+}
+
+impl Acker {
+    pub async fn ack(&self, ack: FollowAck) -> Result<(), ClientError> {
+        let mut writer = self.writer.lock().await;
+        send(&mut writer, 0, &Request::FollowAck(ack)).await
     }
 }

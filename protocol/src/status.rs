@@ -73,6 +73,16 @@ pub enum Status {
     /// This user sent RESERVEs faster than the per-user rate allows.
     /// `detail` = when to retry, in ms. Nothing was done.
     RateLimited = 32,
+    /// This node does not lead its cluster (a standby, a node still
+    /// electing, or a leader whose lease ran out). Nothing was done: ask
+    /// CLUSTER for the leader and resend there.
+    NotLeader = 33,
+    /// The leader has fewer synchronous standbys than it must wait for;
+    /// nothing was done (no acknowledgement may rest on one disk only).
+    SyncStandbyUnavailable = 34,
+    /// FOLLOW between nodes of different terms: the older side must step
+    /// down or catch up first.
+    StaleTerm = 35,
 
     // --- auth ---------------------------------------------------------
     /// A request other than HELLO arrived before a successful HELLO.
@@ -131,6 +141,9 @@ impl Status {
         Status::Busy,
         Status::ShuttingDown,
         Status::RateLimited,
+        Status::NotLeader,
+        Status::SyncStandbyUnavailable,
+        Status::StaleTerm,
         Status::Unauthenticated,
         Status::AuthFailed,
         Status::Forbidden,
@@ -182,6 +195,9 @@ impl Status {
             Status::Busy => "busy",
             Status::ShuttingDown => "shutting_down",
             Status::RateLimited => "rate_limited",
+            Status::NotLeader => "not_leader",
+            Status::SyncStandbyUnavailable => "sync_standby_unavailable",
+            Status::StaleTerm => "stale_term",
             Status::Unauthenticated => "unauthenticated",
             Status::AuthFailed => "auth_failed",
             Status::Forbidden => "forbidden",
@@ -204,7 +220,14 @@ impl Status {
 
     /// True when retrying the same request later may succeed.
     pub const fn is_retryable(self) -> bool {
-        matches!(self, Status::Busy | Status::ShuttingDown | Status::RateLimited)
+        matches!(
+            self,
+            Status::Busy
+                | Status::ShuttingDown
+                | Status::RateLimited
+                | Status::NotLeader
+                | Status::SyncStandbyUnavailable
+        )
     }
 }
 

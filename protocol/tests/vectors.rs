@@ -293,6 +293,80 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
             14,
             Rep(Opcode::Settled, Reply::Outcome(Outcome::new(Status::InvalidArgument, 1002))),
         ),
+        // Clusters (§5.17 to §5.19, §6.12).
+        ("reserve_reply_not_leader", 3, Rep(Opcode::Reserve, Reply::Outcome(Outcome::of(Status::NotLeader)))),
+        ("cluster", 21, Req(Request::Cluster)),
+        (
+            "cluster_reply",
+            21,
+            Rep(
+                Opcode::Cluster,
+                Reply::Cluster(ClusterReply {
+                    status: Status::Ok,
+                    term: 15,
+                    role: NodeRole::Standby,
+                    leader_addr: "10.0.0.2:7070".into(),
+                    nodes: vec![NodeInfo {
+                        id: "n3".into(),
+                        addr: "10.0.0.3:7070".into(),
+                        role: NodeRole::Standby,
+                        in_sync_set: true,
+                        streaming: true,
+                        durable_lsn: 1002,
+                        applied_lsn: 1001,
+                    }],
+                }),
+            ),
+        ),
+        (
+            "follow",
+            22,
+            Req(Request::Follow(Follow {
+                term: 15,
+                last_lsn: 1000,
+                history: vec![(2, 1), (15, 901)],
+                node_id: "n3".into(),
+                addr: "10.0.0.3:7070".into(),
+            })),
+        ),
+        (
+            "follow_batch",
+            22,
+            Rep(
+                Opcode::Follow,
+                Reply::FollowBatch(FollowBatch {
+                    status: Status::Ok,
+                    term: 15,
+                    commit_lsn: 1000,
+                    truncate_to: 1000,
+                    server_time_ms: 1_795_000_000_500,
+                    records: vec![{
+                        let event = Event::TermStarted { term: 15, at_ms: 1_795_000_000_400 };
+                        let mut raw = bytes::BytesMut::new();
+                        stampede_protocol::record::encode_record(1001, &event, &mut raw);
+                        (1001, event, raw.freeze())
+                    }],
+                }),
+            ),
+        ),
+        ("follow_ack", 0, Req(Request::FollowAck(FollowAck { durable_lsn: 1001, applied_lsn: 1001 }))),
+        ("snapshot_fetch", 23, Req(Request::SnapshotFetch)),
+        (
+            "snapshot_chunk",
+            23,
+            Rep(
+                Opcode::SnapshotFetch,
+                Reply::SnapshotChunk(SnapshotChunk {
+                    status: Status::Ok,
+                    last: true,
+                    lsn: 900,
+                    term: 2,
+                    offset: 0,
+                    total_bytes: 4,
+                    data: Bytes::from_static(b"STMP"),
+                }),
+            ),
+        ),
         // A second REPLICATE on a connection that streams (§5.12).
         (
             "log_batch_refused",

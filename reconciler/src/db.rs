@@ -377,11 +377,16 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
             Event::Admitted { user, until_ms, at_ms, .. } => {
                 (None, Some(*user as i64), None, *at_ms, Some(*until_ms), None)
             }
+            // The term, in qty; no sku (migration 0003 lets it be NULL).
+            Event::TermStarted { term, at_ms } => (None, None, Some(*term as i64), *at_ms, None, None),
         };
         copy.row(9);
         copy.i64(*record_lsn as i64);
         copy.text(event_kind(event));
-        copy.i64(event.sku() as i64);
+        match event.sku() {
+            Some(sku) => copy.i64(sku as i64),
+            None => copy.null(),
+        }
         match id {
             Some(id) => copy.uuid(id),
             None => copy.null(),

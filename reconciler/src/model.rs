@@ -84,6 +84,7 @@ fn kind_name(event: &Event) -> &'static str {
         Event::QueueStarted { .. } => "queue_started",
         Event::Admitted { .. } => "admitted",
         Event::AdmissionLapsed { .. } => "admission_lapsed",
+        Event::TermStarted { .. } => "term_started",
     }
 }
 
@@ -195,6 +196,9 @@ impl Model {
                     return Err(fail(format!("unknown sku {sku}")));
                 }
             }
+            // A new leader's first record: in the ledger (which node led
+            // from which LSN on is auditable), no row changes.
+            Event::TermStarted { .. } => {}
         }
         Ok(())
     }

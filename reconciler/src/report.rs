@@ -314,7 +314,7 @@ pub async fn report(pool: &PgPool, config: &ReportConfig) -> anyhow::Result<Repo
                     if let Err(e) = model.apply(*lsn, event) {
                         violations.push(Violation {
                             side: "database",
-                            sku: Some(event.sku()),
+                            sku: event.sku(),
                             rule: "log_applies",
                             detail: e.to_string(),
                         });

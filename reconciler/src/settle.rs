@@ -120,7 +120,7 @@ pub async fn settle_batch(pool: &PgPool, records: &[(u64, Event)]) -> Result<u64
     if *first != watermark + 1 {
         return Err(SettleError::Gap { watermark, first: *first });
     }
-    let mut skus: Vec<u64> = records.iter().map(|(_, e)| e.sku()).collect();
+    let mut skus: Vec<u64> = records.iter().filter_map(|(_, e)| e.sku()).collect();
     skus.sort_unstable();
     skus.dedup();
     let created: HashSet<u128> = records

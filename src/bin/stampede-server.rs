@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use stampede::cluster::{ClusterConfig, SyncDegrade};
 use stampede::node::{Node, NodeConfig};
 use stampede::recovery::Retention;
 use stampede::server::Tokens;
@@ -91,6 +92,38 @@ struct Args {
     /// ...and this private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Join a cluster whose leader etcd decides: etcd client endpoints,
+    /// comma-separated (host:port). Needs --cluster, --node-id, --advertise
+    /// and STAMPEDE_REPLICATION_TOKEN (the same on every node: nodes follow
+    /// each other with it).
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The cluster's name (its keys in etcd live under /stampede/NAME/).
+    #[arg(long)]
+    cluster: Option<String>,
+    /// This node's id, unique in the cluster.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Where clients and the other nodes reach this node (host:port);
+    /// default: the listen address.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Standbys that must hold a record durably before its reply leaves (0: asynchronous).
+    #[arg(long, default_value_t = 1)]
+    sync_standbys: usize,
+    /// A synchronous standby that makes no progress this long is replaced; with none to
+    /// replace it, --sync-degrade decides.
+    #[arg(long, default_value_t = stampede::limits::SYNC_STANDBY_TIMEOUT_MS_DEFAULT)]
+    sync_timeout_ms: u64,
+    /// Without enough synchronous standbys: `never` (the default) refuses new requests
+    /// and holds replies rather than acknowledge a record that exists on one disk;
+    /// `async` goes on alone after --sync-timeout-ms (its loss window: what it
+    /// acknowledges alone is lost with its disk).
+    #[arg(long, value_enum, default_value = "never")]
+    sync_degrade: SyncDegrade,
+    /// The leader's etcd lease: how long a lost leader keeps the cluster waiting.
+    #[arg(long, default_value_t = stampede::limits::LEADER_LEASE_TTL_MS_DEFAULT)]
+    lease_ttl_ms: u64,
     /// Test seam: the log's fsync fails after this many successful calls.
     #[arg(long, hide = true)]
     fail_fsync_after: Option<u64>,
@@ -130,6 +163,14 @@ struct FileConfig {
     user_reserve_burst: Option<u32>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    etcd: Option<Vec<String>>,
+    cluster: Option<String>,
+    node_id: Option<String>,
+    advertise: Option<String>,
+    sync_standbys: Option<usize>,
+    sync_timeout_ms: Option<u64>,
+    sync_degrade: Option<SyncDegrade>,
+    lease_ttl_ms: Option<u64>,
     tokens: Option<FileTokens>,
 }
 
@@ -189,6 +230,14 @@ fn apply_config_file(args: &mut Args, matches: &clap::ArgMatches) -> anyhow::Res
     take!(user_reserve_burst);
     take!(tls_cert, optional);
     take!(tls_key, optional);
+    take!(etcd);
+    take!(cluster, optional);
+    take!(node_id, optional);
+    take!(advertise, optional);
+    take!(sync_standbys);
+    take!(sync_timeout_ms);
+    take!(sync_degrade);
+    take!(lease_ttl_ms);
     Ok(file.tokens.unwrap_or_default())
 }
 
@@ -268,7 +317,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(bytes) = args.wal_segment_bytes {
         wal.segment_bytes_max = bytes.max(4096);
     }
-    let tokens = Tokens { admin, checkout, replication, insecure: args.insecure };
+    let tokens = Tokens { admin, checkout, replication: replication.clone(), insecure: args.insecure };
     let mut config = NodeConfig::new(&data_dir, &args.listen, tokens);
     config.pool_shards = args.shards.max(1);
     config.pin_hot_shards = !args.no_pin;
@@ -287,6 +336,36 @@ fn main() -> anyhow::Result<()> {
     };
     if let Some(ok_syncs) = args.fail_fsync_after {
         config.syncer = Box::new(FailingSync { ok_syncs });
+    }
+    if !args.etcd.is_empty() {
+        let (Some(cluster), Some(node_id)) = (args.cluster.clone(), args.node_id.clone()) else {
+            bail!("--etcd needs --cluster and --node-id");
+        };
+        let Some(peer_token) = replication.clone() else {
+            bail!("a cluster node needs STAMPEDE_REPLICATION_TOKEN (the same on every node)");
+        };
+        let advertise = args.advertise.clone().unwrap_or_else(|| args.listen.clone());
+        if advertise.ends_with(":0") {
+            bail!("--advertise must name a fixed port: the other nodes and the clients dial it");
+        }
+        config.cluster = Some(ClusterConfig {
+            etcd: args.etcd.clone(),
+            cluster,
+            node_id,
+            advertise,
+            sync_standbys: args.sync_standbys,
+            degrade: args.sync_degrade,
+            sync_timeout: Duration::from_millis(args.sync_timeout_ms.max(100)),
+            lease_ttl: Duration::from_millis(args.lease_ttl_ms.max(1_000)),
+            peer_token: String::from_utf8(peer_token).context("STAMPEDE_REPLICATION_TOKEN must be UTF-8")?,
+        });
+        // A node that must rejoin (a leader that lost its lease, a standby
+        // whose log must be cut) exits for its supervisor to restart it.
+        config.rejoin = Arc::new(|reason: &str| {
+            tracing::warn!(%reason, "exiting to rejoin the cluster (restart me)");
+            eprintln!("stampede-server: rejoin: {reason}");
+            std::process::exit(stampede::limits::EXIT_REJOIN);
+        });
     }
     // A log that cannot be written must not acknowledge anything more:
     // exit at once, non-zero. Never retry an fsync.

@@ -859,6 +859,9 @@ impl Engine {
                 self.sale_mut(sku).publish();
             }
             Event::AdmissionLapsed { sku, user, .. } => self.room_mut(sku).apply_lapsed(user),
+            // Marks where a leader's term begins (the cluster's history);
+            // no sale changes.
+            Event::TermStarted { .. } => {}
         }
     }
 

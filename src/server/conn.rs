@@ -70,8 +70,15 @@ where
     let writer = tokio::spawn(write_loop(write_half, rx, permits.clone(), shared.clone()));
     // Shutdown began before this connection was served: close it at once.
     let Some(mut close) = shared.close_signal() else { return };
-    let mut conn =
-        Conn { shared, tx, role: Role::None, stream: None, next_batch: 0, received: std::time::Instant::now() };
+    let mut conn = Conn {
+        shared,
+        tx,
+        role: Role::None,
+        stream: None,
+        next_batch: Default::default(),
+        follower: None,
+        received: std::time::Instant::now(),
+    };
     let mut frames = FramedRead::new(read_half, FrameCodec::new());
     let linger_after = conn.read_loop(&mut frames, &permits, &mut close.rx).await;
     // A log stream ends with the reader: its consumer is gone or going.
@@ -129,7 +136,11 @@ struct Conn {
     /// This connection's REPLICATE stream, once it started one.
     stream: Option<super::log::StreamState>,
     /// Sequence number of the next RESERVE_BATCH on this connection.
-    next_batch: u64,
+    /// (An atomic only so `&self` can bump it; one connection task uses it.)
+    next_batch: std::sync::atomic::AtomicU64,
+    /// The node id of the standby whose FOLLOW stream this connection
+    /// carries (its FOLLOW_ACKs are counted for it).
+    follower: Option<String>,
     /// When the request being dispatched was read (latency histograms).
     received: std::time::Instant,
 }
@@ -185,7 +196,7 @@ impl Conn {
                 }
             };
             self.received = std::time::Instant::now();
-            if let Flow::Close = self.dispatch(frame.request_id, request) {
+            if let Flow::Close = self.dispatch(frame.request_id, request, permits) {
                 return Linger::Yes;
             }
         }
@@ -240,7 +251,7 @@ impl Conn {
         ReplyTo { tx: self.tx.clone(), request_id, received: self.received }
     }
 
-    fn dispatch(&mut self, request_id: u64, request: Request) -> Flow {
+    fn dispatch(&mut self, request_id: u64, request: Request, permits: &Semaphore) -> Flow {
         let opcode = request.opcode();
         if let Request::Hello(hello) = &request {
             self.role = self.shared.tokens.role_for(&hello.token);
@@ -267,13 +278,39 @@ impl Conn {
             let _ = self.tx.send(Outbound::error(request_id, Status::Forbidden, message));
             return Flow::Continue;
         }
-        let router = &self.shared.router;
         match request {
             Request::Hello(_) => unreachable!("handled above"),
             Request::Ping => {
                 let now_ms = self.shared.clock.now_ms();
                 self.reply(request_id, opcode, Reply::Outcome(Outcome::new(Status::Ok, now_ms)));
             }
+            Request::Cluster => {
+                let reply = self.shared.cluster.describe(&self.shared.addr.to_string());
+                self.reply(request_id, opcode, Reply::Cluster(reply));
+            }
+            Request::Replicate(_)
+            | Request::Settled(_)
+            | Request::StateDump
+            | Request::Follow(_)
+            | Request::FollowAck(_)
+            | Request::SnapshotFetch => self.log_request(request_id, request, permits),
+            sale => {
+                // Only a node that decides (the leader, a single node) has
+                // shards: everyone else points at the leader.
+                let Some(router) = self.shared.router() else {
+                    self.reply(request_id, opcode, refusal(&sale, Status::NotLeader));
+                    return Flow::Continue;
+                };
+                self.sale_request(request_id, sale, router);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// A request that the shards decide (or the fast path answers).
+    fn sale_request(&self, request_id: u64, request: Request, router: &super::Router) {
+        let opcode = request.opcode();
+        match request {
             Request::Reserve(op) => {
                 let answered = router.with_route(op.sku, |route| {
                     let Some(route) = route else {
@@ -284,7 +321,7 @@ impl Conn {
                     }
                     // The per-user rate guards the shard: a sold-out answer
                     // costs less than the check, so it is never limited.
-                    if let Some(refusal) = self.rate_limit(&op) {
+                    if let Some(refusal) = self.rate_limit(&op, router) {
                         return Some(refusal);
                     }
                     route.shard.submit(ShardMsg::Reserve { op, reply: self.reply_to(request_id) });
@@ -294,7 +331,7 @@ impl Conn {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));
                 }
             }
-            Request::ReserveBatch(ops) => self.reserve_batch(request_id, ops),
+            Request::ReserveBatch(ops) => self.reserve_batch(request_id, ops, router),
             Request::Confirm(confirm) => {
                 let id = confirm.reservation_id;
                 let msg = ShardMsg::Confirm {
@@ -302,12 +339,12 @@ impl Conn {
                     payment_ref: confirm.payment_ref,
                     reply: self.reply_to(request_id),
                 };
-                self.to_reservation_shard(request_id, opcode, id, msg);
+                self.to_reservation_shard(request_id, opcode, id, msg, router);
             }
             Request::Release(release) => {
                 let id = release.reservation_id;
                 let msg = ShardMsg::Release { reservation_id: id, reply: self.reply_to(request_id) };
-                self.to_reservation_shard(request_id, opcode, id, msg);
+                self.to_reservation_shard(request_id, opcode, id, msg, router);
             }
             Request::Status { sku } => match router.route(sku) {
                 None => {
@@ -335,7 +372,7 @@ impl Conn {
                 let tx = self.tx.clone();
                 let received = self.received;
                 tokio::spawn(async move {
-                    let router = &shared.router;
+                    let Some(router) = shared.router() else { return };
                     let outcome = match request {
                         Request::SaleCreate(create) => router.create_sale(create).await,
                         Request::Restock(r) => router.admin(r.sku, AdminCmd::Restock { sku: r.sku, qty: r.qty }).await,
@@ -347,20 +384,50 @@ impl Conn {
                     let _ = tx.send(Outbound::Reply { request_id, opcode, reply, received: Some(received) });
                 });
             }
-            Request::Replicate(_) | Request::Settled(_) | Request::StateDump => self.log_request(request_id, request),
+            _ => unreachable!("sale requests only"),
         }
-        Flow::Continue
     }
 
-    /// REPLICATE, SETTLED and STATE_DUMP (see `log.rs`). A stream's
-    /// request holds its in-flight permit for the life of the stream.
-    fn log_request(&mut self, request_id: u64, request: Request) {
+    /// REPLICATE, SETTLED, STATE_DUMP and the cluster's FOLLOW, FOLLOW_ACK
+    /// and SNAPSHOT_FETCH (see `log.rs`). A stream's request holds its
+    /// in-flight permit for the life of the stream; FOLLOW_ACK has no reply
+    /// and gives its permit back at once.
+    fn log_request(&mut self, request_id: u64, request: Request, permits: &Semaphore) {
         let opcode = request.opcode();
+        if let Request::FollowAck(ack) = request {
+            permits.add_permits(1);
+            if let (Some(log), Some(node)) = (&self.shared.log, &self.follower) {
+                log.standby_ack(node, ack);
+            }
+            return;
+        }
         let Some(log) = self.shared.log.clone() else {
             let _ = self.tx.send(Outbound::error(request_id, Status::NoLog, "this server keeps no write-ahead log"));
             return;
         };
+        // The log of record is the leader's: a standby's holds records
+        // that may still be cut (a consumer must never settle those).
+        if !self.shared.cluster.decides() && !matches!(request, Request::Follow(_) | Request::SnapshotFetch) {
+            match request {
+                Request::Replicate(_) => log.refuse_replicate(Status::NotLeader, request_id, &self.tx),
+                _ => self.reply(request_id, opcode, refusal(&request, Status::NotLeader)),
+            }
+            return;
+        }
         match request {
+            Request::Follow(follow) => {
+                if self.stream.as_ref().is_some_and(|s| s.is_live()) {
+                    log.refuse_replicate(Status::InvalidArgument, request_id, &self.tx);
+                    return;
+                }
+                let stream = super::log::StreamState::new(follow.last_lsn + 1);
+                self.stream = Some(stream.clone());
+                self.follower = Some(follow.node_id.clone());
+                tokio::spawn(log.follow(follow, request_id, self.tx.clone(), stream));
+            }
+            Request::SnapshotFetch => {
+                tokio::spawn(log.snapshot_fetch(request_id, self.tx.clone()));
+            }
             Request::Replicate(replicate) => {
                 // One stream per connection: a second would interleave its
                 // frames with the first's, and SETTLED could not say which
@@ -392,11 +459,11 @@ impl Conn {
     /// original outcome: a retry of a success is never refused). Those two
     /// checks run only for a user already over the rate, so they cost the
     /// normal path nothing.
-    fn rate_limit(&self, op: &Reserve) -> Option<Outcome> {
+    fn rate_limit(&self, op: &Reserve, router: &super::Router) -> Option<Outcome> {
         let retry_after_ms = self.shared.user_rate.as_ref()?.check(op.user).err()?;
         // In the engine's order: a known id first (`reserved` or
         // `id_conflict`), then the arguments.
-        if self.shared.router.directory.sku_of(op.reservation_id).is_some() {
+        if router.directory.sku_of(op.reservation_id).is_some() {
             return None;
         }
         if op.qty == 0 || op.reservation_id == 0 {
@@ -406,8 +473,7 @@ impl Conn {
     }
 
     /// Route CONFIRM/RELEASE by reservation id: directory -> sku -> shard.
-    fn to_reservation_shard(&self, request_id: u64, opcode: Opcode, id: u128, msg: ShardMsg) {
-        let router = &self.shared.router;
+    fn to_reservation_shard(&self, request_id: u64, opcode: Opcode, id: u128, msg: ShardMsg, router: &super::Router) {
         match router.directory.sku_of(id).and_then(|sku| router.route(sku)) {
             None => self.reply(request_id, opcode, Reply::Outcome(Outcome::of(Status::UnknownReservation))),
             Some(route) => route.shard.submit(msg),
@@ -415,10 +481,8 @@ impl Conn {
     }
 
     /// Split a batch by shard; answer what the fast path can right away.
-    fn reserve_batch(&mut self, request_id: u64, ops: Vec<Reserve>) {
-        let batch = self.next_batch;
-        self.next_batch += 1;
-        let router = &self.shared.router;
+    fn reserve_batch(&self, request_id: u64, ops: Vec<Reserve>, router: &super::Router) {
+        let batch = self.next_batch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut filled = Vec::new();
         let mut groups: Vec<ShardGroup> = Vec::new();
         for (index, op) in ops.iter().enumerate() {
@@ -431,7 +495,7 @@ impl Conn {
                 filled.push((index, refusal));
                 continue;
             }
-            if let Some(refusal) = self.rate_limit(op) {
+            if let Some(refusal) = self.rate_limit(op, router) {
                 filled.push((index, refusal));
                 continue;
             }
@@ -446,6 +510,17 @@ impl Conn {
         for (shard, group) in groups {
             shard.submit(ShardMsg::ReserveBatch { ops: group, reply: self.reply_to(batch) });
         }
+    }
+}
+
+/// The reply that refuses `request` with `status` (nothing was done), in
+/// the request's own reply shape.
+fn refusal(request: &Request, status: Status) -> Reply {
+    match request {
+        Request::ReserveBatch(ops) => Reply::Batch(vec![Outcome::of(status); ops.len()]),
+        Request::Status { .. } => Reply::Status(StatusReply { status, sale: Default::default() }),
+        Request::Join(_) | Request::Poll(_) => Reply::Ticket(QueueTicket::of(status)),
+        _ => Reply::Outcome(Outcome::of(status)),
     }
 }
 

@@ -17,22 +17,28 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use stampede_protocol::frame::encode_frame_with;
+use stampede_protocol::message::cluster::FOLLOW_BATCH_HEADER_BYTES;
 use stampede_protocol::message::dump::DUMP_CHUNK_HEADER_BYTES;
 use stampede_protocol::message::replicate::LOG_BATCH_HEADER_BYTES;
-use stampede_protocol::message::{DumpChunk, DumpEntry, LogBatch, Opcode, ReservationEntry, SaleEntry};
+use stampede_protocol::message::{
+    DumpChunk, DumpEntry, Follow, FollowAck, FollowBatch, LogBatch, NodeRole, Opcode, ReservationEntry, SaleEntry,
+    SnapshotChunk,
+};
 use stampede_protocol::Status;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
+use crate::cluster::{history, ClusterState, StandbyInfo};
 use crate::engine::SaleImage;
 use crate::limits::{
     FRAME_BODY_BYTES_MAX, REPLICATION_FRAMES_INFLIGHT_MAX, REPLICATION_HEARTBEAT_MS, REPLICATION_STREAMS_MAX,
-    STATE_DUMPS_CONCURRENT_MAX,
+    SNAPSHOT_CHUNK_BYTES_MAX, STATE_DUMPS_CONCURRENT_MAX,
 };
 use crate::recovery::CONSUMER_LSN_FILE;
 use crate::sink::ConnTx;
 use crate::wal::follow::{CursorError, LogCursor};
+use crate::wal::writer::{WalMsg, WalWatches};
 
 use super::conn::Outbound;
 
@@ -78,11 +84,99 @@ impl Drop for StreamEnd {
     }
 }
 
+/// What a stream feeds: a consumer (REPLICATE: LOG_BATCH frames of
+/// *committed* records) or a standby (FOLLOW: FOLLOW_BATCH frames of
+/// *written* records, with the leader's term and commit LSN).
+#[derive(Clone, Copy)]
+enum Feed {
+    Consumer,
+    Standby { term: u64, truncate_to: u64 },
+}
+
+/// A frame header, fixed before its records are read (off the runtime).
+#[derive(Clone, Copy)]
+struct Header {
+    feed: Feed,
+    status: Status,
+    upto: u64,
+    commit_lsn: u64,
+    now_ms: u64,
+}
+
+impl Header {
+    fn encode(&self, count: u32, body: &mut BytesMut) {
+        match self.feed {
+            Feed::Consumer => LogBatch::encode_header(self.status, self.upto, self.now_ms, count, body),
+            Feed::Standby { term, truncate_to } => {
+                FollowBatch::encode_header(self.status, term, self.commit_lsn, truncate_to, self.now_ms, count, body)
+            }
+        }
+    }
+}
+
+impl Feed {
+    fn opcode(self) -> u8 {
+        match self {
+            Feed::Consumer => Opcode::Replicate.reply(),
+            Feed::Standby { .. } => Opcode::Follow.reply(),
+        }
+    }
+
+    fn header_bytes(self) -> usize {
+        match self {
+            Feed::Consumer => LOG_BATCH_HEADER_BYTES,
+            Feed::Standby { .. } => FOLLOW_BATCH_HEADER_BYTES,
+        }
+    }
+
+    /// The LSN this feed follows: what a consumer may settle, or what a
+    /// standby may copy.
+    fn watch(self, watches: &WalWatches) -> watch::Receiver<u64> {
+        match self {
+            Feed::Consumer => watches.committed.clone(),
+            Feed::Standby { .. } => watches.written.clone(),
+        }
+    }
+
+    fn header_at(self, log: &LogService, status: Status, upto: u64) -> Header {
+        let commit_lsn = *log.watches.committed.borrow();
+        Header { feed: self, status, upto, commit_lsn, now_ms: log.clock.now_ms() }
+    }
+}
+
+/// One frame with as many records (up to `upto`) as fit.
+fn read_frame(
+    cursor: &mut LogCursor,
+    feed: Feed,
+    header: Header,
+    request_id: u64,
+    upto: u64,
+    dst: &mut BytesMut,
+) -> Result<(), CursorError> {
+    let mut result = Ok(());
+    encode_frame_with(dst, feed.opcode(), request_id, |body| {
+        let start = body.len();
+        header.encode(0, body);
+        match cursor.read(upto, start + FRAME_BODY_BYTES_MAX, body) {
+            Ok(count) => {
+                let at = start + feed.header_bytes() - 4;
+                body[at..at + 4].copy_from_slice(&count.to_le_bytes());
+            }
+            Err(e) => result = Err(e),
+        }
+    });
+    result
+}
+
 /// What the log operations need from the running server.
 pub struct LogService {
     dir: PathBuf,
-    /// The synced LSN, published by the log writer after each fdatasync.
-    synced: watch::Receiver<u64>,
+    /// The writer's LSNs: consumers follow `committed`, standbys `written`.
+    watches: WalWatches,
+    /// To the log writer: standbys' FOLLOW_ACKs.
+    control: crossbeam_channel::Sender<WalMsg>,
+    /// This node's role, term and standbys.
+    cluster: Arc<ClusterState>,
     clock: Arc<dyn Clock>,
     streams: Arc<Semaphore>,
     dumps: Arc<Semaphore>,
@@ -92,11 +186,19 @@ pub struct LogService {
 }
 
 impl LogService {
-    pub fn new(dir: PathBuf, synced: watch::Receiver<u64>, clock: Arc<dyn Clock>) -> LogService {
+    pub fn new(
+        dir: PathBuf,
+        watches: WalWatches,
+        control: crossbeam_channel::Sender<WalMsg>,
+        cluster: Arc<ClusterState>,
+        clock: Arc<dyn Clock>,
+    ) -> LogService {
         let consumer = crate::recovery::consumer_lsn(&dir);
         LogService {
             dir,
-            synced,
+            watches,
+            control,
+            cluster,
             clock,
             streams: Arc::new(Semaphore::new(REPLICATION_STREAMS_MAX)),
             dumps: Arc::new(Semaphore::new(STATE_DUMPS_CONCURRENT_MAX)),
@@ -109,8 +211,10 @@ impl LogService {
         *self.consumer_file.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The highest LSN a consumer may see: durable here and on the
+    /// synchronous set.
     pub fn synced_lsn(&self) -> u64 {
-        *self.synced.borrow()
+        *self.watches.committed.borrow()
     }
 
     /// SETTLED from a connection whose stream is `stream` (`None`: the
@@ -173,21 +277,89 @@ impl LogService {
         let _ended = StreamEnd(stream.clone());
         tokio::select! {
             _ = stream.closed.cancelled() => {}
-            _ = self.stream_records(from_lsn, request_id, tx, &stream) => {}
+            _ = self.stream_records(Feed::Consumer, from_lsn, request_id, tx, &stream) => {}
         }
     }
 
-    async fn stream_records(&self, from_lsn: u64, request_id: u64, tx: ConnTx, stream: &StreamState) {
+    /// FOLLOW from a standby: find where its log parts from ours, then
+    /// stream our records from there as soon as they are written (so its
+    /// fdatasync overlaps ours), each frame carrying our term and commit
+    /// LSN. The standby's FOLLOW_ACKs arrive on the same connection.
+    pub async fn follow(self: Arc<Self>, follow: Follow, request_id: u64, tx: ConnTx, stream: StreamState) {
+        let _ended = StreamEnd(stream.clone());
+        let cluster = self.cluster.clone();
+        let term = cluster.term();
+        let refuse = |status: Status| {
+            let feed = Feed::Standby { term, truncate_to: follow.last_lsn };
+            self.refuse_stream(feed, status, request_id, &tx);
+        };
+        if cluster.role() != NodeRole::Leader {
+            return refuse(Status::NotLeader);
+        }
+        if follow.term > term {
+            // The follower saw a newer term: this leader is stale. Its
+            // lease is about to fail; the manager finds out from etcd.
+            tracing::warn!(node = %follow.node_id, their_term = follow.term, our_term = term, "FOLLOW from a newer term");
+            return refuse(Status::StaleTerm);
+        }
+        let last = *self.watches.written.borrow();
+        let common = {
+            let ours = cluster.history.lock();
+            history::common_point(&ours, last, &follow.history, follow.last_lsn)
+        };
+        let truncate_to = common.min(follow.last_lsn);
+        if truncate_to < follow.last_lsn {
+            tracing::warn!(
+                node = %follow.node_id, their_last = follow.last_lsn, truncate_to,
+                "a standby's log parts from ours: it must cut its records after the common point"
+            );
+        }
+        tracing::info!(node = %follow.node_id, from_lsn = truncate_to + 1, term, "standby following");
+        cluster.standbys.lock().insert(
+            follow.node_id.clone(),
+            StandbyInfo {
+                addr: follow.addr.clone(),
+                streaming: true,
+                durable_lsn: truncate_to,
+                applied_lsn: truncate_to,
+                last_progress: Some(std::time::Instant::now()),
+            },
+        );
+        let feed = Feed::Standby { term, truncate_to };
+        tokio::select! {
+            _ = stream.closed.cancelled() => {}
+            _ = self.stream_records(feed, truncate_to + 1, request_id, tx, &stream) => {}
+        }
+        if let Some(standby) = cluster.standbys.lock().get_mut(&follow.node_id) {
+            standby.streaming = false;
+        }
+        tracing::info!(node = %follow.node_id, "standby stream ended");
+    }
+
+    /// FOLLOW_ACK from standby `node`: its durable LSN, for the writer's
+    /// synchronous set and for CLUSTER.
+    pub fn standby_ack(&self, node: &str, ack: FollowAck) {
+        if let Some(standby) = self.cluster.standbys.lock().get_mut(node) {
+            if ack.durable_lsn > standby.durable_lsn {
+                standby.last_progress = Some(std::time::Instant::now());
+            }
+            standby.durable_lsn = standby.durable_lsn.max(ack.durable_lsn);
+            standby.applied_lsn = standby.applied_lsn.max(ack.applied_lsn);
+        }
+        let _ = self.control.send(WalMsg::StandbyDurable { node: node.to_string(), lsn: ack.durable_lsn });
+    }
+
+    async fn stream_records(&self, feed: Feed, from_lsn: u64, request_id: u64, tx: ConnTx, stream: &StreamState) {
         let credit = Arc::new(Semaphore::new(REPLICATION_FRAMES_INFLIGHT_MAX));
         let send = |body: Bytes, permit: OwnedSemaphorePermit| tx.send(Outbound::Frame { bytes: body, credit: permit });
+        let fresh = || credit.clone().try_acquire_owned().expect("fresh");
         let Ok(_slot) = self.streams.clone().try_acquire_owned() else {
-            let frame = self.log_batch_error(Status::Busy, request_id);
-            let _ = send(frame, credit.clone().try_acquire_owned().expect("fresh"));
+            let _ = send(self.frame(feed, Status::Busy, request_id, 0, |_| {}), fresh());
             return;
         };
-        if from_lsn > self.synced_lsn() + 1 {
-            let frame = self.log_batch_error(Status::LsnUnavailable, request_id);
-            let _ = send(frame, credit.clone().try_acquire_owned().expect("fresh"));
+        let mut watch = feed.watch(&self.watches);
+        if from_lsn > *watch.borrow() + 1 {
+            let _ = send(self.frame(feed, Status::LsnUnavailable, request_id, 0, |_| {}), fresh());
             return;
         }
         let dir = self.dir.clone();
@@ -195,49 +367,46 @@ impl LogService {
         let mut cursor = match opened.expect("cursor open does not panic") {
             Ok(cursor) => cursor,
             Err(e) => {
-                tracing::warn!(from_lsn, error = %e, "REPLICATE refused");
-                let frame = self.log_batch_error(Status::LsnUnavailable, request_id);
-                let _ = send(frame, credit.clone().try_acquire_owned().expect("fresh"));
+                tracing::warn!(from_lsn, error = %e, "stream refused");
+                let _ = send(self.frame(feed, Status::LsnUnavailable, request_id, 0, |_| {}), fresh());
                 return;
             }
         };
-        let mut synced = self.synced.clone();
-        tracing::info!(from_lsn, "replication stream started");
+        tracing::info!(from_lsn, "log stream started");
         // The first frame goes out at once, even with no record to send, so
         // the consumer learns the durable LSN (and its lag) immediately.
         let mut first = true;
         loop {
-            let upto = *synced.borrow_and_update();
+            let upto = *watch.borrow_and_update();
             let Ok(permit) = credit.clone().acquire_owned().await else { return };
             if cursor.next_lsn() > upto && std::mem::take(&mut first) {
-                if send(self.log_batch_frame(request_id, upto, 0, |_| {}), permit).is_err() {
+                if send(self.frame(feed, Status::Ok, request_id, 0, |_| {}), permit).is_err() {
                     return;
                 }
                 continue;
             }
             if cursor.next_lsn() > upto {
-                // Caught up: wait for the next sync, or send a heartbeat.
-                match tokio::time::timeout(Duration::from_millis(REPLICATION_HEARTBEAT_MS), synced.changed()).await {
+                // Caught up: wait for more, or send a heartbeat.
+                match tokio::time::timeout(Duration::from_millis(REPLICATION_HEARTBEAT_MS), watch.changed()).await {
                     Ok(Ok(())) => continue,
                     Ok(Err(_)) => {
                         // The log writer stopped: the server is shutting
                         // down. Say so, so the consumer reconnects later.
-                        let _ = send(self.log_batch_error(Status::ShuttingDown, request_id), permit);
+                        let _ = send(self.frame(feed, Status::ShuttingDown, request_id, 0, |_| {}), permit);
                         return;
                     }
                     Err(_) => {
-                        let frame = self.log_batch_frame(request_id, upto, 0, |_| {});
-                        if send(frame, permit).is_err() {
+                        if send(self.frame(feed, Status::Ok, request_id, 0, |_| {}), permit).is_err() {
                             return;
                         }
                         continue;
                     }
                 }
             }
-            let now_ms = self.clock.now_ms();
+            let header = feed.header_at(self, Status::Ok, upto);
             let read = tokio::task::spawn_blocking(move || {
                 let mut body = BytesMut::with_capacity(FRAME_BODY_BYTES_MAX + 64);
-                let result = LogService::encode_log_batch(&mut cursor, request_id, upto, now_ms, &mut body);
+                let result = read_frame(&mut cursor, feed, header, request_id, upto, &mut body);
                 (cursor, result.map(|()| body.freeze()))
             });
             let (returned, result) = read.await.expect("log read does not panic");
@@ -254,47 +423,29 @@ impl LogService {
                         CursorError::Unavailable { .. } => Status::LsnUnavailable,
                         _ => Status::InternalError,
                     };
-                    tracing::error!(error = %e, "replication stream stopped");
-                    let _ = send(self.log_batch_error(status, request_id), permit);
+                    tracing::error!(error = %e, "log stream stopped");
+                    let _ = send(self.frame(feed, status, request_id, 0, |_| {}), permit);
                     return;
                 }
             }
         }
     }
 
-    /// One LOG_BATCH frame with as many records (up to `upto`) as fit.
-    fn encode_log_batch(
-        cursor: &mut LogCursor,
-        request_id: u64,
-        upto: u64,
-        now_ms: u64,
-        dst: &mut BytesMut,
-    ) -> Result<(), CursorError> {
-        let mut result = Ok(());
-        encode_frame_with(dst, Opcode::Replicate.reply(), request_id, |body| {
-            let start = body.len();
-            LogBatch::encode_header(Status::Ok, upto, now_ms, 0, body);
-            match cursor.read(upto, start + FRAME_BODY_BYTES_MAX, body) {
-                Ok(count) => {
-                    let at = start + LOG_BATCH_HEADER_BYTES - 4;
-                    body[at..at + 4].copy_from_slice(&count.to_le_bytes());
-                }
-                Err(e) => result = Err(e),
-            }
-        });
-        result
-    }
-
-    fn log_batch_frame(
+    /// One frame of `feed` with `status` and `count` records that
+    /// `records` appends.
+    fn frame(
         &self,
+        feed: Feed,
+        status: Status,
         request_id: u64,
-        durable_lsn: u64,
         count: u32,
         records: impl FnOnce(&mut BytesMut),
     ) -> Bytes {
+        let upto = *feed.watch(&self.watches).borrow();
+        let header = feed.header_at(self, status, upto);
         let mut buf = BytesMut::new();
-        encode_frame_with(&mut buf, Opcode::Replicate.reply(), request_id, |body| {
-            LogBatch::encode_header(Status::Ok, durable_lsn, self.clock.now_ms(), count, body);
+        encode_frame_with(&mut buf, feed.opcode(), request_id, |body| {
+            header.encode(count, body);
             records(body);
         });
         buf.freeze()
@@ -302,16 +453,87 @@ impl LogService {
 
     /// End a REPLICATE request at once with a LOG_BATCH carrying `status`.
     pub fn refuse_replicate(&self, status: Status, request_id: u64, tx: &ConnTx) {
-        let credit = Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a fresh semaphore has a permit");
-        let _ = tx.send(Outbound::Frame { bytes: self.log_batch_error(status, request_id), credit });
+        self.refuse_stream(Feed::Consumer, status, request_id, tx);
     }
 
-    fn log_batch_error(&self, status: Status, request_id: u64) -> Bytes {
-        let mut buf = BytesMut::new();
-        encode_frame_with(&mut buf, Opcode::Replicate.reply(), request_id, |body| {
-            LogBatch::encode_header(status, self.synced_lsn(), self.clock.now_ms(), 0, body);
-        });
-        buf.freeze()
+    fn refuse_stream(&self, feed: Feed, status: Status, request_id: u64, tx: &ConnTx) {
+        let credit = Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a fresh semaphore has a permit");
+        let _ = tx.send(Outbound::Frame { bytes: self.frame(feed, status, request_id, 0, |_| {}), credit });
+    }
+
+    /// SNAPSHOT_FETCH: send our newest snapshot file in chunks, with the
+    /// term of its last record, so a new standby can start from it.
+    pub async fn snapshot_fetch(self: Arc<Self>, request_id: u64, tx: ConnTx) {
+        let credit = Arc::new(Semaphore::new(REPLICATION_FRAMES_INFLIGHT_MAX));
+        let frame = |chunk: SnapshotChunk| {
+            let mut buf = BytesMut::new();
+            encode_frame_with(&mut buf, Opcode::SnapshotFetch.reply(), request_id, |body| chunk.encode(body));
+            buf.freeze()
+        };
+        let refusal = |status| SnapshotChunk {
+            status,
+            last: true,
+            lsn: 0,
+            term: 0,
+            offset: 0,
+            total_bytes: 0,
+            data: Bytes::new(),
+        };
+        if !self.cluster.decides() {
+            let _ = tx.send(Outbound::Frame {
+                bytes: frame(refusal(Status::NotLeader)),
+                credit: credit.try_acquire_owned().expect("fresh"),
+            });
+            return;
+        }
+        let dir = self.dir.clone();
+        let newest = tokio::task::spawn_blocking(move || -> std::io::Result<Option<(u64, Vec<u8>)>> {
+            match crate::wal::snapshot::list_snapshots(&dir)?.first() {
+                Some((lsn, path)) => Ok(Some((*lsn, std::fs::read(path)?))),
+                None => Ok(None),
+            }
+        })
+        .await
+        .expect("snapshot read does not panic");
+        let (lsn, bytes) = match newest {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                let _ = tx.send(Outbound::Frame {
+                    bytes: frame(refusal(Status::LsnUnavailable)),
+                    credit: credit.try_acquire_owned().expect("fresh"),
+                });
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SNAPSHOT_FETCH: cannot read the snapshot");
+                let _ = tx.send(Outbound::Frame {
+                    bytes: frame(refusal(Status::InternalError)),
+                    credit: credit.try_acquire_owned().expect("fresh"),
+                });
+                return;
+            }
+        };
+        let term = history::term_of(&self.cluster.history.lock(), lsn);
+        let total_bytes = bytes.len() as u64;
+        let bytes = Bytes::from(bytes);
+        let mut offset = 0;
+        loop {
+            let end = (offset + SNAPSHOT_CHUNK_BYTES_MAX).min(bytes.len());
+            let chunk = SnapshotChunk {
+                status: Status::Ok,
+                last: end == bytes.len(),
+                lsn,
+                term,
+                offset: offset as u64,
+                total_bytes,
+                data: bytes.slice(offset..end),
+            };
+            let Ok(permit) = credit.clone().acquire_owned().await else { return };
+            if tx.send(Outbound::Frame { bytes: frame(chunk), credit: permit }).is_err() || end == bytes.len() {
+                return;
+            }
+            offset = end;
+        }
     }
 
     /// STATE_DUMP: rebuild the state at the synced LSN and send it in chunks.

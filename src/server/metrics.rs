@@ -210,7 +210,7 @@ impl Collector for Exporter {
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
-            for shard in self.shared.router.shards() {
+            for shard in self.shared.router().map(|r| r.shards()).unwrap_or_default() {
                 let labels = [("shard", shard.id.to_string()), ("hot", shard.hot.to_string())];
                 ConstGauge::new(shard.queue_len() as i64).encode(family.encode_family(&labels)?)?;
             }
@@ -223,7 +223,7 @@ impl Collector for Exporter {
         ] {
             let mut family =
                 encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
-            for (sku, route) in self.shared.router.routes() {
+            for (sku, route) in self.shared.router().map(|r| r.routes()).unwrap_or_default() {
                 if !route.shard.hot {
                     continue;
                 }
@@ -239,7 +239,7 @@ impl Collector for Exporter {
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
-            for (sku, route) in self.shared.router.routes() {
+            for (sku, route) in self.shared.router().map(|r| r.routes()).unwrap_or_default() {
                 if let Some(waiting) = route.gauge.waiting() {
                     ConstGauge::new(waiting as i64).encode(family.encode_family(&[("sku", sku.to_string())])?)?;
                 }

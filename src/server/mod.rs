@@ -17,12 +17,23 @@ pub use auth::Tokens;
 
 use crate::clock::{Clock, SystemClock};
 use crate::limits::CONNECTIONS_MAX;
-use crate::shard::{Engines, Router, SinkFactory};
+pub use crate::shard::Router;
+use crate::shard::{Engines, SinkFactory};
 use crate::sink::VolatileSink;
 
 /// Shared by every connection task.
 pub struct Shared {
-    pub router: Arc<Router>,
+    /// The shards and their routing table: set at start on a node that
+    /// decides (a single node, a leader), later on a standby that is
+    /// promoted; until then sale requests are answered `not_leader`. A
+    /// `OnceLock`: one atomic load per request to reach it, written once.
+    router: std::sync::OnceLock<Arc<Router>>,
+    /// How the router is built when it is installed.
+    router_config: RouterConfig,
+    /// The address this server listens on.
+    pub addr: SocketAddr,
+    /// This node's part in its cluster (role, term, leader, standbys).
+    pub cluster: Arc<crate::cluster::ClusterState>,
     pub tokens: Tokens,
     pub clock: Arc<dyn Clock>,
     /// The log operations; `None` on a server without a write-ahead log.
@@ -67,7 +78,29 @@ impl Drop for CloseSignal {
     }
 }
 
+/// What building a router needs besides the engines.
+struct RouterConfig {
+    clock: Arc<dyn Clock>,
+    pin_hot_shards: bool,
+}
+
 impl Shared {
+    /// The router, once this node decides (`None`: not the leader).
+    #[inline]
+    pub fn router(&self) -> Option<&Arc<Router>> {
+        self.router.get()
+    }
+
+    /// Start deciding with `engines` (a standby promoted to leader): the
+    /// shards start and sale requests are served from now on.
+    pub fn install_router(&self, engines: Engines, sinks: SinkFactory) {
+        let config = &self.router_config;
+        let router = Router::new(engines, config.clock.clone(), sinks, config.pin_hot_shards);
+        if self.router.set(router).is_err() {
+            panic!("the router is installed once");
+        }
+    }
+
     /// Connections currently being served.
     pub fn connections_active(&self) -> usize {
         self.connections_max - self.connection_slots.available_permits()
@@ -110,6 +143,11 @@ pub struct ServerConfig {
     pub user_rate: Option<(u32, u32)>,
     /// Speak TLS on the client port (`None`: plaintext).
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Start without a router (a cluster node that is not the leader yet);
+    /// [`ServerHandle::install_router`] adds it on promotion.
+    pub defer_router: bool,
+    /// The node's cluster state (`ClusterState::single()` without a cluster).
+    pub cluster: Arc<crate::cluster::ClusterState>,
     /// Connection cap (`CONNECTIONS_MAX`; lower only in tests).
     pub connections_max: usize,
     /// HELLO deadline (`HANDSHAKE_TIMEOUT_MS`).
@@ -129,6 +167,8 @@ impl ServerConfig {
             idle_timeout: std::time::Duration::from_millis(crate::limits::CONNECTION_IDLE_TIMEOUT_MS),
             user_rate: Some((crate::limits::USER_RESERVES_PER_S_DEFAULT, crate::limits::USER_RESERVES_BURST_DEFAULT)),
             tls: None,
+            defer_router: false,
+            cluster: Arc::new(crate::cluster::ClusterState::single()),
             connections_max: CONNECTIONS_MAX,
             handshake_timeout: std::time::Duration::from_millis(crate::limits::HANDSHAKE_TIMEOUT_MS),
         }
@@ -177,11 +217,18 @@ impl Drop for ServerHandle {
 /// Start serving on `listener`.
 pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
-    let engines = config.engines.unwrap_or_else(|| Engines::empty(config.pool_shards));
-    let router = Router::new(engines, config.clock.clone(), config.sinks, config.pin_hot_shards);
+    let router_config = RouterConfig { clock: config.clock.clone(), pin_hot_shards: config.pin_hot_shards };
+    let router = std::sync::OnceLock::new();
+    if !config.defer_router {
+        let engines = config.engines.unwrap_or_else(|| Engines::empty(config.pool_shards));
+        let _ = router.set(Router::new(engines, config.clock.clone(), config.sinks, config.pin_hot_shards));
+    }
     let connection_slots = Arc::new(Semaphore::new(config.connections_max));
     let shared = Arc::new(Shared {
         router,
+        router_config,
+        addr,
+        cluster: config.cluster,
         tokens: config.tokens,
         clock: config.clock,
         log: config.log,

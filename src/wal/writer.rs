@@ -14,6 +14,17 @@
 //! in the server logs and exits non-zero. It never retries an fsync: after
 //! a failed fsync the kernel may have dropped the dirty pages, and a retry
 //! that "succeeds" would acknowledge data that is not on disk.
+//!
+//! In a cluster (src/cluster) the writer is also where synchronous
+//! replication holds acknowledgements: a group's replies leave only once
+//! the group is durable here *and* on every member of the synchronous set
+//! (the standbys' FOLLOW_ACKs arrive as [`WalMsg::StandbyDurable`]), and
+//! only while the leader's lease is known valid ([`Fence`]). A standby's
+//! writer appends the leader's records unchanged ([`WalMsg::Records`]).
+//! Three LSNs are published: *written* (in the file, maybe not synced:
+//! standbys stream from it, so their fsyncs overlap the leader's),
+//! *synced* (fdatasync'ed here), and *committed* (synced here and on the
+//! synchronous set: what the reconciler may settle).
 
 use std::fs::File;
 use std::io::Write;
@@ -41,8 +52,59 @@ pub struct Submission {
 
 pub enum WalMsg {
     Submit(Submission),
+    /// Records written elsewhere (a standby appending its leader's log),
+    /// encoded, with consecutive LSNs `first_lsn..=last_lsn`, which must
+    /// continue this log.
+    Records {
+        bytes: bytes::Bytes,
+        first_lsn: u64,
+        last_lsn: u64,
+    },
+    /// The synchronous set: replies wait until every member has made their
+    /// records durable (`Some(vec![])`: no standby to wait for; `None`:
+    /// release nothing until told again, while the set is being changed).
+    SyncSet(Option<Vec<String>>),
+    /// A standby's FOLLOW_ACK: its log is durable up to `lsn`.
+    StandbyDurable {
+        node: String,
+        lsn: u64,
+    },
     /// Flush, fsync and stop. Sent once every shard has stopped.
     Close,
+}
+
+/// Whether replies may leave: the leader's lease deadline, on the
+/// monotonic clock, in ms since `epoch` (`u64::MAX`: no lease, a single
+/// node). Checked before every release: no acknowledgement leaves after the
+/// deadline, whatever else is slow.
+#[derive(Debug)]
+pub struct Fence {
+    epoch: Instant,
+    deadline_ms: AtomicU64,
+}
+
+impl Default for Fence {
+    fn default() -> Self {
+        Fence { epoch: Instant::now(), deadline_ms: AtomicU64::new(u64::MAX) }
+    }
+}
+
+impl Fence {
+    /// Replies may leave until `deadline`.
+    pub fn extend_to(&self, deadline: Instant) {
+        let ms = deadline.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.deadline_ms.store(ms, Ordering::Release);
+    }
+
+    /// No reply may leave any more.
+    pub fn close(&self) {
+        self.deadline_ms.store(0, Ordering::Release);
+    }
+
+    pub fn is_open(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        now < self.deadline_ms.load(Ordering::Acquire)
+    }
 }
 
 /// The sync call, behind a seam so tests can make it fail.
@@ -96,6 +158,12 @@ pub struct WalStats {
     pub groups_total: AtomicU64,
     /// First LSN of the segment being written (older ones are closed).
     pub active_segment_first_lsn: AtomicU64,
+    /// Highest LSN durable here and on every member of the synchronous set
+    /// (= `synced_lsn` without a cluster).
+    pub committed_lsn: AtomicU64,
+    /// Groups whose replies wait for the synchronous set, and their replies.
+    pub groups_waiting: AtomicU64,
+    pub replies_waiting: AtomicU64,
 }
 
 impl Default for WalStats {
@@ -112,6 +180,9 @@ impl Default for WalStats {
             syncs_total: AtomicU64::new(0),
             groups_total: AtomicU64::new(0),
             active_segment_first_lsn: AtomicU64::new(0),
+            committed_lsn: AtomicU64::new(0),
+            groups_waiting: AtomicU64::new(0),
+            replies_waiting: AtomicU64::new(0),
         }
     }
 }
@@ -119,10 +190,25 @@ impl Default for WalStats {
 /// A running log writer.
 pub struct WalHandle {
     tx: Sender<WalMsg>,
-    /// Receivers follow `synced_lsn` (the replication stream waits on it).
-    synced: tokio::sync::watch::Receiver<u64>,
+    /// Followers of the written, synced and committed LSNs.
+    pub watches: WalWatches,
     thread: Option<JoinHandle<std::io::Result<()>>>,
     pub stats: Arc<WalStats>,
+    /// The lease fence the writer checks before releasing replies.
+    pub fence: Arc<Fence>,
+}
+
+/// Watch channels on the writer's LSNs: a watch, because the writer never
+/// blocks on it and a follower that wakes late needs only the newest value
+/// (it reads the records from the segment files). Closed when it stops.
+#[derive(Clone)]
+pub struct WalWatches {
+    /// In the file (write(2) done), maybe not synced: standbys follow this.
+    pub written: tokio::sync::watch::Receiver<u64>,
+    /// fdatasync'ed here.
+    pub synced: tokio::sync::watch::Receiver<u64>,
+    /// Synced here and on the synchronous set: consumers follow this.
+    pub committed: tokio::sync::watch::Receiver<u64>,
 }
 
 impl WalHandle {
@@ -137,10 +223,10 @@ impl WalHandle {
         Box::new(move |_| Box::new(WalSink { tx: tx.clone() }))
     }
 
-    /// Follow the synced LSN: changes whenever a sync makes more records
-    /// durable; closed when the writer stops.
-    pub fn follow_synced(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.synced.clone()
+    /// A sender for cluster control messages (synchronous set, standby
+    /// acknowledgements, a standby's records).
+    pub fn control(&self) -> Sender<WalMsg> {
+        self.tx.clone()
     }
 
     /// Flush, fsync and stop the writer. Call after every shard has stopped.
@@ -180,8 +266,14 @@ pub fn start(
     let stats = Arc::new(WalStats::default());
     stats.durable_lsn.store(next_lsn - 1, Ordering::Release);
     stats.synced_lsn.store(next_lsn - 1, Ordering::Release);
+    stats.committed_lsn.store(next_lsn - 1, Ordering::Release);
     // Everything before next_lsn was recovered from disk: already synced.
+    // (Committed too: a node recovers only what it acknowledged or what
+    // its leader sent it; a new leader's first TERM_STARTED commits the rest.)
+    let (written_tx, written) = tokio::sync::watch::channel(next_lsn - 1);
     let (synced_tx, synced) = tokio::sync::watch::channel(next_lsn - 1);
+    let (committed_tx, committed) = tokio::sync::watch::channel(next_lsn - 1);
+    let fence = Arc::new(Fence::default());
     stats.active_segment_first_lsn.store(next_lsn, Ordering::Release);
     let (tx, rx) = crossbeam_channel::bounded(WAL_SUBMISSIONS_QUEUED_MAX);
     let writer = Writer {
@@ -197,7 +289,13 @@ pub fn start(
         last_sync: Instant::now(),
         syncer,
         stats: stats.clone(),
+        written: written_tx,
         synced: synced_tx,
+        committed: committed_tx,
+        fence: fence.clone(),
+        sync_set: Some(Vec::new()),
+        standby_durable: Default::default(),
+        waiting: Default::default(),
     };
     let thread = std::thread::Builder::new().name("wal-writer".into()).spawn(move || {
         let result = writer.run(rx);
@@ -206,7 +304,7 @@ pub fn start(
         }
         result
     })?;
-    Ok(WalHandle { tx, synced, thread: Some(thread), stats })
+    Ok(WalHandle { tx, watches: WalWatches { written, synced, committed }, thread: Some(thread), stats, fence })
 }
 
 struct Writer {
@@ -224,10 +322,17 @@ struct Writer {
     last_sync: Instant,
     syncer: Box<dyn Syncer>,
     stats: Arc<WalStats>,
-    /// Publishes the synced LSN. A watch channel: the writer never blocks
-    /// on it, and a follower that wakes late sees only the newest value,
-    /// which is all it needs (it reads the records from the segments).
+    /// Publish the written, synced and committed LSNs (see [`WalWatches`]).
+    written: tokio::sync::watch::Sender<u64>,
     synced: tokio::sync::watch::Sender<u64>,
+    committed: tokio::sync::watch::Sender<u64>,
+    fence: Arc<Fence>,
+    /// Members whose durability a release waits for (`None`: hold all).
+    sync_set: Option<Vec<String>>,
+    /// Each standby's durable LSN, as its FOLLOW_ACKs report it.
+    standby_durable: std::collections::HashMap<String, u64>,
+    /// Groups durable here whose replies wait: `(last_lsn, replies)`.
+    waiting: std::collections::VecDeque<(u64, Vec<Delivery>)>,
 }
 
 impl Writer {
@@ -242,6 +347,7 @@ impl Writer {
                 Ok(msg) => msg,
                 Err(RecvTimeoutError::Timeout) => {
                     self.sync_if_due()?;
+                    self.release();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => return self.finish(),
@@ -279,7 +385,60 @@ impl Writer {
                 self.group.extend(submission.replies);
                 false
             }
+            WalMsg::Records { bytes, first_lsn, last_lsn } => {
+                // The standby side checked continuity; a gap here is a bug
+                // that would corrupt the log, so stop rather than write it.
+                assert_eq!(first_lsn, self.next_lsn, "records out of order for this log");
+                self.buf.extend_from_slice(&bytes);
+                self.next_lsn = last_lsn + 1;
+                let count = last_lsn + 1 - first_lsn;
+                self.stats.records_total.fetch_add(count, Ordering::Relaxed);
+                self.group_records += count;
+                false
+            }
+            WalMsg::SyncSet(set) => {
+                self.sync_set = set;
+                self.release();
+                false
+            }
+            WalMsg::StandbyDurable { node, lsn } => {
+                let durable = self.standby_durable.entry(node).or_insert(0);
+                *durable = (*durable).max(lsn);
+                self.release();
+                false
+            }
             WalMsg::Close => true,
+        }
+    }
+
+    /// The highest LSN durable here and on every member of the
+    /// synchronous set (`None` while the set is being changed).
+    fn commit_point(&self) -> Option<u64> {
+        let local = self.stats.durable_lsn.load(Ordering::Acquire);
+        let set = self.sync_set.as_ref()?;
+        Some(set.iter().map(|node| self.standby_durable.get(node).copied().unwrap_or(0)).fold(local, u64::min))
+    }
+
+    /// Release the waiting groups the synchronous set has made durable,
+    /// while the lease fence is open; publish the committed LSN.
+    fn release(&mut self) {
+        let Some(commit) = self.commit_point() else { return };
+        let synced = self.stats.synced_lsn.load(Ordering::Acquire);
+        let committed = commit.min(synced);
+        if committed > self.stats.committed_lsn.load(Ordering::Acquire) {
+            self.stats.committed_lsn.store(committed, Ordering::Release);
+            self.committed.send_if_modified(|lsn| std::mem::replace(lsn, committed) != committed);
+        }
+        if !self.fence.is_open() {
+            return;
+        }
+        while self.waiting.front().is_some_and(|(last_lsn, _)| *last_lsn <= commit) {
+            let (_, replies) = self.waiting.pop_front().expect("checked");
+            self.stats.groups_waiting.fetch_sub(1, Ordering::Relaxed);
+            self.stats.replies_waiting.fetch_sub(replies.len() as u64, Ordering::Relaxed);
+            for reply in replies {
+                reply.deliver();
+            }
         }
     }
 
@@ -305,9 +464,16 @@ impl Writer {
             self.stats.group_records.observe(self.group_records as f64);
             self.group_records = 0;
         }
-        for reply in self.group.drain(..) {
-            reply.deliver();
+        self.written.send_if_modified(|lsn| std::mem::replace(lsn, self.next_lsn - 1) != self.next_lsn - 1);
+        // The replies wait behind every earlier group, for the synchronous
+        // set and the lease (`release`).
+        if !self.group.is_empty() {
+            let replies = std::mem::take(&mut self.group);
+            self.stats.groups_waiting.fetch_add(1, Ordering::Relaxed);
+            self.stats.replies_waiting.fetch_add(replies.len() as u64, Ordering::Relaxed);
+            self.waiting.push_back((self.next_lsn - 1, replies));
         }
+        self.release();
         if self.segment_bytes >= self.config.segment_bytes_max {
             self.rotate()?;
         }
@@ -348,6 +514,8 @@ impl Writer {
 
     fn finish(mut self) -> std::io::Result<()> {
         self.flush()?;
-        self.sync()
+        self.sync()?;
+        self.release();
+        Ok(())
     }
 }

@@ -5,6 +5,7 @@
 //! gets an ERROR (0xff) reply. See PROTOCOL.md for the full byte layouts;
 //! each module's `# Format` section is the same text next to the code.
 
+pub mod cluster;
 pub mod confirm;
 pub mod dump;
 pub mod hello;
@@ -16,6 +17,7 @@ pub mod sale;
 
 use bytes::{BufMut, BytesMut};
 
+pub use cluster::{ClusterReply, Follow, FollowAck, FollowBatch, History, NodeInfo, NodeRole, SnapshotChunk};
 pub use confirm::Confirm;
 pub use dump::{DumpChunk, DumpEntry, HoldState, ReservationEntry, SaleEntry};
 pub use hello::{Hello, HelloReply, Role};
@@ -39,6 +41,7 @@ pub const REPLY_BIT: u8 = 0x80;
 pub enum Opcode {
     Hello = 0x01,
     Ping = 0x02,
+    Cluster = 0x03,
     Reserve = 0x10,
     ReserveBatch = 0x11,
     Confirm = 0x12,
@@ -53,6 +56,9 @@ pub enum Opcode {
     Replicate = 0x30,
     Settled = 0x31,
     StateDump = 0x32,
+    Follow = 0x33,
+    FollowAck = 0x34,
+    SnapshotFetch = 0x35,
 }
 
 /// Opcode of the ERROR reply, sent for frames that could not be handled.
@@ -62,6 +68,7 @@ impl Opcode {
     pub const ALL: &'static [Opcode] = &[
         Opcode::Hello,
         Opcode::Ping,
+        Opcode::Cluster,
         Opcode::Reserve,
         Opcode::ReserveBatch,
         Opcode::Confirm,
@@ -76,6 +83,9 @@ impl Opcode {
         Opcode::Replicate,
         Opcode::Settled,
         Opcode::StateDump,
+        Opcode::Follow,
+        Opcode::FollowAck,
+        Opcode::SnapshotFetch,
     ];
 
     pub fn from_u8(v: u8) -> Option<Opcode> {
@@ -92,7 +102,7 @@ impl Opcode {
     pub const fn allowed_for(self, role: Role) -> bool {
         match self {
             Opcode::Hello => true,
-            Opcode::Ping => !matches!(role, Role::None),
+            Opcode::Ping | Opcode::Cluster => !matches!(role, Role::None),
             Opcode::Reserve
             | Opcode::ReserveBatch
             | Opcode::Confirm
@@ -101,7 +111,12 @@ impl Opcode {
             | Opcode::Join
             | Opcode::Poll => matches!(role, Role::Checkout | Role::Admin),
             Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume => matches!(role, Role::Admin),
-            Opcode::Replicate | Opcode::Settled | Opcode::StateDump => matches!(role, Role::Replication | Role::Admin),
+            Opcode::Replicate
+            | Opcode::Settled
+            | Opcode::StateDump
+            | Opcode::Follow
+            | Opcode::FollowAck
+            | Opcode::SnapshotFetch => matches!(role, Role::Replication | Role::Admin),
         }
     }
 
@@ -109,7 +124,7 @@ impl Opcode {
     pub fn roles(self) -> &'static str {
         match self {
             Opcode::Hello => "any",
-            Opcode::Ping => "checkout, admin, replication",
+            Opcode::Ping | Opcode::Cluster => "checkout, admin, replication",
             Opcode::Reserve
             | Opcode::ReserveBatch
             | Opcode::Confirm
@@ -118,7 +133,12 @@ impl Opcode {
             | Opcode::Join
             | Opcode::Poll => "checkout, admin",
             Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume => "admin",
-            Opcode::Replicate | Opcode::Settled | Opcode::StateDump => "replication, admin",
+            Opcode::Replicate
+            | Opcode::Settled
+            | Opcode::StateDump
+            | Opcode::Follow
+            | Opcode::FollowAck
+            | Opcode::SnapshotFetch => "replication, admin",
         }
     }
 }
@@ -142,6 +162,10 @@ pub enum Request {
     Replicate(Replicate),
     Settled(Settled),
     StateDump,
+    Cluster,
+    Follow(Follow),
+    FollowAck(FollowAck),
+    SnapshotFetch,
 }
 
 impl Request {
@@ -163,6 +187,10 @@ impl Request {
             Request::Replicate(_) => Opcode::Replicate,
             Request::Settled(_) => Opcode::Settled,
             Request::StateDump => Opcode::StateDump,
+            Request::Cluster => Opcode::Cluster,
+            Request::Follow(_) => Opcode::Follow,
+            Request::FollowAck(_) => Opcode::FollowAck,
+            Request::SnapshotFetch => Opcode::SnapshotFetch,
         }
     }
 
@@ -174,7 +202,9 @@ impl Request {
     pub fn encode_body(&self, dst: &mut BytesMut) {
         match self {
             Request::Hello(m) => m.encode(dst),
-            Request::Ping | Request::StateDump => {}
+            Request::Ping | Request::StateDump | Request::Cluster | Request::SnapshotFetch => {}
+            Request::Follow(m) => m.encode(dst),
+            Request::FollowAck(m) => m.encode(dst),
             Request::Reserve(m) => m.encode(dst),
             Request::ReserveBatch(ops) => reserve::encode_batch(ops, dst),
             Request::Confirm(m) => m.encode(dst),
@@ -222,6 +252,16 @@ impl Request {
             Opcode::StateDump => {
                 Reader::new(body, "STATE_DUMP").finish().map_err(malformed)?;
                 Request::StateDump
+            }
+            Opcode::Cluster => {
+                Reader::new(body, "CLUSTER").finish().map_err(malformed)?;
+                Request::Cluster
+            }
+            Opcode::Follow => Request::Follow(Follow::decode(body).map_err(malformed)?),
+            Opcode::FollowAck => Request::FollowAck(FollowAck::decode(body).map_err(malformed)?),
+            Opcode::SnapshotFetch => {
+                Reader::new(body, "SNAPSHOT_FETCH").finish().map_err(malformed)?;
+                Request::SnapshotFetch
             }
         })
     }
@@ -271,6 +311,11 @@ pub enum Reply {
     LogBatch(LogBatch),
     /// One frame of a STATE_DUMP.
     DumpChunk(DumpChunk),
+    Cluster(ClusterReply),
+    /// One frame of a FOLLOW stream.
+    FollowBatch(FollowBatch),
+    /// One frame of a SNAPSHOT_FETCH.
+    SnapshotChunk(SnapshotChunk),
     Error(ErrorReply),
 }
 
@@ -285,6 +330,9 @@ impl Reply {
             Reply::Ticket(t) => Some(t.status),
             Reply::LogBatch(b) => Some(b.status),
             Reply::DumpChunk(c) => Some(c.status),
+            Reply::Cluster(c) => Some(c.status),
+            Reply::FollowBatch(b) => Some(b.status),
+            Reply::SnapshotChunk(c) => Some(c.status),
             Reply::Error(e) => Some(e.status),
         }
     }
@@ -307,6 +355,9 @@ impl Reply {
             Reply::Ticket(m) => m.encode(dst),
             Reply::LogBatch(m) => m.encode(dst),
             Reply::DumpChunk(m) => m.encode(dst),
+            Reply::Cluster(m) => m.encode(dst),
+            Reply::FollowBatch(m) => m.encode(dst),
+            Reply::SnapshotChunk(m) => m.encode(dst),
             Reply::Error(m) => m.encode(dst),
         }
     }
@@ -328,6 +379,9 @@ impl Reply {
             Opcode::Join | Opcode::Poll => Reply::Ticket(QueueTicket::decode(body)?),
             Opcode::Replicate => Reply::LogBatch(LogBatch::decode(body)?),
             Opcode::StateDump => Reply::DumpChunk(DumpChunk::decode(body)?),
+            Opcode::Cluster => Reply::Cluster(ClusterReply::decode(body)?),
+            Opcode::Follow => Reply::FollowBatch(FollowBatch::decode(body)?),
+            Opcode::SnapshotFetch => Reply::SnapshotChunk(SnapshotChunk::decode(body)?),
             _ => Reply::Outcome(Outcome::decode(body)?),
         })
     }

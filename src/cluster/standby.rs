@@ -1,0 +1,265 @@
+//! Following the leader: a hot standby.
+//!
+//! 1. **Handshake** ([`handshake`]): FOLLOW with our term, last LSN and
+//!    term history. The leader answers where our log parts from its own
+//!    (`truncate_to`); when that is before our last record, our tail was
+//!    never acknowledged (it is not in the new leader's history) and must
+//!    be cut ([`cut_log_after`]: kept in `*.discarded` files) before we can
+//!    follow. `lsn_unavailable` means the leader no longer holds the log we
+//!    need: we install its newest snapshot instead ([`install_snapshot`]).
+//!    Both happen at start, before this node's log writer runs.
+//! 2. **Follow** ([`follow`]): append each frame's records, unchanged, to
+//!    our own log at the same LSNs (the log writer fdatasyncs them), apply
+//!    them to our engines (recovery's code: [`Replica`]), and send
+//!    FOLLOW_ACK with our durable and applied LSNs after every sync. A
+//!    TERM_STARTED record goes into the history file before the record
+//!    goes into the log.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use stampede_protocol::client::ClientError;
+use stampede_protocol::event::Event;
+use stampede_protocol::message::{Follow, FollowAck, FollowBatch};
+use stampede_protocol::replication::{Acker, FollowStream, ReplicationClient};
+use stampede_protocol::Status;
+use tokio_util::sync::CancellationToken;
+
+use super::{history, ClusterState, History};
+use crate::recovery::Replica;
+use crate::wal::segment::{list_segments, sync_dir, SEGMENT_HEADER_BYTES};
+use crate::wal::writer::WalMsg;
+
+/// How a handshake with the leader ended.
+pub enum Handshake {
+    /// Follow from here: our log is a prefix of the leader's.
+    Follow { stream: FollowStream, acker: Acker, first: FollowBatch },
+    /// Our records after this LSN are not in the leader's history.
+    Truncate(u64),
+    /// The leader no longer holds the records after our last one.
+    NeedSnapshot,
+    /// The leader refused (not the leader, an older term) or is unreachable.
+    Failed(String),
+}
+
+/// What this node tells the leader about its log.
+pub struct OurLog<'a> {
+    pub term: u64,
+    pub last_lsn: u64,
+    pub history: &'a History,
+    pub node_id: &'a str,
+    pub advertise: &'a str,
+}
+
+/// FOLLOW the leader at `addr` and read its first frame.
+pub async fn handshake(addr: &str, token: &str, ours: OurLog<'_>) -> Handshake {
+    let client = match ReplicationClient::connect(addr, token).await {
+        Ok(client) => client,
+        Err(e) => return Handshake::Failed(format!("connecting to the leader at {addr}: {e}")),
+    };
+    let follow = Follow {
+        term: ours.term,
+        last_lsn: ours.last_lsn,
+        history: ours.history.clone(),
+        node_id: ours.node_id.to_string(),
+        addr: ours.advertise.to_string(),
+    };
+    let (mut stream, acker) = match client.follow(follow).await {
+        Ok(pair) => pair,
+        Err(e) => return Handshake::Failed(format!("FOLLOW: {e}")),
+    };
+    let timeout = std::time::Duration::from_secs(5);
+    let first = match tokio::time::timeout(timeout, stream.next_batch()).await {
+        Ok(Ok(first)) => first,
+        Ok(Err(ClientError::Server { status: Status::LsnUnavailable, .. })) => return Handshake::NeedSnapshot,
+        Ok(Err(e)) => return Handshake::Failed(format!("FOLLOW refused: {e}")),
+        Err(_) => return Handshake::Failed("no FOLLOW reply within 5 s".into()),
+    };
+    if first.truncate_to < ours.last_lsn {
+        return Handshake::Truncate(first.truncate_to);
+    }
+    Handshake::Follow { stream, acker, first }
+}
+
+/// Why following ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Asked to stop (a promotion, a new leader).
+    Cancelled,
+    /// The stream broke or the leader refused: reconnect or elect.
+    Lost(String),
+    /// Something only a restart from the data dir can sort out.
+    Rejoin(String),
+}
+
+/// Follow until cancelled or the stream ends: append, apply, acknowledge.
+/// Returns the replica (a promotion serves from it) and why it ended.
+#[allow(clippy::too_many_arguments)]
+pub async fn follow(
+    mut stream: FollowStream,
+    acker: Acker,
+    first: FollowBatch,
+    mut replica: Replica,
+    wal: crossbeam_channel::Sender<WalMsg>,
+    mut synced: tokio::sync::watch::Receiver<u64>,
+    cluster: Arc<ClusterState>,
+    dir: &Path,
+    cancel: CancellationToken,
+) -> (Replica, Ended) {
+    let term = first.term;
+    // FOLLOW_ACK after every sync of our log (and every so often anyway,
+    // so the leader sees our applied LSN move too).
+    let acks = {
+        let (acker, cluster, cancel) = (acker.clone(), cluster.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let tick = std::time::Duration::from_millis(crate::limits::CLUSTER_POLL_INTERVAL_MS);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    changed = synced.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(tick) => {}
+                }
+                let durable = *synced.borrow_and_update();
+                cluster.durable_lsn.store(durable, Ordering::Release);
+                let applied = cluster.applied_lsn.load(Ordering::Acquire);
+                if acker.ack(FollowAck { durable_lsn: durable, applied_lsn: applied }).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut batch = first;
+    let ended = loop {
+        if batch.term != term {
+            break Ended::Lost(format!("the stream's term changed from {term} to {}", batch.term));
+        }
+        if let Err(e) = take(&batch, &mut replica, &wal, &cluster, dir) {
+            break Ended::Rejoin(e);
+        }
+        batch = tokio::select! {
+            _ = cancel.cancelled() => break Ended::Cancelled,
+            next = stream.next_batch() => match next {
+                Ok(batch) => batch,
+                Err(e) => break Ended::Lost(e.to_string()),
+            },
+        };
+    };
+    acks.abort();
+    (replica, ended)
+}
+
+/// Append one frame's records to our log and apply them.
+fn take(
+    batch: &FollowBatch,
+    replica: &mut Replica,
+    wal: &crossbeam_channel::Sender<WalMsg>,
+    cluster: &ClusterState,
+    dir: &Path,
+) -> Result<(), String> {
+    let (Some((first_lsn, ..)), Some((last_lsn, ..))) = (batch.records.first(), batch.records.last()) else {
+        return Ok(());
+    };
+    if *first_lsn != replica.last_lsn() + 1 {
+        return Err(format!("the leader sent LSN {first_lsn}, our log ends at {}", replica.last_lsn()));
+    }
+    // A new term starts inside this frame: the history file first, so it
+    // always covers the log.
+    let terms: Vec<(u64, u64)> = batch
+        .records
+        .iter()
+        .filter_map(|(lsn, event, _)| match event {
+            Event::TermStarted { term, .. } => Some((*term, *lsn)),
+            _ => None,
+        })
+        .collect();
+    if !terms.is_empty() {
+        let mut ours = cluster.history.lock();
+        ours.extend(terms);
+        history::store(dir, &ours).map_err(|e| format!("writing the term history: {e}"))?;
+    }
+    let mut bytes = BytesMut::with_capacity(batch.records.iter().map(|(_, _, raw)| raw.len()).sum());
+    for (_, _, raw) in &batch.records {
+        bytes.extend_from_slice(raw);
+    }
+    wal.send(WalMsg::Records { bytes: bytes.freeze(), first_lsn: *first_lsn, last_lsn: *last_lsn })
+        .map_err(|_| "the log writer stopped".to_string())?;
+    for (lsn, event, _) in &batch.records {
+        replica.apply(*lsn, event)?;
+    }
+    cluster.applied_lsn.store(*last_lsn, Ordering::Release);
+    Ok(())
+}
+
+/// Cut our log after `lsn`: the records after it (not in the leader's
+/// history, never acknowledged) go to `*.discarded` files, and so do
+/// snapshots that include them and history entries after `lsn`. Run
+/// before the log writer starts; recovery then rebuilds the state.
+pub fn cut_log_after(dir: &Path, lsn: u64) -> std::io::Result<Vec<String>> {
+    let mut kept_aside = Vec::new();
+    let segments = list_segments(dir)?;
+    for (i, (first, path)) in segments.iter().enumerate() {
+        let next_first = segments.get(i + 1).map(|(n, _)| *n);
+        if *first > lsn {
+            kept_aside.push(crate::recovery::discard_file(path)?.display().to_string());
+        } else if next_first.is_none_or(|n| n > lsn + 1) {
+            // This segment holds `lsn`: cut right after its record.
+            let offset = record_end_offset(path, *first, lsn)?;
+            let size = std::fs::metadata(path)?.len();
+            if offset < size {
+                kept_aside.push(crate::recovery::cut_keeping(path, offset)?.display().to_string());
+            }
+        }
+    }
+    for (snapshot_lsn, path) in crate::wal::snapshot::list_snapshots(dir)? {
+        if snapshot_lsn > lsn {
+            kept_aside.push(crate::recovery::discard_file(&path)?.display().to_string());
+        }
+    }
+    let mut ours = history::load(dir)?;
+    ours.retain(|&(_, first)| first <= lsn);
+    history::store(dir, &ours)?;
+    sync_dir(dir)?;
+    Ok(kept_aside)
+}
+
+/// The byte offset just after record `lsn` in the segment starting at
+/// `first_lsn` (the header's end if `lsn` is before the segment).
+fn record_end_offset(path: &Path, first_lsn: u64, lsn: u64) -> std::io::Result<u64> {
+    let bytes = std::fs::read(path)?;
+    let mut at = SEGMENT_HEADER_BYTES;
+    let mut next = first_lsn;
+    while next <= lsn && at < bytes.len() {
+        match crate::wal::record::verify_record(&bytes[at..]) {
+            Ok((found, used)) if found == next => {
+                at += used;
+                next += 1;
+            }
+            _ => break,
+        }
+    }
+    Ok(at as u64)
+}
+
+/// Replace our state with the leader's snapshot (its records are no longer
+/// in its log): the snapshot file goes in, every segment and snapshot we
+/// had goes to `*.discarded`, the history restarts at the snapshot's term.
+pub fn install_snapshot(dir: &Path, lsn: u64, term: u64, file: &[u8]) -> std::io::Result<Vec<String>> {
+    let name = crate::wal::snapshot::snapshot_name(lsn);
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, file)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    crate::wal::snapshot::read_snapshot(&tmp).map_err(std::io::Error::other)?;
+    let mut kept_aside = Vec::new();
+    for (_, path) in list_segments(dir)? {
+        kept_aside.push(crate::recovery::discard_file(&path)?.display().to_string());
+    }
+    for (_, path) in crate::wal::snapshot::list_snapshots(dir)? {
+        kept_aside.push(crate::recovery::discard_file(&path)?.display().to_string());
+    }
+    std::fs::rename(&tmp, dir.join(&name))?;
+    history::store(dir, &vec![(term, lsn)])?;
+    sync_dir(dir)?;
+    Ok(kept_aside)
+}
