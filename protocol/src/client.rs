@@ -13,6 +13,13 @@
 //!   A timed-out connection is not reused for new calls. RESTOCK is the one
 //!   operation that is not idempotent: it is only resent if it provably
 //!   never left this process (a connect failure), never after any reply.
+//! - **Following the leader of a cluster**: give several node addresses
+//!   (`"a:7070,b:7070,c:7070"`). A `not_leader` answer, or a node that
+//!   cannot be reached, makes the client ask the nodes who leads (CLUSTER)
+//!   and move every connection there, for up to `failover_timeout`, then
+//!   resend the call (with the same reservation id). A call whose outcome
+//!   was unknown (the old leader died with it) answers its original
+//!   outcome on the new leader: a failover is a slower call, not an error.
 //!
 //! # Example: a checkout service
 //!
@@ -61,8 +68,8 @@ use tokio_util::codec::FramedRead;
 use crate::frame::FrameCodec;
 use crate::limits::BATCH_OPS_MAX;
 use crate::message::{
-    Confirm, Hello, Outcome, QueueTicket, Release, Reply, Request, Reserve, Restock, Role, SaleCreate, StatusReply,
-    TicketRequest,
+    Confirm, Hello, NodeRole, Outcome, QueueTicket, Release, Reply, Request, Reserve, Restock, Role, SaleCreate,
+    StatusReply, TicketRequest,
 };
 use crate::status::Status;
 
@@ -107,6 +114,9 @@ pub struct ClientConfig {
     pub max_attempts: u32,
     /// Speak TLS, trusting this configuration's roots (see [`crate::tls`]).
     pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// How long a call keeps looking for a leader (a failover) before it
+    /// gives up with the last error.
+    pub failover_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -119,6 +129,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(3),
             max_attempts: 5,
             tls: None,
+            failover_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -163,6 +174,10 @@ impl Conn {
 
 struct Inner {
     config: ClientConfig,
+    /// Every node address given (`addr` split at commas).
+    nodes: Vec<String>,
+    /// The node the connections go to: the leader, as far as we know.
+    current: std::sync::Mutex<String>,
     slots: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
     next_slot: AtomicUsize,
     next_request_id: AtomicU64,
@@ -186,7 +201,11 @@ impl Client {
     /// Connect (all connections eagerly, so a bad address or token fails here).
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         let connections = config.connections.max(1);
+        let nodes: Vec<String> =
+            config.addr.split(',').map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect();
         let inner = Arc::new(Inner {
+            current: std::sync::Mutex::new(nodes.first().cloned().unwrap_or_default()),
+            nodes,
             slots: (0..connections).map(|_| tokio::sync::Mutex::new(None)).collect(),
             config,
             next_slot: AtomicUsize::new(0),
@@ -194,10 +213,85 @@ impl Client {
             role: std::sync::Mutex::new(Role::None),
         });
         let client = Client { inner };
+        if client.inner.nodes.len() > 1 {
+            // A cluster: connect to its leader, wherever it is now.
+            let deadline = tokio::time::Instant::now() + client.inner.config.failover_timeout;
+            client.find_leader(deadline).await?;
+        }
         for slot in 0..connections {
             client.conn(slot).await?;
         }
         Ok(client)
+    }
+
+    /// The node this client talks to (the leader, as far as it knows).
+    pub fn current_node(&self) -> String {
+        self.inner.current.lock().expect("current lock").clone()
+    }
+
+    /// Ask the nodes who leads until one says, or `deadline`; move every
+    /// connection there. A single address is its own leader.
+    async fn find_leader(&self, deadline: tokio::time::Instant) -> Result<(), ClientError> {
+        if self.inner.nodes.len() <= 1 {
+            return Ok(());
+        }
+        let mut last_err = ClientError::Disconnected;
+        loop {
+            let current = self.current_node();
+            let mut candidates = vec![current.clone()];
+            candidates.extend(self.inner.nodes.iter().filter(|n| **n != current).cloned());
+            for node in candidates {
+                match self.ask_cluster(&node).await {
+                    Ok(reply) if matches!(reply.role, NodeRole::Leader | NodeRole::Single) => {
+                        self.switch_to(&node);
+                        return Ok(());
+                    }
+                    Ok(reply) if !reply.leader_addr.is_empty() => {
+                        // A standby names the leader: check with the leader itself.
+                        if let Ok(leader) = self.ask_cluster(&reply.leader_addr).await {
+                            if leader.role == NodeRole::Leader {
+                                self.switch_to(&reply.leader_addr);
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Ok(_) => last_err = ClientError::Server { status: Status::NotLeader, message: node },
+                    Err(e) => last_err = e,
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(last_err);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// CLUSTER on a fresh connection to `node`.
+    async fn ask_cluster(&self, node: &str) -> Result<crate::message::ClusterReply, ClientError> {
+        let conn = self.connect_to(node).await?;
+        let reply = self.send_once(&conn, Request::Cluster).await;
+        conn.closed.store(true, Ordering::SeqCst);
+        match reply? {
+            Reply::Cluster(reply) => Ok(reply),
+            Reply::Error(e) => Err(ClientError::Server { status: e.status, message: e.message }),
+            other => Err(ClientError::Protocol(format!("expected a CLUSTER reply, got {other:?}"))),
+        }
+    }
+
+    /// Talk to `node` from now on: every connection reconnects there.
+    fn switch_to(&self, node: &str) {
+        let mut current = self.inner.current.lock().expect("current lock");
+        if *current != node {
+            tracing::info!(from = %current, to = %node, "following the leader");
+            *current = node.to_string();
+        }
+        for slot in &self.inner.slots {
+            if let Ok(guard) = slot.try_lock() {
+                if let Some(conn) = guard.as_ref() {
+                    conn.closed.store(true, Ordering::SeqCst);
+                }
+            }
+        }
     }
 
     /// The role the server granted our token.
@@ -213,28 +307,33 @@ impl Client {
                 return Ok(conn.clone());
             }
         }
+        let conn = self.connect_to(&self.current_node()).await?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// A new authenticated connection to `addr`.
+    async fn connect_to(&self, addr: &str) -> Result<Arc<Conn>, ClientError> {
         let config = &self.inner.config;
-        let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(&config.addr))
+        let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ClientError::Connect {
-                addr: config.addr.clone(),
+                addr: addr.to_string(),
                 source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
             })?
-            .map_err(|source| ClientError::Connect { addr: config.addr.clone(), source })?;
+            .map_err(|source| ClientError::Connect { addr: addr.to_string(), source })?;
         stream.set_nodelay(true).ok();
         let conn = Arc::new(match &config.tls {
             None => spawn_conn(stream),
             Some(tls) => {
-                let name = crate::tls::server_name(&config.addr).map_err(|e| ClientError::Connect {
-                    addr: config.addr.clone(),
-                    source: std::io::Error::other(e),
-                })?;
+                let name = crate::tls::server_name(addr)
+                    .map_err(|e| ClientError::Connect { addr: addr.to_string(), source: std::io::Error::other(e) })?;
                 let connector = tokio_rustls::TlsConnector::from(tls.clone());
                 let handshake = tokio::time::timeout(config.connect_timeout, connector.connect(name, stream));
                 let stream = handshake
                     .await
                     .map_err(|_| ClientError::Timeout(config.connect_timeout))?
-                    .map_err(|source| ClientError::Connect { addr: config.addr.clone(), source })?;
+                    .map_err(|source| ClientError::Connect { addr: addr.to_string(), source })?;
                 spawn_conn(stream)
             }
         });
@@ -249,7 +348,6 @@ impl Client {
             Reply::Error(e) => return Err(ClientError::Server { status: e.status, message: e.message }),
             other => return Err(ClientError::Protocol(format!("unexpected reply to HELLO: {other:?}"))),
         }
-        *guard = Some(conn.clone());
         Ok(conn)
     }
 
@@ -293,12 +391,33 @@ impl Client {
         let attempts = self.inner.config.max_attempts.max(1);
         let mut backoff = Duration::from_millis(5);
         let mut last_err = None;
-        for attempt in 1..=attempts {
+        let cluster = self.inner.nodes.len() > 1;
+        let mut failover_deadline = None;
+        let mut attempt = 0;
+        while attempt < attempts {
+            attempt += 1;
             let slot = self.inner.next_slot.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
             let result = match self.conn(slot).await {
                 Ok(conn) => self.send_once(&conn, request.clone()).await,
                 Err(e) => Err(e),
             };
+            // A failover: the node is not (or no longer) the leader, or is
+            // gone. Find the leader and send again; `not_leader` did
+            // nothing, and an unknown outcome is what retries with the same
+            // id are for. This does not use up attempts, only time.
+            let lost_leader = match &result {
+                // (A leader stopping hands over to a standby: the same.)
+                Ok(reply) => matches!(reply_status(reply), Some(Status::NotLeader | Status::ShuttingDown)),
+                Err(e) => e.is_transient() && (retry == Retry::Idempotent || matches!(e, ClientError::Connect { .. })),
+            };
+            if cluster && lost_leader {
+                let deadline = *failover_deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + self.inner.config.failover_timeout);
+                if tokio::time::Instant::now() < deadline && self.find_leader(deadline).await.is_ok() {
+                    attempt -= 1;
+                    continue;
+                }
+            }
             match result {
                 Ok(Reply::Error(e)) => return Err(ClientError::Server { status: e.status, message: e.message }),
                 Ok(reply) => {
@@ -333,6 +452,14 @@ impl Client {
         match self.call(request, retry).await? {
             Reply::Outcome(o) => Ok(o),
             other => Err(ClientError::Protocol(format!("expected an outcome, got {other:?}"))),
+        }
+    }
+
+    /// Who leads the cluster, as the node this client talks to knows it.
+    pub async fn cluster(&self) -> Result<crate::message::ClusterReply, ClientError> {
+        match self.call(Request::Cluster, Retry::Idempotent).await? {
+            Reply::Cluster(reply) => Ok(reply),
+            other => Err(ClientError::Protocol(format!("expected a CLUSTER reply, got {other:?}"))),
         }
     }
 
@@ -419,6 +546,17 @@ impl Client {
     pub async fn raw(&self, request: Request) -> Result<Reply, ClientError> {
         let conn = self.conn(0).await?;
         self.send_once(&conn, request).await
+    }
+}
+
+/// The status of a whole reply (a batch: when every result shares it).
+fn reply_status(reply: &Reply) -> Option<Status> {
+    match reply {
+        Reply::Batch(results) => {
+            let first = results.first()?.status;
+            results.iter().all(|r| r.status == first).then_some(first)
+        }
+        other => other.status(),
     }
 }
 

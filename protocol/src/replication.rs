@@ -42,8 +42,8 @@ use tokio_util::codec::FramedRead;
 use crate::client::ClientError;
 use crate::frame::{Frame, FrameCodec};
 use crate::message::{
-    ClusterReply, DumpEntry, Follow, FollowAck, FollowBatch, Hello, LogBatch, Opcode, Replicate, Reply, Request, Role,
-    Settled,
+    ClusterReply, DumpEntry, Follow, FollowAck, FollowBatch, Hello, LogBatch, NodeRole, Opcode, Replicate, Reply,
+    Request, Role, Settled,
 };
 use crate::status::Status;
 
@@ -156,6 +156,48 @@ impl ReplicationClient {
             }
         }
         Ok(dump.expect("at least one chunk"))
+    }
+
+    /// Connect to the node that decides: `addrs` is one address, or a
+    /// cluster's nodes comma-separated, of which the leader is found
+    /// (CLUSTER). The log of record is the leader's: a standby answers
+    /// `not_leader` to REPLICATE and STATE_DUMP.
+    pub async fn connect_leader(addrs: &str, token: &str) -> Result<ReplicationClient, ClientError> {
+        let nodes: Vec<&str> = addrs.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+        if nodes.len() <= 1 {
+            return ReplicationClient::connect(addrs.trim(), token).await;
+        }
+        let mut last = ClientError::Disconnected;
+        for node in &nodes {
+            let mut client = match ReplicationClient::connect(node, token).await {
+                Ok(client) => client,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match client.cluster().await {
+                Ok(reply) if matches!(reply.role, NodeRole::Leader | NodeRole::Single) => return Ok(client),
+                Ok(reply) if !reply.leader_addr.is_empty() => {
+                    let mut leader = match ReplicationClient::connect(&reply.leader_addr, token).await {
+                        Ok(leader) => leader,
+                        Err(e) => {
+                            last = e;
+                            continue;
+                        }
+                    };
+                    if matches!(leader.cluster().await, Ok(r) if r.role == NodeRole::Leader) {
+                        return Ok(leader);
+                    }
+                }
+                Ok(_) => {
+                    last =
+                        ClientError::Server { status: Status::NotLeader, message: format!("{node}: no leader known") }
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// Who leads this node's cluster, as it knows it (CLUSTER).

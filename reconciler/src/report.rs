@@ -288,7 +288,7 @@ pub async fn report(pool: &PgPool, config: &ReportConfig) -> anyhow::Result<Repo
     tx.rollback().await?;
 
     // 2. The engine at its synced LSN.
-    let mut client = ReplicationClient::connect(&config.server, &config.token).await?;
+    let mut client = ReplicationClient::connect_leader(&config.server, &config.token).await?;
     let dump = client.state_dump().await.context("STATE_DUMP")?;
     if dump.lsn < settled_lsn {
         bail!(
@@ -302,7 +302,7 @@ pub async fn report(pool: &PgPool, config: &ReportConfig) -> anyhow::Result<Repo
     let mut violations = Vec::new();
     let mut oldest_unsettled_at_ms = None;
     if dump.lsn > settled_lsn {
-        let client = ReplicationClient::connect(&config.server, &config.token).await?;
+        let client = ReplicationClient::connect_leader(&config.server, &config.token).await?;
         let (mut stream, _) = client.replicate(settled_lsn + 1).await?;
         let catch_up = async {
             while stream.next_lsn() <= dump.lsn {

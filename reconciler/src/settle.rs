@@ -336,7 +336,7 @@ async fn follow(
     if target.is_some_and(|t| watermark >= t) {
         return Ok(Ended::CaughtUp);
     }
-    let client = match ReplicationClient::connect(&config.server, &config.token).await {
+    let client = match ReplicationClient::connect_leader(&config.server, &config.token).await {
         Ok(client) => client,
         Err(e) => return stream_error(e),
     };

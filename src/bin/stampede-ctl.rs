@@ -8,13 +8,14 @@
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use stampede_protocol::client::{new_reservation_id, Client, ClientConfig, ClientError};
-use stampede_protocol::message::{Outcome, QueueConfig, QueueTicket, SaleCreate};
+use stampede_protocol::message::{NodeRole, Outcome, QueueConfig, QueueTicket, SaleCreate};
 use stampede_protocol::Status;
 
 #[derive(Parser, Debug)]
 #[command(name = "stampede-ctl", version, about = "Talk to a stampede server")]
 struct Args {
-    /// Server address.
+    /// Server address; for a cluster, every node's, comma-separated (the
+    /// commands go to the leader, wherever it is).
     #[arg(long, default_value = "127.0.0.1:7070", global = true)]
     server: String,
     /// Print one JSON object per command.
@@ -34,6 +35,9 @@ struct Args {
 enum Command {
     /// Check the server answers (prints its clock).
     Ping,
+    /// A cluster's nodes (any token).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Sale administration (admin token).
     #[command(subcommand)]
     Sale(SaleCommand),
@@ -97,6 +101,13 @@ enum Command {
         #[arg(long)]
         user: u64,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Every node given in --server: role, term, the leader, and from the
+    /// leader each standby's durable and applied LSN and lag.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -180,6 +191,49 @@ fn ticket_json(t: &QueueTicket) -> Value {
     v
 }
 
+/// `cluster status`: ask each node for itself, and the leader for its standbys.
+async fn cluster_status(config: &ClientConfig) -> Result<Value, ClientError> {
+    let mut nodes = Vec::new();
+    let mut leader_view = None;
+    for addr in config.addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let mut one = config.clone();
+        one.addr = addr.to_string();
+        one.max_attempts = 1;
+        let answer = match Client::connect(one).await {
+            Ok(client) => client.cluster().await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(reply) => {
+                nodes.push(json!({
+                    "addr": addr, "reachable": true, "role": reply.role.name(), "term": reply.term,
+                    "leader": reply.leader_addr,
+                }));
+                if matches!(reply.role, NodeRole::Leader | NodeRole::Single) {
+                    leader_view = Some(reply);
+                }
+            }
+            Err(e) => nodes.push(json!({ "addr": addr, "reachable": false, "error": e.to_string() })),
+        }
+    }
+    let Some(leader) = leader_view else {
+        return Ok(json!({ "status": "no_leader", "nodes": nodes }));
+    };
+    let head = leader.nodes.first().map_or(0, |n| n.durable_lsn);
+    let members: Vec<Value> = leader
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "id": n.id, "addr": n.addr, "role": n.role.name(), "in_sync_set": n.in_sync_set,
+                "streaming": n.streaming, "durable_lsn": n.durable_lsn, "applied_lsn": n.applied_lsn,
+                "lag_records": head.saturating_sub(n.durable_lsn),
+            })
+        })
+        .collect();
+    Ok(json!({ "status": "ok", "term": leader.term, "leader": leader.leader_addr, "members": members, "nodes": nodes }))
+}
+
 async fn run(args: Args) -> Result<Value, ClientError> {
     let mut config = ClientConfig::new(args.server.clone(), args.token.clone());
     if let Some(ca) = &args.tls_ca {
@@ -188,8 +242,12 @@ async fn run(args: Args) -> Result<Value, ClientError> {
                 .map_err(|e| ClientError::InvalidRequest(format!("TLS CA file: {e}")))?,
         );
     }
+    if let Command::Cluster(ClusterCommand::Status) = args.command {
+        return cluster_status(&config).await;
+    }
     let client = Client::connect(config).await?;
     Ok(match args.command {
+        Command::Cluster(_) => unreachable!("answered above"),
         Command::Ping => {
             let o = client.ping().await?;
             json!({ "status": o.status.name(), "server_time_ms": o.detail })
@@ -264,6 +322,30 @@ async fn run(args: Args) -> Result<Value, ClientError> {
 
 fn print_human(v: &Value) {
     let status = v["status"].as_str().unwrap_or("?");
+    if let Some(members) = v.get("members").and_then(Value::as_array) {
+        println!("{status}: term {} leader {}", v["term"], v["leader"].as_str().unwrap_or("?"));
+        println!(
+            "{:>10} {:>22} {:>8} {:>5} {:>9} {:>12} {:>12} {:>8}",
+            "id", "addr", "role", "sync", "streaming", "durable_lsn", "applied_lsn", "lag"
+        );
+        for m in members {
+            println!(
+                "{:>10} {:>22} {:>8} {:>5} {:>9} {:>12} {:>12} {:>8}",
+                m["id"].as_str().unwrap_or(""),
+                m["addr"].as_str().unwrap_or(""),
+                m["role"].as_str().unwrap_or(""),
+                m["in_sync_set"],
+                m["streaming"],
+                m["durable_lsn"],
+                m["applied_lsn"],
+                m["lag_records"]
+            );
+        }
+        for n in v["nodes"].as_array().into_iter().flatten().filter(|n| n["reachable"] == json!(false)) {
+            println!("unreachable: {} ({})", n["addr"].as_str().unwrap_or(""), n["error"].as_str().unwrap_or(""));
+        }
+        return;
+    }
     if v.get("total").is_some() && v.get("available").is_some() {
         println!(
             "{status}: total {} available {} reserved {} sold {} (reservations {}, limit {}/user, ttl {} ms{}{})",

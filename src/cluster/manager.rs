@@ -378,9 +378,12 @@ impl SyncKeeper {
         let waiting = m.stats.groups_waiting.load(Ordering::Acquire) > 0;
         let current = m.cluster.sync_set.lock().clone();
         let standbys = m.cluster.standbys.lock().clone();
+        // Stalled: replies wait for records it has not made durable, and
+        // it has made no progress for the timeout.
         let healthy = |id: &String| {
             standbys.get(id).is_some_and(|s| {
-                let stalled = waiting && s.last_progress.is_none_or(|t| now.duration_since(t) > self.timeout);
+                let idle = s.last_progress.is_none_or(|t| now.duration_since(t) > self.timeout);
+                let stalled = waiting && s.durable_lsn <= commit && idle;
                 s.streaming && !stalled
             })
         };
@@ -426,7 +429,9 @@ impl SyncKeeper {
         let set = m.cluster.sync_set.lock().clone();
         let usable = set.len() >= self.wanted || degraded;
         let _ = m.wal.send(WalMsg::SyncSet(usable.then_some(set)));
-        let refuse = !usable && short_too_long;
+        // Short of healthy members for too long, and not degraded: refuse
+        // new requests rather than hold ever more replies.
+        let refuse = !full && short_too_long && !degraded;
         if refuse != self.refusing {
             self.refusing = refuse;
             if let Some(router) = m.shared.router() {

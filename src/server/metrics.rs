@@ -294,6 +294,67 @@ impl Collector for Exporter {
                     synced.saturating_sub(consumer) as i64,
                 )?;
             }
+            gauge(
+                &mut encoder,
+                "stampede_wal_committed_lsn",
+                "Highest LSN durable here and on every synchronous standby",
+                wal.committed_lsn.load(Ordering::Relaxed) as i64,
+            )?;
+            gauge(
+                &mut encoder,
+                "stampede_cluster_replies_waiting",
+                "Replies durable on this node, waiting for the synchronous standbys (or the lease)",
+                wal.replies_waiting.load(Ordering::Relaxed) as i64,
+            )?;
+        }
+        self.encode_cluster(&mut encoder)
+    }
+}
+
+impl Exporter {
+    /// The cluster: this node's role and term, the synchronous set, and
+    /// each standby's progress and lag (on the leader).
+    fn encode_cluster(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        let cluster = &self.shared.cluster;
+        {
+            let mut family = encoder.encode_descriptor(
+                "stampede_cluster_role",
+                "1 for this node's role: leader, standby, none (electing), single (no cluster)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            ConstGauge::new(1).encode(family.encode_family(&[("role", cluster.role().name())])?)?;
+        }
+        gauge(encoder, "stampede_cluster_term", "The term this node knows", cluster.term() as i64)?;
+        gauge(
+            encoder,
+            "stampede_cluster_sync_set_size",
+            "Standbys in the leader's synchronous set",
+            cluster.sync_set.lock().len() as i64,
+        )?;
+        let head = self.wal.as_ref().map_or(0, |w| w.durable_lsn.load(Ordering::Relaxed));
+        let standbys = cluster.standbys.lock().clone();
+        for (name, help, pick) in [
+            ("stampede_cluster_standby_durable_lsn", "Each standby's durable LSN (FOLLOW_ACK)", 0),
+            (
+                "stampede_cluster_standby_lag_records",
+                "Records the leader holds that each standby has not made durable",
+                1,
+            ),
+            ("stampede_cluster_standby_lag_seconds", "How long each standby has been behind without progress", 2),
+        ] {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            for (node, s) in &standbys {
+                let lag = head.saturating_sub(s.durable_lsn);
+                let value = match pick {
+                    0 => s.durable_lsn as f64,
+                    1 => lag as f64,
+                    _ if lag == 0 => 0.0,
+                    _ => s.last_progress.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                };
+                ConstGauge::new(value).encode(family.encode_family(&[("node", node.as_str())])?)?;
+            }
         }
         Ok(())
     }

@@ -131,7 +131,7 @@ impl StampedeTarget {
     /// One STATE_DUMP, waiting (until `deadline`) while another one runs.
     async fn dump(&self, deadline: tokio::time::Instant) -> anyhow::Result<StateDump> {
         loop {
-            let mut log = ReplicationClient::connect(&self.addr, &self.token).await?;
+            let mut log = ReplicationClient::connect_leader(&self.addr, &self.token).await?;
             match log.state_dump().await {
                 Err(ClientError::Server { status: Status::Busy, .. }) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(DUMP_RETRY_INTERVAL).await
