@@ -519,6 +519,7 @@ pub async fn execute(
         audit,
         timeline,
         config,
+        failover: None,
     };
     Ok((summary, tally))
 }

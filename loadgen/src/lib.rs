@@ -17,8 +17,11 @@
 //! - [`report`]: the summary (JSON), the table, the HTML report.
 //! - [`local`]: a stampede server started in-process for drills with no
 //!   `--target`, and `redis-server` processes started for `compare`.
+//! - [`cluster`]: `drill --cluster N`: etcd and N stampede nodes as child
+//!   processes, the leader killed on schedule, and what clients saw of it.
 
 pub mod audit;
+pub mod cluster;
 pub mod drill;
 pub mod local;
 pub mod report;

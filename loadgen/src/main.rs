@@ -10,6 +10,7 @@ use std::sync::Arc;
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use serde_json::json;
 use stampede::wal::Durability;
+use stampede_loadgen::cluster::LocalCluster;
 use stampede_loadgen::drill::{self, DrillConfig, Spike};
 use stampede_loadgen::local::{LocalRedis, LocalStampede};
 use stampede_loadgen::report::Summary;
@@ -31,6 +32,9 @@ struct Cli {
 enum Command {
     /// Run one scenario against one target and verify the invariants.
     Drill(DrillArgs),
+    /// One node of a `drill --cluster` (started by the drill itself).
+    #[command(hide = true)]
+    Node(stampede_loadgen::cluster::NodeArgs),
     /// Run one scenario against stampede, Redis (everysec and always), PostgreSQL and a PING floor.
     Compare {
         #[command(flatten)]
@@ -90,6 +94,14 @@ struct DrillArgs {
     /// Durability of the in-process server.
     #[arg(long, value_enum, default_value = "fsync")]
     durability: Durability,
+    /// Start etcd and this many stampede nodes (child processes; a leader
+    /// and synchronous standbys) instead of one in-process server.
+    #[arg(long, conflicts_with = "target")]
+    cluster: Option<usize>,
+    /// With --cluster: kill -9 the leader this many seconds in, and report
+    /// how long clients waited for the new one.
+    #[arg(long, requires = "cluster")]
+    kill_leader_at_secs: Option<f64>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Write the summary as JSON here.
@@ -129,6 +141,44 @@ async fn drill_on(url: &str, label: &str, args: &DrillArgs, ping_only: bool) -> 
     drill::run(target, args.plan(), args.config(ping_only), label).await
 }
 
+/// A drill against a local cluster (etcd and child processes), the leader
+/// killed on schedule if asked.
+async fn drill_cluster(args: &DrillArgs, nodes: usize) -> anyhow::Result<Summary> {
+    let mut cluster = LocalCluster::start(nodes.max(1), args.durability).await?;
+    std::env::set_var("STAMPEDE_TOKEN", &cluster.token);
+    let url = format!("stampede://{}", cluster.addrs());
+    let target = Arc::new(Target::connect(&url, args.connections).await?);
+    let Target::Stampede(stampede) = &*target else { unreachable!("a stampede url") };
+    let watch = stampede.failover.clone();
+    let started = std::time::Instant::now();
+    let drill = tokio::spawn(drill::run(target.clone(), args.plan(), args.config(false), "stampede cluster"));
+    let mut killed = None;
+    if let Some(at) = args.kill_leader_at_secs {
+        tokio::time::sleep(std::time::Duration::from_secs_f64(at)).await;
+        let (addr, when) = cluster.kill_leader().await?;
+        watch.arm(addr.clone(), when);
+        killed = Some((addr, when.duration_since(started).as_secs_f64()));
+    }
+    let mut summary = drill.await??;
+    if let Some((addr, at_secs)) = killed {
+        let Target::Stampede(stampede) = &*target else { unreachable!("a stampede url") };
+        let (new_leader, unavailable_ms) = match watch.window() {
+            Some((_, node, ms)) => (cluster.node_id(&node), ms),
+            None => ("none".to_string(), f64::NAN),
+        };
+        summary.failover = Some(stampede_loadgen::report::Failover {
+            killed: cluster.node_id(&addr),
+            killed_at_secs: at_secs,
+            new_leader,
+            unavailable_ms,
+            retried_calls: stampede.failover_retries(),
+        });
+    }
+    drop(target);
+    tokio::task::spawn_blocking(move || cluster.stop()).await?;
+    Ok(summary)
+}
+
 /// A drill against an in-process stampede server.
 async fn drill_local(args: &DrillArgs, ping_too: bool) -> anyhow::Result<(Summary, Option<Summary>)> {
     let server = LocalStampede::start(args.durability).await?;
@@ -153,14 +203,16 @@ fn write_outputs(args: &DrillArgs, json_value: &serde_json::Value, html: Option<
 async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Drill(args) => {
-            let summary = match &args.target {
-                None => drill_local(&args, false).await?.0,
-                Some(url) => drill_on(url, url.split("://").next().unwrap_or("target"), &args, args.ping).await?,
+            let summary = match (&args.target, args.cluster) {
+                (None, Some(nodes)) => drill_cluster(&args, nodes).await?,
+                (None, None) => drill_local(&args, false).await?.0,
+                (Some(url), _) => drill_on(url, url.split("://").next().unwrap_or("target"), &args, args.ping).await?,
             };
             print!("{}", summary.table());
             write_outputs(&args, &serde_json::to_value(&summary)?, Some(summary.html()))?;
             Ok(if summary.invariants.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::Node(_) => unreachable!("run before the runtime"),
         Command::Compare { args, postgres_url } => {
             let mut runs = serde_json::Map::new();
             let mut ok = true;
@@ -211,6 +263,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Node(args) = cli.command {
+        // A node of a drill's cluster: its own runtime, as a server's.
+        return match stampede_loadgen::cluster::run_node(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stampede-loadgen node: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -80,6 +80,24 @@ pub struct Summary {
     pub audit: Vec<SkuState>,
     pub timeline: Vec<Second>,
     pub config: DrillConfig,
+    /// `drill --cluster N --kill-leader-at-secs S`: what clients saw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<Failover>,
+}
+
+/// A leader killed during a drill, as the clients saw it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Failover {
+    /// The node killed (kill -9) and when, seconds into the drill.
+    pub killed: String,
+    pub killed_at_secs: f64,
+    /// The node that took over.
+    pub new_leader: String,
+    /// From the kill to the first reservation the new leader acknowledged.
+    pub unavailable_ms: f64,
+    /// Calls that found the new leader and were sent again there (same
+    /// reservation ids); answers that were errors are in `outcomes.error`.
+    pub retried_calls: u64,
 }
 
 fn human(n: f64) -> String {
@@ -119,6 +137,13 @@ impl Summary {
         }
         let outcomes: Vec<String> = self.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "outcomes: {}", outcomes.join(", "));
+        if let Some(f) = &self.failover {
+            let _ = writeln!(
+                out,
+                "failover: killed {} at {:.1} s; {} acknowledged again {:.0} ms after the kill; {} calls found the new leader and went again",
+                f.killed, f.killed_at_secs, f.new_leader, f.unavailable_ms, f.retried_calls
+            );
+        }
         for s in &self.audit {
             let _ = writeln!(
                 out,

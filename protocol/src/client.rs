@@ -178,6 +178,8 @@ struct Inner {
     nodes: Vec<String>,
     /// The node the connections go to: the leader, as far as we know.
     current: std::sync::Mutex<String>,
+    /// Calls that had to find a (new) leader and go again.
+    failover_retries: AtomicU64,
     slots: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
     next_slot: AtomicUsize,
     next_request_id: AtomicU64,
@@ -205,6 +207,7 @@ impl Client {
             config.addr.split(',').map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect();
         let inner = Arc::new(Inner {
             current: std::sync::Mutex::new(nodes.first().cloned().unwrap_or_default()),
+            failover_retries: AtomicU64::new(0),
             nodes,
             slots: (0..connections).map(|_| tokio::sync::Mutex::new(None)).collect(),
             config,
@@ -222,6 +225,11 @@ impl Client {
             client.conn(slot).await?;
         }
         Ok(client)
+    }
+
+    /// Calls so far that found a new leader and were sent again there.
+    pub fn failover_retries(&self) -> u64 {
+        self.inner.failover_retries.load(Ordering::Relaxed)
     }
 
     /// The node this client talks to (the leader, as far as it knows).
@@ -414,6 +422,7 @@ impl Client {
                 let deadline = *failover_deadline
                     .get_or_insert_with(|| tokio::time::Instant::now() + self.inner.config.failover_timeout);
                 if tokio::time::Instant::now() < deadline && self.find_leader(deadline).await.is_ok() {
+                    self.inner.failover_retries.fetch_add(1, Ordering::Relaxed);
                     attempt -= 1;
                     continue;
                 }

@@ -21,6 +21,8 @@ pub struct StampedeTarget {
     client: Client,
     addr: String,
     token: String,
+    /// Records the first reservation a new leader acknowledges after a kill.
+    pub failover: std::sync::Arc<crate::cluster::FailoverWatch>,
 }
 
 impl StampedeTarget {
@@ -30,7 +32,17 @@ impl StampedeTarget {
         // A drill measures the server: report busy as an outcome instead of
         // hiding it in client retries.
         config.max_attempts = 1;
-        Ok(StampedeTarget { client: Client::connect(config).await?, addr: addr.to_string(), token: token.to_string() })
+        Ok(StampedeTarget {
+            client: Client::connect(config).await?,
+            addr: addr.to_string(),
+            token: token.to_string(),
+            failover: Default::default(),
+        })
+    }
+
+    /// Calls that found a new leader and were sent again there.
+    pub fn failover_retries(&self) -> u64 {
+        self.client.failover_retries()
     }
 
     pub async fn prepare(&self, plan: &Plan) -> anyhow::Result<()> {
@@ -50,15 +62,20 @@ impl StampedeTarget {
     }
 
     pub async fn reserve(&self, sessions: &[Session]) -> anyhow::Result<Vec<(Status, u64)>> {
-        if let [s] = sessions {
+        let results: Vec<(Status, u64)> = if let [s] = sessions {
             let o = self.client.reserve(s.sku, s.user, 1, s.reservation_id).await?;
-            return Ok(vec![(o.status, o.detail)]);
+            vec![(o.status, o.detail)]
+        } else {
+            let ops: Vec<Reserve> = sessions
+                .iter()
+                .map(|s| Reserve { sku: s.sku, user: s.user, qty: 1, reservation_id: s.reservation_id })
+                .collect();
+            self.client.reserve_batch(&ops).await?.into_iter().map(|o| (o.status, o.detail)).collect()
+        };
+        if results.iter().any(|(status, _)| *status == Status::Reserved) {
+            self.failover.acknowledged_by(&self.client.current_node());
         }
-        let ops: Vec<Reserve> = sessions
-            .iter()
-            .map(|s| Reserve { sku: s.sku, user: s.user, qty: 1, reservation_id: s.reservation_id })
-            .collect();
-        Ok(self.client.reserve_batch(&ops).await?.into_iter().map(|o| (o.status, o.detail)).collect())
+        Ok(results)
     }
 
     pub async fn confirm(&self, s: &Session) -> anyhow::Result<Status> {
