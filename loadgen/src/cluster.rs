@@ -110,9 +110,10 @@ impl LocalCluster {
         let i = self.leader(Duration::from_secs(10)).await?;
         let (addr, child) = &mut self.nodes[i];
         let mut child = child.take().expect("a running leader");
-        child.kill()?;
+        let killed = child.kill();
         let at = Instant::now();
         let _ = child.wait();
+        killed?;
         Ok((addr.clone(), at))
     }
 
