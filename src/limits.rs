@@ -178,6 +178,12 @@ pub const LEADER_LEASE_TTL_MS_DEFAULT: u64 = 2_000;
 /// long after the old lease expired.
 pub const CLUSTER_POLL_INTERVAL_MS: u64 = 100;
 
+/// FOLLOW frames a standby has appended but not yet applied. The apply
+/// thread lags the log by at most this many frames (a frame body holds at
+/// most FRAME_BODY_BYTES_MAX of records); beyond it the standby stops reading
+/// the stream, so a slow apply slows the leader rather than growing memory.
+pub const STANDBY_APPLY_QUEUE_FRAMES: usize = 64;
+
 /// A node's registration lease (`nodes/<id>` in etcd), renewed every second.
 pub const NODE_LEASE_TTL_S: u64 = 5;
 

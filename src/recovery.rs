@@ -247,22 +247,37 @@ impl Replica {
         Replica { loader: Loader { engines, slots, claims: Vec::new(), terms: Vec::new() }, last_lsn }
     }
 
-    /// Apply the record at `lsn` (the next one). A record that breaks an
-    /// invariant is a bug or a divergent log: the error says which.
-    pub fn apply(&mut self, lsn: u64, event: &Event) -> Result<(), String> {
-        if lsn != self.last_lsn + 1 {
-            return Err(format!("record {lsn} after {}", self.last_lsn));
+    /// Apply consecutive records, the first being the next one, as replay
+    /// does (prefetching a few ahead; the id claims after the run). A
+    /// record that breaks an invariant is a bug or a divergent log: the
+    /// error says which.
+    pub fn apply(&mut self, records: &[(u64, Event)]) -> Result<(), String> {
+        let Some((first, _)) = records.first() else { return Ok(()) };
+        if *first != self.last_lsn + 1 {
+            return Err(format!("record {first} after {}", self.last_lsn));
         }
         let loader = &mut self.loader;
+        let applying = Cell::new(*first);
         catching(|| {
-            loader.apply(lsn, event);
-            for (id, sku) in loader.claims.drain(..) {
-                let claim = loader.engines.directory.claim(id, sku);
+            for (i, (lsn, event)) in records.iter().enumerate() {
+                if let Some((_, ahead)) = records.get(i + RESERVE_PREFETCH_AHEAD) {
+                    loader.prefetch(ahead);
+                }
+                applying.set(*lsn);
+                loader.apply(*lsn, event);
+            }
+            let directory = &loader.engines.directory;
+            for (i, &(id, sku)) in loader.claims.iter().enumerate() {
+                if let Some(&(ahead, _)) = loader.claims.get(i + RESERVE_PREFETCH_AHEAD) {
+                    directory.prefetch(ahead);
+                }
+                let claim = directory.claim(id, sku);
                 assert!(!matches!(claim, Claim::Conflict), "reservation {id:#x} belongs to two skus");
             }
+            loader.claims.clear();
         })
-        .map_err(|message| format!("applying the record at LSN {lsn}: {message}"))?;
-        self.last_lsn = lsn;
+        .map_err(|message| format!("applying the record at LSN {}: {message}", applying.get()))?;
+        self.last_lsn = records.last().map_or(self.last_lsn, |(lsn, _)| *lsn);
         Ok(())
     }
 

@@ -37,7 +37,7 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// etcd and `n` nodes; returns once a leader serves.
-    pub async fn start(n: usize, durability: Durability) -> anyhow::Result<LocalCluster> {
+    pub async fn start(n: usize, durability: Durability, sync_standbys: usize) -> anyhow::Result<LocalCluster> {
         let token = format!("{:032x}", stampede_protocol::client::new_reservation_id());
         let dir = std::env::temp_dir().join(format!("stampede-loadgen-cluster-{}-{}", std::process::id(), &token[..8]));
         std::fs::create_dir_all(&dir)?;
@@ -66,6 +66,7 @@ impl LocalCluster {
             let child = Command::new(&exe)
                 .args(["node", "--listen", &addr, "--etcd", &endpoint, "--node-id", &format!("n{i}")])
                 .args(["--durability", if durability == Durability::Async { "async" } else { "fsync" }])
+                .args(["--sync-standbys", &sync_standbys.to_string()])
                 .arg("--data-dir")
                 .arg(cluster.dir.join(format!("n{i}")))
                 .env(TOKEN_ENV, &cluster.token)
@@ -169,6 +170,8 @@ pub struct NodeArgs {
     node_id: String,
     #[arg(long, value_enum, default_value = "fsync")]
     durability: Durability,
+    #[arg(long, default_value_t = 1)]
+    sync_standbys: usize,
 }
 
 /// Run one cluster node until SIGTERM (or until it must rejoin: exit 75).
@@ -187,7 +190,7 @@ pub fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             cluster: "drill".into(),
             node_id: args.node_id.clone(),
             advertise: args.listen.clone(),
-            sync_standbys: 1,
+            sync_standbys: args.sync_standbys,
             degrade: SyncDegrade::Never,
             sync_timeout: Duration::from_millis(stampede::limits::SYNC_STANDBY_TIMEOUT_MS_DEFAULT),
             lease_ttl: Duration::from_millis(stampede::limits::LEADER_LEASE_TTL_MS_DEFAULT),

@@ -102,6 +102,9 @@ struct DrillArgs {
     /// how long clients waited for the new one.
     #[arg(long, requires = "cluster")]
     kill_leader_at_secs: Option<f64>,
+    /// With --cluster: standbys each acknowledgement waits for (0: asynchronous).
+    #[arg(long, requires = "cluster", default_value_t = 1)]
+    sync_standbys: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Write the summary as JSON here.
@@ -144,7 +147,7 @@ async fn drill_on(url: &str, label: &str, args: &DrillArgs, ping_only: bool) -> 
 /// A drill against a local cluster (etcd and child processes), the leader
 /// killed on schedule if asked.
 async fn drill_cluster(args: &DrillArgs, nodes: usize) -> anyhow::Result<Summary> {
-    let mut cluster = LocalCluster::start(nodes.max(1), args.durability).await?;
+    let mut cluster = LocalCluster::start(nodes.max(1), args.durability, args.sync_standbys).await?;
     std::env::set_var("STAMPEDE_TOKEN", &cluster.token);
     let url = format!("stampede://{}", cluster.addrs());
     let target = Arc::new(Target::connect(&url, args.connections).await?);

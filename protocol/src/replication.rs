@@ -351,12 +351,12 @@ impl FollowStream {
             return Err(ClientError::Server { status: batch.status, message: "FOLLOW refused".into() });
         }
         let next = *self.next_lsn.get_or_insert(batch.truncate_to + 1);
-        if let Some((first, _, _)) = batch.records.first() {
+        if let Some((first, _)) = batch.records.first() {
             if *first != next {
                 return Err(ClientError::Protocol(format!("follow stream jumped: expected LSN {next}, got {first}")));
             }
         }
-        if let Some((last, _, _)) = batch.records.last() {
+        if let Some((last, _)) = batch.records.last() {
             self.next_lsn = Some(last + 1);
         }
         Ok(batch)

@@ -340,12 +340,13 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
                     commit_lsn: 1000,
                     truncate_to: 1000,
                     server_time_ms: 1_795_000_000_500,
-                    records: vec![{
+                    records: vec![(1001, Event::TermStarted { term: 15, at_ms: 1_795_000_000_400 })],
+                    raw: {
                         let event = Event::TermStarted { term: 15, at_ms: 1_795_000_000_400 };
                         let mut raw = bytes::BytesMut::new();
                         stampede_protocol::record::encode_record(1001, &event, &mut raw);
-                        (1001, event, raw.freeze())
-                    }],
+                        raw.freeze()
+                    },
                 }),
             ),
         ),

@@ -19,7 +19,6 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use stampede_protocol::client::ClientError;
 use stampede_protocol::event::Event;
 use stampede_protocol::message::{Follow, FollowAck, FollowBatch};
@@ -96,12 +95,18 @@ pub enum Ended {
 
 /// Follow until cancelled or the stream ends: append, apply, acknowledge.
 /// Returns the replica (a promotion serves from it) and why it ended.
+///
+/// Appending and acknowledging happen here; applying happens on a thread
+/// of its own ("standby-apply"), so a busy apply never delays the
+/// FOLLOW_ACK the leader's replies wait for. The replica comes back only
+/// once that thread has applied every record handed to it: a promotion
+/// serves from a state that covers the whole log it kept.
 #[allow(clippy::too_many_arguments)]
 pub async fn follow(
     mut stream: FollowStream,
     acker: Acker,
     first: FollowBatch,
-    mut replica: Replica,
+    replica: Replica,
     wal: crossbeam_channel::Sender<WalMsg>,
     mut synced: tokio::sync::watch::Receiver<u64>,
     cluster: Arc<ClusterState>,
@@ -109,6 +114,7 @@ pub async fn follow(
     cancel: CancellationToken,
 ) -> (Replica, Ended) {
     let term = first.term;
+    let mut next_lsn = replica.last_lsn() + 1;
     // FOLLOW_ACK after every sync of our log (and every so often anyway,
     // so the leader sees our applied LSN move too).
     let acks = {
@@ -130,16 +136,24 @@ pub async fn follow(
             }
         })
     };
+    let applier = Applier::start(replica, cluster.clone());
     let mut batch = first;
     let ended = loop {
         if batch.term != term {
             break Ended::Lost(format!("the stream's term changed from {term} to {}", batch.term));
         }
-        if let Err(e) = take(&batch, &mut replica, &wal, &cluster, dir) {
+        if let Err(e) = append(&batch, next_lsn, &wal, &cluster, dir) {
             break Ended::Rejoin(e);
+        }
+        if let Some((last, _)) = batch.records.last() {
+            next_lsn = last + 1;
+            if applier.send(std::mem::take(&mut batch.records)).await.is_err() {
+                break Ended::Rejoin("the standby's apply thread stopped".into());
+            }
         }
         batch = tokio::select! {
             _ = cancel.cancelled() => break Ended::Cancelled,
+            _ = applier.failed.cancelled() => break Ended::Rejoin("applying failed".into()),
             next = stream.next_batch() => match next {
                 Ok(batch) => batch,
                 Err(e) => break Ended::Lost(e.to_string()),
@@ -147,29 +161,80 @@ pub async fn follow(
         };
     };
     acks.abort();
-    (replica, ended)
+    let (replica, failure) = applier.finish().await;
+    match failure {
+        Some(e) => (replica, Ended::Rejoin(e)),
+        None => (replica, ended),
+    }
 }
 
-/// Append one frame's records to our log and apply them.
-fn take(
+/// The standby's apply thread: records in order, applied in batches.
+struct Applier {
+    tx: tokio::sync::mpsc::Sender<Vec<(u64, Event)>>,
+    thread: std::thread::JoinHandle<(Replica, Option<String>)>,
+    /// Cancelled when applying failed (the thread has stopped).
+    failed: CancellationToken,
+}
+
+impl Applier {
+    fn start(mut replica: Replica, cluster: Arc<ClusterState>) -> Applier {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(u64, Event)>>(crate::limits::STANDBY_APPLY_QUEUE_FRAMES);
+        let failed = CancellationToken::new();
+        let on_failure = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("standby-apply".into())
+            .spawn(move || {
+                while let Some(records) = rx.blocking_recv() {
+                    if let Err(e) = replica.apply(&records) {
+                        on_failure.cancel();
+                        return (replica, Some(e));
+                    }
+                    cluster.applied_lsn.store(replica.last_lsn(), Ordering::Release);
+                }
+                (replica, None)
+            })
+            .expect("spawning the standby apply thread");
+        Applier { tx, thread, failed }
+    }
+
+    async fn send(&self, records: Vec<(u64, Event)>) -> Result<(), ()> {
+        self.tx.send(records).await.map_err(|_| ())
+    }
+
+    /// Wait until every record handed over is applied.
+    async fn finish(self) -> (Replica, Option<String>) {
+        drop(self.tx);
+        let thread = self.thread;
+        match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(done)) => done,
+            // The thread's panics are caught by Replica::apply; anything
+            // else is a bug worth the process.
+            _ => panic!("the standby apply thread panicked"),
+        }
+    }
+}
+
+/// Append one frame's records to our log (the history file first when a
+/// term starts inside it).
+fn append(
     batch: &FollowBatch,
-    replica: &mut Replica,
+    next_lsn: u64,
     wal: &crossbeam_channel::Sender<WalMsg>,
     cluster: &ClusterState,
     dir: &Path,
 ) -> Result<(), String> {
-    let (Some((first_lsn, ..)), Some((last_lsn, ..))) = (batch.records.first(), batch.records.last()) else {
+    let (Some((first_lsn, _)), Some((last_lsn, _))) = (batch.records.first(), batch.records.last()) else {
         return Ok(());
     };
-    if *first_lsn != replica.last_lsn() + 1 {
-        return Err(format!("the leader sent LSN {first_lsn}, our log ends at {}", replica.last_lsn()));
+    if *first_lsn != next_lsn {
+        return Err(format!("the leader sent LSN {first_lsn}, our log ends at {}", next_lsn - 1));
     }
     // A new term starts inside this frame: the history file first, so it
     // always covers the log.
     let terms: Vec<(u64, u64)> = batch
         .records
         .iter()
-        .filter_map(|(lsn, event, _)| match event {
+        .filter_map(|(lsn, event)| match event {
             Event::TermStarted { term, .. } => Some((*term, *lsn)),
             _ => None,
         })
@@ -179,17 +244,8 @@ fn take(
         ours.extend(terms);
         history::store(dir, &ours).map_err(|e| format!("writing the term history: {e}"))?;
     }
-    let mut bytes = BytesMut::with_capacity(batch.records.iter().map(|(_, _, raw)| raw.len()).sum());
-    for (_, _, raw) in &batch.records {
-        bytes.extend_from_slice(raw);
-    }
-    wal.send(WalMsg::Records { bytes: bytes.freeze(), first_lsn: *first_lsn, last_lsn: *last_lsn })
-        .map_err(|_| "the log writer stopped".to_string())?;
-    for (lsn, event, _) in &batch.records {
-        replica.apply(*lsn, event)?;
-    }
-    cluster.applied_lsn.store(*last_lsn, Ordering::Release);
-    Ok(())
+    wal.send(WalMsg::Records { bytes: batch.raw.clone(), first_lsn: *first_lsn, last_lsn: *last_lsn })
+        .map_err(|_| "the log writer stopped".to_string())
 }
 
 /// Cut our log after `lsn`: the records after it (not in the leader's

@@ -244,9 +244,11 @@ pub struct FollowBatch {
     pub commit_lsn: u64,
     pub truncate_to: u64,
     pub server_time_ms: u64,
-    /// Each record as decoded, with its raw bytes (a standby appends them
-    /// to its own log unchanged).
-    pub records: Vec<(u64, Event, Bytes)>,
+    /// Each record as decoded.
+    pub records: Vec<(u64, Event)>,
+    /// The records as they came, back to back: a standby appends these
+    /// bytes to its own log unchanged.
+    pub raw: Bytes,
 }
 
 impl FollowBatch {
@@ -273,7 +275,7 @@ impl FollowBatch {
         let count = self.records.len() as u32;
         let (s, t, c, tr, now) = (self.status, self.term, self.commit_lsn, self.truncate_to, self.server_time_ms);
         FollowBatch::encode_header(s, t, c, tr, now, count, dst);
-        for (lsn, event, _) in &self.records {
+        for (lsn, event) in &self.records {
             encode_record(*lsn, event, dst);
         }
     }
@@ -286,23 +288,25 @@ impl FollowBatch {
         let truncate_to = r.u64()?;
         let server_time_ms = r.u64()?;
         let count = r.u32()? as usize;
-        let mut rest = &body[FOLLOW_BATCH_HEADER_BYTES..];
-        let mut records = Vec::with_capacity(count.min(rest.len() / crate::record::RECORD_HEADER_BYTES));
+        let raw = Bytes::copy_from_slice(&body[FOLLOW_BATCH_HEADER_BYTES..]);
+        let mut rest = &raw[..];
+        let mut records: Vec<(u64, Event)> =
+            Vec::with_capacity(count.min(rest.len() / crate::record::RECORD_HEADER_BYTES));
         for i in 0..count {
             let (lsn, event, used) =
                 decode_record(rest).map_err(|e| Malformed(format!("FOLLOW_BATCH record {i}: {e}")))?;
-            if let Some((previous, _, _)) = records.last() {
+            if let Some((previous, _)) = records.last() {
                 if lsn != previous + 1 {
                     return Err(Malformed(format!("FOLLOW_BATCH record {i}: LSN {lsn} after {previous}")));
                 }
             }
-            records.push((lsn, event, Bytes::copy_from_slice(&rest[..used])));
+            records.push((lsn, event));
             rest = &rest[used..];
         }
         if !rest.is_empty() {
             return Err(Malformed(format!("FOLLOW_BATCH: {} bytes after {count} records", rest.len())));
         }
-        Ok(FollowBatch { status, term, commit_lsn, truncate_to, server_time_ms, records })
+        Ok(FollowBatch { status, term, commit_lsn, truncate_to, server_time_ms, records, raw })
     }
 }
 
