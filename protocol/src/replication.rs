@@ -344,7 +344,7 @@ impl FollowStream {
     pub async fn next_batch(&mut self) -> Result<FollowBatch, ClientError> {
         let frame = next_frame(&mut self.frames).await?;
         let batch = match decode(&frame)? {
-            Reply::FollowBatch(batch) if frame.request_id == STREAM_ID => batch,
+            Reply::FollowBatch(batch) if frame.request_id == STREAM_ID => *batch,
             other => return Err(ClientError::Protocol(format!("unexpected frame in the follow stream: {other:?}"))),
         };
         if batch.status != Status::Ok {

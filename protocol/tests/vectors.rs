@@ -334,7 +334,7 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
             22,
             Rep(
                 Opcode::Follow,
-                Reply::FollowBatch(FollowBatch {
+                Reply::FollowBatch(Box::new(FollowBatch {
                     status: Status::Ok,
                     term: 15,
                     commit_lsn: 1000,
@@ -347,7 +347,7 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
                         stampede_protocol::record::encode_record(1001, &event, &mut raw);
                         raw.freeze()
                     },
-                }),
+                })),
             ),
         ),
         ("follow_ack", 0, Req(Request::FollowAck(FollowAck { durable_lsn: 1001, applied_lsn: 1001 }))),

@@ -168,7 +168,7 @@ impl Manager {
             let (returned, ended) = standby::follow(
                 stream,
                 acker,
-                first,
+                *first,
                 replica,
                 self.wal.clone(),
                 self.watches.synced.clone(),

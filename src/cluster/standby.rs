@@ -34,7 +34,7 @@ use crate::wal::writer::WalMsg;
 /// How a handshake with the leader ended.
 pub enum Handshake {
     /// Follow from here: our log is a prefix of the leader's.
-    Follow { stream: FollowStream, acker: Acker, first: FollowBatch },
+    Follow { stream: FollowStream, acker: Acker, first: Box<FollowBatch> },
     /// Our records after this LSN are not in the leader's history.
     Truncate(u64),
     /// The leader no longer holds the records after our last one.
@@ -79,7 +79,7 @@ pub async fn handshake(addr: &str, token: &str, ours: OurLog<'_>) -> Handshake {
     if first.truncate_to < ours.last_lsn {
         return Handshake::Truncate(first.truncate_to);
     }
-    Handshake::Follow { stream, acker, first }
+    Handshake::Follow { stream, acker, first: Box::new(first) }
 }
 
 /// Why following ended.

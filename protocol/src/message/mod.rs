@@ -313,7 +313,8 @@ pub enum Reply {
     DumpChunk(DumpChunk),
     Cluster(ClusterReply),
     /// One frame of a FOLLOW stream.
-    FollowBatch(FollowBatch),
+    /// Boxed: a frame's records make it the largest reply by far.
+    FollowBatch(Box<FollowBatch>),
     /// One frame of a SNAPSHOT_FETCH.
     SnapshotChunk(SnapshotChunk),
     Error(ErrorReply),
@@ -380,7 +381,7 @@ impl Reply {
             Opcode::Replicate => Reply::LogBatch(LogBatch::decode(body)?),
             Opcode::StateDump => Reply::DumpChunk(DumpChunk::decode(body)?),
             Opcode::Cluster => Reply::Cluster(ClusterReply::decode(body)?),
-            Opcode::Follow => Reply::FollowBatch(FollowBatch::decode(body)?),
+            Opcode::Follow => Reply::FollowBatch(Box::new(FollowBatch::decode(body)?)),
             Opcode::SnapshotFetch => Reply::SnapshotChunk(SnapshotChunk::decode(body)?),
             _ => Reply::Outcome(Outcome::decode(body)?),
         })
