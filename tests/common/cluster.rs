@@ -1,6 +1,9 @@
 //! A real cluster on 127.0.0.1: an etcd process of the test's own (a free
 //! port, a temporary data dir, stopped by PID), and `stampede-server`
-//! processes joined through it.
+//! processes joined through it. Processes may also run through a command
+//! prefix on given addresses (`Etcd::start_wrapped`,
+//! `TestCluster::start_placed`): the partition tests put each in a network
+//! namespace of its own (`ip netns exec NS ...`, see `netns.rs`).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -10,7 +13,7 @@ use std::time::{Duration, Instant};
 use stampede_protocol::client::{Client, ClientConfig};
 use stampede_protocol::message::{ClusterReply, NodeRole};
 
-use super::process::{server_command, TempDir, ADMIN, CHECKOUT};
+use super::process::{server_command_wrapped, TempDir, ADMIN, CHECKOUT};
 
 pub const REPLICATION: &str = "proc-replication";
 
@@ -30,18 +33,37 @@ impl Etcd {
     /// Start etcd; fails the test, saying how to install it, when there is
     /// no `etcd` binary.
     pub fn start() -> Etcd {
+        Etcd::spawn(&[], "127.0.0.1", free_port(), free_port())
+    }
+
+    /// etcd on `host` (client port 2379, peer port 2380: the host is the
+    /// test's alone, e.g. a network namespace's address), run through
+    /// `wrap` (e.g. `ip netns exec NS`).
+    pub fn start_wrapped(wrap: &[String], host: &str) -> Etcd {
+        Etcd::spawn(wrap, host, 2379, 2380)
+    }
+
+    fn spawn(wrap: &[String], host: &str, client: u16, peer: u16) -> Etcd {
         let dir = TempDir::new("etcd");
-        let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("127.0.0.1:{client}");
-        let child = Command::new("etcd")
+        let endpoint = format!("{host}:{client}");
+        let mut command = match wrap.split_first() {
+            None => Command::new("etcd"),
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg("etcd");
+                command
+            }
+        };
+        let log = dir.0.join("etcd.log");
+        let child = command
             .args(["--data-dir", &dir.0.join("data").display().to_string()])
             .args(["--listen-client-urls", &format!("http://{endpoint}")])
             .args(["--advertise-client-urls", &format!("http://{endpoint}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer}")])
+            .args(["--listen-peer-urls", &format!("http://{host}:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://{host}:{peer}")])
+            .args(["--initial-cluster", &format!("default=http://{host}:{peer}")])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.0.join("etcd.log")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
@@ -49,10 +71,20 @@ impl Etcd {
                      `apt-get update && apt-get install -y etcd-server` (bash .ci/run does)"
                 )
             });
-        let etcd = Etcd { child, endpoint, _dir: dir };
+        let mut etcd = Etcd { child, endpoint, _dir: dir };
         let started = Instant::now();
-        while std::net::TcpStream::connect(&etcd.endpoint).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(20), "etcd did not start listening");
+        while std::net::TcpStream::connect_timeout(&etcd.endpoint.parse().unwrap(), Duration::from_secs(1)).is_err() {
+            // Dead already (a wrapper that could not run it, a port in
+            // use): say so now, with what it said, not after the timeout.
+            if let Ok(Some(status)) = etcd.child.try_wait() {
+                panic!("etcd exited ({status}) before listening on {}:\n{}", etcd.endpoint, tail(&log, 20));
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "etcd did not start listening on {}:\n{}",
+                etcd.endpoint,
+                tail(&log, 20)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         etcd
@@ -66,6 +98,13 @@ impl Drop for Etcd {
     }
 }
 
+/// The last `lines` lines of a log file.
+fn tail(path: &std::path::Path, lines: usize) -> String {
+    let said = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = said.lines().rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
 /// One node: its port and data dir survive restarts.
 pub struct Node {
     pub id: String,
@@ -73,6 +112,10 @@ pub struct Node {
     pub dir: PathBuf,
     pub log: PathBuf,
     pub child: Option<Child>,
+    /// Command prefix the server runs through (empty: none).
+    pub wrap: Vec<String>,
+    /// The first stdout line of a process spawned but not yet seen serving.
+    starting: Option<std::sync::mpsc::Receiver<String>>,
 }
 
 impl Node {
@@ -118,16 +161,29 @@ impl TestCluster {
     /// etcd and `n` nodes, each started (joined) in turn.
     pub fn start(n: usize, extra: &[&str]) -> TestCluster {
         let etcd = Etcd::start();
+        let placement = (0..n).map(|_| (format!("127.0.0.1:{}", free_port()), Vec::new())).collect();
+        TestCluster::start_placed(etcd, placement, extra)
+    }
+
+    /// Nodes joined through `etcd`, one per `(address, command prefix)`:
+    /// node `i` listens on (and advertises) its address, run through its
+    /// prefix. Each is started (joined) in turn.
+    pub fn start_placed(etcd: Etcd, placement: Vec<(String, Vec<String>)>, extra: &[&str]) -> TestCluster {
         let dir = TempDir::new("cluster");
-        let nodes = (1..=n)
-            .map(|i| Node {
-                id: format!("n{i}"),
-                addr: format!("127.0.0.1:{}", free_port()),
-                dir: dir.0.join(format!("n{i}")),
-                log: dir.0.join(format!("n{i}.log")),
+        let nodes: Vec<Node> = placement
+            .into_iter()
+            .enumerate()
+            .map(|(i, (addr, wrap))| Node {
+                id: format!("n{}", i + 1),
+                addr,
+                dir: dir.0.join(format!("n{}", i + 1)),
+                log: dir.0.join(format!("n{}.log", i + 1)),
                 child: None,
+                wrap,
+                starting: None,
             })
             .collect();
+        let n = nodes.len();
         let mut cluster = TestCluster {
             etcd,
             nodes,
@@ -144,10 +200,19 @@ impl TestCluster {
     /// Start (or restart) node `i`; returns once it serves (it has found
     /// its leader or become it).
     pub fn start_node(&mut self, i: usize) {
+        self.spawn_node(i);
+        self.wait_started(i, Duration::from_secs(60));
+    }
+
+    /// Start (or restart) node `i` without waiting for it to serve: a node
+    /// that cannot reach etcd or its leader waits in its join, before it
+    /// listens ([`TestCluster::wait_started`] waits for it).
+    pub fn spawn_node(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         node.kill();
+        node.starting = None;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log).unwrap();
-        let mut child = server_command(&node.addr, &node.dir)
+        let mut child = server_command_wrapped(&node.wrap, &node.addr, &node.dir)
             .args(["--etcd", &self.etcd.endpoint, "--cluster", &self.name, "--node-id", &node.id])
             .args(&self.extra)
             .env("STAMPEDE_ADMIN_TOKEN", ADMIN)
@@ -165,14 +230,38 @@ impl TestCluster {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
-        if !line.contains("listening on") {
-            let said = std::fs::read_to_string(&node.log).unwrap_or_default();
-            let tail: String =
-                said.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-            panic!("node {} did not start: {line:?}\n{tail}", node.id);
-        }
         node.child = Some(child);
+        node.starting = Some(rx);
+    }
+
+    /// Wait up to `timeout` for node `i`, spawned by
+    /// [`TestCluster::spawn_node`], to serve (at once if it was seen
+    /// serving already).
+    pub fn wait_started(&mut self, i: usize, timeout: Duration) {
+        let node = &mut self.nodes[i];
+        let Some(rx) = node.starting.take() else { return };
+        let line = rx.recv_timeout(timeout).unwrap_or_default();
+        if !line.contains("listening on") {
+            // Its stdout closed: it is exiting (give the exit a moment to land).
+            let mut status = node.exited();
+            for _ in 0..20 {
+                if status.is_some() || !line.is_empty() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                status = node.exited();
+            }
+            let how = match status {
+                Some(status) => format!("exited ({status})"),
+                None => format!("was not serving within {timeout:?}"),
+            };
+            panic!("node {} did not start: it {how}; stdout {line:?}\n{}", node.id, tail(&node.log, 30));
+        }
+    }
+
+    /// Whether node `i` was spawned and has not been seen serving yet.
+    pub fn is_starting(&self, i: usize) -> bool {
+        self.nodes[i].starting.is_some()
     }
 
     /// Every node's address, comma-separated (what clients are given).
@@ -211,6 +300,15 @@ impl TestCluster {
     /// Be the nodes' supervisor: restart a node that exited to rejoin
     /// (status 75), as systemd's `Restart=` would.
     pub fn supervise(&mut self) {
+        for i in self.supervise_nowait() {
+            self.wait_started(i, Duration::from_secs(60));
+        }
+    }
+
+    /// The same, without waiting for the restarted nodes to serve (a node
+    /// cut off from etcd waits in its join): the nodes restarted.
+    pub fn supervise_nowait(&mut self) -> Vec<usize> {
+        let mut restarted = Vec::new();
         for i in 0..self.nodes.len() {
             if let Some(status) = self.nodes[i].exited() {
                 assert_eq!(
@@ -222,9 +320,11 @@ impl TestCluster {
                 );
                 eprintln!("supervisor: restarting {} (it exited to rejoin)", self.nodes[i].id);
                 self.nodes[i].child = None;
-                self.start_node(i);
+                self.spawn_node(i);
+                restarted.push(i);
             }
         }
+        restarted
     }
 
     /// Wait until the leader reports every other running node streaming

@@ -33,7 +33,22 @@ impl Drop for TempDir {
 
 /// `stampede-server` with no tokens in its environment.
 pub fn server_command(listen: &str, data_dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stampede-server"));
+    server_command_wrapped(&[], listen, data_dir)
+}
+
+/// The same, run through `wrap` when it is not empty (a command that runs
+/// the rest of its arguments, e.g. `ip netns exec NS`: it execs, so the
+/// child's PID is the server's).
+pub fn server_command_wrapped(wrap: &[String], listen: &str, data_dir: &Path) -> Command {
+    let server = env!("CARGO_BIN_EXE_stampede-server");
+    let mut cmd = match wrap.split_first() {
+        None => Command::new(server),
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(server);
+            cmd
+        }
+    };
     cmd.args(["--listen", listen, "--data-dir"]).arg(data_dir).args(["--no-pin"]);
     cmd.env_remove("STAMPEDE_ADMIN_TOKEN")
         .env_remove("STAMPEDE_CHECKOUT_TOKEN")
