@@ -130,6 +130,12 @@ pub const SNAPSHOTS_KEPT: usize = 2;
 /// a read buffer, and reads the log from disk.
 pub const REPLICATION_STREAMS_MAX: usize = 8;
 
+/// A log stream this close to the head of the log (in records) reads the
+/// next frame on its own task: what it reads was just written and is in
+/// the page cache. Further behind, the read goes to the blocking pool (it
+/// may wait for the disk). 4096 records is well under a megabyte.
+pub const STREAM_INLINE_READ_RECORDS: u64 = 4096;
+
 /// Frames (up to 64 KiB each) one REPLICATE stream or STATE_DUMP may have
 /// queued for its connection's writer. The stream waits for the socket
 /// beyond this, so a slow consumer holds at most ~1 MiB of server memory.
@@ -192,6 +198,11 @@ pub const NODE_LEASE_TTL_S: u64 = 5;
 /// without one, a strict leader answers `sync_standby_unavailable` to new
 /// requests from then on (`--sync-timeout-ms`).
 pub const SYNC_STANDBY_TIMEOUT_MS_DEFAULT: u64 = 2_000;
+
+/// A replicated log closing (SIGTERM) holds its last groups' replies this
+/// long for the synchronous standbys' acknowledgements; replies still
+/// waiting then are never sent (clients retry elsewhere with the same id).
+pub const WAL_CLOSE_STANDBY_WAIT_MS: u64 = 2_000;
 
 /// Exit status of a node that must rejoin its cluster from the start: a
 /// leader that lost its lease, or a standby whose log must be cut or

@@ -164,7 +164,8 @@ impl Node {
             next_lsn = recovered.next_lsn, elapsed_ms = report.elapsed.as_millis() as u64,
             "recovered"
         );
-        let wal = wal_writer::start(config.wal.clone(), recovered.next_lsn, config.syncer, config.fatal)
+        let wal_config = WalConfig { replicated: config.cluster.is_some(), ..config.wal.clone() };
+        let wal = wal_writer::start(wal_config, recovered.next_lsn, config.syncer, config.fatal)
             .context("starting the log writer")?;
         let cluster = Arc::new(match &config.cluster {
             None => ClusterState::single(),

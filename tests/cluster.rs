@@ -327,3 +327,25 @@ async fn a_stalled_synchronous_standby_is_replaced_or_holds_the_leader_by_defaul
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(direct.reserve(1, 3, 1, 0x3).await.unwrap().status, Status::Reserved, "serving again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asynchronous_cluster_fails_over_too() {
+    // --sync-standbys 0: no standby is known to hold every acknowledged
+    // record, so none is in `sync`; any must be allowed to take over, or a
+    // lost leader would stop the sale for good.
+    let mut cluster = tokio::task::block_in_place(|| TestCluster::start(3, &["--sync-standbys", "0"]));
+    let admin = cluster.client(ADMIN).await;
+    create_sales(&admin).await;
+    let client = cluster.client(CHECKOUT).await;
+    assert_eq!(client.reserve(1, 1, 1, 0x1).await.unwrap().status, Status::Reserved);
+    cluster.wait_caught_up(Duration::from_secs(30)).await;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+    cluster.nodes[leader].kill();
+    let next = cluster.wait_leader(Duration::from_secs(15)).await;
+    assert_ne!(next, leader, "a standby took over");
+    assert_eq!(client.reserve(1, 2, 1, 0x2).await.unwrap().status, Status::Reserved, "the sale goes on");
+    // Caught up before the kill, so the reservation made then survived.
+    assert_eq!(client.reserve(1, 1, 1, 0x1).await.unwrap().status, Status::Reserved, "the retry answers as before");
+    let status = client.status(1).await.unwrap().sale;
+    assert_eq!(status.reserved, 2, "{status:?}");
+}

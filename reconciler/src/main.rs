@@ -34,7 +34,8 @@ struct Args {
 enum Command {
     /// Follow the server's log and settle it into PostgreSQL (migrates the schema first).
     Run {
-        /// The stampede server.
+        /// The stampede server, or a cluster's nodes comma-separated: the
+        /// leader is found (CLUSTER) and followed across failovers.
         #[arg(long, default_value = "127.0.0.1:7070")]
         server: String,
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -52,6 +53,7 @@ enum Command {
     },
     /// Compare the engine with PostgreSQL at the same LSN; exit 1 on any disagreement.
     Report {
+        /// The stampede server, or a cluster's nodes comma-separated (the leader is asked).
         #[arg(long, default_value = "127.0.0.1:7070")]
         server: String,
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]

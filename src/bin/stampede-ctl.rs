@@ -334,11 +334,12 @@ fn print_human(v: &Value) {
                 m["id"].as_str().unwrap_or(""),
                 m["addr"].as_str().unwrap_or(""),
                 m["role"].as_str().unwrap_or(""),
-                m["in_sync_set"],
-                m["streaming"],
-                m["durable_lsn"],
-                m["applied_lsn"],
-                m["lag_records"]
+                // Value's Display ignores widths: strings first.
+                m["in_sync_set"].to_string(),
+                m["streaming"].to_string(),
+                m["durable_lsn"].to_string(),
+                m["applied_lsn"].to_string(),
+                m["lag_records"].to_string()
             );
         }
         for n in v["nodes"].as_array().into_iter().flatten().filter(|n| n["reachable"] == json!(false)) {

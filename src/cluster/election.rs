@@ -17,8 +17,11 @@
 //! `sync` key yet (a new cluster). Those nodes hold every acknowledged
 //! record: the leader acknowledges nothing that is not durable on all of
 //! them, and it changes the set in etcd before it counts on a new member
-//! (Patroni's synchronous mode). The campaign is one transaction: create
-//! `leader` if it does not exist, attached to a fresh lease.
+//! (Patroni's synchronous mode). With `--sync-standbys 0` (asynchronous
+//! replication) no node is known to hold them all, and any node may
+//! campaign: a failover then loses what the old leader acknowledged beyond
+//! the winner's log. The campaign is one transaction: create `leader` if
+//! it does not exist, attached to a fresh lease.
 //!
 //! **Lease and fencing.** The leader renews its lease every `ttl / 4`. It
 //! notes the time *before* sending each renewal; etcd extends the lease
@@ -76,6 +79,9 @@ pub struct Election {
     node_id: String,
     advertise: String,
     ttl: Duration,
+    /// `--sync-standbys 0`: no standby is known to hold every acknowledged
+    /// record, so any may take over (the documented loss window).
+    asynchronous: bool,
 }
 
 impl Election {
@@ -86,6 +92,7 @@ impl Election {
             node_id: config.node_id.clone(),
             advertise: config.advertise.clone(),
             ttl: config.lease_ttl,
+            asynchronous: config.sync_standbys == 0,
         }
     }
 
@@ -106,8 +113,15 @@ impl Election {
         serde_json::from_slice(&kv.value).map(Some).map_err(|e| EtcdError::Malformed(format!("sync key: {e}")))
     }
 
-    /// Whether this node may campaign (it holds every acknowledged record).
+    /// Whether this node may campaign: it holds every acknowledged record
+    /// (it is named in `sync`), or replication is asynchronous and nobody
+    /// can be sure to (then the first standby to campaign wins, and what
+    /// the old leader acknowledged beyond it is lost: the loss window of
+    /// `--sync-standbys 0`).
     pub async fn eligible(&self) -> Result<bool, EtcdError> {
+        if self.asynchronous {
+            return Ok(true);
+        }
         Ok(match self.sync_set().await? {
             None => true,
             Some(sync) => sync.leader == self.node_id || sync.standbys.contains(&self.node_id),

@@ -41,7 +41,7 @@ use crate::limits::CLUSTER_POLL_INTERVAL_MS;
 use crate::recovery::Replica;
 use crate::server::Shared;
 use crate::shard::SinkFactory;
-use crate::wal::writer::{Fence, WalMsg, WalStats, WalWatches};
+use crate::wal::writer::{Fence, WalControl, WalMsg, WalStats, WalWatches};
 
 /// Called when this node must restart to rejoin (the server exits 75).
 pub type RejoinHandler = Arc<dyn Fn(&str) + Send + Sync>;
@@ -130,7 +130,7 @@ pub struct Manager {
     pub election: Election,
     pub cluster: Arc<ClusterState>,
     pub dir: PathBuf,
-    pub wal: crossbeam_channel::Sender<WalMsg>,
+    pub wal: WalControl,
     pub watches: WalWatches,
     pub stats: Arc<WalStats>,
     pub fence: Arc<Fence>,

@@ -168,7 +168,10 @@ impl ClusterState {
     }
 
     /// The CLUSTER reply: this node, and on a leader its standbys.
-    pub fn describe(&self, own_addr: &str) -> ClusterReply {
+    /// `own_lsn` is this node's log head, when it has a log: a node that
+    /// decides applies before it logs, so its durable LSN is also its
+    /// applied one (a standby reports its own progress instead).
+    pub fn describe(&self, own_addr: &str, own_lsn: Option<u64>) -> ClusterReply {
         let role = self.role();
         let id = self.config.as_ref().map_or_else(|| "single".to_string(), |c| c.node_id.clone());
         let addr = self.config.as_ref().map_or_else(|| own_addr.to_string(), |c| c.advertise.clone());
@@ -177,14 +180,18 @@ impl ClusterState {
             _ => self.leader_addr(),
         };
         let sync_set = self.sync_set.lock().clone();
+        let (durable_lsn, applied_lsn) = match (role, own_lsn) {
+            (NodeRole::Leader | NodeRole::Single, Some(lsn)) => (lsn, lsn),
+            _ => (self.durable_lsn.load(Ordering::Acquire), self.applied_lsn.load(Ordering::Acquire)),
+        };
         let mut nodes = vec![NodeInfo {
             id: id.clone(),
             addr,
             role,
             in_sync_set: sync_set.contains(&id),
             streaming: role == NodeRole::Standby,
-            durable_lsn: self.durable_lsn.load(Ordering::Acquire),
-            applied_lsn: self.applied_lsn.load(Ordering::Acquire),
+            durable_lsn,
+            applied_lsn,
         }];
         for (standby_id, s) in self.standbys.lock().iter() {
             nodes.push(NodeInfo {

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::{history, ClusterState, History};
 use crate::recovery::Replica;
 use crate::wal::segment::{list_segments, sync_dir, SEGMENT_HEADER_BYTES};
-use crate::wal::writer::WalMsg;
+use crate::wal::writer::{WalControl, WalMsg};
 
 /// How a handshake with the leader ended.
 pub enum Handshake {
@@ -107,7 +107,7 @@ pub async fn follow(
     acker: Acker,
     first: FollowBatch,
     replica: Replica,
-    wal: crossbeam_channel::Sender<WalMsg>,
+    wal: WalControl,
     mut synced: tokio::sync::watch::Receiver<u64>,
     cluster: Arc<ClusterState>,
     dir: &Path,
@@ -219,7 +219,7 @@ impl Applier {
 fn append(
     batch: &FollowBatch,
     next_lsn: u64,
-    wal: &crossbeam_channel::Sender<WalMsg>,
+    wal: &WalControl,
     cluster: &ClusterState,
     dir: &Path,
 ) -> Result<(), String> {

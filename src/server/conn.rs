@@ -285,7 +285,8 @@ impl Conn {
                 self.reply(request_id, opcode, Reply::Outcome(Outcome::new(Status::Ok, now_ms)));
             }
             Request::Cluster => {
-                let reply = self.shared.cluster.describe(&self.shared.addr.to_string());
+                let own_lsn = self.shared.log.as_ref().map(|log| log.local_durable_lsn());
+                let reply = self.shared.cluster.describe(&self.shared.addr.to_string(), own_lsn);
                 self.reply(request_id, opcode, Reply::Cluster(reply));
             }
             Request::Replicate(_)

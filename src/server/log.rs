@@ -33,12 +33,12 @@ use crate::cluster::{history, ClusterState, StandbyInfo};
 use crate::engine::SaleImage;
 use crate::limits::{
     FRAME_BODY_BYTES_MAX, REPLICATION_FRAMES_INFLIGHT_MAX, REPLICATION_HEARTBEAT_MS, REPLICATION_STREAMS_MAX,
-    SNAPSHOT_CHUNK_BYTES_MAX, STATE_DUMPS_CONCURRENT_MAX,
+    SNAPSHOT_CHUNK_BYTES_MAX, STATE_DUMPS_CONCURRENT_MAX, STREAM_INLINE_READ_RECORDS,
 };
 use crate::recovery::CONSUMER_LSN_FILE;
 use crate::sink::ConnTx;
 use crate::wal::follow::{CursorError, LogCursor};
-use crate::wal::writer::{WalMsg, WalWatches};
+use crate::wal::writer::{WalControl, WalMsg, WalWatches};
 
 use super::conn::Outbound;
 
@@ -174,7 +174,7 @@ pub struct LogService {
     /// The writer's LSNs: consumers follow `committed`, standbys `written`.
     watches: WalWatches,
     /// To the log writer: standbys' FOLLOW_ACKs.
-    control: crossbeam_channel::Sender<WalMsg>,
+    control: WalControl,
     /// This node's role, term and standbys.
     cluster: Arc<ClusterState>,
     clock: Arc<dyn Clock>,
@@ -189,7 +189,7 @@ impl LogService {
     pub fn new(
         dir: PathBuf,
         watches: WalWatches,
-        control: crossbeam_channel::Sender<WalMsg>,
+        control: WalControl,
         cluster: Arc<ClusterState>,
         clock: Arc<dyn Clock>,
     ) -> LogService {
@@ -349,6 +349,11 @@ impl LogService {
         let _ = self.control.send(WalMsg::StandbyDurable { node: node.to_string(), lsn: ack.durable_lsn });
     }
 
+    /// The last LSN fdatasync'ed here (whatever the standbys hold).
+    pub fn local_durable_lsn(&self) -> u64 {
+        *self.watches.synced.borrow()
+    }
+
     async fn stream_records(&self, feed: Feed, from_lsn: u64, request_id: u64, tx: ConnTx, stream: &StreamState) {
         let credit = Arc::new(Semaphore::new(REPLICATION_FRAMES_INFLIGHT_MAX));
         let send = |body: Bytes, permit: OwnedSemaphorePermit| tx.send(Outbound::Frame { bytes: body, credit: permit });
@@ -404,12 +409,22 @@ impl LogService {
                 }
             }
             let header = feed.header_at(self, Status::Ok, upto);
-            let read = tokio::task::spawn_blocking(move || {
+            let read = move |mut cursor: LogCursor| {
                 let mut body = BytesMut::with_capacity(FRAME_BODY_BYTES_MAX + 64);
                 let result = read_frame(&mut cursor, feed, header, request_id, upto, &mut body);
                 (cursor, result.map(|()| body.freeze()))
-            });
-            let (returned, result) = read.await.expect("log read does not panic");
+            };
+            // A stream at the head of the log reads what the writer has
+            // just written: in the page cache, a copy of microseconds, done
+            // here. A hop to the blocking pool and back cost a standby more
+            // than that in wake-ups on every frame, and every reply waits
+            // for the standby. Further back the read may go to disk: off
+            // the runtime.
+            let (returned, result) = if upto - cursor.next_lsn() < STREAM_INLINE_READ_RECORDS {
+                read(cursor)
+            } else {
+                tokio::task::spawn_blocking(move || read(cursor)).await.expect("log read does not panic")
+            };
             cursor = returned;
             match result {
                 Ok(frame) => {

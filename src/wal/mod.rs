@@ -48,6 +48,9 @@ pub struct WalConfig {
     /// fsync cadence in async mode.
     pub async_sync_interval: Duration,
     pub segment_bytes_max: u64,
+    /// A cluster node's log: replies are released on a thread of their
+    /// own, as the synchronous standbys acknowledge (see writer.rs).
+    pub replicated: bool,
 }
 
 impl WalConfig {
@@ -59,6 +62,7 @@ impl WalConfig {
             flush_interval: Duration::from_micros(WAL_FLUSH_INTERVAL_US_DEFAULT),
             async_sync_interval: Duration::from_millis(WAL_ASYNC_SYNC_INTERVAL_MS_DEFAULT),
             segment_bytes_max: WAL_SEGMENT_BYTES_MAX,
+            replicated: false,
         }
     }
 }

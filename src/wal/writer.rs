@@ -21,6 +21,10 @@
 //! (the standbys' FOLLOW_ACKs arrive as [`WalMsg::StandbyDurable`]), and
 //! only while the leader's lease is known valid ([`Fence`]). A standby's
 //! writer appends the leader's records unchanged ([`WalMsg::Records`]).
+//! On a cluster node the replies are released on a thread of their own
+//! ("wal-release"): a FOLLOW_ACK that completes a group releases it at
+//! once, where the writer would see it only after the fdatasync it is in
+//! (which doubled the latency of every replicated reply).
 //! Three LSNs are published: *written* (in the file, maybe not synced:
 //! standbys stream from it, so their fsyncs overlap the leader's),
 //! *synced* (fdatasync'ed here), and *committed* (synced here and on the
@@ -190,6 +194,9 @@ impl Default for WalStats {
 /// A running log writer.
 pub struct WalHandle {
     tx: Sender<WalMsg>,
+    /// The release thread's inbox, on a replicated log.
+    release_tx: Option<Sender<ReleaseMsg>>,
+    releaser: Option<JoinHandle<()>>,
     /// Followers of the written, synced and committed LSNs.
     pub watches: WalWatches,
     thread: Option<JoinHandle<std::io::Result<()>>>,
@@ -225,17 +232,57 @@ impl WalHandle {
 
     /// A sender for cluster control messages (synchronous set, standby
     /// acknowledgements, a standby's records).
-    pub fn control(&self) -> Sender<WalMsg> {
-        self.tx.clone()
+    pub fn control(&self) -> WalControl {
+        WalControl { writer: self.tx.clone(), release: self.release_tx.clone() }
     }
 
-    /// Flush, fsync and stop the writer. Call after every shard has stopped.
+    /// Flush, fsync and stop the writer (on a replicated log, waiting up to
+    /// `WAL_CLOSE_STANDBY_WAIT_MS` for the synchronous set to acknowledge
+    /// the last groups; replies still waiting then are never sent). Call
+    /// after every shard has stopped.
     pub fn close(mut self) -> std::io::Result<()> {
         let _ = self.tx.send(WalMsg::Close);
-        match self.thread.take().expect("joined once").join() {
+        let result = match self.thread.take().expect("joined once").join() {
             Ok(result) => result,
             Err(_) => Err(std::io::Error::other("log writer panicked")),
+        };
+        if let Some(releaser) = self.releaser.take() {
+            // The writer sends this too when it finishes, but not when it
+            // failed: the release thread must stop either way.
+            if let Some(tx) = &self.release_tx {
+                let _ = tx.send(ReleaseMsg::Close);
+            }
+            if releaser.join().is_err() {
+                return Err(std::io::Error::other("log release thread panicked"));
+            }
         }
+        result
+    }
+}
+
+/// Where cluster control messages go: the synchronous set and standby
+/// acknowledgements to whoever releases replies (the release thread on a
+/// replicated log), a standby's records to the writer.
+#[derive(Clone)]
+pub struct WalControl {
+    writer: Sender<WalMsg>,
+    release: Option<Sender<ReleaseMsg>>,
+}
+
+/// The log writer (or its release thread) has stopped.
+#[derive(Debug)]
+pub struct WalStopped;
+
+impl WalControl {
+    pub fn send(&self, msg: WalMsg) -> Result<(), WalStopped> {
+        let sent = match (msg, &self.release) {
+            (WalMsg::SyncSet(set), Some(release)) => release.send(ReleaseMsg::SyncSet(set)).is_ok(),
+            (WalMsg::StandbyDurable { node, lsn }, Some(release)) => {
+                release.send(ReleaseMsg::StandbyDurable { node, lsn }).is_ok()
+            }
+            (msg, _) => self.writer.send(msg).is_ok(),
+        };
+        sent.then_some(()).ok_or(WalStopped)
     }
 }
 
@@ -276,6 +323,23 @@ pub fn start(
     let fence = Arc::new(Fence::default());
     stats.active_segment_first_lsn.store(next_lsn, Ordering::Release);
     let (tx, rx) = crossbeam_channel::bounded(WAL_SUBMISSIONS_QUEUED_MAX);
+    let commits = Commits {
+        stats: stats.clone(),
+        committed: committed_tx,
+        fence: fence.clone(),
+        sync_set: Some(Vec::new()),
+        standby_durable: Default::default(),
+        waiting: Default::default(),
+    };
+    let (release, release_tx, releaser) = if config.replicated {
+        // Unbounded, yet bounded in practice: one message per group (the
+        // writer's own queue is bounded) and per FOLLOW_ACK.
+        let (release_tx, release_rx) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new().name("wal-release".into()).spawn(move || commits.run(release_rx))?;
+        (Release::Thread(release_tx.clone()), Some(release_tx), Some(thread))
+    } else {
+        (Release::Inline(commits), None, None)
+    };
     let writer = Writer {
         dir: config.dir.clone(),
         config,
@@ -291,11 +355,7 @@ pub fn start(
         stats: stats.clone(),
         written: written_tx,
         synced: synced_tx,
-        committed: committed_tx,
-        fence: fence.clone(),
-        sync_set: Some(Vec::new()),
-        standby_durable: Default::default(),
-        waiting: Default::default(),
+        release,
     };
     let thread = std::thread::Builder::new().name("wal-writer".into()).spawn(move || {
         let result = writer.run(rx);
@@ -304,7 +364,15 @@ pub fn start(
         }
         result
     })?;
-    Ok(WalHandle { tx, watches: WalWatches { written, synced, committed }, thread: Some(thread), stats, fence })
+    Ok(WalHandle {
+        tx,
+        release_tx,
+        releaser,
+        watches: WalWatches { written, synced, committed },
+        thread: Some(thread),
+        stats,
+        fence,
+    })
 }
 
 struct Writer {
@@ -322,9 +390,42 @@ struct Writer {
     last_sync: Instant,
     syncer: Box<dyn Syncer>,
     stats: Arc<WalStats>,
-    /// Publish the written, synced and committed LSNs (see [`WalWatches`]).
+    /// Publish the written and synced LSNs (see [`WalWatches`]).
     written: tokio::sync::watch::Sender<u64>,
     synced: tokio::sync::watch::Sender<u64>,
+    /// Who releases the replies of durable groups.
+    release: Release,
+}
+
+/// A single node's writer releases replies itself, right after its
+/// fdatasync; a replicated log's go to the release thread.
+enum Release {
+    Inline(Commits),
+    Thread(Sender<ReleaseMsg>),
+}
+
+/// What the release thread hears.
+pub enum ReleaseMsg {
+    /// Durable here up to `lsn` (the stats say so already); `replies`
+    /// (maybe none) are those of the group that ends there.
+    Local {
+        lsn: u64,
+        replies: Vec<Delivery>,
+    },
+    SyncSet(Option<Vec<String>>),
+    StandbyDurable {
+        node: String,
+        lsn: u64,
+    },
+    /// The writer has stopped: release what the synchronous set
+    /// acknowledges within `WAL_CLOSE_STANDBY_WAIT_MS`, then stop.
+    Close,
+}
+
+/// Replies waiting for their group to be durable on the synchronous set,
+/// and the committed LSN.
+struct Commits {
+    stats: Arc<WalStats>,
     committed: tokio::sync::watch::Sender<u64>,
     fence: Arc<Fence>,
     /// Members whose durability a release waits for (`None`: hold all).
@@ -333,6 +434,99 @@ struct Writer {
     standby_durable: std::collections::HashMap<String, u64>,
     /// Groups durable here whose replies wait: `(last_lsn, replies)`.
     waiting: std::collections::VecDeque<(u64, Vec<Delivery>)>,
+}
+
+impl Commits {
+    fn take(&mut self, msg: ReleaseMsg) {
+        match msg {
+            ReleaseMsg::Local { lsn, replies } => {
+                // The replies wait behind every earlier group, for the
+                // synchronous set and the lease.
+                if !replies.is_empty() {
+                    self.stats.groups_waiting.fetch_add(1, Ordering::Relaxed);
+                    self.stats.replies_waiting.fetch_add(replies.len() as u64, Ordering::Relaxed);
+                    self.waiting.push_back((lsn, replies));
+                }
+            }
+            ReleaseMsg::SyncSet(set) => self.sync_set = set,
+            ReleaseMsg::StandbyDurable { node, lsn } => {
+                let durable = self.standby_durable.entry(node).or_insert(0);
+                *durable = (*durable).max(lsn);
+            }
+            ReleaseMsg::Close => {}
+        }
+    }
+
+    /// The release thread: take every message there is, then release.
+    /// Wakes every `FENCE_RECHECK_MS` regardless, so replies held by a
+    /// fence that has since been extended leave without waiting for
+    /// another message.
+    fn run(mut self, rx: Receiver<ReleaseMsg>) {
+        const FENCE_RECHECK_MS: u64 = 50;
+        let mut closing: Option<Instant> = None;
+        loop {
+            let wait = match closing {
+                Some(deadline) => deadline.saturating_duration_since(Instant::now()),
+                None => Duration::from_millis(FENCE_RECHECK_MS),
+            }
+            .min(Duration::from_millis(FENCE_RECHECK_MS));
+            match rx.recv_timeout(wait) {
+                Ok(msg) => {
+                    if matches!(msg, ReleaseMsg::Close) {
+                        let wait = Duration::from_millis(crate::limits::WAL_CLOSE_STANDBY_WAIT_MS);
+                        closing = Some(Instant::now() + wait);
+                    }
+                    self.take(msg);
+                    while let Ok(msg) = rx.try_recv() {
+                        if matches!(msg, ReleaseMsg::Close) {
+                            let wait = Duration::from_millis(crate::limits::WAL_CLOSE_STANDBY_WAIT_MS);
+                            closing = Some(Instant::now() + wait);
+                        }
+                        self.take(msg);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => closing = Some(Instant::now()),
+            }
+            self.release();
+            if let Some(deadline) = closing {
+                if self.waiting.is_empty() || Instant::now() >= deadline {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The highest LSN durable here and on every member of the
+    /// synchronous set (`None` while the set is being changed).
+    fn commit_point(&self) -> Option<u64> {
+        let local = self.stats.durable_lsn.load(Ordering::Acquire);
+        let set = self.sync_set.as_ref()?;
+        Some(set.iter().map(|node| self.standby_durable.get(node).copied().unwrap_or(0)).fold(local, u64::min))
+    }
+
+    /// Release the waiting groups the synchronous set has made durable,
+    /// while the lease fence is open; publish the committed LSN.
+    fn release(&mut self) {
+        let Some(commit) = self.commit_point() else { return };
+        let synced = self.stats.synced_lsn.load(Ordering::Acquire);
+        let committed = commit.min(synced);
+        if committed > self.stats.committed_lsn.load(Ordering::Acquire) {
+            self.stats.committed_lsn.store(committed, Ordering::Release);
+            self.committed.send_if_modified(|lsn| std::mem::replace(lsn, committed) != committed);
+        }
+        if !self.fence.is_open() {
+            return;
+        }
+        while self.waiting.front().is_some_and(|(last_lsn, _)| *last_lsn <= commit) {
+            let (_, replies) = self.waiting.pop_front().expect("checked");
+            self.stats.groups_waiting.fetch_sub(1, Ordering::Relaxed);
+            self.stats.replies_waiting.fetch_sub(replies.len() as u64, Ordering::Relaxed);
+            for reply in replies {
+                reply.deliver();
+            }
+        }
+    }
 }
 
 impl Writer {
@@ -347,7 +541,7 @@ impl Writer {
                 Ok(msg) => msg,
                 Err(RecvTimeoutError::Timeout) => {
                     self.sync_if_due()?;
-                    self.release();
+                    self.publish(Vec::new());
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => return self.finish(),
@@ -397,47 +591,44 @@ impl Writer {
                 false
             }
             WalMsg::SyncSet(set) => {
-                self.sync_set = set;
-                self.release();
+                self.control(ReleaseMsg::SyncSet(set));
                 false
             }
             WalMsg::StandbyDurable { node, lsn } => {
-                let durable = self.standby_durable.entry(node).or_insert(0);
-                *durable = (*durable).max(lsn);
-                self.release();
+                self.control(ReleaseMsg::StandbyDurable { node, lsn });
                 false
             }
             WalMsg::Close => true,
         }
     }
 
-    /// The highest LSN durable here and on every member of the
-    /// synchronous set (`None` while the set is being changed).
-    fn commit_point(&self) -> Option<u64> {
-        let local = self.stats.durable_lsn.load(Ordering::Acquire);
-        let set = self.sync_set.as_ref()?;
-        Some(set.iter().map(|node| self.standby_durable.get(node).copied().unwrap_or(0)).fold(local, u64::min))
+    /// A synchronous-set change or a standby acknowledgement, to whoever
+    /// releases replies.
+    fn control(&mut self, msg: ReleaseMsg) {
+        match &mut self.release {
+            Release::Inline(commits) => {
+                commits.take(msg);
+                commits.release();
+            }
+            Release::Thread(tx) => {
+                let _ = tx.send(msg);
+            }
+        }
     }
 
-    /// Release the waiting groups the synchronous set has made durable,
-    /// while the lease fence is open; publish the committed LSN.
-    fn release(&mut self) {
-        let Some(commit) = self.commit_point() else { return };
-        let synced = self.stats.synced_lsn.load(Ordering::Acquire);
-        let committed = commit.min(synced);
-        if committed > self.stats.committed_lsn.load(Ordering::Acquire) {
-            self.stats.committed_lsn.store(committed, Ordering::Release);
-            self.committed.send_if_modified(|lsn| std::mem::replace(lsn, committed) != committed);
-        }
-        if !self.fence.is_open() {
-            return;
-        }
-        while self.waiting.front().is_some_and(|(last_lsn, _)| *last_lsn <= commit) {
-            let (_, replies) = self.waiting.pop_front().expect("checked");
-            self.stats.groups_waiting.fetch_sub(1, Ordering::Relaxed);
-            self.stats.replies_waiting.fetch_sub(replies.len() as u64, Ordering::Relaxed);
-            for reply in replies {
-                reply.deliver();
+    /// The log is durable here up to the stats' LSN: hand over the group's
+    /// replies (released once the synchronous set has it too).
+    fn publish(&mut self, replies: Vec<Delivery>) {
+        let lsn = self.stats.durable_lsn.load(Ordering::Acquire);
+        match &mut self.release {
+            Release::Inline(commits) => {
+                commits.take(ReleaseMsg::Local { lsn, replies });
+                commits.release();
+            }
+            Release::Thread(tx) => {
+                // Gone only if the release thread panicked: the replies
+                // are dropped, never acknowledged.
+                let _ = tx.send(ReleaseMsg::Local { lsn, replies });
             }
         }
     }
@@ -451,6 +642,9 @@ impl Writer {
             self.buf.clear();
             self.dirty = true;
         }
+        // Standbys may read the group now: their write and fdatasync run
+        // while ours does.
+        self.written.send_if_modified(|lsn| std::mem::replace(lsn, self.next_lsn - 1) != self.next_lsn - 1);
         match self.config.durability {
             Durability::Fsync => self.sync()?,
             Durability::Async => self.sync_if_due()?,
@@ -464,16 +658,8 @@ impl Writer {
             self.stats.group_records.observe(self.group_records as f64);
             self.group_records = 0;
         }
-        self.written.send_if_modified(|lsn| std::mem::replace(lsn, self.next_lsn - 1) != self.next_lsn - 1);
-        // The replies wait behind every earlier group, for the synchronous
-        // set and the lease (`release`).
-        if !self.group.is_empty() {
-            let replies = std::mem::take(&mut self.group);
-            self.stats.groups_waiting.fetch_add(1, Ordering::Relaxed);
-            self.stats.replies_waiting.fetch_add(replies.len() as u64, Ordering::Relaxed);
-            self.waiting.push_back((self.next_lsn - 1, replies));
-        }
-        self.release();
+        let replies = std::mem::take(&mut self.group);
+        self.publish(replies);
         if self.segment_bytes >= self.config.segment_bytes_max {
             self.rotate()?;
         }
@@ -515,7 +701,10 @@ impl Writer {
     fn finish(mut self) -> std::io::Result<()> {
         self.flush()?;
         self.sync()?;
-        self.release();
+        self.publish(Vec::new());
+        if let Release::Thread(tx) = &self.release {
+            let _ = tx.send(ReleaseMsg::Close);
+        }
         Ok(())
     }
 }

@@ -31,6 +31,30 @@ impl Drop for TempDir {
     }
 }
 
+/// The `stampede-server` binary. Cargo names it to this crate's tests;
+/// another workspace member's tests (the reconciler's, which share this
+/// harness) find it next to their own binaries, where `cargo test
+/// --workspace` builds it.
+pub fn server_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_stampede-server") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/<test> -> target/<profile>/stampede-server
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test binary lives in target/<profile>/deps")
+        .join("stampede-server");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p stampede --bin stampede-server`, with --release for a \
+         release test run); `cargo test --workspace` does",
+        path.display()
+    );
+    path
+}
+
 /// `stampede-server` with no tokens in its environment.
 pub fn server_command(listen: &str, data_dir: &Path) -> Command {
     server_command_wrapped(&[], listen, data_dir)
@@ -40,7 +64,8 @@ pub fn server_command(listen: &str, data_dir: &Path) -> Command {
 /// the rest of its arguments, e.g. `ip netns exec NS`: it execs, so the
 /// child's PID is the server's).
 pub fn server_command_wrapped(wrap: &[String], listen: &str, data_dir: &Path) -> Command {
-    let server = env!("CARGO_BIN_EXE_stampede-server");
+    let server = server_binary();
+    let server = server.as_os_str();
     let mut cmd = match wrap.split_first() {
         None => Command::new(server),
         Some((program, args)) => {

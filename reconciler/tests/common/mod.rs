@@ -88,6 +88,26 @@ impl TestDb {
         row.get::<i64, _>(0) as u64
     }
 
+    /// The watermark, or 0 before the reconciler has made its schema.
+    pub async fn watermark_if_migrated(&self) -> u64 {
+        if self.migrated().await {
+            self.watermark().await
+        } else {
+            0
+        }
+    }
+
+    /// `(lsn, term)` of every TERM_STARTED in the ledger, in LSN order.
+    pub async fn term_records(&self) -> Vec<(u64, u64)> {
+        sqlx::query("SELECT lsn, qty FROM stampede.ledger WHERE kind = 'term_started' ORDER BY lsn")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<i64, _>(0) as u64, r.get::<i64, _>(1) as u64))
+            .collect()
+    }
+
     /// `(sku, total, available, reserved, sold)` for every sale.
     pub async fn counters(&self) -> Vec<(u64, u64, u64, u64, u64)> {
         sqlx::query("SELECT sku, total, available, reserved, sold FROM stampede.sales ORDER BY sku")
@@ -167,8 +187,13 @@ pub async fn admin_client(addr: &str) -> Client {
 
 /// The reconciler binary with the test's token and database.
 pub fn reconciler(db_url: &str) -> Command {
+    reconciler_as(db_url, REPLICATION)
+}
+
+/// The reconciler binary with `token` (a server started by another harness).
+pub fn reconciler_as(db_url: &str, token: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stampede-reconciler"));
-    cmd.env("STAMPEDE_REPLICATION_TOKEN", REPLICATION).env("DATABASE_URL", db_url).env("RUST_LOG", "warn");
+    cmd.env("STAMPEDE_REPLICATION_TOKEN", token).env("DATABASE_URL", db_url).env("RUST_LOG", "warn");
     cmd
 }
 
@@ -205,7 +230,11 @@ pub fn run_until_caught_up(db_url: &str, server: &str) -> Output {
 }
 
 pub fn report_json(db_url: &str, server: &str) -> (i32, serde_json::Value, String) {
-    let out = reconciler(db_url).args(["report", "--json", "--server", server]).output().unwrap();
+    report_json_as(db_url, server, REPLICATION)
+}
+
+pub fn report_json_as(db_url: &str, server: &str, token: &str) -> (i32, serde_json::Value, String) {
+    let out = reconciler_as(db_url, token).args(["report", "--json", "--server", server]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
         panic!("report --json printed no JSON ({e}): {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
