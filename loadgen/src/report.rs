@@ -138,10 +138,19 @@ impl Summary {
         let outcomes: Vec<String> = self.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "outcomes: {}", outcomes.join(", "));
         if let Some(f) = &self.failover {
+            // NaN: no reserve was acknowledged after the kill (sold out
+            // before it, or the drill ended first): no window to report.
+            let again = if f.unavailable_ms.is_finite() {
+                format!("{} acknowledged again {:.0} ms after the kill", f.new_leader, f.unavailable_ms)
+            } else {
+                "no reservation was acknowledged after the kill (sold out before it, or the drill ended): \
+                 no window measured"
+                    .to_string()
+            };
             let _ = writeln!(
                 out,
-                "failover: killed {} at {:.1} s; {} acknowledged again {:.0} ms after the kill; {} calls found the new leader and went again",
-                f.killed, f.killed_at_secs, f.new_leader, f.unavailable_ms, f.retried_calls
+                "failover: killed {} at {:.1} s; {again}; {} calls found the new leader and went again",
+                f.killed, f.killed_at_secs, f.retried_calls
             );
         }
         for s in &self.audit {
