@@ -170,8 +170,9 @@ impl Schedule {
 }
 
 /// Open loop: releases each user (one semaphore permit) at its due time.
-/// An OS thread, so its sleeps have microsecond resolution; it closes the
-/// semaphore past the end of the schedule, which stops the workers.
+/// An OS thread, so its sleeps have microsecond resolution; past the end
+/// of the schedule it lets every worker through, and they stop at the
+/// first user the schedule does not have.
 fn pace(schedule: Arc<Schedule>, started: Instant, permits: Arc<tokio::sync::Semaphore>, stop: Arc<AtomicBool>) {
     /// Below this a sleep is not worth it: the OS adds ~50 us of slack.
     const SPIN_BELOW: Duration = Duration::from_micros(20);
@@ -191,7 +192,12 @@ fn pace(schedule: Arc<Schedule>, started: Instant, permits: Arc<tokio::sync::Sem
         permits.add_permits(n as usize);
         released += n;
     }
-    permits.close();
+    // Past the end of the schedule: let every worker through. Not
+    // `close()`: a closed semaphore refuses even the permits still in it,
+    // and workers running behind the schedule (an overloaded target) would
+    // drop the users it made due last, hiding the very overload the open
+    // loop measures. A worker past the schedule's last user stops.
+    permits.add_permits(tokio::sync::Semaphore::MAX_PERMITS - permits.available_permits());
 }
 
 struct Shared {
