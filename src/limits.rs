@@ -17,6 +17,12 @@ pub const SHARD_QUEUE_MESSAGES_MAX: usize = 64 * 1024;
 /// amortise the hand-off: 4096 ops is about 1 ms of work.
 pub const SHARD_CYCLE_OPS_MAX: usize = 4096;
 
+/// Most sale operations one connection sends a shard in one message (what
+/// one socket read brought in, batches included). A message is decided
+/// whole, in one cycle: this keeps one busy connection's message to a
+/// quarter of a cycle, so others' requests are not stuck behind it.
+pub const SHARD_MESSAGE_OPS_MAX: usize = 1024;
+
 /// How often an idle shard wakes to expire reservations. Expiry is
 /// therefore at most this late (plus queueing), which is far below the
 /// minute-scale TTLs of a checkout.

@@ -46,26 +46,36 @@ pub enum AdminCmd {
     SetPaused { sku: u64, paused: bool },
 }
 
+/// One sale operation bound for a shard.
+pub enum SaleOp {
+    Reserve(Reserve),
+    Confirm { reservation_id: u128, payment_ref: Bytes },
+    Release { reservation_id: u128 },
+}
+
+/// Where an operation's outcome goes on its connection: a frame of its own,
+/// or a slot of a batch frame that the connection's writer assembles.
+#[derive(Clone, Copy, Debug)]
+pub enum Answer {
+    /// The operation came alone in the frame `request_id` with `opcode`.
+    Alone { request_id: u64, opcode: Opcode },
+    /// Operation `index` of the connection's batch `batch` (a
+    /// per-connection sequence number, not the client's request id, so a
+    /// client that reuses a request id cannot mix two batches up).
+    InBatch { batch: u64, index: u16 },
+}
+
 /// A message to a shard thread.
 pub enum ShardMsg {
-    Reserve {
-        op: Reserve,
-        reply: ReplyTo,
-    },
-    /// The ops of one RESERVE_BATCH frame that belong to this shard, each
-    /// with its index in the frame.
-    ReserveBatch {
-        ops: Vec<(u16, Reserve)>,
-        reply: ReplyTo,
-    },
-    Confirm {
-        reservation_id: u128,
-        payment_ref: Bytes,
-        reply: ReplyTo,
-    },
-    Release {
-        reservation_id: u128,
-        reply: ReplyTo,
+    /// Sale operations one connection read together (single requests and
+    /// parts of batch frames alike), decided in order; their outcomes go
+    /// back to the connection as one message, so the hand-offs cost once
+    /// per read instead of once per request.
+    Ops {
+        ops: Vec<(Answer, SaleOp)>,
+        tx: ConnTx,
+        /// When the connection read the first of them (latency histograms).
+        received: std::time::Instant,
     },
     Status {
         sku: u64,
@@ -116,7 +126,7 @@ impl ShardMsg {
     /// Engine operations this message carries (a batch counts each op).
     fn ops(&self) -> usize {
         match self {
-            ShardMsg::ReserveBatch { ops, .. } => ops.len(),
+            ShardMsg::Ops { ops, .. } => ops.len(),
             _ => 1,
         }
     }
@@ -128,12 +138,9 @@ impl ShardMsg {
         let retry_after_ms = if status == Status::Busy { BUSY_RETRY_AFTER_MS } else { 0 };
         let outcome = Outcome::new(status, retry_after_ms);
         match self {
-            ShardMsg::Reserve { reply, .. } => reply.send(Opcode::Reserve, Reply::Outcome(outcome)),
-            ShardMsg::Confirm { reply, .. } => reply.send(Opcode::Confirm, Reply::Outcome(outcome)),
-            ShardMsg::Release { reply, .. } => reply.send(Opcode::Release, Reply::Outcome(outcome)),
-            ShardMsg::ReserveBatch { ops, reply } => {
-                let results = ops.into_iter().map(|(index, _)| (index, outcome)).collect();
-                let _ = reply.tx.send(Outbound::BatchPart { batch: reply.request_id, results });
+            ShardMsg::Ops { ops, tx, received } => {
+                let results = ops.into_iter().map(|(answer, _)| (answer, outcome)).collect();
+                let _ = tx.send(Outbound::Outcomes { results, received });
             }
             ShardMsg::Status { reply, .. } => {
                 reply.send(Opcode::Status, Reply::Status(StatusReply { status, sale: Default::default() }))
@@ -518,44 +525,65 @@ impl ShardLoop {
         }
     }
 
-    /// Start loading what deciding `msg` will miss on (RESERVEs; a hint).
+    /// Start loading what deciding `msg` will miss on (its first sale
+    /// operation; `decide_ops` prefetches within the message; a hint).
     fn prefetch(&self, msg: &ShardMsg) {
-        if let ShardMsg::Reserve { op, .. } = msg {
-            self.engine.prefetch_reserve(op);
+        if let ShardMsg::Ops { ops, .. } = msg {
+            if let Some((_, op)) = ops.first() {
+                self.prefetch_op(op);
+            }
         }
+    }
+
+    #[inline]
+    fn prefetch_op(&self, op: &SaleOp) {
+        match op {
+            SaleOp::Reserve(op) => self.engine.prefetch_reserve(op),
+            SaleOp::Confirm { reservation_id, .. } | SaleOp::Release { reservation_id } => {
+                self.engine.prefetch_reservation(*reservation_id)
+            }
+        }
+    }
+
+    /// Decide one connection's operations in order, prefetching
+    /// `RESERVE_PREFETCH_AHEAD` behind; one reply message for them all.
+    fn decide_ops(&mut self, ops: Vec<(Answer, SaleOp)>, tx: ConnTx, received: std::time::Instant, now_ms: u64) {
+        for (_, op) in ops.iter().take(RESERVE_PREFETCH_AHEAD).skip(1) {
+            self.prefetch_op(op);
+        }
+        // Sold out, the requests behind will most likely be refused on
+        // cached state: prefetching for them would be wasted work.
+        let mut prefetching = true;
+        let mut results = Vec::with_capacity(ops.len());
+        for (i, (answer, op)) in ops.iter().enumerate() {
+            if let Some((_, ahead)) = ops.get(i + RESERVE_PREFETCH_AHEAD).filter(|_| prefetching) {
+                self.prefetch_op(ahead);
+            }
+            let engine = &mut self.engine;
+            let events = &mut self.events;
+            let outcome = match op {
+                SaleOp::Reserve(op) => engine.reserve(op, now_ms, events),
+                SaleOp::Confirm { reservation_id, payment_ref } => {
+                    engine.confirm(*reservation_id, payment_ref, now_ms, events)
+                }
+                SaleOp::Release { reservation_id } => engine.release(*reservation_id, now_ms, events),
+            };
+            prefetching = outcome.status != Status::SoldOut;
+            results.push((*answer, outcome));
+        }
+        self.replies.push(Delivery::Conn(tx, Outbound::Outcomes { results, received }));
     }
 
     /// Decide one message (not a stop: `run` takes those).
     fn handle(&mut self, msg: ShardMsg, now_ms: u64) {
+        let msg = match msg {
+            ShardMsg::Ops { ops, tx, received } => return self.decide_ops(ops, tx, received, now_ms),
+            other => other,
+        };
         let engine = &mut self.engine;
         let events = &mut self.events;
         let (reply, opcode, body) = match msg {
-            ShardMsg::Reserve { op, reply } => {
-                let outcome = engine.reserve(&op, now_ms, events);
-                (reply, Opcode::Reserve, Reply::Outcome(outcome))
-            }
-            ShardMsg::ReserveBatch { ops, reply } => {
-                let mut results = Vec::with_capacity(ops.len());
-                engine.reserve_run(
-                    &ops,
-                    |(_, op)| op,
-                    now_ms,
-                    events,
-                    |(index, _), outcome| results.push((*index, outcome)),
-                );
-                // For batches `request_id` carries the connection's batch key.
-                let msg = Outbound::BatchPart { batch: reply.request_id, results };
-                self.replies.push(Delivery::Conn(reply.tx, msg));
-                return;
-            }
-            ShardMsg::Confirm { reservation_id, payment_ref, reply } => {
-                let outcome = engine.confirm(reservation_id, &payment_ref, now_ms, events);
-                (reply, Opcode::Confirm, Reply::Outcome(outcome))
-            }
-            ShardMsg::Release { reservation_id, reply } => {
-                let outcome = engine.release(reservation_id, now_ms, events);
-                (reply, Opcode::Release, Reply::Outcome(outcome))
-            }
+            ShardMsg::Ops { .. } => unreachable!("decided above"),
             ShardMsg::Status { sku, reply } => (reply, Opcode::Status, Reply::Status(engine.status(sku, now_ms))),
             ShardMsg::Ticket { sku, user, join, reply } => {
                 let (opcode, ticket) = if join {

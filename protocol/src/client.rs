@@ -13,6 +13,14 @@
 //!   A timed-out connection is not reused for new calls. RESTOCK is the one
 //!   operation that is not idempotent: it is only resent if it provably
 //!   never left this process (a connect failure), never after any reply.
+//! - **Coalescing** (on by default, `ClientConfig::coalesce`): while a
+//!   connection's previous write is under way, the RESERVE, CONFIRM and
+//!   RELEASE calls queued on it are packed into one BATCH frame (PROTOCOL.md
+//!   §9), the way TigerBeetle's clients batch: many concurrent callers make
+//!   big frames, one caller alone still sends its request at once (no timer,
+//!   no added latency at low load). Each call gets its own outcome and is
+//!   retried on its own, with its own reservation id, exactly as if it had
+//!   gone alone.
 //! - **Following the leader of a cluster**: give several node addresses
 //!   (`"a:7070,b:7070,c:7070"`). A `not_leader` answer, or a node that
 //!   cannot be reached, makes the client ask the nodes who leads (CLUSTER)
@@ -66,10 +74,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
 use crate::frame::FrameCodec;
-use crate::limits::BATCH_OPS_MAX;
+use crate::limits::{BATCH_OPS_MAX, FRAME_BODY_BYTES_MAX};
 use crate::message::{
-    Confirm, Hello, NodeRole, Outcome, QueueTicket, Release, Reply, Request, Reserve, Restock, Role, SaleCreate,
-    StatusReply, TicketRequest,
+    batch, BatchOp, Confirm, Hello, NodeRole, Outcome, QueueTicket, Release, Reply, Request, Reserve, Restock, Role,
+    SaleCreate, StatusReply, TicketRequest,
 };
 use crate::status::Status;
 
@@ -117,6 +125,11 @@ pub struct ClientConfig {
     /// How long a call keeps looking for a leader (a failover) before it
     /// gives up with the last error.
     pub failover_timeout: Duration,
+    /// Pack RESERVE, CONFIRM and RELEASE calls queued on one connection
+    /// into BATCH frames (see the module doc). Off: every call is a frame
+    /// of its own (to measure the server's per-request path, or for a
+    /// server older than BATCH).
+    pub coalesce: bool,
 }
 
 impl ClientConfig {
@@ -130,6 +143,7 @@ impl ClientConfig {
             max_attempts: 5,
             tls: None,
             failover_timeout: Duration::from_secs(10),
+            coalesce: true,
         }
     }
 }
@@ -151,10 +165,19 @@ pub fn new_reservation_id() -> u128 {
     id.max(1)
 }
 
-/// Calls waiting for their reply, by request id. A std mutex: it is held
-/// for one map operation, never across an await, so an async mutex would
-/// only add cost.
-type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
+/// What a request id on the wire stands for.
+enum Waiting {
+    /// A call waiting for its reply.
+    Call(oneshot::Sender<Reply>),
+    /// A BATCH frame the writer packed: the request ids of its calls, in
+    /// the order of its operations.
+    Packed(Vec<u64>),
+}
+
+/// Request ids waiting for their reply. A std mutex: it is held for a few
+/// map operations, never across an await, so an async mutex would only add
+/// cost.
+type Pending = Arc<std::sync::Mutex<HashMap<u64, Waiting>>>;
 
 /// One live connection: a writer task fed by a channel and a reader task
 /// that resolves pending calls.
@@ -332,7 +355,7 @@ impl Client {
             .map_err(|source| ClientError::Connect { addr: addr.to_string(), source })?;
         stream.set_nodelay(true).ok();
         let conn = Arc::new(match &config.tls {
-            None => spawn_conn(stream),
+            None => spawn_conn(stream, config.coalesce),
             Some(tls) => {
                 let name = crate::tls::server_name(addr)
                     .map_err(|e| ClientError::Connect { addr: addr.to_string(), source: std::io::Error::other(e) })?;
@@ -342,7 +365,7 @@ impl Client {
                     .await
                     .map_err(|_| ClientError::Timeout(config.connect_timeout))?
                     .map_err(|source| ClientError::Connect { addr: addr.to_string(), source })?;
-                spawn_conn(stream)
+                spawn_conn(stream, config.coalesce)
             }
         });
         // Authenticate before anyone else may use this connection.
@@ -363,7 +386,7 @@ impl Client {
     async fn send_once(&self, conn: &Conn, request: Request) -> Result<Reply, ClientError> {
         let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        conn.pending.lock().expect("pending lock").insert(request_id, tx);
+        conn.pending.lock().expect("pending lock").insert(request_id, Waiting::Call(tx));
         if conn.is_closed() {
             conn.pending.lock().expect("pending lock").remove(&request_id);
             return Err(ClientError::Disconnected);
@@ -582,8 +605,125 @@ fn reply_busy_hint(reply: &Reply) -> Option<u64> {
     }
 }
 
+/// Request ids of the BATCH frames a connection's writer packs: the top bit
+/// set, so they never meet the client's own ids (counted from 1).
+const PACKED_REQUEST_ID_BIT: u64 = 1 << 63;
+
+/// Packs a connection's queued sale calls into BATCH frames (see the
+/// module doc): operations gather until a call of another kind, the batch
+/// limits or the end of the queue, then leave as one frame (a lone
+/// operation as its own request, unchanged on the wire).
+struct Packer {
+    coalesce: bool,
+    pending: Pending,
+    ops: Vec<BatchOp>,
+    ids: Vec<u64>,
+    /// Bytes the BATCH body would take with `ops`.
+    body_bytes: usize,
+    next_packed_id: u64,
+}
+
+impl Packer {
+    fn new(coalesce: bool, pending: Pending) -> Packer {
+        Packer {
+            coalesce,
+            pending,
+            ops: Vec::new(),
+            ids: Vec::new(),
+            body_bytes: batch::body_bytes(0),
+            next_packed_id: 0,
+        }
+    }
+
+    /// Add one queued call; frames that are complete go to `buf`.
+    fn push(&mut self, request_id: u64, request: Request, buf: &mut BytesMut) {
+        let op = match request {
+            Request::Reserve(op) if self.coalesce => BatchOp::Reserve(op),
+            Request::Confirm(op) if self.coalesce => BatchOp::Confirm(op),
+            Request::Release(op) if self.coalesce => BatchOp::Release(op),
+            other => {
+                // Order on the wire follows order of the calls.
+                self.flush(buf);
+                other.encode_frame(request_id, buf);
+                return;
+            }
+        };
+        if self.ops.len() == BATCH_OPS_MAX || self.body_bytes + op.wire_bytes() > FRAME_BODY_BYTES_MAX {
+            self.flush(buf);
+        }
+        self.body_bytes += op.wire_bytes();
+        self.ops.push(op);
+        self.ids.push(request_id);
+    }
+
+    /// Encode what is packed: one BATCH frame, or a lone request as itself.
+    fn flush(&mut self, buf: &mut BytesMut) {
+        match self.ops.len() {
+            0 => return,
+            1 => {
+                let request = match self.ops.pop().expect("one op") {
+                    BatchOp::Reserve(op) => Request::Reserve(op),
+                    BatchOp::Confirm(op) => Request::Confirm(op),
+                    BatchOp::Release(op) => Request::Release(op),
+                };
+                request.encode_frame(self.ids.pop().expect("one id"), buf);
+            }
+            _ => {
+                self.next_packed_id += 1;
+                let packed_id = PACKED_REQUEST_ID_BIT | self.next_packed_id;
+                let ops = std::mem::take(&mut self.ops);
+                let ids = std::mem::take(&mut self.ids);
+                self.pending.lock().expect("pending lock").insert(packed_id, Waiting::Packed(ids));
+                Request::Batch(ops).encode_frame(packed_id, buf);
+            }
+        }
+        self.body_bytes = batch::body_bytes(0);
+    }
+}
+
+/// Hand a reply to whoever waits for `request_id`: its call, or each call
+/// packed into the BATCH frame `request_id` (an ERROR to the frame is each
+/// call's answer; a reply of the wrong shape fails them all with
+/// `Disconnected`, and they retry with their own ids).
+fn resolve(pending: &Pending, request_id: u64, reply: Reply) {
+    let mut pending = pending.lock().expect("pending lock");
+    match pending.remove(&request_id) {
+        Some(Waiting::Call(tx)) => {
+            let _ = tx.send(reply);
+        }
+        Some(Waiting::Packed(ids)) => match reply {
+            Reply::Batch(outcomes) if outcomes.len() == ids.len() => {
+                for (id, outcome) in ids.iter().zip(outcomes) {
+                    if let Some(Waiting::Call(tx)) = pending.remove(id) {
+                        let _ = tx.send(Reply::Outcome(outcome));
+                    }
+                }
+            }
+            Reply::Error(e) => {
+                for id in &ids {
+                    if let Some(Waiting::Call(tx)) = pending.remove(id) {
+                        let _ = tx.send(Reply::Error(e.clone()));
+                    }
+                }
+            }
+            other => {
+                tracing::warn!(?other, ops = ids.len(), "BATCH answered with the wrong shape");
+                for id in &ids {
+                    pending.remove(id);
+                }
+            }
+        },
+        None if request_id == 0 => {
+            // A connection-level ERROR (no request id): the server closes next.
+            tracing::warn!(?reply, "connection-level error from server");
+        }
+        // The call gave up (timed out) before its reply came.
+        None => {}
+    }
+}
+
 /// Spawn the writer and reader tasks for a connected stream.
-fn spawn_conn<S>(stream: S) -> Conn
+fn spawn_conn<S>(stream: S, coalesce: bool) -> Conn
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -593,17 +733,20 @@ where
     let (outgoing, mut rx) = mpsc::channel::<(u64, Request)>(1024);
     let pending: Pending = Arc::default();
 
+    let mut packer = Packer::new(coalesce, pending.clone());
     tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(64 * 1024);
+        // Whatever queued while the previous write was under way goes in
+        // the next one, packed (no timer: the write itself is the wait).
         while let Some((request_id, request)) = rx.recv().await {
-            request.encode_frame(request_id, &mut buf);
-            // Coalesce whatever else is queued into the same write.
+            packer.push(request_id, request, &mut buf);
             while buf.len() < 256 * 1024 {
                 match rx.try_recv() {
-                    Ok((id, req)) => req.encode_frame(id, &mut buf),
+                    Ok((id, req)) => packer.push(id, req, &mut buf),
                     Err(_) => break,
                 }
             }
+            packer.flush(&mut buf);
             if write_half.write_all(&buf).await.is_err() {
                 break;
             }
@@ -626,13 +769,7 @@ where
             let Ok(reply) = Reply::decode(&frame) else {
                 break;
             };
-            let waiter = reader_pending.lock().expect("pending lock").remove(&frame.request_id);
-            if let Some(waiter) = waiter {
-                let _ = waiter.send(reply);
-            } else if frame.request_id == 0 {
-                // A connection-level ERROR (no request id): the server closes next.
-                tracing::warn!(?reply, "connection-level error from server");
-            }
+            resolve(&reader_pending, frame.request_id, reply);
         }
         // Fail every waiting call: dropping the senders wakes them with
         // `Disconnected`, and they retry on a fresh connection.

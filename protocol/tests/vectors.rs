@@ -64,6 +64,30 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
             ),
         ),
         (
+            "batch",
+            40,
+            Req(Request::Batch(vec![
+                BatchOp::Reserve(Reserve { sku: 43, user: 8, qty: 2, reservation_id: 2 }),
+                BatchOp::Confirm(Confirm {
+                    reservation_id: reserve.reservation_id,
+                    payment_ref: Bytes::from_static(b"pi_1"),
+                }),
+                BatchOp::Release(Release { reservation_id: 3 }),
+            ])),
+        ),
+        (
+            "batch_reply",
+            40,
+            Rep(
+                Opcode::Batch,
+                Reply::Batch(vec![
+                    Outcome::new(Status::Reserved, 1_795_000_600_000),
+                    Outcome::new(Status::Confirmed, 1_795_000_030_000),
+                    Outcome::of(Status::UnknownReservation),
+                ]),
+            ),
+        ),
+        (
             "confirm",
             5,
             Req(Request::Confirm(Confirm {

@@ -515,6 +515,13 @@ impl Engine {
         }
     }
 
+    /// Start loading what deciding a CONFIRM or RELEASE of `id` will miss
+    /// on: its reservation record (a hint).
+    #[inline]
+    pub fn prefetch_reservation(&self, id: u128) {
+        self.reservations.prefetch(&id.into());
+    }
+
     /// Start loading what applying `event` in replay will miss on: the
     /// reservation index, and for a new reservation the per-user record.
     #[inline]

@@ -17,10 +17,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use futures_util::StreamExt;
 use stampede_protocol::frame::FrameError;
 use stampede_protocol::message::{
-    ErrorReply, HelloReply, Opcode, Outcome, QueueTicket, Reply, Request, Reserve, Role, StatusReply,
+    BatchOp, ErrorReply, HelloReply, Opcode, Outcome, QueueTicket, Reply, Request, Reserve, Role, StatusReply,
 };
 use stampede_protocol::{FrameCodec, Status};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -29,8 +30,8 @@ use tokio_util::codec::FramedRead;
 
 use super::Shared;
 use crate::engine::{ReservationDirectory, SkuGauge};
-use crate::limits::{BATCH_OPS_MAX, CONNECTION_REQUESTS_INFLIGHT_MAX, FRAME_BODY_BYTES_MAX};
-use crate::shard::{AdminCmd, ReplyTo, ShardHandle, ShardMsg};
+use crate::limits::{BATCH_OPS_MAX, CONNECTION_REQUESTS_INFLIGHT_MAX, FRAME_BODY_BYTES_MAX, SHARD_MESSAGE_OPS_MAX};
+use crate::shard::{AdminCmd, Answer, ReplyTo, SaleOp, ShardHandle, ShardMsg};
 use crate::sink::ConnTx;
 
 /// What the writer task is asked to send.
@@ -43,9 +44,11 @@ pub enum Outbound {
     /// shard can answer its part, through this same channel. `batch` is a
     /// per-connection sequence number, not the client's request id, so a
     /// client that reuses a request id cannot mix two batches up.
-    BatchStart { batch: u64, request_id: u64, total: u16, filled: Vec<(u16, Outcome)>, received: std::time::Instant },
-    /// Results of one shard's part of batch `batch`.
-    BatchPart { batch: u64, results: Vec<(u16, Outcome)> },
+    /// `opcode` is the batch's (RESERVE_BATCH or BATCH).
+    BatchStart { batch: u64, request_id: u64, opcode: Opcode, total: u16, received: std::time::Instant },
+    /// The outcomes of one shard message's operations (`ShardMsg::Ops`),
+    /// each to its own frame or batch slot; read at `received`.
+    Outcomes { results: Vec<(Answer, Outcome)>, received: std::time::Instant },
     /// A ready-made frame of a stream (REPLICATE, STATE_DUMP). It completes
     /// no request; `credit` goes back to the stream once it is written.
     Frame { bytes: bytes::Bytes, credit: tokio::sync::OwnedSemaphorePermit },
@@ -78,6 +81,8 @@ where
         next_batch: Default::default(),
         follower: None,
         received: std::time::Instant::now(),
+        staged: Vec::new(),
+        router: None,
     };
     let mut frames = FramedRead::new(read_half, FrameCodec::new());
     let linger_after = conn.read_loop(&mut frames, &permits, &mut close.rx).await;
@@ -143,6 +148,20 @@ struct Conn {
     follower: Option<String>,
     /// When the request being dispatched was read (latency histograms).
     received: std::time::Instant,
+    /// Sale operations read but not yet sent, per shard: every request a
+    /// read brought in travels to its shard as one message (see
+    /// `read_loop`). Few shards per connection, so a list beats a map.
+    staged: Vec<Staged>,
+    /// The router, once this node decides (see `dispatch`).
+    router: Option<Arc<super::Router>>,
+}
+
+/// One shard's operations waiting to leave together.
+struct Staged {
+    shard: Arc<ShardHandle>,
+    ops: Vec<(Answer, SaleOp)>,
+    /// When the first of them was read.
+    since: std::time::Instant,
 }
 
 enum Flow {
@@ -151,7 +170,24 @@ enum Flow {
 }
 
 impl Conn {
+    /// Read and dispatch until the connection should close. Sale
+    /// operations are staged per shard while more frames are ready without
+    /// waiting (what one socket read brought in), and leave when the input
+    /// runs dry, before anything else is dispatched, and before waiting
+    /// for a permit, so staging never holds a request back from a shard
+    /// longer than it takes to decode what was already read.
     async fn read_loop<R: AsyncRead + Unpin>(
+        &mut self,
+        frames: &mut FramedRead<R, FrameCodec>,
+        permits: &Semaphore,
+        closing: &mut tokio::sync::oneshot::Receiver<()>,
+    ) -> Linger {
+        let linger = self.read_and_dispatch(frames, permits, closing).await;
+        self.flush_staged();
+        linger
+    }
+
+    async fn read_and_dispatch<R: AsyncRead + Unpin>(
         &mut self,
         frames: &mut FramedRead<R, FrameCodec>,
         permits: &Semaphore,
@@ -159,12 +195,23 @@ impl Conn {
     ) -> Linger {
         let handshake_deadline = tokio::time::Instant::now() + self.shared.handshake_timeout;
         loop {
-            // At shutdown, stop reading: every request read so far gets its
-            // reply (the writer finishes them), then the connection closes.
-            let next = tokio::select! {
-                biased;
-                _ = &mut *closing => return Linger::Yes,
-                next = self.next_frame(frames, handshake_deadline, permits) => next,
+            // A frame already read (or readable at once) joins the staged
+            // ones; `FramedRead::next` keeps its state when the future is
+            // dropped unfinished, so polling it once loses nothing.
+            let ready = if self.staged.is_empty() { None } else { frames.next().now_or_never() };
+            let next = match ready {
+                Some(next) => Some(next),
+                None => {
+                    self.flush_staged();
+                    // At shutdown, stop reading: every request read so far
+                    // gets its reply (the writer finishes them), then the
+                    // connection closes.
+                    tokio::select! {
+                        biased;
+                        _ = &mut *closing => return Linger::Yes,
+                        next = self.next_frame(frames, handshake_deadline, permits) => next,
+                    }
+                }
             };
             // A deadline passed: the client is silent, nothing is unread.
             let Some(next) = next else { return Linger::No };
@@ -182,10 +229,19 @@ impl Conn {
                 }
             };
             // One permit per request, returned by the writer with the reply.
-            match permits.acquire().await {
+            // Staged requests hold permits of their own: send them before
+            // waiting for one, or their replies could never free it.
+            match permits.try_acquire() {
                 Ok(permit) => permit.forget(),
-                // The writer is gone: so is the client.
-                Err(_) => return Linger::No,
+                Err(tokio::sync::TryAcquireError::Closed) => return Linger::No,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    self.flush_staged();
+                    match permits.acquire().await {
+                        Ok(permit) => permit.forget(),
+                        // The writer is gone: so is the client.
+                        Err(_) => return Linger::No,
+                    }
+                }
             }
             let request = match Request::decode(&frame) {
                 Ok(request) => request,
@@ -253,6 +309,19 @@ impl Conn {
 
     fn dispatch(&mut self, request_id: u64, request: Request, permits: &Semaphore) -> Flow {
         let opcode = request.opcode();
+        // Requests are handed on in the order they were read: whatever is
+        // not staged waits for what is.
+        let stageable = matches!(
+            request,
+            Request::Reserve(_)
+                | Request::ReserveBatch(_)
+                | Request::Batch(_)
+                | Request::Confirm(_)
+                | Request::Release(_)
+        );
+        if !stageable {
+            self.flush_staged();
+        }
         if let Request::Hello(hello) = &request {
             self.role = self.shared.tokens.role_for(&hello.token);
             let status = if self.role == Role::None { Status::AuthFailed } else { Status::Ok };
@@ -298,54 +367,58 @@ impl Conn {
             sale => {
                 // Only a node that decides (the leader, a single node) has
                 // shards: everyone else points at the leader.
-                let Some(router) = self.shared.router() else {
+                // (Installed once, never replaced: the connection keeps
+                // its own handle, moved out while in use, so the hot path
+                // touches no shared reference count.)
+                if self.router.is_none() {
+                    self.router = self.shared.router().cloned();
+                }
+                let Some(router) = self.router.take() else {
                     self.reply(request_id, opcode, refusal(&sale, Status::NotLeader));
                     return Flow::Continue;
                 };
-                self.sale_request(request_id, sale, router);
+                self.sale_request(request_id, sale, &router);
+                self.router = Some(router);
             }
         }
         Flow::Continue
     }
 
     /// A request that the shards decide (or the fast path answers).
-    fn sale_request(&self, request_id: u64, request: Request, router: &super::Router) {
+    fn sale_request(&mut self, request_id: u64, request: Request, router: &super::Router) {
         let opcode = request.opcode();
         match request {
             Request::Reserve(op) => {
-                let answered = router.with_route(op.sku, |route| {
-                    let Some(route) = route else {
-                        return Some(Outcome::of(Status::UnknownSku));
-                    };
-                    if let Some(refusal) = fast_refusal(&route.gauge, &router.directory, &op) {
-                        return Some(refusal);
-                    }
-                    // The per-user rate guards the shard: a sold-out answer
-                    // costs less than the check, so it is never limited.
-                    if let Some(refusal) = self.rate_limit(&op, router) {
-                        return Some(refusal);
-                    }
-                    route.shard.submit(ShardMsg::Reserve { op, reply: self.reply_to(request_id) });
-                    None
-                });
-                if let Some(outcome) = answered {
+                let answer = Answer::Alone { request_id, opcode };
+                if let Some(outcome) = self.stage(answer, SaleOp::Reserve(op), router) {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));
                 }
             }
-            Request::ReserveBatch(ops) => self.reserve_batch(request_id, ops, router),
+            Request::ReserveBatch(ops) => {
+                let ops = ops.into_iter().map(SaleOp::Reserve);
+                self.batch(request_id, opcode, ops, router);
+            }
+            Request::Batch(ops) => {
+                let ops = ops.into_iter().map(|op| match op {
+                    BatchOp::Reserve(op) => SaleOp::Reserve(op),
+                    BatchOp::Confirm(c) => {
+                        SaleOp::Confirm { reservation_id: c.reservation_id, payment_ref: c.payment_ref }
+                    }
+                    BatchOp::Release(r) => SaleOp::Release { reservation_id: r.reservation_id },
+                });
+                self.batch(request_id, opcode, ops, router);
+            }
             Request::Confirm(confirm) => {
-                let id = confirm.reservation_id;
-                let msg = ShardMsg::Confirm {
-                    reservation_id: id,
-                    payment_ref: confirm.payment_ref,
-                    reply: self.reply_to(request_id),
-                };
-                self.to_reservation_shard(request_id, opcode, id, msg, router);
+                let op = SaleOp::Confirm { reservation_id: confirm.reservation_id, payment_ref: confirm.payment_ref };
+                if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router) {
+                    self.reply(request_id, opcode, Reply::Outcome(outcome));
+                }
             }
             Request::Release(release) => {
-                let id = release.reservation_id;
-                let msg = ShardMsg::Release { reservation_id: id, reply: self.reply_to(request_id) };
-                self.to_reservation_shard(request_id, opcode, id, msg, router);
+                let op = SaleOp::Release { reservation_id: release.reservation_id };
+                if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router) {
+                    self.reply(request_id, opcode, Reply::Outcome(outcome));
+                }
             }
             Request::Status { sku } => match router.route(sku) {
                 None => {
@@ -473,43 +546,92 @@ impl Conn {
         Some(Outcome::new(Status::RateLimited, retry_after_ms))
     }
 
-    /// Route CONFIRM/RELEASE by reservation id: directory -> sku -> shard.
-    fn to_reservation_shard(&self, request_id: u64, opcode: Opcode, id: u128, msg: ShardMsg, router: &super::Router) {
-        match router.directory.sku_of(id).and_then(|sku| router.route(sku)) {
-            None => self.reply(request_id, opcode, Reply::Outcome(Outcome::of(Status::UnknownReservation))),
-            Some(route) => route.shard.submit(msg),
+    /// Answer `op` at once if the fast path can (`Some`), else stage it
+    /// for its shard: a RESERVE by SKU (unknown SKU, the published gauge,
+    /// the per-user rate), a CONFIRM or RELEASE by reservation id
+    /// (directory -> SKU -> shard; an id never seen is unknown here).
+    fn stage(&mut self, answer: Answer, op: SaleOp, router: &super::Router) -> Option<Outcome> {
+        let shard = match &op {
+            SaleOp::Reserve(reserve) => router.with_route(reserve.sku, |route| {
+                let Some(route) = route else {
+                    return Err(Outcome::of(Status::UnknownSku));
+                };
+                if let Some(refusal) = fast_refusal(&route.gauge, &router.directory, reserve) {
+                    return Err(refusal);
+                }
+                // The per-user rate guards the shard: a sold-out answer
+                // costs less than the check, so it is never limited.
+                if let Some(refusal) = self.rate_limit(reserve, router) {
+                    return Err(refusal);
+                }
+                Ok(self.staged_index(&route.shard))
+            }),
+            SaleOp::Confirm { reservation_id, .. } | SaleOp::Release { reservation_id } => {
+                match router.directory.sku_of(*reservation_id).and_then(|sku| router.route(sku)) {
+                    None => Err(Outcome::of(Status::UnknownReservation)),
+                    Some(route) => Ok(self.staged_index(&route.shard)),
+                }
+            }
+        };
+        let index = match shard {
+            Ok(index) => index,
+            Err(outcome) => return Some(outcome),
+        };
+        let staged = &mut self.staged[index];
+        if staged.ops.is_empty() {
+            staged.since = self.received;
+        }
+        staged.ops.push((answer, op));
+        if staged.ops.len() >= SHARD_MESSAGE_OPS_MAX {
+            let ops = std::mem::take(&mut staged.ops);
+            let msg = ShardMsg::Ops { ops, tx: self.tx.clone(), received: staged.since };
+            staged.shard.submit(msg);
+        }
+        None
+    }
+
+    /// The index of `shard`'s staging entry, added if new.
+    fn staged_index(&mut self, shard: &Arc<ShardHandle>) -> usize {
+        if let Some(index) = self.staged.iter().position(|s| s.shard.id == shard.id) {
+            return index;
+        }
+        self.staged.push(Staged { shard: shard.clone(), ops: Vec::new(), since: self.received });
+        self.staged.len() - 1
+    }
+
+    /// Send every staged operation to its shard, one message per shard.
+    fn flush_staged(&mut self) {
+        for staged in self.staged.drain(..) {
+            if !staged.ops.is_empty() {
+                staged.shard.submit(ShardMsg::Ops { ops: staged.ops, tx: self.tx.clone(), received: staged.since });
+            }
         }
     }
 
-    /// Split a batch by shard; answer what the fast path can right away.
-    fn reserve_batch(&self, request_id: u64, ops: Vec<Reserve>, router: &super::Router) {
+    /// A RESERVE_BATCH or BATCH: the writer learns of the batch first,
+    /// then each operation is staged for its shard like a request of its
+    /// own; what the fast path answers goes to the writer in one message.
+    fn batch(
+        &mut self,
+        request_id: u64,
+        opcode: Opcode,
+        ops: impl ExactSizeIterator<Item = SaleOp>,
+        router: &super::Router,
+    ) {
         let batch = self.next_batch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut filled = Vec::new();
-        let mut groups: Vec<ShardGroup> = Vec::new();
-        for (index, op) in ops.iter().enumerate() {
-            let index = index as u16;
-            let Some(route) = router.route(op.sku) else {
-                filled.push((index, Outcome::of(Status::UnknownSku)));
-                continue;
-            };
-            if let Some(refusal) = fast_refusal(&route.gauge, &router.directory, op) {
-                filled.push((index, refusal));
-                continue;
-            }
-            if let Some(refusal) = self.rate_limit(op, router) {
-                filled.push((index, refusal));
-                continue;
-            }
-            match groups.iter_mut().find(|(shard, _)| shard.id == route.shard.id) {
-                Some((_, group)) => group.push((index, *op)),
-                None => groups.push((route.shard.clone(), vec![(index, *op)])),
-            }
-        }
         let total = ops.len() as u16;
         let received = self.received;
-        let _ = self.tx.send(Outbound::BatchStart { batch, request_id, total, filled, received });
-        for (shard, group) in groups {
-            shard.submit(ShardMsg::ReserveBatch { ops: group, reply: self.reply_to(batch) });
+        // Before any shard can answer part of it (staging may send).
+        let _ = self.tx.send(Outbound::BatchStart { batch, request_id, opcode, total, received });
+        let mut answered = Vec::new();
+        for (index, op) in ops.enumerate() {
+            let answer = Answer::InBatch { batch, index: index as u16 };
+            if let Some(outcome) = self.stage(answer, op, router) {
+                answered.push((answer, outcome));
+            }
+        }
+        if !answered.is_empty() {
+            let _ = self.tx.send(Outbound::Outcomes { results: answered, received });
         }
     }
 }
@@ -519,6 +641,7 @@ impl Conn {
 fn refusal(request: &Request, status: Status) -> Reply {
     match request {
         Request::ReserveBatch(ops) => Reply::Batch(vec![Outcome::of(status); ops.len()]),
+        Request::Batch(ops) => Reply::Batch(vec![Outcome::of(status); ops.len()]),
         Request::Status { .. } => Reply::Status(StatusReply { status, sale: Default::default() }),
         Request::Join(_) | Request::Poll(_) => Reply::Ticket(QueueTicket::of(status)),
         _ => Reply::Outcome(Outcome::of(status)),
@@ -549,12 +672,10 @@ pub fn fast_refusal(gauge: &SkuGauge, directory: &ReservationDirectory, op: &Res
     }))
 }
 
-/// The ops of one batch bound for one shard, with their batch indexes.
-type ShardGroup = (Arc<ShardHandle>, Vec<(u16, Reserve)>);
-
 /// A batch whose parts are still arriving from shards.
 struct PendingBatch {
     request_id: u64,
+    opcode: Opcode,
     received: std::time::Instant,
     results: Vec<Option<Outcome>>,
     missing: usize,
@@ -602,7 +723,7 @@ fn encode(
     batches: &mut HashMap<u64, PendingBatch>,
     counters: &super::metrics::RequestCounters,
 ) -> usize {
-    let (batch_key, parts) = match msg {
+    match msg {
         Outbound::Reply { request_id, opcode, reply, received } => {
             let counted = if matches!(reply, Reply::Error(_)) { None } else { Some(opcode) };
             counters.count(counted, reply.status().unwrap_or(Status::Ok));
@@ -610,38 +731,66 @@ fn encode(
                 counters.latency(op, received.elapsed());
             }
             reply.encode_frame(opcode, request_id, buf);
-            return 1;
+            1
         }
-        Outbound::BatchStart { batch, request_id, total, filled, received } => {
+        Outbound::BatchStart { batch, request_id, opcode, total, received } => {
             let total = usize::from(total);
-            batches.insert(batch, PendingBatch { request_id, received, results: vec![None; total], missing: total });
-            (batch, filled)
+            let pending = PendingBatch { request_id, opcode, received, results: vec![None; total], missing: total };
+            batches.insert(batch, pending);
+            0
         }
-        Outbound::BatchPart { batch, results } => (batch, results),
+        Outbound::Outcomes { results, received } => {
+            let elapsed = received.elapsed();
+            let mut completed = 0;
+            for (answer, outcome) in results {
+                match answer {
+                    Answer::Alone { request_id, opcode } => {
+                        counters.count(Some(opcode), outcome.status);
+                        counters.latency(opcode, elapsed);
+                        Reply::Outcome(outcome).encode_frame(opcode, request_id, buf);
+                        completed += 1;
+                    }
+                    Answer::InBatch { batch, index } => {
+                        completed += fill_batch(batches, batch, index, outcome, buf, counters)
+                    }
+                }
+            }
+            completed
+        }
         Outbound::Frame { bytes, credit } => {
             // The stream may send its next frame once this one is queued
             // in the write buffer, which is written before the next read.
             buf.extend_from_slice(&bytes);
             drop(credit);
-            return 0;
+            0
         }
-    };
-    let batch = batches.get_mut(&batch_key).expect("BatchStart precedes its parts");
-    for (index, outcome) in parts {
-        let slot = &mut batch.results[usize::from(index)];
-        debug_assert!(slot.is_none(), "batch slot answered twice");
-        *slot = Some(outcome);
-        batch.missing -= 1;
     }
+}
+
+/// Put one outcome in its batch; once the batch is whole, encode its reply
+/// (returns 1: a request completed).
+fn fill_batch(
+    batches: &mut HashMap<u64, PendingBatch>,
+    key: u64,
+    index: u16,
+    outcome: Outcome,
+    buf: &mut BytesMut,
+    counters: &super::metrics::RequestCounters,
+) -> usize {
+    let batch = batches.get_mut(&key).expect("BatchStart precedes its parts");
+    let slot = &mut batch.results[usize::from(index)];
+    debug_assert!(slot.is_none(), "batch slot answered twice");
+    *slot = Some(outcome);
+    batch.missing -= 1;
     if batch.missing > 0 {
         return 0;
     }
-    let batch = batches.remove(&batch_key).expect("present");
+    let batch = batches.remove(&key).expect("present");
     let results: Vec<Outcome> = batch.results.into_iter().map(|r| r.expect("all answered")).collect();
     for outcome in &results {
-        counters.count(Some(Opcode::ReserveBatch), outcome.status);
+        counters.count(Some(batch.opcode), outcome.status);
     }
-    counters.latency(Opcode::ReserveBatch, batch.received.elapsed());
-    Reply::Batch(results).encode_frame(Opcode::ReserveBatch, batch.request_id, buf);
+    counters.latency(batch.opcode, batch.received.elapsed());
+    Reply::Batch(results).encode_frame(batch.opcode, batch.request_id, buf);
     1
 }

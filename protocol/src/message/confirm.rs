@@ -33,15 +33,25 @@ impl Confirm {
         dst.extend_from_slice(&self.payment_ref);
     }
 
-    pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
-        let mut r = Reader::new(body, "CONFIRM");
+    /// Bytes of this request's body.
+    pub fn wire_bytes(&self) -> usize {
+        17 + self.payment_ref.len()
+    }
+
+    pub fn read(r: &mut Reader<'_>) -> Result<Self, Malformed> {
         let reservation_id = r.u128()?;
         let len = r.u8()? as usize;
         if len > PAYMENT_REF_BYTES_MAX {
             return Err(Malformed(format!("payment_ref of {len} bytes exceeds {PAYMENT_REF_BYTES_MAX}")));
         }
         let payment_ref = r.bytes(len)?;
-        r.finish()?;
         Ok(Confirm { reservation_id, payment_ref })
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
+        let mut r = Reader::new(body, "CONFIRM");
+        let confirm = Self::read(&mut r)?;
+        r.finish()?;
+        Ok(confirm)
     }
 }

@@ -5,6 +5,7 @@
 //! gets an ERROR (0xff) reply. See PROTOCOL.md for the full byte layouts;
 //! each module's `# Format` section is the same text next to the code.
 
+pub mod batch;
 pub mod cluster;
 pub mod confirm;
 pub mod dump;
@@ -17,6 +18,7 @@ pub mod sale;
 
 use bytes::{BufMut, BytesMut};
 
+pub use batch::BatchOp;
 pub use cluster::{ClusterReply, Follow, FollowAck, FollowBatch, History, NodeInfo, NodeRole, SnapshotChunk};
 pub use confirm::Confirm;
 pub use dump::{DumpChunk, DumpEntry, HoldState, ReservationEntry, SaleEntry};
@@ -49,6 +51,7 @@ pub enum Opcode {
     Status = 0x14,
     Join = 0x15,
     Poll = 0x16,
+    Batch = 0x17,
     SaleCreate = 0x20,
     Restock = 0x21,
     Pause = 0x22,
@@ -76,6 +79,7 @@ impl Opcode {
         Opcode::Status,
         Opcode::Join,
         Opcode::Poll,
+        Opcode::Batch,
         Opcode::SaleCreate,
         Opcode::Restock,
         Opcode::Pause,
@@ -109,7 +113,8 @@ impl Opcode {
             | Opcode::Release
             | Opcode::Status
             | Opcode::Join
-            | Opcode::Poll => matches!(role, Role::Checkout | Role::Admin),
+            | Opcode::Poll
+            | Opcode::Batch => matches!(role, Role::Checkout | Role::Admin),
             Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume => matches!(role, Role::Admin),
             Opcode::Replicate
             | Opcode::Settled
@@ -131,7 +136,8 @@ impl Opcode {
             | Opcode::Release
             | Opcode::Status
             | Opcode::Join
-            | Opcode::Poll => "checkout, admin",
+            | Opcode::Poll
+            | Opcode::Batch => "checkout, admin",
             Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume => "admin",
             Opcode::Replicate
             | Opcode::Settled
@@ -150,15 +156,23 @@ pub enum Request {
     Ping,
     Reserve(Reserve),
     ReserveBatch(Vec<Reserve>),
+    /// RESERVE, CONFIRM and RELEASE in any mix (see `batch`).
+    Batch(Vec<BatchOp>),
     Confirm(Confirm),
     Release(Release),
-    Status { sku: u64 },
+    Status {
+        sku: u64,
+    },
     Join(TicketRequest),
     Poll(TicketRequest),
     SaleCreate(SaleCreate),
     Restock(Restock),
-    Pause { sku: u64 },
-    Resume { sku: u64 },
+    Pause {
+        sku: u64,
+    },
+    Resume {
+        sku: u64,
+    },
     Replicate(Replicate),
     Settled(Settled),
     StateDump,
@@ -175,6 +189,7 @@ impl Request {
             Request::Ping => Opcode::Ping,
             Request::Reserve(_) => Opcode::Reserve,
             Request::ReserveBatch(_) => Opcode::ReserveBatch,
+            Request::Batch(_) => Opcode::Batch,
             Request::Confirm(_) => Opcode::Confirm,
             Request::Release(_) => Opcode::Release,
             Request::Status { .. } => Opcode::Status,
@@ -207,6 +222,7 @@ impl Request {
             Request::FollowAck(m) => m.encode(dst),
             Request::Reserve(m) => m.encode(dst),
             Request::ReserveBatch(ops) => reserve::encode_batch(ops, dst),
+            Request::Batch(ops) => batch::encode(ops, dst),
             Request::Confirm(m) => m.encode(dst),
             Request::Release(m) => m.encode(dst),
             Request::Status { sku } | Request::Pause { sku } | Request::Resume { sku } => sale::encode_sku(*sku, dst),
@@ -231,13 +247,8 @@ impl Request {
                 Request::Ping
             }
             Opcode::Reserve => Request::Reserve(Reserve::decode(body).map_err(malformed)?),
-            Opcode::ReserveBatch => Request::ReserveBatch(reserve::decode_batch(body).map_err(|e| match e {
-                reserve::BatchError::TooLarge(n) => (
-                    Status::BatchTooLarge,
-                    format!("batch of {n} operations; allowed 1..={}", crate::limits::BATCH_OPS_MAX),
-                ),
-                reserve::BatchError::Malformed(m) => malformed(m),
-            })?),
+            Opcode::ReserveBatch => Request::ReserveBatch(reserve::decode_batch(body).map_err(batch_error)?),
+            Opcode::Batch => Request::Batch(batch::decode(body).map_err(batch_error)?),
             Opcode::Confirm => Request::Confirm(Confirm::decode(body).map_err(malformed)?),
             Opcode::Release => Request::Release(Release::decode(body).map_err(malformed)?),
             Opcode::Status => Request::Status { sku: sale::decode_sku(body, "STATUS").map_err(malformed)? },
@@ -264,6 +275,16 @@ impl Request {
                 Request::SnapshotFetch
             }
         })
+    }
+}
+
+/// The ERROR a batch body that could not be decoded is answered with.
+fn batch_error(e: reserve::BatchError) -> (Status, String) {
+    match e {
+        reserve::BatchError::TooLarge(n) => {
+            (Status::BatchTooLarge, format!("batch of {n} operations; allowed 1..={}", crate::limits::BATCH_OPS_MAX))
+        }
+        reserve::BatchError::Malformed(m) => (Status::MalformedBody, m.0),
     }
 }
 
@@ -375,7 +396,7 @@ impl Reply {
             .ok_or_else(|| Malformed(format!("unknown reply opcode {:#04x}", frame.opcode)))?;
         Ok(match opcode {
             Opcode::Hello => Reply::Hello(HelloReply::decode(body)?),
-            Opcode::ReserveBatch => Reply::Batch(reserve::decode_batch_reply(body)?),
+            Opcode::ReserveBatch | Opcode::Batch => Reply::Batch(reserve::decode_batch_reply(body)?),
             Opcode::Status => Reply::Status(StatusReply::decode(body)?),
             Opcode::Join | Opcode::Poll => Reply::Ticket(QueueTicket::decode(body)?),
             Opcode::Replicate => Reply::LogBatch(LogBatch::decode(body)?),

@@ -17,14 +17,20 @@ pub struct Release {
 }
 
 impl Release {
+    pub const WIRE_BYTES: usize = 16;
+
+    pub fn read(r: &mut Reader<'_>) -> Result<Self, Malformed> {
+        Ok(Release { reservation_id: r.u128()? })
+    }
+
     pub fn encode(&self, dst: &mut BytesMut) {
         dst.put_u128_le(self.reservation_id);
     }
 
     pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
         let mut r = Reader::new(body, "RELEASE");
-        let reservation_id = r.u128()?;
+        let release = Self::read(&mut r)?;
         r.finish()?;
-        Ok(Release { reservation_id })
+        Ok(release)
     }
 }
