@@ -390,7 +390,7 @@ impl Conn {
         match request {
             Request::Reserve(op) => {
                 let answer = Answer::Alone { request_id, opcode };
-                if let Some(outcome) = self.stage(answer, SaleOp::Reserve(op), router) {
+                if let Some(outcome) = self.stage(answer, SaleOp::Reserve(op), router, Gauge::Decides) {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));
                 }
             }
@@ -410,13 +410,13 @@ impl Conn {
             }
             Request::Confirm(confirm) => {
                 let op = SaleOp::Confirm { reservation_id: confirm.reservation_id, payment_ref: confirm.payment_ref };
-                if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router) {
+                if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router, Gauge::Decides) {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));
                 }
             }
             Request::Release(release) => {
                 let op = SaleOp::Release { reservation_id: release.reservation_id };
-                if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router) {
+                if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router, Gauge::Decides) {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));
                 }
             }
@@ -550,13 +550,22 @@ impl Conn {
     /// for its shard: a RESERVE by SKU (unknown SKU, the published gauge,
     /// the per-user rate), a CONFIRM or RELEASE by reservation id
     /// (directory -> SKU -> shard; an id never seen is unknown here).
-    fn stage(&mut self, answer: Answer, op: SaleOp, router: &super::Router) -> Option<Outcome> {
+    ///
+    /// `gauge` says which refusals the published gauge may give: in a
+    /// batch, the operations before this one are not decided yet, so only
+    /// answers they cannot change are taken (see `Gauge`).
+    fn stage(&mut self, answer: Answer, op: SaleOp, router: &super::Router, gauge: Gauge) -> Option<Outcome> {
         let shard = match &op {
             SaleOp::Reserve(reserve) => router.with_route(reserve.sku, |route| {
                 let Some(route) = route else {
                     return Err(Outcome::of(Status::UnknownSku));
                 };
-                if let Some(refusal) = fast_refusal(&route.gauge, &router.directory, reserve) {
+                let refusal = fast_refusal(&route.gauge, &router.directory, reserve).filter(|refusal| match gauge {
+                    Gauge::Decides => true,
+                    Gauge::SoldOutStays => refusal.status != Status::InsufficientStock,
+                    Gauge::Ignored => false,
+                });
+                if let Some(refusal) = refusal {
                     return Err(refusal);
                 }
                 // The per-user rate guards the shard: a sold-out answer
@@ -624,9 +633,13 @@ impl Conn {
         // Before any shard can answer part of it (staging may send).
         let _ = self.tx.send(Outbound::BatchStart { batch, request_id, opcode, total, received });
         let mut answered = Vec::new();
+        let mut gauge = Gauge::SoldOutStays;
         for (index, op) in ops.enumerate() {
             let answer = Answer::InBatch { batch, index: index as u16 };
-            if let Some(outcome) = self.stage(answer, op, router) {
+            if matches!(op, SaleOp::Release { .. }) {
+                gauge = Gauge::Ignored;
+            }
+            if let Some(outcome) = self.stage(answer, op, router, gauge) {
                 answered.push((answer, outcome));
             }
         }
@@ -634,6 +647,21 @@ impl Conn {
             let _ = self.tx.send(Outbound::Outcomes { results: answered, received });
         }
     }
+}
+
+/// Which fast-path refusals an operation may get from the published gauge
+/// (a snapshot of the SKU's counters when the frame is read).
+#[derive(Clone, Copy)]
+enum Gauge {
+    /// Any: the operation came alone.
+    Decides,
+    /// In a batch: the operations before it may take units (so
+    /// `insufficient_stock` could become `sold_out` by its turn) but not
+    /// give any back, so `sold_out` and `paused` stand.
+    SoldOutStays,
+    /// In a batch after a RELEASE, whose units the gauge cannot show yet:
+    /// the shard decides, in order.
+    Ignored,
 }
 
 /// The reply that refuses `request` with `status` (nothing was done), in

@@ -122,6 +122,12 @@ impl RequestCounters {
         self.latencies[opcode_slot(opcode)].record(elapsed.as_micros() as u64);
     }
 
+    /// Outcomes with `status` answered so far to `opcode` (each operation
+    /// of a batch counts).
+    pub fn answered(&self, opcode: Opcode, status: Status) -> u64 {
+        self.counts[Self::slot(Some(opcode), status)].load(Ordering::Relaxed)
+    }
+
     /// Count one reply (`opcode` `None`: an ERROR frame).
     pub fn count(&self, opcode: Option<Opcode>, status: Status) {
         self.counts[Self::slot(opcode, status)].fetch_add(1, Ordering::Relaxed);
