@@ -51,6 +51,9 @@ pub struct DrillConfig {
     pub connections: usize,
     /// Requests in flight per connection.
     pub depth: usize,
+    /// The checkout-service shape: this many concurrent callers over the
+    /// connections (instead of `connections * depth` requests in flight).
+    pub callers: Option<usize>,
     /// Reserve operations per request (RESERVE_BATCH; a pipeline for Redis).
     pub batch: usize,
     pub duration_secs: f64,
@@ -461,8 +464,9 @@ pub async fn execute(
             eprintln!();
         })
     });
-    let workers: Vec<_> =
-        (0..(config.connections * config.depth).max(1)).map(|_| tokio::spawn(worker(shared.clone()))).collect();
+    let workers: Vec<_> = (0..config.callers.unwrap_or(config.connections * config.depth).max(1))
+        .map(|_| tokio::spawn(worker(shared.clone())))
+        .collect();
     let mut total = Recorder::new(started, shared.latencies.clone());
     for w in workers {
         total.merge(w.await?);

@@ -64,9 +64,17 @@ struct DrillArgs {
     duration_secs: f64,
     #[arg(long, default_value_t = 32)]
     connections: usize,
-    /// Requests in flight per connection.
+    /// Requests in flight per connection (without --callers; each its own
+    /// frame: the server's per-request path).
     #[arg(long, default_value_t = 4)]
     depth: usize,
+    /// The checkout-service shape: this many concurrent callers, each doing
+    /// one operation at a time (reserve, then confirm or release), sharing
+    /// one client with --connections sockets. stampede's client coalesces
+    /// their calls into BATCH frames; Redis pipelines them over its
+    /// multiplexed connections; PostgreSQL queues them on its pool.
+    #[arg(long, conflicts_with_all = ["batch", "depth"])]
+    callers: Option<usize>,
     /// Reserves per request (RESERVE_BATCH; a pipeline on Redis).
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -123,6 +131,7 @@ impl DrillArgs {
         DrillConfig {
             connections: self.connections.max(1),
             depth: self.depth.max(1),
+            callers: self.callers.map(|n| n.max(1)),
             batch: self.batch.max(1),
             duration_secs: self.duration_secs,
             rate: self.rate,
@@ -140,7 +149,7 @@ impl DrillArgs {
 }
 
 async fn drill_on(url: &str, label: &str, args: &DrillArgs, ping_only: bool) -> anyhow::Result<Summary> {
-    let target = Arc::new(Target::connect(url, args.connections).await?);
+    let target = Arc::new(Target::connect(url, args.connections, args.callers.is_some()).await?);
     drill::run(target, args.plan(), args.config(ping_only), label).await
 }
 
@@ -150,7 +159,7 @@ async fn drill_cluster(args: &DrillArgs, nodes: usize) -> anyhow::Result<Summary
     let mut cluster = LocalCluster::start(nodes.max(1), args.durability, args.sync_standbys).await?;
     std::env::set_var("STAMPEDE_TOKEN", &cluster.token);
     let url = format!("stampede://{}", cluster.addrs());
-    let target = Arc::new(Target::connect(&url, args.connections).await?);
+    let target = Arc::new(Target::connect(&url, args.connections, args.callers.is_some()).await?);
     let Target::Stampede(stampede) = &*target else { unreachable!("a stampede url") };
     let watch = stampede.failover.clone();
     let started = std::time::Instant::now();

@@ -18,6 +18,7 @@ fn config() -> DrillConfig {
     DrillConfig {
         connections: 4,
         depth: 4,
+        callers: None,
         batch: 1,
         duration_secs: 30.0,
         rate: None,
@@ -29,7 +30,7 @@ fn config() -> DrillConfig {
 
 async fn local_target(server: &LocalStampede) -> Arc<Target> {
     std::env::set_var("STAMPEDE_TOKEN", &server.token);
-    Arc::new(Target::connect(&format!("stampede://{}", server.addr()), 4).await.unwrap())
+    Arc::new(Target::connect(&format!("stampede://{}", server.addr()), 4, false).await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,6 +76,29 @@ async fn every_scenario_keeps_the_invariants_on_stampede() {
         }
         server.stop().await.unwrap();
     }
+}
+
+/// The checkout-service shape: 512 callers share two coalescing
+/// connections; every acknowledgement is audited on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_callers_on_coalescing_connections_keep_the_invariants() {
+    let server = LocalStampede::start(Durability::Fsync).await.unwrap();
+    std::env::set_var("STAMPEDE_TOKEN", &server.token);
+    let target = Arc::new(Target::connect(&format!("stampede://{}", server.addr()), 2, true).await.unwrap());
+    let plan = Arc::new(Plan::new(Scenario::Checkout, 6_000, 2_000, 600_000, 11));
+    let mut config = config();
+    config.connections = 2;
+    config.callers = Some(512);
+    let summary = drill::run(target, plan, config, "stampede").await.unwrap();
+    assert!(summary.invariants.ok, "{}", summary.table());
+    // 6000 shoppers for 2000 units, a fifth of the winners giving theirs
+    // back: every unit is held at least once.
+    assert!(summary.outcomes["reserved"] >= 2_000, "{}", summary.table());
+    assert_eq!(summary.invariants.acknowledged, summary.outcomes["reserved"]);
+    let settled = summary.outcomes.get("confirmed").copied().unwrap_or(0)
+        + summary.outcomes.get("released").copied().unwrap_or(0);
+    assert!(settled > 1_000, "winners pay or give back: {}", summary.table());
+    server.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +153,7 @@ async fn the_redis_lua_script_has_stampedes_semantics() {
         eprintln!("STAMPEDE_SKIP_REDIS set: not testing the Redis baseline");
         return;
     }
-    let target = Target::connect("redis://127.0.0.1:6379/15", 1).await.unwrap_or_else(|e| {
+    let target = Target::connect("redis://127.0.0.1:6379/15", 1, false).await.unwrap_or_else(|e| {
         panic!(
             "{e}\nthe Redis baseline test needs Redis on 127.0.0.1:6379 (start it: redis-server --daemonize yes \
              --bind 127.0.0.1 --port 6379 --save '' --appendonly no), or set STAMPEDE_SKIP_REDIS=1 to opt out"
@@ -141,7 +165,7 @@ async fn the_redis_lua_script_has_stampedes_semantics() {
 /// The PostgreSQL baseline's transaction has the same semantics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_baseline_has_stampedes_semantics() {
-    let target = Target::connect("postgres://postgres@127.0.0.1:5432/test", 2).await.unwrap();
+    let target = Target::connect("postgres://postgres@127.0.0.1:5432/test", 2, false).await.unwrap();
     check_baseline_semantics(&target, 300).await;
 }
 

@@ -31,12 +31,13 @@ pub enum Target {
 
 impl Target {
     /// `stampede://host:port` (token from `STAMPEDE_TOKEN`, admin role),
-    /// `redis://host:port`, `postgres://...`.
-    pub async fn connect(url: &str, connections: usize) -> anyhow::Result<Target> {
+    /// `redis://host:port`, `postgres://...`. `coalesce`: stampede's client
+    /// packs concurrent calls into BATCH frames (the checkout-service shape).
+    pub async fn connect(url: &str, connections: usize, coalesce: bool) -> anyhow::Result<Target> {
         if let Some(addr) = url.strip_prefix("stampede://") {
             let token = std::env::var("STAMPEDE_TOKEN")
                 .map_err(|_| anyhow::anyhow!("set STAMPEDE_TOKEN to an admin token of {addr}"))?;
-            return Ok(Target::Stampede(stampede::StampedeTarget::connect(addr, &token, connections).await?));
+            return Ok(Target::Stampede(stampede::StampedeTarget::connect(addr, &token, connections, coalesce).await?));
         }
         if url.starts_with("redis://") {
             return Ok(Target::Redis(redis::RedisTarget::connect(url, connections).await?));

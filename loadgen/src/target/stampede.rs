@@ -1,5 +1,6 @@
 //! stampede through its own client library (pipelined, several
-//! connections, RESERVE_BATCH for batches).
+//! connections, RESERVE_BATCH for batches, concurrent callers' calls
+//! coalesced into BATCH frames in the checkout-service shape).
 
 use std::time::Duration;
 
@@ -26,9 +27,15 @@ pub struct StampedeTarget {
 }
 
 impl StampedeTarget {
-    pub async fn connect(addr: &str, token: &str, connections: usize) -> anyhow::Result<StampedeTarget> {
+    pub async fn connect(
+        addr: &str,
+        token: &str,
+        connections: usize,
+        coalesce: bool,
+    ) -> anyhow::Result<StampedeTarget> {
         let mut config = ClientConfig::new(addr, token);
         config.connections = connections.max(1);
+        config.coalesce = coalesce;
         // A drill measures the server: report busy as an outcome instead of
         // hiding it in client retries.
         config.max_attempts = 1;
