@@ -26,7 +26,7 @@ use hdrhistogram::Histogram;
 use stampede_protocol::Status;
 
 use crate::audit::{self, Acked, Tally};
-use crate::report::{Invariants, Latency, OpSummary, Second, Summary};
+use crate::report::{ServerCpu, Invariants, Latency, OpSummary, Second, Summary};
 use crate::scenario::{AfterReserve, Plan, Scenario, Session};
 use crate::target::{SkuState, Target};
 
@@ -62,6 +62,9 @@ pub struct DrillConfig {
     pub spike: Option<Spike>,
     /// Only PING: the protocol and network floor.
     pub ping_only: bool,
+    /// The target server's process id (on this machine): its CPU time over
+    /// the load phase is reported per request (`Summary::server_cpu`).
+    pub server_pid: Option<u32>,
     #[serde(skip)]
     pub progress: bool,
 }
@@ -464,6 +467,7 @@ pub async fn execute(
             eprintln!();
         })
     });
+    let server_cpu_before = config.server_pid.map(process_cpu_us).transpose()?;
     let workers: Vec<_> = (0..config.callers.unwrap_or(config.connections * config.depth).max(1))
         .map(|_| tokio::spawn(worker(shared.clone())))
         .collect();
@@ -472,6 +476,10 @@ pub async fn execute(
         total.merge(w.await?);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let server_cpu_us = match (config.server_pid, server_cpu_before) {
+        (Some(pid), Some(before)) => Some(process_cpu_us(pid)? - before),
+        _ => None,
+    };
     done.store(true, Ordering::Relaxed);
     stop_pacer.store(true, Ordering::Relaxed);
     if let Some(pacer) = pacer {
@@ -528,8 +536,26 @@ pub async fn execute(
         invariants,
         audit,
         timeline,
+        server_cpu: server_cpu_us.map(|cpu_us| ServerCpu { cpu_us, us_per_request: cpu_us as f64 / requests.max(1) as f64 }),
         config,
         failover: None,
     };
     Ok((summary, tally))
+}
+
+/// CPU time (user + system, every thread) a process has used so far, in
+/// microseconds, from `/proc/PID/stat` (resolution: one clock tick, 10 ms
+/// on Linux; measure over seconds).
+pub fn process_cpu_us(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| anyhow::anyhow!("reading /proc/{pid}/stat (--server-pid): {e}"))?;
+    // The command name may hold spaces: fields are counted after its ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields.get(i).ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?.parse()?)
+    };
+    // SAFETY: sysconf reads a constant of the running system.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok((ticks(11)? + ticks(12)?) * 1_000_000 / per_second)
 }

@@ -115,6 +115,10 @@ struct DrillArgs {
     sync_standbys: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The --target server's process id: report its CPU time per request
+    /// over the load phase (from /proc; the server must run on this machine).
+    #[arg(long, requires = "target")]
+    server_pid: Option<u32>,
     /// Write the summary as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -137,6 +141,7 @@ impl DrillArgs {
             rate: self.rate,
             spike: self.spike.map(|factor| Spike { factor, at_secs: self.spike_at_secs, hold_secs: self.spike_secs }),
             ping_only,
+            server_pid: self.server_pid,
             progress: !self.quiet,
         }
     }

@@ -83,6 +83,16 @@ pub struct Summary {
     /// `drill --cluster N --kill-leader-at-secs S`: what clients saw.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failover: Option<Failover>,
+    /// `--server-pid`: the server process's CPU time over the load phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu: Option<ServerCpu>,
+}
+
+/// A server process's CPU time over a drill's load phase.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct ServerCpu {
+    pub cpu_us: u64,
+    pub us_per_request: f64,
 }
 
 /// A leader killed during a drill, as the clients saw it.
@@ -137,6 +147,14 @@ impl Summary {
         }
         let outcomes: Vec<String> = self.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "outcomes: {}", outcomes.join(", "));
+        if let Some(cpu) = &self.server_cpu {
+            let _ = writeln!(
+                out,
+                "server cpu: {:.3} s over the load, {:.2} us per request",
+                cpu.cpu_us as f64 / 1e6,
+                cpu.us_per_request
+            );
+        }
         if let Some(f) = &self.failover {
             // NaN: no reserve was acknowledged after the kill (sold out
             // before it, or the drill ended first): no window to report.

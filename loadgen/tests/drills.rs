@@ -24,6 +24,7 @@ fn config() -> DrillConfig {
         rate: None,
         spike: None,
         ping_only: false,
+        server_pid: None,
         progress: false,
     }
 }
