@@ -20,13 +20,17 @@
 //! - [`node`]: all of the above started and stopped in order (what
 //!   `stampede-server` runs).
 //! - [`memory`]: process-wide memory policy (no transparent huge pages).
+//! - [`wake`]: the bounded queue in front of the shard and log-writer
+//!   threads, whose consumer parks without spinning.
 //!
 //! # One reservation, end to end
 //!
 //! 1. `server::conn` decodes a RESERVE frame, checks the connection's role.
 //! 2. It looks the SKU up in the router (lock-free). If the SKU's published
 //!    gauge says no unit is available, it answers `sold_out` right there.
-//! 3. Otherwise it `try_send`s the request to the SKU's shard (full: `busy`).
+//! 3. Otherwise it stages the request for the SKU's shard; the requests one
+//!    socket read brought in go to each shard as one message (`try_send`;
+//!    full: `busy`).
 //! 4. The shard thread drains a batch of messages, runs due expiries,
 //!    decides each request in its [`engine::Engine`] (idempotency, pause,
 //!    stock, per-user limit, id claim), applying one event per change.
@@ -44,4 +48,5 @@ pub mod recovery;
 pub mod server;
 pub mod shard;
 pub mod sink;
+pub mod wake;
 pub mod wal;

@@ -193,7 +193,7 @@ impl Default for WalStats {
 
 /// A running log writer.
 pub struct WalHandle {
-    tx: Sender<WalMsg>,
+    tx: crate::wake::Tx<WalMsg>,
     /// The release thread's inbox, on a replicated log.
     release_tx: Option<Sender<ReleaseMsg>>,
     releaser: Option<JoinHandle<()>>,
@@ -265,7 +265,7 @@ impl WalHandle {
 /// replicated log), a standby's records to the writer.
 #[derive(Clone)]
 pub struct WalControl {
-    writer: Sender<WalMsg>,
+    writer: crate::wake::Tx<WalMsg>,
     release: Option<Sender<ReleaseMsg>>,
 }
 
@@ -288,7 +288,7 @@ impl WalControl {
 
 /// The [`LogSink`] of a shard: hands each cycle to the writer.
 pub struct WalSink {
-    tx: Sender<WalMsg>,
+    tx: crate::wake::Tx<WalMsg>,
 }
 
 impl LogSink for WalSink {
@@ -322,7 +322,8 @@ pub fn start(
     let (committed_tx, committed) = tokio::sync::watch::channel(next_lsn - 1);
     let fence = Arc::new(Fence::default());
     stats.active_segment_first_lsn.store(next_lsn, Ordering::Release);
-    let (tx, rx) = crossbeam_channel::bounded(WAL_SUBMISSIONS_QUEUED_MAX);
+    // The writer parks without spinning while the shards are quiet (see `wake`).
+    let (tx, rx) = crate::wake::bounded(WAL_SUBMISSIONS_QUEUED_MAX);
     let commits = Commits {
         stats: stats.clone(),
         committed: committed_tx,
@@ -530,7 +531,7 @@ impl Commits {
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<WalMsg>) -> std::io::Result<()> {
+    fn run(mut self, rx: crate::wake::Rx<WalMsg>) -> std::io::Result<()> {
         loop {
             // In async mode wake up to sync even when no one writes.
             let idle_wait = match self.config.durability {
