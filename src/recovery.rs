@@ -577,23 +577,23 @@ fn replay(
                     };
                     let path = &segments[index].1;
                     report.segments_scanned += 1;
-                    let (offset, reason, torn) = match scan.end {
+                    let (offset, reason, torn, torn_bytes) = match scan.end {
                         ScanEnd::Clean => continue,
-                        ScanEnd::TornTail { offset, reason, .. } => (offset, reason, true),
-                        ScanEnd::Corrupt { offset, reason } => (offset, reason, false),
+                        ScanEnd::TornTail { offset, reason, dropped_bytes } => (offset, reason, true, dropped_bytes),
+                        ScanEnd::Corrupt { offset, reason } => (offset, reason, false, 0),
                     };
                     // The reader stopped after this segment; nothing more will come.
                     let corrupt = || RecoveryError::Corrupt { segment: path.clone(), offset, reason: reason.clone() };
                     let Mode::Repair { truncate_corrupt } = mode else {
                         return Err(Failure::Log(corrupt()));
                     };
-                    let size = std::fs::metadata(path)?.len();
                     if torn && index == last_index {
+                        // (Not counting the zeros of a preallocated segment.)
                         tracing::warn!(
-                            segment = %path.display(), offset, dropped_bytes = size - offset, %reason,
+                            segment = %path.display(), offset, dropped_bytes = torn_bytes, %reason,
                             "truncating the torn tail of the write-ahead log (an interrupted write: never acknowledged)"
                         );
-                        report.torn_bytes_dropped += size - offset;
+                        report.torn_bytes_dropped += torn_bytes;
                         cut(path, offset, false)?;
                         break;
                     }
@@ -843,14 +843,18 @@ fn cut(path: &Path, offset: u64, keep: bool) -> std::io::Result<PathBuf> {
 }
 
 /// Remove what an interrupted write left (`snap-*.snap.tmp`,
-/// `consumer.lsn.tmp`): a temporary file is renamed into place only once
-/// complete, so a leftover is garbage, and a snapshot's can be large.
+/// `consumer.lsn.tmp`, a half zero-filled spare segment): a temporary file
+/// is renamed into place only once complete, so a leftover is garbage, and
+/// a snapshot's can be large. (A complete spare, `wal-spare.ready`, is kept:
+/// it is all zeros and the next rotation uses it.)
 fn remove_leftovers(dir: &Path, report: &mut RecoveryReport) -> std::io::Result<()> {
     let mut removed = false;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let leftover = (name.starts_with("snap-") && name.ends_with(".snap.tmp")) || name == "consumer.lsn.tmp";
+        let leftover = (name.starts_with("snap-") && name.ends_with(".snap.tmp"))
+            || name == "consumer.lsn.tmp"
+            || name == crate::wal::segment::SPARE_PARTIAL_NAME;
         if leftover && entry.file_type()?.is_file() {
             let bytes = entry.metadata()?.len();
             std::fs::remove_file(entry.path())?;

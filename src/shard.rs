@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::wake::{RecvTimeoutError, Rx, TrySendError, Tx};
 use bytes::Bytes;
-use crate::wake::{RecvTimeoutError, Rx, Tx, TrySendError};
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 use stampede_protocol::message::{Opcode, Outcome, QueueTicket, Reply, Reserve, SaleCreate, StatusReply};

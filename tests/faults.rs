@@ -326,14 +326,55 @@ fn a_flipped_bit_in_the_last_acknowledged_record_refuses_to_start_and_torn_tails
     drop(server);
 
     // Real torn tails start on their own and lose nothing acknowledged:
-    // the start of a next record cut short, and zeros where the file grew.
+    // the start of a next record cut short, at the end of the file or
+    // followed by the zeros of a preallocated segment (both are truncated
+    // as torn); and zeros alone after the last record, which are the clean
+    // end of a preallocated segment (WAL.md): nothing to truncate.
     let next = {
         let mut buf = BytesMut::new();
         let event = stampede::engine::Event::Paused { sku: SKU, at_ms: 1 };
         stampede::wal::record::encode_record(last_lsn + 1, &event, &mut buf);
         buf
     };
-    for (what, tail) in [("a record cut short", next[..next.len() - 5].to_vec()), ("zeros", vec![0u8; 4096])] {
+    let cut_short = next[..next.len() - 5].to_vec();
+    // In a preallocated segment a sector that never landed keeps its
+    // zeros, so a torn record ends in zeros from a sector boundary inside
+    // it. Whole records written ahead of it (a group: Paused and Resumed,
+    // never acknowledged, harmless if replayed) move it across a boundary.
+    let cut_then_zeros = {
+        let size = size as u64;
+        let mut tail = Vec::new();
+        let mut at_ms = 2;
+        let mut lsn = last_lsn + 1;
+        loop {
+            let start = size + tail.len() as u64;
+            let mut record = BytesMut::new();
+            let event = stampede::engine::Event::Paused { sku: SKU, at_ms };
+            stampede::wal::record::encode_record(lsn, &event, &mut record);
+            let boundary = start.next_multiple_of(512);
+            if boundary > start && boundary < start + record.len() as u64 && (lsn - last_lsn) % 2 == 1 {
+                tail.extend_from_slice(&record[..(boundary - start) as usize]);
+                tail.extend_from_slice(&[0u8; 4096]);
+                break tail;
+            }
+            // Paused then Resumed: the sale ends as it was.
+            let mut filler = BytesMut::new();
+            let event = if (lsn - last_lsn) % 2 == 1 {
+                stampede::engine::Event::Paused { sku: SKU, at_ms }
+            } else {
+                stampede::engine::Event::Resumed { sku: SKU, at_ms }
+            };
+            stampede::wal::record::encode_record(lsn, &event, &mut filler);
+            tail.extend_from_slice(&filler);
+            lsn += 1;
+            at_ms += 1;
+        }
+    };
+    for (what, tail, torn) in [
+        ("a record cut short", cut_short, true),
+        ("a record cut short, then preallocated zeros", cut_then_zeros, true),
+        ("zeros", vec![0u8; 4096], false),
+    ] {
         let copy = copy_dir(&dir.0, "torn");
         let path = copy.0.join(&name);
         let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
@@ -341,7 +382,7 @@ fn a_flipped_bit_in_the_last_acknowledged_record_refuses_to_start_and_torn_tails
         let log = copy.0.join("server.log");
         let server = ServerProcess::start_logged(&copy.0, &[], &log);
         let said = std::fs::read_to_string(&log).unwrap();
-        assert!(said.contains("truncating the torn tail"), "{what}: {said}");
+        assert_eq!(said.contains("truncating the torn tail"), torn, "{what}: {said}");
         rt.block_on(async {
             assert_counters(&server.addr, &acks, what).await;
             audit(&server.addr, &acks, what).await;

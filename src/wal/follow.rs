@@ -8,6 +8,11 @@
 //! before anything newer. Each record's checksum is verified before it is
 //! sent, so a disk error is reported here rather than downstream.
 //!
+//! A preallocated segment has zeros after its records, and a buffer read
+//! while the writer was appending may hold a record half written and
+//! zeros after it: before calling anything invalid (or the end of the
+//! segment), the cursor reads the file again from that record.
+//!
 //! Segments are found by name: a closed segment continues in the one named
 //! after the next LSN. A segment deleted by retention while the cursor was
 //! still before it makes the cursor fail with `Unavailable`.
@@ -43,6 +48,8 @@ pub struct LogCursor {
     /// Bytes read from `file` and not yet consumed, from `pending_at`.
     pending: Vec<u8>,
     pending_at: usize,
+    /// The file offset of `pending[0]`.
+    pending_offset: u64,
 }
 
 impl LogCursor {
@@ -62,6 +69,7 @@ impl LogCursor {
             file,
             pending: Vec::with_capacity(READ_CHUNK_BYTES),
             pending_at: 0,
+            pending_offset: SEGMENT_HEADER_BYTES as u64,
         };
         // Skip the records of this segment before from_lsn.
         cursor.skip_before(from_lsn)?;
@@ -90,6 +98,7 @@ impl LogCursor {
     /// The LSN and size of the next complete record in this segment, or
     /// `None` at the end of the segment's written bytes.
     fn peek(&mut self) -> Result<Option<(u64, usize)>, CursorError> {
+        let mut reread = false;
         loop {
             let available = &self.pending[self.pending_at..];
             match decode_record(available) {
@@ -99,6 +108,14 @@ impl LogCursor {
                         return Ok(None);
                     }
                 }
+                Err(_) if !reread => {
+                    // Stale bytes (see the module doc): once more, fresh.
+                    self.reread()?;
+                    reread = true;
+                }
+                // Zeros where a record would start, read fresh: the
+                // preallocated rest of the segment.
+                Err(_) if available[..RECORD_HEADER_BYTES].iter().all(|&b| b == 0) => return Ok(None),
                 Err(e) => {
                     let lsn = if available.len() >= RECORD_HEADER_BYTES {
                         u64::from_le_bytes(available[4..12].try_into().expect("8 bytes"))
@@ -111,9 +128,22 @@ impl LogCursor {
         }
     }
 
+    /// Drop the buffer from the next record on and read the file again
+    /// from there.
+    fn reread(&mut self) -> std::io::Result<()> {
+        let offset = self.pending_offset + self.pending_at as u64;
+        self.file.seek(SeekFrom::Start(offset))?;
+        self.pending.clear();
+        self.pending_at = 0;
+        self.pending_offset = offset;
+        self.fill()?;
+        Ok(())
+    }
+
     /// Read more of the current file; false at its end.
     fn fill(&mut self) -> std::io::Result<bool> {
         self.pending.drain(..self.pending_at);
+        self.pending_offset += self.pending_at as u64;
         self.pending_at = 0;
         let start = self.pending.len();
         self.pending.resize(start + READ_CHUNK_BYTES, 0);
@@ -138,6 +168,7 @@ impl LogCursor {
         self.segment = path;
         self.pending.clear();
         self.pending_at = 0;
+        self.pending_offset = SEGMENT_HEADER_BYTES as u64;
         Ok(())
     }
 

@@ -51,6 +51,9 @@ pub struct WalConfig {
     /// A cluster node's log: replies are released on a thread of their
     /// own, as the synchronous standbys acknowledge (see writer.rs).
     pub replicated: bool,
+    /// Zero-fill the next segment ahead of time on a helper thread (see
+    /// segment.rs): `fdatasync` then writes data only, no file size.
+    pub preallocate: bool,
 }
 
 impl WalConfig {
@@ -63,6 +66,7 @@ impl WalConfig {
             async_sync_interval: Duration::from_millis(WAL_ASYNC_SYNC_INTERVAL_MS_DEFAULT),
             segment_bytes_max: WAL_SEGMENT_BYTES_MAX,
             replicated: false,
+            preallocate: true,
         }
     }
 }

@@ -12,7 +12,16 @@
 //! 24  4 reserved       0
 //! 28  4 header_crc32c  CRC-32C of bytes 0..28
 //! 32  ... records back to back (see record.rs), no padding
+//! ...  zeros to the end of the file (a preallocated segment)
 //! ```
+//!
+//! Segments after the first of a run are **preallocated**: a helper thread
+//! zero-fills and syncs a spare file (`wal-spare.ready`) ahead of time, and a
+//! rotation renames it into place and writes its header. Records then
+//! overwrite zeros, so `fdatasync` has no file size or block allocation to
+//! write back: only the data. The records end where the zeros begin: an
+//! all-zero record header is never a valid record (its checksum is not
+//! zero), so "every remaining byte is zero" marks the clean end exactly.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -25,6 +34,12 @@ use crate::wal::record::{decode_record, verify_record, RecordError};
 pub const SEGMENT_MAGIC: [u8; 8] = *b"STMPWAL\0";
 pub const SEGMENT_VERSION: u32 = 1;
 pub const SEGMENT_HEADER_BYTES: usize = 32;
+
+/// The preallocated spare segment, ready to be renamed into place (kept
+/// across restarts: it is all zeros).
+pub const SPARE_NAME: &str = "wal-spare.ready";
+/// The spare while it is being zero-filled (removed at start if left).
+pub const SPARE_PARTIAL_NAME: &str = "wal-spare.partial";
 
 pub fn segment_name(first_lsn: u64) -> String {
     format!("wal-{first_lsn:020}.seg")
@@ -47,11 +62,65 @@ pub fn encode_header(first_lsn: u64) -> [u8; SEGMENT_HEADER_BYTES] {
 
 /// Create a new segment file, write its header and make both the file and
 /// its directory entry durable.
+/// The file grows as records are written (the writer writes at explicit
+/// offsets, never in append mode, so preallocated and growing segments are
+/// written alike).
 pub fn create_segment(dir: &Path, first_lsn: u64) -> std::io::Result<File> {
     let path = dir.join(segment_name(first_lsn));
-    let mut file = std::fs::OpenOptions::new().create_new(true).append(true).open(&path)?;
+    let mut file = std::fs::OpenOptions::new().create_new(true).write(true).open(&path)?;
     file.write_all(&encode_header(first_lsn))?;
     file.sync_all()?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// Zero-fill and sync a spare segment of `bytes` (the preallocation helper
+/// thread; never on the write path). Written under a partial name and
+/// renamed when complete, so a spare that exists is whole.
+pub fn prepare_spare(dir: &Path, bytes: u64) -> std::io::Result<()> {
+    let ready = dir.join(SPARE_NAME);
+    if ready.exists() {
+        return Ok(());
+    }
+    let partial = dir.join(SPARE_PARTIAL_NAME);
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&partial)?;
+        // Real zeros, not fallocate: an unwritten extent would still need
+        // its conversion written back at the first fdatasync over it.
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            file.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        file.sync_all()?;
+        std::fs::rename(&partial, &ready)
+    })();
+    if result.is_err() {
+        // A full disk: give the space back; rotation creates a growing
+        // segment instead.
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
+/// The next segment: the spare renamed into place with its header written
+/// and synced, or, with no spare ready, a new growing one.
+pub fn install_segment(dir: &Path, first_lsn: u64) -> std::io::Result<File> {
+    use std::os::unix::fs::FileExt;
+    let spare = dir.join(SPARE_NAME);
+    let path = dir.join(segment_name(first_lsn));
+    match std::fs::rename(&spare, &path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return create_segment(dir, first_lsn),
+        Err(e) => return Err(e),
+    }
+    // A crash before this header is synced leaves a segment of zeros: a
+    // torn header, which recovery drops (see `scan_segment`).
+    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+    file.write_all_at(&encode_header(first_lsn), 0)?;
+    file.sync_data()?;
     sync_dir(dir)?;
     Ok(file)
 }
@@ -149,7 +218,15 @@ pub fn scan_segment(
     }
     let mut at = SEGMENT_HEADER_BYTES;
     let mut next_lsn = first_lsn;
+    // Where the preallocated zeros begin: past it no record can start.
+    let data_end = bytes.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1);
     while at < bytes.len() {
+        if at >= data_end {
+            // Every remaining byte is zero: the clean end of a
+            // preallocated segment (or a torn write that never reached
+            // this far; either way nothing was acknowledged past `at`).
+            break;
+        }
         let record = if next_lsn < decode_from {
             verify_record(&bytes[at..]).map(|(lsn, used)| (lsn, None, used))
         } else {
@@ -185,7 +262,9 @@ pub fn scan_segment(
 /// acknowledged record, and recovery must not drop it silently.
 fn classify_failure(bytes: &[u8], at: usize, next_lsn: u64, error: &RecordError) -> ScanEnd {
     let reason = error.to_string();
-    let later_valid = (at + 1..bytes.len()).any(|probe| {
+    // Past the last non-zero byte no record can start (preallocated zeros).
+    let data_end = bytes.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1);
+    let later_valid = (at + 1..data_end).any(|probe| {
         matches!(decode_record(&bytes[probe..]), Ok((lsn, _, _)) if lsn >= next_lsn && lsn < next_lsn + (1 << 40))
     });
     if later_valid {
@@ -194,10 +273,30 @@ fn classify_failure(bytes: &[u8], at: usize, next_lsn: u64, error: &RecordError)
     match tail_kind(&bytes[at..], at, next_lsn, error) {
         Tail::Torn(why) => ScanEnd::TornTail {
             offset: at as u64,
-            dropped_bytes: (bytes.len() - at) as u64,
+            dropped_bytes: torn_bytes(&bytes[at..]) as u64,
             reason: format!("{reason}: {why}"),
         },
         Tail::Damaged(why) => ScanEnd::Corrupt { offset: at as u64, reason: format!("{reason}: {why}") },
+    }
+}
+
+/// The bytes of a torn record at the start of `rest`: as far as its header
+/// says it reaches (or the whole rest, if the header is cut short or
+/// impossible), not counting the preallocated zeros after it.
+fn torn_bytes(rest: &[u8]) -> usize {
+    use crate::limits::RECORD_PAYLOAD_BYTES_MAX;
+    use crate::wal::record::RECORD_HEADER_BYTES;
+    let extent = match rest.get(12..16) {
+        Some(len) => match u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize {
+            len if len <= RECORD_PAYLOAD_BYTES_MAX => (RECORD_HEADER_BYTES + len).min(rest.len()),
+            _ => rest.len(),
+        },
+        None => rest.len(),
+    };
+    if rest[extent..].iter().all(|&b| b == 0) {
+        extent
+    } else {
+        rest.len()
     }
 }
 

@@ -31,7 +31,6 @@
 //! synchronous set: what the reconciler may settle).
 
 use std::fs::File;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -341,10 +340,31 @@ pub fn start(
     } else {
         (Release::Inline(commits), None, None)
     };
+    // Segments larger than the default bound exist only as test seams
+    // (never rotating): nothing to preallocate for.
+    let spares = if config.preallocate && config.segment_bytes_max <= crate::limits::WAL_SEGMENT_BYTES_MAX {
+        // One request at a time is enough: a spare takes a segment's worth
+        // of writes to be needed.
+        let (spares_tx, spares_rx) = crossbeam_channel::bounded::<()>(1);
+        let (dir, bytes) = (config.dir.clone(), config.segment_bytes_max);
+        std::thread::Builder::new().name("wal-prealloc".into()).spawn(move || {
+            // Ends when the writer (the only sender) is gone.
+            for () in spares_rx.iter() {
+                if let Err(e) = crate::wal::segment::prepare_spare(&dir, bytes) {
+                    tracing::warn!(error = %e, "could not preallocate the next log segment; it will grow as written");
+                }
+            }
+        })?;
+        Some(spares_tx)
+    } else {
+        None
+    };
     let writer = Writer {
         dir: config.dir.clone(),
         config,
         file,
+        spares,
+        spare_requested: false,
         segment_bytes: crate::wal::segment::SEGMENT_HEADER_BYTES as u64,
         next_lsn,
         buf: BytesMut::with_capacity(1 << 20),
@@ -390,6 +410,11 @@ struct Writer {
     group_records: u64,
     last_sync: Instant,
     syncer: Box<dyn Syncer>,
+    /// Asks the preallocation thread for the next spare segment (`None`:
+    /// segments grow as written; see `WalConfig::preallocate`).
+    spares: Option<crossbeam_channel::Sender<()>>,
+    /// The next spare was asked for (reset at each rotation).
+    spare_requested: bool,
     stats: Arc<WalStats>,
     /// Publish the written and synced LSNs (see [`WalWatches`]).
     written: tokio::sync::watch::Sender<u64>,
@@ -637,7 +662,9 @@ impl Writer {
     /// Write the group, make it durable per the mode, then release replies.
     fn flush(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
-            self.file.write_all(&self.buf)?;
+            // At an explicit offset: a preallocated segment is longer than
+            // its records.
+            std::os::unix::fs::FileExt::write_all_at(&self.file, &self.buf, self.segment_bytes)?;
             self.segment_bytes += self.buf.len() as u64;
             self.stats.bytes_total.fetch_add(self.buf.len() as u64, Ordering::Relaxed);
             self.buf.clear();
@@ -663,6 +690,13 @@ impl Writer {
         self.publish(replies);
         if self.segment_bytes >= self.config.segment_bytes_max {
             self.rotate()?;
+        } else if !self.spare_requested && self.segment_bytes >= self.config.segment_bytes_max / 2 {
+            // Half full: the helper zero-fills the next segment while this
+            // one fills up (no spare at all for a log that never rotates).
+            if let Some(spares) = &self.spares {
+                let _ = spares.try_send(());
+            }
+            self.spare_requested = true;
         }
         Ok(())
     }
@@ -693,7 +727,9 @@ impl Writer {
     /// Close the full segment (synced) and start the next one.
     fn rotate(&mut self) -> std::io::Result<()> {
         self.sync()?;
-        self.file = create_segment(&self.dir, self.next_lsn)?;
+        self.file = crate::wal::segment::install_segment(&self.dir, self.next_lsn)?;
+        // The helper zero-fills the next spare while this one fills up.
+        self.spare_requested = false;
         self.segment_bytes = crate::wal::segment::SEGMENT_HEADER_BYTES as u64;
         self.stats.active_segment_first_lsn.store(self.next_lsn, Ordering::Release);
         Ok(())
