@@ -381,3 +381,15 @@ fn single_flip_repair(rest: &[u8], lsn: u64) -> Option<usize> {
         valid
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_all_zero_header_is_never_a_record() {
+        // The clean end of a preallocated segment rests on this.
+        assert!(crate::wal::record::verify_record(&[0u8; 64]).is_err());
+        assert!(decode_record(&[0u8; 64]).is_err());
+    }
+}
