@@ -26,7 +26,7 @@ use hdrhistogram::Histogram;
 use stampede_protocol::Status;
 
 use crate::audit::{self, Acked, Tally};
-use crate::report::{ServerCpu, Invariants, Latency, OpSummary, Second, Summary};
+use crate::report::{Invariants, Latency, OpSummary, Second, ServerCpu, Summary};
 use crate::scenario::{AfterReserve, Plan, Scenario, Session};
 use crate::target::{SkuState, Target};
 
@@ -536,7 +536,8 @@ pub async fn execute(
         invariants,
         audit,
         timeline,
-        server_cpu: server_cpu_us.map(|cpu_us| ServerCpu { cpu_us, us_per_request: cpu_us as f64 / requests.max(1) as f64 }),
+        server_cpu: server_cpu_us
+            .map(|cpu_us| ServerCpu { cpu_us, us_per_request: cpu_us as f64 / requests.max(1) as f64 }),
         config,
         failover: None,
     };

@@ -264,7 +264,19 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
                 "stampede_vs_postgres_p99": stampede.latency_us.p99 as f64 / postgres.latency_us.p99.max(1) as f64,
             });
             println!("ratios (stampede / other): {}", serde_json::to_string_pretty(&ratios)?);
-            write_outputs(&args, &json!({ "runs": runs, "ratios": ratios }), Some(stampede.html()))?;
+            // The runs side by side, under the labels their drills used
+            // (the PING run's says what it measured).
+            let html = stampede_loadgen::report::compare_html(
+                &[
+                    ("stampede", &stampede),
+                    ("stampede, PING only", &ping),
+                    (&redis.target, &redis),
+                    (&redis_durable.target, &redis_durable),
+                    (&postgres.target, &postgres),
+                ],
+                &ratios,
+            );
+            write_outputs(&args, &json!({ "runs": runs, "ratios": ratios }), Some(html))?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }

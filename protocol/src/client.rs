@@ -203,7 +203,13 @@ struct Inner {
     current: std::sync::Mutex<String>,
     /// Calls that had to find a (new) leader and go again.
     failover_retries: AtomicU64,
-    slots: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
+    /// Each slot's live connection: read by every call (a shared lock, no
+    /// await), replaced under the slot's `reconnecting` lock.
+    slots: Vec<std::sync::RwLock<Option<Arc<Conn>>>>,
+    /// One reconnect per slot at a time (an async mutex: it is held across
+    /// the connect and the handshake). Calls never take it while the slot's
+    /// connection is open.
+    reconnecting: Vec<tokio::sync::Mutex<()>>,
     next_slot: AtomicUsize,
     next_request_id: AtomicU64,
     role: std::sync::Mutex<Role>,
@@ -232,7 +238,8 @@ impl Client {
             current: std::sync::Mutex::new(nodes.first().cloned().unwrap_or_default()),
             failover_retries: AtomicU64::new(0),
             nodes,
-            slots: (0..connections).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            slots: (0..connections).map(|_| std::sync::RwLock::new(None)).collect(),
+            reconnecting: (0..connections).map(|_| tokio::sync::Mutex::new(())).collect(),
             config,
             next_slot: AtomicUsize::new(0),
             next_request_id: AtomicU64::new(1),
@@ -317,10 +324,8 @@ impl Client {
             *current = node.to_string();
         }
         for slot in &self.inner.slots {
-            if let Ok(guard) = slot.try_lock() {
-                if let Some(conn) = guard.as_ref() {
-                    conn.closed.store(true, Ordering::SeqCst);
-                }
+            if let Some(conn) = slot.read().expect("slot lock").as_ref() {
+                conn.closed.store(true, Ordering::SeqCst);
             }
         }
     }
@@ -332,14 +337,20 @@ impl Client {
 
     /// Get the slot's connection, (re)connecting if it is closed.
     async fn conn(&self, slot: usize) -> Result<Arc<Conn>, ClientError> {
-        let mut guard = self.inner.slots[slot].lock().await;
-        if let Some(conn) = guard.as_ref() {
-            if !conn.is_closed() {
-                return Ok(conn.clone());
-            }
+        let live = |client: &Client| {
+            let guard = client.inner.slots[slot].read().expect("slot lock");
+            guard.as_ref().filter(|conn| !conn.is_closed()).cloned()
+        };
+        if let Some(conn) = live(self) {
+            return Ok(conn);
+        }
+        let _reconnecting = self.inner.reconnecting[slot].lock().await;
+        // Another call may have reconnected while this one waited.
+        if let Some(conn) = live(self) {
+            return Ok(conn);
         }
         let conn = self.connect_to(&self.current_node()).await?;
-        *guard = Some(conn.clone());
+        *self.inner.slots[slot].write().expect("slot lock") = Some(conn.clone());
         Ok(conn)
     }
 
