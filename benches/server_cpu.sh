@@ -10,7 +10,7 @@
 # SHAPE picks the load (default: 32 connections x 4 in flight, every request
 # its own frame); e.g. SHAPE="--callers 1024 --connections 4" for the
 # checkout-service shape, whose client coalesces. SERVER_ARGS adds server
-# flags. Every reserve succeeds (stock = users) and is fdatasynced before
+# flags, SERVER_BIN another server binary (to compare two builds). Every reserve succeeds (stock = users) and is fdatasynced before
 # its reply (the server's default durability).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,7 @@ PAIRS=${2:-3}
 SHAPE=${SHAPE:---connections 32 --depth 4}
 SERVER_ARGS=${SERVER_ARGS:-}
 bin=target/release
+server=${SERVER_BIN:-$bin/stampede-server}
 for b in stampede-server stampede-loadgen; do
   [ -x "$bin/$b" ] || { echo "build first: cargo build --release --workspace --bins" >&2; exit 1; }
 done
@@ -29,7 +30,7 @@ run() {
   dir=$(mktemp -d /tmp/stampede-cpu.XXXXXX)
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   # shellcheck disable=SC2086
-  "$bin/stampede-server" --insecure --listen "127.0.0.1:$port" --data-dir "$dir/data" $SERVER_ARGS >"$dir/server.log" 2>&1 &
+  "$server" --insecure --listen "127.0.0.1:$port" --data-dir "$dir/data" $SERVER_ARGS >"$dir/server.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
   local ping=()

@@ -20,8 +20,6 @@
 //! - [`node`]: all of the above started and stopped in order (what
 //!   `stampede-server` runs).
 //! - [`memory`]: process-wide memory policy (no transparent huge pages).
-//! - [`wake`]: the bounded queue in front of the shard and log-writer
-//!   threads, whose consumer parks without spinning.
 //!
 //! # One reservation, end to end
 //!
@@ -48,5 +46,4 @@ pub mod recovery;
 pub mod server;
 pub mod shard;
 pub mod sink;
-pub mod wake;
 pub mod wal;

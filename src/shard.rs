@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::wake::{RecvTimeoutError, Rx, TrySendError, Tx};
 use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
 use stampede_protocol::message::{Opcode, Outcome, QueueTicket, Reply, Reserve, SaleCreate, StatusReply};
@@ -169,8 +169,7 @@ impl ReplyTo {
 pub struct ShardHandle {
     pub id: usize,
     pub hot: bool,
-    /// The shard's queue (see `wake` for why not crossbeam's own wait).
-    pub tx: Tx<ShardMsg>,
+    pub tx: Sender<ShardMsg>,
     /// The status every request is answered with instead of being queued
     /// (0: none), shared by every shard of a router: `shutting_down` once
     /// the server stops, `not_leader` once a leader is fenced,
@@ -424,7 +423,7 @@ fn spawn_shard(
     sink: Box<dyn LogSink>,
     refusing: Arc<AtomicU16>,
 ) -> Arc<ShardHandle> {
-    let (tx, rx) = crate::wake::bounded(SHARD_QUEUE_MESSAGES_MAX);
+    let (tx, rx) = crossbeam_channel::bounded(SHARD_QUEUE_MESSAGES_MAX);
     let name = if hot { format!("shard-hot-{id}") } else { format!("shard-{id}") };
     let thread = std::thread::Builder::new()
         .name(name)
@@ -464,7 +463,7 @@ impl ShardLoop {
     /// Decide until told to stop; then return the stop's `done` once the
     /// last cycle is with the sink and the sink is dropped (`None`: every
     /// sender went away first).
-    fn run(mut self, rx: &Rx<ShardMsg>) -> Option<crossbeam_channel::Sender<()>> {
+    fn run(mut self, rx: &Receiver<ShardMsg>) -> Option<crossbeam_channel::Sender<()>> {
         let tick = Duration::from_millis(EXPIRY_TICK_MS);
         loop {
             let first = match rx.recv_timeout(tick) {

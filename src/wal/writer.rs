@@ -192,7 +192,7 @@ impl Default for WalStats {
 
 /// A running log writer.
 pub struct WalHandle {
-    tx: crate::wake::Tx<WalMsg>,
+    tx: Sender<WalMsg>,
     /// The release thread's inbox, on a replicated log.
     release_tx: Option<Sender<ReleaseMsg>>,
     releaser: Option<JoinHandle<()>>,
@@ -264,7 +264,7 @@ impl WalHandle {
 /// replicated log), a standby's records to the writer.
 #[derive(Clone)]
 pub struct WalControl {
-    writer: crate::wake::Tx<WalMsg>,
+    writer: Sender<WalMsg>,
     release: Option<Sender<ReleaseMsg>>,
 }
 
@@ -287,7 +287,7 @@ impl WalControl {
 
 /// The [`LogSink`] of a shard: hands each cycle to the writer.
 pub struct WalSink {
-    tx: crate::wake::Tx<WalMsg>,
+    tx: Sender<WalMsg>,
 }
 
 impl LogSink for WalSink {
@@ -308,7 +308,13 @@ pub fn start(
     syncer: Box<dyn Syncer>,
     fatal: FatalHandler,
 ) -> std::io::Result<WalHandle> {
-    let file = create_segment(&config.dir, next_lsn)?;
+    // A spare left by the previous run (all zeros) makes the first
+    // segment preallocated too.
+    let file = if config.preallocate {
+        crate::wal::segment::install_segment(&config.dir, next_lsn)?
+    } else {
+        create_segment(&config.dir, next_lsn)?
+    };
     let stats = Arc::new(WalStats::default());
     stats.durable_lsn.store(next_lsn - 1, Ordering::Release);
     stats.synced_lsn.store(next_lsn - 1, Ordering::Release);
@@ -321,8 +327,7 @@ pub fn start(
     let (committed_tx, committed) = tokio::sync::watch::channel(next_lsn - 1);
     let fence = Arc::new(Fence::default());
     stats.active_segment_first_lsn.store(next_lsn, Ordering::Release);
-    // The writer parks without spinning while the shards are quiet (see `wake`).
-    let (tx, rx) = crate::wake::bounded(WAL_SUBMISSIONS_QUEUED_MAX);
+    let (tx, rx) = crossbeam_channel::bounded(WAL_SUBMISSIONS_QUEUED_MAX);
     let commits = Commits {
         stats: stats.clone(),
         committed: committed_tx,
@@ -355,6 +360,8 @@ pub fn start(
                 }
             }
         })?;
+        // The next segment's spare, from the start.
+        let _ = spares_tx.try_send(());
         Some(spares_tx)
     } else {
         None
@@ -363,8 +370,8 @@ pub fn start(
         dir: config.dir.clone(),
         config,
         file,
+        spare_requested: spares.is_some(),
         spares,
-        spare_requested: false,
         segment_bytes: crate::wal::segment::SEGMENT_HEADER_BYTES as u64,
         next_lsn,
         buf: BytesMut::with_capacity(1 << 20),
@@ -556,7 +563,7 @@ impl Commits {
 }
 
 impl Writer {
-    fn run(mut self, rx: crate::wake::Rx<WalMsg>) -> std::io::Result<()> {
+    fn run(mut self, rx: Receiver<WalMsg>) -> std::io::Result<()> {
         loop {
             // In async mode wake up to sync even when no one writes.
             let idle_wait = match self.config.durability {
