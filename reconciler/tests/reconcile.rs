@@ -321,7 +321,10 @@ async fn the_log_needs_the_replication_role_and_an_lsn_the_log_has() {
     }
     // Beyond the end of the log.
     let client = stampede_protocol::replication::ReplicationClient::connect(&addr, REPLICATION).await.unwrap();
-    let (mut stream, _) = client.replicate(1_000).await.unwrap();
+    // Keep the settler: dropping it closes our write half, and a stream
+    // whose consumer has closed may end before it answers (a race this
+    // test lost under load).
+    let (mut stream, _settler) = client.replicate(1_000).await.unwrap();
     match stream.next_batch().await {
         Err(stampede_protocol::client::ClientError::Server { status: Status::LsnUnavailable, .. }) => {}
         other => panic!("REPLICATE past the end: {other:?}"),
