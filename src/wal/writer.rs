@@ -360,8 +360,6 @@ pub fn start(
                 }
             }
         })?;
-        // The next segment's spare, from the start.
-        let _ = spares_tx.try_send(());
         Some(spares_tx)
     } else {
         None
@@ -370,8 +368,8 @@ pub fn start(
         dir: config.dir.clone(),
         config,
         file,
-        spare_requested: spares.is_some(),
         spares,
+        spare_requested: false,
         segment_bytes: crate::wal::segment::SEGMENT_HEADER_BYTES as u64,
         next_lsn,
         buf: BytesMut::with_capacity(1 << 20),
