@@ -10,6 +10,12 @@ pub use stampede_protocol::limits::*;
 /// to absorb a burst from thousands of connections.
 pub const SHARD_QUEUE_MESSAGES_MAX: usize = 64 * 1024;
 
+/// Operations (each of a batch counted) queued for one shard before new
+/// requests get `busy`. Counted apart from messages since one message may
+/// carry up to `SHARD_MESSAGE_OPS_MAX` operations (what one socket read
+/// brought in): the same ~13 ms of work at ~5M decisions/s.
+pub const SHARD_QUEUE_OPS_MAX: usize = 64 * 1024;
+
 /// Operations (a batch counts each of its ops) a shard decides per cycle
 /// before it hands the cycle's events to the log sink. Small enough that
 /// the log writer fsyncs one cycle while the shard decides the next (so a

@@ -11,7 +11,7 @@
 //! bounded channel gives a cheap `try_send` that fails fast when full, which
 //! is exactly the `busy` signal.
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -28,6 +28,7 @@ use crate::clock::Clock;
 use crate::engine::{Engine, ReservationDirectory, SkuGauge, RESERVE_PREFETCH_AHEAD};
 use crate::limits::{
     BUSY_RETRY_AFTER_MS, EXPIRY_TICK_MS, HOT_SHARDS_MAX, SHARD_CYCLE_OPS_MAX, SHARD_QUEUE_MESSAGES_MAX,
+    SHARD_QUEUE_OPS_MAX,
 };
 use crate::server::conn::Outbound;
 use crate::sink::{AdminResult, ConnTx, Delivery, LogSink};
@@ -131,6 +132,17 @@ impl ShardMsg {
         }
     }
 
+    /// Operations this message counts against `SHARD_QUEUE_OPS_MAX`: the
+    /// requests `ShardHandle::submit` queues (admin commands, digests and
+    /// stops are sent around the bound and count none).
+    fn queued_ops(&self) -> usize {
+        match self {
+            ShardMsg::Ops { ops, .. } => ops.len(),
+            ShardMsg::Status { .. } | ShardMsg::Ticket { .. } => 1,
+            ShardMsg::Admin { .. } | ShardMsg::Digest { .. } | ShardMsg::Shutdown { .. } => 0,
+        }
+    }
+
     /// Answer this message without deciding it: `busy` (the shard's queue
     /// is full; retry in `BUSY_RETRY_AFTER_MS`) or `shutting_down`. The one
     /// place that knows each request's refusal shape.
@@ -176,6 +188,9 @@ pub struct ShardHandle {
     /// `sync_standby_unavailable` while a strict leader has no synchronous
     /// standby. One relaxed load per request; written rarely.
     refusing: Arc<AtomicU16>,
+    /// Operations queued and not yet taken by the shard (see
+    /// `SHARD_QUEUE_OPS_MAX`): added by `submit`, taken off by the shard.
+    queued_ops: Arc<AtomicUsize>,
     /// The shard thread; it ends once every sender is gone.
     pub thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -189,15 +204,29 @@ impl ShardHandle {
         if refusing != 0 {
             return msg.refuse(Status::from_code(refusing).unwrap_or(Status::ShuttingDown));
         }
+        let ops = msg.queued_ops();
+        let before = self.queued_ops.fetch_add(ops, Ordering::Relaxed);
+        // (A message bigger than the bound still goes into an empty queue.)
+        if before > 0 && before + ops > SHARD_QUEUE_OPS_MAX {
+            self.queued_ops.fetch_sub(ops, Ordering::Relaxed);
+            return msg.refuse(Status::Busy);
+        }
         match self.tx.try_send(msg) {
             Ok(()) => {}
-            Err(TrySendError::Full(msg)) => msg.refuse(Status::Busy),
-            Err(TrySendError::Disconnected(msg)) => msg.refuse(Status::ShuttingDown),
+            Err(TrySendError::Full(msg)) => {
+                self.queued_ops.fetch_sub(ops, Ordering::Relaxed);
+                msg.refuse(Status::Busy)
+            }
+            Err(TrySendError::Disconnected(msg)) => {
+                self.queued_ops.fetch_sub(ops, Ordering::Relaxed);
+                msg.refuse(Status::ShuttingDown)
+            }
         }
     }
 
+    /// Operations waiting in the shard's queue.
     pub fn queue_len(&self) -> usize {
-        self.tx.len()
+        self.queued_ops.load(Ordering::Relaxed)
     }
 }
 
@@ -424,6 +453,8 @@ fn spawn_shard(
     refusing: Arc<AtomicU16>,
 ) -> Arc<ShardHandle> {
     let (tx, rx) = crossbeam_channel::bounded(SHARD_QUEUE_MESSAGES_MAX);
+    let queued_ops = Arc::new(AtomicUsize::new(0));
+    let shard_queued_ops = queued_ops.clone();
     let name = if hot { format!("shard-hot-{id}") } else { format!("shard-{id}") };
     let thread = std::thread::Builder::new()
         .name(name)
@@ -433,8 +464,15 @@ fn spawn_shard(
                     tracing::warn!(shard = id, core = core.id, "could not pin hot shard to its core");
                 }
             }
-            let shard =
-                ShardLoop { engine, clock, sink, events: Vec::new(), replies: Vec::new(), inbox: Default::default() };
+            let shard = ShardLoop {
+                engine,
+                clock,
+                sink,
+                events: Vec::new(),
+                replies: Vec::new(),
+                inbox: Default::default(),
+                queued_ops: shard_queued_ops,
+            };
             if let Some(done) = shard.run(&rx) {
                 // Drain mode: nothing more is decided or logged. Whatever a
                 // connection queued after the stop is refused, until the
@@ -446,7 +484,7 @@ fn spawn_shard(
             }
         })
         .expect("spawn shard thread");
-    Arc::new(ShardHandle { id, hot, tx, refusing, thread: Mutex::new(Some(thread)) })
+    Arc::new(ShardHandle { id, hot, tx, refusing, queued_ops, thread: Mutex::new(Some(thread)) })
 }
 
 struct ShardLoop {
@@ -457,6 +495,8 @@ struct ShardLoop {
     replies: Vec<Delivery>,
     /// This cycle's messages (kept for its allocation).
     inbox: std::collections::VecDeque<ShardMsg>,
+    /// Shared with the handle: operations still in the queue.
+    queued_ops: Arc<AtomicUsize>,
 }
 
 impl ShardLoop {
@@ -490,10 +530,12 @@ impl ShardLoop {
             let mut stop = None;
             if let Some(msg) = first {
                 let mut ops = msg.ops();
+                self.queued_ops.fetch_sub(msg.queued_ops(), Ordering::Relaxed);
                 self.inbox.push_back(msg);
                 while ops < SHARD_CYCLE_OPS_MAX && !matches!(self.inbox.back(), Some(ShardMsg::Shutdown { .. })) {
                     let Ok(msg) = rx.try_recv() else { break };
                     ops += msg.ops();
+                    self.queued_ops.fetch_sub(msg.queued_ops(), Ordering::Relaxed);
                     self.inbox.push_back(msg);
                 }
                 for msg in self.inbox.iter().take(RESERVE_PREFETCH_AHEAD) {

@@ -27,13 +27,25 @@ fn round_ops(round: u64, earlier: &[u128], rng: &mut u64) -> Vec<BatchOp> {
         *rng
     };
     let mut ops = Vec::new();
+    // Ids reserved earlier in this same frame: a CONFIRM or RELEASE behind
+    // them must reach their shard, as it would have alone.
+    let mut this_frame: Vec<u128> = Vec::new();
     for i in 0..(40 + next() % 40) {
         let roll = next() % 100;
         let op = match roll {
             0..=49 => {
                 let sku = [1, 2][(next() % 2) as usize];
                 let id = (u128::from(round) << 32) | u128::from(i) | 1 << 100;
+                this_frame.push(id);
                 BatchOp::Reserve(Reserve { sku, user: next() % 30, qty: 1 + (next() % 3) as u32, reservation_id: id })
+            }
+            50..=59 if !this_frame.is_empty() && next() % 2 == 0 => {
+                let id = this_frame[(next() % this_frame.len() as u64) as usize];
+                if next() % 2 == 0 {
+                    BatchOp::Confirm(Confirm { reservation_id: id, payment_ref: Bytes::from_static(b"same-frame") })
+                } else {
+                    BatchOp::Release(Release { reservation_id: id })
+                }
             }
             50..=59 if !earlier.is_empty() => {
                 // A retry of an earlier reservation, same arguments unknown

@@ -390,7 +390,7 @@ impl Conn {
         match request {
             Request::Reserve(op) => {
                 let answer = Answer::Alone { request_id, opcode };
-                if let Some(outcome) = self.stage(answer, SaleOp::Reserve(op), router, Gauge::Decides) {
+                if let Some(outcome) = self.stage(answer, SaleOp::Reserve(op), router, Gauge::Decides, &[]) {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));
                 }
             }
@@ -410,13 +410,15 @@ impl Conn {
             }
             Request::Confirm(confirm) => {
                 let op = SaleOp::Confirm { reservation_id: confirm.reservation_id, payment_ref: confirm.payment_ref };
-                if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router, Gauge::Decides) {
+                if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router, Gauge::Decides, &[])
+                {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));
                 }
             }
             Request::Release(release) => {
                 let op = SaleOp::Release { reservation_id: release.reservation_id };
-                if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router, Gauge::Decides) {
+                if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router, Gauge::Decides, &[])
+                {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));
                 }
             }
@@ -554,7 +556,19 @@ impl Conn {
     /// `gauge` says which refusals the published gauge may give: in a
     /// batch, the operations before this one are not decided yet, so only
     /// answers they cannot change are taken (see `Gauge`).
-    fn stage(&mut self, answer: Answer, op: SaleOp, router: &super::Router, gauge: Gauge) -> Option<Outcome> {
+    ///
+    /// `earlier` holds the ids (with their SKUs) that RESERVEs earlier in
+    /// the same batch sent to their shards: not in the directory until the
+    /// shard decides them, yet a CONFIRM or RELEASE of one behind them must
+    /// reach that shard, as it would have alone.
+    fn stage(
+        &mut self,
+        answer: Answer,
+        op: SaleOp,
+        router: &super::Router,
+        gauge: Gauge,
+        earlier: &[(u128, u64)],
+    ) -> Option<Outcome> {
         let shard = match &op {
             SaleOp::Reserve(reserve) => router.with_route(reserve.sku, |route| {
                 let Some(route) = route else {
@@ -576,7 +590,11 @@ impl Conn {
                 Ok(self.staged_index(&route.shard))
             }),
             SaleOp::Confirm { reservation_id, .. } | SaleOp::Release { reservation_id } => {
-                match router.directory.sku_of(*reservation_id).and_then(|sku| router.route(sku)) {
+                let sku = router
+                    .directory
+                    .sku_of(*reservation_id)
+                    .or_else(|| earlier.iter().rev().find(|(id, _)| id == reservation_id).map(|(_, sku)| *sku));
+                match sku.and_then(|sku| router.route(sku)) {
                     None => Err(Outcome::of(Status::UnknownReservation)),
                     Some(route) => Ok(self.staged_index(&route.shard)),
                 }
@@ -634,13 +652,21 @@ impl Conn {
         let _ = self.tx.send(Outbound::BatchStart { batch, request_id, opcode, total, received });
         let mut answered = Vec::new();
         let mut gauge = Gauge::SoldOutStays;
+        let mut reserved_here = Vec::new();
         for (index, op) in ops.enumerate() {
             let answer = Answer::InBatch { batch, index: index as u16 };
-            if matches!(op, SaleOp::Release { .. }) {
+            // A RELEASE gives units back, and so does a CONFIRM or RELEASE
+            // of a hold past its deadline (it expires then).
+            if matches!(op, SaleOp::Release { .. } | SaleOp::Confirm { .. }) {
                 gauge = Gauge::Ignored;
             }
-            if let Some(outcome) = self.stage(answer, op, router, gauge) {
-                answered.push((answer, outcome));
+            let reserving = match &op {
+                SaleOp::Reserve(r) => Some((r.reservation_id, r.sku)),
+                _ => None,
+            };
+            match self.stage(answer, op, router, gauge, &reserved_here) {
+                Some(outcome) => answered.push((answer, outcome)),
+                None => reserved_here.extend(reserving),
             }
         }
         if !answered.is_empty() {
@@ -659,8 +685,9 @@ enum Gauge {
     /// `insufficient_stock` could become `sold_out` by its turn) but not
     /// give any back, so `sold_out` and `paused` stand.
     SoldOutStays,
-    /// In a batch after a RELEASE, whose units the gauge cannot show yet:
-    /// the shard decides, in order.
+    /// In a batch after a RELEASE or CONFIRM, which may give units back
+    /// that the gauge cannot show yet (a confirm of a lapsed hold expires
+    /// it): the shard decides, in order.
     Ignored,
 }
 

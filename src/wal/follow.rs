@@ -82,7 +82,16 @@ impl LogCursor {
 
     fn skip_before(&mut self, from_lsn: u64) -> Result<(), CursorError> {
         loop {
-            let Some((lsn, used)) = self.peek()? else {
+            let peeked = match self.peek() {
+                // The record at `from_lsn` may be the one being written
+                // right now (a stream may start just past the synced LSN):
+                // half of it and zeros is not damage. Stop here; `read`
+                // looks again once it is synced, and reports a record that
+                // is still invalid then.
+                Err(CursorError::Corrupt { .. }) => return Ok(()),
+                other => other?,
+            };
+            let Some((lsn, used)) = peeked else {
                 // The segment ended before from_lsn: from_lsn is the first
                 // record of the next segment or beyond the log's end; the
                 // next read finds out which.

@@ -192,7 +192,11 @@ pub fn scan_segment(
         // (short, or zeros where the file grew but the write did not land);
         // its header is synced before any record goes in, so it never held
         // one: a torn tail at offset 0.
-        let end = if bytes.len() < SEGMENT_HEADER_BYTES || bytes.iter().all(|&b| b == 0) {
+        let end = if bytes.iter().all(|&b| b == 0) {
+            // (A spare renamed into place before its header was synced:
+            // nothing but preallocated zeros to drop.)
+            ScanEnd::TornTail { offset: 0, dropped_bytes: 0, reason }
+        } else if bytes.len() < SEGMENT_HEADER_BYTES {
             ScanEnd::TornTail { offset: 0, dropped_bytes: bytes.len() as u64, reason }
         } else {
             ScanEnd::Corrupt { offset: 0, reason }
