@@ -75,6 +75,9 @@ pub enum ShardMsg {
     Ops {
         ops: Vec<(Answer, SaleOp)>,
         tx: ConnTx,
+        /// The connection (process-unique): a cycle's outcomes for one
+        /// connection travel back as one message.
+        conn: u64,
         /// When the connection read the first of them (latency histograms).
         received: std::time::Instant,
     },
@@ -150,7 +153,7 @@ impl ShardMsg {
         let retry_after_ms = if status == Status::Busy { BUSY_RETRY_AFTER_MS } else { 0 };
         let outcome = Outcome::new(status, retry_after_ms);
         match self {
-            ShardMsg::Ops { ops, tx, received } => {
+            ShardMsg::Ops { ops, tx, received, .. } => {
                 let results = ops.into_iter().map(|(answer, _)| (answer, outcome)).collect();
                 let _ = tx.send(Outbound::Outcomes { results, received });
             }
@@ -472,6 +475,7 @@ fn spawn_shard(
                 replies: Vec::new(),
                 inbox: Default::default(),
                 queued_ops: shard_queued_ops,
+                reply_slots: Default::default(),
             };
             if let Some(done) = shard.run(&rx) {
                 // Drain mode: nothing more is decided or logged. Whatever a
@@ -497,6 +501,8 @@ struct ShardLoop {
     inbox: std::collections::VecDeque<ShardMsg>,
     /// Shared with the handle: operations still in the queue.
     queued_ops: Arc<AtomicUsize>,
+    /// This cycle's `Outcomes` reply per connection: its index in `replies`.
+    reply_slots: std::collections::HashMap<u64, usize, RandomState>,
 }
 
 impl ShardLoop {
@@ -558,6 +564,7 @@ impl ShardLoop {
             if !self.events.is_empty() || !self.replies.is_empty() {
                 self.sink.submit(&mut self.events, &mut self.replies);
             }
+            self.reply_slots.clear();
             if stop.is_some() {
                 // The log writer may now be closed: this shard hands it
                 // nothing more.
@@ -589,7 +596,14 @@ impl ShardLoop {
 
     /// Decide one connection's operations in order, prefetching
     /// `RESERVE_PREFETCH_AHEAD` behind; one reply message for them all.
-    fn decide_ops(&mut self, ops: Vec<(Answer, SaleOp)>, tx: ConnTx, received: std::time::Instant, now_ms: u64) {
+    fn decide_ops(
+        &mut self,
+        ops: Vec<(Answer, SaleOp)>,
+        tx: ConnTx,
+        conn: u64,
+        received: std::time::Instant,
+        now_ms: u64,
+    ) {
         for (_, op) in ops.iter().take(RESERVE_PREFETCH_AHEAD).skip(1) {
             self.prefetch_op(op);
         }
@@ -613,13 +627,25 @@ impl ShardLoop {
             prefetching = outcome.status != Status::SoldOut;
             results.push((*answer, outcome));
         }
+        // One message per connection per cycle: the cycle's replies are
+        // released together, after all of its events are logged, so
+        // joining them changes no order that matters. (The joined message
+        // keeps the earliest read time: later ones' latency is counted from
+        // it, overstated by at most one cycle.)
+        if let Some(&at) = self.reply_slots.get(&conn) {
+            if let Some(Delivery::Conn(_, Outbound::Outcomes { results: joined, .. })) = self.replies.get_mut(at) {
+                joined.extend(results);
+                return;
+            }
+        }
+        self.reply_slots.insert(conn, self.replies.len());
         self.replies.push(Delivery::Conn(tx, Outbound::Outcomes { results, received }));
     }
 
     /// Decide one message (not a stop: `run` takes those).
     fn handle(&mut self, msg: ShardMsg, now_ms: u64) {
         let msg = match msg {
-            ShardMsg::Ops { ops, tx, received } => return self.decide_ops(ops, tx, received, now_ms),
+            ShardMsg::Ops { ops, tx, conn, received } => return self.decide_ops(ops, tx, conn, received, now_ms),
             other => other,
         };
         let engine = &mut self.engine;

@@ -83,6 +83,7 @@ where
         received: std::time::Instant::now(),
         staged: Vec::new(),
         router: None,
+        id: NEXT_CONN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     };
     let mut frames = FramedRead::new(read_half, FrameCodec::new());
     let linger_after = conn.read_loop(&mut frames, &permits, &mut close.rx).await;
@@ -154,7 +155,12 @@ struct Conn {
     staged: Vec<Staged>,
     /// The router, once this node decides (see `dispatch`).
     router: Option<Arc<super::Router>>,
+    /// Process-unique (shards join a cycle's replies per connection).
+    id: u64,
 }
+
+/// The next connection's id.
+static NEXT_CONN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// One shard's operations waiting to leave together.
 struct Staged {
@@ -611,7 +617,7 @@ impl Conn {
         staged.ops.push((answer, op));
         if staged.ops.len() >= SHARD_MESSAGE_OPS_MAX {
             let ops = std::mem::take(&mut staged.ops);
-            let msg = ShardMsg::Ops { ops, tx: self.tx.clone(), received: staged.since };
+            let msg = ShardMsg::Ops { ops, tx: self.tx.clone(), conn: self.id, received: staged.since };
             staged.shard.submit(msg);
         }
         None
@@ -630,7 +636,8 @@ impl Conn {
     fn flush_staged(&mut self) {
         for staged in self.staged.drain(..) {
             if !staged.ops.is_empty() {
-                staged.shard.submit(ShardMsg::Ops { ops: staged.ops, tx: self.tx.clone(), received: staged.since });
+                let msg = ShardMsg::Ops { ops: staged.ops, tx: self.tx.clone(), conn: self.id, received: staged.since };
+                staged.shard.submit(msg);
             }
         }
     }
