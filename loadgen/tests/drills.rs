@@ -9,6 +9,7 @@ use stampede_loadgen::audit::Acked;
 use stampede_loadgen::drill::{self, DrillConfig, Spike};
 use stampede_loadgen::local::LocalStampede;
 use stampede_loadgen::scenario::{Plan, Scenario, Session};
+use stampede_loadgen::target::stampede::StampedeTarget;
 use stampede_loadgen::target::Target;
 use stampede_protocol::client::{Client, ClientConfig};
 use stampede_protocol::message::HoldState;
@@ -30,8 +31,16 @@ fn config() -> DrillConfig {
 }
 
 async fn local_target(server: &LocalStampede) -> Arc<Target> {
-    std::env::set_var("STAMPEDE_TOKEN", &server.token);
-    Arc::new(Target::connect(&format!("stampede://{}", server.addr()), 4, false).await.unwrap())
+    local_target_with(server, 4, false).await
+}
+
+/// The server's own token, passed explicitly: `STAMPEDE_TOKEN` is one
+/// variable for the whole test process, and tests run in parallel, each
+/// with a server of its own (setting it raced: `auth_failed`).
+async fn local_target_with(server: &LocalStampede, connections: usize, coalesce: bool) -> Arc<Target> {
+    let addr = server.addr().to_string();
+    let target = StampedeTarget::connect(&addr, &server.token, connections, coalesce).await.unwrap();
+    Arc::new(Target::Stampede(target))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,8 +93,7 @@ async fn every_scenario_keeps_the_invariants_on_stampede() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_callers_on_coalescing_connections_keep_the_invariants() {
     let server = LocalStampede::start(Durability::Fsync).await.unwrap();
-    std::env::set_var("STAMPEDE_TOKEN", &server.token);
-    let target = Arc::new(Target::connect(&format!("stampede://{}", server.addr()), 2, true).await.unwrap());
+    let target = local_target_with(&server, 2, true).await;
     let plan = Arc::new(Plan::new(Scenario::Checkout, 6_000, 2_000, 600_000, 11));
     let mut config = config();
     config.connections = 2;
