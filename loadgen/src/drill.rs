@@ -69,6 +69,25 @@ pub struct DrillConfig {
     pub progress: bool,
 }
 
+impl DrillConfig {
+    /// A closed loop of `connections` x `depth` requests in flight, `batch`
+    /// reserves each, for at most 30 s, quiet (tests and tools start here).
+    pub fn closed_loop(connections: usize, depth: usize, batch: usize) -> DrillConfig {
+        DrillConfig {
+            connections,
+            depth,
+            callers: None,
+            batch,
+            duration_secs: 30.0,
+            rate: None,
+            spike: None,
+            ping_only: false,
+            server_pid: None,
+            progress: false,
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 enum OpKind {
     Reserve,

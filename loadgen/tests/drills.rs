@@ -16,18 +16,7 @@ use stampede_protocol::message::HoldState;
 use stampede_protocol::Status;
 
 fn config() -> DrillConfig {
-    DrillConfig {
-        connections: 4,
-        depth: 4,
-        callers: None,
-        batch: 1,
-        duration_secs: 30.0,
-        rate: None,
-        spike: None,
-        ping_only: false,
-        server_pid: None,
-        progress: false,
-    }
+    DrillConfig::closed_loop(4, 4, 1)
 }
 
 async fn local_target(server: &LocalStampede) -> Arc<Target> {
