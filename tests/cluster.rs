@@ -22,7 +22,7 @@ use common::process::{ADMIN, CHECKOUT};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use stampede_protocol::client::Client;
-use stampede_protocol::message::{DumpEntry, HoldState, NodeRole, SaleCreate};
+use stampede_protocol::message::{HoldState, NodeRole, SaleCreate};
 use stampede_protocol::replication::ReplicationClient;
 use stampede_protocol::Status;
 
@@ -133,18 +133,7 @@ async fn worker(client: Client, seed: u64, ledger: Arc<Mutex<Ledger>>, ops: usiz
 async fn audit(cluster: &TestCluster, ledger: &Ledger, ctx: &str) {
     let mut log = ReplicationClient::connect_leader(&cluster.addrs(), ADMIN).await.expect("connect to the leader");
     let dump = log.state_dump().await.expect("STATE_DUMP");
-    let mut reservations = HashMap::new();
-    let mut sales = HashMap::new();
-    for entry in dump.entries {
-        match entry {
-            DumpEntry::Sale(s) => {
-                sales.insert(s.sku, s);
-            }
-            DumpEntry::Reservation(r) => {
-                reservations.insert(r.reservation_id, r);
-            }
-        }
-    }
+    let (sales, reservations) = common::cluster::split_dump(dump.entries);
     let mut problems = Vec::new();
     for (id, a) in &ledger.acked {
         let Some(r) = reservations.get(id) else {

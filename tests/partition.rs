@@ -663,18 +663,7 @@ fn check_tail(r: &Round, k: usize, attempts: &[Attempt]) -> Vec<String> {
 
 /// The leader's whole state against every answer from every node.
 fn audit(dump: Vec<DumpEntry>, ledger: &Ledger, rounds: &[Round]) -> (Vec<String>, usize) {
-    let mut reservations = HashMap::new();
-    let mut sales = HashMap::new();
-    for entry in dump {
-        match entry {
-            DumpEntry::Sale(s) => {
-                sales.insert(s.sku, s);
-            }
-            DumpEntry::Reservation(r) => {
-                reservations.insert(r.reservation_id, r);
-            }
-        }
-    }
+    let (sales, reservations) = common::cluster::split_dump(dump);
     let mut by_id: HashMap<u128, Vec<&Attempt>> = HashMap::new();
     for a in &ledger.attempts {
         by_id.entry(a.id).or_default().push(a);
@@ -1064,25 +1053,11 @@ impl Run {
 /// `/v3/lease/timetolive`) from this process: etcd's reply. The partition
 /// tests' own view of etcd, from the root namespace, which no cut reaches.
 async fn etcd_post(endpoint: &str, path: &str, body: serde_json::Value) -> Result<serde_json::Value, String> {
-    use http_body_util::{BodyExt, Full};
-    let call = async {
-        let stream = tokio::net::TcpStream::connect(endpoint).await.map_err(|e| e.to_string())?;
-        stream.set_nodelay(true).ok();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        let driver = tokio::spawn(connection);
-        let request = hyper::Request::post(path)
-            .header(hyper::header::HOST, endpoint)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(bytes::Bytes::from(body.to_string())))
-            .map_err(|e| e.to_string())?;
-        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
-        let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        driver.abort();
-        serde_json::from_slice(&bytes).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&bytes)))
-    };
-    tokio::time::timeout(Duration::from_secs(1), call).await.map_err(|_| format!("{endpoint}{path}: timed out"))?
+    let call = stampede::cluster::etcd::Etcd::post(endpoint, path, bytes::Bytes::from(body.to_string()));
+    let (_, bytes) = tokio::time::timeout(Duration::from_secs(1), call)
+        .await
+        .map_err(|_| format!("{endpoint}{path}: timed out"))??;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&bytes)))
 }
 
 /// etcd's int64 fields come as JSON strings; absent ones are zero.
@@ -1326,18 +1301,7 @@ fn audit_async(
     spans: &[Span],
     rounds: &[Round],
 ) -> (Vec<String>, Vec<String>, usize) {
-    let mut reservations = HashMap::new();
-    let mut sales = HashMap::new();
-    for entry in dump {
-        match entry {
-            DumpEntry::Sale(s) => {
-                sales.insert(s.sku, s);
-            }
-            DumpEntry::Reservation(r) => {
-                reservations.insert(r.reservation_id, r);
-            }
-        }
-    }
+    let (sales, reservations) = common::cluster::split_dump(dump);
     let mut problems = Vec::new();
     let mut checked = 0;
     // Per round: the old leader's acknowledgements after the standbys were

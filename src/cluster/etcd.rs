@@ -112,7 +112,9 @@ impl Etcd {
         Err(EtcdError::Unreachable(failures.join("; ")))
     }
 
-    async fn post(endpoint: &str, path: &str, body: Bytes) -> Result<(u16, Bytes), String> {
+    /// One POST to one endpoint's JSON gateway, no retries: the status and
+    /// body. (Public so tests can watch etcd from outside a partition.)
+    pub async fn post(endpoint: &str, path: &str, body: Bytes) -> Result<(u16, Bytes), String> {
         let stream = tokio::net::TcpStream::connect(endpoint).await.map_err(|e| e.to_string())?;
         stream.set_nodelay(true).ok();
         let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use stampede_protocol::client::{Client, ClientConfig};
-use stampede_protocol::message::{ClusterReply, NodeRole};
+use stampede_protocol::message::{ClusterReply, DumpEntry, NodeRole, ReservationEntry, SaleEntry};
 
 use super::process::{server_command_wrapped, TempDir, ADMIN, CHECKOUT};
 
@@ -385,4 +385,23 @@ impl TestCluster {
         config.failover_timeout = Duration::from_secs(20);
         Client::connect(config).await.expect("connect to the cluster")
     }
+}
+
+/// A STATE_DUMP's entries by key: sales by SKU, reservations by id.
+pub fn split_dump(
+    entries: Vec<DumpEntry>,
+) -> (std::collections::HashMap<u64, SaleEntry>, std::collections::HashMap<u128, ReservationEntry>) {
+    let mut sales = std::collections::HashMap::new();
+    let mut reservations = std::collections::HashMap::new();
+    for entry in entries {
+        match entry {
+            DumpEntry::Sale(s) => {
+                sales.insert(s.sku, s);
+            }
+            DumpEntry::Reservation(r) => {
+                reservations.insert(r.reservation_id, r);
+            }
+        }
+    }
+    (sales, reservations)
 }
