@@ -463,6 +463,50 @@ fn a_second_discard_of_the_same_segment_never_overwrites_the_first() {
     assert_eq!(std::fs::read(&second_kept).unwrap(), second_bytes);
 }
 
+/// A fresh log has no spare: its first segment grows (every fdatasync then
+/// writes the file size too). The writer asks for a spare at start and
+/// moves to it at the first group after it is ready, long before the
+/// first segment is half full; recovery reads across the short segment.
+#[test]
+fn a_fresh_log_leaves_its_growing_first_segment_for_the_spare() {
+    let seed = common::seed();
+    let (engine, events) = workload(seed, 2_000);
+    let (first, second) = events.split_at(events.len() / 2);
+    let dir = TempDir::new("early-spare");
+    let config = WalConfig { flush_bytes: 1024, ..WalConfig::new(&dir.0) };
+    let segment_bytes = config.segment_bytes_max;
+    let wal = writer::start(config, 1, Box::new(DataSync), no_fatal()).unwrap();
+    let mut sink = wal.sink();
+    for part in first.chunks(7) {
+        sink.submit(&mut part.to_vec(), &mut Vec::new());
+    }
+    // The helper zero-fills 64 MiB; wait for it (bounded).
+    let spare = dir.0.join(stampede::wal::segment::SPARE_NAME);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !spare.exists() && list_segments(&dir.0).unwrap().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "seed {seed}: no spare after 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for part in second.chunks(7) {
+        sink.submit(&mut part.to_vec(), &mut Vec::new());
+    }
+    drop(sink);
+    wal.close().unwrap();
+
+    let segments = list_segments(&dir.0).unwrap();
+    assert_eq!(segments.len(), 2, "seed {seed}: {segments:?}");
+    let first_len = std::fs::metadata(&segments[0].1).unwrap().len();
+    assert!(first_len < segment_bytes / 2, "seed {seed}: the first segment ended early ({first_len} bytes)");
+    let second_bytes = std::fs::read(&segments[1].1).unwrap();
+    assert_eq!(second_bytes.len() as u64, segment_bytes, "seed {seed}: the second segment is the spare");
+    assert!(second_bytes.len() > 1 << 20 && second_bytes[second_bytes.len() - (1 << 20)..].iter().all(|&b| b == 0));
+
+    let (digest, report) = recovered_digest(&dir.0, false).unwrap();
+    assert_eq!(report.records_replayed, events.len() as u64, "seed {seed}");
+    assert_eq!(report.torn_bytes_dropped, 0, "seed {seed}");
+    assert_eq!(digest, engine.digest(), "seed {seed}");
+}
+
 /// Segments after the first are preallocated (zero-filled ahead by the
 /// helper thread, renamed into place at rotation): their records end where
 /// the zeros begin. Recovery and the replication cursor read every record

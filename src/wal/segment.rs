@@ -106,14 +106,15 @@ pub fn prepare_spare(dir: &Path, bytes: u64) -> std::io::Result<()> {
 }
 
 /// The next segment: the spare renamed into place with its header written
-/// and synced, or, with no spare ready, a new growing one.
-pub fn install_segment(dir: &Path, first_lsn: u64) -> std::io::Result<File> {
+/// and synced, or, with no spare ready, a new growing one. The flag says
+/// which (`true`: preallocated).
+pub fn install_segment(dir: &Path, first_lsn: u64) -> std::io::Result<(File, bool)> {
     use std::os::unix::fs::FileExt;
     let spare = dir.join(SPARE_NAME);
     let path = dir.join(segment_name(first_lsn));
     match std::fs::rename(&spare, &path) {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return create_segment(dir, first_lsn),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((create_segment(dir, first_lsn)?, false)),
         Err(e) => return Err(e),
     }
     // A crash before this header is synced leaves a segment of zeros: a
@@ -122,7 +123,7 @@ pub fn install_segment(dir: &Path, first_lsn: u64) -> std::io::Result<File> {
     file.write_all_at(&encode_header(first_lsn), 0)?;
     file.sync_data()?;
     sync_dir(dir)?;
-    Ok(file)
+    Ok((file, true))
 }
 
 /// fsync a directory, so a created, renamed or deleted entry is durable.

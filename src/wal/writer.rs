@@ -32,7 +32,7 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -310,10 +310,10 @@ pub fn start(
 ) -> std::io::Result<WalHandle> {
     // A spare left by the previous run (all zeros) makes the first
     // segment preallocated too.
-    let file = if config.preallocate {
+    let (file, preallocated) = if config.preallocate {
         crate::wal::segment::install_segment(&config.dir, next_lsn)?
     } else {
-        create_segment(&config.dir, next_lsn)?
+        (create_segment(&config.dir, next_lsn)?, false)
     };
     let stats = Arc::new(WalStats::default());
     stats.durable_lsn.store(next_lsn - 1, Ordering::Release);
@@ -347,16 +347,21 @@ pub fn start(
     };
     // Segments larger than the default bound exist only as test seams
     // (never rotating): nothing to preallocate for.
+    let spare_ready = Arc::new(AtomicBool::new(false));
     let spares = if config.preallocate && config.segment_bytes_max <= crate::limits::WAL_SEGMENT_BYTES_MAX {
         // One request at a time is enough: a spare takes a segment's worth
         // of writes to be needed.
         let (spares_tx, spares_rx) = crossbeam_channel::bounded::<()>(1);
         let (dir, bytes) = (config.dir.clone(), config.segment_bytes_max);
+        let ready = spare_ready.clone();
         std::thread::Builder::new().name("wal-prealloc".into()).spawn(move || {
             // Ends when the writer (the only sender) is gone.
             for () in spares_rx.iter() {
-                if let Err(e) = crate::wal::segment::prepare_spare(&dir, bytes) {
-                    tracing::warn!(error = %e, "could not preallocate the next log segment; it will grow as written");
+                match crate::wal::segment::prepare_spare(&dir, bytes) {
+                    Ok(()) => ready.store(true, Ordering::Release),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not preallocate the next log segment; it will grow as written")
+                    }
                 }
             }
         })?;
@@ -364,12 +369,14 @@ pub fn start(
     } else {
         None
     };
-    let writer = Writer {
+    let mut writer = Writer {
         dir: config.dir.clone(),
         config,
         file,
+        growing: !preallocated,
         spares,
         spare_requested: false,
+        spare_ready,
         segment_bytes: crate::wal::segment::SEGMENT_HEADER_BYTES as u64,
         next_lsn,
         buf: BytesMut::with_capacity(1 << 20),
@@ -383,6 +390,13 @@ pub fn start(
         synced: synced_tx,
         release,
     };
+    if writer.growing {
+        // A fresh log (or a start that found no spare): the first segment
+        // grows, and every fdatasync on it writes its size too. Ask for a
+        // spare now and move to it as soon as it is ready (see `flush`),
+        // rather than when this one is half full.
+        writer.request_spare();
+    }
     let thread = std::thread::Builder::new().name("wal-writer".into()).spawn(move || {
         let result = writer.run(rx);
         if let Err(e) = &result {
@@ -420,6 +434,11 @@ struct Writer {
     spares: Option<crossbeam_channel::Sender<()>>,
     /// The next spare was asked for (reset at each rotation).
     spare_requested: bool,
+    /// Set by the preallocation thread when a spare is ready; taken by the
+    /// writer when it leaves a growing segment early for it.
+    spare_ready: Arc<AtomicBool>,
+    /// The active segment grows as written (no spare was ready for it).
+    growing: bool,
     stats: Arc<WalStats>,
     /// Publish the written and synced LSNs (see [`WalWatches`]).
     written: tokio::sync::watch::Sender<u64>,
@@ -695,15 +714,28 @@ impl Writer {
         self.publish(replies);
         if self.segment_bytes >= self.config.segment_bytes_max {
             self.rotate()?;
-        } else if !self.spare_requested && self.segment_bytes >= self.config.segment_bytes_max / 2 {
+        } else if self.growing && self.spare_ready.swap(false, Ordering::Acquire) {
+            // A growing segment costs a metadata write per fdatasync (its
+            // size): leave it for the spare at once. Segments may end at
+            // any record; recovery and the cursor follow LSNs, not sizes.
+            self.rotate()?;
+        } else if self.segment_bytes >= self.config.segment_bytes_max / 2 {
             // Half full: the helper zero-fills the next segment while this
-            // one fills up (no spare at all for a log that never rotates).
+            // one fills up.
+            self.request_spare();
+        }
+        Ok(())
+    }
+
+    /// Ask the helper for the next spare, once per segment (no spare at
+    /// all for a log that never rotates).
+    fn request_spare(&mut self) {
+        if !self.spare_requested {
             if let Some(spares) = &self.spares {
                 let _ = spares.try_send(());
             }
             self.spare_requested = true;
         }
-        Ok(())
     }
 
     fn sync(&mut self) -> std::io::Result<()> {
@@ -732,9 +764,19 @@ impl Writer {
     /// Close the full segment (synced) and start the next one.
     fn rotate(&mut self) -> std::io::Result<()> {
         self.sync()?;
-        self.file = crate::wal::segment::install_segment(&self.dir, self.next_lsn)?;
+        let (file, preallocated) = crate::wal::segment::install_segment(&self.dir, self.next_lsn)?;
+        self.file = file;
+        self.growing = !preallocated;
         // The helper zero-fills the next spare while this one fills up.
         self.spare_requested = false;
+        if preallocated {
+            // Taken (a flag the helper set after a spare was already
+            // installed would only cause one early rotation).
+            self.spare_ready.store(false, Ordering::Release);
+        } else {
+            // The helper was slower than this segment: the next spare now.
+            self.request_spare();
+        }
         self.segment_bytes = crate::wal::segment::SEGMENT_HEADER_BYTES as u64;
         self.stats.active_segment_first_lsn.store(self.next_lsn, Ordering::Release);
         Ok(())
