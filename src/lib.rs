@@ -45,5 +45,7 @@ pub mod node;
 pub mod recovery;
 pub mod server;
 pub mod shard;
+pub mod sim;
 pub mod sink;
+pub mod storage;
 pub mod wal;

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use crate::engine::{Claim, Engine, Event, ReservationDirectory, SaleImage, RESERVE_PREFETCH_AHEAD};
 use crate::limits::DIRECTORY_IDS_PRESIZED;
 use crate::shard::{pool_index, Engines};
+use crate::storage;
 use crate::wal::segment::{list_segments, scan_segment, sync_dir, Scan, ScanEnd, SEGMENT_HEADER_BYTES};
 use crate::wal::snapshot::{list_snapshots, read_snapshot_each, write_snapshot};
 
@@ -642,7 +643,7 @@ fn discard_after(
     // The highest LSN the discarded bytes held, for the message: scan what
     // is discarded as far as it reads (best effort; it is damaged).
     let mut lost_upto = kept_lsn;
-    if let (Some(offset), Ok(bytes)) = (offset, std::fs::read(&segments[index].1)) {
+    if let (Some(offset), Ok(bytes)) = (offset, storage::read(&segments[index].1)) {
         // The damaged record itself, if a whole one's worth of bytes is cut.
         if bytes.len() >= offset as usize + crate::wal::record::RECORD_HEADER_BYTES {
             lost_upto = kept_lsn + 1;
@@ -751,7 +752,7 @@ fn read_segments(
 /// growing them while loading millions of entries dominates the time.
 fn reservations_estimate(dir: &Path, below: Option<u64>) -> std::io::Result<usize> {
     let (snapshot_lsn, snapshot_bytes) = match list_snapshots(dir)?.first() {
-        Some((lsn, path)) => (*lsn, std::fs::metadata(path)?.len()),
+        Some((lsn, path)) => (*lsn, storage::len(path)?),
         None => (0, 0),
     };
     let mut log_bytes = 0;
@@ -760,7 +761,7 @@ fn reservations_estimate(dir: &Path, below: Option<u64>) -> std::io::Result<usiz
         let next_first = segments.get(i + 1).map(|(n, _)| *n);
         let after_snapshot = next_first.is_none_or(|n| n > snapshot_lsn + 1);
         if after_snapshot && below.is_none_or(|b| *first < b) {
-            log_bytes += std::fs::metadata(path)?.len();
+            log_bytes += storage::len(path)?;
         }
     }
     Ok((snapshot_bytes / 54 + log_bytes / 100) as usize)
@@ -794,7 +795,7 @@ fn discarded_name(path: &Path, tag: &str) -> PathBuf {
             0 => path.with_file_name(format!("{name}{tag}.discarded")),
             n => path.with_file_name(format!("{name}{tag}.{n}.discarded")),
         })
-        .find(|candidate| !candidate.exists())
+        .find(|candidate| !storage::exists(candidate))
         .expect("some name is free")
 }
 
@@ -802,7 +803,7 @@ fn discarded_name(path: &Path, tag: &str) -> PathBuf {
 /// new name.
 fn discard(path: &Path) -> std::io::Result<PathBuf> {
     let kept = discarded_name(path, "");
-    std::fs::rename(path, &kept)?;
+    storage::rename(path, &kept)?;
     Ok(kept)
 }
 
@@ -825,16 +826,16 @@ fn cut(path: &Path, offset: u64, keep: bool) -> std::io::Result<PathBuf> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut kept = PathBuf::new();
     if keep {
-        let bytes = std::fs::read(path)?;
+        let bytes = storage::read(path)?;
         kept = discarded_name(path, &format!(".from-{offset}"));
-        let mut file = std::fs::File::create(&kept)?;
-        std::io::Write::write_all(&mut file, &bytes[(offset as usize).min(bytes.len())..])?;
+        let file = storage::create(&kept, storage::Create::Truncate)?;
+        file.write_all_at(&bytes[(offset as usize).min(bytes.len())..], 0)?;
         file.sync_all()?;
     }
     if offset < SEGMENT_HEADER_BYTES as u64 {
-        std::fs::remove_file(path)?;
+        storage::remove(path)?;
     } else {
-        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        let file = storage::open(path)?;
         file.set_len(offset)?;
         file.sync_all()?;
     }
@@ -849,16 +850,15 @@ fn cut(path: &Path, offset: u64, keep: bool) -> std::io::Result<PathBuf> {
 /// it is all zeros and the next rotation uses it.)
 fn remove_leftovers(dir: &Path, report: &mut RecoveryReport) -> std::io::Result<()> {
     let mut removed = false;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+    for name in storage::list(dir)? {
         let leftover = (name.starts_with("snap-") && name.ends_with(".snap.tmp"))
             || name == "consumer.lsn.tmp"
             || name == crate::wal::segment::SPARE_PARTIAL_NAME;
-        if leftover && entry.file_type()?.is_file() {
-            let bytes = entry.metadata()?.len();
-            std::fs::remove_file(entry.path())?;
-            tracing::warn!(file = %entry.path().display(), bytes, "removed the leftover of an interrupted write");
+        if leftover {
+            let path = dir.join(&name);
+            let bytes = storage::len(&path)?;
+            storage::remove(&path)?;
+            tracing::warn!(file = %path.display(), bytes, "removed the leftover of an interrupted write");
             report.leftovers_removed.push(format!("{name} ({bytes} bytes)"));
             removed = true;
         }
@@ -897,7 +897,7 @@ pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, Recover
     let next_lsn = report.last_lsn + 1;
     for (first, path) in list_segments(dir)? {
         if first >= next_lsn {
-            std::fs::remove_file(&path)?;
+            storage::remove(&path)?;
             sync_dir(dir)?;
         }
     }
@@ -909,7 +909,7 @@ pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, Recover
     // settled them and after newer segments were synced behind them.
     // (Closed segments were synced when the writer rotated past them.)
     if let Some((_, last)) = list_segments(dir)?.last() {
-        std::fs::File::open(last)?.sync_all()?;
+        storage::open(last)?.sync_all()?;
         sync_dir(dir)?;
     }
     Ok(Recovered { engines: loader.engines, next_lsn, report })
@@ -949,7 +949,11 @@ pub enum Retention {
 
 /// The settled LSN the downstream consumer last reported (0 if none).
 pub fn consumer_lsn(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join(CONSUMER_LSN_FILE)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    storage::read(&dir.join(CONSUMER_LSN_FILE))
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// What a checkpoint did.
@@ -996,7 +1000,7 @@ pub fn checkpoint(
         let ((_, path), (next_first, _)) = (&pair[0], &pair[1]);
         let closed = active_first_lsn.is_none_or(|active| *next_first <= active);
         if closed && next_first - 1 <= bound {
-            std::fs::remove_file(path)?;
+            storage::remove(path)?;
             result.segments_deleted += 1;
         }
     }

@@ -467,16 +467,7 @@ fn spawn_shard(
                     tracing::warn!(shard = id, core = core.id, "could not pin hot shard to its core");
                 }
             }
-            let shard = ShardLoop {
-                engine,
-                clock,
-                sink,
-                events: Vec::new(),
-                replies: Vec::new(),
-                inbox: Default::default(),
-                queued_ops: shard_queued_ops,
-                reply_slots: Default::default(),
-            };
+            let shard = ShardLoop::new(engine, clock, sink, shard_queued_ops);
             if let Some(done) = shard.run(&rx) {
                 // Drain mode: nothing more is decided or logged. Whatever a
                 // connection queued after the stop is refused, until the
@@ -491,7 +482,10 @@ fn spawn_shard(
     Arc::new(ShardHandle { id, hot, tx, refusing, queued_ops, thread: Mutex::new(Some(thread)) })
 }
 
-struct ShardLoop {
+/// A shard's state and its decision cycle. The shard thread runs it over
+/// its queue ([`ShardLoop::run`]); the simulator runs the same cycles from
+/// its own loop ([`ShardLoop::cycle`]).
+pub struct ShardLoop {
     engine: Engine,
     clock: Arc<dyn Clock>,
     sink: Box<dyn LogSink>,
@@ -503,9 +497,29 @@ struct ShardLoop {
     queued_ops: Arc<AtomicUsize>,
     /// This cycle's `Outcomes` reply per connection: its index in `replies`.
     reply_slots: std::collections::HashMap<u64, usize, RandomState>,
+    /// Queue-start shuffle seeds.
+    seeds: Box<dyn FnMut() -> u64 + Send>,
 }
 
 impl ShardLoop {
+    pub fn new(engine: Engine, clock: Arc<dyn Clock>, sink: Box<dyn LogSink>, queued_ops: Arc<AtomicUsize>) -> Self {
+        ShardLoop {
+            engine,
+            clock,
+            sink,
+            events: Vec::new(),
+            replies: Vec::new(),
+            inbox: Default::default(),
+            queued_ops,
+            reply_slots: Default::default(),
+            seeds: Box::new(|| stampede_protocol::client::new_reservation_id() as u64),
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Decide until told to stop; then return the stop's `done` once the
     /// last cycle is with the sink and the sink is dropped (`None`: every
     /// sender went away first).
@@ -517,23 +531,10 @@ impl ShardLoop {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return None,
             };
-            let now_ms = self.clock.now_ms();
-            // Expire first, so stock that is due back is back before this
-            // cycle's reservations are decided.
-            self.engine.expire_due(now_ms, &mut self.events);
-            // Queues: starts, lapses and admissions due by now. The start's
-            // shuffle seed comes from the OS-seeded hasher keys and is
-            // written to the log, so the order can be recomputed.
-            self.engine.queue_tick(
-                now_ms,
-                &mut || stampede_protocol::client::new_reservation_id() as u64,
-                &mut self.events,
-            );
             // A cycle ends after SHARD_CYCLE_OPS_MAX operations, so the log
             // writer can fsync one cycle while the shard decides the next.
             // The cycle's messages are taken off the queue first, so that
             // deciding one RESERVE can prefetch for the ones behind it.
-            let mut stop = None;
             if let Some(msg) = first {
                 let mut ops = msg.ops();
                 self.queued_ops.fetch_sub(msg.queued_ops(), Ordering::Relaxed);
@@ -544,34 +545,62 @@ impl ShardLoop {
                     self.queued_ops.fetch_sub(msg.queued_ops(), Ordering::Relaxed);
                     self.inbox.push_back(msg);
                 }
-                for msg in self.inbox.iter().take(RESERVE_PREFETCH_AHEAD) {
-                    self.prefetch(msg);
-                }
-                while let Some(msg) = self.inbox.pop_front() {
-                    // The message RESERVE_PREFETCH_AHEAD places behind this one.
-                    if let Some(ahead) = self.inbox.get(RESERVE_PREFETCH_AHEAD - 1) {
-                        self.prefetch(ahead);
-                    }
-                    if let ShardMsg::Shutdown { done } = msg {
-                        stop = Some(done);
-                        break;
-                    }
-                    self.handle(msg, now_ms);
-                }
-                // Nothing follows a stop in this cycle (see above).
-                self.inbox.clear();
             }
-            if !self.events.is_empty() || !self.replies.is_empty() {
-                self.sink.submit(&mut self.events, &mut self.replies);
-            }
-            self.reply_slots.clear();
-            if stop.is_some() {
+            if let Some(stop) = self.cycle() {
                 // The log writer may now be closed: this shard hands it
                 // nothing more.
                 drop(self.sink);
-                return stop;
+                return Some(stop);
             }
         }
+    }
+
+    /// Queue a message for the next cycle (the simulator's queue).
+    pub fn push(&mut self, msg: ShardMsg) {
+        self.inbox.push_back(msg);
+    }
+
+    /// One cycle: due expiries and queue events, then every queued message
+    /// decided in order, then the cycle handed to the sink. A stop ends
+    /// the cycle: its `done` is returned and nothing after it is decided.
+    pub fn cycle(&mut self) -> Option<crossbeam_channel::Sender<()>> {
+        let now_ms = self.clock.now_ms();
+        // Expire first, so stock that is due back is back before this
+        // cycle's reservations are decided.
+        self.engine.expire_due(now_ms, &mut self.events);
+        // Queues: starts, lapses and admissions due by now. The start's
+        // shuffle seed is written to the log, so the order can be
+        // recomputed.
+        self.engine.queue_tick(now_ms, &mut self.seeds, &mut self.events);
+        let mut stop = None;
+        for msg in self.inbox.iter().take(RESERVE_PREFETCH_AHEAD) {
+            self.prefetch(msg);
+        }
+        while let Some(msg) = self.inbox.pop_front() {
+            // The message RESERVE_PREFETCH_AHEAD places behind this one.
+            if let Some(ahead) = self.inbox.get(RESERVE_PREFETCH_AHEAD - 1) {
+                self.prefetch(ahead);
+            }
+            if let ShardMsg::Shutdown { done } = msg {
+                stop = Some(done);
+                break;
+            }
+            self.handle(msg, now_ms);
+        }
+        // Nothing follows a stop in this cycle (see above).
+        self.inbox.clear();
+        if !self.events.is_empty() || !self.replies.is_empty() {
+            self.sink.submit(&mut self.events, &mut self.replies);
+        }
+        self.reply_slots.clear();
+        stop
+    }
+
+    /// Where queue-start shuffle seeds come from (default: the OS-seeded
+    /// id generator; the simulator's seeded PRNG, so a run replays).
+    pub fn with_seeds(mut self, seeds: Box<dyn FnMut() -> u64 + Send>) -> Self {
+        self.seeds = seeds;
+        self
     }
 
     /// Start loading what deciding `msg` will miss on (its first sale

@@ -75,13 +75,10 @@ impl WalConfig {
 /// by LSN (segments and snapshots are both named this way).
 pub(crate) fn list_by_lsn(dir: &Path, prefix: &str, suffix: &str) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
+    for name in crate::storage::list(dir)? {
         if let Some(lsn) = name.strip_prefix(prefix).and_then(|n| n.strip_suffix(suffix)) {
             if let Ok(lsn) = lsn.parse::<u64>() {
-                found.push((lsn, entry.path()));
+                found.push((lsn, dir.join(&name)));
             }
         }
     }

@@ -23,12 +23,11 @@
 //! all-zero record header is never a valid record (its checksum is not
 //! zero), so "every remaining byte is zero" marks the clean end exactly.
 
-use std::fs::File;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::engine::Event;
 use crate::limits::TORN_WRITE_ALIGN_BYTES;
+use crate::storage::{self, Create, File};
 use crate::wal::record::{decode_record, verify_record, RecordError};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"STMPWAL\0";
@@ -67,8 +66,8 @@ pub fn encode_header(first_lsn: u64) -> [u8; SEGMENT_HEADER_BYTES] {
 /// written alike).
 pub fn create_segment(dir: &Path, first_lsn: u64) -> std::io::Result<File> {
     let path = dir.join(segment_name(first_lsn));
-    let mut file = std::fs::OpenOptions::new().create_new(true).write(true).open(&path)?;
-    file.write_all(&encode_header(first_lsn))?;
+    let file = storage::create(&path, Create::New)?;
+    file.write_all_at(&encode_header(first_lsn), 0)?;
     file.sync_all()?;
     sync_dir(dir)?;
     Ok(file)
@@ -79,28 +78,28 @@ pub fn create_segment(dir: &Path, first_lsn: u64) -> std::io::Result<File> {
 /// renamed when complete, so a spare that exists is whole.
 pub fn prepare_spare(dir: &Path, bytes: u64) -> std::io::Result<()> {
     let ready = dir.join(SPARE_NAME);
-    if ready.exists() {
+    if storage::exists(&ready) {
         return Ok(());
     }
     let partial = dir.join(SPARE_PARTIAL_NAME);
     let result = (|| {
-        let mut file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&partial)?;
+        let file = storage::create(&partial, Create::Truncate)?;
         // Real zeros, not fallocate: an unwritten extent would still need
         // its conversion written back at the first fdatasync over it.
-        let zeros = vec![0u8; 1 << 20];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(zeros.len() as u64) as usize;
-            file.write_all(&zeros[..n])?;
-            left -= n as u64;
+        let zeros = vec![0u8; (1 << 20).min(bytes as usize)];
+        let mut at = 0;
+        while at < bytes {
+            let n = (bytes - at).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
         }
         file.sync_all()?;
-        std::fs::rename(&partial, &ready)
+        storage::rename(&partial, &ready)
     })();
     if result.is_err() {
         // A full disk: give the space back; rotation creates a growing
         // segment instead.
-        let _ = std::fs::remove_file(&partial);
+        let _ = storage::remove(&partial);
     }
     result
 }
@@ -109,17 +108,16 @@ pub fn prepare_spare(dir: &Path, bytes: u64) -> std::io::Result<()> {
 /// and synced, or, with no spare ready, a new growing one. The flag says
 /// which (`true`: preallocated).
 pub fn install_segment(dir: &Path, first_lsn: u64) -> std::io::Result<(File, bool)> {
-    use std::os::unix::fs::FileExt;
     let spare = dir.join(SPARE_NAME);
     let path = dir.join(segment_name(first_lsn));
-    match std::fs::rename(&spare, &path) {
+    match storage::rename(&spare, &path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((create_segment(dir, first_lsn)?, false)),
         Err(e) => return Err(e),
     }
     // A crash before this header is synced leaves a segment of zeros: a
     // torn header, which recovery drops (see `scan_segment`).
-    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+    let file = storage::open(&path)?;
     file.write_all_at(&encode_header(first_lsn), 0)?;
     file.sync_data()?;
     sync_dir(dir)?;
@@ -128,7 +126,7 @@ pub fn install_segment(dir: &Path, first_lsn: u64) -> std::io::Result<(File, boo
 
 /// fsync a directory, so a created, renamed or deleted entry is durable.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
+    storage::sync_dir(dir)
 }
 
 /// How a segment scan ended.
@@ -171,7 +169,7 @@ pub fn scan_segment(
     mut visit: impl FnMut(u64, Event),
 ) -> std::io::Result<Scan> {
     buf.clear();
-    File::open(path)?.read_to_end(buf)?;
+    storage::read_into(path, buf)?;
     let bytes: &[u8] = buf;
     let header_problem = if bytes.len() < SEGMENT_HEADER_BYTES {
         Some(format!("segment header truncated ({} bytes)", bytes.len()))

@@ -16,7 +16,6 @@
 //! snapshot that fails its checksum is skipped (the previous one and a
 //! longer replay are used instead).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use bytes::{BufMut, BytesMut};
@@ -55,15 +54,9 @@ pub fn write_snapshot(dir: &Path, lsn: u64, sales: &[SaleImage]) -> std::io::Res
     buf.put_u32_le(crc);
 
     let path = dir.join(snapshot_name(lsn));
-    let tmp = dir.join(format!("{}.tmp", snapshot_name(lsn)));
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&buf)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, &path)?;
-    sync_dir(dir)?;
+    crate::storage::write_atomically(&path, &buf)?;
     for (_, old) in list_snapshots(dir)?.into_iter().skip(SNAPSHOTS_KEPT) {
-        std::fs::remove_file(old)?;
+        crate::storage::remove(&old)?;
     }
     sync_dir(dir)?;
     Ok(path)
@@ -85,7 +78,7 @@ pub fn read_snapshot(path: &Path) -> Result<(u64, Vec<SaleImage>), String> {
 /// LSN. The checksum covers the whole file and is checked before any
 /// image is decoded; an error from `visit` stops the read.
 pub fn read_snapshot_each(path: &Path, mut visit: impl FnMut(SaleImage) -> Result<(), String>) -> Result<u64, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = crate::storage::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if bytes.len() < 36 {
         return Err(format!("{}: truncated ({} bytes)", path.display(), bytes.len()));
     }

@@ -30,7 +30,7 @@
 //! *synced* (fdatasync'ed here), and *committed* (synced here and on the
 //! synchronous set: what the reconciler may settle).
 
-use std::fs::File;
+use crate::storage::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -308,6 +308,64 @@ pub fn start(
     syncer: Box<dyn Syncer>,
     fatal: FatalHandler,
 ) -> std::io::Result<WalHandle> {
+    let (writer, rx, handle) = build(config, next_lsn, syncer, true)?;
+    let thread = std::thread::Builder::new().name("wal-writer".into()).spawn(move || {
+        let result = writer.run(rx);
+        if let Err(e) = &result {
+            fatal(&format!("write-ahead log failed, no further acknowledgements: {e}"));
+        }
+        result
+    })?;
+    Ok(WalHandle { thread: Some(thread), ..handle })
+}
+
+/// A writer driven by its caller instead of a thread (the simulator): the
+/// same group commit, segment rotation and preallocation (done inline),
+/// one group per [`ManualWal::flush`]. Not for a replicated log.
+pub struct ManualWal {
+    writer: Writer,
+    rx: Receiver<WalMsg>,
+    handle: WalHandle,
+}
+
+impl ManualWal {
+    pub fn open(config: WalConfig, next_lsn: u64) -> std::io::Result<ManualWal> {
+        assert!(!config.replicated, "a manual writer releases replies itself");
+        let (writer, rx, handle) = build(config, next_lsn, Box::new(DataSync), false)?;
+        Ok(ManualWal { writer, rx, handle })
+    }
+
+    pub fn sink(&self) -> WalSink {
+        self.handle.sink()
+    }
+
+    pub fn stats(&self) -> &Arc<WalStats> {
+        &self.handle.stats
+    }
+
+    /// Something was submitted since the last flush.
+    pub fn has_pending(&self) -> bool {
+        !self.rx.is_empty()
+    }
+
+    /// Take everything submitted so far as one group: write it, make it
+    /// durable per the mode, release its replies. An error is the log's
+    /// failure: the node must stop (no further acknowledgements).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        while let Ok(msg) = self.rx.try_recv() {
+            self.writer.take(msg);
+        }
+        self.writer.flush()
+    }
+}
+
+/// A writer and its handle, not started.
+fn build(
+    config: WalConfig,
+    next_lsn: u64,
+    syncer: Box<dyn Syncer>,
+    threaded: bool,
+) -> std::io::Result<(Writer, Receiver<WalMsg>, WalHandle)> {
     // A spare left by the previous run (all zeros) makes the first
     // segment preallocated too.
     let (file, preallocated) = if config.preallocate {
@@ -348,7 +406,10 @@ pub fn start(
     // Segments larger than the default bound exist only as test seams
     // (never rotating): nothing to preallocate for.
     let spare_ready = Arc::new(AtomicBool::new(false));
-    let spares = if config.preallocate && config.segment_bytes_max <= crate::limits::WAL_SEGMENT_BYTES_MAX {
+    let preallocating = config.preallocate && config.segment_bytes_max <= crate::limits::WAL_SEGMENT_BYTES_MAX;
+    let spares = if preallocating && !threaded {
+        Spares::Inline
+    } else if preallocating {
         // One request at a time is enough: a spare takes a segment's worth
         // of writes to be needed.
         let (spares_tx, spares_rx) = crossbeam_channel::bounded::<()>(1);
@@ -365,9 +426,9 @@ pub fn start(
                 }
             }
         })?;
-        Some(spares_tx)
+        Spares::Thread(spares_tx)
     } else {
-        None
+        Spares::None
     };
     let mut writer = Writer {
         dir: config.dir.clone(),
@@ -397,22 +458,27 @@ pub fn start(
         // rather than when this one is half full.
         writer.request_spare();
     }
-    let thread = std::thread::Builder::new().name("wal-writer".into()).spawn(move || {
-        let result = writer.run(rx);
-        if let Err(e) = &result {
-            fatal(&format!("write-ahead log failed, no further acknowledgements: {e}"));
-        }
-        result
-    })?;
-    Ok(WalHandle {
+    let handle = WalHandle {
         tx,
         release_tx,
         releaser,
         watches: WalWatches { written, synced, committed },
-        thread: Some(thread),
+        thread: None,
         stats,
         fence,
-    })
+    };
+    Ok((writer, rx, handle))
+}
+
+/// Who zero-fills spare segments.
+enum Spares {
+    /// Nobody: segments grow (preallocation off, or a log that never
+    /// rotates).
+    None,
+    /// The `wal-prealloc` thread, asked through this channel.
+    Thread(crossbeam_channel::Sender<()>),
+    /// The writer itself, when asked (a manual writer: deterministic).
+    Inline,
 }
 
 struct Writer {
@@ -429,9 +495,8 @@ struct Writer {
     group_records: u64,
     last_sync: Instant,
     syncer: Box<dyn Syncer>,
-    /// Asks the preallocation thread for the next spare segment (`None`:
-    /// segments grow as written; see `WalConfig::preallocate`).
-    spares: Option<crossbeam_channel::Sender<()>>,
+    /// Who makes the next spare segment (see `WalConfig::preallocate`).
+    spares: Spares,
     /// The next spare was asked for (reset at each rotation).
     spare_requested: bool,
     /// Set by the preallocation thread when a spare is ready; taken by the
@@ -688,7 +753,7 @@ impl Writer {
         if !self.buf.is_empty() {
             // At an explicit offset: a preallocated segment is longer than
             // its records.
-            std::os::unix::fs::FileExt::write_all_at(&self.file, &self.buf, self.segment_bytes)?;
+            self.file.write_all_at(&self.buf, self.segment_bytes)?;
             self.segment_bytes += self.buf.len() as u64;
             self.stats.bytes_total.fetch_add(self.buf.len() as u64, Ordering::Relaxed);
             self.buf.clear();
@@ -731,8 +796,15 @@ impl Writer {
     /// all for a log that never rotates).
     fn request_spare(&mut self) {
         if !self.spare_requested {
-            if let Some(spares) = &self.spares {
-                let _ = spares.try_send(());
+            match &self.spares {
+                Spares::None => {}
+                Spares::Thread(spares) => {
+                    let _ = spares.try_send(());
+                }
+                Spares::Inline => match crate::wal::segment::prepare_spare(&self.dir, self.config.segment_bytes_max) {
+                    Ok(()) => self.spare_ready.store(true, Ordering::Release),
+                    Err(e) => tracing::warn!(error = %e, "could not preallocate the next log segment"),
+                },
             }
             self.spare_requested = true;
         }

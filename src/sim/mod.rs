@@ -1,0 +1,2 @@
+//! Deterministic simulation (SIMULATION.md).
+pub mod disk;
