@@ -163,7 +163,7 @@ fn main() {
         bytes as f64 / 1048576.0,
         t.elapsed().as_secs_f64()
     );
-    let recovered = recovery::recover(&dir, RecoverOptions { pool_shards: 1, truncate_corrupt: false }).unwrap();
+    let recovered = recovery::recover(&dir, RecoverOptions::new(1, false)).unwrap();
     let r = &recovered.report;
     assert_eq!(r.records_replayed, written);
     println!(
@@ -189,8 +189,7 @@ fn main() {
         snapshot_bytes as f64 / 1048576.0,
         t.elapsed().as_secs_f64()
     );
-    let from_snapshot =
-        recovery::recover(&dir, RecoverOptions { pool_shards: 1, truncate_corrupt: false }).unwrap().report;
+    let from_snapshot = recovery::recover(&dir, RecoverOptions::new(1, false)).unwrap().report;
     assert_eq!((from_snapshot.records_replayed, from_snapshot.snapshot_lsn), (0, Some(written)));
     println!(
         "recovery from the snapshot: {:.2} s ({:.2}x the replay of the log it covers, {:.2} s)",

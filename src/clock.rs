@@ -32,6 +32,10 @@ impl ManualClock {
     pub fn advance_ms(&self, ms: u64) {
         self.0.fetch_add(ms, Ordering::SeqCst);
     }
+    /// Step back (a wall clock corrected by NTP; the simulator).
+    pub fn step_back_ms(&self, ms: u64) {
+        self.0.fetch_sub(ms, Ordering::SeqCst);
+    }
 }
 
 impl Clock for ManualClock {

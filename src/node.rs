@@ -113,8 +113,7 @@ impl Node {
         if lock.try_lock().is_err() {
             bail!("data dir {} is in use by another stampede-server", dir.display());
         }
-        let options =
-            RecoverOptions { pool_shards: config.pool_shards.max(1), truncate_corrupt: config.truncate_corrupt };
+        let options = RecoverOptions::new(config.pool_shards.max(1), config.truncate_corrupt);
         let (mut recovered, mut history) = recover_with_history(&dir, options).await?;
         // A cluster node first finds its place: follow the leader (fixing
         // its data dir if its log parts from the leader's), or lead.

@@ -72,6 +72,16 @@ pub enum RecoveryError {
 pub struct RecoverOptions {
     pub pool_shards: usize,
     pub truncate_corrupt: bool,
+    /// Reservation ids the directory is sized (and faulted in) for before
+    /// serving: `DIRECTORY_IDS_PRESIZED` for a server ([`Self::new`]); the
+    /// simulator, which restarts a small node thousands of times, less.
+    pub presized_ids: usize,
+}
+
+impl RecoverOptions {
+    pub fn new(pool_shards: usize, truncate_corrupt: bool) -> RecoverOptions {
+        RecoverOptions { pool_shards, truncate_corrupt, presized_ids: DIRECTORY_IDS_PRESIZED }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -142,8 +152,9 @@ struct LoaderSpec {
     pool_shards: usize,
     reservations_estimate: usize,
     /// The engines will serve requests (startup recovery), so the id
-    /// directory is prefaulted; a state dump or checkpoint skips that.
-    serving: bool,
+    /// directory is presized for this many ids and prefaulted; a state
+    /// dump or checkpoint (`None`) sizes it for what it loads only.
+    serving: Option<usize>,
 }
 
 impl Loader {
@@ -152,9 +163,9 @@ impl Loader {
     /// dominates recovery time.
     fn new(spec: LoaderSpec) -> Loader {
         let LoaderSpec { pool_shards, reservations_estimate, serving } = spec;
-        let capacity = DIRECTORY_IDS_PRESIZED.max(reservations_estimate);
+        let capacity = serving.unwrap_or(0).max(reservations_estimate);
         let directory = ReservationDirectory::with_capacity(capacity);
-        let directory = Arc::new(if serving { directory.prefaulted() } else { directory });
+        let directory = Arc::new(if serving.is_some() { directory.prefaulted() } else { directory });
         let pool_shards = pool_shards.max(1);
         let pool = (0..pool_shards)
             .map(|_| {
@@ -876,7 +887,7 @@ pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, Recover
     let spec = LoaderSpec {
         pool_shards: options.pool_shards,
         reservations_estimate: reservations_estimate(dir, None)?,
-        serving: true,
+        serving: Some(options.presized_ids),
     };
     let mode = Mode::Repair { truncate_corrupt: options.truncate_corrupt };
     let (loader, mut report) = load(dir, spec, mode, Bounds::default())?;
@@ -922,7 +933,7 @@ pub fn recover(dir: &Path, options: RecoverOptions) -> Result<Recovered, Recover
 /// is a deterministic function of its log, this *is* the state the live
 /// engine had once it applied record `lsn`.
 pub fn state_at(dir: &Path, lsn: u64) -> Result<Vec<SaleImage>, RecoveryError> {
-    let spec = LoaderSpec { pool_shards: 1, reservations_estimate: reservations_estimate(dir, None)?, serving: false };
+    let spec = LoaderSpec { pool_shards: 1, reservations_estimate: reservations_estimate(dir, None)?, serving: None };
     let (loader, report) = load(dir, spec, Mode::ReadOnly, Bounds { below: None, upto: Some(lsn) })?;
     if report.last_lsn != lsn {
         return Err(RecoveryError::Io(std::io::Error::other(format!(
@@ -975,7 +986,7 @@ pub fn checkpoint(
     let spec = LoaderSpec {
         pool_shards: 1,
         reservations_estimate: reservations_estimate(dir, active_first_lsn)?,
-        serving: false,
+        serving: None,
     };
     let (loader, report) = load(dir, spec, Mode::ReadOnly, Bounds { below: active_first_lsn, upto: None })?;
     let mut result = Checkpoint::default();

@@ -97,7 +97,7 @@ fn recovered_digest(
     dir: &Path,
     truncate_corrupt: bool,
 ) -> Result<(BTreeMap<u64, u64>, recovery::RecoveryReport), RecoveryError> {
-    let recovered = recovery::recover(dir, RecoverOptions { pool_shards: 2, truncate_corrupt })?;
+    let recovered = recovery::recover(dir, RecoverOptions::new(2, truncate_corrupt))?;
     let mut digest = BTreeMap::new();
     for engine in recovered.engines.pool.iter().chain(&recovered.engines.hot) {
         digest.extend(engine.digest());

@@ -46,6 +46,8 @@ pub struct DiskStats {
     pub writes: u64,
     pub syncs: u64,
     pub sync_failures: u64,
+    /// Crashes armed to strike between a write and its sync.
+    pub crashes_before_sync: u64,
     pub full_refusals: u64,
     pub power_losses: u64,
     pub torn_writes: u64,
@@ -92,6 +94,8 @@ struct Inner {
     next_ino: u64,
     /// Bumped by every crash: files opened before it are dead handles.
     generation: u64,
+    /// The process dies at the next sync, before it reaches the disk.
+    crash_at_sync: bool,
     capacity: u64,
     rng: SmallRng,
     faults: DiskFaults,
@@ -151,6 +155,7 @@ impl SimDisk {
                 inodes: BTreeMap::new(),
                 next_ino: 1,
                 generation: 0,
+                crash_at_sync: false,
                 capacity,
                 rng: SmallRng::seed_from_u64(seed),
                 faults,
@@ -163,8 +168,11 @@ impl SimDisk {
         self.inner.lock().stats
     }
 
+    /// Change the fault rates (and disarm a pending crash).
     pub fn set_faults(&self, faults: DiskFaults) {
-        self.inner.lock().faults = faults;
+        let mut inner = self.inner.lock();
+        inner.faults = faults;
+        inner.crash_at_sync = false;
     }
 
     /// Bytes held by the files that have names.
@@ -251,6 +259,17 @@ impl SimDisk {
             apply_name(&mut inner.durable_names, op);
         }
         Ok(())
+    }
+
+    /// Make the process die at its next `sync`, after its writes and before
+    /// they are durable (the sync fails; the caller then crashes the node).
+    pub fn crash_at_next_sync(&self) {
+        self.inner.lock().crash_at_sync = true;
+    }
+
+    /// A crash is armed and has not struck yet.
+    pub fn crash_armed(&self) -> bool {
+        self.inner.lock().crash_at_sync
     }
 
     /// The process dies: every handle is dead; written data survives (the
@@ -417,6 +436,11 @@ impl SimFile {
         let mut guard = self.disk.inner.lock();
         let inner = self.live(&mut guard)?;
         inner.stats.syncs += 1;
+        if inner.crash_at_sync {
+            inner.crash_at_sync = false;
+            inner.stats.crashes_before_sync += 1;
+            return Err(io::Error::other("the process died before this fsync (simulated crash)"));
+        }
         if inner.sync_fails() {
             // Unknown: the pending changes may or may not reach the disk.
             return Err(io::Error::other("injected EIO on fsync (simulated disk)"));

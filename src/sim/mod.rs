@@ -1,2 +1,1026 @@
-//! Deterministic simulation (SIMULATION.md).
+//! Deterministic simulation of one node (SIMULATION.md): the real engine,
+//! shard cycles, log writer, segments, snapshots, checkpoints and recovery,
+//! on a simulated disk ([`disk::SimDisk`]) with a simulated clock, driven by
+//! one seeded PRNG in one thread, with many clients, faults and checks
+//! against a plain model after every step.
+//!
+//! Everything the simulator does comes from its seed: the same seed gives
+//! the same trace (its digest is in the report), so a failure replays with
+//! `stampede-sim --seed S`.
+//!
+//! Not simulated yet (SIMULATION.md, "Not covered"): the connection layer
+//! (framing, auth, rate limits, the sold-out fast path), hot shards,
+//! queues, pauses, replication, etcd and failover.
+
 pub mod disk;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use stampede_protocol::message::{HoldState, Reserve, SaleCreate};
+use stampede_protocol::{Opcode, Status};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::{Clock, ManualClock};
+use crate::recovery::{self, RecoverOptions, RecoveryError, Retention};
+use crate::server::conn::Outbound;
+use crate::shard::{pool_index, AdminCmd, Answer, SaleOp, ShardLoop, ShardMsg};
+use crate::sink::AdminResult;
+use crate::wal::writer::ManualWal;
+use crate::wal::{Durability, WalConfig};
+use disk::{DiskFaults, DiskStats, SimDisk};
+
+/// SKUs on sale, their stock, and the per-user limit: small, so that
+/// sell-outs, limits and contention happen within a few hundred steps.
+const SKUS: [u64; 3] = [11, 12, 13];
+const STOCK: u64 = 150;
+const LIMIT_PER_USER: u32 = 3;
+const TTL_MS: u64 = 5_000;
+const CLIENTS: usize = 12;
+const USERS: u64 = 80;
+/// Operations a client keeps in flight at most.
+const CLIENT_INFLIGHT_MAX: usize = 4;
+const POOL_SHARDS: usize = 2;
+/// Small segments: rotations, spares and retention happen often.
+const SEGMENT_BYTES: u64 = 16 * 1024;
+const DISK_BYTES: u64 = 64 << 20;
+/// The clock starts here (a plausible unix time in ms).
+const START_MS: u64 = 1_800_000_000_000;
+/// Steps of the quiet phase at the end: no faults, every client's
+/// outstanding operations must be answered within it.
+const QUIESCE_STEPS: u64 = 2_000;
+/// The clock steps back by less than this (SIMULATION.md: the bound).
+const CLOCK_STEP_BACK_MS_MAX: u64 = 500;
+
+/// Which fault classes a run injects (all by default; shrinking turns
+/// them off one by one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Faults {
+    pub kill: bool,
+    pub power_loss: bool,
+    pub sync_fail: bool,
+    pub disk_full: bool,
+    pub bit_flip: bool,
+    pub clock_jump: bool,
+}
+
+impl Faults {
+    pub const ALL: Faults =
+        Faults { kill: true, power_loss: true, sync_fail: true, disk_full: true, bit_flip: true, clock_jump: true };
+    pub const NONE: Faults = Faults {
+        kill: false,
+        power_loss: false,
+        sync_fail: false,
+        disk_full: false,
+        bit_flip: false,
+        clock_jump: false,
+    };
+
+    /// The fault classes that are on, by name.
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            (self.kill, "kill"),
+            (self.power_loss, "power_loss"),
+            (self.sync_fail, "sync_fail"),
+            (self.disk_full, "disk_full"),
+            (self.bit_flip, "bit_flip"),
+            (self.clock_jump, "clock_jump"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
+
+    /// This set with one class turned off (`index` in `names` order of ALL).
+    pub fn without(&self, index: usize) -> Faults {
+        let mut f = *self;
+        match index {
+            0 => f.kill = false,
+            1 => f.power_loss = false,
+            2 => f.sync_fail = false,
+            3 => f.disk_full = false,
+            4 => f.bit_flip = false,
+            _ => f.clock_jump = false,
+        }
+        f
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    /// Steps of the faulty phase (the quiet phase follows).
+    pub steps: u64,
+    pub faults: Faults,
+    /// Keep the trace lines (the digest is always computed).
+    pub trace: bool,
+    /// The log's durability mode. `Async` acknowledges before fsync, so
+    /// power losses must catch it losing acknowledged reservations: the
+    /// test that the checks can fail.
+    pub durability: Durability,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64, steps: u64) -> SimConfig {
+        SimConfig { seed, steps, faults: Faults::ALL, trace: false, durability: Durability::Fsync }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct SimReport {
+    pub seed: u64,
+    pub steps: u64,
+    /// Client operations sent (retries included) and answered.
+    pub ops_sent: u64,
+    pub ops_answered: u64,
+    /// Reservations whose RESERVE was acknowledged.
+    pub reservations_acked: u64,
+    pub kills: u64,
+    pub power_losses: u64,
+    pub log_failures: u64,
+    pub recoveries: u64,
+    /// Recoveries refused because of an injected bit flip (then undone).
+    pub refusals: u64,
+    /// Recoveries refused because a torn write looked like a flipped bit
+    /// (then started with the escape hatch, losing nothing acknowledged).
+    pub torn_refusals: u64,
+    pub checkpoints: u64,
+    pub expiries_seen: u64,
+    /// FNV-1a over the trace: equal for equal seeds.
+    pub trace_digest: u64,
+    pub trace: Vec<String>,
+    pub disk: DiskStats,
+}
+
+/// A failed check, with what is needed to replay it.
+#[derive(Debug)]
+pub struct SimFailure {
+    pub seed: u64,
+    pub step: u64,
+    pub message: String,
+    /// The trace up to the failure (with `trace` on).
+    pub trace_tail: Vec<String>,
+}
+
+impl std::fmt::Display for SimFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "seed {} failed at step {}: {}", self.seed, self.step, self.message)?;
+        writeln!(f, "replay: stampede-sim --seed {} --trace", self.seed)?;
+        for line in &self.trace_tail {
+            writeln!(f, "  {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Run one seed: the faulty phase, then the quiet phase, checking after
+/// every step. A panic in the code under test is a failure too.
+pub fn run(config: &SimConfig) -> Result<SimReport, SimFailure> {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Sim::new(config.clone()).run()));
+    match outcome {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".to_string());
+            Err(SimFailure { seed: config.seed, step: 0, message: format!("panic: {message}"), trace_tail: Vec::new() })
+        }
+    }
+}
+
+/// Find a smaller failing configuration: turn fault classes off while the
+/// seed still fails, then cut the faulty phase to the failing step.
+pub fn shrink(config: &SimConfig) -> Option<(SimConfig, SimFailure)> {
+    let mut best = config.clone();
+    let mut failure = run(&best).err()?;
+    for index in 0..6 {
+        let candidate = SimConfig { faults: best.faults.without(index), ..best.clone() };
+        if candidate.faults == best.faults {
+            continue;
+        }
+        if let Err(f) = run(&candidate) {
+            best = candidate;
+            failure = f;
+        }
+    }
+    // A failure at step k needs no step after k.
+    if failure.step > 0 && failure.step < best.steps {
+        let candidate = SimConfig { steps: failure.step, ..best.clone() };
+        if let Err(f) = run(&candidate) {
+            best = candidate;
+            failure = f;
+        }
+    }
+    Some((best, failure))
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Reserve { sku: u64, user: u64, qty: u32, id: u128 },
+    Confirm { sku: u64, id: u128 },
+    Release { sku: u64, id: u128 },
+}
+
+impl Op {
+    fn sku(&self) -> u64 {
+        match self {
+            Op::Reserve { sku, .. } | Op::Confirm { sku, .. } | Op::Release { sku, .. } => *sku,
+        }
+    }
+
+    fn id(&self) -> u128 {
+        match self {
+            Op::Reserve { id, .. } | Op::Confirm { id, .. } | Op::Release { id, .. } => *id,
+        }
+    }
+
+    fn payment_ref(id: u128) -> Bytes {
+        Bytes::from(format!("pay-{id:x}"))
+    }
+
+    fn to_sale_op(&self) -> (Opcode, SaleOp) {
+        match *self {
+            Op::Reserve { sku, user, qty, id } => {
+                (Opcode::Reserve, SaleOp::Reserve(Reserve { sku, user, qty, reservation_id: id }))
+            }
+            Op::Confirm { id, .. } => {
+                (Opcode::Confirm, SaleOp::Confirm { reservation_id: id, payment_ref: Op::payment_ref(id) })
+            }
+            Op::Release { id, .. } => (Opcode::Release, SaleOp::Release { reservation_id: id }),
+        }
+    }
+}
+
+struct Client {
+    tx: mpsc::UnboundedSender<Outbound>,
+    rx: mpsc::UnboundedReceiver<Outbound>,
+    conn: u64,
+    next_request: u64,
+    inflight: BTreeMap<u64, Op>,
+    /// Operations whose outcome a crash made unknown: retried as they were.
+    unknown: Vec<Op>,
+}
+
+/// What the model knows of an acknowledged reservation.
+#[derive(Clone, Debug)]
+struct Acked {
+    sku: u64,
+    user: u64,
+    qty: u32,
+    expires_at_ms: u64,
+    state: HoldState,
+    /// The confirm time, once a CONFIRM was acknowledged.
+    confirmed_at_ms: Option<u64>,
+}
+
+struct Node {
+    shards: Vec<ShardLoop>,
+    wal: ManualWal,
+    admin: Vec<(AdminCmd, oneshot::Receiver<AdminResult>)>,
+}
+
+struct Sim {
+    config: SimConfig,
+    rng: SmallRng,
+    clock: ManualClock,
+    /// The latest time the engine may have seen (the clock can step back).
+    high_water_ms: u64,
+    disk: Arc<SimDisk>,
+    _mount: crate::storage::Mount,
+    dir: PathBuf,
+    node: Option<Node>,
+    clients: Vec<Client>,
+    acked: BTreeMap<u128, Acked>,
+    /// The keys of `acked`, for picking one at random in O(1).
+    acked_ids: Vec<u128>,
+    /// Stock per SKU as acknowledged (restocks add to it).
+    total: BTreeMap<u64, u64>,
+    /// Restocks in flight or unknown: the total may be this much higher.
+    total_unknown: BTreeMap<u64, u64>,
+    report: SimReport,
+    step: u64,
+    digest: u64,
+    /// Restored to the full size at the next restart.
+    disk_full: bool,
+    /// An armed crash struck outside the log writer: crash now.
+    crash_pending: bool,
+    cycles: u64,
+}
+
+fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x100_0000_01b3);
+    }
+    hash
+}
+
+type Check = Result<(), String>;
+
+/// Why a start failed.
+enum Failed {
+    /// An I/O error: the process exits and is started again.
+    Io(String),
+    /// Recovery refused the data dir.
+    Refused(String),
+    /// A check failed after the start.
+    Check(String),
+}
+
+/// Syncs that fail with EIO, per million.
+const SYNC_FAIL_PPM: u32 = 3_000;
+
+/// Shard cycles between full invariant checks (and at every start).
+const FULL_CHECK_EVERY_CYCLES: u64 = 64;
+
+/// Starts that fail on I/O errors before the simulator gives up.
+const START_ATTEMPTS_MAX: u32 = 50;
+
+impl Sim {
+    fn new(config: SimConfig) -> Sim {
+        let mut rng = SmallRng::seed_from_u64(config.seed);
+        let disk = SimDisk::new(rng.gen(), DISK_BYTES, DiskFaults::default());
+        let mount = crate::storage::mount(disk.clone());
+        let dir = mount.root.join("data");
+        let clients = (0..CLIENTS)
+            .map(|i| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                Client { tx, rx, conn: i as u64, next_request: 1, inflight: BTreeMap::new(), unknown: Vec::new() }
+            })
+            .collect();
+        Sim {
+            report: SimReport { seed: config.seed, ..Default::default() },
+            config,
+            rng,
+            clock: ManualClock::new(START_MS),
+            high_water_ms: START_MS,
+            disk,
+            _mount: mount,
+            dir,
+            node: None,
+            clients,
+            acked: BTreeMap::new(),
+            acked_ids: Vec::new(),
+            total: SKUS.iter().map(|&s| (s, 0)).collect(),
+            total_unknown: SKUS.iter().map(|&s| (s, 0)).collect(),
+            step: 0,
+            digest: 0xcbf2_9ce4_8422_2325,
+            disk_full: false,
+            crash_pending: false,
+            cycles: 0,
+        }
+    }
+
+    fn trace(&mut self, line: impl FnOnce() -> String) {
+        let mut line = line();
+        if line.contains(crate::storage::SIM_ROOT) {
+            // Paths in messages: the mount root differs between runs in
+            // one process; the trace must not.
+            line = line.replace(&*self._mount.root.to_string_lossy(), "<disk>");
+        }
+        self.digest = fnv(self.digest, line.as_bytes());
+        if self.config.trace {
+            self.report.trace.push(format!("{:>7} {line}", self.step));
+        }
+    }
+
+    fn fail(&self, message: String) -> SimFailure {
+        // The whole trace (kept only with `trace` on).
+        let tail = self.report.trace.clone();
+        SimFailure { seed: self.config.seed, step: self.step, message, trace_tail: tail }
+    }
+
+    fn run(mut self) -> Result<SimReport, SimFailure> {
+        self.start(false).map_err(|e| self.fail(e))?;
+        self.create_sales().map_err(|e| self.fail(e))?;
+        let faulty = self.config.steps;
+        while self.step < faulty + QUIESCE_STEPS {
+            self.step += 1;
+            let quiet = self.step > faulty;
+            if self.step == faulty + 1 {
+                self.disk.set_faults(DiskFaults::default());
+            }
+            self.one_step(quiet).map_err(|e| self.fail(e))?;
+        }
+        // Liveness: after the faults stopped, everything was answered.
+        let open: usize = self.clients.iter().map(|c| c.inflight.len() + c.unknown.len()).sum();
+        if open > 0 {
+            return Err(
+                self.fail(format!("{open} operations still unanswered {QUIESCE_STEPS} steps after the faults stopped"))
+            );
+        }
+        self.check_against_engines().map_err(|e| self.fail(e))?;
+        self.report.steps = self.step;
+        self.report.trace_digest = self.digest;
+        self.report.disk = self.disk.stats();
+        Ok(self.report)
+    }
+
+    // --- the node -------------------------------------------------------
+
+    /// Recover from the disk and start the shards and the writer. An I/O
+    /// error (an injected EIO) fails the start, as it would the process;
+    /// the supervisor starts it again (bounded).
+    fn start(&mut self, truncate_corrupt: bool) -> Check {
+        if self.disk_full {
+            // The operator freed space.
+            self.disk.set_capacity(DISK_BYTES);
+            self.disk_full = false;
+        }
+        for attempt in 1..=START_ATTEMPTS_MAX {
+            match self.start_once(truncate_corrupt) {
+                Ok(()) => return Ok(()),
+                Err(Failed::Io(e)) if attempt < START_ATTEMPTS_MAX => {
+                    self.disk.kill();
+                    self.trace(|| format!("start failed ({e}); restarting"));
+                }
+                Err(Failed::Io(e)) => return Err(format!("no start in {START_ATTEMPTS_MAX} attempts: {e}")),
+                Err(Failed::Refused(e)) => return Err(format!("recovery refused: {e}")),
+                Err(Failed::Check(e)) => return Err(e),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    fn start_once(&mut self, truncate_corrupt: bool) -> Result<(), Failed> {
+        let options = RecoverOptions { presized_ids: 4096, ..RecoverOptions::new(POOL_SHARDS, truncate_corrupt) };
+        let recovered = match recovery::recover(&self.dir, options) {
+            Ok(recovered) => recovered,
+            Err(RecoveryError::Io(e)) => return Err(Failed::Io(e.to_string())),
+            Err(refused) => return Err(Failed::Refused(refused.to_string())),
+        };
+        self.report.recoveries += 1;
+        let config = WalConfig {
+            segment_bytes_max: SEGMENT_BYTES,
+            flush_bytes: 4096,
+            durability: self.config.durability,
+            // Async mode syncs on a wall-clock interval: never, here (only
+            // rotations sync), so a run stays a function of its seed.
+            async_sync_interval: std::time::Duration::from_secs(3600),
+            ..WalConfig::new(&self.dir)
+        };
+        let wal = ManualWal::open(config, recovered.next_lsn).map_err(|e| Failed::Io(e.to_string()))?;
+        let mut seeds = SmallRng::seed_from_u64(self.rng.gen());
+        let shards = recovered
+            .engines
+            .pool
+            .into_iter()
+            .map(|engine| {
+                let seeds = SmallRng::seed_from_u64(seeds.gen());
+                let mut seeds = seeds;
+                ShardLoop::new(
+                    engine,
+                    Arc::new(self.clock.clone()),
+                    Box::new(wal.sink()),
+                    Arc::new(AtomicUsize::new(0)),
+                )
+                .with_seeds(Box::new(move || seeds.gen()))
+            })
+            .collect();
+        self.node = Some(Node { shards, wal, admin: Vec::new() });
+        let next_lsn = recovered.next_lsn;
+        self.trace(|| format!("start next_lsn={next_lsn}"));
+        self.check_against_engines().map_err(Failed::Check)
+    }
+
+    /// The setup: sales created and acknowledged before any fault.
+    fn create_sales(&mut self) -> Check {
+        let faults = self.disk_faults();
+        self.disk.set_faults(DiskFaults::default());
+        for sku in SKUS {
+            let cmd = SaleCreate {
+                sku,
+                stock: STOCK,
+                limit_per_user: LIMIT_PER_USER,
+                ttl_ms: TTL_MS,
+                hot: false,
+                queue: None,
+            };
+            self.admin(AdminCmd::Create(cmd));
+        }
+        // Decided, logged and answered before any fault.
+        for shard in 0..POOL_SHARDS {
+            self.node.as_mut().expect("started").shards[shard].cycle();
+        }
+        self.flush(false)?;
+        for sku in SKUS {
+            if self.total[&sku] != STOCK {
+                return Err(format!("sale {sku} was not created"));
+            }
+        }
+        self.disk.set_faults(faults);
+        Ok(())
+    }
+
+    fn disk_faults(&self) -> DiskFaults {
+        DiskFaults { sync_fail_ppm: if self.config.faults.sync_fail { SYNC_FAIL_PPM } else { 0 } }
+    }
+
+    fn shard_of(sku: u64) -> usize {
+        pool_index(sku, POOL_SHARDS)
+    }
+
+    fn admin(&mut self, cmd: AdminCmd) {
+        let sku = match &cmd {
+            AdminCmd::Create(c) => c.sku,
+            AdminCmd::Restock { sku, .. } | AdminCmd::SetPaused { sku, .. } => *sku,
+        };
+        let copy = match &cmd {
+            AdminCmd::Create(c) => AdminCmd::Create(*c),
+            AdminCmd::Restock { sku, qty } => {
+                *self.total_unknown.get_mut(sku).expect("sku") += qty;
+                AdminCmd::Restock { sku: *sku, qty: *qty }
+            }
+            AdminCmd::SetPaused { sku, paused } => AdminCmd::SetPaused { sku: *sku, paused: *paused },
+        };
+        let (done, rx) = oneshot::channel();
+        let node = self.node.as_mut().expect("started");
+        node.shards[Sim::shard_of(sku)].push(ShardMsg::Admin { cmd, done });
+        node.admin.push((copy, rx));
+    }
+
+    /// The writer's group: written, synced, replies released. A failure
+    /// is fatal to the node (as in the server): it crashes.
+    fn flush(&mut self, faults_on: bool) -> Check {
+        let Some(node) = self.node.as_mut() else { return Ok(()) };
+        match node.wal.flush() {
+            Ok(()) => {
+                self.deliver()?;
+                Ok(())
+            }
+            Err(e) => {
+                self.report.log_failures += 1;
+                let message = e.to_string();
+                self.trace(|| format!("log failed: {message}"));
+                let power = faults_on && self.crash_kind();
+                self.crash(power)
+            }
+        }
+    }
+
+    /// The node dies (process kill, or power loss), its outstanding
+    /// requests become unknown to their clients, and it restarts.
+    fn crash(&mut self, power_loss: bool) -> Check {
+        // Replies already handed to a connection were sent: acknowledged.
+        self.deliver()?;
+        self.node = None;
+        let torn_before = self.disk.stats().torn_writes;
+        if power_loss {
+            self.disk.power_loss();
+            self.report.power_losses += 1;
+        } else {
+            self.disk.kill();
+            self.report.kills += 1;
+        }
+        self.trace(|| format!("crash power_loss={power_loss}"));
+        for client in &mut self.clients {
+            let lost: Vec<Op> = std::mem::take(&mut client.inflight).into_values().collect();
+            client.unknown.extend(lost);
+        }
+        // Unanswered admin commands: a restock may or may not have landed
+        // (the total is checked against the range after recovery).
+        let flip = (self.config.faults.bit_flip && self.rng.gen_ratio(1, 4))
+            .then(|| self.disk.flip_random_bit(&["wal-0", "snap-"]))
+            .flatten();
+        if let Some(flip) = &flip {
+            // The file's name, not its path: the mount root differs between
+            // runs in one process, the trace must not.
+            let path = flip.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let (offset, bit) = (flip.offset, flip.bit);
+            self.trace(|| format!("flip {path} byte {offset} bit {bit}"));
+        }
+        let torn = self.disk.stats().torn_writes > torn_before;
+        let mut result = self.start(false);
+        if let (Err(refused), Some(flip)) = (&result, &flip) {
+            if refused.starts_with("recovery refused") {
+                // Detected, as it must be: the operator restores the byte
+                // (from a replica or backup) and starts again.
+                self.report.refusals += 1;
+                self.trace(|| "refused the flipped log; restored".to_string());
+                self.disk.unflip(flip);
+                result = self.start(false);
+            }
+        }
+        if let Err(refused) = &result {
+            if torn && refused.contains("makes it a valid record") {
+                // A torn write whose lost bytes were one bit away from
+                // zeros reads exactly like a flipped bit in a whole record:
+                // refused by design (WAL.md). The runbook's escape hatch
+                // cuts it; it was never acknowledged, so nothing that was
+                // may be missing after (checked by the start).
+                self.report.torn_refusals += 1;
+                self.trace(|| "refused an ambiguous torn write; started with --wal-truncate-corrupt".to_string());
+                result = self.start(true);
+            }
+        }
+        result
+    }
+
+    // --- one step ---------------------------------------------------------
+
+    fn one_step(&mut self, quiet: bool) -> Check {
+        let roll = self.rng.gen_range(0..10_000);
+        let result = match roll {
+            0..=3_999 => self.client_sends(quiet),
+            4_000..=5_999 => {
+                let shard = self.rng.gen_range(0..POOL_SHARDS);
+                self.trace(|| format!("cycle shard {shard}"));
+                self.node.as_mut().expect("running").shards[shard].cycle();
+                // The engine asserts its invariants on every apply; the
+                // full check (every sale, every user) now and then.
+                self.cycles += 1;
+                if self.cycles % FULL_CHECK_EVERY_CYCLES == 0 {
+                    self.check_invariants()
+                } else {
+                    Ok(())
+                }
+            }
+            6_000..=7_999 => {
+                let quiet_or_not = !quiet;
+                self.trace(|| "flush".to_string());
+                self.flush(quiet_or_not)
+            }
+            8_000..=8_999 => {
+                let ms = if self.rng.gen_ratio(1, 20) {
+                    self.rng.gen_range(1_000..8_000)
+                } else {
+                    self.rng.gen_range(1..200)
+                };
+                self.clock.advance_ms(ms);
+                self.high_water_ms = self.high_water_ms.max(self.clock.now_ms());
+                self.trace(|| format!("clock +{ms}"));
+                Ok(())
+            }
+            9_000..=9_049 if !quiet && self.config.faults.clock_jump => {
+                // A step back within the documented bound (the wall clock
+                // corrected by NTP): expiry deadlines stay monotonic.
+                let back = self.rng.gen_range(1..CLOCK_STEP_BACK_MS_MAX);
+                self.clock.step_back_ms(back);
+                self.trace(|| format!("clock -{back}"));
+                Ok(())
+            }
+            9_050..=9_149 => {
+                let sku = SKUS[self.rng.gen_range(0..SKUS.len())];
+                let qty = self.rng.gen_range(1..5);
+                self.trace(|| format!("restock {sku} +{qty}"));
+                self.admin(AdminCmd::Restock { sku, qty });
+                Ok(())
+            }
+            9_150..=9_169 => {
+                let node = self.node.as_ref().expect("running");
+                let active = node.wal.stats().active_segment_first_lsn.load(std::sync::atomic::Ordering::Acquire);
+                let armed = self.disk.crash_armed();
+                let result = recovery::checkpoint(&self.dir, Some(active), Retention::Snapshot);
+                self.crash_pending = armed && !self.disk.crash_armed();
+                let ok = result.is_ok();
+                self.trace(|| format!("checkpoint below {active}: ok={ok}"));
+                self.report.checkpoints += u64::from(ok);
+                match result {
+                    Ok(_) | Err(RecoveryError::Io(_)) => Ok(()),
+                    Err(e) => Err(format!("checkpoint failed on a healthy log: {e}")),
+                }
+            }
+            9_170..=9_174 if !quiet && self.config.faults.disk_full && !self.disk_full => {
+                let room = self.rng.gen_range(0..8192);
+                self.disk.set_capacity(self.disk.used() + room);
+                self.disk_full = true;
+                self.trace(|| format!("disk nearly full: {room} bytes left"));
+                Ok(())
+            }
+            9_175..=9_184 if !quiet && (self.config.faults.kill || self.config.faults.power_loss) => {
+                if self.rng.gen_bool(0.5) {
+                    // Between a group's write and its fsync.
+                    self.trace(|| "crash armed for the next fsync".to_string());
+                    self.disk.crash_at_next_sync();
+                    Ok(())
+                } else {
+                    let power = self.crash_kind();
+                    self.crash(power)
+                }
+            }
+            _ => self.deliver(),
+        };
+        result?;
+        // An armed crash that struck elsewhere (a checkpoint's fsync).
+        if self.node.is_some() && self.crash_pending {
+            self.crash_pending = false;
+            let power = self.crash_kind();
+            return self.crash(power);
+        }
+        Ok(())
+    }
+
+    /// Power loss or process kill, as the enabled faults allow.
+    fn crash_kind(&mut self) -> bool {
+        match (self.config.faults.kill, self.config.faults.power_loss) {
+            (true, true) => self.rng.gen_bool(0.5),
+            (_, power) => power,
+        }
+    }
+
+    fn client_sends(&mut self, quiet: bool) -> Check {
+        let c = self.rng.gen_range(0..CLIENTS);
+        if self.clients[c].inflight.len() >= CLIENT_INFLIGHT_MAX {
+            return self.deliver();
+        }
+        // Retry an unknown outcome first (same id, same request), as a
+        // checkout service does; in the quiet phase always.
+        let op = if !self.clients[c].unknown.is_empty() && (quiet || self.rng.gen_bool(0.5)) {
+            self.clients[c].unknown.remove(0)
+        } else if quiet {
+            return self.deliver();
+        } else {
+            // One to a few operations in one message (a pipelined read or
+            // a batch frame).
+            let n = self.rng.gen_range(1..=CLIENT_INFLIGHT_MAX - self.clients[c].inflight.len());
+            let ops: Vec<Op> = (0..n).filter_map(|_| self.new_op()).collect();
+            self.send(c, ops);
+            return Ok(());
+        };
+        self.send(c, vec![op]);
+        Ok(())
+    }
+
+    fn new_op(&mut self) -> Option<Op> {
+        let roll = self.rng.gen_range(0..100);
+        if roll < 55 || self.acked.is_empty() {
+            let sku = SKUS[self.rng.gen_range(0..SKUS.len())];
+            let user = self.rng.gen_range(1..=USERS);
+            let qty = self.rng.gen_range(1..=2);
+            let id = self.rng.gen::<u128>() | 1;
+            return Some(Op::Reserve { sku, user, qty, id });
+        }
+        // A reservation the model holds, most of the time (a few tries),
+        // else any acknowledged one.
+        let mut pick = || self.acked_ids[self.rng.gen_range(0..self.acked_ids.len())];
+        let mut id = pick();
+        for _ in 0..4 {
+            if self.acked[&id].state == HoldState::Held {
+                break;
+            }
+            id = pick();
+        }
+        let sku = self.acked[&id].sku;
+        Some(if roll < 80 { Op::Confirm { sku, id } } else { Op::Release { sku, id } })
+    }
+
+    fn send(&mut self, c: usize, ops: Vec<Op>) {
+        self.report.ops_sent += ops.len() as u64;
+        let client = &mut self.clients[c];
+        let mut by_shard: BTreeMap<usize, Vec<(Answer, SaleOp)>> = BTreeMap::new();
+        for op in ops {
+            let request_id = client.next_request;
+            client.next_request += 1;
+            let (opcode, sale_op) = op.to_sale_op();
+            by_shard.entry(Sim::shard_of(op.sku())).or_default().push((Answer::Alone { request_id, opcode }, sale_op));
+            client.inflight.insert(request_id, op);
+        }
+        let (tx, conn) = (client.tx.clone(), client.conn);
+        let node = self.node.as_mut().expect("running");
+        for (shard, ops) in by_shard {
+            node.shards[shard].push(ShardMsg::Ops { ops, tx: tx.clone(), conn, received: std::time::Instant::now() });
+        }
+        let line = format!("client {c} sends {:?}", self.clients[c].inflight.values().last());
+        self.trace(|| line);
+    }
+
+    // --- answers and checks ---------------------------------------------
+
+    /// Hand every released reply to its client and check it.
+    fn deliver(&mut self) -> Check {
+        if let Some(node) = self.node.as_mut() {
+            let admin = std::mem::take(&mut node.admin);
+            let mut waiting = Vec::new();
+            let mut answered = Vec::new();
+            for (cmd, mut rx) in admin {
+                match rx.try_recv() {
+                    Ok((outcome, _)) => answered.push((cmd, outcome)),
+                    Err(oneshot::error::TryRecvError::Empty) => waiting.push((cmd, rx)),
+                    // Dropped with a failed group: unknown.
+                    Err(oneshot::error::TryRecvError::Closed) => {}
+                }
+            }
+            self.node.as_mut().expect("running").admin = waiting;
+            for (cmd, outcome) in answered {
+                match cmd {
+                    AdminCmd::Create(c) if outcome.status == Status::Ok => {
+                        *self.total.get_mut(&c.sku).expect("sku") += c.stock;
+                    }
+                    AdminCmd::Restock { sku, qty } if outcome.status == Status::Ok => {
+                        *self.total.get_mut(&sku).expect("sku") += qty;
+                        *self.total_unknown.get_mut(&sku).expect("sku") -= qty;
+                    }
+                    _ => return Err(format!("admin command answered {:?}", outcome.status)),
+                }
+            }
+        }
+        for c in 0..CLIENTS {
+            while let Ok(out) = self.clients[c].rx.try_recv() {
+                let Outbound::Outcomes { results, .. } = out else {
+                    return Err("a sale operation answered with something other than outcomes".to_string());
+                };
+                for (answer, outcome) in results {
+                    let Answer::Alone { request_id, .. } = answer else {
+                        return Err("an answer for a batch slot on a connection that sent none".to_string());
+                    };
+                    let Some(op) = self.clients[c].inflight.remove(&request_id) else {
+                        return Err(format!("client {c}: an answer to request {request_id}, not in flight"));
+                    };
+                    self.report.ops_answered += 1;
+                    let (status, detail) = (outcome.status, outcome.detail);
+                    let line = format!("client {c} got {status:?} {detail} for {op:?}");
+                    self.trace(|| line);
+                    self.check_answer(&op, status, detail)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An answer is consistent with everything acknowledged before it.
+    fn check_answer(&mut self, op: &Op, status: Status, detail: u64) -> Check {
+        let id = op.id();
+        let now = self.high_water_ms;
+        match (op, status) {
+            (Op::Reserve { sku, user, qty, .. }, Status::Reserved) => {
+                if let Some(a) = self.acked.get(&id) {
+                    if a.expires_at_ms != detail {
+                        return Err(format!(
+                            "retry of RESERVE {id:x} answered expiry {detail}, first {}",
+                            a.expires_at_ms
+                        ));
+                    }
+                } else {
+                    self.report.reservations_acked += 1;
+                    self.acked_ids.push(id);
+                    self.acked.insert(
+                        id,
+                        Acked {
+                            sku: *sku,
+                            user: *user,
+                            qty: *qty,
+                            expires_at_ms: detail,
+                            state: HoldState::Held,
+                            confirmed_at_ms: None,
+                        },
+                    );
+                }
+                self.check_stock_and_limits(*sku, *user)
+            }
+            (Op::Reserve { .. }, refused) => {
+                if self.acked.contains_key(&id) {
+                    return Err(format!("retry of an acknowledged RESERVE {id:x} answered {refused:?}"));
+                }
+                Ok(())
+            }
+            (Op::Confirm { .. } | Op::Release { .. }, Status::UnknownReservation) => {
+                if self.acked.contains_key(&id) {
+                    return Err(format!("acknowledged reservation {id:x} is unknown to the engine"));
+                }
+                Ok(())
+            }
+            (Op::Confirm { .. } | Op::Release { .. }, status) => {
+                let Some(a) = self.acked.get_mut(&id) else {
+                    return Err(format!("{status:?} for {id:x}, a reservation never acknowledged"));
+                };
+                let next = match (op, status, a.state) {
+                    (Op::Confirm { .. }, Status::Confirmed, HoldState::Held) => {
+                        a.confirmed_at_ms = Some(detail);
+                        HoldState::Confirmed
+                    }
+                    (Op::Confirm { .. }, Status::Confirmed, HoldState::Confirmed)
+                        if a.confirmed_at_ms.is_none_or(|at| at == detail) =>
+                    {
+                        a.confirmed_at_ms = Some(detail);
+                        HoldState::Confirmed
+                    }
+                    (_, Status::Expired, HoldState::Held | HoldState::Expired)
+                        if detail == a.expires_at_ms && now >= a.expires_at_ms =>
+                    {
+                        self.report.expiries_seen += 1;
+                        HoldState::Expired
+                    }
+                    (Op::Release { .. }, Status::Released, HoldState::Held | HoldState::Released) => {
+                        HoldState::Released
+                    }
+                    // A settle whose answer a crash lost landed after all.
+                    (Op::Confirm { .. }, Status::AlreadyReleased, HoldState::Held | HoldState::Released) => {
+                        HoldState::Released
+                    }
+                    (Op::Release { .. }, Status::AlreadyConfirmed, HoldState::Held | HoldState::Confirmed) => {
+                        HoldState::Confirmed
+                    }
+                    (_, status, state) => {
+                        return Err(format!(
+                            "{op:?} answered {status:?} {detail} but the reservation was acknowledged {state:?} \
+                             (expires {}, now {now})",
+                            a.expires_at_ms
+                        ))
+                    }
+                };
+                a.state = next;
+                Ok(())
+            }
+        }
+    }
+
+    /// Units acknowledged as held (not yet due) or sold never exceed the
+    /// stock, and no user holds more than the limit.
+    /// (A RELEASE still unanswered may already have given its units back:
+    /// those holds are not counted.)
+    fn check_stock_and_limits(&self, sku: u64, user: u64) -> Check {
+        let now = self.high_water_ms;
+        let releasing: std::collections::BTreeSet<u128> = self
+            .clients
+            .iter()
+            .flat_map(|c| c.unknown.iter().chain(c.inflight.values()))
+            .filter(|op| matches!(op, Op::Release { .. }))
+            .map(Op::id)
+            .collect();
+        let live = |(id, a): &(&u128, &Acked)| {
+            a.sku == sku
+                && (a.state == HoldState::Confirmed
+                    || (a.state == HoldState::Held && now < a.expires_at_ms && !releasing.contains(id)))
+        };
+        let units: u64 = self.acked.iter().filter(live).map(|(_, a)| u64::from(a.qty)).sum();
+        let most = self.total[&sku] + self.total_unknown[&sku];
+        if units > most {
+            return Err(format!("oversold: {units} units of sku {sku} acknowledged against a stock of at most {most}"));
+        }
+        let mine: u64 =
+            self.acked.iter().filter(live).filter(|(_, a)| a.user == user).map(|(_, a)| u64::from(a.qty)).sum();
+        if mine > u64::from(LIMIT_PER_USER) {
+            return Err(format!("user {user} holds {mine} units of sku {sku}, over the limit of {LIMIT_PER_USER}"));
+        }
+        Ok(())
+    }
+
+    fn check_invariants(&self) -> Check {
+        for shard in &self.node.as_ref().expect("running").shards {
+            let engine = shard.engine();
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.check_invariants()));
+            if caught.is_err() {
+                return Err("an engine invariant broke".to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// Every acknowledged outcome is in the engines, in the same state (or
+    /// a later one that an unknown outcome explains), and totals add up.
+    fn check_against_engines(&mut self) -> Check {
+        self.check_invariants()?;
+        let now = self.high_water_ms;
+        let node = self.node.as_ref().expect("running");
+        let unknown: std::collections::BTreeSet<u128> =
+            self.clients.iter().flat_map(|c| c.unknown.iter().chain(c.inflight.values()).map(Op::id)).collect();
+        for sku in SKUS {
+            let engine = node.shards[Sim::shard_of(sku)].engine();
+            let status = engine.status(sku, now);
+            if status.status != Status::Ok {
+                if self.total[&sku] == 0 {
+                    continue;
+                }
+                return Err(format!("sale {sku} lost: {:?}", status.status));
+            }
+            let (low, high) = (self.total[&sku], self.total[&sku] + self.total_unknown[&sku]);
+            if status.sale.total < low || status.sale.total > high {
+                return Err(format!("sale {sku} total {} outside the acknowledged {low}..={high}", status.sale.total));
+            }
+        }
+        for (id, a) in &mut self.acked {
+            let engine = node.shards[Sim::shard_of(a.sku)].engine();
+            let Some(r) = engine.reservation(*id) else {
+                return Err(format!("acknowledged reservation {id:x} ({a:?}) is gone"));
+            };
+            if (r.sku, r.user, r.qty, r.expires_at_ms) != (a.sku, a.user, a.qty, a.expires_at_ms) {
+                return Err(format!("reservation {id:x} is {r:?}, acknowledged as {a:?}"));
+            }
+            let settled_unknown = unknown.contains(id);
+            let ok = match (a.state, r.state) {
+                (x, y) if x == y => true,
+                (HoldState::Held, HoldState::Expired) => now >= a.expires_at_ms,
+                (HoldState::Held, HoldState::Confirmed | HoldState::Released) => settled_unknown,
+                _ => false,
+            };
+            if !ok {
+                return Err(format!("reservation {id:x} is {:?} in the engine, acknowledged {:?}", r.state, a.state));
+            }
+            if a.state == HoldState::Confirmed && a.confirmed_at_ms.is_some_and(|at| at != r.settled_at_ms) {
+                return Err(format!(
+                    "reservation {id:x} confirmed at {} but acknowledged at {:?}",
+                    r.settled_at_ms, a.confirmed_at_ms
+                ));
+            }
+        }
+        Ok(())
+    }
+}

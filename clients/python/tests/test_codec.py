@@ -1,0 +1,186 @@
+"""The codec's edges: CRC-32C, frame validation in the spec's order, strict
+body decoding, and argument checks before anything is sent."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from stampede import checksum
+from stampede.errors import FrameError, InvalidRequest, Malformed
+from stampede.frame import FrameReader, decode_frame, decode_header, encode_frame
+from stampede.ids import format_reservation_id, new_reservation_id, parse_reservation_id
+from stampede.limits import BATCH_OPS_MAX, FRAME_BODY_BYTES_MAX, PAYMENT_REF_BYTES_MAX, TOKEN_BYTES_MAX
+from stampede.messages import (
+    Batch,
+    BatchReply,
+    Confirm,
+    Frame,
+    Hello,
+    Outcome,
+    Release,
+    Reserve,
+    ReserveBatch,
+    decode_reply,
+    decode_request,
+    encode_request,
+)
+from stampede.status import Opcode, Status
+
+
+def bitwise_crc32c(data: bytes) -> int:
+    """The bitwise reference of PROTOCOL.md §2.2, transcribed."""
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("impl", [checksum.crc32c, checksum.crc32c_pure], ids=["selected", "pure"])
+def test_crc32c_check_values(impl) -> None:  # type: ignore[no-untyped-def]
+    assert impl(b"123456789") == 0xE3069283
+    assert impl(b"") == 0
+    for n in list(range(0, 70)) + [1000, 4097]:
+        data = os.urandom(n)
+        assert impl(data) == bitwise_crc32c(data), n
+    # Not the zlib/IEEE CRC-32.
+    import zlib
+
+    assert impl(b"123456789") != zlib.crc32(b"123456789")
+
+
+def test_pure_crc_continues_a_previous_value() -> None:
+    data = os.urandom(123)
+    assert checksum.crc32c_pure(data[50:], checksum.crc32c_pure(data[:50])) == checksum.crc32c_pure(data)
+
+
+def _corrupt(frame: bytes, offset: int, value: int, fix_header_crc: bool = True) -> bytes:
+    b = bytearray(frame)
+    b[offset] = value
+    if fix_header_crc:
+        b[28:32] = struct.pack("<I", checksum.crc32c(bytes(b[0:28])))
+    return bytes(b)
+
+
+PING = encode_frame(Opcode.PING, 9)
+RESERVE = encode_request(Reserve(1, 2, 3, 4), 77)
+
+
+def test_validation_follows_the_spec_order() -> None:
+    # 1 magic (id unknown), 2 version before the checksum, 3 header checksum.
+    for offset, value, status in ((0, ord("X"), Status.BAD_MAGIC), (4, 2, Status.UNSUPPORTED_VERSION)):
+        with pytest.raises(FrameError) as e:
+            decode_header(_corrupt(PING, offset, value, fix_header_crc=False)[:32])
+        assert (e.value.status, e.value.request_id) == (status, None)
+    with pytest.raises(FrameError) as e:
+        decode_header(_corrupt(PING, 8, 10, fix_header_crc=False)[:32])
+    assert (e.value.status, e.value.request_id) == (Status.BAD_CHECKSUM, None)
+    # 4 flags / reserved non-zero: id echoed.
+    for offset in (6, 24):
+        with pytest.raises(FrameError) as e:
+            decode_header(_corrupt(PING, offset, 1)[:32])
+        assert (e.value.status, e.value.request_id) == (Status.MALFORMED_BODY, 9)
+    # 6 body checksum.
+    with pytest.raises(FrameError) as e:
+        FrameReader().feed(_corrupt(RESERVE, 40, RESERVE[40] ^ 1, fix_header_crc=False))
+    assert (e.value.status, e.value.request_id) == (Status.BAD_CHECKSUM, 77)
+
+
+def test_oversize_length_is_refused_before_the_body_arrives() -> None:
+    b = bytearray(PING)
+    b[16:20] = struct.pack("<I", FRAME_BODY_BYTES_MAX + 1)
+    b[28:32] = struct.pack("<I", checksum.crc32c(bytes(b[0:28])))
+    reader = FrameReader()
+    with pytest.raises(FrameError) as e:
+        reader.feed(bytes(b))  # the header alone: no body is awaited
+    assert (e.value.status, e.value.request_id) == (Status.FRAME_TOO_LARGE, 9)
+
+
+def test_the_largest_body_is_accepted() -> None:
+    frame = encode_frame(0x92, 3, bytes(FRAME_BODY_BYTES_MAX))
+    assert decode_frame(frame).body == bytes(FRAME_BODY_BYTES_MAX)
+    with pytest.raises(ValueError):
+        encode_frame(0x92, 3, bytes(FRAME_BODY_BYTES_MAX + 1))
+
+
+def test_reply_bodies_are_strict() -> None:
+    ok = Outcome(Status.RESERVED, 5).encode_body()
+    with pytest.raises(Malformed):
+        decode_reply(Frame(0x90, 1, ok + b"\x00"), Opcode.RESERVE)  # trailing byte
+    with pytest.raises(Malformed):
+        decode_reply(Frame(0x90, 1, ok[:-1]), Opcode.RESERVE)  # short
+    with pytest.raises(Malformed):
+        decode_reply(Frame(0x90, 1, struct.pack("<HQ", 9999, 0)), Opcode.RESERVE)  # unknown status
+    with pytest.raises(Malformed):
+        decode_reply(Frame(0x92, 1, ok), Opcode.RESERVE)  # the reply to another request
+    with pytest.raises(Malformed):
+        decode_reply(Frame(0x7F, 1, ok))  # not a reply opcode
+    with pytest.raises(Malformed):
+        decode_reply(Frame(0x97, 1, struct.pack("<H", 2) + ok), Opcode.BATCH)  # count says 2, one result
+    assert decode_reply(Frame(0x97, 1, BatchReply([Outcome(Status.BUSY, 10)]).encode_body()), Opcode.BATCH) == BatchReply(
+        [Outcome(Status.BUSY, 10)]
+    )
+
+
+def test_batch_counts_and_kinds() -> None:
+    for count in (0, BATCH_OPS_MAX + 1):
+        for opcode in (Opcode.RESERVE_BATCH, Opcode.BATCH):
+            with pytest.raises(FrameError) as e:
+                decode_request(Frame(opcode, 5, struct.pack("<H", count)))
+            assert e.value.status is Status.BATCH_TOO_LARGE
+    bad_kind = bytearray(Batch([Release(3)]).encode_body())
+    bad_kind[2] = 4
+    with pytest.raises(FrameError) as e:
+        decode_request(Frame(Opcode.BATCH, 5, bytes(bad_kind)))
+    assert e.value.status is Status.MALFORMED_BODY
+    with pytest.raises(InvalidRequest):
+        encode_request(ReserveBatch([]), 1)
+    with pytest.raises(InvalidRequest):
+        encode_request(Batch([Release(1)] * (BATCH_OPS_MAX + 1)), 1)
+    full = Batch([Reserve(1, 2, 3, i + 1) for i in range(BATCH_OPS_MAX)])
+    assert decode_request(decode_frame(encode_request(full, 1))) == full
+
+
+def test_arguments_out_of_range_are_refused_before_sending() -> None:
+    with pytest.raises(InvalidRequest):
+        encode_request(Hello(b"x" * (TOKEN_BYTES_MAX + 1)), 1)
+    with pytest.raises(InvalidRequest):
+        encode_request(Confirm(1, b"x" * (PAYMENT_REF_BYTES_MAX + 1)), 1)
+    with pytest.raises(InvalidRequest):
+        encode_request(Reserve(-1, 2, 3, 4), 1)
+    with pytest.raises(InvalidRequest):
+        encode_request(Reserve(1, 2, 1 << 32, 4), 1)
+    assert decode_request(decode_frame(encode_request(Confirm(1, b"x" * PAYMENT_REF_BYTES_MAX), 1))) == Confirm(
+        1, b"x" * PAYMENT_REF_BYTES_MAX
+    )
+
+
+def test_u128_ids_round_trip_at_the_edges() -> None:
+    for rid in (1, (1 << 64) - 1, 1 << 64, (1 << 128) - 1):
+        assert decode_request(decode_frame(encode_request(Reserve(1, 2, 3, rid), 1))) == Reserve(1, 2, 3, rid)
+
+
+def test_reservation_ids() -> None:
+    ids = {new_reservation_id() for _ in range(1000)}
+    assert len(ids) == 1000 and 0 not in ids
+    assert all(0 < i < (1 << 128) for i in ids)
+    assert any(i >> 120 for i in ids)  # the high bits are used too
+    rid = new_reservation_id()
+    assert parse_reservation_id(format_reservation_id(rid)) == rid
+    assert parse_reservation_id("0x2a") == 42
+    for bad in ("", "0", "xyz", "1" * 33):
+        with pytest.raises(InvalidRequest):
+            parse_reservation_id(bad)
+
+
+def test_status_helpers() -> None:
+    assert Status.SOLD_OUT.wire_name == "sold_out" and str(Status.SOLD_OUT) == "sold_out"
+    assert int(Status.RATE_LIMITED) == 32
+    assert Status.BUSY.is_retryable and not Status.SOLD_OUT.is_retryable
+    assert Status.BAD_MAGIC.is_protocol_error and not Status.FORBIDDEN.is_protocol_error
+    assert Status.from_code(33) is Status.NOT_LEADER and Status.from_code(9999) is None
+    assert Outcome(Status.RESERVED, 7).expires_at_ms == 7 and Outcome(Status.BUSY, 10).retry_after_ms == 10
