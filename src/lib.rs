@@ -19,6 +19,9 @@
 //!   engines from it and takes checkpoints.
 //! - [`node`]: all of the above started and stopped in order (what
 //!   `stampede-server` runs).
+//! - [`storage`]: the file-system seam every log, snapshot and recovery
+//!   file operation goes through; [`sim`]: the deterministic simulator that
+//!   runs the node on a simulated disk and clock (`src/sim/SIMULATION.md`).
 //! - [`memory`]: process-wide memory policy (no transparent huge pages).
 //!
 //! # One reservation, end to end

@@ -62,6 +62,9 @@ pub struct Flip {
     pub path: PathBuf,
     pub offset: usize,
     pub bit: u8,
+    /// The file flipped (a file written since under the same name is
+    /// another one, and left alone by `unflip`).
+    ino: u64,
 }
 
 enum Pending {
@@ -356,14 +359,13 @@ impl SimDisk {
         inode.durable[offset] ^= 1 << bit;
         inode.data[offset] ^= 1 << bit;
         inner.stats.flips += 1;
-        Some(Flip { path, offset, bit })
+        Some(Flip { path, offset, bit, ino })
     }
 
     /// Undo a flip (if the file is still there and that long).
     pub fn unflip(&self, flip: &Flip) {
         let mut inner = self.inner.lock();
-        let Some(&ino) = inner.names.get(&flip.path) else { return };
-        let inode = inner.inodes.get_mut(&ino).expect("named inode");
+        let Some(inode) = inner.inodes.get_mut(&flip.ino) else { return };
         for data in [&mut inode.durable, &mut inode.data] {
             if let Some(byte) = data.get_mut(flip.offset) {
                 *byte ^= 1 << flip.bit;

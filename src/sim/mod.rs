@@ -150,6 +150,8 @@ pub struct SimReport {
     /// Recoveries refused because a torn write looked like a flipped bit
     /// (then started with the escape hatch, losing nothing acknowledged).
     pub torn_refusals: u64,
+    /// Checkpoints refused because of a flip recovery did not need.
+    pub checkpoint_refusals: u64,
     pub checkpoints: u64,
     pub expiries_seen: u64,
     /// FNV-1a over the trace: equal for equal seeds.
@@ -312,6 +314,8 @@ struct Sim {
     disk_full: bool,
     /// An armed crash struck outside the log writer: crash now.
     crash_pending: bool,
+    /// Flipped bits no recovery has refused yet.
+    flips: Vec<disk::Flip>,
     cycles: u64,
 }
 
@@ -375,6 +379,7 @@ impl Sim {
             digest: 0xcbf2_9ce4_8422_2325,
             disk_full: false,
             crash_pending: false,
+            flips: Vec::new(),
             cycles: 0,
         }
     }
@@ -598,14 +603,20 @@ impl Sim {
             self.trace(|| format!("flip {path} byte {offset} bit {bit}"));
         }
         let torn = self.disk.stats().torn_writes > torn_before;
+        // Flips stay pending until something refuses them: a recovery that
+        // did not need the bytes (a segment a newer snapshot covers) may
+        // meet them later (a checkpoint, a fallback).
+        self.flips.extend(flip);
         let mut result = self.start(false);
-        if let (Err(refused), Some(flip)) = (&result, &flip) {
-            if refused.starts_with("recovery refused") {
-                // Detected, as it must be: the operator restores the byte
+        if let Err(refused) = &result {
+            if refused.starts_with("recovery refused") && !self.flips.is_empty() {
+                // Detected, as it must be: the operator restores the bytes
                 // (from a replica or backup) and starts again.
                 self.report.refusals += 1;
                 self.trace(|| "refused the flipped log; restored".to_string());
-                self.disk.unflip(flip);
+                for flip in std::mem::take(&mut self.flips) {
+                    self.disk.unflip(&flip);
+                }
                 result = self.start(false);
             }
         }
@@ -685,7 +696,19 @@ impl Sim {
                 self.report.checkpoints += u64::from(ok);
                 match result {
                     Ok(_) | Err(RecoveryError::Io(_)) => Ok(()),
-                    Err(e) => Err(format!("checkpoint failed on a healthy log: {e}")),
+                    // A flipped bit recovery did not need to read (a segment
+                    // a newer snapshot covers, kept for falling back to): the
+                    // checkpoint finds it and refuses, as it must; the
+                    // operator restores the bytes.
+                    Err(_) if !self.flips.is_empty() => {
+                        self.report.checkpoint_refusals += 1;
+                        for flip in std::mem::take(&mut self.flips) {
+                            self.disk.unflip(&flip);
+                        }
+                        self.trace(|| "checkpoint refused flipped data; restored".to_string());
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("checkpoint failed on a log with no damage: {e}")),
                 }
             }
             9_170..=9_174 if !quiet && self.config.faults.disk_full && !self.disk_full => {

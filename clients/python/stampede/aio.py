@@ -39,9 +39,10 @@ import os
 import socket
 import ssl as _ssl
 import struct
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from . import limits
 from .errors import (
@@ -59,7 +60,6 @@ from .errors import (
 from .frame import Frame, FrameReader, encode_frame
 from .ids import new_reservation_id
 from .messages import (
-    Batch,
     BatchReply,
     Cluster,
     ClusterReply,
@@ -92,6 +92,7 @@ from .status import NodeRole, Opcode, Role, Status
 #: A TLS setting: None/False for plaintext, True for the system's default
 #: trust store, or a configured ``ssl.SSLContext``.
 TLSOption = Union[None, bool, _ssl.SSLContext]
+R = TypeVar("R")
 
 _COALESCED = (Reserve, Confirm, Release)
 _U16 = struct.Struct("<H")
@@ -420,8 +421,8 @@ class _Connection(asyncio.Protocol):
             self._sweep_handle.cancel()
             self._sweep_handle = None
         for entry in pending.values():
-            if type(entry) is _Call and not entry.future.done():  # type: ignore[union-attr]
-                entry.future.set_exception(exc)  # type: ignore[union-attr]
+            if isinstance(entry, _Call) and not entry.future.done():
+                entry.future.set_exception(exc)
 
 
 _KIND_BYTE = {cls: bytes((cls.KIND,)) for cls in _COALESCED}
@@ -541,6 +542,7 @@ class AsyncClient:
         self._leader_search: Optional["asyncio.Task[bool]"] = None
         self._leader_epoch = 0
         self._closed = False
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.failover_retries = 0
         self.stats = ClientStats()
 
@@ -549,8 +551,8 @@ class AsyncClient:
     async def connect(self) -> "AsyncClient":
         """Open every connection now, so a bad address, TLS setting or token
         fails here rather than on the first call."""
+        loop = self._running_loop()
         if len(self._nodes) > 1:
-            loop = asyncio.get_running_loop()
             if not await self._find_leader(loop.time() + self._failover_timeout):
                 raise ConnectError(",".join(self._nodes), "no node says who leads")
         for slot in range(len(self._slots)):
@@ -559,6 +561,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close every connection (calls in flight fail with ConnectionLost)."""
+        self._running_loop()
         self._closed = True
         if self._leader_search is not None:
             self._leader_search.cancel()
@@ -596,8 +599,6 @@ class AsyncClient:
     async def clock_offset_ms(self) -> int:
         """Server clock minus local clock, in ms, estimated from one PING
         (§6.6: compare ``expires_at`` with the server's clock)."""
-        import time
-
         before = time.time()
         outcome = await self.ping()
         after = time.time()
@@ -740,6 +741,7 @@ class AsyncClient:
     async def raw(self, request: Request) -> Reply:
         """Send any request once, without retries; the reply as it came
         (an ERROR frame as an ``ErrorReply``). For tools and tests."""
+        self._running_loop()
         conn = await self._conn(0)
         return await self._send_once(conn, request)
 
@@ -749,10 +751,24 @@ class AsyncClient:
         return self._expect(await self._call(request, idempotent), Outcome)
 
     @staticmethod
-    def _expect(reply: Reply, cls: type) -> Any:
+    def _expect(reply: Reply, cls: Type[R]) -> R:
         if not isinstance(reply, cls):
             raise ProtocolError("expected %s, got %r" % (cls.__name__, reply))
         return reply
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, which the client then belongs to. A client used
+        from a new loop (a script that calls ``asyncio.run`` twice) drops
+        the connections of the old one, which can no longer run (their
+        sockets close when they are collected)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            if self._loop is not None:
+                self._slots = [None] * len(self._slots)
+                self._locks = [None] * len(self._locks)
+                self._leader_search = None
+            self._loop = loop
+        return loop
 
     def _lock(self, slot: int) -> asyncio.Lock:
         # Created lazily, inside the running loop (Python 3.9 binds a lock
@@ -853,7 +869,7 @@ class AsyncClient:
         if self._closed:
             raise RuntimeError("the client is closed")
         self.stats.calls += 1
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         attempts = self._max_attempts
         backoff = limits.BACKOFF_INITIAL_S
         cluster = len(self._nodes) > 1

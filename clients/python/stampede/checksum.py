@@ -71,11 +71,11 @@ IMPLEMENTATION: str
 crc32c: Callable[[Buffer], int]
 
 try:  # pragma: no cover - depends on the environment
-    import crc32c as _crc32c_pkg  # type: ignore[import-not-found]
+    import crc32c as _crc32c_pkg  # type: ignore[import-not-found,unused-ignore]
 
     def crc32c(data: Buffer) -> int:
         """CRC-32C of ``data`` (the ``crc32c`` package's implementation)."""
-        return _crc32c_pkg.crc32c(data)
+        return int(_crc32c_pkg.crc32c(data))
 
     IMPLEMENTATION = "crc32c package (%s)" % getattr(_crc32c_pkg, "hardware_based", "software")
 except ImportError:  # pragma: no cover - depends on the environment

@@ -58,7 +58,7 @@ class _Event:
                     values.append(bool(byte))
                 else:
                     values.append(byte)
-        return cls(*values)  # type: ignore[call-arg]
+        return cls(*values)
 
 
 @dataclass

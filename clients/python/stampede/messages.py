@@ -537,7 +537,7 @@ Request = Union[
 ]
 
 REQUEST_TYPES: Dict[int, type] = {
-    int(cls.OPCODE): cls  # type: ignore[attr-defined]
+    int(cls.OPCODE): cls
     for cls in (
         Hello,
         Ping,

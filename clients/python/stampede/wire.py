@@ -58,17 +58,17 @@ class Reader:
         return self.buf[self._need(1)]
 
     def u16(self) -> int:
-        return _U16.unpack_from(self.buf, self._need(2))[0]
+        return int(_U16.unpack_from(self.buf, self._need(2))[0])
 
     def u32(self) -> int:
-        return _U32.unpack_from(self.buf, self._need(4))[0]
+        return int(_U32.unpack_from(self.buf, self._need(4))[0])
 
     def u64(self) -> int:
-        return _U64.unpack_from(self.buf, self._need(8))[0]
+        return int(_U64.unpack_from(self.buf, self._need(8))[0])
 
     def u128(self) -> int:
         low, high = _U128.unpack_from(self.buf, self._need(16))
-        return (high << 64) | low
+        return int((high << 64) | low)
 
     def bytes(self, n: int) -> bytes:
         pos = self._need(n)

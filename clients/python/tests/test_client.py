@@ -13,7 +13,7 @@ import signal
 import socket
 import ssl
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 
@@ -503,3 +503,12 @@ def test_request_timeout_then_retry_with_the_same_id(server: ServerProcess) -> N
             assert (await c.status(14)).reserved == 2
 
     run(main())
+
+
+def test_one_client_across_event_loops(server: ServerProcess) -> None:
+    """A script that calls asyncio.run twice with the same client."""
+    client = AsyncClient(server.addr, ADMIN)
+    assert run(client.create_sale(15, 5, 1, HOUR_MS)).status is Status.OK
+    assert run(client.reserve(15, 1, 1)).status is Status.RESERVED
+    assert run(client.status(15)).reserved == 1
+    run(client.close())

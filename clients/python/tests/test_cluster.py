@@ -15,8 +15,6 @@ import shutil
 import time
 from typing import Dict, List, Optional, Tuple
 
-import pytest
-
 from harness import ADMIN, CHECKOUT, ClusterNode, Etcd, new_tempdir, run
 from stampede import AsyncClient, ClusterReply, NodeRole, Status, new_reservation_id
 
