@@ -648,7 +648,7 @@ impl Sim {
                 // The engine asserts its invariants on every apply; the
                 // full check (every sale, every user) now and then.
                 self.cycles += 1;
-                if self.cycles % FULL_CHECK_EVERY_CYCLES == 0 {
+                if self.cycles.is_multiple_of(FULL_CHECK_EVERY_CYCLES) {
                     self.check_invariants()
                 } else {
                     Ok(())
