@@ -56,6 +56,9 @@ struct Ledger {
     uncertain: HashMap<u128, u64>,
     /// Confirms whose outcome is unknown.
     uncertain_confirms: HashMap<u128, u64>,
+    /// Releases whose outcome is unknown (the call failed during a
+    /// failover, after the release may have landed).
+    uncertain_releases: HashMap<u128, u64>,
 }
 
 async fn create_sales(client: &Client) {
@@ -115,16 +118,24 @@ async fn worker(client: Client, seed: u64, ledger: Arc<Mutex<Ledger>>, ops: usiz
                     _ => {}
                 }
             }
-            (_, Some(id)) => match client.release(id).await {
-                Ok(o) if o.status == Status::Released => {
-                    let mut l = ledger.lock();
-                    let a = l.acked.get_mut(&id).unwrap();
-                    if a.fate == Fate::Held {
-                        a.fate = Fate::Released;
+            (_, Some(id)) => {
+                let sku = ledger.lock().acked[&id].sku;
+                ledger.lock().uncertain_releases.insert(id, sku);
+                match client.release(id).await {
+                    Ok(o) if o.status == Status::Released => {
+                        let mut l = ledger.lock();
+                        l.uncertain_releases.remove(&id);
+                        let a = l.acked.get_mut(&id).unwrap();
+                        if a.fate == Fate::Held {
+                            a.fate = Fate::Released;
+                        }
                     }
+                    Ok(o) if o.status == Status::AlreadyConfirmed => {
+                        ledger.lock().uncertain_releases.remove(&id);
+                    }
+                    _ => {}
                 }
-                _ => {}
-            },
+            }
         }
     }
 }
@@ -147,6 +158,7 @@ async fn audit(cluster: &TestCluster, ledger: &Ledger, ctx: &str) {
             Fate::Held => {
                 matches!(r.state, HoldState::Held)
                     || (ledger.uncertain_confirms.contains_key(id) && r.state == HoldState::Confirmed)
+                    || (ledger.uncertain_releases.contains_key(id) && r.state == HoldState::Released)
             }
             Fate::Confirmed { at_ms } => r.state == HoldState::Confirmed && r.settled_at_ms == at_ms,
             Fate::Released => r.state == HoldState::Released,

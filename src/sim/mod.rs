@@ -261,14 +261,38 @@ impl Op {
     }
 }
 
+/// An operation in flight, with what the model knew when it was sent.
+struct Sent {
+    op: Op,
+    /// A retry of an operation whose answer a crash lost.
+    retry: bool,
+    /// Pause and resume commands sent for its SKU so far.
+    pauses: u64,
+    resumes: u64,
+    /// The sale's acknowledged pause state, if no pause or resume was
+    /// open (sent and unanswered, or lost).
+    paused: Option<bool>,
+}
+
 struct Client {
     tx: mpsc::UnboundedSender<Outbound>,
     rx: mpsc::UnboundedReceiver<Outbound>,
     conn: u64,
     next_request: u64,
-    inflight: BTreeMap<u64, Op>,
+    inflight: BTreeMap<u64, Sent>,
     /// Operations whose outcome a crash made unknown: retried as they were.
     unknown: Vec<Op>,
+}
+
+/// A sale's pause state as acknowledged, and the commands sent for it.
+#[derive(Clone, Copy, Debug, Default)]
+struct PauseModel {
+    paused: bool,
+    /// PAUSE and RESUME commands sent (answered or not).
+    pauses: u64,
+    resumes: u64,
+    /// Commands sent and not answered (in flight, or lost in a crash).
+    open: u32,
 }
 
 /// What the model knows of an acknowledged reservation.
@@ -307,6 +331,8 @@ struct Sim {
     total: BTreeMap<u64, u64>,
     /// Restocks in flight or unknown: the total may be this much higher.
     total_unknown: BTreeMap<u64, u64>,
+    /// Each sale's pause state as the model knows it.
+    pause: BTreeMap<u64, PauseModel>,
     report: SimReport,
     step: u64,
     digest: u64,
@@ -375,6 +401,7 @@ impl Sim {
             acked_ids: Vec::new(),
             total: SKUS.iter().map(|&s| (s, 0)).collect(),
             total_unknown: SKUS.iter().map(|&s| (s, 0)).collect(),
+            pause: SKUS.iter().map(|&s| (s, PauseModel::default())).collect(),
             step: 0,
             digest: 0xcbf2_9ce4_8422_2325,
             disk_full: false,
@@ -544,7 +571,16 @@ impl Sim {
                 *self.total_unknown.get_mut(sku).expect("sku") += qty;
                 AdminCmd::Restock { sku: *sku, qty: *qty }
             }
-            AdminCmd::SetPaused { sku, paused } => AdminCmd::SetPaused { sku: *sku, paused: *paused },
+            AdminCmd::SetPaused { sku, paused } => {
+                let p = self.pause.get_mut(sku).expect("sku");
+                if *paused {
+                    p.pauses += 1;
+                } else {
+                    p.resumes += 1;
+                }
+                p.open += 1;
+                AdminCmd::SetPaused { sku: *sku, paused: *paused }
+            }
         };
         let (done, rx) = oneshot::channel();
         let node = self.node.as_mut().expect("started");
@@ -587,7 +623,7 @@ impl Sim {
         }
         self.trace(|| format!("crash power_loss={power_loss}"));
         for client in &mut self.clients {
-            let lost: Vec<Op> = std::mem::take(&mut client.inflight).into_values().collect();
+            let lost: Vec<Op> = std::mem::take(&mut client.inflight).into_values().map(|s| s.op).collect();
             client.unknown.extend(lost);
         }
         // Unanswered admin commands: a restock may or may not have landed
@@ -678,7 +714,19 @@ impl Sim {
                 self.trace(|| format!("clock -{back}"));
                 Ok(())
             }
-            9_050..=9_149 => {
+            9_100..=9_149 => {
+                let sku = SKUS[self.rng.gen_range(0..SKUS.len())];
+                // Resume a paused sale sooner than pausing a running one.
+                let p = self.pause[&sku];
+                let paused = if p.paused { false } else { self.rng.gen_ratio(1, 3) };
+                if paused == p.paused && p.open == 0 {
+                    return self.deliver();
+                }
+                self.trace(|| format!("set paused {sku} {paused}"));
+                self.admin(AdminCmd::SetPaused { sku, paused });
+                Ok(())
+            }
+            9_050..=9_099 => {
                 let sku = SKUS[self.rng.gen_range(0..SKUS.len())];
                 let qty = self.rng.gen_range(1..5);
                 self.trace(|| format!("restock {sku} +{qty}"));
@@ -756,8 +804,9 @@ impl Sim {
         }
         // Retry an unknown outcome first (same id, same request), as a
         // checkout service does; in the quiet phase always.
-        let op = if !self.clients[c].unknown.is_empty() && (quiet || self.rng.gen_bool(0.5)) {
-            self.clients[c].unknown.remove(0)
+        if !self.clients[c].unknown.is_empty() && (quiet || self.rng.gen_bool(0.5)) {
+            let op = self.clients[c].unknown.remove(0);
+            self.send(c, vec![op], true);
         } else if quiet {
             return self.deliver();
         } else {
@@ -765,10 +814,8 @@ impl Sim {
             // a batch frame).
             let n = self.rng.gen_range(1..=CLIENT_INFLIGHT_MAX - self.clients[c].inflight.len());
             let ops: Vec<Op> = (0..n).filter_map(|_| self.new_op()).collect();
-            self.send(c, ops);
-            return Ok(());
-        };
-        self.send(c, vec![op]);
+            self.send(c, ops, false);
+        }
         Ok(())
     }
 
@@ -795,7 +842,7 @@ impl Sim {
         Some(if roll < 80 { Op::Confirm { sku, id } } else { Op::Release { sku, id } })
     }
 
-    fn send(&mut self, c: usize, ops: Vec<Op>) {
+    fn send(&mut self, c: usize, ops: Vec<Op>, retry: bool) {
         self.report.ops_sent += ops.len() as u64;
         let client = &mut self.clients[c];
         let mut by_shard: BTreeMap<usize, Vec<(Answer, SaleOp)>> = BTreeMap::new();
@@ -804,14 +851,17 @@ impl Sim {
             client.next_request += 1;
             let (opcode, sale_op) = op.to_sale_op();
             by_shard.entry(Sim::shard_of(op.sku())).or_default().push((Answer::Alone { request_id, opcode }, sale_op));
-            client.inflight.insert(request_id, op);
+            let p = &self.pause[&op.sku()];
+            let sent =
+                Sent { op, retry, pauses: p.pauses, resumes: p.resumes, paused: (p.open == 0).then_some(p.paused) };
+            client.inflight.insert(request_id, sent);
         }
         let (tx, conn) = (client.tx.clone(), client.conn);
         let node = self.node.as_mut().expect("running");
         for (shard, ops) in by_shard {
             node.shards[shard].push(ShardMsg::Ops { ops, tx: tx.clone(), conn, received: std::time::Instant::now() });
         }
-        let line = format!("client {c} sends {:?}", self.clients[c].inflight.values().last());
+        let line = format!("client {c} sends {:?}", self.clients[c].inflight.values().last().map(|s| &s.op));
         self.trace(|| line);
     }
 
@@ -841,6 +891,11 @@ impl Sim {
                         *self.total.get_mut(&sku).expect("sku") += qty;
                         *self.total_unknown.get_mut(&sku).expect("sku") -= qty;
                     }
+                    AdminCmd::SetPaused { sku, paused } if outcome.status == Status::Ok => {
+                        let p = self.pause.get_mut(&sku).expect("sku");
+                        p.paused = paused;
+                        p.open -= 1;
+                    }
                     _ => return Err(format!("admin command answered {:?}", outcome.status)),
                 }
             }
@@ -854,9 +909,11 @@ impl Sim {
                     let Answer::Alone { request_id, .. } = answer else {
                         return Err("an answer for a batch slot on a connection that sent none".to_string());
                     };
-                    let Some(op) = self.clients[c].inflight.remove(&request_id) else {
+                    let Some(sent) = self.clients[c].inflight.remove(&request_id) else {
                         return Err(format!("client {c}: an answer to request {request_id}, not in flight"));
                     };
+                    self.check_pause(&sent, outcome.status)?;
+                    let op = sent.op;
                     self.report.ops_answered += 1;
                     let (status, detail) = (outcome.status, outcome.detail);
                     let line = format!("client {c} got {status:?} {detail} for {op:?}");
@@ -866,6 +923,27 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// `paused` only if the sale was paused, or a pause was sent, while the
+    /// operation was in flight; a new reservation never while the sale was
+    /// paused throughout (a retry may answer its earlier reservation).
+    fn check_pause(&self, sent: &Sent, status: Status) -> Check {
+        let p = &self.pause[&sent.op.sku()];
+        match status {
+            Status::Paused if sent.paused == Some(false) && p.pauses == sent.pauses => {
+                Err(format!("{:?} answered paused; no pause was acknowledged or sent", sent.op))
+            }
+            Status::Reserved
+                if !sent.retry
+                    && !self.acked.contains_key(&sent.op.id())
+                    && sent.paused == Some(true)
+                    && p.resumes == sent.resumes =>
+            {
+                Err(format!("{:?} reserved while the sale was paused", sent.op))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// An answer is consistent with everything acknowledged before it.
@@ -964,7 +1042,7 @@ impl Sim {
         let releasing: std::collections::BTreeSet<u128> = self
             .clients
             .iter()
-            .flat_map(|c| c.unknown.iter().chain(c.inflight.values()))
+            .flat_map(|c| c.unknown.iter().chain(c.inflight.values().map(|s| &s.op)))
             .filter(|op| matches!(op, Op::Release { .. }))
             .map(Op::id)
             .collect();
@@ -1003,8 +1081,11 @@ impl Sim {
         self.check_invariants()?;
         let now = self.high_water_ms;
         let node = self.node.as_ref().expect("running");
-        let unknown: std::collections::BTreeSet<u128> =
-            self.clients.iter().flat_map(|c| c.unknown.iter().chain(c.inflight.values()).map(Op::id)).collect();
+        let unknown: std::collections::BTreeSet<u128> = self
+            .clients
+            .iter()
+            .flat_map(|c| c.unknown.iter().chain(c.inflight.values().map(|s| &s.op)).map(Op::id))
+            .collect();
         for sku in SKUS {
             let engine = node.shards[Sim::shard_of(sku)].engine();
             let status = engine.status(sku, now);
@@ -1014,6 +1095,16 @@ impl Sim {
                 }
                 return Err(format!("sale {sku} lost: {:?}", status.status));
             }
+            let p = self.pause.get_mut(&sku).expect("sku");
+            if p.open == 0 && status.sale.paused != p.paused {
+                return Err(format!(
+                    "sale {sku} paused={} in the engine, acknowledged {}",
+                    status.sale.paused, p.paused
+                ));
+            }
+            // Commands a crash lost landed or not: the engine says which.
+            p.paused = status.sale.paused;
+            p.open = 0;
             let (low, high) = (self.total[&sku], self.total[&sku] + self.total_unknown[&sku]);
             if status.sale.total < low || status.sale.total > high {
                 return Err(format!("sale {sku} total {} outside the acknowledged {low}..={high}", status.sale.total));
