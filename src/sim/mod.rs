@@ -22,7 +22,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use stampede_protocol::message::{HoldState, Reserve, SaleCreate};
+use stampede_protocol::message::{HoldState, QueueConfig, Reply, Reserve, SaleCreate};
 use stampede_protocol::{Opcode, Status};
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,7 +37,13 @@ use disk::{DiskFaults, DiskStats, SimDisk};
 
 /// SKUs on sale, their stock, and the per-user limit: small, so that
 /// sell-outs, limits and contention happen within a few hundred steps.
-const SKUS: [u64; 3] = [11, 12, 13];
+const SKUS: [u64; 4] = [11, 12, 13, QUEUED_SKU];
+/// This sale has a virtual queue: users JOIN, are admitted in order at a
+/// rate, and only then may reserve. Its line opens a few simulated
+/// seconds in (joins before go to the shuffled pre-queue).
+const QUEUED_SKU: u64 = 14;
+const QUEUE: QueueConfig =
+    QueueConfig { admit_rate_per_s: 40, admit_cap: 16, admission_ms: 4_000, start_at_ms: START_MS + 3_000 };
 const STOCK: u64 = 150;
 const LIMIT_PER_USER: u32 = 3;
 const TTL_MS: u64 = 5_000;
@@ -226,21 +232,42 @@ pub fn shrink(config: &SimConfig) -> Option<(SimConfig, SimFailure)> {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Reserve { sku: u64, user: u64, qty: u32, id: u128 },
-    Confirm { sku: u64, id: u128 },
-    Release { sku: u64, id: u128 },
+    Reserve {
+        sku: u64,
+        user: u64,
+        qty: u32,
+        id: u128,
+    },
+    Confirm {
+        sku: u64,
+        id: u128,
+    },
+    Release {
+        sku: u64,
+        id: u128,
+    },
+    /// JOIN (`join`) or POLL of a sale's queue.
+    Ticket {
+        sku: u64,
+        user: u64,
+        join: bool,
+    },
 }
 
 impl Op {
     fn sku(&self) -> u64 {
         match self {
-            Op::Reserve { sku, .. } | Op::Confirm { sku, .. } | Op::Release { sku, .. } => *sku,
+            Op::Reserve { sku, .. } | Op::Confirm { sku, .. } | Op::Release { sku, .. } | Op::Ticket { sku, .. } => {
+                *sku
+            }
         }
     }
 
+    /// The reservation id (0 for a ticket).
     fn id(&self) -> u128 {
         match self {
             Op::Reserve { id, .. } | Op::Confirm { id, .. } | Op::Release { id, .. } => *id,
+            Op::Ticket { .. } => 0,
         }
     }
 
@@ -248,8 +275,9 @@ impl Op {
         Bytes::from(format!("pay-{id:x}"))
     }
 
-    fn to_sale_op(&self) -> (Opcode, SaleOp) {
-        match *self {
+    /// The sale operation (`None`: a ticket, which travels on its own).
+    fn to_sale_op(&self) -> Option<(Opcode, SaleOp)> {
+        Some(match *self {
             Op::Reserve { sku, user, qty, id } => {
                 (Opcode::Reserve, SaleOp::Reserve(Reserve { sku, user, qty, reservation_id: id }))
             }
@@ -257,7 +285,8 @@ impl Op {
                 (Opcode::Confirm, SaleOp::Confirm { reservation_id: id, payment_ref: Op::payment_ref(id) })
             }
             Op::Release { id, .. } => (Opcode::Release, SaleOp::Release { reservation_id: id }),
-        }
+            Op::Ticket { .. } => return None,
+        })
     }
 }
 
@@ -272,6 +301,8 @@ struct Sent {
     /// The sale's acknowledged pause state, if no pause or resume was
     /// open (sent and unanswered, or lost).
     paused: Option<bool>,
+    /// JOINs sent for its user of the queued sale so far (tickets).
+    joins: u64,
 }
 
 struct Client {
@@ -282,6 +313,13 @@ struct Client {
     inflight: BTreeMap<u64, Sent>,
     /// Operations whose outcome a crash made unknown: retried as they were.
     unknown: Vec<Op>,
+}
+
+/// What a user of the queued sale was last shown.
+#[derive(Clone, Copy, Debug)]
+enum Seen {
+    Waiting(u64),
+    Admitted,
 }
 
 /// A sale's pause state as acknowledged, and the commands sent for it.
@@ -333,6 +371,15 @@ struct Sim {
     total_unknown: BTreeMap<u64, u64>,
     /// Each sale's pause state as the model knows it.
     pause: BTreeMap<u64, PauseModel>,
+    /// Users whose JOIN of the queued sale was answered (in line or
+    /// admitted).
+    joined: std::collections::BTreeSet<u64>,
+    /// The last ticket a user of the queued sale was shown, per
+    /// connection: `(client, sku, user)`.
+    /// With the JOINs sent for that user when the ticket's request was.
+    line: BTreeMap<(usize, u64, u64), (Seen, u64)>,
+    /// JOINs sent per `(sku, user)`.
+    joins: BTreeMap<(u64, u64), u64>,
     report: SimReport,
     step: u64,
     digest: u64,
@@ -402,6 +449,9 @@ impl Sim {
             total: SKUS.iter().map(|&s| (s, 0)).collect(),
             total_unknown: SKUS.iter().map(|&s| (s, 0)).collect(),
             pause: SKUS.iter().map(|&s| (s, PauseModel::default())).collect(),
+            joined: Default::default(),
+            line: Default::default(),
+            joins: Default::default(),
             step: 0,
             digest: 0xcbf2_9ce4_8422_2325,
             disk_full: false,
@@ -534,7 +584,7 @@ impl Sim {
                 limit_per_user: LIMIT_PER_USER,
                 ttl_ms: TTL_MS,
                 hot: false,
-                queue: None,
+                queue: (sku == QUEUED_SKU).then_some(QUEUE),
             };
             self.admin(AdminCmd::Create(cmd));
         }
@@ -622,6 +672,8 @@ impl Sim {
             self.report.kills += 1;
         }
         self.trace(|| format!("crash power_loss={power_loss}"));
+        // A lost JOIN may have taken a new place after an unseen lapse.
+        self.line.clear();
         for client in &mut self.clients {
             let lost: Vec<Op> = std::mem::take(&mut client.inflight).into_values().map(|s| s.op).collect();
             client.unknown.extend(lost);
@@ -821,9 +873,18 @@ impl Sim {
 
     fn new_op(&mut self) -> Option<Op> {
         let roll = self.rng.gen_range(0..100);
+        if roll < 12 {
+            let user = self.rng.gen_range(1..=USERS);
+            return Some(Op::Ticket { sku: QUEUED_SKU, user, join: self.rng.gen_bool(0.5) });
+        }
         if roll < 55 || self.acked.is_empty() {
             let sku = SKUS[self.rng.gen_range(0..SKUS.len())];
-            let user = self.rng.gen_range(1..=USERS);
+            let user = if sku == QUEUED_SKU && !self.joined.is_empty() && self.rng.gen_bool(0.8) {
+                // Mostly someone in line.
+                *self.joined.iter().nth(self.rng.gen_range(0..self.joined.len())).expect("in range")
+            } else {
+                self.rng.gen_range(1..=USERS)
+            };
             let qty = self.rng.gen_range(1..=2);
             let id = self.rng.gen::<u128>() | 1;
             return Some(Op::Reserve { sku, user, qty, id });
@@ -846,20 +907,45 @@ impl Sim {
         self.report.ops_sent += ops.len() as u64;
         let client = &mut self.clients[c];
         let mut by_shard: BTreeMap<usize, Vec<(Answer, SaleOp)>> = BTreeMap::new();
+        let mut tickets = Vec::new();
         for op in ops {
             let request_id = client.next_request;
             client.next_request += 1;
-            let (opcode, sale_op) = op.to_sale_op();
-            by_shard.entry(Sim::shard_of(op.sku())).or_default().push((Answer::Alone { request_id, opcode }, sale_op));
+            match op.to_sale_op() {
+                Some((opcode, sale_op)) => by_shard
+                    .entry(Sim::shard_of(op.sku()))
+                    .or_default()
+                    .push((Answer::Alone { request_id, opcode }, sale_op)),
+                None => tickets.push((request_id, op.clone())),
+            }
             let p = &self.pause[&op.sku()];
-            let sent =
-                Sent { op, retry, pauses: p.pauses, resumes: p.resumes, paused: (p.open == 0).then_some(p.paused) };
+            let joins = match op {
+                Op::Ticket { sku, user, join } => {
+                    let n = self.joins.entry((sku, user)).or_default();
+                    *n += u64::from(join);
+                    *n
+                }
+                _ => 0,
+            };
+            let sent = Sent {
+                op,
+                retry,
+                pauses: p.pauses,
+                resumes: p.resumes,
+                paused: (p.open == 0).then_some(p.paused),
+                joins,
+            };
             client.inflight.insert(request_id, sent);
         }
         let (tx, conn) = (client.tx.clone(), client.conn);
         let node = self.node.as_mut().expect("running");
         for (shard, ops) in by_shard {
             node.shards[shard].push(ShardMsg::Ops { ops, tx: tx.clone(), conn, received: std::time::Instant::now() });
+        }
+        for (request_id, op) in tickets {
+            let Op::Ticket { sku, user, join } = op else { unreachable!("tickets only") };
+            let reply = crate::shard::ReplyTo { tx: tx.clone(), request_id, received: std::time::Instant::now() };
+            node.shards[Sim::shard_of(sku)].push(ShardMsg::Ticket { sku, user, join, reply });
         }
         let line = format!("client {c} sends {:?}", self.clients[c].inflight.values().last().map(|s| &s.op));
         self.trace(|| line);
@@ -902,8 +988,19 @@ impl Sim {
         }
         for c in 0..CLIENTS {
             while let Ok(out) = self.clients[c].rx.try_recv() {
-                let Outbound::Outcomes { results, .. } = out else {
-                    return Err("a sale operation answered with something other than outcomes".to_string());
+                let results = match out {
+                    Outbound::Outcomes { results, .. } => results,
+                    Outbound::Reply { request_id, reply: Reply::Ticket(ticket), .. } => {
+                        let Some(sent) = self.clients[c].inflight.remove(&request_id) else {
+                            return Err(format!("client {c}: a ticket for request {request_id}, not in flight"));
+                        };
+                        self.report.ops_answered += 1;
+                        let line = format!("client {c} got {ticket:?} for {:?}", sent.op);
+                        self.trace(|| line);
+                        self.check_ticket(c, &sent, &ticket)?;
+                        continue;
+                    }
+                    _ => return Err("an answer of an unexpected kind".to_string()),
                 };
                 for (answer, outcome) in results {
                     let Answer::Alone { request_id, .. } = answer else {
@@ -946,12 +1043,53 @@ impl Sim {
         }
     }
 
+    /// A ticket is consistent with the line: positions only go down while
+    /// a user waits (a new place only through a JOIN after a lapse), and
+    /// no `waiting` after an admission without a JOIN in between. Compared
+    /// per connection: its answers come in the order they were decided
+    /// (answers on different connections released by one group do not).
+    /// Only tickets with no JOIN of that user sent between them are
+    /// compared: after an unseen lapse a JOIN takes a new place at the back.
+    fn check_ticket(&mut self, client: usize, sent: &Sent, ticket: &stampede_protocol::message::QueueTicket) -> Check {
+        let Op::Ticket { sku, user, join } = sent.op else { unreachable!("a ticket answers a ticket op") };
+        let key = (client, sku, user);
+        if join && matches!(ticket.status, Status::Waiting | Status::Admitted) {
+            self.joined.insert(user);
+        }
+        let last = self.line.get(&key).copied().filter(|(_, joins)| *joins == sent.joins && !join);
+        match (ticket.status, last.map(|(seen, _)| seen)) {
+            (Status::Waiting, Some(Seen::Waiting(p))) if !ticket.pre_start && ticket.position > p => {
+                return Err(format!("user {user} moved back in line: position {p}, then {}", ticket.position));
+            }
+            (Status::Waiting, Some(Seen::Admitted)) if !ticket.pre_start => {
+                return Err(format!("user {user} waiting again after an admission, without joining"));
+            }
+            _ => {}
+        }
+        match ticket.status {
+            Status::Waiting if !ticket.pre_start => {
+                self.line.insert(key, (Seen::Waiting(ticket.position), sent.joins));
+            }
+            Status::Admitted => {
+                self.line.insert(key, (Seen::Admitted, sent.joins));
+            }
+            _ => {
+                self.line.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
     /// An answer is consistent with everything acknowledged before it.
     fn check_answer(&mut self, op: &Op, status: Status, detail: u64) -> Check {
         let id = op.id();
         let now = self.high_water_ms;
         match (op, status) {
+            (Op::Ticket { .. }, status) => Err(format!("a JOIN or POLL answered as an outcome ({status:?})")),
             (Op::Reserve { sku, user, qty, .. }, Status::Reserved) => {
+                if *sku == QUEUED_SKU && !self.acked.contains_key(&id) && !self.may_have_joined(*user) {
+                    return Err(format!("user {user} reserved the queued sale without ever joining its line"));
+                }
                 if let Some(a) = self.acked.get(&id) {
                     if a.expires_at_ms != detail {
                         return Err(format!(
@@ -1035,6 +1173,18 @@ impl Sim {
 
     /// Units acknowledged as held (not yet due) or sold never exceed the
     /// stock, and no user holds more than the limit.
+    /// A JOIN of the queued sale by `user` was answered, or is in flight or
+    /// lost (it may have landed).
+    fn may_have_joined(&self, user: u64) -> bool {
+        self.joined.contains(&user)
+            || self.clients.iter().any(|c| {
+                c.unknown
+                    .iter()
+                    .chain(c.inflight.values().map(|s| &s.op))
+                    .any(|op| matches!(op, Op::Ticket { user: u, join: true, .. } if *u == user))
+            })
+    }
+
     /// (A RELEASE still unanswered may already have given its units back:
     /// those holds are not counted.)
     fn check_stock_and_limits(&self, sku: u64, user: u64) -> Check {
