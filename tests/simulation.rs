@@ -9,7 +9,9 @@
 use stampede::sim::{self, Faults, SimConfig};
 use stampede::wal::Durability;
 
-/// `(seed, steps)` of runs that once failed. 45, 94, 159, 260 and 291
+/// `(seed, steps)` of runs that once failed. (A seed replays the workload
+/// of its commit: a later change to the workload sends it elsewhere, so
+/// these stay as extra seeds, and the failure they found stays described.) 45, 94, 159, 260 and 291
 /// (20k steps) found a power loss whose torn write recovery refuses as a
 /// flipped bit (the lost bytes were one bit away from zeros); the
 /// simulator now takes the runbook's escape hatch there and checks that
