@@ -73,7 +73,10 @@ fn acknowledging_before_fsync_is_caught() {
         }
     }
     let (config, failure) = caught.expect("20 seeds of async acknowledgements and power losses passed every check");
-    assert!(failure.message.contains("is gone") || failure.message.contains("is unknown to the engine"), "{failure}");
+    // Whatever the loss hit first (a reservation gone or unknown, a
+    // restock's units, a retry answered afresh), the message names what
+    // was acknowledged.
+    assert!(failure.message.contains("acknowledged"), "{failure}");
     let (smaller, again) = sim::shrink(&config).expect("the failure reproduces");
     assert!(smaller.faults.power_loss, "the power loss is needed");
     assert!(smaller.steps <= config.steps);
