@@ -1093,7 +1093,7 @@ impl Sim {
                 if let Some(a) = self.acked.get(&id) {
                     if a.expires_at_ms != detail {
                         return Err(format!(
-                            "retry of RESERVE {id:x} answered expiry {detail}, first {}",
+                            "retry of RESERVE {id:x} answered expiry {detail}, acknowledged {}",
                             a.expires_at_ms
                         ));
                     }
