@@ -297,6 +297,11 @@ impl Replica {
         self.last_lsn
     }
 
+    /// The engines as replayed so far.
+    pub fn engines(&self) -> &Engines {
+        &self.loader.engines
+    }
+
     /// The engines, to serve from (a promotion).
     pub fn into_engines(self) -> Engines {
         self.loader.engines

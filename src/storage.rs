@@ -13,8 +13,8 @@
 //! server: its data dir is never under [`SIM_ROOT`] unless a simulator
 //! mounted it, and an unmounted path there is an ordinary path.
 //!
-//! Not behind the seam yet: the replication cursor (`wal::follow`) and the
-//! data dir lock (`node`), which the single-node simulator does not use.
+//! Not behind the seam: the data dir lock (`node`), which the simulator
+//! does not need (one process per simulated disk).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -96,6 +96,22 @@ impl File {
             File::Sim(f) => f.set_len(len),
         }
     }
+
+    /// Read at `offset` (`pread`): the bytes read, 0 at the end.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        match self {
+            File::Os(f) => std::os::unix::fs::FileExt::read_at(f, buf, offset),
+            File::Sim(f) => f.read_at(buf, offset),
+        }
+    }
+}
+
+/// Open an existing file for reading (at explicit offsets).
+pub fn open_read(path: &Path) -> io::Result<File> {
+    if let Some(disk) = sim(path) {
+        return disk.open(path).map(File::Sim);
+    }
+    std::fs::File::open(path).map(File::Os)
 }
 
 /// How [`create`] treats an existing file.

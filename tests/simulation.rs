@@ -30,19 +30,25 @@ fn run_seed(seed: u64, steps: u64) -> sim::SimReport {
 
 #[test]
 fn fixed_seeds_hold_every_check() {
-    let (mut ops, mut crashes, mut flips, mut torn) = (0, 0, 0, 0);
+    let (mut ops, mut crashes, mut flips, mut torn, mut failovers, mut replicated) = (0, 0, 0, 0, 0, 0);
     for (seed, steps) in (1..=12).map(|seed| (seed, STEPS)).chain(REGRESSION_SEEDS.iter().copied()) {
         let report = run_seed(seed, steps);
         ops += report.ops_answered;
         crashes += report.kills + report.power_losses;
         flips += report.refusals;
         torn += report.disk.torn_writes;
+        failovers += report.failovers;
+        replicated += report.replicated;
     }
     // The runs exercised what they claim to (not a vacuous pass).
     assert!(ops > 10_000, "{ops} operations answered");
     assert!(crashes > 20, "{crashes} crashes");
     assert!(flips > 0, "no flipped bit was ever refused");
-    eprintln!("{ops} operations answered, {crashes} crashes, {flips} flips refused, {torn} torn writes");
+    assert!(failovers > 0 && replicated > 1_000, "{failovers} failovers, {replicated} records replicated");
+    eprintln!(
+        "{ops} operations answered, {crashes} crashes, {flips} flips refused, {torn} torn writes, {failovers} \
+         failovers, {replicated} records replicated"
+    );
 }
 
 /// The same seed replays the same trace, byte for byte (its digest), and

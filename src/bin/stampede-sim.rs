@@ -48,8 +48,8 @@ fn main() -> std::process::ExitCode {
                 println!(
                     "seed {seed}: ok in {secs:.2} s; {} steps, {} operations sent ({:.0}/s), {} answered, {} \
                      reservations acknowledged; {} kills, {} power losses, {} log failures, {} recoveries, {} \
-                     refusals of flipped data, {} of ambiguous torn writes, {} checkpoints; trace digest {:016x}; \
-                     disk {:?}",
+                     refusals of flipped data, {} of ambiguous torn writes, {} checkpoints; standby: {} records \
+                     replicated, {} failovers, {} rebuilds, {} crashes; trace digest {:016x}; leader's disk {:?}",
                     report.steps,
                     report.ops_sent,
                     report.ops_sent as f64 / secs,
@@ -62,6 +62,10 @@ fn main() -> std::process::ExitCode {
                     report.refusals,
                     report.torn_refusals,
                     report.checkpoints,
+                    report.replicated,
+                    report.failovers,
+                    report.standby_rebuilds,
+                    report.standby_crashes,
                     report.trace_digest,
                     report.disk
                 );

@@ -373,6 +373,27 @@ impl SimDisk {
         }
     }
 
+    /// Make this (empty) disk a copy of `other`'s durable state (a base
+    /// backup taken after `other` synced), its paths moved from `from_root`
+    /// to `to_root`. Inode numbers are kept, so a pending [`Flip`] of
+    /// `other` can be undone here too.
+    pub fn copy_from(&self, other: &SimDisk, from_root: &Path, to_root: &Path) {
+        let source = other.inner.lock();
+        let mut inner = self.inner.lock();
+        let moved = |path: &PathBuf| to_root.join(path.strip_prefix(from_root).expect("under the root"));
+        inner.names = source.durable_names.iter().map(|(path, ino)| (moved(path), *ino)).collect();
+        inner.durable_names = inner.names.clone();
+        inner.inodes = source
+            .inodes
+            .iter()
+            .map(|(ino, inode)| {
+                let copy = Inode { data: inode.durable.clone(), durable: inode.durable.clone(), pending: Vec::new() };
+                (*ino, copy)
+            })
+            .collect();
+        inner.next_ino = source.next_ino;
+    }
+
     /// `(name, bytes)` of every file, for traces and failure reports.
     pub fn listing(&self) -> Vec<(String, u64)> {
         let inner = self.inner.lock();
@@ -422,6 +443,18 @@ impl SimFile {
         apply(&mut inode.data, &change);
         inode.pending.push(change);
         Ok(())
+    }
+
+    /// Reads see what was written (synced or not), as the page cache does;
+    /// a dead process's handle reads nothing.
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut guard = self.disk.inner.lock();
+        let inner = self.live(&mut guard)?;
+        let data = &inner.inodes[&self.ino].data;
+        let start = (offset as usize).min(data.len());
+        let n = buf.len().min(data.len() - start);
+        buf[..n].copy_from_slice(&data[start..start + n]);
+        Ok(n)
     }
 
     pub(crate) fn set_len(&self, len: u64) -> io::Result<()> {

@@ -31,7 +31,7 @@ use crate::recovery::{self, RecoverOptions, RecoveryError, Retention};
 use crate::server::conn::Outbound;
 use crate::shard::{pool_index, AdminCmd, Answer, SaleOp, ShardLoop, ShardMsg};
 use crate::sink::AdminResult;
-use crate::wal::writer::ManualWal;
+use crate::wal::writer::{ManualWal, WalMsg};
 use crate::wal::{Durability, WalConfig};
 use disk::{DiskFaults, DiskStats, SimDisk};
 
@@ -129,11 +129,14 @@ pub struct SimConfig {
     /// power losses must catch it losing acknowledged reservations: the
     /// test that the checks can fail.
     pub durability: Durability,
+    /// A synchronous standby follows the leader's log: replies wait for
+    /// it, and a leader crash may fail over to it.
+    pub standby: bool,
 }
 
 impl SimConfig {
     pub fn new(seed: u64, steps: u64) -> SimConfig {
-        SimConfig { seed, steps, faults: Faults::ALL, trace: false, durability: Durability::Fsync }
+        SimConfig { seed, steps, faults: Faults::ALL, trace: false, durability: Durability::Fsync, standby: true }
     }
 }
 
@@ -160,6 +163,14 @@ pub struct SimReport {
     pub checkpoint_refusals: u64,
     pub checkpoints: u64,
     pub expiries_seen: u64,
+    /// Records the standby took from the leader's log.
+    pub replicated: u64,
+    /// Leader crashes after which the standby took over.
+    pub failovers: u64,
+    /// Standbys built afresh from a copy of the leader's disk (after a
+    /// failover, a leader restart, or a log the standby could not follow).
+    pub standby_rebuilds: u64,
+    pub standby_crashes: u64,
     /// FNV-1a over the trace: equal for equal seeds.
     pub trace_digest: u64,
     pub trace: Vec<String>,
@@ -345,6 +356,21 @@ struct Acked {
     confirmed_at_ms: Option<u64>,
 }
 
+/// The standby's name in the leader's synchronous set.
+const STANDBY: &str = "standby";
+
+/// A synchronous standby: its own disk, its log writer (the leader's
+/// records, same LSNs), its hot engines (recovery's `Replica`) and a
+/// cursor on the leader's log.
+struct Standby {
+    disk: Arc<SimDisk>,
+    mount: crate::storage::Mount,
+    dir: PathBuf,
+    wal: ManualWal,
+    replica: crate::recovery::Replica,
+    cursor: Option<crate::wal::follow::LogCursor>,
+}
+
 struct Node {
     shards: Vec<ShardLoop>,
     wal: ManualWal,
@@ -389,6 +415,7 @@ struct Sim {
     crash_pending: bool,
     /// Flipped bits no recovery has refused yet.
     flips: Vec<disk::Flip>,
+    standby: Option<Standby>,
     cycles: u64,
 }
 
@@ -457,6 +484,7 @@ impl Sim {
             disk_full: false,
             crash_pending: false,
             flips: Vec::new(),
+            standby: None,
             cycles: 0,
         }
     }
@@ -482,6 +510,9 @@ impl Sim {
 
     fn run(mut self) -> Result<SimReport, SimFailure> {
         self.start(false).map_err(|e| self.fail(e))?;
+        if self.config.standby {
+            self.rebuild_standby().map_err(|e| self.fail(e))?;
+        }
         self.create_sales().map_err(|e| self.fail(e))?;
         let faulty = self.config.steps;
         while self.step < faulty + QUIESCE_STEPS {
@@ -489,6 +520,9 @@ impl Sim {
             let quiet = self.step > faulty;
             if self.step == faulty + 1 {
                 self.disk.set_faults(DiskFaults::default());
+                if let Some(standby) = &self.standby {
+                    standby.disk.set_faults(DiskFaults::default());
+                }
             }
             self.one_step(quiet).map_err(|e| self.fail(e))?;
         }
@@ -540,16 +574,8 @@ impl Sim {
             Err(refused) => return Err(Failed::Refused(refused.to_string())),
         };
         self.report.recoveries += 1;
-        let config = WalConfig {
-            segment_bytes_max: SEGMENT_BYTES,
-            flush_bytes: 4096,
-            durability: self.config.durability,
-            // Async mode syncs on a wall-clock interval: never, here (only
-            // rotations sync), so a run stays a function of its seed.
-            async_sync_interval: std::time::Duration::from_secs(3600),
-            ..WalConfig::new(&self.dir)
-        };
-        let wal = ManualWal::open(config, recovered.next_lsn).map_err(|e| Failed::Io(e.to_string()))?;
+        let wal =
+            ManualWal::open(self.wal_config(&self.dir), recovered.next_lsn).map_err(|e| Failed::Io(e.to_string()))?;
         let mut seeds = SmallRng::seed_from_u64(self.rng.gen());
         let shards = recovered
             .engines
@@ -593,6 +619,10 @@ impl Sim {
             self.node.as_mut().expect("started").shards[shard].cycle();
         }
         self.flush(false)?;
+        if self.standby.is_some() {
+            self.replicate()?;
+            self.flush(false)?;
+        }
         for sku in SKUS {
             if self.total[&sku] != STOCK {
                 return Err(format!("sale {sku} was not created"));
@@ -678,6 +708,9 @@ impl Sim {
             let lost: Vec<Op> = std::mem::take(&mut client.inflight).into_values().map(|s| s.op).collect();
             client.unknown.extend(lost);
         }
+        if self.standby.is_some() && self.rng.gen_bool(0.5) {
+            return self.failover();
+        }
         // Unanswered admin commands: a restock may or may not have landed
         // (the total is checked against the range after recovery).
         let flip = (self.config.faults.bit_flip && self.rng.gen_ratio(1, 4))
@@ -720,7 +753,193 @@ impl Sim {
                 result = self.start(true);
             }
         }
-        result
+        result?;
+        if self.standby.is_some() {
+            // The leader came back on its own disk, maybe without records
+            // the standby already took (written, not synced here): the
+            // standby starts afresh from the leader's state (the real
+            // cluster cuts its tail by term history instead).
+            self.rebuild_standby()?;
+        }
+        Ok(())
+    }
+
+    /// The leader is gone: the standby, which holds every acknowledged
+    /// record (replies waited for it), takes over from its own disk; a new
+    /// standby is built from a copy of it.
+    fn failover(&mut self) -> Check {
+        let standby = self.standby.take().expect("a standby");
+        let Standby { disk, mount, dir, wal, replica, cursor } = standby;
+        drop((wal, replica, cursor));
+        disk.kill();
+        self.report.failovers += 1;
+        self.trace(|| "failover to the standby".to_string());
+        // The old leader's disk is gone, with any flip on it.
+        self.flips.clear();
+        self.disk = disk;
+        self._mount = mount;
+        self.dir = dir;
+        self.start(false)?;
+        self.rebuild_standby()
+    }
+
+    /// A standby built afresh: a copy of the leader's durable state (a
+    /// base backup), recovered by the real code, following from there.
+    fn rebuild_standby(&mut self) -> Check {
+        self.standby = None;
+        let disk = SimDisk::new(self.rng.gen(), DISK_BYTES, self.disk_faults());
+        let mount = crate::storage::mount(disk.clone());
+        disk.copy_from(&self.disk, &self._mount.root, &mount.root);
+        // A pending flip is a latent error of the leader's disk, not of the
+        // copy (the copy is checked; same inode numbers).
+        for flip in &self.flips {
+            disk.unflip(flip);
+        }
+        self.report.standby_rebuilds += 1;
+        self.trace(|| "standby rebuilt from the leader".to_string());
+        self.open_standby_retrying(disk, mount)
+    }
+
+    /// [`Self::open_standby`], started again after an injected I/O error
+    /// (bounded), as a supervisor would.
+    fn open_standby_retrying(&mut self, disk: Arc<SimDisk>, mount: crate::storage::Mount) -> Check {
+        let mut mount = mount;
+        for attempt in 1.. {
+            match self.open_standby(disk.clone(), mount) {
+                Ok(()) => return Ok(()),
+                Err((e, back)) if e.contains("EIO") && attempt < START_ATTEMPTS_MAX => {
+                    mount = back;
+                    disk.kill();
+                    self.trace(|| "standby start failed on an I/O error; restarting".to_string());
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// Start the standby on its disk (recovery, writer, replica) and point
+    /// its cursor at the leader's log.
+    /// On failure the mount comes back, for another attempt.
+    fn open_standby(
+        &mut self,
+        disk: Arc<SimDisk>,
+        mount: crate::storage::Mount,
+    ) -> Result<(), (String, crate::storage::Mount)> {
+        let dir = mount.root.join("data");
+        let options = RecoverOptions { presized_ids: 4096, ..RecoverOptions::new(POOL_SHARDS, false) };
+        let recovered = match recovery::recover(&dir, options) {
+            Ok(recovered) => recovered,
+            Err(e) => return Err((format!("standby recovery: {e}"), mount)),
+        };
+        let last = recovered.next_lsn - 1;
+        let wal = match ManualWal::open(self.wal_config(&dir), recovered.next_lsn) {
+            Ok(wal) => wal,
+            Err(e) => return Err((format!("standby log: {e}"), mount)),
+        };
+        let replica = crate::recovery::Replica::new(recovered.engines, last);
+        let cursor = crate::wal::follow::LogCursor::open(&self.dir, last + 1).ok();
+        self.standby = Some(Standby { disk, mount, dir, wal, replica, cursor });
+        // The leader's replies now wait for this standby.
+        let node = self.node.as_ref().expect("a leader");
+        node.wal.send(WalMsg::SyncSet(Some(vec![STANDBY.to_string()])));
+        node.wal.send(WalMsg::StandbyDurable { node: STANDBY.to_string(), lsn: last });
+        Ok(())
+    }
+
+    /// The standby reads what the leader wrote, applies it, writes and
+    /// syncs it, and acknowledges; a log it cannot follow (segments
+    /// retention deleted, damage) makes it start afresh.
+    fn replicate(&mut self) -> Check {
+        let (Some(node), Some(standby)) = (self.node.as_mut(), self.standby.as_mut()) else { return Ok(()) };
+        let Some(cursor) = standby.cursor.as_mut() else { return self.rebuild_standby() };
+        let upto = node.wal.written_lsn();
+        let mut out = bytes::BytesMut::new();
+        match cursor.read(upto, 64 << 10, &mut out) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => {
+                let message = e.to_string().replace(&*self._mount.root.to_string_lossy(), "<disk>");
+                self.trace(|| format!("the standby cannot follow: {message}"));
+                return self.rebuild_standby();
+            }
+        }
+        let mut records = Vec::new();
+        let mut at = 0;
+        while at < out.len() {
+            let (lsn, event, used) = crate::wal::record::decode_record(&out[at..])
+                .map_err(|e| format!("the cursor handed out a bad record: {e}"))?;
+            records.push((lsn, event));
+            at += used;
+        }
+        let (first, last) = (records[0].0, records[records.len() - 1].0);
+        standby
+            .replica
+            .apply(&records)
+            .map_err(|e| format!("the standby could not apply the leader's records: {e}"))?;
+        standby.wal.send(WalMsg::Records { bytes: out.freeze(), first_lsn: first, last_lsn: last });
+        if let Err(e) = standby.wal.flush() {
+            let message = e.to_string();
+            self.trace(|| format!("standby log failed: {message}"));
+            return self.crash_standby(false);
+        }
+        node.wal.send(WalMsg::StandbyDurable { node: STANDBY.to_string(), lsn: last });
+        // Caught up with a leader that has nothing unwritten: the same state.
+        let mut differs = false;
+        if last == node.wal.written_lsn() && !node.wal.has_pending() {
+            let mut leader = BTreeMap::new();
+            for shard in &node.shards {
+                leader.extend(shard.engine().digest());
+            }
+            let mut follower = BTreeMap::new();
+            let engines = standby.replica.engines();
+            for engine in engines.pool.iter().chain(&engines.hot) {
+                follower.extend(engine.digest());
+            }
+            differs = leader != follower;
+        }
+        self.report.replicated += records.len() as u64;
+        self.trace(|| format!("standby durable to {last}"));
+        if differs {
+            return Err(format!("the standby's state differs from the leader's at LSN {last}"));
+        }
+        Ok(())
+    }
+
+    /// The standby dies (or its log failed) and restarts from its disk.
+    fn crash_standby(&mut self, power_loss: bool) -> Check {
+        let Some(standby) = self.standby.take() else { return Ok(()) };
+        let Standby { disk, mount, wal, replica, cursor, .. } = standby;
+        drop((wal, replica, cursor));
+        if power_loss {
+            disk.power_loss();
+        } else {
+            disk.kill();
+        }
+        self.report.standby_crashes += 1;
+        self.trace(|| format!("standby crash power_loss={power_loss}"));
+        match self.open_standby(disk, mount) {
+            Ok(()) => Ok(()),
+            // What it cannot start from (an ambiguous torn write, an I/O
+            // error): a fresh copy, as an operator would do.
+            Err((e, _)) => {
+                let message = e.replace(&*self._mount.root.to_string_lossy(), "<disk>");
+                self.trace(|| format!("standby restart failed ({message}); rebuilding"));
+                self.rebuild_standby()
+            }
+        }
+    }
+
+    fn wal_config(&self, dir: &std::path::Path) -> WalConfig {
+        WalConfig {
+            segment_bytes_max: SEGMENT_BYTES,
+            flush_bytes: 4096,
+            durability: self.config.durability,
+            // Async mode syncs on a wall-clock interval: never, here (only
+            // rotations sync), so a run stays a function of its seed.
+            async_sync_interval: std::time::Duration::from_secs(3600),
+            ..WalConfig::new(dir)
+        }
     }
 
     // --- one step ---------------------------------------------------------
@@ -747,7 +966,12 @@ impl Sim {
                 self.trace(|| "flush".to_string());
                 self.flush(quiet_or_not)
             }
-            8_000..=8_999 => {
+            8_000..=8_399 => self.replicate(),
+            9_185..=9_189 if !quiet && self.standby.is_some() && self.config.faults.kill => {
+                let power = self.config.faults.power_loss && self.rng.gen_bool(0.5);
+                self.crash_standby(power)
+            }
+            8_400..=8_999 => {
                 let ms = if self.rng.gen_ratio(1, 20) {
                     self.rng.gen_range(1_000..8_000)
                 } else {

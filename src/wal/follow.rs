@@ -17,12 +17,11 @@
 //! after the next LSN. A segment deleted by retention while the cursor was
 //! still before it makes the cursor fail with `Unavailable`.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use bytes::BytesMut;
 
+use crate::storage::{self, File};
 use crate::wal::record::{decode_record, RecordError, RECORD_HEADER_BYTES};
 use crate::wal::segment::{list_segments, segment_name, SEGMENT_HEADER_BYTES};
 
@@ -60,8 +59,7 @@ impl LogCursor {
         let Some((_, path)) = segments.iter().rev().find(|(first, _)| *first <= from_lsn) else {
             return Err(CursorError::Unavailable { lsn: from_lsn, oldest });
         };
-        let mut file = File::open(path)?;
-        file.seek(SeekFrom::Start(SEGMENT_HEADER_BYTES as u64))?;
+        let file = storage::open_read(path)?;
         let mut cursor = LogCursor {
             dir: dir.to_path_buf(),
             next_lsn: from_lsn,
@@ -141,7 +139,6 @@ impl LogCursor {
     /// from there.
     fn reread(&mut self) -> std::io::Result<()> {
         let offset = self.pending_offset + self.pending_at as u64;
-        self.file.seek(SeekFrom::Start(offset))?;
         self.pending.clear();
         self.pending_at = 0;
         self.pending_offset = offset;
@@ -156,7 +153,7 @@ impl LogCursor {
         self.pending_at = 0;
         let start = self.pending.len();
         self.pending.resize(start + READ_CHUNK_BYTES, 0);
-        let n = self.file.read(&mut self.pending[start..])?;
+        let n = self.file.read_at(&mut self.pending[start..], self.pending_offset + start as u64)?;
         self.pending.truncate(start + n);
         Ok(n > 0)
     }
@@ -164,7 +161,7 @@ impl LogCursor {
     /// Move to the segment that starts at `next_lsn`.
     fn next_segment(&mut self) -> Result<(), CursorError> {
         let path = self.dir.join(segment_name(self.next_lsn));
-        let mut file = match File::open(&path) {
+        let file = match storage::open_read(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let oldest = list_segments(&self.dir)?.first().map_or(self.next_lsn, |(first, _)| *first);
@@ -172,7 +169,6 @@ impl LogCursor {
             }
             Err(e) => return Err(e.into()),
         };
-        file.seek(SeekFrom::Start(SEGMENT_HEADER_BYTES as u64))?;
         self.file = file;
         self.segment = path;
         self.pending.clear();

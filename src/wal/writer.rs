@@ -348,6 +348,17 @@ impl ManualWal {
         !self.rx.is_empty()
     }
 
+    /// Queue a control message or a standby's records for the next flush.
+    pub fn send(&self, msg: WalMsg) {
+        // The receiver lives in `self`: this cannot fail.
+        let _ = self.handle.tx.send(msg);
+    }
+
+    /// The last LSN written to the file (a standby may read up to it).
+    pub fn written_lsn(&self) -> u64 {
+        *self.handle.watches.written.borrow()
+    }
+
     /// Take everything submitted so far as one group: write it, make it
     /// durable per the mode, release its replies. An error is the log's
     /// failure: the node must stop (no further acknowledgements).
