@@ -1436,7 +1436,7 @@ impl Sim {
         // The whole sale on every 16th acknowledgement (it is the costly
         // part: all of the sale's reservations), the user's on every one.
         let ids = &self.acked_by_sku[&sku];
-        if ids.len() % 16 == 0 {
+        if ids.len().is_multiple_of(16) {
             let units: u64 = units_of(ids);
             let most = self.total[&sku] + self.total_unknown[&sku];
             if units > most {
