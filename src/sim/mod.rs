@@ -73,11 +73,21 @@ pub struct Faults {
     pub disk_full: bool,
     pub bit_flip: bool,
     pub clock_jump: bool,
+    /// The leader-standby link: broken connections, partitions, delayed
+    /// acknowledgements.
+    pub link: bool,
 }
 
 impl Faults {
-    pub const ALL: Faults =
-        Faults { kill: true, power_loss: true, sync_fail: true, disk_full: true, bit_flip: true, clock_jump: true };
+    pub const ALL: Faults = Faults {
+        kill: true,
+        power_loss: true,
+        sync_fail: true,
+        disk_full: true,
+        bit_flip: true,
+        clock_jump: true,
+        link: true,
+    };
     pub const NONE: Faults = Faults {
         kill: false,
         power_loss: false,
@@ -85,6 +95,7 @@ impl Faults {
         disk_full: false,
         bit_flip: false,
         clock_jump: false,
+        link: false,
     };
 
     /// The fault classes that are on, by name.
@@ -96,6 +107,7 @@ impl Faults {
             (self.disk_full, "disk_full"),
             (self.bit_flip, "bit_flip"),
             (self.clock_jump, "clock_jump"),
+            (self.link, "link"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -111,7 +123,8 @@ impl Faults {
             2 => f.sync_fail = false,
             3 => f.disk_full = false,
             4 => f.bit_flip = false,
-            _ => f.clock_jump = false,
+            5 => f.clock_jump = false,
+            _ => f.link = false,
         }
         f
     }
@@ -220,7 +233,7 @@ pub fn run(config: &SimConfig) -> Result<SimReport, SimFailure> {
 pub fn shrink(config: &SimConfig) -> Option<(SimConfig, SimFailure)> {
     let mut best = config.clone();
     let mut failure = run(&best).err()?;
-    for index in 0..6 {
+    for index in 0..7 {
         let candidate = SimConfig { faults: best.faults.without(index), ..best.clone() };
         if candidate.faults == best.faults {
             continue;
@@ -419,6 +432,11 @@ struct Sim {
     /// Flipped bits no recovery has refused yet.
     flips: Vec<disk::Flip>,
     standby: Option<Standby>,
+    /// The leader-standby link is cut until this step (a partition).
+    link_down_until: u64,
+    /// Acknowledgements the standby sent that the leader has not read yet
+    /// (a TCP connection: in order, lost if it breaks).
+    acks_in_flight: std::collections::VecDeque<u64>,
     cycles: u64,
 }
 
@@ -490,6 +508,8 @@ impl Sim {
             crash_pending: false,
             flips: Vec::new(),
             standby: None,
+            link_down_until: 0,
+            acks_in_flight: Default::default(),
             cycles: 0,
         }
     }
@@ -524,6 +544,7 @@ impl Sim {
             self.step += 1;
             let quiet = self.step > faulty;
             if self.step == faulty + 1 {
+                self.link_down_until = 0;
                 self.disk.set_faults(DiskFaults::default());
                 if let Some(standby) = &self.standby {
                     standby.disk.set_faults(DiskFaults::default());
@@ -626,6 +647,10 @@ impl Sim {
         self.flush(false)?;
         if self.standby.is_some() {
             self.replicate()?;
+            let node = self.node.as_ref().expect("started");
+            for lsn in self.acks_in_flight.drain(..) {
+                node.wal.send(WalMsg::StandbyDurable { node: STANDBY.to_string(), lsn });
+            }
             self.flush(false)?;
         }
         for sku in SKUS {
@@ -845,6 +870,8 @@ impl Sim {
         let replica = crate::recovery::Replica::new(recovered.engines, last);
         let cursor = crate::wal::follow::LogCursor::open(&self.dir, last + 1).ok();
         self.standby = Some(Standby { disk, mount, dir, wal, replica, cursor });
+        // A new connection: what the old one carried is gone.
+        self.acks_in_flight.clear();
         // The leader's replies now wait for this standby.
         let node = self.node.as_ref().expect("a leader");
         node.wal.send(WalMsg::SyncSet(Some(vec![STANDBY.to_string()])));
@@ -856,8 +883,31 @@ impl Sim {
     /// syncs it, and acknowledges; a log it cannot follow (segments
     /// retention deleted, damage) makes it start afresh.
     fn replicate(&mut self) -> Check {
+        if self.step < self.link_down_until {
+            // Partitioned: nothing flows either way.
+            return Ok(());
+        }
         let (Some(node), Some(standby)) = (self.node.as_mut(), self.standby.as_mut()) else { return Ok(()) };
-        let Some(cursor) = standby.cursor.as_mut() else { return self.rebuild_standby() };
+        // Acknowledgements sent earlier arrive now, in order (or some of
+        // them: delayed, never reordered).
+        let arrive = self.rng.gen_range(0..=self.acks_in_flight.len());
+        for lsn in self.acks_in_flight.drain(..arrive) {
+            node.wal.send(WalMsg::StandbyDurable { node: STANDBY.to_string(), lsn });
+        }
+        if standby.cursor.is_none() {
+            // Reconnected after a break: follow from what it holds, and say
+            // what that is (acknowledgements in flight were lost with the
+            // connection).
+            let from = standby.replica.last_lsn() + 1;
+            match crate::wal::follow::LogCursor::open(&self.dir, from) {
+                Ok(cursor) => {
+                    standby.cursor = Some(cursor);
+                    self.acks_in_flight.push_back(from - 1);
+                }
+                Err(_) => return self.rebuild_standby(),
+            }
+        }
+        let Some(cursor) = standby.cursor.as_mut() else { unreachable!("opened above") };
         let upto = node.wal.written_lsn();
         let mut out = bytes::BytesMut::new();
         match cursor.read(upto, 64 << 10, &mut out) {
@@ -888,7 +938,7 @@ impl Sim {
             self.trace(|| format!("standby log failed: {message}"));
             return self.crash_standby(false);
         }
-        node.wal.send(WalMsg::StandbyDurable { node: STANDBY.to_string(), lsn: last });
+        self.acks_in_flight.push_back(last);
         // Caught up with a leader that has nothing unwritten: the same state.
         let mut differs = false;
         if last == node.wal.written_lsn() && !node.wal.has_pending() {
@@ -972,6 +1022,20 @@ impl Sim {
                 self.flush(quiet_or_not)
             }
             8_000..=8_399 => self.replicate(),
+            9_190..=9_199 if !quiet && self.standby.is_some() && self.config.faults.link => {
+                if self.rng.gen_bool(0.5) {
+                    // The connection breaks: the cursor and the
+                    // acknowledgements on their way are gone.
+                    self.standby.as_mut().expect("checked").cursor = None;
+                    self.acks_in_flight.clear();
+                    self.trace(|| "link broken".to_string());
+                } else {
+                    let steps = self.rng.gen_range(20..400);
+                    self.link_down_until = self.step + steps;
+                    self.trace(|| format!("link partitioned for {steps} steps"));
+                }
+                Ok(())
+            }
             9_185..=9_189 if !quiet && self.standby.is_some() && self.config.faults.kill => {
                 let power = self.config.faults.power_loss && self.rng.gen_bool(0.5);
                 self.crash_standby(power)
