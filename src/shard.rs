@@ -41,6 +41,7 @@ pub struct ReplyTo {
     pub received: std::time::Instant,
 }
 
+#[derive(Clone)]
 pub enum AdminCmd {
     Create(SaleCreate),
     Restock { sku: u64, qty: u64 },

@@ -23,8 +23,6 @@ use std::path::{Path, PathBuf};
 
 pub use stampede_protocol::message::History;
 
-use crate::wal::segment::sync_dir;
-
 pub const HISTORY_FILE: &str = "history";
 
 pub fn path(dir: &Path) -> PathBuf {
@@ -73,15 +71,11 @@ fn normalized(mut history: History) -> History {
 
 /// Write the whole history atomically.
 pub fn store(dir: &Path, history: &History) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{HISTORY_FILE}.tmp"));
-    let mut file = std::fs::File::create(&tmp)?;
+    let mut text = Vec::new();
     for (term, first_lsn) in history {
-        writeln!(file, "{term} {first_lsn}")?;
+        writeln!(text, "{term} {first_lsn}")?;
     }
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path(dir))?;
-    sync_dir(dir)
+    crate::storage::write_atomically(&path(dir), &text)
 }
 
 /// The history after startup: the file's entries within the log (up to

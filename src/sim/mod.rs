@@ -675,12 +675,9 @@ impl Sim {
             AdminCmd::Create(c) => c.sku,
             AdminCmd::Restock { sku, .. } | AdminCmd::SetPaused { sku, .. } => *sku,
         };
-        let copy = match &cmd {
-            AdminCmd::Create(c) => AdminCmd::Create(*c),
-            AdminCmd::Restock { sku, qty } => {
-                *self.total_unknown.get_mut(sku).expect("sku") += qty;
-                AdminCmd::Restock { sku: *sku, qty: *qty }
-            }
+        match &cmd {
+            AdminCmd::Create(_) => {}
+            AdminCmd::Restock { sku, qty } => *self.total_unknown.get_mut(sku).expect("sku") += qty,
             AdminCmd::SetPaused { sku, paused } => {
                 let p = self.pause.get_mut(sku).expect("sku");
                 if *paused {
@@ -689,13 +686,12 @@ impl Sim {
                     p.resumes += 1;
                 }
                 p.open += 1;
-                AdminCmd::SetPaused { sku: *sku, paused: *paused }
             }
-        };
+        }
         let (done, rx) = oneshot::channel();
         let node = self.node.as_mut().expect("started");
-        node.shards[Sim::shard_of(sku)].push(ShardMsg::Admin { cmd, done });
-        node.admin.push((copy, rx));
+        node.shards[Sim::shard_of(sku)].push(ShardMsg::Admin { cmd: cmd.clone(), done });
+        node.admin.push((cmd, rx));
     }
 
     /// The writer's group: written, synced, replies released. A failure
@@ -1466,31 +1462,26 @@ impl Sim {
         }
     }
 
-    /// Units acknowledged as held (not yet due) or sold never exceed the
-    /// stock, and no user holds more than the limit.
-    /// A JOIN of the queued sale by `user` was answered, or is in flight or
-    /// lost (it may have landed).
-    fn may_have_joined(&self, user: u64) -> bool {
-        self.joined.contains(&user)
-            || self.clients.iter().any(|c| {
-                c.unknown
-                    .iter()
-                    .chain(c.inflight.values().map(|s| &s.op))
-                    .any(|op| matches!(op, Op::Ticket { user: u, join: true, .. } if *u == user))
-            })
+    /// Every operation whose answer is not in: in flight, or lost in a
+    /// crash (it may have landed).
+    fn open_ops(&self) -> impl Iterator<Item = &Op> {
+        self.clients.iter().flat_map(|c| c.unknown.iter().chain(c.inflight.values().map(|s| &s.op)))
     }
 
-    /// (A RELEASE still unanswered may already have given its units back:
-    /// those holds are not counted.)
+    /// A JOIN of the queued sale by `user` was answered, or is open.
+    fn may_have_joined(&self, user: u64) -> bool {
+        self.joined.contains(&user)
+            || self.open_ops().any(|op| matches!(op, Op::Ticket { user: u, join: true, .. } if *u == user))
+    }
+
+    /// Units acknowledged as held (not yet due) or sold never exceed the
+    /// stock, and no user holds more than the limit. (A RELEASE still
+    /// unanswered may already have given its units back: those holds are
+    /// not counted.)
     fn check_stock_and_limits(&self, sku: u64, user: u64) -> Check {
         let now = self.high_water_ms;
-        let releasing: std::collections::BTreeSet<u128> = self
-            .clients
-            .iter()
-            .flat_map(|c| c.unknown.iter().chain(c.inflight.values().map(|s| &s.op)))
-            .filter(|op| matches!(op, Op::Release { .. }))
-            .map(Op::id)
-            .collect();
+        let releasing: std::collections::BTreeSet<u128> =
+            self.open_ops().filter(|op| matches!(op, Op::Release { .. })).map(Op::id).collect();
         let live = |id: &u128| {
             let a = &self.acked[id];
             a.state == HoldState::Confirmed
@@ -1533,11 +1524,7 @@ impl Sim {
         self.check_invariants()?;
         let now = self.high_water_ms;
         let node = self.node.as_ref().expect("running");
-        let unknown: std::collections::BTreeSet<u128> = self
-            .clients
-            .iter()
-            .flat_map(|c| c.unknown.iter().chain(c.inflight.values().map(|s| &s.op)).map(Op::id))
-            .collect();
+        let unknown: std::collections::BTreeSet<u128> = self.open_ops().map(Op::id).collect();
         for sku in SKUS {
             let engine = node.shards[Sim::shard_of(sku)].engine();
             let status = engine.status(sku, now);

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
+
+from _common import add_run_args, report, timed_calls
 
 try:
     import redis
@@ -71,69 +71,35 @@ async def bench(args: argparse.Namespace) -> int:
         config.update(await r.config_get("appendfsync"))
         await r.set(stock_key, args.ops)
         sha = await r.script_load(script)
-        next_user = iter(range(args.ops))
-        deadline = time.monotonic() + args.max_seconds
-        latencies: List[float] = []
-        failures: List[int] = []
+        async def call(user: int) -> Optional[int]:
+            # KEYS stock, users; ARGV user, qty, limit, reservation_id, ttl_ms, sku
+            code = int(await r.evalsha(sha, 2, stock_key, users_key, user, 1, 1, user + 1, ttl_ms, sku))
+            return None if code == 1 else code
 
-        async def task() -> int:
-            done = 0
-            clock = time.perf_counter
-            for user in next_user:
-                if time.monotonic() > deadline:
-                    break
-                t0 = clock()
-                # KEYS stock, users; ARGV user, qty, limit, reservation_id, ttl_ms, sku
-                code = await r.evalsha(sha, 2, stock_key, users_key, user, 1, 1, user + 1, ttl_ms, sku)
-                latencies.append(clock() - t0)
-                if int(code) != 1:
-                    failures.append(int(code))
-                done += 1
-            return done
-
-        started = time.perf_counter()
-        counts = await asyncio.gather(*[task() for _ in range(args.tasks)])
-        elapsed = time.perf_counter() - started
-        ops = sum(counts)
+        run = await timed_calls(call, range(args.ops), args.tasks, args.max_seconds)
         left = int(await r.get(stock_key) or 0)
     finally:
         removed = await cleanup(r, prefix)
         await r.aclose() if hasattr(r, "aclose") else await r.close()
 
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else 0.0
-
-    result = {
+    head = {
         "target": "redis (reserve.lua via EVALSHA)",
         "redis": args.redis,
         "redis_config": {k: v for k, v in config.items()},
         "redis_py": redis.__version__,
         "tasks": args.tasks,
-        "python": sys.version.split()[0],
-        "reservations": ops,
-        "seconds": round(elapsed, 3),
-        "reservations_per_s": round(ops / elapsed),
-        "latency_ms_p50": round(pct(0.50), 2),
-        "latency_ms_p99": round(pct(0.99), 2),
-        "keys_deleted": removed,
     }
-    print(json.dumps(result) if args.json else "\n".join("%-20s %s" % kv for kv in result.items()))
-    ok = not failures and left == args.ops - ops
+    report(head, run, {"keys_deleted": removed}, args.json)
+    ok = not run.failures and left == args.ops - run.ops
     if not ok:
-        print("FAILED: %d refusals (first %r); stock left %d" % (len(failures), failures[:1], left))
+        print("FAILED: %d refusals (first %r); stock left %d" % (len(run.failures), run.failures[:1], left))
     return 0 if ok else 1
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--redis", default="redis://127.0.0.1:6379")
-    p.add_argument("--ops", type=int, default=100_000, help="reservations to make (default %(default)s)")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="stop after this long (default %(default)s)")
-    p.add_argument("--tasks", type=int, default=256, help="concurrent asyncio tasks (default %(default)s)")
-    p.add_argument("--sku", type=int, default=7_000_001)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_run_args(p)
     return asyncio.run(bench(p.parse_args()))
 
 

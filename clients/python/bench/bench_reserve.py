@@ -20,22 +20,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PACKAGE_DIR))
 
 from stampede import AsyncClient, Status  # noqa: E402
 from stampede.checksum import IMPLEMENTATION  # noqa: E402
+
+from _common import add_run_args, report, timed_calls  # noqa: E402
 
 ADMIN_TOKEN = "bench-admin"
 
@@ -71,58 +71,28 @@ async def bench(addr: str, token: str, args: argparse.Namespace) -> int:
     warm = await client.reserve(sku, 1 << 40, 1)
     assert warm.status is Status.RESERVED, warm
 
-    next_user = iter(range(args.ops - 1))
-    latencies: List[float] = []
-    deadline = time.monotonic() + args.max_seconds
-    failures: List[object] = []
+    async def call(user: int) -> Optional[object]:
+        outcome = await client.reserve(sku, user, 1)
+        return None if outcome.status is Status.RESERVED else outcome
 
-    async def task() -> int:
-        done = 0
-        clock = time.perf_counter
-        for user in next_user:
-            if time.monotonic() > deadline:
-                break
-            t0 = clock()
-            outcome = await client.reserve(sku, user, 1)
-            latencies.append(clock() - t0)
-            if outcome.status is not Status.RESERVED:
-                failures.append(outcome)
-            done += 1
-        return done
-
-    started = time.perf_counter()
-    counts = await asyncio.gather(*[task() for _ in range(args.tasks)])
-    elapsed = time.perf_counter() - started
-    ops = sum(counts)
+    run = await timed_calls(call, range(args.ops - 1), args.tasks, args.max_seconds)
     status = await client.status(sku)
     stats = client.stats
     await client.close()
 
-    latencies.sort()
-
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else 0.0
-
-    result = {
+    head = {
         "target": "stampede",
         "addr": addr,
         "tasks": args.tasks,
         "connections": args.connections,
         "coalesce": not args.no_coalesce,
         "crc32c": IMPLEMENTATION,
-        "python": sys.version.split()[0],
-        "reservations": ops,
-        "seconds": round(elapsed, 3),
-        "reservations_per_s": round(ops / elapsed),
-        "latency_ms_p50": round(pct(0.50), 2),
-        "latency_ms_p99": round(pct(0.99), 2),
-        "frames_sent": stats.frames_sent,
-        "batches_sent": stats.batches_sent,
-        "retries": stats.retries,
     }
-    print(json.dumps(result) if args.json else "\n".join("%-20s %s" % kv for kv in result.items()))
-    ok = not failures and status.reserved == ops + 1
+    tail = {"frames_sent": stats.frames_sent, "batches_sent": stats.batches_sent, "retries": stats.retries}
+    report(head, run, tail, args.json)
+    ok = not run.failures and status.reserved == run.ops + 1
     if not ok:
+        failures = run.failures
         print("FAILED: %d refusals (first %r); server says reserved=%d" % (len(failures), failures[:1], status.reserved))
     return 0 if ok else 1
 
@@ -131,14 +101,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--server", help="a running server (default: start a fresh one)")
     p.add_argument("--server-bin", default=str(PACKAGE_DIR / ".." / ".." / "target" / "release" / "stampede-server"))
-    p.add_argument("--ops", type=int, default=100_000, help="reservations to make (default %(default)s)")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="stop after this long (default %(default)s)")
-    p.add_argument("--tasks", type=int, default=256, help="concurrent asyncio tasks (default %(default)s)")
+    add_run_args(p)
     p.add_argument("--connections", type=int, default=2, help="client connections (default %(default)s)")
     p.add_argument("--no-coalesce", action="store_true", help="one frame per call (no BATCH packing)")
     p.add_argument("--hot", action="store_true", help="create the sale with the hot flag")
-    p.add_argument("--sku", type=int, default=7_000_001)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
 
     if args.server:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, fields
-from typing import ClassVar, Dict, List, Tuple, Type, Union
+from typing import ClassVar, Dict, List, Tuple, Type, Union, get_args
 
 from .checksum import crc32c
 from .errors import Malformed
@@ -226,25 +226,8 @@ Event = Union[
     TermStarted,
 ]
 
-EVENT_TYPES: Dict[int, Type[_Event]] = {
-    cls.KIND: cls
-    for cls in (
-        SaleCreated,
-        Restocked,
-        Paused,
-        Resumed,
-        Reserved,
-        Confirmed,
-        Released,
-        Expired,
-        QueueConfigured,
-        QueueJoined,
-        QueueStarted,
-        Admitted,
-        AdmissionLapsed,
-        TermStarted,
-    )
-}
+# Derived from the Union, so an event type is listed once.
+EVENT_TYPES: Dict[int, Type[_Event]] = {cls.KIND: cls for cls in get_args(Event)}
 
 
 def decode_event(payload: bytes) -> Event:

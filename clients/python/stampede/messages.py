@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import ClassVar, Dict, List, Optional, Tuple, Type, Union
+from typing import ClassVar, Dict, List, Optional, Tuple, Type, Union, get_args
 
 from .errors import FrameError, InvalidRequest, Malformed
 from .events import Event, decode_records, encode_record
@@ -536,32 +536,8 @@ Request = Union[
     SnapshotFetch,
 ]
 
-REQUEST_TYPES: Dict[int, type] = {
-    int(cls.OPCODE): cls
-    for cls in (
-        Hello,
-        Ping,
-        Cluster,
-        Reserve,
-        ReserveBatch,
-        Confirm,
-        Release,
-        StatusRequest,
-        Join,
-        Poll,
-        Batch,
-        SaleCreate,
-        Restock,
-        Pause,
-        Resume,
-        Replicate,
-        Settled,
-        StateDump,
-        Follow,
-        FollowAck,
-        SnapshotFetch,
-    )
-}
+# Derived from the Union, so a request type is listed once.
+REQUEST_TYPES: Dict[int, type] = {int(cls.OPCODE): cls for cls in get_args(Request)}
 
 
 # ---------------------------------------------------------------------------
