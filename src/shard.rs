@@ -41,7 +41,7 @@ pub struct ReplyTo {
     pub received: std::time::Instant,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub enum AdminCmd {
     Create(SaleCreate),
     Restock { sku: u64, qty: u64 },

@@ -31,6 +31,7 @@ fn run_seed(seed: u64, steps: u64) -> sim::SimReport {
 #[test]
 fn fixed_seeds_hold_every_check() {
     let (mut ops, mut crashes, mut flips, mut torn, mut failovers, mut replicated) = (0, 0, 0, 0, 0, 0);
+    let (mut terms, mut leases_lost) = (0, 0);
     for (seed, steps) in (1..=12).map(|seed| (seed, STEPS)).chain(REGRESSION_SEEDS.iter().copied()) {
         let report = run_seed(seed, steps);
         ops += report.ops_answered;
@@ -39,15 +40,19 @@ fn fixed_seeds_hold_every_check() {
         torn += report.disk.torn_writes;
         failovers += report.failovers;
         replicated += report.replicated;
+        terms += report.elections;
+        leases_lost += report.leases_lost;
     }
     // The runs exercised what they claim to (not a vacuous pass).
     assert!(ops > 10_000, "{ops} operations answered");
     assert!(crashes > 20, "{crashes} crashes");
     assert!(flips > 0, "no flipped bit was ever refused");
     assert!(failovers > 0 && replicated > 1_000, "{failovers} failovers, {replicated} records replicated");
+    // Leadership went through etcd, and leases were lost (stalls, cuts).
+    assert!(terms > failovers && leases_lost > 0, "{terms} terms won, {leases_lost} leases lost");
     eprintln!(
         "{ops} operations answered, {crashes} crashes, {flips} flips refused, {torn} torn writes, {failovers} \
-         failovers, {replicated} records replicated"
+         failovers, {replicated} records replicated, {terms} terms won, {leases_lost} leases lost"
     );
 }
 

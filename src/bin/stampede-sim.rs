@@ -49,7 +49,8 @@ fn main() -> std::process::ExitCode {
                     "seed {seed}: ok in {secs:.2} s; {} steps, {} operations sent ({:.0}/s), {} answered, {} \
                      reservations acknowledged; {} kills, {} power losses, {} log failures, {} recoveries, {} \
                      refusals of flipped data, {} of ambiguous torn writes, {} checkpoints; standby: {} records \
-                     replicated, {} failovers, {} rebuilds, {} crashes; trace digest {:016x}; leader's disk {:?}",
+                     replicated, {} failovers, {} rebuilds, {} crashes; {} terms won, {} leases lost; trace digest \
+                     {:016x}; leader's disk {:?}",
                     report.steps,
                     report.ops_sent,
                     report.ops_sent as f64 / secs,
@@ -66,6 +67,8 @@ fn main() -> std::process::ExitCode {
                     report.failovers,
                     report.standby_rebuilds,
                     report.standby_crashes,
+                    report.elections,
+                    report.leases_lost,
                     report.trace_digest,
                     report.disk
                 );

@@ -32,12 +32,14 @@
 //! the TTL) covers the difference between the two clocks' rates over one
 //! TTL, which on a machine that keeps time is far smaller.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::etcd::{Etcd, EtcdError};
+use super::etcd::{Etcd, EtcdError, Kv};
 use super::ClusterConfig;
+use crate::clock::{Monotonic, SystemMonotonic};
 
 /// The `leader` key's value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,8 +75,11 @@ pub struct Leadership {
     pub valid_until: Instant,
 }
 
-pub struct Election {
-    etcd: Etcd,
+/// The election's rules over an etcd client (`K`: etcd itself, or the
+/// simulator's model of it) and a monotonic clock (the lease deadlines).
+pub struct Election<K: Kv = Etcd> {
+    etcd: K,
+    clock: Arc<dyn Monotonic>,
     prefix: String,
     node_id: String,
     advertise: String,
@@ -84,10 +89,18 @@ pub struct Election {
     asynchronous: bool,
 }
 
-impl Election {
+impl Election<Etcd> {
     pub fn new(config: &ClusterConfig) -> Election {
+        Election::over(config, Etcd::new(&config.etcd), Arc::new(SystemMonotonic))
+    }
+}
+
+impl<K: Kv> Election<K> {
+    /// The election over any etcd client and clock (the simulator's).
+    pub fn over(config: &ClusterConfig, etcd: K, clock: Arc<dyn Monotonic>) -> Election<K> {
         Election {
-            etcd: Etcd::new(&config.etcd),
+            etcd,
+            clock,
             prefix: format!("/stampede/{}/", config.cluster),
             node_id: config.node_id.clone(),
             advertise: config.advertise.clone(),
@@ -130,7 +143,7 @@ impl Election {
 
     /// Try to become the leader. `Some` if this node won.
     pub async fn campaign(&self) -> Result<Option<Leadership>, EtcdError> {
-        let sent = Instant::now();
+        let sent = self.clock.now();
         let lease = self.etcd.grant(self.ttl.as_secs().max(1)).await?;
         let value = serde_json::to_vec(&LeaderKey { node: self.node_id.clone(), addr: self.advertise.clone() })
             .expect("serialises");
@@ -156,7 +169,7 @@ impl Election {
 
     /// Renew the leader's lease; `Ok(false)` if etcd no longer has it.
     pub async fn renew(&self, leadership: &mut Leadership) -> Result<bool, EtcdError> {
-        let sent = Instant::now();
+        let sent = self.clock.now();
         if !self.etcd.keep_alive(leadership.lease).await? {
             return Ok(false);
         }

@@ -12,6 +12,7 @@
 //!
 //! Endpoints are tried in order; the first that answers is used.
 
+use std::future::Future;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -226,5 +227,69 @@ impl Etcd {
     /// Give a lease up (its keys go at once).
     pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
         self.call("/v3/lease/revoke", json!({ "ID": lease.to_string() })).await.map(|_| ())
+    }
+}
+
+/// The etcd operations the election uses, as a seam: the server runs them
+/// against etcd ([`Etcd`]), the simulator against its own model of etcd's
+/// keys, revisions and leases (`sim/etcd.rs`), so the election's real code
+/// runs in both. The meaning of each is the [`Etcd`] method of that name.
+pub trait Kv: Send + Sync + 'static {
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<KeyValue>, EtcdError>> + Send;
+    fn get_prefix(&self, prefix: &str) -> impl Future<Output = Result<Vec<KeyValue>, EtcdError>> + Send;
+    fn put(&self, key: &str, value: &[u8], lease: i64) -> impl Future<Output = Result<i64, EtcdError>> + Send;
+    fn create(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: i64,
+    ) -> impl Future<Output = Result<Option<i64>, EtcdError>> + Send;
+    fn put_if_created_at(
+        &self,
+        guard: &str,
+        create_revision: i64,
+        key: &str,
+        value: &[u8],
+    ) -> impl Future<Output = Result<bool, EtcdError>> + Send;
+    fn grant(&self, ttl_s: u64) -> impl Future<Output = Result<i64, EtcdError>> + Send;
+    fn keep_alive(&self, lease: i64) -> impl Future<Output = Result<bool, EtcdError>> + Send;
+    fn revoke(&self, lease: i64) -> impl Future<Output = Result<(), EtcdError>> + Send;
+}
+
+impl Kv for Etcd {
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<KeyValue>, EtcdError>> + Send {
+        Etcd::get(self, key)
+    }
+    fn get_prefix(&self, prefix: &str) -> impl Future<Output = Result<Vec<KeyValue>, EtcdError>> + Send {
+        Etcd::get_prefix(self, prefix)
+    }
+    fn put(&self, key: &str, value: &[u8], lease: i64) -> impl Future<Output = Result<i64, EtcdError>> + Send {
+        Etcd::put(self, key, value, lease)
+    }
+    fn create(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: i64,
+    ) -> impl Future<Output = Result<Option<i64>, EtcdError>> + Send {
+        Etcd::create(self, key, value, lease)
+    }
+    fn put_if_created_at(
+        &self,
+        guard: &str,
+        create_revision: i64,
+        key: &str,
+        value: &[u8],
+    ) -> impl Future<Output = Result<bool, EtcdError>> + Send {
+        Etcd::put_if_created_at(self, guard, create_revision, key, value)
+    }
+    fn grant(&self, ttl_s: u64) -> impl Future<Output = Result<i64, EtcdError>> + Send {
+        Etcd::grant(self, ttl_s)
+    }
+    fn keep_alive(&self, lease: i64) -> impl Future<Output = Result<bool, EtcdError>> + Send {
+        Etcd::keep_alive(self, lease)
+    }
+    fn revoke(&self, lease: i64) -> impl Future<Output = Result<(), EtcdError>> + Send {
+        Etcd::revoke(self, lease)
     }
 }

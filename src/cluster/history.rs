@@ -32,8 +32,8 @@ pub fn path(dir: &Path) -> PathBuf {
 /// Read the history (empty if there is none yet: a node that never had a
 /// leader, whose records are all of term 0).
 pub fn load(dir: &Path) -> std::io::Result<History> {
-    let text = match std::fs::read_to_string(path(dir)) {
-        Ok(text) => text,
+    let text = match crate::storage::read(&path(dir)) {
+        Ok(bytes) => String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };

@@ -8,11 +8,18 @@
 //! the same trace (its digest is in the report), so a failure replays with
 //! `stampede-sim --seed S`.
 //!
+//! With a standby (the default), who leads is decided by the real
+//! election ([`crate::cluster::election`]) against a model of etcd
+//! ([`etcd::SimEtcd`]), with leases on simulated monotonic time and the log
+//! writer's real fence.
+//!
 //! Not simulated yet (SIMULATION.md, "Not covered"): the connection layer
-//! (framing, auth, rate limits, the sold-out fast path), hot shards,
-//! queues, pauses, replication, etcd and failover.
+//! (framing, auth, rate limits, the sold-out fast path), hot shards, the
+//! manager's own loop (the simulator drives its steps), more than one
+//! standby.
 
 pub mod disk;
+pub mod etcd;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,14 +33,18 @@ use stampede_protocol::message::{HoldState, QueueConfig, Reply, Reserve, SaleCre
 use stampede_protocol::{Opcode, Status};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::clock::{Clock, ManualClock};
+use crate::clock::{Clock, ManualClock, ManualMonotonic, Monotonic};
+use crate::cluster::election::{Election, Leadership};
+use crate::cluster::{history, ClusterConfig, SyncDegrade};
+use crate::engine::Engine;
 use crate::recovery::{self, RecoverOptions, RecoveryError, Retention};
 use crate::server::conn::Outbound;
 use crate::shard::{pool_index, AdminCmd, Answer, SaleOp, ShardLoop, ShardMsg};
 use crate::sink::AdminResult;
-use crate::wal::writer::{ManualWal, WalMsg};
+use crate::wal::writer::{Fence, ManualWal, WalMsg};
 use crate::wal::{Durability, WalConfig};
 use disk::{DiskFaults, DiskStats, SimDisk};
+use etcd::{SimEtcd, SimEtcdClient};
 
 /// SKUs on sale, their stock, and the per-user limit: small, so that
 /// sell-outs, limits and contention happen within a few hundred steps.
@@ -76,6 +87,9 @@ pub struct Faults {
     /// The leader-standby link: broken connections, partitions, delayed
     /// acknowledgements.
     pub link: bool,
+    /// The leader's lease: the leader stalls (a GC-like pause) or is cut
+    /// off from etcd.
+    pub lease: bool,
 }
 
 impl Faults {
@@ -87,6 +101,7 @@ impl Faults {
         bit_flip: true,
         clock_jump: true,
         link: true,
+        lease: true,
     };
     pub const NONE: Faults = Faults {
         kill: false,
@@ -96,6 +111,7 @@ impl Faults {
         bit_flip: false,
         clock_jump: false,
         link: false,
+        lease: false,
     };
 
     /// The fault classes that are on, by name.
@@ -108,6 +124,7 @@ impl Faults {
             (self.bit_flip, "bit_flip"),
             (self.clock_jump, "clock_jump"),
             (self.link, "link"),
+            (self.lease, "lease"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -124,7 +141,8 @@ impl Faults {
             3 => f.disk_full = false,
             4 => f.bit_flip = false,
             5 => f.clock_jump = false,
-            _ => f.link = false,
+            6 => f.link = false,
+            _ => f.lease = false,
         }
         f
     }
@@ -184,6 +202,10 @@ pub struct SimReport {
     /// failover, a leader restart, or a log the standby could not follow).
     pub standby_rebuilds: u64,
     pub standby_crashes: u64,
+    /// Terms won in etcd (the first included).
+    pub elections: u64,
+    /// Leaders that lost their lease (a pause, or cut off from etcd).
+    pub leases_lost: u64,
     /// Over the trace (see `digest_line`): equal for equal seeds.
     pub trace_digest: u64,
     pub trace: Vec<String>,
@@ -233,7 +255,7 @@ pub fn run(config: &SimConfig) -> Result<SimReport, SimFailure> {
 pub fn shrink(config: &SimConfig) -> Option<(SimConfig, SimFailure)> {
     let mut best = config.clone();
     let mut failure = run(&best).err()?;
-    for index in 0..7 {
+    for index in 0..8 {
         let candidate = SimConfig { faults: best.faults.without(index), ..best.clone() };
         if candidate.faults == best.faults {
             continue;
@@ -369,13 +391,49 @@ struct Acked {
     confirmed_at_ms: Option<u64>,
 }
 
-/// The standby's name in the leader's synchronous set.
-const STANDBY: &str = "standby";
+/// The two nodes' ids in etcd; the roles move between them.
+const NODE_IDS: [&str; 2] = ["n1", "n2"];
+
+/// The leader's lease (SIMULATION.md: the fence margin is a quarter of it).
+const LEASE_TTL_MS: u64 = 2_000;
+
+/// How often a node's manager looks at etcd (the server's poll).
+const POLL_MS: u64 = crate::limits::CLUSTER_POLL_INTERVAL_MS;
+
+/// Polls after a leader's loss within which a new one must be elected
+/// (liveness).
+const ELECTION_POLLS_MAX: u64 = 200;
+
+/// What a node's cluster manager would be given.
+fn cluster_config(id: usize) -> ClusterConfig {
+    ClusterConfig {
+        etcd: Vec::new(),
+        cluster: "sim".to_string(),
+        node_id: NODE_IDS[id].to_string(),
+        advertise: NODE_IDS[id].to_string(),
+        sync_standbys: 1,
+        degrade: SyncDegrade::Never,
+        sync_timeout: std::time::Duration::from_secs(2),
+        lease_ttl: std::time::Duration::from_millis(LEASE_TTL_MS),
+        peer_token: String::new(),
+    }
+}
+
+/// A leader's lease, as its manager keeps it.
+struct Lease {
+    leadership: Leadership,
+    next_renewal: std::time::Instant,
+    /// The standby is recorded in etcd's `sync` key (replies wait until it
+    /// is).
+    sync_recorded: bool,
+}
 
 /// A synchronous standby: its own disk, its log writer (the leader's
 /// records, same LSNs), its hot engines (recovery's `Replica`) and a
 /// cursor on the leader's log.
 struct Standby {
+    /// Index into `NODE_IDS`.
+    id: usize,
     disk: Arc<SimDisk>,
     mount: crate::storage::Mount,
     dir: PathBuf,
@@ -385,15 +443,30 @@ struct Standby {
 }
 
 struct Node {
+    /// Index into `NODE_IDS`.
+    id: usize,
     shards: Vec<ShardLoop>,
     wal: ManualWal,
     admin: Vec<(AdminCmd, oneshot::Receiver<AdminResult>)>,
+    /// The writer's fence, on the simulated monotonic clock.
+    fence: Arc<Fence>,
+    /// While it leads (with a standby; a lone node leads without etcd).
+    lease: Option<Lease>,
 }
 
 struct Sim {
     config: SimConfig,
     rng: SmallRng,
     clock: ManualClock,
+    /// Monotonic time (leases, the fence): moves with `clock`, never back.
+    mono: ManualMonotonic,
+    etcd: SimEtcd,
+    /// Each node's election (the real code over the simulated etcd).
+    elections: Vec<Election<SimEtcdClient>>,
+    /// The node whose disk `disk` is (the leader's, or the one starting).
+    leader_at: usize,
+    /// Who won each term: never two.
+    terms: BTreeMap<u64, usize>,
     /// The latest time the engine may have seen (the clock can step back).
     high_water_ms: u64,
     disk: Arc<SimDisk>,
@@ -472,6 +545,12 @@ const START_ATTEMPTS_MAX: u32 = 50;
 impl Sim {
     fn new(config: SimConfig) -> Sim {
         let mut rng = SmallRng::seed_from_u64(config.seed);
+        let mono = ManualMonotonic::new();
+        let drift = rng.gen_range(-etcd::DRIFT_PPM_MAX..=etcd::DRIFT_PPM_MAX);
+        let etcd = SimEtcd::new(mono.clone(), drift);
+        let elections = (0..NODE_IDS.len())
+            .map(|id| Election::over(&cluster_config(id), etcd.client(NODE_IDS[id]), Arc::new(mono.clone())))
+            .collect();
         let disk = SimDisk::new(rng.gen(), DISK_BYTES, DiskFaults::default());
         let mount = crate::storage::mount(disk.clone());
         let dir = mount.root.join("data");
@@ -486,6 +565,11 @@ impl Sim {
             config,
             rng,
             clock: ManualClock::new(START_MS),
+            mono,
+            etcd,
+            elections,
+            leader_at: 0,
+            terms: BTreeMap::new(),
             high_water_ms: START_MS,
             disk,
             _mount: mount,
@@ -536,7 +620,14 @@ impl Sim {
     fn run(mut self) -> Result<SimReport, SimFailure> {
         self.start(false).map_err(|e| self.fail(e))?;
         if self.config.standby {
-            self.rebuild_standby().map_err(|e| self.fail(e))?;
+            // A new cluster: no `sync` key yet, so the first node may lead.
+            let leadership = self.elect(&[0]).map_err(|e| self.fail(e))?;
+            let started = match self.promote(leadership) {
+                Ok(true) => self.rebuild_standby(),
+                Ok(false) => self.crash(false),
+                Err(e) => Err(e),
+            };
+            started.map_err(|e| self.fail(e))?;
         }
         self.create_sales().map_err(|e| self.fail(e))?;
         let faulty = self.config.steps;
@@ -545,6 +636,7 @@ impl Sim {
             let quiet = self.step > faulty;
             if self.step == faulty + 1 {
                 self.link_down_until = 0;
+                self.etcd.heal();
                 self.disk.set_faults(DiskFaults::default());
                 if let Some(standby) = &self.standby {
                     standby.disk.set_faults(DiskFaults::default());
@@ -600,16 +692,31 @@ impl Sim {
             Err(refused) => return Err(Failed::Refused(refused.to_string())),
         };
         self.report.recoveries += 1;
-        let wal =
-            ManualWal::open(self.wal_config(&self.dir), recovered.next_lsn).map_err(|e| Failed::Io(e.to_string()))?;
+        let wal = self.open_wal(&self.dir.clone(), recovered.next_lsn).map_err(|e| Failed::Io(e.to_string()))?;
+        self.node = Some(self.node_from(self.leader_at, recovered.engines.pool, wal));
+        let next_lsn = recovered.next_lsn;
+        self.trace(|| format!("start next_lsn={next_lsn}"));
+        self.check_against_engines().map_err(Failed::Check)
+    }
+
+    /// A log writer whose fence runs on simulated time. Closed until the
+    /// node wins a term (a lone node, without etcd, leads from the start).
+    fn open_wal(&self, dir: &std::path::Path, next_lsn: u64) -> std::io::Result<ManualWal> {
+        let fence = Arc::new(Fence::new(Arc::new(self.mono.clone())));
+        if self.config.standby {
+            fence.close();
+        }
+        ManualWal::open_fenced(self.wal_config(dir), next_lsn, fence)
+    }
+
+    /// A node running `pool`'s engines (recovered, or a standby's) with
+    /// `wal`.
+    fn node_from(&mut self, id: usize, pool: Vec<Engine>, wal: ManualWal) -> Node {
         let mut seeds = SmallRng::seed_from_u64(self.rng.gen());
-        let shards = recovered
-            .engines
-            .pool
+        let shards = pool
             .into_iter()
             .map(|engine| {
-                let seeds = SmallRng::seed_from_u64(seeds.gen());
-                let mut seeds = seeds;
+                let mut seeds = SmallRng::seed_from_u64(seeds.gen());
                 ShardLoop::new(
                     engine,
                     Arc::new(self.clock.clone()),
@@ -619,10 +726,227 @@ impl Sim {
                 .with_seeds(Box::new(move || seeds.gen()))
             })
             .collect();
-        self.node = Some(Node { shards, wal, admin: Vec::new() });
-        let next_lsn = recovered.next_lsn;
-        self.trace(|| format!("start next_lsn={next_lsn}"));
-        self.check_against_engines().map_err(Failed::Check)
+        let fence = wal.fence().clone();
+        Node { id, shards, wal, admin: Vec::new(), fence, lease: None }
+    }
+
+    // --- who leads ----------------------------------------------------
+
+    /// Poll etcd as the nodes' managers do, every `POLL_MS`, until one of
+    /// `candidates` wins a term (whichever polls first after the lease of
+    /// the last leader ran out; the real rules decide who may). Bounded:
+    /// a cluster that elects nobody fails liveness.
+    fn elect(&mut self, candidates: &[usize]) -> Result<Leadership, String> {
+        for _ in 0..ELECTION_POLLS_MAX {
+            let mut order = candidates.to_vec();
+            if self.rng.gen_bool(0.5) {
+                order.reverse();
+            }
+            for id in order {
+                if let Some(leadership) = self.try_campaign(id)? {
+                    self.leader_at = id;
+                    return Ok(leadership);
+                }
+            }
+            self.pass_time(POLL_MS);
+        }
+        Err(format!("no leader elected within {} ms", ELECTION_POLLS_MAX * POLL_MS))
+    }
+
+    /// One poll of node `id`'s manager with no leader to follow: campaign
+    /// if etcd has no leader and this node may lead.
+    fn try_campaign(&mut self, id: usize) -> Result<Option<Leadership>, String> {
+        let election = &self.elections[id];
+        if !matches!(etcd::now(election.leader()), Ok(None)) {
+            return Ok(None);
+        }
+        if !matches!(etcd::now(election.eligible()), Ok(true)) {
+            return Ok(None);
+        }
+        let Ok(Some(leadership)) = etcd::now(election.campaign()) else { return Ok(None) };
+        let term = leadership.term;
+        if let Some(other) = self.terms.insert(term, id) {
+            return Err(format!("term {term} won twice: by {} and by {}", NODE_IDS[other], NODE_IDS[id]));
+        }
+        if self.terms.range(term + 1..).next().is_some() {
+            return Err(format!("term {term} won after a later term"));
+        }
+        self.report.elections += 1;
+        self.trace(|| format!("{} won term {term}", NODE_IDS[id]));
+        Ok(Some(leadership))
+    }
+
+    /// Start leading `leadership.term` with the node in `self.node` (the
+    /// manager's promotion, in its order): the term history first, then
+    /// the `sync` key (this node alone until its standby is recorded),
+    /// the fence opened to the lease's deadline, TERM_STARTED first in the
+    /// log. `false` if the node could not (the history could not be
+    /// written: it exits to rejoin, as the manager does).
+    fn promote(&mut self, leadership: Leadership) -> Result<bool, String> {
+        let node = self.node.as_mut().expect("a node to promote");
+        let term = leadership.term;
+        let start_lsn = node.wal.written_lsn() + 1;
+        let mut ours = history::load(&self.dir).map_err(|e| format!("reading the term history: {e}"))?;
+        ours.push((term, start_lsn));
+        if let Err(e) = history::store(&self.dir, &ours) {
+            let message = e.to_string();
+            self.trace(|| format!("cannot write the term history ({message}): exits to rejoin"));
+            return Ok(false);
+        }
+        match etcd::now(self.elections[node.id].write_sync_set(term, &[])) {
+            Ok(true) => {}
+            other => return Err(format!("the winner of term {term} could not record the synchronous set: {other:?}")),
+        }
+        node.wal.send(WalMsg::SyncSet(None));
+        node.fence.extend_to(leadership.valid_until);
+        let at_ms = self.clock.now_ms();
+        crate::sink::LogSink::submit(
+            &mut node.wal.sink(),
+            &mut vec![crate::engine::Event::TermStarted { term, at_ms }],
+            &mut Vec::new(),
+        );
+        let renew_every = std::time::Duration::from_millis(LEASE_TTL_MS / 4);
+        node.lease = Some(Lease { leadership, next_renewal: self.mono.now() + renew_every, sync_recorded: false });
+        self.trace(|| format!("leading term {term} from LSN {start_lsn}"));
+        Ok(true)
+    }
+
+    /// Time passes for everyone (the nodes' managers poll in between).
+    fn advance(&mut self, ms: u64) -> Check {
+        let mut left = ms;
+        while left > 0 {
+            let chunk = left.min(POLL_MS);
+            self.pass_time(chunk);
+            left -= chunk;
+            self.lead_tick()?;
+        }
+        Ok(())
+    }
+
+    /// Both clocks move; nothing runs (a stall, or time inside one poll).
+    fn pass_time(&mut self, ms: u64) {
+        self.clock.advance_ms(ms);
+        self.mono.advance_ms(ms);
+        self.high_water_ms = self.high_water_ms.max(self.clock.now_ms());
+    }
+
+    /// One poll of the leader's manager: renew the lease when due and move
+    /// the fence with it; record the standby in `sync` if it is not yet;
+    /// a lease lost or not renewed in time ends the leadership.
+    fn lead_tick(&mut self) -> Check {
+        let Some(node) = self.node.as_mut() else { return Ok(()) };
+        let Some(lease) = node.lease.as_mut() else { return Ok(()) };
+        let election = &self.elections[node.id];
+        let now = self.mono.now();
+        if now >= lease.next_renewal {
+            match etcd::now(election.renew(&mut lease.leadership)) {
+                Ok(true) => {
+                    node.fence.extend_to(lease.leadership.valid_until);
+                    lease.next_renewal = now + std::time::Duration::from_millis(LEASE_TTL_MS / 4);
+                }
+                Ok(false) => return self.lose("etcd expired our lease"),
+                // Unreachable: retry at the next poll.
+                Err(_) => {}
+            }
+        }
+        let lease = node.lease.as_ref().expect("checked");
+        if self.mono.now() >= lease.leadership.valid_until {
+            return self.lose("could not renew the lease in time");
+        }
+        if !lease.sync_recorded {
+            self.record_sync_set();
+        }
+        Ok(())
+    }
+
+    /// Record the standby in etcd's `sync` key, then let the writer count
+    /// on it (etcd first: nobody the writer counts on is unknown to etcd).
+    /// Replies wait until this succeeds.
+    fn record_sync_set(&mut self) {
+        let (Some(node), Some(standby)) = (self.node.as_mut(), self.standby.as_ref()) else { return };
+        let Some(lease) = node.lease.as_mut() else { return };
+        let id = NODE_IDS[standby.id].to_string();
+        match etcd::now(self.elections[node.id].write_sync_set(lease.leadership.term, std::slice::from_ref(&id))) {
+            Ok(true) => {
+                lease.sync_recorded = true;
+                node.wal.send(WalMsg::SyncSet(Some(vec![id])));
+            }
+            // Not recorded (etcd unreachable; or the key is no longer ours,
+            // which the next renewal finds): keep holding replies.
+            _ => node.wal.send(WalMsg::SyncSet(None)),
+        }
+    }
+
+    /// The lease is gone: the fence closes at once (no reply leaves after
+    /// the deadline) and the node exits to rejoin (the server exits 75; a
+    /// process end, nothing on disk lost).
+    fn lose(&mut self, reason: &str) -> Check {
+        let Some(node) = self.node.as_ref() else { return Ok(()) };
+        node.fence.close();
+        self.report.leases_lost += 1;
+        let reason = reason.to_string();
+        self.trace(|| format!("lost leadership: {reason}"));
+        self.crash(false)
+    }
+
+    /// The leader stalls (a long GC-like pause) for up to twice its lease:
+    /// nothing of it runs, while the standby's manager polls etcd and takes
+    /// over once the lease has run out. Then the old leader runs again
+    /// before it notices: whatever its writer releases now would be a
+    /// second node acknowledging while another leads, which the fence must
+    /// prevent.
+    fn pause_leader(&mut self) -> Check {
+        self.deliver()?;
+        let ms = self.rng.gen_range(LEASE_TTL_MS / 2..LEASE_TTL_MS * 2);
+        self.trace(|| format!("leader stalls for {ms} ms"));
+        let standby = self.standby.as_ref().map(|s| s.id);
+        let mut successor = None;
+        let mut left = ms;
+        while left > 0 && successor.is_none() {
+            let chunk = left.min(POLL_MS);
+            self.pass_time(chunk);
+            left -= chunk;
+            if let Some(id) = standby {
+                successor = self.try_campaign(id)?;
+            }
+        }
+        // A successor ends the stall as it wins: the earliest moment two
+        // nodes think they lead, the hardest for the fence.
+        let Some(leadership) = successor else { return self.lead_tick() };
+        let mut old = self.node.take().expect("a leader");
+        let old_term = old.lease.as_ref().map_or(0, |l| l.leadership.term);
+        // The stalled writer's release runs first (its own thread in the
+        // server).
+        let _ = old.wal.flush();
+        let released: usize = self.clients.iter().map(|c| c.rx.len()).sum();
+        if released > 0 {
+            return Err(format!(
+                "the leader of term {old_term} released {released} replies after term {} began elsewhere",
+                leadership.term
+            ));
+        }
+        // Its manager's next poll: the renewal fails, it exits to rejoin.
+        let renewed = old.lease.as_mut().map(|l| etcd::now(self.elections[old.id].renew(&mut l.leadership)));
+        if matches!(renewed, Some(Ok(true))) {
+            return Err(format!("etcd renewed the lease of term {old_term} after term {} began", leadership.term));
+        }
+        old.fence.close();
+        drop(old);
+        self.report.leases_lost += 1;
+        self.trace(|| format!("the leader of term {old_term} found its lease gone"));
+        self.requests_lost();
+        self.failover(leadership)
+    }
+
+    /// The node went away: what its clients had in flight is unknown to
+    /// them now (they retry it, with the same ids).
+    fn requests_lost(&mut self) {
+        // A lost JOIN may have taken a new place after an unseen lapse.
+        self.line.clear();
+        for client in &mut self.clients {
+            let lost: Vec<Op> = std::mem::take(&mut client.inflight).into_values().map(|s| s.op).collect();
+            client.unknown.extend(lost);
+        }
     }
 
     /// The setup: sales created and acknowledged before any fault.
@@ -648,8 +972,9 @@ impl Sim {
         if self.standby.is_some() {
             self.replicate()?;
             let node = self.node.as_ref().expect("started");
+            let name = NODE_IDS[self.standby.as_ref().expect("checked").id];
             for lsn in self.acks_in_flight.drain(..) {
-                node.wal.send(WalMsg::StandbyDurable { node: STANDBY.to_string(), lsn });
+                node.wal.send(WalMsg::StandbyDurable { node: name.to_string(), lsn });
             }
             self.flush(false)?;
         }
@@ -728,15 +1053,37 @@ impl Sim {
             self.report.kills += 1;
         }
         self.trace(|| format!("crash power_loss={power_loss}"));
-        // A lost JOIN may have taken a new place after an unseen lapse.
-        self.line.clear();
-        for client in &mut self.clients {
-            let lost: Vec<Op> = std::mem::take(&mut client.inflight).into_values().map(|s| s.op).collect();
-            client.unknown.extend(lost);
+        self.requests_lost();
+        let torn = self.disk.stats().torn_writes > torn_before;
+        if !self.config.standby {
+            return self.restart(torn);
         }
-        if self.standby.is_some() && self.rng.gen_bool(0.5) {
-            return self.failover();
+        // The dead leader's lease runs out in etcd; then both managers poll
+        // and campaign if they may (the `sync` key decides). The restarted
+        // node's recovery does not change who may lead, and if the standby
+        // wins, the old disk is replaced by a copy: it recovers only when
+        // it leads again.
+        let old = self.leader_at;
+        let mut candidates = vec![old];
+        candidates.extend(self.standby.as_ref().map(|s| s.id));
+        let leadership = self.elect(&candidates)?;
+        if self.leader_at != old {
+            return self.failover(leadership);
         }
+        self.restart(torn)?;
+        if !self.promote(leadership)? {
+            return self.crash(false);
+        }
+        // The leader came back on its own disk, maybe without records the
+        // standby already took (written, not synced here): the standby
+        // starts afresh from the leader's state (the real cluster cuts its
+        // tail by term history instead).
+        self.rebuild_standby()
+    }
+
+    /// The crashed node starts again on its own disk (maybe with a bit
+    /// flipped by the crash; `torn`: the power loss tore a write).
+    fn restart(&mut self, torn: bool) -> Check {
         // Unanswered admin commands: a restock may or may not have landed
         // (the total is checked against the range after recovery).
         let flip = (self.config.faults.bit_flip && self.rng.gen_ratio(1, 4))
@@ -749,7 +1096,6 @@ impl Sim {
             let (offset, bit) = (flip.offset, flip.bit);
             self.trace(|| format!("flip {path} byte {offset} bit {bit}"));
         }
-        let torn = self.disk.stats().torn_writes > torn_before;
         // Flips stay pending until something refuses them: a recovery that
         // did not need the bytes (a segment a newer snapshot covers) may
         // meet them later (a checkpoint, a fallback).
@@ -779,33 +1125,33 @@ impl Sim {
                 result = self.start(true);
             }
         }
-        result?;
-        if self.standby.is_some() {
-            // The leader came back on its own disk, maybe without records
-            // the standby already took (written, not synced here): the
-            // standby starts afresh from the leader's state (the real
-            // cluster cuts its tail by term history instead).
-            self.rebuild_standby()?;
-        }
-        Ok(())
+        result
     }
 
-    /// The leader is gone: the standby, which holds every acknowledged
-    /// record (replies waited for it), takes over from its own disk; a new
-    /// standby is built from a copy of it.
-    fn failover(&mut self) -> Check {
+    /// The standby won the election: it leads with the engines it kept
+    /// hot and the log writer it had (the manager's promotion). It holds
+    /// every acknowledged record (replies waited for it); a new standby is
+    /// built from a copy of it.
+    fn failover(&mut self, leadership: Leadership) -> Check {
+        self.node = None;
         let standby = self.standby.take().expect("a standby");
-        let Standby { disk, mount, dir, wal, replica, cursor } = standby;
-        drop((wal, replica, cursor));
-        disk.kill();
+        let Standby { id, disk, mount, dir, wal, replica, cursor } = standby;
+        drop(cursor);
         self.report.failovers += 1;
-        self.trace(|| "failover to the standby".to_string());
+        self.trace(|| format!("failover to {}", NODE_IDS[id]));
         // The old leader's disk is gone, with any flip on it.
         self.flips.clear();
         self.disk = disk;
         self._mount = mount;
         self.dir = dir;
-        self.start(false)?;
+        self.leader_at = id;
+        let engines = replica.into_engines();
+        let node = self.node_from(id, engines.pool, wal);
+        self.node = Some(node);
+        if !self.promote(leadership)? {
+            return self.crash(false);
+        }
+        self.check_against_engines()?;
         self.rebuild_standby()
     }
 
@@ -859,19 +1205,22 @@ impl Sim {
             Err(e) => return Err((format!("standby recovery: {e}"), mount)),
         };
         let last = recovered.next_lsn - 1;
-        let wal = match ManualWal::open(self.wal_config(&dir), recovered.next_lsn) {
+        let wal = match self.open_wal(&dir, recovered.next_lsn) {
             Ok(wal) => wal,
             Err(e) => return Err((format!("standby log: {e}"), mount)),
         };
         let replica = crate::recovery::Replica::new(recovered.engines, last);
         let cursor = crate::wal::follow::LogCursor::open(&self.dir, last + 1).ok();
-        self.standby = Some(Standby { disk, mount, dir, wal, replica, cursor });
+        let id = 1 - self.leader_at;
+        self.standby = Some(Standby { id, disk, mount, dir, wal, replica, cursor });
         // A new connection: what the old one carried is gone.
         self.acks_in_flight.clear();
-        // The leader's replies now wait for this standby.
         let node = self.node.as_ref().expect("a leader");
-        node.wal.send(WalMsg::SyncSet(Some(vec![STANDBY.to_string()])));
-        node.wal.send(WalMsg::StandbyDurable { node: STANDBY.to_string(), lsn: last });
+        node.wal.send(WalMsg::StandbyDurable { node: NODE_IDS[id].to_string(), lsn: last });
+        // The leader's replies now wait for this standby, once etcd names it.
+        if node.lease.as_ref().is_some_and(|l| !l.sync_recorded) {
+            self.record_sync_set();
+        }
         Ok(())
     }
 
@@ -888,7 +1237,7 @@ impl Sim {
         // them: delayed, never reordered).
         let arrive = self.rng.gen_range(0..=self.acks_in_flight.len());
         for lsn in self.acks_in_flight.drain(..arrive) {
-            node.wal.send(WalMsg::StandbyDurable { node: STANDBY.to_string(), lsn });
+            node.wal.send(WalMsg::StandbyDurable { node: NODE_IDS[standby.id].to_string(), lsn });
         }
         if standby.cursor.is_none() {
             // Reconnected after a break: follow from what it holds, and say
@@ -1042,10 +1391,8 @@ impl Sim {
                 } else {
                     self.rng.gen_range(1..200)
                 };
-                self.clock.advance_ms(ms);
-                self.high_water_ms = self.high_water_ms.max(self.clock.now_ms());
                 self.trace(|| format!("clock +{ms}"));
-                Ok(())
+                self.advance(ms)
             }
             9_000..=9_049 if !quiet && self.config.faults.clock_jump => {
                 // A step back within the documented bound (the wall clock
@@ -1117,6 +1464,14 @@ impl Sim {
                     let power = self.crash_kind();
                     self.crash(power)
                 }
+            }
+            9_200..=9_203 if !quiet && self.standby.is_some() && self.config.faults.lease => self.pause_leader(),
+            9_204..=9_207 if !quiet && self.config.standby && self.config.faults.lease => {
+                let ms = self.rng.gen_range(200..4_000);
+                let id = self.leader_at;
+                self.etcd.cut(NODE_IDS[id], ms);
+                self.trace(|| format!("{} cut off from etcd for {ms} ms", NODE_IDS[id]));
+                Ok(())
             }
             _ => self.deliver(),
         };
@@ -1258,6 +1613,8 @@ impl Sim {
             }
             self.node.as_mut().expect("running").admin = waiting;
             for (cmd, outcome) in answered {
+                let line = format!("admin {cmd:?} answered {:?}", outcome.status);
+                self.trace(|| line);
                 match cmd {
                     AdminCmd::Create(c) if outcome.status == Status::Ok => {
                         *self.total.get_mut(&c.sku).expect("sku") += c.stock;

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::clock::{Monotonic, SystemMonotonic};
 use crate::engine::Event;
 use crate::limits::WAL_SUBMISSIONS_QUEUED_MAX;
 use crate::sink::{Delivery, LogSink};
@@ -82,17 +83,24 @@ pub enum WalMsg {
 /// deadline, whatever else is slow.
 #[derive(Debug)]
 pub struct Fence {
+    clock: Arc<dyn Monotonic>,
     epoch: Instant,
     deadline_ms: AtomicU64,
 }
 
 impl Default for Fence {
     fn default() -> Self {
-        Fence { epoch: Instant::now(), deadline_ms: AtomicU64::new(u64::MAX) }
+        Fence::new(Arc::new(SystemMonotonic))
     }
 }
 
 impl Fence {
+    /// Open (no lease), on `clock` (the simulator's time, or the system's).
+    pub fn new(clock: Arc<dyn Monotonic>) -> Fence {
+        let epoch = clock.now();
+        Fence { clock, epoch, deadline_ms: AtomicU64::new(u64::MAX) }
+    }
+
     /// Replies may leave until `deadline`.
     pub fn extend_to(&self, deadline: Instant) {
         let ms = deadline.saturating_duration_since(self.epoch).as_millis() as u64;
@@ -105,7 +113,7 @@ impl Fence {
     }
 
     pub fn is_open(&self) -> bool {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = self.clock.now().saturating_duration_since(self.epoch).as_millis() as u64;
         now < self.deadline_ms.load(Ordering::Acquire)
     }
 }
@@ -308,7 +316,7 @@ pub fn start(
     syncer: Box<dyn Syncer>,
     fatal: FatalHandler,
 ) -> std::io::Result<WalHandle> {
-    let (writer, rx, handle) = build(config, next_lsn, syncer, true)?;
+    let (writer, rx, handle) = build(config, next_lsn, syncer, true, Arc::new(Fence::default()))?;
     let thread = std::thread::Builder::new().name("wal-writer".into()).spawn(move || {
         let result = writer.run(rx);
         if let Err(e) = &result {
@@ -330,8 +338,14 @@ pub struct ManualWal {
 
 impl ManualWal {
     pub fn open(config: WalConfig, next_lsn: u64) -> std::io::Result<ManualWal> {
+        Self::open_fenced(config, next_lsn, Arc::new(Fence::default()))
+    }
+
+    /// With a lease fence on the simulator's clock: replies leave only
+    /// while it is open (a leader's writer).
+    pub fn open_fenced(config: WalConfig, next_lsn: u64, fence: Arc<Fence>) -> std::io::Result<ManualWal> {
         assert!(!config.replicated, "a manual writer releases replies itself");
-        let (writer, rx, handle) = build(config, next_lsn, Box::new(DataSync), false)?;
+        let (writer, rx, handle) = build(config, next_lsn, Box::new(DataSync), false, fence)?;
         Ok(ManualWal { writer, rx, handle })
     }
 
@@ -352,6 +366,11 @@ impl ManualWal {
     pub fn send(&self, msg: WalMsg) {
         // The receiver lives in `self`: this cannot fail.
         let _ = self.handle.tx.send(msg);
+    }
+
+    /// The lease fence this writer checks before releasing replies.
+    pub fn fence(&self) -> &Arc<Fence> {
+        &self.handle.fence
     }
 
     /// The last LSN written to the file (a standby may read up to it).
@@ -376,6 +395,7 @@ fn build(
     next_lsn: u64,
     syncer: Box<dyn Syncer>,
     threaded: bool,
+    fence: Arc<Fence>,
 ) -> std::io::Result<(Writer, Receiver<WalMsg>, WalHandle)> {
     // A spare left by the previous run (all zeros) makes the first
     // segment preallocated too.
@@ -394,7 +414,6 @@ fn build(
     let (written_tx, written) = tokio::sync::watch::channel(next_lsn - 1);
     let (synced_tx, synced) = tokio::sync::watch::channel(next_lsn - 1);
     let (committed_tx, committed) = tokio::sync::watch::channel(next_lsn - 1);
-    let fence = Arc::new(Fence::default());
     stats.active_segment_first_lsn.store(next_lsn, Ordering::Release);
     let (tx, rx) = crossbeam_channel::bounded(WAL_SUBMISSIONS_QUEUED_MAX);
     let commits = Commits {
