@@ -972,6 +972,18 @@ pub fn consumer_lsn(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Record the consumer's settled LSN (what `Retention::Consumer` keeps
+/// segments for). A rename, not fsynced: after a power loss the file may
+/// hold an older value, which only keeps more segments (the safe
+/// direction); the consumer's own watermark is the authority.
+pub fn record_consumer_lsn(dir: &Path, lsn: u64) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{CONSUMER_LSN_FILE}.tmp"));
+    let file = storage::create(&tmp, storage::Create::Truncate)?;
+    file.write_all_at(format!("{lsn}\n").as_bytes(), 0)?;
+    drop(file);
+    storage::rename(&tmp, &dir.join(CONSUMER_LSN_FILE))
+}
+
 /// What a checkpoint did.
 #[derive(Debug, Default)]
 pub struct Checkpoint {

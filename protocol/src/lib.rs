@@ -15,6 +15,9 @@
 //! - [`event`], [`record`]: the events of the engine and the checksummed
 //!   log record that carries one (the WAL's format and the replication
 //!   stream's).
+//! - [`ledger`]: what each event does to the rows a log consumer keeps
+//!   (sales, reservations): the reconciler's settlement and report, and
+//!   the simulator's check of the reconciler's view.
 //! - [`client`]: pipelined, reconnecting, retry-safe async client.
 //! - [`tls`]: optional TLS (rustls) for client connections.
 //! - [`replication`]: the log-streaming and state-dump client (reconciler).
@@ -32,6 +35,7 @@
 pub mod client;
 pub mod event;
 pub mod frame;
+pub mod ledger;
 pub mod limits;
 pub mod message;
 #[cfg(feature = "metrics-http")]

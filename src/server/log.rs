@@ -35,7 +35,6 @@ use crate::limits::{
     FRAME_BODY_BYTES_MAX, REPLICATION_FRAMES_INFLIGHT_MAX, REPLICATION_HEARTBEAT_MS, REPLICATION_STREAMS_MAX,
     SNAPSHOT_CHUNK_BYTES_MAX, STATE_DUMPS_CONCURRENT_MAX, STREAM_INLINE_READ_RECORDS,
 };
-use crate::recovery::CONSUMER_LSN_FILE;
 use crate::sink::ConnTx;
 use crate::wal::follow::{CursorError, LogCursor};
 use crate::wal::writer::{WalControl, WalMsg, WalWatches};
@@ -255,10 +254,7 @@ impl LogService {
         if settled_lsn <= *current {
             return (Status::Ok, *current);
         }
-        let tmp = self.dir.join(format!("{CONSUMER_LSN_FILE}.tmp"));
-        let written = std::fs::write(&tmp, format!("{settled_lsn}\n"))
-            .and_then(|()| std::fs::rename(&tmp, self.dir.join(CONSUMER_LSN_FILE)));
-        match written {
+        match crate::recovery::record_consumer_lsn(&self.dir, settled_lsn) {
             Ok(()) => {
                 *current = settled_lsn;
                 (Status::Ok, settled_lsn)

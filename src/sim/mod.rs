@@ -206,6 +206,10 @@ pub struct SimReport {
     pub elections: u64,
     /// Leaders that lost their lease (a pause, or cut off from etcd).
     pub leases_lost: u64,
+    /// Records the reconciler applied, and how often its rows were
+    /// compared with the engines (every time it caught up).
+    pub reconciled: u64,
+    pub ledger_checks: u64,
     /// Over the trace (see `digest_line`): equal for equal seeds.
     pub trace_digest: u64,
     pub trace: Vec<String>,
@@ -419,6 +423,18 @@ fn cluster_config(id: usize) -> ClusterConfig {
     }
 }
 
+/// The reconciler's view of the log: the records the leader has committed,
+/// applied in order with the reconciler's own code
+/// (`stampede_protocol::ledger`, what settlement writes to PostgreSQL).
+#[derive(Default)]
+struct Ledger {
+    model: stampede_protocol::ledger::Model,
+    /// The last LSN applied (settled).
+    applied: u64,
+    /// On the current leader's log; reopened after a restart or failover.
+    cursor: Option<crate::wal::follow::LogCursor>,
+}
+
 /// A leader's lease, as its manager keeps it.
 struct Lease {
     leadership: Leadership,
@@ -467,6 +483,7 @@ struct Sim {
     leader_at: usize,
     /// Who won each term: never two.
     terms: BTreeMap<u64, usize>,
+    ledger: Ledger,
     /// The latest time the engine may have seen (the clock can step back).
     high_water_ms: u64,
     disk: Arc<SimDisk>,
@@ -570,6 +587,7 @@ impl Sim {
             elections,
             leader_at: 0,
             terms: BTreeMap::new(),
+            ledger: Ledger::default(),
             high_water_ms: START_MS,
             disk,
             _mount: mount,
@@ -651,7 +669,10 @@ impl Sim {
                 self.fail(format!("{open} operations still unanswered {QUIESCE_STEPS} steps after the faults stopped"))
             );
         }
-        self.check_against_engines().map_err(|e| self.fail(e))?;
+        // The reconciler catches up with everything committed: its rows
+        // equal the engine's state.
+        self.reconcile_all().map_err(|e| self.fail(e))?;
+        self.check_against_engines(true).map_err(|e| self.fail(e))?;
         self.report.steps = self.step;
         self.report.trace_digest = self.digest;
         self.report.disk = self.disk.stats();
@@ -696,7 +717,10 @@ impl Sim {
         self.node = Some(self.node_from(self.leader_at, recovered.engines.pool, wal));
         let next_lsn = recovered.next_lsn;
         self.trace(|| format!("start next_lsn={next_lsn}"));
-        self.check_against_engines().map_err(Failed::Check)
+        self.check_settled_held(next_lsn - 1).map_err(Failed::Check)?;
+        // A lone node is the authority once started; a cluster node only
+        // once it leads (it may start and then lose the election).
+        self.check_against_engines(!self.config.standby).map_err(Failed::Check)
     }
 
     /// A log writer whose fence runs on simulated time. Closed until the
@@ -728,6 +752,154 @@ impl Sim {
             .collect();
         let fence = wal.fence().clone();
         Node { id, shards, wal, admin: Vec::new(), fence, lease: None }
+    }
+
+    // --- the reconciler's view ---------------------------------------------
+
+    /// The reconciler reads what the leader has committed (never beyond:
+    /// a failover could take that back), applies it to its rows, and
+    /// settles (the leader keeps log segments until then: consumer
+    /// retention). When it has everything the leader wrote, its rows must
+    /// equal the engines' state.
+    fn reconcile(&mut self) -> Check {
+        let Some(node) = self.node.as_ref() else { return Ok(()) };
+        let committed = node.wal.stats().committed_lsn.load(std::sync::atomic::Ordering::Acquire);
+        if committed <= self.ledger.applied {
+            return Ok(());
+        }
+        if self.ledger.cursor.is_none() {
+            let from = self.ledger.applied + 1;
+            match crate::wal::follow::LogCursor::open(&self.dir, from) {
+                Ok(cursor) => self.ledger.cursor = Some(cursor),
+                Err(e) => return Err(format!("the reconciler cannot read LSN {from} on the leader: {e}")),
+            }
+        }
+        let cursor = self.ledger.cursor.as_mut().expect("opened above");
+        let mut out = bytes::BytesMut::new();
+        if let Err(e) = cursor.read(committed, 64 << 10, &mut out) {
+            // An injected read error: the reconciler reconnects later.
+            self.ledger.cursor = None;
+            let message = e.to_string().replace(&*self._mount.root.to_string_lossy(), "<disk>");
+            self.trace(|| format!("the reconciler's read failed: {message}"));
+            return Ok(());
+        }
+        let mut at = 0;
+        while at < out.len() {
+            let (lsn, event, used) = crate::wal::record::decode_record(&out[at..])
+                .map_err(|e| format!("the reconciler read a bad record: {e}"))?;
+            at += used;
+            if lsn != self.ledger.applied + 1 {
+                return Err(format!("the reconciler read LSN {lsn} after {}", self.ledger.applied));
+            }
+            if lsn > committed {
+                return Err(format!("the reconciler was handed LSN {lsn}, beyond the committed {committed}"));
+            }
+            self.ledger.model.apply(lsn, &event).map_err(|e| format!("the reconciler's rows refuse the log: {e}"))?;
+            self.ledger.applied = lsn;
+            self.report.reconciled += 1;
+        }
+        // SETTLED (sometimes late: it gates segment deletion).
+        if self.rng.gen_bool(0.7) {
+            let _ = recovery::record_consumer_lsn(&self.dir, self.ledger.applied);
+        }
+        let applied = self.ledger.applied;
+        self.trace(|| format!("reconciled to {applied}"));
+        let node = self.node.as_ref().expect("checked");
+        if applied == node.wal.written_lsn() && !node.wal.has_pending() {
+            self.check_ledger()?;
+        }
+        Ok(())
+    }
+
+    /// The log a node starts or takes over with holds every record the
+    /// reconciler settled (PostgreSQL never holds a record the cluster
+    /// lost).
+    fn check_settled_held(&self, last_lsn: u64) -> Check {
+        if self.ledger.applied > last_lsn {
+            return Err(format!(
+                "the reconciler settled LSN {}, but the leader's log now ends at {last_lsn}: settled records lost",
+                self.ledger.applied
+            ));
+        }
+        Ok(())
+    }
+
+    /// Catch the reconciler up with everything the leader wrote (the quiet
+    /// end: every group flushed and committed) and compare.
+    fn reconcile_all(&mut self) -> Check {
+        for _ in 0..16 {
+            self.flush(false)?;
+            self.replicate()?;
+            self.reconcile()?;
+        }
+        let node = self.node.as_ref().expect("running");
+        let written = node.wal.written_lsn();
+        let committed = node.wal.stats().committed_lsn.load(std::sync::atomic::Ordering::Acquire);
+        if self.ledger.applied > committed {
+            return Err(format!(
+                "the reconciler settled LSN {}, beyond the {committed} the leader has made durable: settled records \
+                 not durable",
+                self.ledger.applied
+            ));
+        }
+        if self.ledger.applied < committed {
+            return Err(format!(
+                "the reconciler ends at LSN {}, the leader committed {committed}",
+                self.ledger.applied
+            ));
+        }
+        // With asynchronous durability the tail is not synced, so not
+        // committed: the reconciler may not have it yet.
+        if committed == written {
+            self.check_ledger()?;
+        }
+        Ok(())
+    }
+
+    /// The reconciler's rows equal the engines' sales and reservations,
+    /// field by field.
+    fn check_ledger(&mut self) -> Check {
+        self.report.ledger_checks += 1;
+        let node = self.node.as_ref().expect("running");
+        let model = &self.ledger.model;
+        let mut reservations = 0;
+        let mut skus = 0;
+        for shard in &node.shards {
+            for image in shard.engine().export() {
+                skus += 1;
+                let Some((row, _)) = model.sales.get(&image.sku) else {
+                    return Err(format!("sale {} is in the engine, not in the reconciler's rows", image.sku));
+                };
+                let engine = (image.total, image.available, image.reserved, image.sold, image.limit_per_user);
+                let rows = (row.total, row.available, row.reserved, row.sold, row.limit_per_user);
+                if engine != rows || (image.ttl_ms, image.paused) != (row.ttl_ms, row.paused) {
+                    return Err(format!(
+                        "sale {}: engine {engine:?} paused={}, reconciler {rows:?} paused={}",
+                        image.sku, image.paused, row.paused
+                    ));
+                }
+                for r in &image.reservations {
+                    reservations += 1;
+                    let Some((row, _)) = model.reservations.get(&r.id) else {
+                        return Err(format!("reservation {:x} is in the engine, not in the reconciler's rows", r.id));
+                    };
+                    let engine = (image.sku, r.user, r.qty, r.state, r.expires_at_ms, r.settled_at_ms);
+                    let rows =
+                        (row.sku, row.user, row.qty, row.state, row.expires_at_ms, row.settled_at_ms.unwrap_or(0));
+                    if engine != rows || r.payment_ref.as_deref() != row.payment_ref.as_deref() {
+                        return Err(format!("reservation {:x}: engine {engine:?}, reconciler {rows:?}", r.id));
+                    }
+                }
+            }
+        }
+        if (skus, reservations) != (model.sales.len(), model.reservations.len()) {
+            return Err(format!(
+                "the engine holds {skus} sales and {reservations} reservations, the reconciler {} and {}",
+                model.sales.len(),
+                model.reservations.len()
+            ));
+        }
+        Ok(())
     }
 
     // --- who leads ----------------------------------------------------
@@ -1054,6 +1226,7 @@ impl Sim {
         }
         self.trace(|| format!("crash power_loss={power_loss}"));
         self.requests_lost();
+        self.ledger.cursor = None;
         let torn = self.disk.stats().torn_writes > torn_before;
         if !self.config.standby {
             return self.restart(torn);
@@ -1074,6 +1247,7 @@ impl Sim {
         if !self.promote(leadership)? {
             return self.crash(false);
         }
+        self.check_against_engines(true)?;
         // The leader came back on its own disk, maybe without records the
         // standby already took (written, not synced here): the standby
         // starts afresh from the leader's state (the real cluster cuts its
@@ -1139,6 +1313,10 @@ impl Sim {
         drop(cursor);
         self.report.failovers += 1;
         self.trace(|| format!("failover to {}", NODE_IDS[id]));
+        // The reconciler follows the new leader from where it was; it only
+        // ever read committed records, which the standby holds.
+        self.ledger.cursor = None;
+        self.check_settled_held(wal.written_lsn())?;
         // The old leader's disk is gone, with any flip on it.
         self.flips.clear();
         self.disk = disk;
@@ -1151,7 +1329,7 @@ impl Sim {
         if !self.promote(leadership)? {
             return self.crash(false);
         }
-        self.check_against_engines()?;
+        self.check_against_engines(true)?;
         self.rebuild_standby()
     }
 
@@ -1425,7 +1603,7 @@ impl Sim {
                 let node = self.node.as_ref().expect("running");
                 let active = node.wal.stats().active_segment_first_lsn.load(std::sync::atomic::Ordering::Acquire);
                 let armed = self.disk.crash_armed();
-                let result = recovery::checkpoint(&self.dir, Some(active), Retention::Snapshot);
+                let result = recovery::checkpoint(&self.dir, Some(active), Retention::Consumer);
                 self.crash_pending = armed && !self.disk.crash_armed();
                 let ok = result.is_ok();
                 self.trace(|| format!("checkpoint below {active}: ok={ok}"));
@@ -1465,6 +1643,7 @@ impl Sim {
                     self.crash(power)
                 }
             }
+            9_210..=9_409 => self.reconcile(),
             9_200..=9_203 if !quiet && self.standby.is_some() && self.config.faults.lease => self.pause_leader(),
             9_204..=9_207 if !quiet && self.config.standby && self.config.faults.lease => {
                 let ms = self.rng.gen_range(200..4_000);
@@ -1877,7 +2056,9 @@ impl Sim {
 
     /// Every acknowledged outcome is in the engines, in the same state (or
     /// a later one that an unknown outcome explains), and totals add up.
-    fn check_against_engines(&mut self) -> Check {
+    /// `resolve`: these engines are now the authority, so admin commands
+    /// a crash left unknown take the state they show.
+    fn check_against_engines(&mut self, resolve: bool) -> Check {
         self.check_invariants()?;
         let now = self.high_water_ms;
         let node = self.node.as_ref().expect("running");
@@ -1899,8 +2080,10 @@ impl Sim {
                 ));
             }
             // Commands a crash lost landed or not: the engine says which.
-            p.paused = status.sale.paused;
-            p.open = 0;
+            if resolve {
+                p.paused = status.sale.paused;
+                p.open = 0;
+            }
             let (low, high) = (self.total[&sku], self.total[&sku] + self.total_unknown[&sku]);
             if status.sale.total < low || status.sale.total > high {
                 return Err(format!("sale {sku} total {} outside the acknowledged {low}..={high}", status.sale.total));

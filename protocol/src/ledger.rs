@@ -1,5 +1,11 @@
 //! The relational state the reconciler keeps, as plain data, and the one
-//! function that applies a log record to it.
+//! function that applies a log record to it: what each event means to a
+//! consumer of the log that keeps sales and reservations as rows.
+//!
+//! It lives in the protocol crate, next to the events it interprets, so
+//! that every consumer shares one definition: the reconciler (which
+//! re-exports it as `model`) and the deterministic simulator, which applies
+//! the committed log to it and compares the rows with the engine's state.
 //!
 //! Settlement loads the rows a batch touches from PostgreSQL, applies the
 //! batch here, and writes the changed rows back; the report loads every
@@ -10,8 +16,8 @@
 
 use std::collections::HashMap;
 
-use stampede_protocol::event::Event;
-use stampede_protocol::message::HoldState;
+use crate::event::Event;
+use crate::message::HoldState;
 
 /// One row of `stampede.sales`.
 #[derive(Clone, Debug, PartialEq, Eq)]
