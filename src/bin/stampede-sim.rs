@@ -49,7 +49,7 @@ fn main() -> std::process::ExitCode {
                     "seed {seed}: ok in {secs:.2} s; {} steps, {} operations sent ({:.0}/s), {} answered, {} \
                      reservations acknowledged; {} kills, {} power losses, {} log failures, {} recoveries, {} \
                      refusals of flipped data, {} of ambiguous torn writes, {} checkpoints; standby: {} records \
-                     replicated, {} failovers, {} rebuilds, {} crashes; {} terms won, {} leases lost; reconciler: {} records, {} comparisons; trace digest \
+                     replicated, {} failovers, {} rebuilds, {} crashes; {} terms won, {} leases lost, {} tails cut; reconciler: {} records, {} comparisons; trace digest \
                      {:016x}; leader's disk {:?}",
                     report.steps,
                     report.ops_sent,
@@ -69,6 +69,7 @@ fn main() -> std::process::ExitCode {
                     report.standby_crashes,
                     report.elections,
                     report.leases_lost,
+                    report.tails_cut,
                     report.reconciled,
                     report.ledger_checks,
                     report.trace_digest,

@@ -96,6 +96,13 @@ pub fn last_term(history: &History) -> u64 {
     history.last().map_or(0, |&(term, _)| term)
 }
 
+/// The last LSN a follower with history `theirs` ending at `their_last`
+/// keeps when it follows a leader with `ours` ending at `our_last`: the
+/// common point, and never past its own end. Records after it are cut.
+pub fn follow_from(ours: &History, our_last: u64, theirs: &History, their_last: u64) -> u64 {
+    common_point(ours, our_last, theirs, their_last).min(their_last)
+}
+
 /// The last LSN at which a log with history `ours` ending at `our_last`
 /// and one with `theirs` ending at `their_last` hold the same record:
 /// records up to it are identical in both, and nothing after it is.

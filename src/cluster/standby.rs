@@ -229,23 +229,27 @@ fn append(
     if *first_lsn != next_lsn {
         return Err(format!("the leader sent LSN {first_lsn}, our log ends at {}", next_lsn - 1));
     }
-    // A new term starts inside this frame: the history file first, so it
-    // always covers the log.
-    let terms: Vec<(u64, u64)> = batch
-        .records
+    record_terms(dir, &mut cluster.history.lock(), &batch.records)
+        .map_err(|e| format!("writing the term history: {e}"))?;
+    wal.send(WalMsg::Records { bytes: batch.raw.clone(), first_lsn: *first_lsn, last_lsn: *last_lsn })
+        .map_err(|_| "the log writer stopped".to_string())
+}
+
+/// A new term starts inside these records (the leader's, about to be
+/// appended): write the history file first, so it always covers the log.
+pub fn record_terms(dir: &Path, ours: &mut History, records: &[(u64, Event)]) -> std::io::Result<()> {
+    let terms: Vec<(u64, u64)> = records
         .iter()
         .filter_map(|(lsn, event)| match event {
             Event::TermStarted { term, .. } => Some((*term, *lsn)),
             _ => None,
         })
         .collect();
-    if !terms.is_empty() {
-        let mut ours = cluster.history.lock();
-        ours.extend(terms);
-        history::store(dir, &ours).map_err(|e| format!("writing the term history: {e}"))?;
+    if terms.is_empty() {
+        return Ok(());
     }
-    wal.send(WalMsg::Records { bytes: batch.raw.clone(), first_lsn: *first_lsn, last_lsn: *last_lsn })
-        .map_err(|_| "the log writer stopped".to_string())
+    ours.extend(terms);
+    history::store(dir, ours)
 }
 
 /// Cut our log after `lsn`: the records after it (not in the leader's
@@ -262,7 +266,7 @@ pub fn cut_log_after(dir: &Path, lsn: u64) -> std::io::Result<Vec<String>> {
         } else if next_first.is_none_or(|n| n > lsn + 1) {
             // This segment holds `lsn`: cut right after its record.
             let offset = record_end_offset(path, *first, lsn)?;
-            let size = std::fs::metadata(path)?.len();
+            let size = crate::storage::len(path)?;
             if offset < size {
                 kept_aside.push(crate::recovery::cut_keeping(path, offset)?.display().to_string());
             }
@@ -283,7 +287,7 @@ pub fn cut_log_after(dir: &Path, lsn: u64) -> std::io::Result<Vec<String>> {
 /// The byte offset just after record `lsn` in the segment starting at
 /// `first_lsn` (the header's end if `lsn` is before the segment).
 fn record_end_offset(path: &Path, first_lsn: u64, lsn: u64) -> std::io::Result<u64> {
-    let bytes = std::fs::read(path)?;
+    let bytes = crate::storage::read(path)?;
     let mut at = SEGMENT_HEADER_BYTES;
     let mut next = first_lsn;
     while next <= lsn && at < bytes.len() {

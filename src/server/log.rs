@@ -299,11 +299,7 @@ impl LogService {
             return refuse(Status::StaleTerm);
         }
         let last = *self.watches.written.borrow();
-        let common = {
-            let ours = cluster.history.lock();
-            history::common_point(&ours, last, &follow.history, follow.last_lsn)
-        };
-        let truncate_to = common.min(follow.last_lsn);
+        let truncate_to = history::follow_from(&cluster.history.lock(), last, &follow.history, follow.last_lsn);
         if truncate_to < follow.last_lsn {
             tracing::warn!(
                 node = %follow.node_id, their_last = follow.last_lsn, truncate_to,

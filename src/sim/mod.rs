@@ -190,7 +190,8 @@ pub struct SimReport {
     /// Recoveries refused because a torn write looked like a flipped bit
     /// (then started with the escape hatch, losing nothing acknowledged).
     pub torn_refusals: u64,
-    /// Checkpoints refused because of a flip recovery did not need.
+    /// Checkpoints (or reconciler reads) refused because of a flip
+    /// recovery did not need.
     pub checkpoint_refusals: u64,
     pub checkpoints: u64,
     pub expiries_seen: u64,
@@ -206,6 +207,9 @@ pub struct SimReport {
     pub elections: u64,
     /// Leaders that lost their lease (a pause, or cut off from etcd).
     pub leases_lost: u64,
+    /// Rejoining nodes that cut records the leader does not hold (their
+    /// term history parted from the leader's).
+    pub tails_cut: u64,
     /// Records the reconciler applied, and how often its rows were
     /// compared with the engines (every time it caught up).
     pub reconciled: u64,
@@ -456,6 +460,8 @@ struct Standby {
     wal: ManualWal,
     replica: crate::recovery::Replica,
     cursor: Option<crate::wal::follow::LogCursor>,
+    /// Its term history (the file, kept in memory as the manager does).
+    history: history::History,
 }
 
 struct Node {
@@ -483,6 +489,9 @@ struct Sim {
     leader_at: usize,
     /// Who won each term: never two.
     terms: BTreeMap<u64, usize>,
+    /// The standby's durable LSN as the leader last heard it (its
+    /// handshake, then its acknowledgements).
+    standby_heard: u64,
     ledger: Ledger,
     /// The latest time the engine may have seen (the clock can step back).
     high_water_ms: u64,
@@ -587,6 +596,7 @@ impl Sim {
             elections,
             leader_at: 0,
             terms: BTreeMap::new(),
+            standby_heard: 0,
             ledger: Ledger::default(),
             high_water_ms: START_MS,
             disk,
@@ -713,6 +723,12 @@ impl Sim {
             Err(refused) => return Err(Failed::Refused(refused.to_string())),
         };
         self.report.recoveries += 1;
+        if self.config.standby {
+            // The term history that goes with the log (the node's startup).
+            let file = history::load(&self.dir).map_err(|e| Failed::Io(e.to_string()))?;
+            let ours = history::reconcile(file, &recovered.report.terms, recovered.next_lsn - 1);
+            history::store(&self.dir, &ours).map_err(|e| Failed::Io(e.to_string()))?;
+        }
         let wal = self.open_wal(&self.dir.clone(), recovered.next_lsn).map_err(|e| Failed::Io(e.to_string()))?;
         self.node = Some(self.node_from(self.leader_at, recovered.engines.pool, wal));
         let next_lsn = recovered.next_lsn;
@@ -781,6 +797,17 @@ impl Sim {
             self.ledger.cursor = None;
             let message = e.to_string().replace(&*self._mount.root.to_string_lossy(), "<disk>");
             self.trace(|| format!("the reconciler's read failed: {message}"));
+            if !self.flips.is_empty() && message.contains("LSN") {
+                // Latent damage in a segment kept for the reconciler (a
+                // snapshot covered it, so recovery never read it): found,
+                // as it must be; the operator restores the bytes from the
+                // standby or a backup.
+                self.report.checkpoint_refusals += 1;
+                for flip in std::mem::take(&mut self.flips) {
+                    self.disk.unflip(&flip);
+                }
+                self.trace(|| "the reconciler met flipped data; restored".to_string());
+            }
             return Ok(());
         }
         let mut at = 0;
@@ -1033,10 +1060,15 @@ impl Sim {
 
     /// Record the standby in etcd's `sync` key, then let the writer count
     /// on it (etcd first: nobody the writer counts on is unknown to etcd).
-    /// Replies wait until this succeeds.
+    /// As the manager's rule: only once it holds everything committed so
+    /// far (a node that may be promoted holds every acknowledged record).
+    /// Replies wait until then.
     fn record_sync_set(&mut self) {
         let (Some(node), Some(standby)) = (self.node.as_mut(), self.standby.as_ref()) else { return };
         let Some(lease) = node.lease.as_mut() else { return };
+        if self.standby_heard < node.wal.stats().committed_lsn.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let id = NODE_IDS[standby.id].to_string();
         match etcd::now(self.elections[node.id].write_sync_set(lease.leadership.term, std::slice::from_ref(&id))) {
             Ok(true) => {
@@ -1125,6 +1157,9 @@ impl Sim {
     fn create_sales(&mut self) -> Check {
         let faults = self.disk_faults();
         self.disk.set_faults(DiskFaults::default());
+        if let Some(standby) = &self.standby {
+            standby.disk.set_faults(DiskFaults::default());
+        }
         for sku in SKUS {
             let cmd = SaleCreate {
                 sku,
@@ -1147,6 +1182,7 @@ impl Sim {
             let name = NODE_IDS[self.standby.as_ref().expect("checked").id];
             for lsn in self.acks_in_flight.drain(..) {
                 node.wal.send(WalMsg::StandbyDurable { node: name.to_string(), lsn });
+                self.standby_heard = self.standby_heard.max(lsn);
             }
             self.flush(false)?;
         }
@@ -1156,6 +1192,9 @@ impl Sim {
             }
         }
         self.disk.set_faults(faults);
+        if let Some(standby) = &self.standby {
+            standby.disk.set_faults(faults);
+        }
         Ok(())
     }
 
@@ -1249,10 +1288,16 @@ impl Sim {
         }
         self.check_against_engines(true)?;
         // The leader came back on its own disk, maybe without records the
-        // standby already took (written, not synced here): the standby
-        // starts afresh from the leader's state (the real cluster cuts its
-        // tail by term history instead).
-        self.rebuild_standby()
+        // standby already took (written here, never synced): the standby
+        // restarts and cuts its log where the term histories part.
+        match self.standby.take() {
+            Some(Standby { id, disk, mount, wal, replica, cursor, .. }) => {
+                drop((wal, replica, cursor));
+                disk.kill();
+                self.rejoin_standby(id, disk, mount)
+            }
+            None => self.rebuild_standby(),
+        }
     }
 
     /// The crashed node starts again on its own disk (maybe with a bit
@@ -1309,7 +1354,7 @@ impl Sim {
     fn failover(&mut self, leadership: Leadership) -> Check {
         self.node = None;
         let standby = self.standby.take().expect("a standby");
-        let Standby { id, disk, mount, dir, wal, replica, cursor } = standby;
+        let Standby { id, disk, mount, dir, wal, replica, cursor, .. } = standby;
         drop(cursor);
         self.report.failovers += 1;
         self.trace(|| format!("failover to {}", NODE_IDS[id]));
@@ -1317,12 +1362,22 @@ impl Sim {
         // ever read committed records, which the standby holds.
         self.ledger.cursor = None;
         self.check_settled_held(wal.written_lsn())?;
-        // The old leader's disk is gone, with any flip on it.
-        self.flips.clear();
-        self.disk = disk;
-        self._mount = mount;
+        // The old leader's disk stays with it: it rejoins as the standby.
+        // (A flip pending on it is repaired first: latent damage on a
+        // rejoining node is not modelled.)
+        for flip in std::mem::take(&mut self.flips) {
+            self.disk.unflip(&flip);
+        }
+        let old_disk = std::mem::replace(&mut self.disk, disk);
+        let old_mount = std::mem::replace(&mut self._mount, mount);
         self.dir = dir;
+        let old_id = 1 - id;
         self.leader_at = id;
+        if self.disk_full {
+            // Its operator frees space as it restarts.
+            old_disk.set_capacity(DISK_BYTES);
+            self.disk_full = false;
+        }
         let engines = replica.into_engines();
         let node = self.node_from(id, engines.pool, wal);
         self.node = Some(node);
@@ -1330,7 +1385,64 @@ impl Sim {
             return self.crash(false);
         }
         self.check_against_engines(true)?;
-        self.rebuild_standby()
+        old_disk.kill();
+        self.rejoin_standby(old_id, old_disk, old_mount)
+    }
+
+    /// Node `id` joins the leader as its standby with the disk it has: it
+    /// recovers, compares its term history with the leader's (the FOLLOW
+    /// handshake's rule, `history::follow_from`), cuts its log after the
+    /// common point (`standby::cut_log_after`) and recovers again. What it
+    /// cannot do that way (recovery refuses, the leader no longer holds
+    /// the records it needs, an I/O error) it does from a copy instead, as
+    /// the real node does from the leader's snapshot.
+    fn rejoin_standby(&mut self, id: usize, disk: Arc<SimDisk>, mount: crate::storage::Mount) -> Check {
+        self.standby = None;
+        let dir = mount.root.join("data");
+        let options = RecoverOptions { presized_ids: 4096, ..RecoverOptions::new(POOL_SHARDS, false) };
+        let cut = recovery::recover(&dir, options).map_err(|e| e.to_string()).and_then(|recovered| {
+            let last = recovered.next_lsn - 1;
+            let ours =
+                history::reconcile(history::load(&dir).map_err(|e| e.to_string())?, &recovered.report.terms, last);
+            let leader = history::load(&self.dir).map_err(|e| e.to_string())?;
+            let node = self.node.as_ref().expect("a leader");
+            let keep = history::follow_from(&leader, node.wal.written_lsn(), &ours, last);
+            if keep < last {
+                crate::cluster::standby::cut_log_after(&dir, keep).map_err(|e| e.to_string())?;
+            }
+            Ok((keep, last))
+        });
+        match cut {
+            Ok((keep, last)) => {
+                if keep < last {
+                    self.report.tails_cut += 1;
+                }
+                self.trace(|| format!("{} rejoins: keeps its log to {keep} of {last}", NODE_IDS[id]));
+                let mut mount = mount;
+                for attempt in 1..=START_ATTEMPTS_MAX {
+                    match self.open_standby(disk.clone(), mount) {
+                        Ok(()) => {
+                            if self.standby.as_ref().is_some_and(|s| s.cursor.is_none()) {
+                                // The leader's log no longer starts there.
+                                return self.rebuild_standby();
+                            }
+                            return Ok(());
+                        }
+                        Err((_, back)) if attempt < START_ATTEMPTS_MAX => {
+                            mount = back;
+                            disk.kill();
+                        }
+                        Err(_) => break,
+                    }
+                }
+                self.rebuild_standby()
+            }
+            Err(e) => {
+                let message = e.replace(&*mount.root.to_string_lossy(), "<disk>");
+                self.trace(|| format!("{} cannot rejoin with its log ({message}): a copy", NODE_IDS[id]));
+                self.rebuild_standby()
+            }
+        }
     }
 
     /// A standby built afresh: a copy of the leader's durable state (a
@@ -1383,6 +1495,14 @@ impl Sim {
             Err(e) => return Err((format!("standby recovery: {e}"), mount)),
         };
         let last = recovered.next_lsn - 1;
+        // The term history that goes with the log (the node's startup).
+        let history = match history::load(&dir) {
+            Ok(file) => history::reconcile(file, &recovered.report.terms, last),
+            Err(e) => return Err((format!("standby history: {e}"), mount)),
+        };
+        if let Err(e) = history::store(&dir, &history) {
+            return Err((format!("standby history: {e}"), mount));
+        }
         let wal = match self.open_wal(&dir, recovered.next_lsn) {
             Ok(wal) => wal,
             Err(e) => return Err((format!("standby log: {e}"), mount)),
@@ -1390,11 +1510,12 @@ impl Sim {
         let replica = crate::recovery::Replica::new(recovered.engines, last);
         let cursor = crate::wal::follow::LogCursor::open(&self.dir, last + 1).ok();
         let id = 1 - self.leader_at;
-        self.standby = Some(Standby { id, disk, mount, dir, wal, replica, cursor });
+        self.standby = Some(Standby { id, disk, mount, dir, wal, replica, cursor, history });
         // A new connection: what the old one carried is gone.
         self.acks_in_flight.clear();
         let node = self.node.as_ref().expect("a leader");
         node.wal.send(WalMsg::StandbyDurable { node: NODE_IDS[id].to_string(), lsn: last });
+        self.standby_heard = last;
         // The leader's replies now wait for this standby, once etcd names it.
         if node.lease.as_ref().is_some_and(|l| !l.sync_recorded) {
             self.record_sync_set();
@@ -1416,7 +1537,12 @@ impl Sim {
         let arrive = self.rng.gen_range(0..=self.acks_in_flight.len());
         for lsn in self.acks_in_flight.drain(..arrive) {
             node.wal.send(WalMsg::StandbyDurable { node: NODE_IDS[standby.id].to_string(), lsn });
+            self.standby_heard = self.standby_heard.max(lsn);
         }
+        if arrive > 0 && node.lease.as_ref().is_some_and(|l| !l.sync_recorded) {
+            self.record_sync_set();
+        }
+        let (Some(node), Some(standby)) = (self.node.as_mut(), self.standby.as_mut()) else { return Ok(()) };
         if standby.cursor.is_none() {
             // Reconnected after a break: follow from what it holds, and say
             // what that is (acknowledgements in flight were lost with the
@@ -1451,6 +1577,11 @@ impl Sim {
             at += used;
         }
         let (first, last) = (records[0].0, records[records.len() - 1].0);
+        if let Err(e) = crate::cluster::standby::record_terms(&standby.dir, &mut standby.history, &records) {
+            let message = e.to_string();
+            self.trace(|| format!("standby history failed: {message}"));
+            return self.crash_standby(false);
+        }
         standby
             .replica
             .apply(&records)
