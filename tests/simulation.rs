@@ -1,7 +1,9 @@
 //! The deterministic simulator (SIMULATION.md) over a fixed set of seeds:
-//! the real engine, shard cycles, log writer, snapshots and recovery on a
-//! simulated disk, with crashes, power losses, torn writes, failed fsyncs,
-//! a full disk, bit flips and clock steps, checked after every step.
+//! the real engine, shard cycles, log writer, snapshots and recovery of a
+//! leader and its synchronous standby on simulated disks, the real
+//! election over a model of etcd, and the reconciler's rows, with crashes,
+//! power losses, torn writes, failed fsyncs, a full disk, bit flips, clock
+//! steps, link faults and lost leases, checked after every step.
 //!
 //! `stampede-sim --seeds N` runs more seeds; every seed that ever failed
 //! is kept in `REGRESSION_SEEDS` with a note in its commit.

@@ -10,7 +10,10 @@ use clap::Parser;
 use stampede::sim::{self, SimConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "stampede-sim", about = "Run the deterministic simulator: one node, its disk, clock and clients")]
+#[command(
+    name = "stampede-sim",
+    about = "Run the deterministic simulator: a leader, its standby, etcd, disks, clock and clients"
+)]
 struct Args {
     /// Replay this seed (with --trace: print every step).
     #[arg(long, conflicts_with = "seeds")]
