@@ -24,6 +24,7 @@
 //!   Losing the lease closes the fence at once (no reply leaves after the
 //!   deadline), refuses new requests `not_leader`, and exits to rejoin.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::election::{Election, LeaderKey, Leadership, NodeKey};
 use super::standby::{self, Ended, Handshake, OurLog};
-use super::{history, ClusterConfig, ClusterState, SyncDegrade};
+use super::{history, ClusterConfig, ClusterState, StandbyInfo, SyncDegrade};
 use crate::limits::CLUSTER_POLL_INTERVAL_MS;
 use crate::recovery::Replica;
 use crate::server::Shared;
@@ -344,8 +345,11 @@ async fn watch_leader(election: Election, leader: LeaderKey, term: u64, cancel: 
     }
 }
 
-/// The leader's synchronous set, kept in etcd and in the log writer.
-struct SyncKeeper {
+/// The leader's synchronous set, kept in etcd and in the log writer. The
+/// policy ([`SyncKeeper::plan`]) is plain code over what the leader knows
+/// of its standbys, so the simulator runs it too; [`SyncKeeper::keep`]
+/// carries its decisions out (etcd, the writer, the router).
+pub struct SyncKeeper {
     wanted: usize,
     timeout: Duration,
     degrade: SyncDegrade,
@@ -354,8 +358,21 @@ struct SyncKeeper {
     refusing: bool,
 }
 
+/// One round of the synchronous-set policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncPlan {
+    /// A new set: record it in etcd first (holding every release while it
+    /// changes), then use it.
+    pub change: Option<Vec<String>>,
+    /// Short of members for longer than the timeout, and allowed to go on
+    /// without them (`--sync-degrade async`).
+    pub degraded: bool,
+    /// Short for too long and not degraded: refuse new requests.
+    pub refuse: bool,
+}
+
 impl SyncKeeper {
-    fn new(config: &ClusterConfig) -> SyncKeeper {
+    pub fn new(config: &ClusterConfig) -> SyncKeeper {
         SyncKeeper {
             wanted: config.sync_standbys,
             timeout: config.sync_timeout,
@@ -365,24 +382,31 @@ impl SyncKeeper {
         }
     }
 
-    /// One round: drop members that are gone or stalled, add caught-up
-    /// standbys, record a change in etcd before the writer uses it, and
-    /// apply the policy when the set stays short. `Err` if etcd says we no
-    /// longer lead.
-    async fn keep(&mut self, m: &Manager, term: u64) -> Result<(), String> {
+    /// Members the writer needs before it releases (`--sync-standbys`).
+    pub fn wanted(&self) -> usize {
+        self.wanted
+    }
+
+    /// Drop members that are gone or stalled, add caught-up standbys, and
+    /// apply the policy when the set stays short. `commit`: the committed
+    /// LSN; `waiting`: replies wait for the set; `current`: the set in
+    /// force; `standbys`: what the leader knows of each.
+    pub fn plan(
+        &mut self,
+        now: Instant,
+        commit: u64,
+        waiting: bool,
+        current: &[String],
+        standbys: &BTreeMap<String, StandbyInfo>,
+    ) -> SyncPlan {
         if self.wanted == 0 {
-            return Ok(());
+            return SyncPlan { change: None, degraded: false, refuse: false };
         }
-        let now = Instant::now();
-        let commit = m.stats.committed_lsn.load(Ordering::Acquire);
-        let waiting = m.stats.groups_waiting.load(Ordering::Acquire) > 0;
-        let current = m.cluster.sync_set.lock().clone();
-        let standbys = m.cluster.standbys.lock().clone();
         // Stalled: replies wait for records it has not made durable, and
         // it has made no progress for the timeout.
         let healthy = |id: &String| {
             standbys.get(id).is_some_and(|s| {
-                let idle = s.last_progress.is_none_or(|t| now.duration_since(t) > self.timeout);
+                let idle = s.last_progress.is_none_or(|t| now.saturating_duration_since(t) > self.timeout);
                 let stalled = waiting && s.durable_lsn <= commit && idle;
                 s.streaming && !stalled
             })
@@ -407,9 +431,27 @@ impl SyncKeeper {
         } else {
             self.short_since = None;
         }
-        let short_too_long = self.short_since.is_some_and(|t| now.duration_since(t) > self.timeout);
+        let short_too_long = self.short_since.is_some_and(|t| now.saturating_duration_since(t) > self.timeout);
         let degraded = !full && short_too_long && self.degrade == SyncDegrade::Async;
-        if desired != current && (full || degraded || desired.len() > current.len()) {
+        let change =
+            (desired.as_slice() != current && (full || degraded || desired.len() > current.len())).then_some(desired);
+        SyncPlan { change, degraded, refuse: !full && short_too_long && !degraded }
+    }
+
+    /// One round: plan, record a change in etcd before the writer uses it,
+    /// release with the set only when it is complete (or degraded), and
+    /// refuse new requests while the policy says so. `Err` if etcd says we
+    /// no longer lead.
+    async fn keep(&mut self, m: &Manager, term: u64) -> Result<(), String> {
+        if self.wanted == 0 {
+            return Ok(());
+        }
+        let commit = m.stats.committed_lsn.load(Ordering::Acquire);
+        let waiting = m.stats.groups_waiting.load(Ordering::Acquire) > 0;
+        let current = m.cluster.sync_set.lock().clone();
+        let standbys = m.cluster.standbys.lock().clone();
+        let plan = self.plan(Instant::now(), commit, waiting, &current, &standbys);
+        if let Some(desired) = plan.change {
             // Hold every release while the set changes; etcd first, so no
             // node the writer stops counting on can be promoted later, and
             // none it starts counting on is unknown to etcd.
@@ -423,19 +465,18 @@ impl SyncKeeper {
                 }
             }
             tracing::info!(?current, ?desired, "synchronous set changed");
-            *m.cluster.sync_set.lock() = desired.clone();
+            *m.cluster.sync_set.lock() = desired;
         }
         // Release with the set only when it is complete (or degraded).
         let set = m.cluster.sync_set.lock().clone();
-        let usable = set.len() >= self.wanted || degraded;
+        let usable = set.len() >= self.wanted || plan.degraded;
         let _ = m.wal.send(WalMsg::SyncSet(usable.then_some(set)));
         // Short of healthy members for too long, and not degraded: refuse
         // new requests rather than hold ever more replies.
-        let refuse = !full && short_too_long && !degraded;
-        if refuse != self.refusing {
-            self.refusing = refuse;
+        if plan.refuse != self.refusing {
+            self.refusing = plan.refuse;
             if let Some(router) = m.shared.router() {
-                if refuse {
+                if plan.refuse {
                     tracing::error!(
                         wanted = self.wanted,
                         "no synchronous standby for too long: refusing new requests (sync_standby_unavailable)"

@@ -35,7 +35,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::{Clock, ManualClock, ManualMonotonic, Monotonic};
 use crate::cluster::election::{Election, Leadership};
-use crate::cluster::{history, ClusterConfig, SyncDegrade};
+use crate::cluster::manager::SyncKeeper;
+use crate::cluster::{history, ClusterConfig, StandbyInfo, SyncDegrade};
 use crate::engine::Engine;
 use crate::recovery::{self, RecoverOptions, RecoveryError, Retention};
 use crate::server::conn::Outbound;
@@ -207,6 +208,10 @@ pub struct SimReport {
     pub elections: u64,
     /// Leaders that lost their lease (a pause, or cut off from etcd).
     pub leases_lost: u64,
+    /// Changes of the synchronous set recorded in etcd, and of those the
+    /// ones that left the leader alone (degraded, `--sync-degrade async`).
+    pub sync_set_changes: u64,
+    pub sync_set_degraded: u64,
     /// Rejoining nodes that cut records the leader does not hold (their
     /// term history parted from the leader's).
     pub tails_cut: u64,
@@ -412,15 +417,17 @@ const POLL_MS: u64 = crate::limits::CLUSTER_POLL_INTERVAL_MS;
 /// (liveness).
 const ELECTION_POLLS_MAX: u64 = 200;
 
-/// What a node's cluster manager would be given.
-fn cluster_config(id: usize) -> ClusterConfig {
+/// What a node's cluster manager would be given. `degrade`: the leader
+/// goes on without its standby after the synchronous timeout
+/// (`--sync-degrade async`), a quarter of the runs.
+fn cluster_config(id: usize, degrade: SyncDegrade) -> ClusterConfig {
     ClusterConfig {
         etcd: Vec::new(),
         cluster: "sim".to_string(),
         node_id: NODE_IDS[id].to_string(),
         advertise: NODE_IDS[id].to_string(),
         sync_standbys: 1,
-        degrade: SyncDegrade::Never,
+        degrade,
         sync_timeout: std::time::Duration::from_secs(2),
         lease_ttl: std::time::Duration::from_millis(LEASE_TTL_MS),
         peer_token: String::new(),
@@ -443,9 +450,12 @@ struct Ledger {
 struct Lease {
     leadership: Leadership,
     next_renewal: std::time::Instant,
-    /// The standby is recorded in etcd's `sync` key (replies wait until it
-    /// is).
-    sync_recorded: bool,
+    /// The manager's synchronous-set policy (the real `SyncKeeper`).
+    keeper: SyncKeeper,
+    /// The set in force (recorded in etcd), and the last the writer was
+    /// told (`None` inside: hold).
+    set: Vec<String>,
+    told: Option<Option<Vec<String>>>,
 }
 
 /// A synchronous standby: its own disk, its log writer (the leader's
@@ -485,6 +495,7 @@ struct Sim {
     etcd: SimEtcd,
     /// Each node's election (the real code over the simulated etcd).
     elections: Vec<Election<SimEtcdClient>>,
+    configs: Vec<ClusterConfig>,
     /// The node whose disk `disk` is (the leader's, or the one starting).
     leader_at: usize,
     /// Who won each term: never two.
@@ -492,6 +503,8 @@ struct Sim {
     /// The standby's durable LSN as the leader last heard it (its
     /// handshake, then its acknowledgements).
     standby_heard: u64,
+    /// When that last moved (the synchronous timeout).
+    standby_progress: Option<std::time::Instant>,
     /// Times the standby caught up with everything the leader wrote.
     catch_ups: u64,
     ledger: Ledger,
@@ -580,8 +593,10 @@ impl Sim {
         let mono = ManualMonotonic::new();
         let drift = rng.gen_range(-etcd::DRIFT_PPM_MAX..=etcd::DRIFT_PPM_MAX);
         let etcd = SimEtcd::new(mono.clone(), drift);
+        let degrade = if rng.gen_ratio(1, 4) { SyncDegrade::Async } else { SyncDegrade::Never };
+        let configs: Vec<ClusterConfig> = (0..NODE_IDS.len()).map(|id| cluster_config(id, degrade)).collect();
         let elections = (0..NODE_IDS.len())
-            .map(|id| Election::over(&cluster_config(id), etcd.client(NODE_IDS[id]), Arc::new(mono.clone())))
+            .map(|id| Election::over(&configs[id], etcd.client(NODE_IDS[id]), Arc::new(mono.clone())))
             .collect();
         let disk = SimDisk::new(rng.gen(), DISK_BYTES, DiskFaults::default());
         let mount = crate::storage::mount(disk.clone());
@@ -600,9 +615,11 @@ impl Sim {
             mono,
             etcd,
             elections,
+            configs,
             leader_at: 0,
             terms: BTreeMap::new(),
             standby_heard: 0,
+            standby_progress: None,
             catch_ups: 0,
             ledger: Ledger::default(),
             high_water_ms: START_MS,
@@ -1012,7 +1029,9 @@ impl Sim {
             &mut Vec::new(),
         );
         let renew_every = std::time::Duration::from_millis(LEASE_TTL_MS / 4);
-        node.lease = Some(Lease { leadership, next_renewal: self.mono.now() + renew_every, sync_recorded: false });
+        let keeper = SyncKeeper::new(&self.configs[node.id]);
+        let next_renewal = self.mono.now() + renew_every;
+        node.lease = Some(Lease { leadership, next_renewal, keeper, set: Vec::new(), told: Some(None) });
         self.trace(|| format!("leading term {term} from LSN {start_lsn}"));
         Ok(true)
     }
@@ -1059,33 +1078,64 @@ impl Sim {
         if self.mono.now() >= lease.leadership.valid_until {
             return self.lose("could not renew the lease in time");
         }
-        if !lease.sync_recorded {
-            self.record_sync_set();
-        }
-        Ok(())
+        self.keep_sync_set()
     }
 
-    /// Record the standby in etcd's `sync` key, then let the writer count
-    /// on it (etcd first: nobody the writer counts on is unknown to etcd).
-    /// As the manager's rule: only once it holds everything committed so
-    /// far (a node that may be promoted holds every acknowledged record).
-    /// Replies wait until then.
-    fn record_sync_set(&mut self) {
-        let (Some(node), Some(standby)) = (self.node.as_mut(), self.standby.as_ref()) else { return };
-        let Some(lease) = node.lease.as_mut() else { return };
-        if self.standby_heard < node.wal.stats().committed_lsn.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
-        let id = NODE_IDS[standby.id].to_string();
-        match etcd::now(self.elections[node.id].write_sync_set(lease.leadership.term, std::slice::from_ref(&id))) {
-            Ok(true) => {
-                lease.sync_recorded = true;
-                node.wal.send(WalMsg::SyncSet(Some(vec![id])));
+    /// One round of the manager's synchronous-set policy (the real
+    /// `SyncKeeper::plan`) over what the leader knows of its standby: a
+    /// change goes to etcd first, then to the writer; the writer releases
+    /// only with a complete set, or a degraded one (`--sync-degrade
+    /// async`). (The policy's refusal of new requests is the router's,
+    /// which the simulator does not run.)
+    fn keep_sync_set(&mut self) -> Check {
+        let now = self.mono.now();
+        let link_up = self.step >= self.link_down_until;
+        let standbys: BTreeMap<String, StandbyInfo> = self
+            .standby
+            .iter()
+            .map(|s| {
+                let info = StandbyInfo {
+                    addr: String::new(),
+                    streaming: s.cursor.is_some() && link_up,
+                    durable_lsn: self.standby_heard,
+                    applied_lsn: self.standby_heard,
+                    last_progress: self.standby_progress,
+                };
+                (NODE_IDS[s.id].to_string(), info)
+            })
+            .collect();
+        let Some(node) = self.node.as_mut() else { return Ok(()) };
+        let Some(lease) = node.lease.as_mut() else { return Ok(()) };
+        let stats = node.wal.stats();
+        let commit = stats.committed_lsn.load(std::sync::atomic::Ordering::Acquire);
+        let waiting = stats.groups_waiting.load(std::sync::atomic::Ordering::Acquire) > 0;
+        let plan = lease.keeper.plan(now, commit, waiting, &lease.set, &standbys);
+        let mut changed = None;
+        if let Some(desired) = plan.change {
+            node.wal.send(WalMsg::SyncSet(None));
+            lease.told = Some(None);
+            match etcd::now(self.elections[node.id].write_sync_set(lease.leadership.term, &desired)) {
+                Ok(true) => {
+                    changed = Some(desired.clone());
+                    lease.set = desired;
+                }
+                Ok(false) => return self.lose("the leader key changed while recording the synchronous set"),
+                // Unreachable: hold, and try again at the next poll.
+                Err(_) => return Ok(()),
             }
-            // Not recorded (etcd unreachable; or the key is no longer ours,
-            // which the next renewal finds): keep holding replies.
-            _ => node.wal.send(WalMsg::SyncSet(None)),
         }
+        let usable = lease.set.len() >= lease.keeper.wanted() || plan.degraded;
+        let tell = usable.then(|| lease.set.clone());
+        if lease.told.as_ref() != Some(&tell) {
+            node.wal.send(WalMsg::SyncSet(tell.clone()));
+            lease.told = Some(tell);
+        }
+        if let Some(set) = changed {
+            self.report.sync_set_changes += 1;
+            self.report.sync_set_degraded += u64::from(plan.degraded);
+            self.trace(|| format!("synchronous set now {set:?} (degraded={})", plan.degraded));
+        }
+        Ok(())
     }
 
     /// The lease is gone: the fence closes at once (no reply leaves after
@@ -1191,6 +1241,7 @@ impl Sim {
                 node.wal.send(WalMsg::StandbyDurable { node: name.to_string(), lsn });
                 self.standby_heard = self.standby_heard.max(lsn);
             }
+            self.keep_sync_set()?;
             self.flush(false)?;
         }
         for sku in SKUS {
@@ -1522,11 +1573,10 @@ impl Sim {
         self.acks_in_flight.clear();
         let node = self.node.as_ref().expect("a leader");
         node.wal.send(WalMsg::StandbyDurable { node: NODE_IDS[id].to_string(), lsn: last });
+        // A handshake: the leader knows where it stands (it joins the
+        // synchronous set at the manager's next round, once caught up).
         self.standby_heard = last;
-        // The leader's replies now wait for this standby, once etcd names it.
-        if node.lease.as_ref().is_some_and(|l| !l.sync_recorded) {
-            self.record_sync_set();
-        }
+        self.standby_progress = Some(self.mono.now());
         Ok(())
     }
 
@@ -1544,10 +1594,13 @@ impl Sim {
         let arrive = self.rng.gen_range(0..=self.acks_in_flight.len());
         for lsn in self.acks_in_flight.drain(..arrive) {
             node.wal.send(WalMsg::StandbyDurable { node: NODE_IDS[standby.id].to_string(), lsn });
-            self.standby_heard = self.standby_heard.max(lsn);
+            if lsn > self.standby_heard {
+                self.standby_heard = lsn;
+                self.standby_progress = Some(self.mono.now());
+            }
         }
-        if arrive > 0 && node.lease.as_ref().is_some_and(|l| !l.sync_recorded) {
-            self.record_sync_set();
+        if arrive > 0 && node.lease.is_some() {
+            self.keep_sync_set()?;
         }
         let (Some(node), Some(standby)) = (self.node.as_mut(), self.standby.as_mut()) else { return Ok(()) };
         if standby.cursor.is_none() {
@@ -1789,7 +1842,9 @@ impl Sim {
             9_200..=9_203 if !quiet && self.standby.is_some() && self.config.faults.lease => self.pause_leader(),
             9_204..=9_207 if !quiet && self.config.standby && self.config.faults.lease => {
                 let ms = self.rng.gen_range(200..4_000);
-                let id = self.leader_at;
+                // The leader (its lease at stake) or the standby (it cannot
+                // campaign while cut off).
+                let id = if self.rng.gen_bool(0.7) { self.leader_at } else { 1 - self.leader_at };
                 self.etcd.cut(NODE_IDS[id], ms);
                 self.trace(|| format!("{} cut off from etcd for {ms} ms", NODE_IDS[id]));
                 Ok(())
