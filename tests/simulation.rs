@@ -22,9 +22,21 @@ use stampede::wal::Durability;
 /// synchronous set, which let it be promoted over records the reconciler
 /// had settled (the manager's rule, now run as `SyncKeeper::plan`); 106
 /// (20k) found a flip in a segment kept only for the reconciler, which it
-/// then could not read past (now restored, as the operator would).
-const REGRESSION_SEEDS: &[(u64, u64)] =
-    &[(45, 20_000), (94, 20_000), (159, 20_000), (260, 20_000), (291, 20_000), (106, 20_000), (123, 20_000)];
+/// then could not read past (now restored, as the operator would). 35
+/// (20k, with two standbys) hung: a flipped bit in a record's length made
+/// the log cursor take the record for one still being written, reopen the
+/// same segment and spin forever (REPLICATE and FOLLOW streams too); the
+/// cursor now reports it as damage.
+const REGRESSION_SEEDS: &[(u64, u64)] = &[
+    (45, 20_000),
+    (94, 20_000),
+    (159, 20_000),
+    (260, 20_000),
+    (291, 20_000),
+    (106, 20_000),
+    (123, 20_000),
+    (35, 20_000),
+];
 
 /// Steps per seed: a debug build runs ~10k simulated operations a second.
 const STEPS: u64 = 6_000;

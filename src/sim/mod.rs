@@ -404,8 +404,10 @@ struct Acked {
     confirmed_at_ms: Option<u64>,
 }
 
-/// The two nodes' ids in etcd; the roles move between them.
-const NODE_IDS: [&str; 2] = ["n1", "n2"];
+/// The nodes' ids in etcd; the roles move between them. A run has a
+/// leader and one or two standbys (`--sync-standbys 1`: with two, one is
+/// synchronous and the other follows asynchronously until it is needed).
+const NODE_IDS: [&str; 3] = ["n1", "n2", "n3"];
 
 /// The leader's lease (SIMULATION.md: the fence margin is a quarter of it).
 const LEASE_TTL_MS: u64 = 2_000;
@@ -472,6 +474,15 @@ struct Standby {
     cursor: Option<crate::wal::follow::LogCursor>,
     /// Its term history (the file, kept in memory as the manager does).
     history: history::History,
+    /// Acknowledgements it sent that the leader has not read yet (a TCP
+    /// connection: in order, lost if it breaks).
+    acks_in_flight: std::collections::VecDeque<u64>,
+    /// Its link to the leader is cut until this step (a partition).
+    link_down_until: u64,
+    /// Its durable LSN as the leader last heard it (its handshake, then
+    /// its acknowledgements), and when that last moved.
+    heard: u64,
+    progress: Option<std::time::Instant>,
 }
 
 struct Node {
@@ -500,11 +511,8 @@ struct Sim {
     leader_at: usize,
     /// Who won each term: never two.
     terms: BTreeMap<u64, usize>,
-    /// The standby's durable LSN as the leader last heard it (its
-    /// handshake, then its acknowledgements).
-    standby_heard: u64,
-    /// When that last moved (the synchronous timeout).
-    standby_progress: Option<std::time::Instant>,
+    /// Standbys in this run (0: a lone node).
+    standby_count: usize,
     /// Times the standby caught up with everything the leader wrote.
     catch_ups: u64,
     ledger: Ledger,
@@ -545,12 +553,7 @@ struct Sim {
     crash_pending: bool,
     /// Flipped bits no recovery has refused yet.
     flips: Vec<disk::Flip>,
-    standby: Option<Standby>,
-    /// The leader-standby link is cut until this step (a partition).
-    link_down_until: u64,
-    /// Acknowledgements the standby sent that the leader has not read yet
-    /// (a TCP connection: in order, lost if it breaks).
-    acks_in_flight: std::collections::VecDeque<u64>,
+    standbys: Vec<Standby>,
     cycles: u64,
 }
 
@@ -594,6 +597,7 @@ impl Sim {
         let drift = rng.gen_range(-etcd::DRIFT_PPM_MAX..=etcd::DRIFT_PPM_MAX);
         let etcd = SimEtcd::new(mono.clone(), drift);
         let degrade = if rng.gen_ratio(1, 4) { SyncDegrade::Async } else { SyncDegrade::Never };
+        let standby_count = if config.standby { rng.gen_range(1..=2) } else { 0 };
         let configs: Vec<ClusterConfig> = (0..NODE_IDS.len()).map(|id| cluster_config(id, degrade)).collect();
         let elections = (0..NODE_IDS.len())
             .map(|id| Election::over(&configs[id], etcd.client(NODE_IDS[id]), Arc::new(mono.clone())))
@@ -618,8 +622,7 @@ impl Sim {
             configs,
             leader_at: 0,
             terms: BTreeMap::new(),
-            standby_heard: 0,
-            standby_progress: None,
+            standby_count,
             catch_ups: 0,
             ledger: Ledger::default(),
             high_water_ms: START_MS,
@@ -643,9 +646,7 @@ impl Sim {
             disk_full: false,
             crash_pending: false,
             flips: Vec::new(),
-            standby: None,
-            link_down_until: 0,
-            acks_in_flight: Default::default(),
+            standbys: Vec::new(),
             cycles: 0,
         }
     }
@@ -675,7 +676,7 @@ impl Sim {
             // A new cluster: no `sync` key yet, so the first node may lead.
             let leadership = self.elect(&[0]).map_err(|e| self.fail(e))?;
             let started = match self.promote(leadership) {
-                Ok(true) => self.rebuild_standby(),
+                Ok(true) => self.rebuild_standbys(),
                 Ok(false) => self.crash(false),
                 Err(e) => Err(e),
             };
@@ -687,10 +688,10 @@ impl Sim {
             self.step += 1;
             let quiet = self.step > faulty;
             if self.step == faulty + 1 {
-                self.link_down_until = 0;
                 self.etcd.heal();
                 self.disk.set_faults(DiskFaults::default());
-                if let Some(standby) = &self.standby {
+                for standby in &mut self.standbys {
+                    standby.link_down_until = 0;
                     standby.disk.set_faults(DiskFaults::default());
                 }
             }
@@ -1089,17 +1090,16 @@ impl Sim {
     /// which the simulator does not run.)
     fn keep_sync_set(&mut self) -> Check {
         let now = self.mono.now();
-        let link_up = self.step >= self.link_down_until;
         let standbys: BTreeMap<String, StandbyInfo> = self
-            .standby
+            .standbys
             .iter()
             .map(|s| {
                 let info = StandbyInfo {
                     addr: String::new(),
-                    streaming: s.cursor.is_some() && link_up,
-                    durable_lsn: self.standby_heard,
-                    applied_lsn: self.standby_heard,
-                    last_progress: self.standby_progress,
+                    streaming: s.cursor.is_some() && self.step >= s.link_down_until,
+                    durable_lsn: s.heard,
+                    applied_lsn: s.heard,
+                    last_progress: s.progress,
                 };
                 (NODE_IDS[s.id].to_string(), info)
             })
@@ -1160,21 +1160,30 @@ impl Sim {
         self.deliver()?;
         let ms = self.rng.gen_range(LEASE_TTL_MS / 2..LEASE_TTL_MS * 2);
         self.trace(|| format!("leader stalls for {ms} ms"));
-        let standby = self.standby.as_ref().map(|s| s.id);
+        let mut candidates: Vec<usize> = self.standbys.iter().map(|s| s.id).collect();
         let mut successor = None;
         let mut left = ms;
         while left > 0 && successor.is_none() {
             let chunk = left.min(POLL_MS);
             self.pass_time(chunk);
             left -= chunk;
-            if let Some(id) = standby {
+            // The standbys' managers poll in no fixed order.
+            if candidates.len() > 1 && self.rng.gen_bool(0.5) {
+                candidates.reverse();
+            }
+            for &id in &candidates {
                 successor = self.try_campaign(id)?;
+                if successor.is_some() {
+                    self.leader_at = id;
+                    break;
+                }
             }
         }
         // A successor ends the stall as it wins: the earliest moment two
         // nodes think they lead, the hardest for the fence.
         let Some(leadership) = successor else { return self.lead_tick() };
         let mut old = self.node.take().expect("a leader");
+        let old_id = old.id;
         let old_term = old.lease.as_ref().map_or(0, |l| l.leadership.term);
         // The stalled writer's release runs first (its own thread in the
         // server).
@@ -1196,7 +1205,7 @@ impl Sim {
         self.report.leases_lost += 1;
         self.trace(|| format!("the leader of term {old_term} found its lease gone"));
         self.requests_lost();
-        self.failover(leadership)
+        self.failover(old_id, leadership)
     }
 
     /// The node went away: what its clients had in flight is unknown to
@@ -1214,7 +1223,7 @@ impl Sim {
     fn create_sales(&mut self) -> Check {
         let faults = self.disk_faults();
         self.disk.set_faults(DiskFaults::default());
-        if let Some(standby) = &self.standby {
+        for standby in &self.standbys {
             standby.disk.set_faults(DiskFaults::default());
         }
         for sku in SKUS {
@@ -1233,13 +1242,16 @@ impl Sim {
             self.node.as_mut().expect("started").shards[shard].cycle();
         }
         self.flush(false)?;
-        if self.standby.is_some() {
-            self.replicate()?;
+        if !self.standbys.is_empty() {
+            for i in 0..self.standbys.len() {
+                self.replicate_to(i)?;
+            }
             let node = self.node.as_ref().expect("started");
-            let name = NODE_IDS[self.standby.as_ref().expect("checked").id];
-            for lsn in self.acks_in_flight.drain(..) {
-                node.wal.send(WalMsg::StandbyDurable { node: name.to_string(), lsn });
-                self.standby_heard = self.standby_heard.max(lsn);
+            for standby in &mut self.standbys {
+                for lsn in standby.acks_in_flight.drain(..) {
+                    node.wal.send(WalMsg::StandbyDurable { node: NODE_IDS[standby.id].to_string(), lsn });
+                    standby.heard = standby.heard.max(lsn);
+                }
             }
             self.keep_sync_set()?;
             self.flush(false)?;
@@ -1250,7 +1262,7 @@ impl Sim {
             }
         }
         self.disk.set_faults(faults);
-        if let Some(standby) = &self.standby {
+        for standby in &self.standbys {
             standby.disk.set_faults(faults);
         }
         Ok(())
@@ -1335,27 +1347,66 @@ impl Sim {
         // it leads again.
         let old = self.leader_at;
         let mut candidates = vec![old];
-        candidates.extend(self.standby.as_ref().map(|s| s.id));
+        candidates.extend(self.standbys.iter().map(|s| s.id));
         let leadership = self.elect(&candidates)?;
         if self.leader_at != old {
-            return self.failover(leadership);
+            return self.failover(old, leadership);
         }
         self.restart(torn)?;
         if !self.promote(leadership)? {
             return self.crash(false);
         }
         self.check_against_engines(true)?;
-        // The leader came back on its own disk, maybe without records the
-        // standby already took (written here, never synced): the standby
-        // restarts and cuts its log where the term histories part.
-        match self.standby.take() {
-            Some(Standby { id, disk, mount, wal, replica, cursor, .. }) => {
+        // The leader came back on its own disk, maybe without records its
+        // standbys already took (written here, never synced): they follow
+        // the new term, cutting their logs where the histories part.
+        self.refollow_standbys()?;
+        if self.standbys.len() < self.standby_count {
+            return self.rebuild_standbys();
+        }
+        Ok(())
+    }
+
+    /// Every standby there should be and is not: a copy of the leader.
+    fn rebuild_standbys(&mut self) -> Check {
+        let ids: Vec<usize> = (0..=self.standby_count)
+            .filter(|&id| id != self.leader_at && !self.standbys.iter().any(|s| s.id == id))
+            .collect();
+        for id in ids {
+            self.rebuild_standby(id)?;
+        }
+        Ok(())
+    }
+
+    /// A new term began: each standby's manager sees the new leader and
+    /// makes the FOLLOW handshake: it follows on from its log if that is a
+    /// prefix of the leader's, or restarts and cuts it where the term
+    /// histories part (`history::follow_from`).
+    fn refollow_standbys(&mut self) -> Check {
+        let leader = history::load(&self.dir).map_err(|e| format!("reading the leader's term history: {e}"))?;
+        let leader_last = self.node.as_ref().expect("a leader").wal.written_lsn();
+        let mut i = 0;
+        while i < self.standbys.len() {
+            let s = &mut self.standbys[i];
+            let last = s.replica.last_lsn();
+            if history::follow_from(&leader, leader_last, &s.history, last) < last {
+                let Standby { id, disk, mount, wal, replica, cursor, .. } = self.standbys.remove(i);
                 drop((wal, replica, cursor));
                 disk.kill();
-                self.rejoin_standby(id, disk, mount)
+                self.rejoin_standby(id, disk, mount)?;
+                // Rejoined at the end of the list (or rebuilt).
+                continue;
             }
-            None => self.rebuild_standby(),
+            // A new connection, from what it holds.
+            s.cursor = None;
+            s.acks_in_flight.clear();
+            s.heard = last;
+            s.progress = Some(self.mono.now());
+            let name = NODE_IDS[s.id].to_string();
+            self.node.as_ref().expect("a leader").wal.send(WalMsg::StandbyDurable { node: name, lsn: last });
+            i += 1;
         }
+        Ok(())
     }
 
     /// The crashed node starts again on its own disk (maybe with a bit
@@ -1409,9 +1460,11 @@ impl Sim {
     /// hot and the log writer it had (the manager's promotion). It holds
     /// every acknowledged record (replies waited for it); a new standby is
     /// built from a copy of it.
-    fn failover(&mut self, leadership: Leadership) -> Check {
+    fn failover(&mut self, old_id: usize, leadership: Leadership) -> Check {
         self.node = None;
-        let standby = self.standby.take().expect("a standby");
+        let winner = self.leader_at;
+        let at = self.standbys.iter().position(|s| s.id == winner).expect("the winner is a standby");
+        let standby = self.standbys.remove(at);
         let Standby { id, disk, mount, dir, wal, replica, cursor, .. } = standby;
         drop(cursor);
         self.report.failovers += 1;
@@ -1429,7 +1482,6 @@ impl Sim {
         let old_disk = std::mem::replace(&mut self.disk, disk);
         let old_mount = std::mem::replace(&mut self._mount, mount);
         self.dir = dir;
-        let old_id = 1 - id;
         self.leader_at = id;
         if self.disk_full {
             // Its operator frees space as it restarts.
@@ -1443,6 +1495,8 @@ impl Sim {
             return self.crash(false);
         }
         self.check_against_engines(true)?;
+        // The other standby follows the new term; the old leader rejoins.
+        self.refollow_standbys()?;
         old_disk.kill();
         self.rejoin_standby(old_id, old_disk, old_mount)
     }
@@ -1455,7 +1509,7 @@ impl Sim {
     /// the records it needs, an I/O error) it does from a copy instead, as
     /// the real node does from the leader's snapshot.
     fn rejoin_standby(&mut self, id: usize, disk: Arc<SimDisk>, mount: crate::storage::Mount) -> Check {
-        self.standby = None;
+        self.standbys.retain(|s| s.id != id);
         let dir = mount.root.join("data");
         let options = RecoverOptions { presized_ids: 4096, ..RecoverOptions::new(POOL_SHARDS, false) };
         let cut = recovery::recover(&dir, options).map_err(|e| e.to_string()).and_then(|recovered| {
@@ -1478,11 +1532,11 @@ impl Sim {
                 self.trace(|| format!("{} rejoins: keeps its log to {keep} of {last}", NODE_IDS[id]));
                 let mut mount = mount;
                 for attempt in 1..=START_ATTEMPTS_MAX {
-                    match self.open_standby(disk.clone(), mount) {
+                    match self.open_standby(id, disk.clone(), mount) {
                         Ok(()) => {
-                            if self.standby.as_ref().is_some_and(|s| s.cursor.is_none()) {
+                            if self.standbys.iter().any(|s| s.id == id && s.cursor.is_none()) {
                                 // The leader's log no longer starts there.
-                                return self.rebuild_standby();
+                                return self.rebuild_standby(id);
                             }
                             return Ok(());
                         }
@@ -1493,20 +1547,20 @@ impl Sim {
                         Err(_) => break,
                     }
                 }
-                self.rebuild_standby()
+                self.rebuild_standby(id)
             }
             Err(e) => {
                 let message = e.replace(&*mount.root.to_string_lossy(), "<disk>");
                 self.trace(|| format!("{} cannot rejoin with its log ({message}): a copy", NODE_IDS[id]));
-                self.rebuild_standby()
+                self.rebuild_standby(id)
             }
         }
     }
 
     /// A standby built afresh: a copy of the leader's durable state (a
     /// base backup), recovered by the real code, following from there.
-    fn rebuild_standby(&mut self) -> Check {
-        self.standby = None;
+    fn rebuild_standby(&mut self, id: usize) -> Check {
+        self.standbys.retain(|s| s.id != id);
         let disk = SimDisk::new(self.rng.gen(), DISK_BYTES, self.disk_faults());
         let mount = crate::storage::mount(disk.clone());
         disk.copy_from(&self.disk, &self._mount.root, &mount.root);
@@ -1516,16 +1570,16 @@ impl Sim {
             disk.unflip(flip);
         }
         self.report.standby_rebuilds += 1;
-        self.trace(|| "standby rebuilt from the leader".to_string());
-        self.open_standby_retrying(disk, mount)
+        self.trace(|| format!("{} rebuilt from the leader", NODE_IDS[id]));
+        self.open_standby_retrying(id, disk, mount)
     }
 
     /// [`Self::open_standby`], started again after an injected I/O error
     /// (bounded), as a supervisor would.
-    fn open_standby_retrying(&mut self, disk: Arc<SimDisk>, mount: crate::storage::Mount) -> Check {
+    fn open_standby_retrying(&mut self, id: usize, disk: Arc<SimDisk>, mount: crate::storage::Mount) -> Check {
         let mut mount = mount;
         for attempt in 1.. {
-            match self.open_standby(disk.clone(), mount) {
+            match self.open_standby(id, disk.clone(), mount) {
                 Ok(()) => return Ok(()),
                 Err((e, back)) if e.contains("EIO") && attempt < START_ATTEMPTS_MAX => {
                     mount = back;
@@ -1543,6 +1597,7 @@ impl Sim {
     /// On failure the mount comes back, for another attempt.
     fn open_standby(
         &mut self,
+        id: usize,
         disk: Arc<SimDisk>,
         mount: crate::storage::Mount,
     ) -> Result<(), (String, crate::storage::Mount)> {
@@ -1567,42 +1622,67 @@ impl Sim {
         };
         let replica = crate::recovery::Replica::new(recovered.engines, last);
         let cursor = crate::wal::follow::LogCursor::open(&self.dir, last + 1).ok();
-        let id = 1 - self.leader_at;
-        self.standby = Some(Standby { id, disk, mount, dir, wal, replica, cursor, history });
-        // A new connection: what the old one carried is gone.
-        self.acks_in_flight.clear();
-        let node = self.node.as_ref().expect("a leader");
-        node.wal.send(WalMsg::StandbyDurable { node: NODE_IDS[id].to_string(), lsn: last });
         // A handshake: the leader knows where it stands (it joins the
         // synchronous set at the manager's next round, once caught up).
-        self.standby_heard = last;
-        self.standby_progress = Some(self.mono.now());
+        let node = self.node.as_ref().expect("a leader");
+        node.wal.send(WalMsg::StandbyDurable { node: NODE_IDS[id].to_string(), lsn: last });
+        let progress = Some(self.mono.now());
+        self.standbys.push(Standby {
+            id,
+            disk,
+            mount,
+            dir,
+            wal,
+            replica,
+            cursor,
+            history,
+            acks_in_flight: Default::default(),
+            link_down_until: 0,
+            heard: last,
+            progress,
+        });
         Ok(())
     }
 
-    /// The standby reads what the leader wrote, applies it, writes and
+    /// One standby (at random) reads what the leader wrote, applies it,
+    /// writes and syncs it, and acknowledges.
+    fn replicate(&mut self) -> Check {
+        if self.standbys.is_empty() {
+            return Ok(());
+        }
+        let i = self.rng.gen_range(0..self.standbys.len());
+        self.replicate_to(i)
+    }
+
+    /// Standby `i` reads what the leader wrote, applies it, writes and
     /// syncs it, and acknowledges; a log it cannot follow (segments
     /// retention deleted, damage) makes it start afresh.
-    fn replicate(&mut self) -> Check {
-        if self.step < self.link_down_until {
+    fn replicate_to(&mut self, i: usize) -> Check {
+        if self.step < self.standbys[i].link_down_until {
             // Partitioned: nothing flows either way.
             return Ok(());
         }
-        let (Some(node), Some(standby)) = (self.node.as_mut(), self.standby.as_mut()) else { return Ok(()) };
+        let Some(node) = self.node.as_mut() else { return Ok(()) };
+        let standby = &mut self.standbys[i];
         // Acknowledgements sent earlier arrive now, in order (or some of
         // them: delayed, never reordered).
-        let arrive = self.rng.gen_range(0..=self.acks_in_flight.len());
-        for lsn in self.acks_in_flight.drain(..arrive) {
+        let arrive = self.rng.gen_range(0..=standby.acks_in_flight.len());
+        for lsn in standby.acks_in_flight.drain(..arrive) {
             node.wal.send(WalMsg::StandbyDurable { node: NODE_IDS[standby.id].to_string(), lsn });
-            if lsn > self.standby_heard {
-                self.standby_heard = lsn;
-                self.standby_progress = Some(self.mono.now());
+            if lsn > standby.heard {
+                standby.heard = lsn;
+                standby.progress = Some(self.mono.now());
             }
         }
+        let id = standby.id;
         if arrive > 0 && node.lease.is_some() {
             self.keep_sync_set()?;
         }
-        let (Some(node), Some(standby)) = (self.node.as_mut(), self.standby.as_mut()) else { return Ok(()) };
+        // The policy's round may have ended this leadership (and so
+        // changed who stands by).
+        let Some(i) = self.standbys.iter().position(|s| s.id == id) else { return Ok(()) };
+        let Some(node) = self.node.as_mut() else { return Ok(()) };
+        let standby = &mut self.standbys[i];
         if standby.cursor.is_none() {
             // Reconnected after a break: follow from what it holds, and say
             // what that is (acknowledgements in flight were lost with the
@@ -1611,9 +1691,9 @@ impl Sim {
             match crate::wal::follow::LogCursor::open(&self.dir, from) {
                 Ok(cursor) => {
                     standby.cursor = Some(cursor);
-                    self.acks_in_flight.push_back(from - 1);
+                    standby.acks_in_flight.push_back(from - 1);
                 }
-                Err(_) => return self.rebuild_standby(),
+                Err(_) => return self.rebuild_standby(id),
             }
         }
         let Some(cursor) = standby.cursor.as_mut() else { unreachable!("opened above") };
@@ -1624,8 +1704,8 @@ impl Sim {
             Ok(_) => {}
             Err(e) => {
                 let message = e.to_string().replace(&*self._mount.root.to_string_lossy(), "<disk>");
-                self.trace(|| format!("the standby cannot follow: {message}"));
-                return self.rebuild_standby();
+                self.trace(|| format!("{} cannot follow: {message}", NODE_IDS[id]));
+                return self.rebuild_standby(id);
             }
         }
         let mut records = Vec::new();
@@ -1639,8 +1719,8 @@ impl Sim {
         let (first, last) = (records[0].0, records[records.len() - 1].0);
         if let Err(e) = crate::cluster::standby::record_terms(&standby.dir, &mut standby.history, &records) {
             let message = e.to_string();
-            self.trace(|| format!("standby history failed: {message}"));
-            return self.crash_standby(false);
+            self.trace(|| format!("{} history failed: {message}", NODE_IDS[id]));
+            return self.crash_standby(i, false);
         }
         standby
             .replica
@@ -1649,10 +1729,10 @@ impl Sim {
         standby.wal.send(WalMsg::Records { bytes: out.freeze(), first_lsn: first, last_lsn: last });
         if let Err(e) = standby.wal.flush() {
             let message = e.to_string();
-            self.trace(|| format!("standby log failed: {message}"));
-            return self.crash_standby(false);
+            self.trace(|| format!("{} log failed: {message}", NODE_IDS[id]));
+            return self.crash_standby(i, false);
         }
-        self.acks_in_flight.push_back(last);
+        standby.acks_in_flight.push_back(last);
         // Caught up with a leader that has nothing unwritten: the same state
         // (compared every `STANDBY_COMPARE_EVERY`th time: the digests of
         // every sale and reservation were half the simulator's time).
@@ -1672,17 +1752,16 @@ impl Sim {
             differs = leader != follower;
         }
         self.report.replicated += records.len() as u64;
-        self.trace(|| format!("standby durable to {last}"));
+        self.trace(|| format!("{} durable to {last}", NODE_IDS[id]));
         if differs {
-            return Err(format!("the standby's state differs from the leader's at LSN {last}"));
+            return Err(format!("{}'s state differs from the leader's at LSN {last}", NODE_IDS[id]));
         }
         Ok(())
     }
 
-    /// The standby dies (or its log failed) and restarts from its disk.
-    fn crash_standby(&mut self, power_loss: bool) -> Check {
-        let Some(standby) = self.standby.take() else { return Ok(()) };
-        let Standby { disk, mount, wal, replica, cursor, .. } = standby;
+    /// Standby `i` dies (or its log failed) and restarts from its disk.
+    fn crash_standby(&mut self, i: usize, power_loss: bool) -> Check {
+        let Standby { id, disk, mount, wal, replica, cursor, .. } = self.standbys.remove(i);
         drop((wal, replica, cursor));
         if power_loss {
             disk.power_loss();
@@ -1690,15 +1769,15 @@ impl Sim {
             disk.kill();
         }
         self.report.standby_crashes += 1;
-        self.trace(|| format!("standby crash power_loss={power_loss}"));
-        match self.open_standby(disk, mount) {
+        self.trace(|| format!("{} crash power_loss={power_loss}", NODE_IDS[id]));
+        match self.open_standby(id, disk, mount) {
             Ok(()) => Ok(()),
             // What it cannot start from (an ambiguous torn write, an I/O
             // error): a fresh copy, as an operator would do.
             Err((e, _)) => {
                 let message = e.replace(&*self._mount.root.to_string_lossy(), "<disk>");
-                self.trace(|| format!("standby restart failed ({message}); rebuilding"));
-                self.rebuild_standby()
+                self.trace(|| format!("{} restart failed ({message}); rebuilding", NODE_IDS[id]));
+                self.rebuild_standby(id)
             }
         }
     }
@@ -1740,23 +1819,26 @@ impl Sim {
                 self.flush(quiet_or_not)
             }
             8_000..=8_399 => self.replicate(),
-            9_190..=9_199 if !quiet && self.standby.is_some() && self.config.faults.link => {
+            9_190..=9_199 if !quiet && !self.standbys.is_empty() && self.config.faults.link => {
+                let i = self.rng.gen_range(0..self.standbys.len());
+                let name = NODE_IDS[self.standbys[i].id];
                 if self.rng.gen_bool(0.5) {
                     // The connection breaks: the cursor and the
                     // acknowledgements on their way are gone.
-                    self.standby.as_mut().expect("checked").cursor = None;
-                    self.acks_in_flight.clear();
-                    self.trace(|| "link broken".to_string());
+                    self.standbys[i].cursor = None;
+                    self.standbys[i].acks_in_flight.clear();
+                    self.trace(|| format!("link to {name} broken"));
                 } else {
                     let steps = self.rng.gen_range(20..400);
-                    self.link_down_until = self.step + steps;
-                    self.trace(|| format!("link partitioned for {steps} steps"));
+                    self.standbys[i].link_down_until = self.step + steps;
+                    self.trace(|| format!("link to {name} partitioned for {steps} steps"));
                 }
                 Ok(())
             }
-            9_185..=9_189 if !quiet && self.standby.is_some() && self.config.faults.kill => {
+            9_185..=9_189 if !quiet && !self.standbys.is_empty() && self.config.faults.kill => {
+                let i = self.rng.gen_range(0..self.standbys.len());
                 let power = self.config.faults.power_loss && self.rng.gen_bool(0.5);
-                self.crash_standby(power)
+                self.crash_standby(i, power)
             }
             8_400..=8_999 => {
                 let ms = if self.rng.gen_ratio(1, 20) {
@@ -1839,12 +1921,15 @@ impl Sim {
                 }
             }
             9_210..=9_409 => self.reconcile(),
-            9_200..=9_203 if !quiet && self.standby.is_some() && self.config.faults.lease => self.pause_leader(),
+            9_200..=9_203 if !quiet && !self.standbys.is_empty() && self.config.faults.lease => self.pause_leader(),
             9_204..=9_207 if !quiet && self.config.standby && self.config.faults.lease => {
                 let ms = self.rng.gen_range(200..4_000);
                 // The leader (its lease at stake) or the standby (it cannot
                 // campaign while cut off).
-                let id = if self.rng.gen_bool(0.7) { self.leader_at } else { 1 - self.leader_at };
+                let id = match self.standbys.len() {
+                    n if n > 0 && self.rng.gen_bool(0.3) => self.standbys[self.rng.gen_range(0..n)].id,
+                    _ => self.leader_at,
+                };
                 self.etcd.cut(NODE_IDS[id], ms);
                 self.trace(|| format!("{} cut off from etcd for {ms} ms", NODE_IDS[id]));
                 Ok(())

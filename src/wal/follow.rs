@@ -184,7 +184,22 @@ impl LogCursor {
         let mut count = 0;
         while self.next_lsn <= upto {
             let Some((lsn, used)) = self.peek()? else {
+                // The segment ends before `next_lsn`: the record must open
+                // the next segment. If that is the one we are in, the log
+                // does not hold what `upto` promised (a caller's error, or
+                // damage): say so rather than open it again forever.
+                let ended = self.segment.clone();
                 self.next_segment()?;
+                if self.segment == ended {
+                    return Err(CursorError::Corrupt {
+                        lsn: self.next_lsn,
+                        segment: ended,
+                        reason: format!(
+                            "the log ends before LSN {}, which was to be readable up to {upto}",
+                            self.next_lsn
+                        ),
+                    });
+                }
                 continue;
             };
             if lsn != self.next_lsn {
