@@ -555,3 +555,32 @@ fn preallocated_segments_read_back_whole() {
         }
     }
 }
+
+/// A record whose length a flipped bit has made run past the end of its
+/// segment file is damage, not a record still being written: the cursor
+/// behind REPLICATE and FOLLOW reports it (it used to reopen the same
+/// segment forever; found by the simulator, seed 35).
+#[test]
+fn a_record_longer_than_its_segment_is_reported_by_the_cursor() {
+    use stampede::wal::segment::{encode_header, segment_name};
+    let dir = TempDir::new("cursor-long");
+    let mut bytes = bytes::BytesMut::new();
+    bytes.extend_from_slice(&encode_header(1));
+    for lsn in 1..=3 {
+        stampede::wal::record::encode_record(lsn, &Event::TermStarted { term: lsn, at_ms: 1_000 }, &mut bytes);
+    }
+    // The first record's length (bytes 12..16 of the record, after the
+    // 32-byte segment header) grows by 256: past the file's end.
+    let header = encode_header(1).len();
+    bytes[header + 13] ^= 1;
+    std::fs::write(dir.0.join(segment_name(1)), &bytes).unwrap();
+    let mut cursor = stampede::wal::follow::LogCursor::open(&dir.0, 1).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = bytes::BytesMut::new();
+        let _ = tx.send(cursor.read(3, 64 * 1024, &mut out).map_err(|e| e.to_string()));
+    });
+    let result = rx.recv_timeout(Duration::from_secs(10)).expect("the cursor returns instead of spinning");
+    let error = result.expect_err("a damaged record is not read");
+    assert!(error.contains("LSN 1"), "{error}");
+}

@@ -25,7 +25,7 @@
 //!   deadline), refuses new requests `not_leader`, and exits to rejoin.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,8 +36,11 @@ use stampede_protocol::Status;
 use tokio_util::sync::CancellationToken;
 
 use super::election::{Election, LeaderKey, Leadership, NodeKey};
+use super::etcd::Kv;
 use super::standby::{self, Ended, Handshake, OurLog};
+use super::History;
 use super::{history, ClusterConfig, ClusterState, StandbyInfo, SyncDegrade};
+use crate::clock::{Monotonic, SystemMonotonic};
 use crate::limits::CLUSTER_POLL_INTERVAL_MS;
 use crate::recovery::Replica;
 use crate::server::Shared;
@@ -239,19 +242,11 @@ impl Manager {
         let term = leadership.term;
         let start_lsn = replica.last_lsn() + 1;
         tracing::info!(term, start_lsn, "won the election; promoting");
-        {
-            let mut ours = self.cluster.history.lock();
-            ours.push((term, start_lsn));
-            if let Err(e) = history::store(&self.dir, &ours) {
-                drop(ours);
-                return self.rejoin(&format!("cannot write the term history: {e}"));
-            }
-        }
-        // Nobody else may take over until standbys hold what we write.
-        match self.election.write_sync_set(term, &[]).await {
-            Ok(true) => {}
-            Ok(false) => return self.rejoin("lost the leader key before promoting"),
-            Err(e) => return self.rejoin(&format!("cannot record the synchronous set: {e}")),
+        let mut ours = self.cluster.history.lock().clone();
+        let begun = begin_term(&self.dir, &mut ours, &self.election, term, start_lsn).await;
+        *self.cluster.history.lock() = ours;
+        if let Err(reason) = begun {
+            return self.rejoin(&reason);
         }
         let set = if self.config.sync_standbys == 0 { Some(Vec::new()) } else { None };
         let _ = self.wal.send(WalMsg::SyncSet(set));
@@ -271,27 +266,16 @@ impl Manager {
     }
 
     /// Renew the lease, keep the synchronous set, until the lease is lost.
-    async fn lead(self, mut leadership: Leadership) {
-        let renew_every = (self.config.lease_ttl / 4).max(poll());
-        let mut next_renewal = Instant::now() + renew_every;
+    async fn lead(self, leadership: Leadership) {
+        let mut lease = LeaseKeeper::new(&self.config, leadership, Instant::now());
         let mut next_registration = Instant::now();
         let mut node_lease = None;
         let mut sync = SyncKeeper::new(&self.config);
         loop {
             tokio::time::sleep(poll()).await;
             let now = Instant::now();
-            if now >= next_renewal {
-                match self.election.renew(&mut leadership).await {
-                    Ok(true) => {
-                        self.fence.extend_to(leadership.valid_until);
-                        next_renewal = Instant::now() + renew_every;
-                    }
-                    Ok(false) => return self.lose("etcd expired our lease"),
-                    Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
-                }
-            }
-            if Instant::now() >= leadership.valid_until {
-                return self.lose("could not renew the lease in time");
+            if let Err(reason) = lease.poll(&self.election, &self.fence, &SystemMonotonic).await {
+                return self.lose(reason);
             }
             if now >= next_registration {
                 next_registration = now + Duration::from_secs(1);
@@ -300,7 +284,7 @@ impl Manager {
                     tracing::debug!(error = %e, "node registration failed");
                 }
             }
-            if let Err(reason) = sync.keep(&self, leadership.term).await {
+            if let Err(reason) = sync.keep(&self, lease.leadership.term).await {
                 return self.lose(&reason);
             }
         }
@@ -342,6 +326,69 @@ async fn watch_leader(election: Election, leader: LeaderKey, term: u64, cancel: 
             // leader is gone.
             Err(_) => {}
         }
+    }
+}
+
+/// The first steps of a new term, in the order that keeps the cluster
+/// safe: the term history (so it always covers the log), then the `sync`
+/// key naming this node alone (nobody else may take over until its
+/// standbys hold what it writes). `Err`: the node must rejoin. Plain code
+/// over any etcd client, so the simulator promotes through it too.
+pub async fn begin_term<K: Kv>(
+    dir: &Path,
+    history: &mut History,
+    election: &Election<K>,
+    term: u64,
+    start_lsn: u64,
+) -> Result<(), String> {
+    history.push((term, start_lsn));
+    history::store(dir, history).map_err(|e| format!("cannot write the term history: {e}"))?;
+    match election.write_sync_set(term, &[]).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("lost the leader key before promoting".into()),
+        Err(e) => Err(format!("cannot record the synchronous set: {e}")),
+    }
+}
+
+/// The leader's lease as its manager keeps it: renew every quarter TTL
+/// (at most every poll), move the writer's fence with each renewal, and
+/// end the leadership when etcd refuses a renewal or none succeeded before
+/// the deadline. Plain rules over any etcd client and clock, so the
+/// simulator keeps its leaders' leases through them too.
+pub struct LeaseKeeper {
+    pub leadership: Leadership,
+    renew_every: Duration,
+    next_renewal: Instant,
+}
+
+impl LeaseKeeper {
+    pub fn new(config: &ClusterConfig, leadership: Leadership, now: Instant) -> LeaseKeeper {
+        let renew_every = (config.lease_ttl / 4).max(poll());
+        LeaseKeeper { leadership, renew_every, next_renewal: now + renew_every }
+    }
+
+    /// One poll of the manager: renew if due. `Err(reason)`: the
+    /// leadership is over (close the fence, refuse, exit to rejoin).
+    pub async fn poll<K: Kv>(
+        &mut self,
+        election: &Election<K>,
+        fence: &Fence,
+        clock: &dyn Monotonic,
+    ) -> Result<(), &'static str> {
+        if clock.now() >= self.next_renewal {
+            match election.renew(&mut self.leadership).await {
+                Ok(true) => {
+                    fence.extend_to(self.leadership.valid_until);
+                    self.next_renewal = clock.now() + self.renew_every;
+                }
+                Ok(false) => return Err("etcd expired our lease"),
+                Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
+            }
+        }
+        if clock.now() >= self.leadership.valid_until {
+            return Err("could not renew the lease in time");
+        }
+        Ok(())
     }
 }
 

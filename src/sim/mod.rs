@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::{Clock, ManualClock, ManualMonotonic, Monotonic};
 use crate::cluster::election::{Election, Leadership};
-use crate::cluster::manager::SyncKeeper;
+use crate::cluster::manager::{begin_term, LeaseKeeper, SyncKeeper};
 use crate::cluster::{history, ClusterConfig, StandbyInfo, SyncDegrade};
 use crate::engine::Engine;
 use crate::recovery::{self, RecoverOptions, RecoveryError, Retention};
@@ -450,8 +450,8 @@ struct Ledger {
 
 /// A leader's lease, as its manager keeps it.
 struct Lease {
-    leadership: Leadership,
-    next_renewal: std::time::Instant,
+    /// The manager's lease rules (the real `LeaseKeeper`).
+    lease: LeaseKeeper,
     /// The manager's synchronous-set policy (the real `SyncKeeper`).
     keeper: SyncKeeper,
     /// The set in force (recorded in etcd), and the last the writer was
@@ -1011,15 +1011,11 @@ impl Sim {
         let term = leadership.term;
         let start_lsn = node.wal.written_lsn() + 1;
         let mut ours = history::load(&self.dir).map_err(|e| format!("reading the term history: {e}"))?;
-        ours.push((term, start_lsn));
-        if let Err(e) = history::store(&self.dir, &ours) {
-            let message = e.to_string();
-            self.trace(|| format!("cannot write the term history ({message}): exits to rejoin"));
+        // The manager's first steps: the history, then the `sync` key.
+        if let Err(reason) = etcd::now(begin_term(&self.dir, &mut ours, &self.elections[node.id], term, start_lsn)) {
+            let reason = reason.replace(&*self._mount.root.to_string_lossy(), "<disk>");
+            self.trace(|| format!("{reason}: exits to rejoin"));
             return Ok(false);
-        }
-        match etcd::now(self.elections[node.id].write_sync_set(term, &[])) {
-            Ok(true) => {}
-            other => return Err(format!("the winner of term {term} could not record the synchronous set: {other:?}")),
         }
         node.wal.send(WalMsg::SyncSet(None));
         node.fence.extend_to(leadership.valid_until);
@@ -1029,10 +1025,9 @@ impl Sim {
             &mut vec![crate::engine::Event::TermStarted { term, at_ms }],
             &mut Vec::new(),
         );
-        let renew_every = std::time::Duration::from_millis(LEASE_TTL_MS / 4);
         let keeper = SyncKeeper::new(&self.configs[node.id]);
-        let next_renewal = self.mono.now() + renew_every;
-        node.lease = Some(Lease { leadership, next_renewal, keeper, set: Vec::new(), told: Some(None) });
+        let lease = LeaseKeeper::new(&self.configs[node.id], leadership, self.mono.now());
+        node.lease = Some(Lease { lease, keeper, set: Vec::new(), told: Some(None) });
         self.trace(|| format!("leading term {term} from LSN {start_lsn}"));
         Ok(true)
     }
@@ -1062,22 +1057,9 @@ impl Sim {
     fn lead_tick(&mut self) -> Check {
         let Some(node) = self.node.as_mut() else { return Ok(()) };
         let Some(lease) = node.lease.as_mut() else { return Ok(()) };
-        let election = &self.elections[node.id];
-        let now = self.mono.now();
-        if now >= lease.next_renewal {
-            match etcd::now(election.renew(&mut lease.leadership)) {
-                Ok(true) => {
-                    node.fence.extend_to(lease.leadership.valid_until);
-                    lease.next_renewal = now + std::time::Duration::from_millis(LEASE_TTL_MS / 4);
-                }
-                Ok(false) => return self.lose("etcd expired our lease"),
-                // Unreachable: retry at the next poll.
-                Err(_) => {}
-            }
-        }
-        let lease = node.lease.as_ref().expect("checked");
-        if self.mono.now() >= lease.leadership.valid_until {
-            return self.lose("could not renew the lease in time");
+        let polled = etcd::now(lease.lease.poll(&self.elections[node.id], &node.fence, &self.mono));
+        if let Err(reason) = polled {
+            return self.lose(reason);
         }
         self.keep_sync_set()
     }
@@ -1114,7 +1096,7 @@ impl Sim {
         if let Some(desired) = plan.change {
             node.wal.send(WalMsg::SyncSet(None));
             lease.told = Some(None);
-            match etcd::now(self.elections[node.id].write_sync_set(lease.leadership.term, &desired)) {
+            match etcd::now(self.elections[node.id].write_sync_set(lease.lease.leadership.term, &desired)) {
                 Ok(true) => {
                     changed = Some(desired.clone());
                     lease.set = desired;
@@ -1184,7 +1166,7 @@ impl Sim {
         let Some(leadership) = successor else { return self.lead_tick() };
         let mut old = self.node.take().expect("a leader");
         let old_id = old.id;
-        let old_term = old.lease.as_ref().map_or(0, |l| l.leadership.term);
+        let old_term = old.lease.as_ref().map_or(0, |l| l.lease.leadership.term);
         // The stalled writer's release runs first (its own thread in the
         // server).
         let _ = old.wal.flush();
@@ -1196,7 +1178,7 @@ impl Sim {
             ));
         }
         // Its manager's next poll: the renewal fails, it exits to rejoin.
-        let renewed = old.lease.as_mut().map(|l| etcd::now(self.elections[old.id].renew(&mut l.leadership)));
+        let renewed = old.lease.as_mut().map(|l| etcd::now(self.elections[old.id].renew(&mut l.lease.leadership)));
         if matches!(renewed, Some(Ok(true))) {
             return Err(format!("etcd renewed the lease of term {old_term} after term {} began", leadership.term));
         }
