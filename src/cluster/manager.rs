@@ -394,7 +394,7 @@ impl LeaseKeeper {
 
 /// The leader's synchronous set, kept in etcd and in the log writer. The
 /// policy ([`SyncKeeper::plan`]) is plain code over what the leader knows
-/// of its standbys, so the simulator runs it too; [`SyncKeeper::keep`]
+/// of its standbys, so the simulator runs it too; `keep`
 /// carries its decisions out (etcd, the writer, the router).
 pub struct SyncKeeper {
     wanted: usize,

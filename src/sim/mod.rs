@@ -1,6 +1,7 @@
-//! Deterministic simulation of one node (SIMULATION.md): the real engine,
-//! shard cycles, log writer, segments, snapshots, checkpoints and recovery,
-//! on a simulated disk ([`disk::SimDisk`]) with a simulated clock, driven by
+//! Deterministic simulation of a stampede cluster (SIMULATION.md): the
+//! real engine, shard cycles, log writer, segments, snapshots, checkpoints,
+//! recovery and replication of a leader and one or two standbys, on
+//! simulated disks ([`disk::SimDisk`]) with a simulated clock, driven by
 //! one seeded PRNG in one thread, with many clients, faults and checks
 //! against a plain model after every step.
 //!
@@ -8,15 +9,16 @@
 //! the same trace (its digest is in the report), so a failure replays with
 //! `stampede-sim --seed S`.
 //!
-//! With a standby (the default), who leads is decided by the real
-//! election ([`crate::cluster::election`]) against a model of etcd
-//! ([`etcd::SimEtcd`]), with leases on simulated monotonic time and the log
-//! writer's real fence.
+//! Who leads is decided by the real election ([`crate::cluster::election`])
+//! against a model of etcd ([`etcd::SimEtcd`]), with the manager's lease
+//! and synchronous-set rules (`LeaseKeeper`, `SyncKeeper`) on simulated
+//! monotonic time and the log writer's real fence; the reconciler's rows
+//! (`stampede_protocol::ledger`) follow the committed log.
 //!
 //! Not simulated yet (SIMULATION.md, "Not covered"): the connection layer
 //! (framing, auth, rate limits, the sold-out fast path), hot shards, the
-//! manager's own loop (the simulator drives its steps), more than one
-//! standby.
+//! manager's own async loop (the simulator calls its decisions in its
+//! order), more than two standbys.
 
 pub mod disk;
 pub mod etcd;
@@ -161,8 +163,9 @@ pub struct SimConfig {
     /// power losses must catch it losing acknowledged reservations: the
     /// test that the checks can fail.
     pub durability: Durability,
-    /// A synchronous standby follows the leader's log: replies wait for
-    /// it, and a leader crash may fail over to it.
+    /// A cluster: one or two standbys (by the seed) follow the leader's
+    /// log, replies wait for the synchronous one, and who leads is
+    /// decided through etcd. `false`: a lone node.
     pub standby: bool,
 }
 
