@@ -134,69 +134,6 @@ impl Etcd {
         Ok((status, bytes))
     }
 
-    /// The key, if it exists.
-    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, EtcdError> {
-        let reply = self.call("/v3/kv/range", json!({ "key": b64(key.as_bytes()) })).await?;
-        match reply.get("kvs").and_then(Value::as_array).and_then(|kvs| kvs.first()) {
-            Some(kv) => Ok(Some(parse_kv(kv)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Every key under `prefix`.
-    pub async fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>, EtcdError> {
-        let mut end = prefix.as_bytes().to_vec();
-        *end.last_mut().expect("a non-empty prefix") += 1;
-        let reply = self.call("/v3/kv/range", json!({ "key": b64(prefix.as_bytes()), "range_end": b64(&end) })).await?;
-        reply.get("kvs").and_then(Value::as_array).map_or(Ok(Vec::new()), |kvs| kvs.iter().map(parse_kv).collect())
-    }
-
-    /// Put `value` at `key`, attached to `lease` (0: none); the revision.
-    pub async fn put(&self, key: &str, value: &[u8], lease: i64) -> Result<i64, EtcdError> {
-        let mut body = json!({ "key": b64(key.as_bytes()), "value": b64(value) });
-        if lease != 0 {
-            body["lease"] = json!(lease.to_string());
-        }
-        let reply = self.call("/v3/kv/put", body).await?;
-        Ok(reply.get("header").and_then(|h| h.get("revision")).map_or(0, int))
-    }
-
-    /// Create `key` = `value` (with `lease`) only if it does not exist: the
-    /// campaign. `Some(revision)` of the creation if this call created it.
-    pub async fn create(&self, key: &str, value: &[u8], lease: i64) -> Result<Option<i64>, EtcdError> {
-        let mut put = json!({ "key": b64(key.as_bytes()), "value": b64(value) });
-        if lease != 0 {
-            put["lease"] = json!(lease.to_string());
-        }
-        let body = json!({
-            "compare": [{ "target": "CREATE", "key": b64(key.as_bytes()), "create_revision": "0" }],
-            "success": [{ "request_put": put }],
-        });
-        let reply = self.call("/v3/kv/txn", body).await?;
-        let succeeded = reply.get("succeeded").and_then(Value::as_bool).unwrap_or(false);
-        Ok(succeeded.then(|| reply.get("header").and_then(|h| h.get("revision")).map_or(0, int)))
-    }
-
-    /// Put `key` = `value` only while `guard` still has `create_revision`
-    /// (the writer still holds the key it created: a leader writing under
-    /// its own term). Whether it was written.
-    pub async fn put_if_created_at(
-        &self,
-        guard: &str,
-        create_revision: i64,
-        key: &str,
-        value: &[u8],
-    ) -> Result<bool, EtcdError> {
-        let body = json!({
-            "compare": [{
-                "target": "CREATE", "key": b64(guard.as_bytes()), "create_revision": create_revision.to_string(),
-            }],
-            "success": [{ "request_put": { "key": b64(key.as_bytes()), "value": b64(value) } }],
-        });
-        let reply = self.call("/v3/kv/txn", body).await?;
-        Ok(reply.get("succeeded").and_then(Value::as_bool).unwrap_or(false))
-    }
-
     /// Delete `key` only while it has `create_revision` (a leader giving up
     /// its own key, never a successor's).
     pub async fn delete_if_created_at(&self, key: &str, create_revision: i64) -> Result<bool, EtcdError> {
@@ -207,33 +144,12 @@ impl Etcd {
         let reply = self.call("/v3/kv/txn", body).await?;
         Ok(reply.get("succeeded").and_then(Value::as_bool).unwrap_or(false))
     }
-
-    /// A new lease of `ttl` seconds; its id.
-    pub async fn grant(&self, ttl_s: u64) -> Result<i64, EtcdError> {
-        let reply = self.call("/v3/lease/grant", json!({ "TTL": ttl_s.to_string() })).await?;
-        match reply.get("ID").map(int) {
-            Some(id) if id != 0 => Ok(id),
-            _ => Err(EtcdError::Malformed(format!("lease grant without an id: {reply}"))),
-        }
-    }
-
-    /// Renew a lease once; `false` if etcd no longer has it (it expired).
-    pub async fn keep_alive(&self, lease: i64) -> Result<bool, EtcdError> {
-        let reply = self.call("/v3/lease/keepalive", json!({ "ID": lease.to_string() })).await?;
-        let result = reply.get("result").unwrap_or(&reply);
-        Ok(result.get("TTL").map_or(0, int) > 0)
-    }
-
-    /// Give a lease up (its keys go at once).
-    pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
-        self.call("/v3/lease/revoke", json!({ "ID": lease.to_string() })).await.map(|_| ())
-    }
 }
 
 /// The etcd operations the election uses, as a seam: the server runs them
 /// against etcd ([`Etcd`]), the simulator against its own model of etcd's
 /// keys, revisions and leases (`sim/etcd.rs`), so the election's real code
-/// runs in both. The meaning of each is the [`Etcd`] method of that name.
+/// runs in both. Each operation is documented on etcd's implementation.
 pub trait Kv: Send + Sync + 'static {
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<KeyValue>, EtcdError>> + Send;
     fn get_prefix(&self, prefix: &str) -> impl Future<Output = Result<Vec<KeyValue>, EtcdError>> + Send;
@@ -257,39 +173,87 @@ pub trait Kv: Send + Sync + 'static {
 }
 
 impl Kv for Etcd {
-    fn get(&self, key: &str) -> impl Future<Output = Result<Option<KeyValue>, EtcdError>> + Send {
-        Etcd::get(self, key)
+    /// The key, if it exists.
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, EtcdError> {
+        let reply = self.call("/v3/kv/range", json!({ "key": b64(key.as_bytes()) })).await?;
+        match reply.get("kvs").and_then(Value::as_array).and_then(|kvs| kvs.first()) {
+            Some(kv) => Ok(Some(parse_kv(kv)?)),
+            None => Ok(None),
+        }
     }
-    fn get_prefix(&self, prefix: &str) -> impl Future<Output = Result<Vec<KeyValue>, EtcdError>> + Send {
-        Etcd::get_prefix(self, prefix)
+
+    /// Every key under `prefix`.
+    async fn get_prefix(&self, prefix: &str) -> Result<Vec<KeyValue>, EtcdError> {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a non-empty prefix") += 1;
+        let reply = self.call("/v3/kv/range", json!({ "key": b64(prefix.as_bytes()), "range_end": b64(&end) })).await?;
+        reply.get("kvs").and_then(Value::as_array).map_or(Ok(Vec::new()), |kvs| kvs.iter().map(parse_kv).collect())
     }
-    fn put(&self, key: &str, value: &[u8], lease: i64) -> impl Future<Output = Result<i64, EtcdError>> + Send {
-        Etcd::put(self, key, value, lease)
+
+    /// Put `value` at `key`, attached to `lease` (0: none); the revision.
+    async fn put(&self, key: &str, value: &[u8], lease: i64) -> Result<i64, EtcdError> {
+        let mut body = json!({ "key": b64(key.as_bytes()), "value": b64(value) });
+        if lease != 0 {
+            body["lease"] = json!(lease.to_string());
+        }
+        let reply = self.call("/v3/kv/put", body).await?;
+        Ok(reply.get("header").and_then(|h| h.get("revision")).map_or(0, int))
     }
-    fn create(
-        &self,
-        key: &str,
-        value: &[u8],
-        lease: i64,
-    ) -> impl Future<Output = Result<Option<i64>, EtcdError>> + Send {
-        Etcd::create(self, key, value, lease)
+
+    /// Create `key` = `value` (with `lease`) only if it does not exist: the
+    /// campaign. `Some(revision)` of the creation if this call created it.
+    async fn create(&self, key: &str, value: &[u8], lease: i64) -> Result<Option<i64>, EtcdError> {
+        let mut put = json!({ "key": b64(key.as_bytes()), "value": b64(value) });
+        if lease != 0 {
+            put["lease"] = json!(lease.to_string());
+        }
+        let body = json!({
+            "compare": [{ "target": "CREATE", "key": b64(key.as_bytes()), "create_revision": "0" }],
+            "success": [{ "request_put": put }],
+        });
+        let reply = self.call("/v3/kv/txn", body).await?;
+        let succeeded = reply.get("succeeded").and_then(Value::as_bool).unwrap_or(false);
+        Ok(succeeded.then(|| reply.get("header").and_then(|h| h.get("revision")).map_or(0, int)))
     }
-    fn put_if_created_at(
+
+    /// Put `key` = `value` only while `guard` still has `create_revision`
+    /// (the writer still holds the key it created: a leader writing under
+    /// its own term). Whether it was written.
+    async fn put_if_created_at(
         &self,
         guard: &str,
         create_revision: i64,
         key: &str,
         value: &[u8],
-    ) -> impl Future<Output = Result<bool, EtcdError>> + Send {
-        Etcd::put_if_created_at(self, guard, create_revision, key, value)
+    ) -> Result<bool, EtcdError> {
+        let body = json!({
+            "compare": [{
+                "target": "CREATE", "key": b64(guard.as_bytes()), "create_revision": create_revision.to_string(),
+            }],
+            "success": [{ "request_put": { "key": b64(key.as_bytes()), "value": b64(value) } }],
+        });
+        let reply = self.call("/v3/kv/txn", body).await?;
+        Ok(reply.get("succeeded").and_then(Value::as_bool).unwrap_or(false))
     }
-    fn grant(&self, ttl_s: u64) -> impl Future<Output = Result<i64, EtcdError>> + Send {
-        Etcd::grant(self, ttl_s)
+
+    /// A new lease of `ttl` seconds; its id.
+    async fn grant(&self, ttl_s: u64) -> Result<i64, EtcdError> {
+        let reply = self.call("/v3/lease/grant", json!({ "TTL": ttl_s.to_string() })).await?;
+        match reply.get("ID").map(int) {
+            Some(id) if id != 0 => Ok(id),
+            _ => Err(EtcdError::Malformed(format!("lease grant without an id: {reply}"))),
+        }
     }
-    fn keep_alive(&self, lease: i64) -> impl Future<Output = Result<bool, EtcdError>> + Send {
-        Etcd::keep_alive(self, lease)
+
+    /// Renew a lease once; `false` if etcd no longer has it (it expired).
+    async fn keep_alive(&self, lease: i64) -> Result<bool, EtcdError> {
+        let reply = self.call("/v3/lease/keepalive", json!({ "ID": lease.to_string() })).await?;
+        let result = reply.get("result").unwrap_or(&reply);
+        Ok(result.get("TTL").map_or(0, int) > 0)
     }
-    fn revoke(&self, lease: i64) -> impl Future<Output = Result<(), EtcdError>> + Send {
-        Etcd::revoke(self, lease)
+
+    /// Give a lease up (its keys go at once).
+    async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
+        self.call("/v3/lease/revoke", json!({ "ID": lease.to_string() })).await.map(|_| ())
     }
 }

@@ -101,13 +101,6 @@ impl SimEtcd {
         self.state.lock().cut_until_ms.clear();
     }
 
-    /// The leader key's creation revision (the term), if the key exists.
-    pub fn created_at(&self, key: &str) -> Option<i64> {
-        let mut state = self.state.lock();
-        self.expire(&mut state);
-        state.keys.get(key).map(|k| k.create_revision)
-    }
-
     /// Expire the leases etcd's clock has passed, and their keys.
     fn expire(&self, state: &mut State) {
         let now = self.now_ms();

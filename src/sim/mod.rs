@@ -1515,22 +1515,11 @@ impl Sim {
                     self.report.tails_cut += 1;
                 }
                 self.trace(|| format!("{} rejoins: keeps its log to {keep} of {last}", NODE_IDS[id]));
-                let mut mount = mount;
-                for attempt in 1..=START_ATTEMPTS_MAX {
-                    match self.open_standby(id, disk.clone(), mount) {
-                        Ok(()) => {
-                            if self.standbys.iter().any(|s| s.id == id && s.cursor.is_none()) {
-                                // The leader's log no longer starts there.
-                                return self.rebuild_standby(id);
-                            }
-                            return Ok(());
-                        }
-                        Err((_, back)) if attempt < START_ATTEMPTS_MAX => {
-                            mount = back;
-                            disk.kill();
-                        }
-                        Err(_) => break,
-                    }
+                // The leader's log may no longer start where it goes on.
+                let following = self.open_standby_retrying(id, disk, mount).is_ok()
+                    && self.standbys.iter().any(|s| s.id == id && s.cursor.is_some());
+                if following {
+                    return Ok(());
                 }
                 self.rebuild_standby(id)
             }

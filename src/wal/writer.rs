@@ -337,10 +337,6 @@ pub struct ManualWal {
 }
 
 impl ManualWal {
-    pub fn open(config: WalConfig, next_lsn: u64) -> std::io::Result<ManualWal> {
-        Self::open_fenced(config, next_lsn, Arc::new(Fence::default()))
-    }
-
     /// With a lease fence on the simulator's clock: replies leave only
     /// while it is open (a leader's writer).
     pub fn open_fenced(config: WalConfig, next_lsn: u64, fence: Arc<Fence>) -> std::io::Result<ManualWal> {
