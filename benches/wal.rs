@@ -116,9 +116,9 @@ fn write_log(dir: &std::path::Path, events: u64) -> u64 {
         let sku = 1 + n % skus;
         engine.reserve(&Reserve { sku, user: n, qty: 1, reservation_id: id }, 2, &mut batch);
         if n % 4 == 3 {
-            engine.release(id, 3, &mut batch);
+            engine.release(sku, id, 3, &mut batch);
         } else {
-            engine.confirm(id, &Bytes::from_static(b"pi_3NxYz"), 3, &mut batch);
+            engine.confirm(sku, id, &Bytes::from_static(b"pi_3NxYz"), 3, &mut batch);
         }
         if batch.len() >= 4000 {
             written += batch.len() as u64;

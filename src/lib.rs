@@ -9,6 +9,8 @@
 //!   every apply. [`engine::directory`] maps reservation ids to SKUs.
 //! - [`shard`]: shard threads (one engine each, bounded queue, expiry tick)
 //!   and the [`shard::Router`] that maps a SKU to its shard and gauge.
+//! - [`placement`]: the demand monitor that moves a sale outgrowing its
+//!   pool shard to a shard of its own, and back when it cools.
 //! - [`sink`]: where a shard hands its events; replies are released by the
 //!   sink once the events are logged.
 //! - [`server`]: TCP accept loop, auth, and per-connection reader/writer;
@@ -45,6 +47,7 @@ pub mod engine;
 pub mod limits;
 pub mod memory;
 pub mod node;
+pub mod placement;
 pub mod recovery;
 pub mod server;
 pub mod shard;

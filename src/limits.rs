@@ -84,6 +84,50 @@ pub const RESERVATION_TTL_MS_DEFAULT: u64 = 10 * 60 * 1000;
 /// and ideally a core; more than this is a configuration mistake.
 pub const HOT_SHARDS_MAX: usize = 64;
 
+// ----------------------------------------------------------- placement
+// The demand monitor (`src/placement.rs`) moves a sale to a shard of its
+// own when it outgrows its pool shard, and back when it cools.
+
+/// Operations a shard holds for a sale on its way to it (a move): the
+/// ones arriving while the old shard finishes what it has. Past this,
+/// `busy` with `BUSY_RETRY_AFTER_MS`. A move takes well under a
+/// millisecond, so this is only reached if the old shard is far behind.
+pub const MOVE_HELD_OPS_MAX: usize = 64 * 1024;
+
+/// How often the monitor reads the shards' demand counters.
+pub const PLACEMENT_INTERVAL_MS: u64 = 250;
+
+/// A sale deciding this many operations a second on a pool shard is
+/// promoted whatever its share: at this rate it is a drop, not an
+/// ordinary product, and its stampede should not queue other SKUs.
+pub const PROMOTE_OPS_PER_S_DEFAULT: u64 = 50_000;
+
+/// ...or a sale taking at least this share (percent) of the decisions
+/// of a pool shard that is saturated: busy at least
+/// `SATURATED_BUSY_PERCENT` of the time, or refusing requests `busy`.
+pub const PROMOTE_SHARE_PERCENT: u64 = 50;
+pub const SATURATED_BUSY_PERCENT: u64 = 70;
+
+/// The condition must hold this many intervals in a row (one interval's
+/// burst is not a trend): 2 x 250 ms, so a sale that turns hot is moved
+/// within about a second.
+pub const PROMOTE_AFTER_INTERVALS: u32 = 2;
+
+/// A sale the monitor promoted goes back to the pool once it decides
+/// fewer than this many operations a second (a tenth of the promotion
+/// rate: the gap is the hysteresis) ...
+pub const DEMOTE_OPS_PER_S_DEFAULT: u64 = 5_000;
+
+/// ... for this long without a break.
+pub const DEMOTE_AFTER_MS_DEFAULT: u64 = 30_000;
+
+/// Dedicated shards the monitor may hold at once, by default: half the
+/// cores (at least one), leaving the rest to the pool, the connections
+/// and the log writer. Admins may place more (up to `HOT_SHARDS_MAX`).
+pub fn auto_dedicated_default(cores: usize) -> usize {
+    (cores / 2).max(1)
+}
+
 /// Reservation ids a server's id directory is sized for in its first tier
 /// (at most half full, so probes stay short); more go on in further tiers
 /// (engine/directory.rs). 1M ids: 2M slots of 32 bytes (64 MiB, faulted in

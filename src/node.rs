@@ -32,6 +32,8 @@ pub struct NodeConfig {
     /// Shards for ordinary SKUs.
     pub pool_shards: usize,
     pub pin_hot_shards: bool,
+    /// The demand monitor (which sales get a shard of their own).
+    pub placement: crate::placement::PlacementConfig,
     /// The data dir, durability mode and group-commit bounds.
     pub wal: WalConfig,
     pub snapshot_interval: Duration,
@@ -64,6 +66,7 @@ impl NodeConfig {
             tokens,
             pool_shards: 1,
             pin_hot_shards: true,
+            placement: crate::placement::PlacementConfig::defaults(crate::placement::cores()),
             wal: WalConfig::new(data_dir),
             snapshot_interval: Duration::from_secs(300),
             retention: Retention::Consumer,
@@ -194,6 +197,7 @@ impl Node {
         server_config.defer_router = start.is_some();
         server_config.cluster = cluster.clone();
         server_config.pin_hot_shards = config.pin_hot_shards;
+        server_config.placement = config.placement;
         server_config.clock = config.clock;
         server_config.sinks = if start.is_some() { Box::new(|_| unreachable_sink()) } else { wal.sink_factory() };
         server_config.log = Some(log);

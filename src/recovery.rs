@@ -137,6 +137,9 @@ impl Slot {
 /// Routes SKUs to engines exactly as the live router does.
 struct Loader {
     engines: Engines,
+    /// Reservations the log is expected to hold and no sale has room for
+    /// yet: a sale created in replay takes room for up to its stock.
+    reservations_estimate: usize,
     /// Looked up once per replayed event: a fast hasher, not SipHash.
     slots: std::collections::HashMap<u64, Slot, foldhash::fast::RandomState>,
     /// Directory claims of replayed reservations, not yet made.
@@ -167,15 +170,10 @@ impl Loader {
         let directory = ReservationDirectory::with_capacity(capacity);
         let directory = Arc::new(if serving.is_some() { directory.prefaulted() } else { directory });
         let pool_shards = pool_shards.max(1);
-        let pool = (0..pool_shards)
-            .map(|_| {
-                let mut engine = Engine::new(directory.clone());
-                engine.reserve_capacity(reservations_estimate / pool_shards);
-                engine
-            })
-            .collect();
+        let pool = (0..pool_shards).map(|_| Engine::new(directory.clone())).collect();
         Loader {
             engines: Engines { directory, pool, hot: Vec::new() },
+            reservations_estimate,
             slots: Default::default(),
             claims: Vec::new(),
             terms: Vec::new(),
@@ -214,17 +212,51 @@ impl Loader {
 
     fn apply(&mut self, lsn: u64, event: &Event) {
         let slot = match *event {
-            Event::SaleCreated { sku, hot, .. } => self.new_slot(sku, hot),
+            Event::SaleCreated { sku, hot, stock, .. } => {
+                let slot = self.new_slot(sku, hot);
+                let engine = slot.engine_mut(&mut self.engines);
+                engine.apply(event);
+                // The estimate is shared out as sales are created, so many
+                // sales never presize for more than the log holds.
+                let presize = usize::try_from(stock).unwrap_or(usize::MAX).min(self.reservations_estimate);
+                self.reservations_estimate -= presize;
+                engine.reserve_capacity(sku, presize);
+                return;
+            }
             Event::TermStarted { term, .. } => {
                 self.terms.push((term, lsn));
                 return;
             }
+            Event::SaleMoved { sku, dedicated, .. } => return self.apply_moved(sku, dedicated, event),
             _ => {
                 let sku = event.sku().expect("every other event has a sku");
                 *self.slots.get(&sku).unwrap_or_else(|| panic!("event for unknown sku: {event:?}"))
             }
         };
         slot.engine_mut(&mut self.engines).apply_deferring_claim(event, &mut self.claims);
+    }
+
+    /// SALE_MOVED: the sale's new placement, then its state handed to the
+    /// engine the live router would have moved it to (a shard of its own,
+    /// or its pool shard). An emptied hot engine stays empty; the router
+    /// starts no shard for it.
+    fn apply_moved(&mut self, sku: u64, dedicated: bool, event: &Event) {
+        let from = *self.slots.get(&sku).unwrap_or_else(|| panic!("event for unknown sku: {event:?}"));
+        let engine = from.engine_mut(&mut self.engines);
+        engine.apply(event);
+        if matches!(from, Slot::Hot(_)) == dedicated {
+            // A change of pin only.
+            return;
+        }
+        let moving = engine.take_sale(sku).expect("the slot's engine holds the sale");
+        let to = if dedicated {
+            self.engines.hot.push(Engine::new(self.engines.directory.clone()));
+            Slot::Hot(self.engines.hot.len() - 1)
+        } else {
+            Slot::Pool(pool_index(sku, self.engines.pool.len()))
+        };
+        to.engine_mut(&mut self.engines).put_sale(moving);
+        self.slots.insert(sku, to);
     }
 
     /// Start loading what applying `event` will miss on (a hint).
@@ -256,7 +288,7 @@ impl Replica {
         for (i, engine) in engines.hot.iter().enumerate() {
             slots.extend(engine.skus().map(|sku| (sku, Slot::Hot(i))));
         }
-        Replica { loader: Loader { engines, slots, claims: Vec::new(), terms: Vec::new() }, last_lsn }
+        Replica { loader: Loader { engines, reservations_estimate: 0, slots, claims: Vec::new(), terms: Vec::new() }, last_lsn }
     }
 
     /// Apply consecutive records, the first being the next one, as replay

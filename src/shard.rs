@@ -11,7 +11,7 @@
 //! bounded channel gives a cheap `try_send` that fails fast when full, which
 //! is exactly the `busy` signal.
 
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -25,10 +25,10 @@ use stampede_protocol::Status;
 use tokio::sync::oneshot;
 
 use crate::clock::Clock;
-use crate::engine::{Engine, ReservationDirectory, SkuGauge, RESERVE_PREFETCH_AHEAD};
+use crate::engine::{Engine, MovingSale, ReservationDirectory, SkuGauge, RESERVE_PREFETCH_AHEAD};
 use crate::limits::{
-    BUSY_RETRY_AFTER_MS, EXPIRY_TICK_MS, HOT_SHARDS_MAX, SHARD_CYCLE_OPS_MAX, SHARD_QUEUE_MESSAGES_MAX,
-    SHARD_QUEUE_OPS_MAX,
+    BUSY_RETRY_AFTER_MS, EXPIRY_TICK_MS, HOT_SHARDS_MAX, MOVE_HELD_OPS_MAX, SHARD_CYCLE_OPS_MAX,
+    SHARD_QUEUE_MESSAGES_MAX, SHARD_QUEUE_OPS_MAX,
 };
 use crate::server::conn::Outbound;
 use crate::sink::{AdminResult, ConnTx, Delivery, LogSink};
@@ -46,13 +46,36 @@ pub enum AdminCmd {
     Create(SaleCreate),
     Restock { sku: u64, qty: u64 },
     SetPaused { sku: u64, paused: bool },
+    /// Log a new pin for a sale that stays where it is (a move to where
+    /// it already runs).
+    Place { sku: u64, dedicated: bool, pinned: bool },
+}
+
+impl AdminCmd {
+    pub fn sku(&self) -> u64 {
+        match self {
+            AdminCmd::Create(create) => create.sku,
+            AdminCmd::Restock { sku, .. } | AdminCmd::SetPaused { sku, .. } | AdminCmd::Place { sku, .. } => *sku,
+        }
+    }
 }
 
 /// One sale operation bound for a shard.
 pub enum SaleOp {
     Reserve(Reserve),
-    Confirm { reservation_id: u128, payment_ref: Bytes },
-    Release { reservation_id: u128 },
+    /// `sku`: the reservation's, from the id directory.
+    Confirm { sku: u64, reservation_id: u128, payment_ref: Bytes },
+    Release { sku: u64, reservation_id: u128 },
+}
+
+impl SaleOp {
+    /// The SKU it acts on.
+    pub fn sku(&self) -> u64 {
+        match self {
+            SaleOp::Reserve(op) => op.sku,
+            SaleOp::Confirm { sku, .. } | SaleOp::Release { sku, .. } => *sku,
+        }
+    }
 }
 
 /// Where an operation's outcome goes on its connection: a frame of its own,
@@ -101,6 +124,32 @@ pub enum ShardMsg {
     Digest {
         done: oneshot::Sender<std::collections::BTreeMap<u64, u64>>,
     },
+    /// Sale `sku` is on its way here (a move): hold its requests until
+    /// it arrives (`MoveIn`), up to `MOVE_HELD_OPS_MAX` operations.
+    Expect {
+        sku: u64,
+    },
+    /// Give sale `sku` up to `to`: decided after everything queued before
+    /// it, logged as SALE_MOVED (with `dedicated` and `pinned`), handed
+    /// over with `MoveIn` once that cycle is with the log; what arrives
+    /// for the SKU afterwards is forwarded to `to`. `done` answers once
+    /// the move is logged; `installed` says when `to` took the sale.
+    MoveOut {
+        sku: u64,
+        to: Arc<ShardHandle>,
+        dedicated: bool,
+        pinned: bool,
+        done: oneshot::Sender<AdminResult>,
+        installed: oneshot::Sender<std::time::Instant>,
+    },
+    /// The sale a `MoveOut` gave up (`None`: the old shard did not have
+    /// it; the requests held for it are refused `busy`, to be retried
+    /// where the router points again).
+    MoveIn {
+        sku: u64,
+        sale: Option<MovingSale>,
+        installed: oneshot::Sender<std::time::Instant>,
+    },
     /// Finish this cycle, hand it to the sink, say so on `done`, then
     /// answer everything that still arrives `shutting_down` until every
     /// sender is gone (so no request read by a connection goes unanswered).
@@ -143,7 +192,12 @@ impl ShardMsg {
         match self {
             ShardMsg::Ops { ops, .. } => ops.len(),
             ShardMsg::Status { .. } | ShardMsg::Ticket { .. } => 1,
-            ShardMsg::Admin { .. } | ShardMsg::Digest { .. } | ShardMsg::Shutdown { .. } => 0,
+            ShardMsg::Admin { .. }
+            | ShardMsg::Digest { .. }
+            | ShardMsg::Shutdown { .. }
+            | ShardMsg::Expect { .. }
+            | ShardMsg::MoveOut { .. }
+            | ShardMsg::MoveIn { .. } => 0,
         }
     }
 
@@ -165,11 +219,13 @@ impl ShardMsg {
                 let ticket = QueueTicket { estimated_wait_ms: retry_after_ms, ..QueueTicket::of(status) };
                 reply.send(if join { Opcode::Join } else { Opcode::Poll }, Reply::Ticket(ticket))
             }
-            ShardMsg::Admin { done, .. } => {
+            ShardMsg::Admin { done, .. } | ShardMsg::MoveOut { done, .. } => {
                 let _ = done.send((Outcome::of(status), None));
             }
-            // Dropping `done` tells the waiter there is no digest.
-            ShardMsg::Digest { .. } | ShardMsg::Shutdown { .. } => {}
+            // Dropping `done` tells the waiter there is no digest. (A
+            // refused move: the server is stopping, and its state is in
+            // the log.)
+            ShardMsg::Digest { .. } | ShardMsg::Shutdown { .. } | ShardMsg::Expect { .. } | ShardMsg::MoveIn { .. } => {}
         }
     }
 }
@@ -195,6 +251,8 @@ pub struct ShardHandle {
     /// Operations queued and not yet taken by the shard (see
     /// `SHARD_QUEUE_OPS_MAX`): added by `submit`, taken off by the shard.
     queued_ops: Arc<AtomicUsize>,
+    /// How busy the shard is (the demand monitor reads it).
+    pub stats: Arc<ShardStats>,
     /// The shard thread; it ends once every sender is gone.
     pub thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -213,12 +271,14 @@ impl ShardHandle {
         // (A message bigger than the bound still goes into an empty queue.)
         if before > 0 && before + ops > SHARD_QUEUE_OPS_MAX {
             self.queued_ops.fetch_sub(ops, Ordering::Relaxed);
+            self.stats.refused_busy.fetch_add(ops as u64, Ordering::Relaxed);
             return msg.refuse(Status::Busy);
         }
         match self.tx.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Full(msg)) => {
                 self.queued_ops.fetch_sub(ops, Ordering::Relaxed);
+                self.stats.refused_busy.fetch_add(ops as u64, Ordering::Relaxed);
                 msg.refuse(Status::Busy)
             }
             Err(TrySendError::Disconnected(msg)) => {
@@ -232,6 +292,36 @@ impl ShardHandle {
     pub fn queue_len(&self) -> usize {
         self.queued_ops.load(Ordering::Relaxed)
     }
+
+    /// Queue a message another shard passed on (a request for a sale that
+    /// moved here): counted as a request, `busy` if the queue is full.
+    /// Never waits: two shards passing on to each other must not block.
+    fn pass_on(&self, msg: ShardMsg) {
+        let ops = msg.queued_ops();
+        self.queued_ops.fetch_add(ops, Ordering::Relaxed);
+        if let Err(e) = self.tx.try_send(msg) {
+            self.queued_ops.fetch_sub(ops, Ordering::Relaxed);
+            let status = if e.is_full() { Status::Busy } else { Status::ShuttingDown };
+            e.into_inner().refuse(status);
+        }
+    }
+
+    /// Send a control message around the queue bound (admin commands,
+    /// moves): it waits for room rather than being refused.
+    fn send_control(&self, msg: ShardMsg) -> bool {
+        self.tx.send(msg).is_ok()
+    }
+}
+
+/// What the demand monitor reads about a shard. Single writer for
+/// `busy_ns` (the shard thread); `refused_busy` is added to by the
+/// connections that find the queue full, which is the rare path.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Nanoseconds spent in cycles that had work.
+    pub busy_ns: AtomicU64,
+    /// Operations answered `busy` because the queue was full.
+    pub refused_busy: AtomicU64,
 }
 
 /// Builds the log sink of each new shard.
@@ -258,6 +348,29 @@ pub struct Router {
     admin: tokio::sync::Mutex<()>,
     /// Shared with every shard handle (see `ShardHandle::refusing`).
     refusing: Arc<AtomicU16>,
+    /// Moves made and the demand the monitor last saw.
+    pub placement: crate::placement::PlacementStats,
+    /// The id the next dedicated shard gets (ids are never reused: a
+    /// retired shard's thread may still be passing requests on).
+    next_shard_id: AtomicUsize,
+}
+
+/// How a move went: the admin's outcome, and how long the SKU's requests
+/// were held (from the route switch to the new shard having the sale;
+/// `None` if nothing moved).
+#[derive(Clone, Copy, Debug)]
+pub struct MoveResult {
+    pub outcome: Outcome,
+    pub took: Option<Duration>,
+}
+
+impl MoveResult {
+    fn of(status: Status) -> Self {
+        MoveResult { outcome: Outcome::of(status), took: None }
+    }
+    fn of_outcome(outcome: Outcome) -> Self {
+        MoveResult { outcome, took: None }
+    }
 }
 
 impl Router {
@@ -282,14 +395,17 @@ impl Router {
             shard
         };
         let pool: Vec<_> = pool_engines.into_iter().enumerate().map(|(id, e)| spawn(id, false, None, e)).collect();
+        // (A hot engine whose sale moved back to the pool is empty.)
         let hot: Vec<_> = hot_engines
             .into_iter()
+            .filter(|e| e.skus().next().is_some())
             .enumerate()
             .map(|(i, e)| {
                 let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
                 spawn(pool.len() + i, true, core, e)
             })
             .collect();
+        let next_shard_id = AtomicUsize::new(pool.len() + hot.len());
         Arc::new(Router {
             routes,
             pool,
@@ -297,6 +413,8 @@ impl Router {
             directory,
             clock,
             sinks,
+            next_shard_id,
+            placement: Default::default(),
             cores,
             admin: tokio::sync::Mutex::new(()),
             refusing,
@@ -399,25 +517,109 @@ impl Router {
             return Outcome::of(status);
         }
         let shard = if cmd.hot {
-            let mut hot = self.hot.lock();
-            if hot.len() >= HOT_SHARDS_MAX {
-                return Outcome::of(Status::InvalidArgument);
+            match self.spawn_dedicated() {
+                Some(shard) => shard,
+                None => return Outcome::of(Status::InvalidArgument),
             }
-            let id = self.pool.len() + hot.len();
-            let core = (!self.cores.is_empty()).then(|| self.cores[hot.len() % self.cores.len()]);
-            let engine = Engine::new(self.directory.clone());
-            let sink = (self.sinks)(id);
-            let shard = spawn_shard(id, true, core, engine, self.clock.clone(), sink, self.refusing.clone());
-            hot.push(shard.clone());
-            shard
         } else {
             self.pool[pool_index(cmd.sku, self.pool.len())].clone()
         };
         let (outcome, gauge) = admin_call(&shard, AdminCmd::Create(cmd)).await;
         if let Some(gauge) = gauge.filter(|_| outcome.status == Status::Ok) {
             self.routes.pin().insert(cmd.sku, Arc::new(Route { shard, gauge }));
+        } else if cmd.hot {
+            self.retire_if_empty(&shard);
         }
         outcome
+    }
+
+    /// A new dedicated shard with an empty engine, pinned to the next core
+    /// (`None`: `HOT_SHARDS_MAX` are running).
+    fn spawn_dedicated(&self) -> Option<Arc<ShardHandle>> {
+        let mut hot = self.hot.lock();
+        if hot.len() >= HOT_SHARDS_MAX {
+            return None;
+        }
+        let id = self.next_shard_id.fetch_add(1, Ordering::Relaxed);
+        let core = (!self.cores.is_empty()).then(|| self.cores[hot.len() % self.cores.len()]);
+        let engine = Engine::new(self.directory.clone());
+        let sink = (self.sinks)(id);
+        let shard = spawn_shard(id, true, core, engine, self.clock.clone(), sink, self.refusing.clone());
+        hot.push(shard.clone());
+        Some(shard)
+    }
+
+    /// Forget a dedicated shard no route points to any more (its sale
+    /// moved back to the pool, or its creation failed): its thread ends
+    /// once the last request routed to it before is passed on.
+    fn retire_if_empty(&self, shard: &Arc<ShardHandle>) {
+        let in_use = self.routes.pin().values().any(|route| Arc::ptr_eq(&route.shard, shard));
+        if shard.hot && !in_use {
+            self.hot.lock().retain(|s| !Arc::ptr_eq(s, shard));
+        }
+    }
+
+    /// Dedicated shards running now.
+    pub fn dedicated_shards(&self) -> usize {
+        self.hot.lock().len()
+    }
+
+    /// Admin or monitor: move sale `sku` to a shard of its own
+    /// (`dedicated`) or back to its pool shard, live. The old shard
+    /// decides everything queued for the SKU before the move, logs
+    /// SALE_MOVED and hands the sale's tables over (nothing is copied);
+    /// the new shard holds the SKU's requests that arrive meanwhile and
+    /// decides them, in order, once it has the sale. The gauge stays the
+    /// same, so the sold-out fast path answers throughout.
+    ///
+    /// `pinned`: an admin's placement, which the monitor then leaves
+    /// alone. A sale already placed as asked only has its pin logged.
+    pub async fn move_sale(&self, sku: u64, dedicated: bool, pinned: bool) -> MoveResult {
+        let _serial = self.admin.lock().await;
+        let Some(route) = self.route(sku) else {
+            return MoveResult::of(Status::UnknownSku);
+        };
+        if route.shard.hot == dedicated {
+            let cmd = AdminCmd::Place { sku, dedicated, pinned };
+            return MoveResult::of_outcome(admin_call(&route.shard, cmd).await.0);
+        }
+        let to = if dedicated {
+            match self.spawn_dedicated() {
+                Some(shard) => shard,
+                None => return MoveResult::of(Status::InvalidArgument),
+            }
+        } else {
+            self.pool[pool_index(sku, self.pool.len())].clone()
+        };
+        let from = route.shard.clone();
+        let started = std::time::Instant::now();
+        let (done, answer) = oneshot::channel();
+        let (installed, arrived) = oneshot::channel();
+        let expect = ShardMsg::Expect { sku };
+        let move_out = ShardMsg::MoveOut { sku, to: to.clone(), dedicated, pinned, done, installed };
+        // The new shard learns first, so it holds (rather than decides
+        // against no sale) what the switched route sends it.
+        let (to_, from_) = (to.clone(), from.clone());
+        let sent =
+            tokio::task::spawn_blocking(move || to_.send_control(expect) && from_.send_control(move_out)).await;
+        if !matches!(sent, Ok(true)) {
+            return MoveResult::of(Status::ShuttingDown);
+        }
+        self.routes.pin().insert(sku, Arc::new(Route { shard: to.clone(), gauge: route.gauge.clone() }));
+        let outcome = answer.await.map(|(outcome, _)| outcome).unwrap_or(Outcome::of(Status::ShuttingDown));
+        let installed_after = arrived.await.ok().map(|at| at.saturating_duration_since(started));
+        if outcome.status != Status::Ok {
+            // The old shard did not have it (cannot happen under the admin
+            // lock) or is stopping: point back.
+            self.routes.pin().insert(sku, route.clone());
+            self.retire_if_empty(&to);
+            return MoveResult { outcome, took: None };
+        }
+        self.retire_if_empty(&from);
+        if let Some(took) = installed_after {
+            self.placement.record_move(took);
+        }
+        MoveResult { outcome, took: installed_after }
     }
 
     /// Admin: restock, pause or resume an existing sale.
@@ -458,7 +660,8 @@ fn spawn_shard(
 ) -> Arc<ShardHandle> {
     let (tx, rx) = crossbeam_channel::bounded(SHARD_QUEUE_MESSAGES_MAX);
     let queued_ops = Arc::new(AtomicUsize::new(0));
-    let shard_queued_ops = queued_ops.clone();
+    let shard = ShardLoop::new(engine, clock, sink, queued_ops.clone());
+    let stats = shard.stats();
     let name = if hot { format!("shard-hot-{id}") } else { format!("shard-{id}") };
     let thread = std::thread::Builder::new()
         .name(name)
@@ -468,7 +671,6 @@ fn spawn_shard(
                     tracing::warn!(shard = id, core = core.id, "could not pin hot shard to its core");
                 }
             }
-            let shard = ShardLoop::new(engine, clock, sink, shard_queued_ops);
             if let Some(done) = shard.run(&rx) {
                 // Drain mode: nothing more is decided or logged. Whatever a
                 // connection queued after the stop is refused, until the
@@ -480,7 +682,7 @@ fn spawn_shard(
             }
         })
         .expect("spawn shard thread");
-    Arc::new(ShardHandle { id, hot, tx, refusing, queued_ops, thread: Mutex::new(Some(thread)) })
+    Arc::new(ShardHandle { id, hot, tx, refusing, queued_ops, stats, thread: Mutex::new(Some(thread)) })
 }
 
 /// A shard's state and its decision cycle. The shard thread runs it over
@@ -500,6 +702,17 @@ pub struct ShardLoop {
     reply_slots: std::collections::HashMap<u64, usize, RandomState>,
     /// Queue-start shuffle seeds.
     seeds: Box<dyn FnMut() -> u64 + Send>,
+    /// Busy time, for the demand monitor.
+    stats: Arc<ShardStats>,
+    /// Sales on their way here (`Expect` seen, `MoveIn` not yet): the
+    /// requests held for each, in arrival order, and how many operations.
+    incoming: std::collections::HashMap<u64, (Vec<ShardMsg>, usize), RandomState>,
+    /// Sales moved away, and where: a request routed here before the
+    /// router pointed elsewhere is passed on.
+    forward: std::collections::HashMap<u64, Arc<ShardHandle>, RandomState>,
+    /// Sales given up this cycle, sent once the cycle is with the log so
+    /// that the new shard's records for them follow the SALE_MOVED.
+    handing_over: Vec<(Arc<ShardHandle>, ShardMsg)>,
 }
 
 impl ShardLoop {
@@ -514,7 +727,16 @@ impl ShardLoop {
             queued_ops,
             reply_slots: Default::default(),
             seeds: Box::new(|| stampede_protocol::client::new_reservation_id() as u64),
+            stats: Default::default(),
+            incoming: Default::default(),
+            forward: Default::default(),
+            handing_over: Vec::new(),
         }
+    }
+
+    /// What this shard tells the demand monitor.
+    pub fn stats(&self) -> Arc<ShardStats> {
+        self.stats.clone()
     }
 
     pub fn engine(&self) -> &Engine {
@@ -547,7 +769,13 @@ impl ShardLoop {
                     self.inbox.push_back(msg);
                 }
             }
-            if let Some(stop) = self.cycle() {
+            let started = (!self.inbox.is_empty()).then(std::time::Instant::now);
+            let stop = self.cycle();
+            if let Some(started) = started {
+                let busy = self.stats.busy_ns.load(Ordering::Relaxed);
+                self.stats.busy_ns.store(busy + started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            if let Some(stop) = stop {
                 // The log writer may now be closed: this shard hands it
                 // nothing more.
                 drop(self.sink);
@@ -594,6 +822,13 @@ impl ShardLoop {
             self.sink.submit(&mut self.events, &mut self.replies);
         }
         self.reply_slots.clear();
+        // The SALE_MOVED records are with the log writer (ahead of anything
+        // the new shards will submit): the sales may go.
+        for (to, msg) in self.handing_over.drain(..) {
+            if !to.send_control(msg) {
+                tracing::error!(shard = to.id, "a moved sale's new shard is gone");
+            }
+        }
         stop
     }
 
@@ -618,8 +853,8 @@ impl ShardLoop {
     fn prefetch_op(&self, op: &SaleOp) {
         match op {
             SaleOp::Reserve(op) => self.engine.prefetch_reserve(op),
-            SaleOp::Confirm { reservation_id, .. } | SaleOp::Release { reservation_id } => {
-                self.engine.prefetch_reservation(*reservation_id)
+            SaleOp::Confirm { sku, reservation_id, .. } | SaleOp::Release { sku, reservation_id } => {
+                self.engine.prefetch_reservation(*sku, *reservation_id)
             }
         }
     }
@@ -649,10 +884,10 @@ impl ShardLoop {
             let events = &mut self.events;
             let outcome = match op {
                 SaleOp::Reserve(op) => engine.reserve(op, now_ms, events),
-                SaleOp::Confirm { reservation_id, payment_ref } => {
-                    engine.confirm(*reservation_id, payment_ref, now_ms, events)
+                SaleOp::Confirm { sku, reservation_id, payment_ref } => {
+                    engine.confirm(*sku, *reservation_id, payment_ref, now_ms, events)
                 }
-                SaleOp::Release { reservation_id } => engine.release(*reservation_id, now_ms, events),
+                SaleOp::Release { sku, reservation_id } => engine.release(*sku, *reservation_id, now_ms, events),
             };
             prefetching = outcome.status != Status::SoldOut;
             results.push((*answer, outcome));
@@ -672,16 +907,129 @@ impl ShardLoop {
         self.replies.push(Delivery::Conn(tx, Outbound::Outcomes { results, received }));
     }
 
+    /// Pass on or hold what a move says must not be decided here yet: a
+    /// message for a sale that moved away goes to its new shard (`busy`
+    /// if that shard's queue is full), one for a sale on its way here
+    /// waits for it (`busy` past `MOVE_HELD_OPS_MAX` operations). `None`:
+    /// taken care of.
+    fn divert(&mut self, sku: u64, msg: ShardMsg, ops: usize) -> Option<ShardMsg> {
+        if let Some(to) = self.forward.get(&sku) {
+            to.pass_on(msg);
+            return None;
+        }
+        let Some((held, held_ops)) = self.incoming.get_mut(&sku) else { return Some(msg) };
+        if *held_ops + ops > MOVE_HELD_OPS_MAX {
+            msg.refuse(Status::Busy);
+        } else {
+            *held_ops += ops;
+            held.push(msg);
+        }
+        None
+    }
+
+    /// [`Self::divert`] for one connection's operations: those of moving
+    /// sales are split off, per SKU in their order; the rest are returned.
+    fn divert_ops(
+        &mut self,
+        ops: Vec<(Answer, SaleOp)>,
+        tx: &ConnTx,
+        conn: u64,
+        received: std::time::Instant,
+    ) -> Vec<(Answer, SaleOp)> {
+        let moving = |sku: u64| self.incoming.contains_key(&sku) || self.forward.contains_key(&sku);
+        if !ops.iter().any(|(_, op)| moving(op.sku())) {
+            return ops;
+        }
+        let mut here = Vec::with_capacity(ops.len());
+        let mut diverted: Vec<(u64, Vec<(Answer, SaleOp)>)> = Vec::new();
+        for (answer, op) in ops {
+            let sku = op.sku();
+            if !moving(sku) {
+                here.push((answer, op));
+            } else if let Some((_, list)) = diverted.iter_mut().find(|(s, _)| *s == sku) {
+                list.push((answer, op));
+            } else {
+                diverted.push((sku, vec![(answer, op)]));
+            }
+        }
+        for (sku, ops) in diverted {
+            let n = ops.len();
+            let msg = ShardMsg::Ops { ops, tx: tx.clone(), conn, received };
+            if let Some(msg) = self.divert(sku, msg, n) {
+                // (Cannot happen: `moving` said it is diverted.)
+                msg.refuse(Status::Busy);
+            }
+        }
+        here
+    }
+
     /// Decide one message (not a stop: `run` takes those).
     fn handle(&mut self, msg: ShardMsg, now_ms: u64) {
         let msg = match msg {
-            ShardMsg::Ops { ops, tx, conn, received } => return self.decide_ops(ops, tx, conn, received, now_ms),
+            ShardMsg::Ops { ops, tx, conn, received } => {
+                if self.incoming.is_empty() && self.forward.is_empty() {
+                    return self.decide_ops(ops, tx, conn, received, now_ms);
+                }
+                let ops = self.divert_ops(ops, &tx, conn, received);
+                if !ops.is_empty() {
+                    self.decide_ops(ops, tx, conn, received, now_ms);
+                }
+                return;
+            }
+            ShardMsg::Expect { sku } => {
+                self.forward.remove(&sku);
+                self.incoming.entry(sku).or_default();
+                return;
+            }
+            ShardMsg::MoveOut { sku, to, dedicated, pinned, done, installed } => {
+                let outcome = match self.engine.move_out(sku, dedicated, pinned, now_ms, &mut self.events) {
+                    Ok(sale) => {
+                        self.forward.insert(sku, to.clone());
+                        self.handing_over.push((to, ShardMsg::MoveIn { sku, sale: Some(sale), installed }));
+                        Outcome::of(Status::Ok)
+                    }
+                    Err(status) => {
+                        self.handing_over.push((to, ShardMsg::MoveIn { sku, sale: None, installed }));
+                        Outcome::of(status)
+                    }
+                };
+                self.replies.push(Delivery::Admin(done, (outcome, None)));
+                return;
+            }
+            ShardMsg::MoveIn { sku, sale, installed } => {
+                let (held, _) = self.incoming.remove(&sku).unwrap_or_default();
+                match sale {
+                    Some(sale) => {
+                        self.engine.put_sale(sale);
+                        let _ = installed.send(std::time::Instant::now());
+                        for msg in held {
+                            self.handle(msg, now_ms);
+                        }
+                    }
+                    None => held.into_iter().for_each(|msg| msg.refuse(Status::Busy)),
+                }
+                return;
+            }
             other => other,
+        };
+        let sku = match &msg {
+            ShardMsg::Status { sku, .. } | ShardMsg::Ticket { sku, .. } => Some(*sku),
+            ShardMsg::Admin { cmd, .. } => Some(cmd.sku()),
+            _ => None,
+        };
+        let msg = match sku {
+            Some(sku) => match self.divert(sku, msg, 1) {
+                Some(msg) => msg,
+                None => return,
+            },
+            None => msg,
         };
         let engine = &mut self.engine;
         let events = &mut self.events;
         let (reply, opcode, body) = match msg {
-            ShardMsg::Ops { .. } => unreachable!("decided above"),
+            ShardMsg::Ops { .. } | ShardMsg::Expect { .. } | ShardMsg::MoveOut { .. } | ShardMsg::MoveIn { .. } => {
+                unreachable!("taken above")
+            }
             ShardMsg::Status { sku, reply } => (reply, Opcode::Status, Reply::Status(engine.status(sku, now_ms))),
             ShardMsg::Ticket { sku, user, join, reply } => {
                 let (opcode, ticket) = if join {
@@ -699,6 +1047,9 @@ impl ShardLoop {
                     }
                     AdminCmd::Restock { sku, qty } => (engine.restock(sku, qty, now_ms, events), None),
                     AdminCmd::SetPaused { sku, paused } => (engine.set_paused(sku, paused, now_ms, events), None),
+                    AdminCmd::Place { sku, dedicated, pinned } => {
+                        (engine.place(sku, dedicated, pinned, now_ms, events), None)
+                    }
                 };
                 self.replies.push(Delivery::Admin(done, result));
                 return;

@@ -288,11 +288,11 @@ fn a_sold_out_sale_drains_the_queue_but_not_while_holds_may_return() {
     let t: QueueTicket = engine.poll(SKU, 5, 1_200);
     assert_eq!((t.status, t.stock_pending), (Status::Waiting, true));
     // User 1 gives up (release), user 0 pays: a unit is back, user 2 is admitted.
-    assert_eq!(engine.release(2, 1_300, &mut events).status, Status::Released);
+    assert_eq!(engine.release(SKU, 2, 1_300, &mut events).status, Status::Released);
     assert_eq!(run_ticks(&mut engine, 1_300, 1_300, 1, &mut events), vec![2]);
-    assert_eq!(engine.confirm(1, &bytes::Bytes::from_static(b"p"), 1_300, &mut events).status, Status::Confirmed);
+    assert_eq!(engine.confirm(SKU, 1, &bytes::Bytes::from_static(b"p"), 1_300, &mut events).status, Status::Confirmed);
     assert_eq!(reserve(&mut engine, 2, 1_310, &mut events), Status::Reserved);
-    assert_eq!(engine.confirm(3, &bytes::Bytes::from_static(b"p"), 1_320, &mut events).status, Status::Confirmed);
+    assert_eq!(engine.confirm(SKU, 3, &bytes::Bytes::from_static(b"p"), 1_320, &mut events).status, Status::Confirmed);
     // Sold out for good: everyone waiting hears it at once; new joiners too.
     for user in 3..10 {
         assert_eq!(engine.poll(SKU, user, 1_330).status, Status::SoldOut, "user {user}");

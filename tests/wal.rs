@@ -56,11 +56,11 @@ fn workload(seed: u64, ops: usize) -> (Engine, Vec<Event>) {
             }
             5..=6 if !ids.is_empty() => {
                 let id = ids[rng.gen_range(0..ids.len())];
-                engine.confirm(id, &Bytes::from(format!("pay-{id}")), now, &mut events);
+                engine.confirm(engine.sku_of(id).unwrap_or(0), id, &Bytes::from(format!("pay-{id}")), now, &mut events);
             }
             7 if !ids.is_empty() => {
                 let id = ids[rng.gen_range(0..ids.len())];
-                engine.release(id, now, &mut events);
+                engine.release(engine.sku_of(id).unwrap_or(0), id, now, &mut events);
             }
             8 => {
                 engine.restock(rng.gen_range(1..=4), rng.gen_range(1..5), now, &mut events);

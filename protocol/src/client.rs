@@ -585,6 +585,14 @@ impl Client {
         self.outcome(Request::Resume { sku }, Retry::Idempotent).await
     }
 
+    /// Admin: move a sale to a shard of its own (`dedicated`) or back to
+    /// the pool, pinned there (the server's demand monitor leaves it).
+    /// Idempotent: a retry finds it moved and answers `ok`. The outcome's
+    /// value is how long the sale's requests were held, in microseconds.
+    pub async fn move_sale(&self, sku: u64, dedicated: bool) -> Result<Outcome, ClientError> {
+        self.outcome(Request::SaleMove(crate::message::SaleMove { sku, dedicated }), Retry::Idempotent).await
+    }
+
     /// Send a request and return the raw reply, without retries (tools, tests).
     pub async fn raw(&self, request: Request) -> Result<Reply, ClientError> {
         let conn = self.conn(0).await?;

@@ -26,6 +26,7 @@
 //! 12 ADMITTED         sku u64, user u64, until_ms u64, at_ms u64
 //! 13 ADMISSION_LAPSED sku u64, user u64, at_ms u64
 //! 14 TERM_STARTED     term u64, at_ms u64
+//! 15 SALE_MOVED       sku u64, placement u8 (bit 0 dedicated, bit 1 pinned), at_ms u64
 //! ```
 //! Kinds are never renumbered; a new event gets a new kind. The same
 //! payload is what the server's write-ahead log stores and what the
@@ -126,6 +127,17 @@ pub enum Event {
         term: u64,
         at_ms: u64,
     },
+    /// The sale moved to a shard of its own (`dedicated`) or back to the
+    /// shared pool. `pinned`: an admin chose this placement, and the
+    /// server's own demand monitor leaves it alone. Units and
+    /// reservations do not change; recovery and standbys place the sale
+    /// where this says.
+    SaleMoved {
+        sku: u64,
+        dedicated: bool,
+        pinned: bool,
+        at_ms: u64,
+    },
 }
 
 impl Event {
@@ -145,7 +157,8 @@ impl Event {
             | Event::QueueJoined { sku, .. }
             | Event::QueueStarted { sku, .. }
             | Event::Admitted { sku, .. }
-            | Event::AdmissionLapsed { sku, .. } => *sku,
+            | Event::AdmissionLapsed { sku, .. }
+            | Event::SaleMoved { sku, .. } => *sku,
             Event::TermStarted { .. } => return None,
         })
     }
@@ -166,7 +179,8 @@ impl Event {
             | Event::QueueStarted { at_ms, .. }
             | Event::Admitted { at_ms, .. }
             | Event::AdmissionLapsed { at_ms, .. }
-            | Event::TermStarted { at_ms, .. } => *at_ms,
+            | Event::TermStarted { at_ms, .. }
+            | Event::SaleMoved { at_ms, .. } => *at_ms,
         }
     }
 }
@@ -185,6 +199,7 @@ const QUEUE_STARTED: u8 = 11;
 const ADMITTED: u8 = 12;
 const ADMISSION_LAPSED: u8 = 13;
 const TERM_STARTED: u8 = 14;
+const SALE_MOVED: u8 = 15;
 
 /// Append the payload encoding of `event`.
 pub fn encode_event(event: &Event, dst: &mut BytesMut) {
@@ -266,6 +281,12 @@ pub fn encode_event(event: &Event, dst: &mut BytesMut) {
             dst.put_u64_le(*term);
             dst.put_u64_le(*at_ms);
         }
+        Event::SaleMoved { sku, dedicated, pinned, at_ms } => {
+            dst.put_u8(SALE_MOVED);
+            dst.put_u64_le(*sku);
+            dst.put_u8(u8::from(*dedicated) | (u8::from(*pinned) << 1));
+            dst.put_u64_le(*at_ms);
+        }
     }
 }
 /// Decode one event payload (the whole payload must be consumed).
@@ -317,6 +338,14 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, Malformed> {
         ADMITTED => Event::Admitted { sku: r.u64()?, user: r.u64()?, until_ms: r.u64()?, at_ms: r.u64()? },
         ADMISSION_LAPSED => Event::AdmissionLapsed { sku: r.u64()?, user: r.u64()?, at_ms: r.u64()? },
         TERM_STARTED => Event::TermStarted { term: r.u64()?, at_ms: r.u64()? },
+        SALE_MOVED => {
+            let sku = r.u64()?;
+            let placement = r.u8()?;
+            if placement > 3 {
+                return Err(Malformed(format!("sale placement {placement:#x}")));
+            }
+            Event::SaleMoved { sku, dedicated: placement & 1 != 0, pinned: placement & 2 != 0, at_ms: r.u64()? }
+        }
         kind => return Err(Malformed(format!("unknown event kind {kind}"))),
     };
     r.finish()?;
@@ -353,6 +382,7 @@ mod tests {
             (Event::Admitted { sku: 0, user: 0, until_ms: 0, at_ms: 0 }, 33),
             (Event::AdmissionLapsed { sku: 0, user: 0, at_ms: 0 }, 25),
             (Event::TermStarted { term: 0, at_ms: 0 }, 17),
+            (Event::SaleMoved { sku: 0, dedicated: false, pinned: false, at_ms: 0 }, 18),
         ];
         for (event, size) in sizes {
             let mut buf = BytesMut::new();

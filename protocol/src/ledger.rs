@@ -91,6 +91,7 @@ fn kind_name(event: &Event) -> &'static str {
         Event::Admitted { .. } => "admitted",
         Event::AdmissionLapsed { .. } => "admission_lapsed",
         Event::TermStarted { .. } => "term_started",
+        Event::SaleMoved { .. } => "sale_moved",
     }
 }
 
@@ -205,6 +206,12 @@ impl Model {
             // A new leader's first record: in the ledger (which node led
             // from which LSN on is auditable), no row changes.
             Event::TermStarted { .. } => {}
+            // `hot` says where the sale runs now, as the engine's STATUS
+            // and STATE_DUMP do.
+            Event::SaleMoved { sku, dedicated, .. } => {
+                let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
+                sale.hot = *dedicated;
+            }
         }
         Ok(())
     }

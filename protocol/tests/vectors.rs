@@ -116,6 +116,7 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
                         reservations: 6,
                         hot: true,
                         paused: false,
+                        pinned: false,
                         queue: None,
                     },
                 }),
@@ -292,6 +293,7 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
                         reservations: 6,
                         hot: true,
                         paused: false,
+                        pinned: false,
                         queue: Some(Box::new(QueueStats {
                             waiting: 250_000,
                             admit_rate_per_s: 500,
@@ -403,6 +405,25 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
                     durable_lsn: 1002,
                     server_time_ms: 1_795_000_002_000,
                     records: vec![],
+                }),
+            ),
+        ),
+        // Placement (§5.10a): a sale moved to a shard of its own, pinned.
+        ("sale_move", 24, Req(Request::SaleMove(SaleMove { sku: 42, dedicated: true }))),
+        ("sale_move_reply", 24, Rep(Opcode::SaleMove, Reply::Outcome(Outcome::new(Status::Ok, 180)))),
+        (
+            "log_batch_sale_moved",
+            13,
+            Rep(
+                Opcode::Replicate,
+                Reply::LogBatch(LogBatch {
+                    status: Status::Ok,
+                    durable_lsn: 1003,
+                    server_time_ms: 1_795_000_003_000,
+                    records: vec![(
+                        1003,
+                        Event::SaleMoved { sku: 42, dedicated: true, pinned: true, at_ms: 1_795_000_002_500 },
+                    )],
                 }),
             ),
         ),

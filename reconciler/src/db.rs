@@ -379,6 +379,10 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
             }
             // The term, in qty; no sku (migration 0003 lets it be NULL).
             Event::TermStarted { term, at_ms } => (None, None, Some(*term as i64), *at_ms, None, None),
+            // The placement flags (bit 0 dedicated, bit 1 pinned), in qty.
+            Event::SaleMoved { dedicated, pinned, at_ms, .. } => {
+                (None, None, Some(i64::from(*dedicated) | (i64::from(*pinned) << 1)), *at_ms, None, None)
+            }
         };
         copy.row(9);
         copy.i64(*record_lsn as i64);

@@ -143,6 +143,18 @@ enum SaleCommand {
         #[arg(long, requires = "queue", value_parser = parse_rfc3339_ms)]
         start_at: Option<u64>,
     },
+    /// Move a live sale to a shard of its own or back to the shared pool.
+    /// The placement is pinned: the server's demand monitor leaves it.
+    Move {
+        #[arg(long)]
+        sku: u64,
+        /// To a dedicated shard thread pinned to a core.
+        #[arg(long, conflicts_with = "pool", required_unless_present = "pool")]
+        dedicated: bool,
+        /// Back to the pool shards.
+        #[arg(long)]
+        pool: bool,
+    },
 }
 
 fn parse_rfc3339_ms(s: &str) -> Result<u64, String> {
@@ -276,6 +288,16 @@ async fn run(args: Args) -> Result<Value, ClientError> {
             v["sku"] = json!(sku);
             v
         }
+        Command::Sale(SaleCommand::Move { sku, dedicated, pool: _ }) => {
+            let o = client.move_sale(sku, dedicated).await?;
+            let mut v = json!({ "status": o.status.name(), "code": o.status.code(), "sku": sku });
+            if o.status == Status::Ok {
+                v["placement"] = json!(if dedicated { "dedicated" } else { "pool" });
+                // How long the sale's requests waited for it (0: it was there already).
+                v["held_us"] = json!(o.detail);
+            }
+            v
+        }
         Command::Restock { sku, qty } => {
             let o = client.restock(sku, qty).await?;
             let mut v = outcome_json(&o);
@@ -305,6 +327,7 @@ async fn run(args: Args) -> Result<Value, ClientError> {
                 "reserved": sale.reserved, "sold": sale.sold,
                 "reservations": sale.reservations, "limit_per_user": sale.limit_per_user,
                 "ttl_ms": sale.ttl_ms, "hot": sale.hot, "paused": sale.paused,
+                "placement": if sale.hot { "dedicated" } else { "pool" }, "pinned": sale.pinned,
             });
             if let Some(q) = sale.queue {
                 v["queue"] = json!({

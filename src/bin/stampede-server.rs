@@ -49,6 +49,22 @@ struct Args {
     /// Do not pin hot shards to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Do not move sales by demand (admins can still move them: stampede-ctl sale move).
+    #[arg(long)]
+    no_auto_placement: bool,
+    /// A pool sale deciding this many requests a second gets a shard of its own
+    /// (so does one taking half of a saturated pool shard's requests).
+    #[arg(long, default_value_t = stampede::limits::PROMOTE_OPS_PER_S_DEFAULT)]
+    promote_ops_per_s: u64,
+    /// A sale the server promoted goes back to the pool below this rate...
+    #[arg(long, default_value_t = stampede::limits::DEMOTE_OPS_PER_S_DEFAULT)]
+    demote_ops_per_s: u64,
+    /// ...held this long.
+    #[arg(long, default_value_t = stampede::limits::DEMOTE_AFTER_MS_DEFAULT)]
+    demote_after_ms: u64,
+    /// Dedicated shards the server may run for sales it promotes (default: half the cores, at least 1).
+    #[arg(long)]
+    dedicated_max: Option<usize>,
     /// Run with no tokens: every connection gets the admin role. Local experiments only.
     #[arg(long)]
     insecure: bool,
@@ -149,6 +165,11 @@ struct FileConfig {
     shards: Option<usize>,
     io_threads: Option<usize>,
     no_pin: Option<bool>,
+    no_auto_placement: Option<bool>,
+    promote_ops_per_s: Option<u64>,
+    demote_ops_per_s: Option<u64>,
+    demote_after_ms: Option<u64>,
+    dedicated_max: Option<usize>,
     insecure: Option<bool>,
     durability: Option<Durability>,
     wal_flush_bytes: Option<usize>,
@@ -216,6 +237,11 @@ fn apply_config_file(args: &mut Args, matches: &clap::ArgMatches) -> anyhow::Res
     take!(shards);
     take!(io_threads, optional);
     take!(no_pin);
+    take!(no_auto_placement);
+    take!(promote_ops_per_s);
+    take!(demote_ops_per_s);
+    take!(demote_after_ms);
+    take!(dedicated_max, optional);
     take!(insecure);
     take!(durability);
     take!(wal_flush_bytes);
@@ -321,6 +347,15 @@ fn main() -> anyhow::Result<()> {
     let mut config = NodeConfig::new(&data_dir, &args.listen, tokens);
     config.pool_shards = args.shards.max(1);
     config.pin_hot_shards = !args.no_pin;
+    let mut placement = stampede::placement::PlacementConfig::defaults(stampede::placement::cores());
+    placement.auto = !args.no_auto_placement;
+    placement.promote_ops_per_s = args.promote_ops_per_s.max(1);
+    placement.demote_ops_per_s = args.demote_ops_per_s.min(placement.promote_ops_per_s);
+    placement.demote_after = Duration::from_millis(args.demote_after_ms);
+    if let Some(max) = args.dedicated_max {
+        placement.dedicated_max = max.min(stampede::limits::HOT_SHARDS_MAX);
+    }
+    config.placement = placement;
     config.wal = wal;
     config.snapshot_interval = Duration::from_secs(args.snapshot_interval_secs.max(1));
     config.retention = args.wal_retention;

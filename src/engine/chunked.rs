@@ -13,11 +13,13 @@ use std::collections::VecDeque;
 
 /// Elements per chunk: 64 Ki, so a chunk of 56-byte reservation records is
 /// 3.5 MiB (one allocation, faulted in as it fills) and ten million
-/// records need a table of only 153 chunk pointers.
+/// records need a table of only 153 chunk pointers. (A vector's first
+/// chunk grows to this size by doubling.)
 const CHUNK_SHIFT: u32 = 16;
 const CHUNK_LEN: usize = 1 << CHUNK_SHIFT;
 
-/// Entries of a queue's first chunk (its next ones double up to CHUNK_LEN).
+/// Entries of a first chunk (a queue's next ones double up to CHUNK_LEN;
+/// a vector's first one grows to it).
 const QUEUE_FIRST_CHUNK_LEN: usize = 16;
 
 /// An append-only vector in fixed-size chunks.
@@ -50,9 +52,13 @@ impl<T> ChunkedVec<T> {
         self.len += 1;
     }
 
+    /// The first chunk starts small and grows by doubling (copying at
+    /// most half a chunk, once); the ones after it are whole from the
+    /// start. Every sale has one of these tables, and most stay small.
     #[cold]
     fn push_to_new_chunk(&mut self, value: T) {
-        let mut chunk = Vec::with_capacity(CHUNK_LEN);
+        let capacity = if self.chunks.is_empty() { QUEUE_FIRST_CHUNK_LEN } else { CHUNK_LEN };
+        let mut chunk = Vec::with_capacity(capacity);
         chunk.push(value);
         self.chunks.push(chunk);
     }

@@ -25,6 +25,8 @@ pub struct SaleImage {
     pub limit_per_user: u32,
     pub ttl_ms: u64,
     pub hot: bool,
+    /// The placement is an admin's (see `Event::SaleMoved`).
+    pub pinned: bool,
     pub paused: bool,
     /// Every reservation of the sale, sorted by id (settled ones included:
     /// they answer retries).
@@ -58,7 +60,7 @@ impl SaleImage {
     /// ```text
     /// sku u64, total u64, available u64, reserved u64, sold u64,
     /// limit_per_user u32, ttl_ms u64, flags u8 (bit 0 hot, bit 1 paused,
-    /// bit 2 queued), reservation_count u64, then per reservation:
+    /// bit 2 queued, bit 3 pinned), reservation_count u64, then per reservation:
     ///   id u128, user u64, qty u32, state u8 (1 held, 2 confirmed,
     ///   3 released, 4 expired), expires_at_ms u64, settled_at_ms u64,
     ///   payment_ref_len u8, payment_ref bytes
@@ -79,7 +81,12 @@ impl SaleImage {
         dst.put_u64_le(self.sold);
         dst.put_u32_le(self.limit_per_user);
         dst.put_u64_le(self.ttl_ms);
-        dst.put_u8(u8::from(self.hot) | (u8::from(self.paused) << 1) | (u8::from(self.queue.is_some()) << 2));
+        dst.put_u8(
+            u8::from(self.hot)
+                | (u8::from(self.paused) << 1)
+                | (u8::from(self.queue.is_some()) << 2)
+                | (u8::from(self.pinned) << 3),
+        );
         dst.put_u64_le(self.reservations.len() as u64);
         for r in &self.reservations {
             dst.put_u128_le(r.id);
@@ -158,6 +165,7 @@ impl SaleImage {
             limit_per_user,
             ttl_ms,
             hot: flags & 1 != 0,
+            pinned: flags & 8 != 0,
             paused: flags & 2 != 0,
             reservations,
             queue,
@@ -209,24 +217,23 @@ fn read_queue(r: &mut Reader<'_>) -> Result<QueueImage, Malformed> {
 impl Engine {
     /// Every sale as an image, sorted by SKU (deterministic output).
     pub fn export(&self) -> Vec<SaleImage> {
-        let mut per_sku: FastMap<u64, Vec<ReservationImage>> = FastMap::default();
-        for (&key, r) in self.reservations.iter() {
-            let id = key.id();
-            per_sku.entry(r.sku).or_default().push(ReservationImage {
-                id,
-                user: r.user,
-                qty: r.qty,
-                state: r.state,
-                expires_at_ms: r.expires_at_ms,
-                settled_at_ms: r.settled_at_ms,
-                payment_ref: self.payment_refs.get(&key).map(|p| Bytes::copy_from_slice(p)),
-            });
-        }
         let mut images: Vec<SaleImage> = self
             .sales
             .iter()
             .map(|(&sku, s)| {
-                let mut reservations = per_sku.remove(&sku).unwrap_or_default();
+                let mut reservations: Vec<ReservationImage> = s
+                    .reservations
+                    .iter()
+                    .map(|(&key, r)| ReservationImage {
+                        id: key.id(),
+                        user: r.user,
+                        qty: r.qty,
+                        state: r.state,
+                        expires_at_ms: r.expires_at_ms,
+                        settled_at_ms: r.settled_at_ms,
+                        payment_ref: s.payment_refs.get(&key).map(|p| Bytes::copy_from_slice(p)),
+                    })
+                    .collect();
                 reservations.sort_unstable_by_key(|r| r.id);
                 SaleImage {
                     sku,
@@ -237,6 +244,7 @@ impl Engine {
                     limit_per_user: s.limit_per_user,
                     ttl_ms: s.ttl_ms,
                     hot: s.hot,
+                    pinned: s.pinned,
                     paused: s.paused,
                     reservations,
                     queue: s.queue.as_ref().map(|q| q.export()),
@@ -289,6 +297,9 @@ impl Engine {
         // millions of entries would move them over and over.
         let holders = image.reservations.iter().filter(|r| matches!(r.state, HoldState::Held | HoldState::Confirmed));
         let mut users: FlatMap<u64, u32> = FlatMap::with_capacity(holders.count());
+        let mut table = super::Holds::default();
+        table.reserve(image.reservations.len());
+        let mut payment_refs = FastMap::default();
         let mut held: Vec<(u64, u128)> = Vec::new();
         let (mut reserved, mut sold, mut holds) = (0u64, 0u64, 0u64);
         claims.reserve(image.reservations.len());
@@ -298,7 +309,7 @@ impl Engine {
             // far larger than the cache, and each insert would otherwise
             // wait for its misses one after the other.
             if let Some(ahead) = list.get(i + super::RESERVE_PREFETCH_AHEAD) {
-                self.reservations.prefetch(&ahead.id.into());
+                table.prefetch(&ahead.id.into());
                 users.prefetch(&ahead.user);
             }
             match r.state {
@@ -316,9 +327,9 @@ impl Engine {
             }
             claims.push((r.id, sku));
             if let Some(payment_ref) = &r.payment_ref {
-                self.payment_refs.insert(r.id.into(), payment_ref[..].into());
+                payment_refs.insert(r.id.into(), payment_ref[..].into());
             }
-            let added = self.reservations.insert(
+            let added = table.insert(
                 r.id.into(),
                 Reservation {
                     sku,
@@ -354,8 +365,11 @@ impl Engine {
             limit_per_user: image.limit_per_user,
             ttl_ms: image.ttl_ms,
             hot: image.hot,
+            pinned: image.pinned,
             paused: image.paused,
             holds,
+            reservations: table,
+            payment_refs,
             users,
             expiry: held
                 .into_iter()

@@ -82,7 +82,17 @@ pub struct SkuGauge {
     /// Users in the sale's virtual queue; `u64::MAX`: the sale has none.
     waiting: AtomicU64,
     paused: AtomicBool,
+    /// An admin placed the sale (see `Event::SaleMoved`).
+    pinned: AtomicBool,
+    /// Requests the shard has decided for this sale (the demand monitor's
+    /// rate). On a line of its own: it changes on every request, refused
+    /// ones too, and the counters above are read by every connection.
+    decided: Demand,
 }
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Demand(AtomicU64);
 
 impl SkuGauge {
     pub fn available(&self) -> u64 {
@@ -100,6 +110,19 @@ impl SkuGauge {
     }
     pub fn paused(&self) -> bool {
         self.paused.load(Ordering::Acquire)
+    }
+    pub fn pinned(&self) -> bool {
+        self.pinned.load(Ordering::Relaxed)
+    }
+    /// Requests decided for this sale so far (by whichever shard holds it).
+    pub fn decided(&self) -> u64 {
+        self.decided.0.load(Ordering::Relaxed)
+    }
+    /// One more request decided. A load and a store, not a locked add:
+    /// only the shard holding the sale writes it.
+    #[inline]
+    fn count_decided(&self) {
+        self.decided.0.store(self.decided.0.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 }
 
@@ -128,10 +151,20 @@ struct Sale {
     sold: u64,
     limit_per_user: u32,
     ttl_ms: u64,
+    /// On a shard of its own (created `hot`, or moved there).
     hot: bool,
+    /// An admin chose the placement: the demand monitor leaves it alone.
+    pinned: bool,
     paused: bool,
     /// Held reservations (count, not units).
     holds: u64,
+    /// Every reservation of the sale, settled ones included (they answer
+    /// retries). Per sale, not per engine, so that moving a sale to
+    /// another shard hands its tables over instead of copying them.
+    reservations: Holds,
+    /// Payment references of confirmed reservations, kept apart so the
+    /// hot reservation record stays small; read only by a retried CONFIRM.
+    payment_refs: FastMap<IdKey, Box<[u8]>>,
     /// Units reserved + sold per user: the per-user purchase record
     /// (a u64 key and u32 value in a swiss table, ~17-36 bytes each with
     /// load factor; the `user_record_bytes` test measures it).
@@ -155,6 +188,7 @@ impl Sale {
         self.gauge.sold.store(self.sold, Ordering::Relaxed);
         self.gauge.available.store(self.available, Ordering::Release);
         self.gauge.paused.store(self.paused, Ordering::Release);
+        self.gauge.pinned.store(self.pinned, Ordering::Relaxed);
     }
 
     fn assert_invariant(&self, sku: u64) {
@@ -180,6 +214,7 @@ impl Sale {
             reservations: self.holds,
             hot: self.hot,
             paused: self.paused,
+            pinned: self.pinned,
             queue: self.queue.as_ref().map(|q| Box::new(q.stats(now_ms))),
         }
     }
@@ -222,6 +257,12 @@ struct Holds {
     /// Chunked: a growing `Vec` would copy every record on the shard
     /// thread each time it doubles (see `chunked.rs`).
     records: ChunkedVec<(IdKey, Reservation)>,
+}
+
+impl std::fmt::Debug for Holds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Holds({} records)", self.records.len())
+    }
 }
 
 impl Holds {
@@ -273,13 +314,27 @@ impl ExpiryEntry {
     }
 }
 
+/// A sale on its way from one engine to another: its counters and every
+/// table it owns (reservations, per-user records, expiries, queue, gauge).
+pub struct MovingSale {
+    sku: u64,
+    sale: Box<Sale>,
+}
+
+impl MovingSale {
+    pub fn sku(&self) -> u64 {
+        self.sku
+    }
+
+    /// Reservations it carries (held and settled).
+    pub fn reservations(&self) -> usize {
+        self.sale.reservations.records.len()
+    }
+}
+
 /// The state machine of one shard. See the module doc.
 pub struct Engine {
     sales: FastMap<u64, Sale>,
-    reservations: Holds,
-    /// Payment references of confirmed reservations, kept apart so the
-    /// hot reservation record stays small; read only by a retried CONFIRM.
-    payment_refs: FastMap<IdKey, Box<[u8]>>,
     directory: Arc<ReservationDirectory>,
     /// SKUs whose sale has a queue (the tick visits only these).
     queued: Vec<u64>,
@@ -289,21 +344,83 @@ impl Engine {
     pub fn new(directory: Arc<ReservationDirectory>) -> Self {
         Engine {
             sales: FastMap::default(),
-            reservations: Holds::default(),
-            payment_refs: FastMap::default(),
             directory,
             queued: Vec::new(),
         }
     }
 
-    /// Make room for `additional` more reservations (recovery knows roughly
-    /// how many are coming; growing a multi-million-entry table rehashes it).
-    pub fn reserve_capacity(&mut self, additional: usize) {
-        self.reservations.reserve(additional);
+    /// Make room in `sku`'s tables for `additional` more reservations
+    /// (recovery knows roughly how many are coming; growing a
+    /// multi-million-entry table rehashes it).
+    pub fn reserve_capacity(&mut self, sku: u64, additional: usize) {
+        let Some(sale) = self.sales.get_mut(&sku) else { return };
+        sale.reservations.reserve(additional);
         // Most reservations of a sale end confirmed; sizing for all of them
         // costs 32 bytes a slot but saves rehashing millions of entries
         // (~15% of replay time in the 10M-event benchmark).
-        self.payment_refs.reserve(additional);
+        sale.payment_refs.reserve(additional);
+        sale.users.reserve(additional);
+    }
+
+    /// Take sale `sku` out of this engine, tables and all, to hand to
+    /// another shard ([`Self::put_sale`]): nothing is copied, so a sale
+    /// with a million reservations moves as fast as one with none. Its
+    /// reservation ids stay claimed for it in the shared directory.
+    pub fn take_sale(&mut self, sku: u64) -> Option<MovingSale> {
+        let sale = self.sales.remove(&sku)?;
+        self.queued.retain(|&q| q != sku);
+        Some(MovingSale { sku, sale: Box::new(sale) })
+    }
+
+    /// Decide a move of `sku` away from this engine: its SALE_MOVED event
+    /// (the new placement), then the sale taken out to hand over.
+    pub fn move_out(
+        &mut self,
+        sku: u64,
+        dedicated: bool,
+        pinned: bool,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<MovingSale, Status> {
+        if !self.sales.contains_key(&sku) {
+            return Err(Status::UnknownSku);
+        }
+        let event = Event::SaleMoved { sku, dedicated, pinned, at_ms: now_ms };
+        self.apply(&event);
+        events.push(event);
+        Ok(self.take_sale(sku).expect("checked above"))
+    }
+
+    /// Log a placement for a sale that stays on this engine (a change of
+    /// pin); nothing if it is already so.
+    pub fn place(&mut self, sku: u64, dedicated: bool, pinned: bool, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
+        match self.placement(sku) {
+            None => Outcome::of(Status::UnknownSku),
+            Some(now) if now == (dedicated, pinned) => Outcome::of(Status::Ok),
+            Some(_) => {
+                let event = Event::SaleMoved { sku, dedicated, pinned, at_ms: now_ms };
+                self.apply(&event);
+                events.push(event);
+                Outcome::of(Status::Ok)
+            }
+        }
+    }
+
+    /// Adopt a sale another engine gave up with [`Self::take_sale`].
+    pub fn put_sale(&mut self, moving: MovingSale) {
+        let MovingSale { sku, sale } = moving;
+        if sale.queue.is_some() {
+            self.queued.push(sku);
+        }
+        sale.publish();
+        let previous = self.sales.insert(sku, *sale);
+        assert!(previous.is_none(), "sku {sku} moved onto a shard that has it");
+    }
+
+    /// Whether `sku` runs on a shard of its own, and whether an admin
+    /// pinned it there (or in the pool).
+    pub fn placement(&self, sku: u64) -> Option<(bool, bool)> {
+        self.sales.get(&sku).map(|s| (s.hot, s.pinned))
     }
 
     /// The published gauge of a sale (for routing tables).
@@ -311,8 +428,17 @@ impl Engine {
         self.sales.get(&sku).map(|s| s.gauge.clone())
     }
 
+    /// The SKU reservation `id` was claimed for, from the id directory
+    /// (what a connection asks before routing a CONFIRM or RELEASE).
+    pub fn sku_of(&self, id: u128) -> Option<u64> {
+        self.directory.sku_of(id)
+    }
+
+    /// Reservation `id`, found through the id directory (tests and tools;
+    /// the request path knows the SKU).
     pub fn reservation(&self, id: u128) -> Option<&Reservation> {
-        self.reservations.get(&id.into())
+        let sku = self.directory.sku_of(id)?;
+        self.sales.get(&sku)?.reservations.get(&id.into())
     }
 
     pub fn skus(&self) -> impl Iterator<Item = u64> + '_ {
@@ -420,7 +546,8 @@ impl Engine {
         let Some(sale) = self.sales.get_mut(&op.sku) else {
             return Outcome::of(Status::UnknownSku);
         };
-        if let Some(existing) = self.reservations.get(&op.reservation_id.into()) {
+        sale.gauge.count_decided();
+        if let Some(existing) = sale.reservations.get(&op.reservation_id.into()) {
             return if existing.sku == op.sku && existing.user == op.user && existing.qty == op.qty {
                 Outcome::new(Status::Reserved, existing.expires_at_ms)
             } else {
@@ -509,17 +636,19 @@ impl Engine {
             return;
         }
         self.directory.prefetch(op.reservation_id);
-        self.reservations.prefetch(&op.reservation_id.into());
         if let Some(sale) = self.sales.get(&op.sku) {
+            sale.reservations.prefetch(&op.reservation_id.into());
             sale.users.prefetch(&op.user);
         }
     }
 
-    /// Start loading what deciding a CONFIRM or RELEASE of `id` will miss
-    /// on: its reservation record (a hint).
+    /// Start loading what deciding a CONFIRM or RELEASE of `id` (of
+    /// `sku`) will miss on: its reservation record (a hint).
     #[inline]
-    pub fn prefetch_reservation(&self, id: u128) {
-        self.reservations.prefetch(&id.into());
+    pub fn prefetch_reservation(&self, sku: u64, id: u128) {
+        if let Some(sale) = self.sales.get(&sku) {
+            sale.reservations.prefetch(&id.into());
+        }
     }
 
     /// Start loading what applying `event` in replay will miss on: the
@@ -528,25 +657,39 @@ impl Engine {
     pub fn prefetch_apply(&self, event: &Event) {
         match *event {
             Event::Reserved { sku, user, reservation_id, .. } => {
-                self.reservations.prefetch(&reservation_id.into());
                 if let Some(sale) = self.sales.get(&sku) {
+                    sale.reservations.prefetch(&reservation_id.into());
                     sale.users.prefetch(&user);
                 }
             }
-            Event::Confirmed { reservation_id, .. }
-            | Event::Released { reservation_id, .. }
-            | Event::Expired { reservation_id, .. } => self.reservations.prefetch(&reservation_id.into()),
+            Event::Confirmed { sku, reservation_id, .. }
+            | Event::Released { sku, reservation_id, .. }
+            | Event::Expired { sku, reservation_id, .. } => self.prefetch_reservation(sku, reservation_id),
             _ => {}
         }
     }
 
-    /// CONFIRM. A reservation past its expiry is expired here (even if the
-    /// expiry tick has not run yet), so a late payment is never accepted.
-    pub fn confirm(&mut self, id: u128, payment_ref: &Bytes, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
-        let Some(r) = self.reservations.get(&id.into()) else {
+    /// The record of reservation `id` of `sku`, if this engine has it.
+    fn held_record(&self, sku: u64, id: u128) -> Option<&Reservation> {
+        let sale = self.sales.get(&sku)?;
+        sale.gauge.count_decided();
+        sale.reservations.get(&id.into())
+    }
+
+    /// CONFIRM of reservation `id` of `sku` (the id directory's answer).
+    /// A reservation past its expiry is expired here (even if the expiry
+    /// tick has not run yet), so a late payment is never accepted.
+    pub fn confirm(
+        &mut self,
+        sku: u64,
+        id: u128,
+        payment_ref: &Bytes,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let Some(r) = self.held_record(sku, id) else {
             return Outcome::of(Status::UnknownReservation);
         };
-        let sku = r.sku;
         match r.state {
             HoldState::Held if now_ms >= r.expires_at_ms => {
                 let expires_at_ms = r.expires_at_ms;
@@ -562,7 +705,9 @@ impl Engine {
                 events.push(event);
                 Outcome::new(Status::Confirmed, now_ms)
             }
-            HoldState::Confirmed if self.payment_refs.get(&id.into()).map(|p| &p[..]) == Some(&payment_ref[..]) => {
+            HoldState::Confirmed
+                if self.sales[&sku].payment_refs.get(&IdKey::from(id)).map(|p| &p[..]) == Some(&payment_ref[..]) =>
+            {
                 Outcome::new(Status::Confirmed, r.settled_at_ms)
             }
             HoldState::Confirmed => Outcome::of(Status::IdConflict),
@@ -571,12 +716,12 @@ impl Engine {
         }
     }
 
-    /// RELEASE. Idempotent: releasing twice answers `released` twice.
-    pub fn release(&mut self, id: u128, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
-        let Some(r) = self.reservations.get(&id.into()) else {
+    /// RELEASE of reservation `id` of `sku`. Idempotent: releasing twice
+    /// answers `released` twice.
+    pub fn release(&mut self, sku: u64, id: u128, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
+        let Some(r) = self.held_record(sku, id) else {
             return Outcome::of(Status::UnknownReservation);
         };
-        let sku = r.sku;
         match r.state {
             HoldState::Held if now_ms >= r.expires_at_ms => {
                 let expires_at_ms = r.expires_at_ms;
@@ -618,7 +763,7 @@ impl Engine {
                     break;
                 }
                 sale.expiry.pop_front();
-                let still_held = self
+                let still_held = sale
                     .reservations
                     .get(&id.into())
                     .is_some_and(|r| r.state == HoldState::Held && r.expires_at_ms == deadline);
@@ -664,6 +809,7 @@ impl Engine {
         let Some(sale) = self.sales.get(&sku) else {
             return QueueTicket::of(Status::UnknownSku);
         };
+        sale.gauge.count_decided();
         let Some(room) = &sale.queue else {
             return QueueTicket::of(Status::Admitted);
         };
@@ -773,9 +919,10 @@ impl Engine {
                 // pay. Ordinary sales share a pool shard and grow on demand.
                 let presized = if hot { stock.min(SALE_PRESIZED_RESERVATIONS_MAX) as usize } else { 0 };
                 let mut users = FlatMap::with_capacity(presized);
+                let mut reservations = Holds::default();
                 if presized > 0 {
-                    self.reservations.reserve(presized);
-                    self.reservations.index.prefault();
+                    reservations.reserve(presized);
+                    reservations.index.prefault();
                     users.prefault();
                 }
                 let sale = Sale {
@@ -786,8 +933,12 @@ impl Engine {
                     limit_per_user,
                     ttl_ms,
                     hot,
+                    // An admin who asks for a hot sale means it.
+                    pinned: hot,
                     paused: false,
                     holds: 0,
+                    reservations,
+                    payment_refs: FastMap::default(),
                     users,
                     expiry: ChunkedQueue::default(),
                     gauge: Arc::new(SkuGauge::default()),
@@ -822,20 +973,19 @@ impl Engine {
                 assert!(!matches!(claim, Claim::Conflict), "id {reservation_id:#x} held by another sku");
                 self.apply_reserved(event);
             }
-            Event::Confirmed { reservation_id, at_ms, ref payment_ref, .. } => {
-                let (sku, qty) = self.settle(reservation_id, HoldState::Confirmed, at_ms);
-                self.payment_refs.insert(reservation_id.into(), payment_ref[..].into());
+            Event::Confirmed { sku, reservation_id, at_ms, ref payment_ref } => {
+                let (_, qty) = self.settle(sku, reservation_id, HoldState::Confirmed, at_ms);
                 let sale = self.sale_mut(sku);
+                sale.payment_refs.insert(reservation_id.into(), payment_ref[..].into());
                 sale.reserved -= u64::from(qty);
                 sale.sold += u64::from(qty);
                 sale.assert_invariant(sku);
                 sale.publish();
             }
-            Event::Released { reservation_id, at_ms, .. } | Event::Expired { reservation_id, at_ms, .. } => {
+            Event::Released { sku, reservation_id, at_ms } | Event::Expired { sku, reservation_id, at_ms } => {
                 let state =
                     if matches!(event, Event::Released { .. }) { HoldState::Released } else { HoldState::Expired };
-                let (sku, qty) = self.settle(reservation_id, state, at_ms);
-                let user = self.reservations.get(&reservation_id.into()).expect("settled above").user;
+                let (user, qty) = self.settle(sku, reservation_id, state, at_ms);
                 let sale = self.sale_mut(sku);
                 sale.reserved -= u64::from(qty);
                 sale.available += u64::from(qty);
@@ -869,6 +1019,14 @@ impl Engine {
             // Marks where a leader's term begins (the cluster's history);
             // no sale changes.
             Event::TermStarted { .. } => {}
+            // Where the sale runs; the caller moves its state (see
+            // `take_sale`). Units and reservations stay as they are.
+            Event::SaleMoved { sku, dedicated, pinned, .. } => {
+                let sale = self.sale_mut(sku);
+                sale.hot = dedicated;
+                sale.pinned = pinned;
+                sale.publish();
+            }
         }
     }
 
@@ -891,19 +1049,21 @@ impl Engine {
         sale.assert_invariant(sku);
         sale.publish();
         let reservation = Reservation { sku, user, qty, state: HoldState::Held, expires_at_ms, settled_at_ms: 0 };
-        let added = self.reservations.insert(reservation_id.into(), reservation);
+        let added = sale.reservations.insert(reservation_id.into(), reservation);
         assert!(added, "reservation {reservation_id:#x} applied twice");
     }
 
-    /// Move a held reservation to its final state; returns (sku, qty).
-    fn settle(&mut self, id: u128, state: HoldState, at_ms: u64) -> (u64, u32) {
-        let r = self.reservations.get_mut(&id.into()).expect("settling an unknown reservation");
+    /// Move a held reservation of `sku` to its final state; returns
+    /// (user, qty).
+    fn settle(&mut self, sku: u64, id: u128, state: HoldState, at_ms: u64) -> (u64, u32) {
+        let sale = self.sale_mut(sku);
+        let r = sale.reservations.get_mut(&id.into()).expect("settling an unknown reservation");
         assert_eq!(r.state, HoldState::Held, "reservation {id:#x} settled twice");
         r.state = state;
         r.settled_at_ms = at_ms;
-        let (sku, qty) = (r.sku, r.qty);
-        self.sale_mut(sku).holds -= 1;
-        (sku, qty)
+        let (user, qty) = (r.user, r.qty);
+        sale.holds -= 1;
+        (user, qty)
     }
 
     fn sale_mut(&mut self, sku: u64) -> &mut Sale {
@@ -920,9 +1080,10 @@ impl Engine {
             holds: u64,
             users: FlatMap<u64, u32>,
         }
-        let mut tallies: FastMap<u64, Tally> = self.sales.keys().map(|&sku| (sku, Tally::default())).collect();
-        for r in self.reservations.values() {
-            let tally = tallies.get_mut(&r.sku).expect("reservation of a known sku");
+        for (&sku, sale) in &self.sales {
+            let mut tally = Tally::default();
+            for r in sale.reservations.values() {
+            assert_eq!(r.sku, sku, "a reservation of sku {} among sku {sku}'s", r.sku);
             match r.state {
                 HoldState::Held => {
                     tally.reserved += u64::from(r.qty);
@@ -935,10 +1096,8 @@ impl Engine {
                 }
                 HoldState::Released | HoldState::Expired => {}
             }
-        }
-        for (&sku, sale) in &self.sales {
+            }
             sale.assert_invariant(sku);
-            let tally = &tallies[&sku];
             assert_eq!(tally.reserved, sale.reserved, "sku {sku}: reserved counter disagrees with reservations");
             assert_eq!(tally.sold, sale.sold, "sku {sku}: sold counter disagrees with reservations");
             assert_eq!(tally.holds, sale.holds, "sku {sku}: hold count disagrees");

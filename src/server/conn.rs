@@ -408,21 +408,22 @@ impl Conn {
                 let ops = ops.into_iter().map(|op| match op {
                     BatchOp::Reserve(op) => SaleOp::Reserve(op),
                     BatchOp::Confirm(c) => {
-                        SaleOp::Confirm { reservation_id: c.reservation_id, payment_ref: c.payment_ref }
+                        SaleOp::Confirm { sku: 0, reservation_id: c.reservation_id, payment_ref: c.payment_ref }
                     }
-                    BatchOp::Release(r) => SaleOp::Release { reservation_id: r.reservation_id },
+                    BatchOp::Release(r) => SaleOp::Release { sku: 0, reservation_id: r.reservation_id },
                 });
                 self.batch(request_id, opcode, ops, router);
             }
             Request::Confirm(confirm) => {
-                let op = SaleOp::Confirm { reservation_id: confirm.reservation_id, payment_ref: confirm.payment_ref };
+                let op =
+                    SaleOp::Confirm { sku: 0, reservation_id: confirm.reservation_id, payment_ref: confirm.payment_ref };
                 if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router, Gauge::Decides, &[])
                 {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));
                 }
             }
             Request::Release(release) => {
-                let op = SaleOp::Release { reservation_id: release.reservation_id };
+                let op = SaleOp::Release { sku: 0, reservation_id: release.reservation_id };
                 if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router, Gauge::Decides, &[])
                 {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));
@@ -447,7 +448,11 @@ impl Conn {
                     }),
                 }
             }
-            Request::SaleCreate(_) | Request::Restock(_) | Request::Pause { .. } | Request::Resume { .. } => {
+            Request::SaleCreate(_)
+            | Request::Restock(_)
+            | Request::Pause { .. }
+            | Request::Resume { .. }
+            | Request::SaleMove(_) => {
                 // Admin commands wait for the shard; run them off the read
                 // loop so they do not stall this connection's pipeline.
                 let shared = self.shared.clone();
@@ -460,6 +465,15 @@ impl Conn {
                         Request::Restock(r) => router.admin(r.sku, AdminCmd::Restock { sku: r.sku, qty: r.qty }).await,
                         Request::Pause { sku } => router.admin(sku, AdminCmd::SetPaused { sku, paused: true }).await,
                         Request::Resume { sku } => router.admin(sku, AdminCmd::SetPaused { sku, paused: false }).await,
+                        Request::SaleMove(m) => {
+                            let moved = router.move_sale(m.sku, m.dedicated, true).await;
+                            if moved.outcome.status == Status::Ok {
+                                router.placement.admin_moves.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            // The value: how long the SKU's requests were held (us).
+                            let held_us = moved.took.map_or(0, |d| d.as_micros() as u64);
+                            Outcome::new(moved.outcome.status, held_us)
+                        }
                         _ => unreachable!("admin requests only"),
                     };
                     let reply = Reply::Outcome(outcome);
@@ -570,12 +584,12 @@ impl Conn {
     fn stage(
         &mut self,
         answer: Answer,
-        op: SaleOp,
+        mut op: SaleOp,
         router: &super::Router,
         gauge: Gauge,
         earlier: &[(u128, u64)],
     ) -> Option<Outcome> {
-        let shard = match &op {
+        let shard = match &mut op {
             SaleOp::Reserve(reserve) => router.with_route(reserve.sku, |route| {
                 let Some(route) = route else {
                     return Err(Outcome::of(Status::UnknownSku));
@@ -595,12 +609,14 @@ impl Conn {
                 }
                 Ok(self.staged_index(&route.shard))
             }),
-            SaleOp::Confirm { reservation_id, .. } | SaleOp::Release { reservation_id } => {
-                let sku = router
+            SaleOp::Confirm { sku, reservation_id, .. } | SaleOp::Release { sku, reservation_id } => {
+                let found = router
                     .directory
                     .sku_of(*reservation_id)
                     .or_else(|| earlier.iter().rev().find(|(id, _)| id == reservation_id).map(|(_, sku)| *sku));
-                match sku.and_then(|sku| router.route(sku)) {
+                // The shard finds the reservation among its SKU's.
+                *sku = found.unwrap_or(0);
+                match found.and_then(|sku| router.route(sku)) {
                     None => Err(Outcome::of(Status::UnknownReservation)),
                     Some(route) => Ok(self.staged_index(&route.shard)),
                 }

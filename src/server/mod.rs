@@ -82,6 +82,21 @@ impl Drop for CloseSignal {
 struct RouterConfig {
     clock: Arc<dyn Clock>,
     pin_hot_shards: bool,
+    placement: crate::placement::PlacementConfig,
+}
+
+impl RouterConfig {
+    /// A router over `engines`, with its demand monitor running.
+    fn build(&self, engines: Engines, sinks: SinkFactory) -> Arc<Router> {
+        let router = Router::new(engines, self.clock.clone(), sinks, self.pin_hot_shards);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(crate::placement::monitor(router.clone(), self.placement.clone()));
+            }
+            Err(_) => tracing::warn!("no runtime: sales are not moved by demand"),
+        }
+        router
+    }
 }
 
 impl Shared {
@@ -94,8 +109,7 @@ impl Shared {
     /// Start deciding with `engines` (a standby promoted to leader): the
     /// shards start and sale requests are served from now on.
     pub fn install_router(&self, engines: Engines, sinks: SinkFactory) {
-        let config = &self.router_config;
-        let router = Router::new(engines, config.clock.clone(), sinks, config.pin_hot_shards);
+        let router = self.router_config.build(engines, sinks);
         if self.router.set(router).is_err() {
             panic!("the router is installed once");
         }
@@ -131,6 +145,8 @@ pub struct ServerConfig {
     pub engines: Option<Engines>,
     /// Pin hot shards to cores.
     pub pin_hot_shards: bool,
+    /// The demand monitor's settings.
+    pub placement: crate::placement::PlacementConfig,
     pub clock: Arc<dyn Clock>,
     pub sinks: SinkFactory,
     /// Serve REPLICATE / SETTLED / STATE_DUMP from this log.
@@ -161,6 +177,7 @@ impl ServerConfig {
             pool_shards: 1,
             engines: None,
             pin_hot_shards: true,
+            placement: crate::placement::PlacementConfig::defaults(crate::placement::cores()),
             clock: Arc::new(SystemClock),
             sinks: Box::new(|_| Box::new(VolatileSink::default())),
             log: None,
@@ -217,11 +234,15 @@ impl Drop for ServerHandle {
 /// Start serving on `listener`.
 pub fn start(listener: TcpListener, config: ServerConfig) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
-    let router_config = RouterConfig { clock: config.clock.clone(), pin_hot_shards: config.pin_hot_shards };
+    let router_config = RouterConfig {
+        clock: config.clock.clone(),
+        pin_hot_shards: config.pin_hot_shards,
+        placement: config.placement.clone(),
+    };
     let router = std::sync::OnceLock::new();
     if !config.defer_router {
         let engines = config.engines.unwrap_or_else(|| Engines::empty(config.pool_shards));
-        let _ = router.set(Router::new(engines, config.clock.clone(), config.sinks, config.pin_hot_shards));
+        let _ = router.set(router_config.build(engines, config.sinks));
     }
     let connection_slots = Arc::new(Semaphore::new(config.connections_max));
     let shared = Arc::new(Shared {

@@ -343,10 +343,10 @@ impl Op {
             Op::Reserve { sku, user, qty, id } => {
                 (Opcode::Reserve, SaleOp::Reserve(Reserve { sku, user, qty, reservation_id: id }))
             }
-            Op::Confirm { id, .. } => {
-                (Opcode::Confirm, SaleOp::Confirm { reservation_id: id, payment_ref: Op::payment_ref(id) })
+            Op::Confirm { sku, id } => {
+                (Opcode::Confirm, SaleOp::Confirm { sku, reservation_id: id, payment_ref: Op::payment_ref(id) })
             }
-            Op::Release { id, .. } => (Opcode::Release, SaleOp::Release { reservation_id: id }),
+            Op::Release { sku, id } => (Opcode::Release, SaleOp::Release { sku, reservation_id: id }),
             Op::Ticket { .. } => return None,
         })
     }
@@ -1262,12 +1262,9 @@ impl Sim {
     }
 
     fn admin(&mut self, cmd: AdminCmd) {
-        let sku = match &cmd {
-            AdminCmd::Create(c) => c.sku,
-            AdminCmd::Restock { sku, .. } | AdminCmd::SetPaused { sku, .. } => *sku,
-        };
+        let sku = cmd.sku();
         match &cmd {
-            AdminCmd::Create(_) => {}
+            AdminCmd::Create(_) | AdminCmd::Place { .. } => {}
             AdminCmd::Restock { sku, qty } => *self.total_unknown.get_mut(sku).expect("sku") += qty,
             AdminCmd::SetPaused { sku, paused } => {
                 let p = self.pause.get_mut(sku).expect("sku");

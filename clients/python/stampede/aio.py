@@ -82,6 +82,7 @@ from .messages import (
     Restock,
     Resume,
     SaleCreate,
+    SaleMove,
     StatusReply,
     StatusRequest,
     decode_reply,
@@ -737,6 +738,13 @@ class AsyncClient:
     async def resume(self, sku: int) -> Outcome:
         """Admin: undo ``pause``."""
         return await self._outcome(Resume(_check_u(sku, 64, "sku")))
+
+    async def move_sale(self, sku: int, dedicated: bool) -> Outcome:
+        """Admin: move a sale to a shard of its own (``dedicated``) or back
+        to the pool, pinned there (the server's demand monitor leaves it).
+        Idempotent: a retry finds it moved and answers ``ok``. ``detail``
+        is how long the sale's requests were held, in microseconds."""
+        return await self._outcome(SaleMove(_check_u(sku, 64, "sku"), bool(dedicated)))
 
     async def raw(self, request: Request) -> Reply:
         """Send any request once, without retries; the reply as it came

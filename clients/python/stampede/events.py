@@ -209,6 +209,30 @@ class TermStarted(_Event):
     at_ms: int
 
 
+@dataclass
+class SaleMoved(_Event):
+    """The sale now runs on a shard of its own (``dedicated``) or in the
+    pool; ``pinned``: an admin chose that. One placement byte on the wire."""
+
+    KIND: ClassVar[int] = 15
+    LAYOUT: ClassVar[str] = "QBQ"  # placement: bit 0 dedicated, bit 1 pinned
+    sku: int
+    dedicated: bool
+    pinned: bool
+    at_ms: int
+
+    def encode_payload(self) -> bytes:
+        placement = (1 if self.dedicated else 0) | (2 if self.pinned else 0)
+        return bytes((self.KIND,)) + struct.pack("<QBQ", self.sku, placement, self.at_ms)
+
+    @classmethod
+    def read(cls, r: Reader) -> "SaleMoved":
+        sku, placement = r.u64(), r.u8()
+        if placement > 3:
+            raise Malformed("SALE_MOVED: placement %#04x" % placement)
+        return cls(sku, bool(placement & 1), bool(placement & 2), r.u64())
+
+
 Event = Union[
     SaleCreated,
     Restocked,
@@ -224,6 +248,7 @@ Event = Union[
     Admitted,
     AdmissionLapsed,
     TermStarted,
+    SaleMoved,
 ]
 
 # Derived from the Union, so an event type is listed once.

@@ -303,6 +303,30 @@ class Resume(_SkuOnly):
 
 
 @dataclass
+class SaleMove:
+    """SALE_MOVE (0x24), admin: move a sale to a shard of its own
+    (``dedicated``) or back to the pool, pinned there (§6.7)."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.SALE_MOVE
+    sku: int
+    dedicated: bool
+
+    _ST: ClassVar[struct.Struct] = struct.Struct("<QB")
+
+    def encode_body(self) -> bytes:
+        return self._ST.pack(self.sku, 1 if self.dedicated else 0)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "SaleMove":
+        r = Reader(body, "SALE_MOVE")
+        sku, placement = r.unpack(cls._ST)
+        r.finish()
+        if placement > 1:
+            raise Malformed("SALE_MOVE: placement %d (0 pool, 1 dedicated)" % placement)
+        return cls(sku, placement == 1)
+
+
+@dataclass
 class _Ticket:
     sku: int
     user: int
@@ -528,6 +552,7 @@ Request = Union[
     Restock,
     Pause,
     Resume,
+    SaleMove,
     Replicate,
     Settled,
     StateDump,
@@ -551,7 +576,8 @@ class Outcome:
     meaning depends on it (§5.1): ``expires_at`` (unix ms) for ``reserved``,
     the confirm time for ``confirmed``, ``expires_at`` for ``expired``, the
     retry delay (ms) for ``busy`` and ``rate_limited``, the server time for
-    PING, the new total for RESTOCK.
+    PING, the new total for RESTOCK, how long the sale's requests were
+    held (µs) for SALE_MOVE.
 
     ``reservation_id`` is not on the wire: the client fills it in on the
     answer to ``reserve``, so a caller that let the client pick the id
@@ -668,7 +694,9 @@ class QueueStats:
 class StatusReply:
     """STATUS reply (0x94): a consistent snapshot of a sale's counters.
     ``available + reserved + sold == total`` whenever ``status`` is ``ok``;
-    with ``unknown_sku`` or ``busy`` every field is 0."""
+    with ``unknown_sku`` or ``busy`` every field is 0. ``hot``: the sale
+    runs on a shard of its own now; ``pinned``: an admin chose its
+    placement (flags bit 3). Unknown flag bits are ignored."""
 
     status: Status
     total: int = 0
@@ -681,11 +709,17 @@ class StatusReply:
     hot: bool = False
     paused: bool = False
     queue: Optional[QueueStats] = None
+    pinned: bool = False
 
     _ST: ClassVar[struct.Struct] = struct.Struct("<QQQQIQQB")
 
     def encode_body(self) -> bytes:
-        flags = (1 if self.hot else 0) | (2 if self.paused else 0) | (4 if self.queue is not None else 0)
+        flags = (
+            (1 if self.hot else 0)
+            | (2 if self.paused else 0)
+            | (4 if self.queue is not None else 0)
+            | (8 if self.pinned else 0)
+        )
         body = _U16.pack(int(self.status)) + self._ST.pack(
             self.total,
             self.available,
@@ -706,7 +740,18 @@ class StatusReply:
         queue = QueueStats.read(r) if flags & 4 else None
         r.finish()
         return cls(
-            status, total, available, reserved, sold, limit, ttl_ms, reservations, bool(flags & 1), bool(flags & 2), queue
+            status,
+            total,
+            available,
+            reserved,
+            sold,
+            limit,
+            ttl_ms,
+            reservations,
+            bool(flags & 1),
+            bool(flags & 2),
+            queue,
+            bool(flags & 8),
         )
 
 
@@ -1052,6 +1097,7 @@ REPLY_TYPES: Dict[int, type] = {
     Opcode.RESTOCK: Outcome,
     Opcode.PAUSE: Outcome,
     Opcode.RESUME: Outcome,
+    Opcode.SALE_MOVE: Outcome,
     Opcode.REPLICATE: LogBatch,
     Opcode.SETTLED: Outcome,
     Opcode.STATE_DUMP: DumpChunk,

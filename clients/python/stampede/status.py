@@ -120,6 +120,7 @@ class Opcode(enum.IntEnum):
     RESTOCK = 0x21
     PAUSE = 0x22
     RESUME = 0x23
+    SALE_MOVE = 0x24
     REPLICATE = 0x30
     SETTLED = 0x31
     STATE_DUMP = 0x32

@@ -225,6 +225,11 @@ class Client:
         """Admin: resume a sale."""
         return self._run(lambda c: c.resume(sku))  # type: ignore[no-any-return]
 
+    def move_sale(self, sku: int, dedicated: bool) -> Outcome:
+        """Admin: move a sale to a shard of its own or back to the pool
+        (pinned; idempotent)."""
+        return self._run(lambda c: c.move_sale(sku, dedicated))  # type: ignore[no-any-return]
+
     def raw(self, request: Request) -> Reply:
         """Send any request once, without retries."""
         return self._run(lambda c: c.raw(request))  # type: ignore[no-any-return]

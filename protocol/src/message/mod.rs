@@ -27,7 +27,7 @@ pub use queue::{QueueConfig, QueueStats, QueueTicket, TicketRequest};
 pub use release::Release;
 pub use replicate::{LogBatch, Replicate, Settled};
 pub use reserve::{Outcome, Reserve};
-pub use sale::{Restock, SaleCreate, SaleStatus, StatusReply};
+pub use sale::{Restock, SaleCreate, SaleMove, SaleStatus, StatusReply};
 
 use crate::frame::{encode_frame_with, Frame};
 use crate::limits::ERROR_MESSAGE_BYTES_MAX;
@@ -56,6 +56,7 @@ pub enum Opcode {
     Restock = 0x21,
     Pause = 0x22,
     Resume = 0x23,
+    SaleMove = 0x24,
     Replicate = 0x30,
     Settled = 0x31,
     StateDump = 0x32,
@@ -84,6 +85,7 @@ impl Opcode {
         Opcode::Restock,
         Opcode::Pause,
         Opcode::Resume,
+        Opcode::SaleMove,
         Opcode::Replicate,
         Opcode::Settled,
         Opcode::StateDump,
@@ -115,7 +117,9 @@ impl Opcode {
             | Opcode::Join
             | Opcode::Poll
             | Opcode::Batch => matches!(role, Role::Checkout | Role::Admin),
-            Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume => matches!(role, Role::Admin),
+            Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume | Opcode::SaleMove => {
+                matches!(role, Role::Admin)
+            }
             Opcode::Replicate
             | Opcode::Settled
             | Opcode::StateDump
@@ -138,7 +142,7 @@ impl Opcode {
             | Opcode::Join
             | Opcode::Poll
             | Opcode::Batch => "checkout, admin",
-            Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume => "admin",
+            Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume | Opcode::SaleMove => "admin",
             Opcode::Replicate
             | Opcode::Settled
             | Opcode::StateDump
@@ -173,6 +177,9 @@ pub enum Request {
     Resume {
         sku: u64,
     },
+    /// Move a sale to a shard of its own (`dedicated`) or back to the
+    /// pool; the placement is pinned (the demand monitor leaves it).
+    SaleMove(SaleMove),
     Replicate(Replicate),
     Settled(Settled),
     StateDump,
@@ -199,6 +206,7 @@ impl Request {
             Request::Restock(_) => Opcode::Restock,
             Request::Pause { .. } => Opcode::Pause,
             Request::Resume { .. } => Opcode::Resume,
+            Request::SaleMove(_) => Opcode::SaleMove,
             Request::Replicate(_) => Opcode::Replicate,
             Request::Settled(_) => Opcode::Settled,
             Request::StateDump => Opcode::StateDump,
@@ -228,6 +236,7 @@ impl Request {
             Request::Status { sku } | Request::Pause { sku } | Request::Resume { sku } => sale::encode_sku(*sku, dst),
             Request::SaleCreate(m) => m.encode(dst),
             Request::Restock(m) => m.encode(dst),
+            Request::SaleMove(m) => m.encode(dst),
             Request::Join(m) | Request::Poll(m) => m.encode(dst),
             Request::Replicate(m) => m.encode(dst),
             Request::Settled(m) => m.encode(dst),
@@ -258,6 +267,7 @@ impl Request {
             Opcode::Restock => Request::Restock(Restock::decode(body).map_err(malformed)?),
             Opcode::Pause => Request::Pause { sku: sale::decode_sku(body, "PAUSE").map_err(malformed)? },
             Opcode::Resume => Request::Resume { sku: sale::decode_sku(body, "RESUME").map_err(malformed)? },
+            Opcode::SaleMove => Request::SaleMove(SaleMove::decode(body).map_err(malformed)?),
             Opcode::Replicate => Request::Replicate(Replicate::decode(body).map_err(malformed)?),
             Opcode::Settled => Request::Settled(Settled::decode(body).map_err(malformed)?),
             Opcode::StateDump => {
@@ -322,7 +332,8 @@ impl ErrorReply {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
     Hello(HelloReply),
-    /// PING, RESERVE, CONFIRM, RELEASE, SALE_CREATE, RESTOCK, PAUSE, RESUME, SETTLED.
+    /// PING, RESERVE, CONFIRM, RELEASE, SALE_CREATE, RESTOCK, PAUSE, RESUME,
+    /// SALE_MOVE, SETTLED.
     Outcome(Outcome),
     Batch(Vec<Outcome>),
     Status(StatusReply),

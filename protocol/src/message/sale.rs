@@ -30,8 +30,10 @@
 //! 34  4 limit_per_user  u32
 //! 38  8 ttl_ms          u64
 //! 46  8 reservations    u64 (active reservations, count)
-//! 54  1 flags           u8: bit 0 hot, bit 1 paused, bit 2 queued (36 bytes of
-//!                       queue figures follow, see `queue.rs`)
+//! 54  1 flags           u8: bit 0 hot (on a shard of its own now), bit 1
+//!                       paused, bit 2 queued (36 bytes of queue figures
+//!                       follow, see `queue.rs`), bit 3 pinned (an admin
+//!                       placed it; the demand monitor leaves it)
 //! ```
 //! `available + reserved + sold == total` holds in every reply.
 
@@ -101,6 +103,32 @@ impl Restock {
 }
 
 /// A request whose body is just a SKU (PAUSE, RESUME, STATUS).
+/// SALE_MOVE request body (9 bytes): `sku u64, placement u8` (bit 0:
+/// a shard of its own; 0: the pool; other bits must be 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SaleMove {
+    pub sku: u64,
+    pub dedicated: bool,
+}
+
+impl SaleMove {
+    pub fn encode(&self, dst: &mut BytesMut) {
+        dst.put_u64_le(self.sku);
+        dst.put_u8(u8::from(self.dedicated));
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
+        let mut r = Reader::new(body, "SALE_MOVE");
+        let sku = r.u64()?;
+        let placement = r.u8()?;
+        if placement > 1 {
+            return Err(Malformed(format!("SALE_MOVE: placement {placement:#x}")));
+        }
+        r.finish()?;
+        Ok(SaleMove { sku, dedicated: placement == 1 })
+    }
+}
+
 pub fn encode_sku(sku: u64, dst: &mut BytesMut) {
     dst.put_u64_le(sku);
 }
@@ -122,8 +150,12 @@ pub struct SaleStatus {
     pub limit_per_user: u32,
     pub ttl_ms: u64,
     pub reservations: u64,
+    /// On a shard of its own now (created hot, or moved there).
     pub hot: bool,
     pub paused: bool,
+    /// The placement is an admin's (`--hot` or SALE_MOVE): the server's
+    /// demand monitor does not move the sale.
+    pub pinned: bool,
     /// The sale's queue figures, if it has a queue. Boxed: every reply
     /// travels through the connection's channel by value, and most sales
     /// have no queue.
@@ -148,7 +180,9 @@ impl StatusReply {
         dst.put_u32_le(s.limit_per_user);
         dst.put_u64_le(s.ttl_ms);
         dst.put_u64_le(s.reservations);
-        dst.put_u8(s.hot as u8 | (s.paused as u8) << 1 | u8::from(s.queue.is_some()) << 2);
+        dst.put_u8(
+            s.hot as u8 | (s.paused as u8) << 1 | u8::from(s.queue.is_some()) << 2 | u8::from(s.pinned) << 3,
+        );
         if let Some(queue) = &s.queue {
             queue.encode(dst);
         }
@@ -178,6 +212,7 @@ impl StatusReply {
             reservations,
             hot: flags & 1 != 0,
             paused: flags & 2 != 0,
+            pinned: flags & 8 != 0,
             queue,
         };
         Ok(StatusReply { status, sale })
