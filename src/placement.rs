@@ -128,9 +128,9 @@ impl Policy {
     ) -> Option<Decision> {
         let shard_ops = |shard: usize| -> f64 { sales.iter().filter(|s| s.shard == shard).map(|s| s.ops_per_s).sum() };
         let saturated = |shard: usize| {
-            shards.iter().any(|l| {
-                l.shard == shard && (l.busy_percent >= SATURATED_BUSY_PERCENT as f64 || l.refused > 0)
-            })
+            shards
+                .iter()
+                .any(|l| l.shard == shard && (l.busy_percent >= SATURATED_BUSY_PERCENT as f64 || l.refused > 0))
         };
         // Streaks: forget sales that are gone or no longer qualify.
         let mut streaks = HashMap::new();
@@ -282,8 +282,7 @@ pub async fn monitor(router: Arc<Router>, config: PlacementConfig) {
         };
         let result = router.move_sale(sku, dedicated, false).await;
         if result.outcome.status == Status::Ok {
-            let counter =
-                if dedicated { &router.placement.promotions } else { &router.placement.demotions };
+            let counter = if dedicated { &router.placement.promotions } else { &router.placement.demotions };
             counter.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 sku,

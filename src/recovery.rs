@@ -288,7 +288,10 @@ impl Replica {
         for (i, engine) in engines.hot.iter().enumerate() {
             slots.extend(engine.skus().map(|sku| (sku, Slot::Hot(i))));
         }
-        Replica { loader: Loader { engines, reservations_estimate: 0, slots, claims: Vec::new(), terms: Vec::new() }, last_lsn }
+        Replica {
+            loader: Loader { engines, reservations_estimate: 0, slots, claims: Vec::new(), terms: Vec::new() },
+            last_lsn,
+        }
     }
 
     /// Apply consecutive records, the first being the next one, as replay

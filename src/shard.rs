@@ -44,11 +44,21 @@ pub struct ReplyTo {
 #[derive(Clone, Debug)]
 pub enum AdminCmd {
     Create(SaleCreate),
-    Restock { sku: u64, qty: u64 },
-    SetPaused { sku: u64, paused: bool },
+    Restock {
+        sku: u64,
+        qty: u64,
+    },
+    SetPaused {
+        sku: u64,
+        paused: bool,
+    },
     /// Log a new pin for a sale that stays where it is (a move to where
     /// it already runs).
-    Place { sku: u64, dedicated: bool, pinned: bool },
+    Place {
+        sku: u64,
+        dedicated: bool,
+        pinned: bool,
+    },
 }
 
 impl AdminCmd {
@@ -64,8 +74,15 @@ impl AdminCmd {
 pub enum SaleOp {
     Reserve(Reserve),
     /// `sku`: the reservation's, from the id directory.
-    Confirm { sku: u64, reservation_id: u128, payment_ref: Bytes },
-    Release { sku: u64, reservation_id: u128 },
+    Confirm {
+        sku: u64,
+        reservation_id: u128,
+        payment_ref: Bytes,
+    },
+    Release {
+        sku: u64,
+        reservation_id: u128,
+    },
 }
 
 impl SaleOp {
@@ -225,7 +242,8 @@ impl ShardMsg {
             // Dropping `done` tells the waiter there is no digest. (A
             // refused move: the server is stopping, and its state is in
             // the log.)
-            ShardMsg::Digest { .. } | ShardMsg::Shutdown { .. } | ShardMsg::Expect { .. } | ShardMsg::MoveIn { .. } => {}
+            ShardMsg::Digest { .. } | ShardMsg::Shutdown { .. } | ShardMsg::Expect { .. } | ShardMsg::MoveIn { .. } => {
+            }
         }
     }
 }
@@ -600,8 +618,7 @@ impl Router {
         // The new shard learns first, so it holds (rather than decides
         // against no sale) what the switched route sends it.
         let (to_, from_) = (to.clone(), from.clone());
-        let sent =
-            tokio::task::spawn_blocking(move || to_.send_control(expect) && from_.send_control(move_out)).await;
+        let sent = tokio::task::spawn_blocking(move || to_.send_control(expect) && from_.send_control(move_out)).await;
         if !matches!(sent, Ok(true)) {
             return MoveResult::of(Status::ShuttingDown);
         }

@@ -255,7 +255,9 @@ fn run_engine(engine: &mut Engine, op: &Op, now: u64, events: &mut Vec<Event>) -
         Op::Reserve { sku, user, qty, id } => {
             engine.reserve(&Reserve { sku, user, qty, reservation_id: id }, now, events)
         }
-        Op::Confirm { id, payment } => engine.confirm(engine.sku_of(id).unwrap_or(0), id, &Bytes::from(vec![payment]), now, events),
+        Op::Confirm { id, payment } => {
+            engine.confirm(engine.sku_of(id).unwrap_or(0), id, &Bytes::from(vec![payment]), now, events)
+        }
         Op::Release { id } => engine.release(engine.sku_of(id).unwrap_or(0), id, now, events),
         Op::Advance { .. } => Outcome::of(Status::Ok),
     }

@@ -342,11 +342,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(directory: Arc<ReservationDirectory>) -> Self {
-        Engine {
-            sales: FastMap::default(),
-            directory,
-            queued: Vec::new(),
-        }
+        Engine { sales: FastMap::default(), directory, queued: Vec::new() }
     }
 
     /// Make room in `sku`'s tables for `additional` more reservations
@@ -1083,19 +1079,19 @@ impl Engine {
         for (&sku, sale) in &self.sales {
             let mut tally = Tally::default();
             for r in sale.reservations.values() {
-            assert_eq!(r.sku, sku, "a reservation of sku {} among sku {sku}'s", r.sku);
-            match r.state {
-                HoldState::Held => {
-                    tally.reserved += u64::from(r.qty);
-                    tally.holds += 1;
-                    *tally.users.get_or_insert(r.user, 0) += r.qty;
+                assert_eq!(r.sku, sku, "a reservation of sku {} among sku {sku}'s", r.sku);
+                match r.state {
+                    HoldState::Held => {
+                        tally.reserved += u64::from(r.qty);
+                        tally.holds += 1;
+                        *tally.users.get_or_insert(r.user, 0) += r.qty;
+                    }
+                    HoldState::Confirmed => {
+                        tally.sold += u64::from(r.qty);
+                        *tally.users.get_or_insert(r.user, 0) += r.qty;
+                    }
+                    HoldState::Released | HoldState::Expired => {}
                 }
-                HoldState::Confirmed => {
-                    tally.sold += u64::from(r.qty);
-                    *tally.users.get_or_insert(r.user, 0) += r.qty;
-                }
-                HoldState::Released | HoldState::Expired => {}
-            }
             }
             sale.assert_invariant(sku);
             assert_eq!(tally.reserved, sale.reserved, "sku {sku}: reserved counter disagrees with reservations");

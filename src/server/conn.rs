@@ -415,8 +415,11 @@ impl Conn {
                 self.batch(request_id, opcode, ops, router);
             }
             Request::Confirm(confirm) => {
-                let op =
-                    SaleOp::Confirm { sku: 0, reservation_id: confirm.reservation_id, payment_ref: confirm.payment_ref };
+                let op = SaleOp::Confirm {
+                    sku: 0,
+                    reservation_id: confirm.reservation_id,
+                    payment_ref: confirm.payment_ref,
+                };
                 if let Some(outcome) = self.stage(Answer::Alone { request_id, opcode }, op, router, Gauge::Decides, &[])
                 {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));

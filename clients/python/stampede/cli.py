@@ -101,6 +101,8 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
                 "ttl_ms": s.ttl_ms,
                 "hot": s.hot,
                 "paused": s.paused,
+                "placement": "dedicated" if s.hot else "pool",
+                "pinned": s.pinned,
             }
             if s.queue is not None:
                 q = s.queue

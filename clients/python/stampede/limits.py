@@ -54,6 +54,9 @@ RESERVATION_TTL_MS_MAX: int = 604800000
 EXPIRY_TICK_MS: int = 10
 #: Most hot shards the server creates.
 HOT_SHARDS_MAX: int = 64
+#: Operations held for a sale while it moves (SALE_MOVE, or the server's
+#: demand monitor); beyond it they are answered ``busy``.
+MOVE_HELD_OPS_MAX: int = 65536
 #: Largest record payload in the log and in LOG_BATCH / FOLLOW_BATCH.
 RECORD_PAYLOAD_BYTES_MAX: int = 4096
 #: An idle REPLICATE stream sends an empty LOG_BATCH this often.

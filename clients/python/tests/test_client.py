@@ -104,6 +104,16 @@ def test_admin_calls_and_the_queue(server: ServerProcess) -> None:
             restocked = await admin.restock(5, 4)
             assert (restocked.status, restocked.detail) == (Status.OK, 7)
             assert (await admin.restock(404, 4)).status is Status.UNKNOWN_SKU
+            # SALE_MOVE: to a shard of its own and back, pinned; the sale sells throughout.
+            assert (await admin.move_sale(5, True)).status is Status.OK
+            s = await c.status(5)
+            assert (s.hot, s.pinned, s.total) == (True, True, 7)
+            assert (await admin.move_sale(5, True)).status is Status.OK, "idempotent"
+            assert (await c.reserve(5, 2, 1)).status is Status.RESERVED
+            assert (await admin.move_sale(5, False)).status is Status.OK
+            s = await c.status(5)
+            assert (s.hot, s.pinned, s.reserved) == (False, True, 2)
+            assert (await admin.move_sale(404, True)).status is Status.UNKNOWN_SKU
 
             # A sale without a queue admits anyone.
             ticket = await c.join(5, 1)

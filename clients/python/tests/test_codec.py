@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from stampede import checksum
+from stampede import events as ev
 from stampede.errors import FrameError, InvalidRequest, Malformed
 from stampede.frame import FrameReader, decode_frame, decode_header, encode_frame
 from stampede.ids import format_reservation_id, new_reservation_id, parse_reservation_id
@@ -23,6 +24,8 @@ from stampede.messages import (
     Release,
     Reserve,
     ReserveBatch,
+    SaleMove,
+    StatusReply,
     decode_reply,
     decode_request,
     encode_request,
@@ -184,3 +187,38 @@ def test_status_helpers() -> None:
     assert Status.BAD_MAGIC.is_protocol_error and not Status.FORBIDDEN.is_protocol_error
     assert Status.from_code(33) is Status.NOT_LEADER and Status.from_code(9999) is None
     assert Outcome(Status.RESERVED, 7).expires_at_ms == 7 and Outcome(Status.BUSY, 10).retry_after_ms == 10
+
+
+def test_sale_move_placement() -> None:
+    for dedicated in (False, True):
+        move = SaleMove(42, dedicated)
+        assert move.encode_body()[8] == int(dedicated)
+        assert decode_request(decode_frame(encode_request(move, 1))) == move
+    # A placement other than 0 or 1 is malformed_body, as the server says.
+    with pytest.raises(FrameError) as e:
+        decode_request(Frame(Opcode.SALE_MOVE, 5, struct.pack("<QB", 42, 2)))
+    assert (e.value.status, e.value.request_id) == (Status.MALFORMED_BODY, 5)
+    reply = decode_reply(Frame(Opcode.SALE_MOVE.reply, 5, Outcome(Status.OK, 180).encode_body()), Opcode.SALE_MOVE)
+    assert reply == Outcome(Status.OK, 180)
+
+
+def test_sale_moved_event_placement() -> None:
+    for dedicated, pinned in ((False, False), (True, False), (False, True), (True, True)):
+        event = ev.SaleMoved(42, dedicated, pinned, 7)
+        payload = event.encode_payload()
+        assert len(payload) == 18 and payload[9] == int(dedicated) | int(pinned) << 1
+        assert ev.decode_event(payload) == event
+    bad = bytearray(ev.SaleMoved(42, True, True, 7).encode_payload())
+    bad[9] = 4  # an unknown placement bit: refused, never skipped
+    with pytest.raises(Malformed):
+        ev.decode_event(bytes(bad))
+    assert ev.EVENT_TYPES[15] is ev.SaleMoved
+
+
+def test_status_reply_flags() -> None:
+    pinned = StatusReply(Status.OK, 10, 10, 0, 0, 1, 1000, 0, hot=True, pinned=True)
+    body = bytearray(pinned.encode_body())
+    assert body[54] == 0b1001
+    assert StatusReply.decode_body(bytes(body)) == pinned
+    body[54] |= 0x80  # a bit this version does not know: ignored
+    assert StatusReply.decode_body(bytes(body)) == pinned

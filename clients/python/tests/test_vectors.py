@@ -51,6 +51,7 @@ from stampede.messages import (
     Resume,
     SaleCreate,
     SaleEntry,
+    SaleMove,
     Settled,
     SnapshotChunk,
     SnapshotFetch,
@@ -187,6 +188,12 @@ EXPECTED: Dict[str, Tuple[Optional[Opcode], object]] = {
     "snapshot_fetch": (R, SnapshotFetch()),
     "snapshot_chunk": (Opcode.SNAPSHOT_FETCH, SnapshotChunk(Status.OK, True, 900, 2, 0, 4, b"STMP")),
     "log_batch_refused": (Opcode.REPLICATE, LogBatch(Status.INVALID_ARGUMENT, 1002, T0 + 2_000, [])),
+    "sale_move": (R, SaleMove(42, dedicated=True)),
+    "sale_move_reply": (Opcode.SALE_MOVE, Outcome(Status.OK, 180)),
+    "log_batch_sale_moved": (
+        Opcode.REPLICATE,
+        LogBatch(Status.OK, 1003, T0 + 3_000, [(1003, ev.SaleMoved(42, True, True, T0 + 2_500))]),
+    ),
 }
 
 

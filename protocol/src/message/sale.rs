@@ -180,9 +180,7 @@ impl StatusReply {
         dst.put_u32_le(s.limit_per_user);
         dst.put_u64_le(s.ttl_ms);
         dst.put_u64_le(s.reservations);
-        dst.put_u8(
-            s.hot as u8 | (s.paused as u8) << 1 | u8::from(s.queue.is_some()) << 2 | u8::from(s.pinned) << 3,
-        );
+        dst.put_u8(s.hot as u8 | (s.paused as u8) << 1 | u8::from(s.queue.is_some()) << 2 | u8::from(s.pinned) << 3);
         if let Some(queue) = &s.queue {
             queue.encode(dst);
         }
