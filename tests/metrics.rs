@@ -115,6 +115,27 @@ async fn metrics_parse_and_move_under_load() {
         other => panic!("request latency is a histogram with real buckets, got {other:?}"),
     }
 
+    // Placement: sku 42 (hot) moves to the pool and back; the monitor's
+    // rates and the moves show.
+    assert_eq!(value(&after, "stampede_dedicated_shards", &[]), 1.0);
+    assert_eq!(client.move_sale(42, false).await.unwrap().status, Status::Ok);
+    assert_eq!(client.move_sale(42, true).await.unwrap().status, Status::Ok);
+    assert_eq!(client.move_sale(43, false).await.unwrap().status, Status::Ok, "a pin only: nothing moves");
+    tokio::time::sleep(std::time::Duration::from_millis(3 * stampede::limits::PLACEMENT_INTERVAL_MS)).await;
+    let moved = parse(&get(metrics, "/metrics").await.1);
+    assert_eq!(value(&moved, "stampede_placement_admin_moves_total", &[]), 3.0);
+    assert_eq!(value(&moved, "stampede_sale_moves_total", &[]), 2.0);
+    assert_eq!(value(&moved, "stampede_placement_promotions_total", &[]), 0.0, "pinned sales are left alone");
+    assert_eq!(value(&moved, "stampede_dedicated_shards", &[]), 1.0, "the emptied dedicated shard was retired");
+    assert!(value(&moved, "stampede_sale_move_held_seconds_max", &[]) > 0.0);
+    let rated = moved.samples.iter().filter(|s| s.metric == "stampede_sale_decided_per_second").count();
+    assert_eq!(rated, 2, "both sales have a rate (0 now: no load)");
+    assert_eq!(
+        moved.samples.iter().filter(|s| s.metric == "stampede_shard_busy_ratio").count(),
+        2,
+        "the pool shard and sku 42's"
+    );
+
     drop(client);
     tokio::task::spawn_blocking(move || node.shutdown()).await.unwrap().unwrap();
     assert_eq!(get(metrics, "/readyz").await.0, 503, "not ready once shutting down");

@@ -221,6 +221,7 @@ impl Collector for Exporter {
                 ConstGauge::new(shard.queue_len() as i64).encode(family.encode_family(&labels)?)?;
             }
         }
+        self.encode_placement(&mut encoder)?;
         // Hot SKUs: their stock, live.
         for (name, help, pick) in [
             ("stampede_sku_available", "Units available, per hot SKU", 0),
@@ -318,6 +319,73 @@ impl Collector for Exporter {
 }
 
 impl Exporter {
+    /// Where sales run and what the demand monitor sees: the hottest
+    /// sales' rates, each shard's busy share, moves made and how long a
+    /// moving sale's requests were held.
+    fn encode_placement(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        let Some(router) = self.shared.router() else { return Ok(()) };
+        let placement = &router.placement;
+        {
+            let mut family = encoder.encode_descriptor(
+                "stampede_sale_decided_per_second",
+                "Requests decided per second for the hottest sales (last monitor interval)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for sale in placement.top.lock().iter() {
+                let labels = [
+                    ("sku", sale.sku.to_string()),
+                    ("placement", if sale.dedicated { "dedicated" } else { "pool" }.to_string()),
+                    ("pinned", sale.pinned.to_string()),
+                ];
+                ConstGauge::new(sale.ops_per_s).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "stampede_shard_busy_ratio",
+                "Share of the last monitor interval each shard spent deciding",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for load in placement.shards.lock().iter() {
+                let labels = [("shard", load.shard.to_string()), ("hot", load.dedicated.to_string())];
+                ConstGauge::new(load.busy_percent / 100.0).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        gauge(
+            encoder,
+            "stampede_dedicated_shards",
+            "Shards running one sale each (created hot or moved there)",
+            router.dedicated_shards() as i64,
+        )?;
+        for (name, help, value) in [
+            (
+                "stampede_placement_promotions",
+                "Sales the demand monitor moved to a shard of their own",
+                &placement.promotions,
+            ),
+            ("stampede_placement_demotions", "Sales the demand monitor moved back to the pool", &placement.demotions),
+            ("stampede_placement_admin_moves", "Moves an admin asked for (SALE_MOVE)", &placement.admin_moves),
+            ("stampede_sale_moves", "Moves that handed a sale to another shard", &placement.moves),
+        ] {
+            counter(encoder, name, help, value.load(Ordering::Relaxed))?;
+        }
+        let max = ConstGauge::new(placement.move_held_us_max.load(Ordering::Relaxed) as f64 / 1e6);
+        max.encode(encoder.encode_descriptor(
+            "stampede_sale_move_held_seconds_max",
+            "Longest time a moving sale's requests were held",
+            None,
+            max.metric_type(),
+        )?)?;
+        counter(
+            encoder,
+            "stampede_sale_move_held_microseconds",
+            "Time moving sales' requests were held, in all (divide by stampede_sale_moves for the mean)",
+            placement.move_held_us_sum.load(Ordering::Relaxed),
+        )
+    }
+
     /// The cluster: this node's role and term, the synchronous set, and
     /// each standby's progress and lag (on the leader).
     fn encode_cluster(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
