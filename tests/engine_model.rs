@@ -3,6 +3,11 @@
 //! every outcome and every counter must agree. Then the engine's event
 //! stream is replayed into a fresh engine, which must reach the same state
 //! (the property the write-ahead log relies on).
+//!
+//! The engine side is two engines sharing one id directory, as two shards
+//! do, and sales move between them at random (SALE_MOVED: the tables are
+//! handed over); the model knows nothing of placement, so a move must
+//! change no answer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -42,6 +47,10 @@ enum Op {
     Release {
         id: u128,
     },
+    /// Hand the sale to the other engine (a live move between shards).
+    Move {
+        sku: u64,
+    },
     /// Move the clock; `tick` also runs the shard's expiry pass.
     Advance {
         ms: u64,
@@ -56,9 +65,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (sku.clone(), 0..6u64, 1..4u32, any::<bool>()).prop_map(|(sku, stock, limit, hot)| Op::Create { sku, stock, limit, hot }),
         1 => (sku.clone(), 0..4u64).prop_map(|(sku, qty)| Op::Restock { sku, qty }),
         1 => (sku.clone(), any::<bool>()).prop_map(|(sku, paused)| Op::Pause { sku, paused }),
-        8 => (sku, 0..5u64, 0..4u32, id.clone()).prop_map(|(sku, user, qty, id)| Op::Reserve { sku, user, qty, id }),
+        8 => (sku.clone(), 0..5u64, 0..4u32, id.clone()).prop_map(|(sku, user, qty, id)| Op::Reserve { sku, user, qty, id }),
         3 => (id.clone(), 0..2u8).prop_map(|(id, payment)| Op::Confirm { id, payment }),
         3 => id.prop_map(|id| Op::Release { id }),
+        2 => sku.clone().prop_map(|sku| Op::Move { sku }),
         3 => (0..1500u64, any::<bool>()).prop_map(|(ms, tick)| Op::Advance { ms, tick }),
     ]
 }
@@ -159,13 +169,17 @@ impl Model {
                 if !self.sales.contains_key(&sku) {
                     return Outcome::of(Status::UnknownSku);
                 }
-                if let Some(r) = self.res.get(&id) {
-                    return if (r.sku, r.user, r.qty) == (sku, user, qty) {
-                        Outcome::new(Status::Reserved, r.expires)
-                    } else {
-                        Outcome::of(Status::IdConflict)
-                    };
-                }
+                // Rules 2a and 2b: the id holds a reservation of this SKU.
+                let other_sku = match self.res.get(&id) {
+                    Some(r) if r.sku == sku => {
+                        return if (r.user, r.qty) == (user, qty) {
+                            Outcome::new(Status::Reserved, r.expires)
+                        } else {
+                            Outcome::of(Status::IdConflict)
+                        };
+                    }
+                    other => other.is_some(),
+                };
                 if qty == 0 {
                     return Outcome::of(Status::InvalidArgument);
                 }
@@ -182,6 +196,10 @@ impl Model {
                 }
                 if held + u64::from(qty) > u64::from(s.limit) {
                     return Outcome::of(Status::LimitExceeded);
+                }
+                // Rule 8: the id is claimed for another SKU.
+                if other_sku {
+                    return Outcome::of(Status::IdConflict);
                 }
                 let expires = now + ttl_ms(sku);
                 let s = self.sales.get_mut(&sku).unwrap();
@@ -236,12 +254,53 @@ impl Model {
                     MState::Confirmed => Outcome::of(Status::AlreadyConfirmed),
                 }
             }
+            Op::Move { sku } if self.sales.contains_key(&sku) => Outcome::of(Status::Ok),
+            Op::Move { .. } => Outcome::of(Status::UnknownSku),
             Op::Advance { .. } => Outcome::of(Status::Ok),
         }
     }
 }
 
 // ---------------------------------------------------------------- the engine
+
+/// Two shards' engines over one id directory.
+struct Shards([Engine; 2]);
+
+impl Shards {
+    fn new() -> Shards {
+        let directory = Arc::new(ReservationDirectory::new());
+        Shards([Engine::new(directory.clone()), Engine::new(directory)])
+    }
+
+    /// The engine holding `sku` (a new sale goes by its SKU, as the pool does).
+    fn holder(&self, sku: u64) -> usize {
+        (0..2).find(|&i| self.0[i].placement(sku).is_some()).unwrap_or((sku % 2) as usize)
+    }
+
+    fn run(&mut self, op: &Op, now: u64, events: &mut Vec<Event>) -> Outcome {
+        let sku = match *op {
+            Op::Create { sku, .. } | Op::Restock { sku, .. } | Op::Pause { sku, .. } | Op::Reserve { sku, .. } => sku,
+            Op::Confirm { id, .. } | Op::Release { id } => self.0[0].sku_of(id).unwrap_or(0),
+            Op::Move { sku } => {
+                let from = self.holder(sku);
+                let Some((hot, _)) = self.0[from].placement(sku) else { return Outcome::of(Status::UnknownSku) };
+                let moving = self.0[from].move_out(sku, !hot, true, now, events).expect("it has the sale");
+                self.0[1 - from].put_sale(moving);
+                return Outcome::of(Status::Ok);
+            }
+            Op::Advance { .. } => 0,
+        };
+        let i = self.holder(sku);
+        run_engine(&mut self.0[i], op, now, events)
+    }
+
+    fn state(&self) -> Vec<(u64, stampede_protocol::message::SaleStatus)> {
+        let mut all = state_of(&self.0[0]);
+        all.extend(state_of(&self.0[1]));
+        all.sort_unstable_by_key(|(sku, _)| *sku);
+        all
+    }
+}
 
 fn run_engine(engine: &mut Engine, op: &Op, now: u64, events: &mut Vec<Event>) -> Outcome {
     match *op {
@@ -259,6 +318,7 @@ fn run_engine(engine: &mut Engine, op: &Op, now: u64, events: &mut Vec<Event>) -
             engine.confirm(engine.sku_of(id).unwrap_or(0), id, &Bytes::from(vec![payment]), now, events)
         }
         Op::Release { id } => engine.release(engine.sku_of(id).unwrap_or(0), id, now, events),
+        Op::Move { .. } => unreachable!("Shards::run moves"),
         Op::Advance { .. } => Outcome::of(Status::Ok),
     }
 }
@@ -274,7 +334,7 @@ proptest! {
 
     #[test]
     fn engine_agrees_with_model(ops in proptest::collection::vec(op(), 1..120)) {
-        let mut engine = Engine::new(Arc::new(ReservationDirectory::new()));
+        let mut shards = Shards::new();
         let mut model = Model::default();
         let mut events = Vec::new();
         let mut now = 1_000_000u64;
@@ -282,16 +342,18 @@ proptest! {
             if let Op::Advance { ms, tick } = *op {
                 now += ms;
                 if tick {
-                    engine.expire_due(now, &mut events);
+                    for engine in &mut shards.0 {
+                        engine.expire_due(now, &mut events);
+                    }
                     model.tick(now);
                 }
                 continue;
             }
-            let got = run_engine(&mut engine, op, now, &mut events);
+            let got = shards.run(op, now, &mut events);
             let want = model.apply(op, now);
             prop_assert_eq!(got, want, "step {}: {:?}", step, op);
             for (sku, s) in &model.sales {
-                let e = engine.status(*sku, 0).sale;
+                let e = shards.0[shards.holder(*sku)].status(*sku, 0).sale;
                 prop_assert_eq!(
                     (e.total, e.available, e.reserved, e.sold, e.paused),
                     (s.total, s.available, s.reserved, s.sold, s.paused),
@@ -299,7 +361,9 @@ proptest! {
                 );
             }
         }
-        engine.check_invariants();
+        for engine in &shards.0 {
+            engine.check_invariants();
+        }
 
         // Replay: the event stream alone rebuilds the same state.
         let mut replayed = Engine::new(Arc::new(ReservationDirectory::new()));
@@ -307,9 +371,10 @@ proptest! {
             replayed.apply(event);
         }
         replayed.check_invariants();
-        prop_assert_eq!(state_of(&replayed), state_of(&engine));
+        prop_assert_eq!(state_of(&replayed), shards.state());
         for (id, r) in &model.res {
-            let a = engine.reservation(*id).expect("engine has it");
+            let sku = replayed.sku_of(*id).expect("claimed");
+            let a = shards.0[shards.holder(sku)].reservation(*id).expect("engine has it");
             let b = replayed.reservation(*id).expect("replay has it");
             let want = match r.state {
                 MState::Held => HoldState::Held,
