@@ -4,16 +4,14 @@
 
 pub use stampede_protocol::limits::*;
 
-/// Capacity of each shard's inbound queue, in messages. Past this a
-/// request gets `busy` instead of growing memory: at ~5M decisions/s a
-/// full queue drains in ~13 ms, short enough to keep p99 low, long enough
-/// to absorb a burst from thousands of connections.
-pub const SHARD_QUEUE_MESSAGES_MAX: usize = 64 * 1024;
-
 /// Operations (each of a batch counted) queued for one shard before new
-/// requests get `busy`. Counted apart from messages since one message may
-/// carry up to `SHARD_MESSAGE_OPS_MAX` operations (what one socket read
-/// brought in): the same ~13 ms of work at ~5M decisions/s.
+/// requests get `busy` instead of growing memory: at ~5M decisions/s a
+/// full queue drains in ~13 ms, short enough to keep p99 low, long enough
+/// to absorb a burst from thousands of connections. Every queued message
+/// carries at least one operation (admin and move messages aside, which
+/// are few), so this bounds the queue's messages too. The queue itself
+/// grows in small blocks as it fills: a preallocated one of this many
+/// slots cost every dedicated shard ~5 MiB however small its sale.
 pub const SHARD_QUEUE_OPS_MAX: usize = 64 * 1024;
 
 /// Operations (a batch counts each of its ops) a shard decides per cycle

@@ -27,8 +27,7 @@ use tokio::sync::oneshot;
 use crate::clock::Clock;
 use crate::engine::{Engine, MovingSale, ReservationDirectory, SkuGauge, RESERVE_PREFETCH_AHEAD};
 use crate::limits::{
-    BUSY_RETRY_AFTER_MS, EXPIRY_TICK_MS, HOT_SHARDS_MAX, MOVE_HELD_OPS_MAX, SHARD_CYCLE_OPS_MAX,
-    SHARD_QUEUE_MESSAGES_MAX, SHARD_QUEUE_OPS_MAX,
+    BUSY_RETRY_AFTER_MS, EXPIRY_TICK_MS, HOT_SHARDS_MAX, MOVE_HELD_OPS_MAX, SHARD_CYCLE_OPS_MAX, SHARD_QUEUE_OPS_MAX,
 };
 use crate::server::conn::Outbound;
 use crate::sink::{AdminResult, ConnTx, Delivery, LogSink};
@@ -675,7 +674,8 @@ fn spawn_shard(
     sink: Box<dyn LogSink>,
     refusing: Arc<AtomicU16>,
 ) -> Arc<ShardHandle> {
-    let (tx, rx) = crossbeam_channel::bounded(SHARD_QUEUE_MESSAGES_MAX);
+    // Unbounded in type; `SHARD_QUEUE_OPS_MAX` bounds it (see limits.rs).
+    let (tx, rx) = crossbeam_channel::unbounded();
     let queued_ops = Arc::new(AtomicUsize::new(0));
     let shard = ShardLoop::new(engine, clock, sink, queued_ops.clone());
     let stats = shard.stats();

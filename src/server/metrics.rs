@@ -212,7 +212,7 @@ impl Collector for Exporter {
         {
             let mut family = encoder.encode_descriptor(
                 "stampede_shard_queue_depth",
-                "Messages waiting in each shard's queue (busy is answered at 65536)",
+                "Operations waiting in each shard's queue, each of a batch counted (busy is answered past 65536)",
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
