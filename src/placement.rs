@@ -18,7 +18,8 @@
 //!   decisions of a saturated pool shard (busy `SATURATED_BUSY_PERCENT`
 //!   of the time, or refusing requests `busy`); the hottest first, one
 //!   move per interval, while fewer than `dedicated_max` dedicated shards
-//!   run;
+//!   run (when that many run, a sale the monitor promoted that has gone
+//!   cold gives its shard up at once for the hot one);
 //! - **demote** a dedicated sale the monitor placed (not pinned) once it
 //!   has decided fewer than `demote_ops_per_s` for `demote_after` without
 //!   a break. The gap between the two rates is the hysteresis: a sale
@@ -169,13 +170,21 @@ impl Policy {
             self.cold_since.remove(&sku);
             return Some(Decision::Demote(sku));
         }
-        if dedicated >= config.dedicated_max {
-            return None;
-        }
         let hottest = sales
             .iter()
             .filter(|s| self.hot_streak.get(&s.sku).is_some_and(|&n| n >= PROMOTE_AFTER_INTERVALS))
             .max_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s).then(b.sku.cmp(&a.sku)))?;
+        if dedicated >= config.dedicated_max {
+            // No shard to spare: a sale of ours that has gone cold gives
+            // its shard up now rather than after `demote_after` (the
+            // coldest first); the hot one follows next interval.
+            let coldest = sales
+                .iter()
+                .filter(|s| self.cold_since.contains_key(&s.sku))
+                .min_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s).then(a.sku.cmp(&b.sku)))?;
+            self.cold_since.remove(&coldest.sku);
+            return Some(Decision::Demote(coldest.sku));
+        }
         self.hot_streak.remove(&hottest.sku);
         Some(Decision::Promote(hottest.sku))
     }
@@ -329,6 +338,23 @@ mod tests {
         let more = [sale(2, 5000.0, false, 0)];
         assert_eq!(policy.decide(&config(), 500, &more, &[idle(0)], 1), None);
         assert_eq!(policy.decide(&config(), 750, &more, &[idle(0)], 1), None);
+    }
+
+    #[test]
+    fn a_cold_sale_gives_its_shard_up_at_once_to_a_hot_one_when_none_is_free() {
+        let mut policy = Policy::default();
+        // Sku 1 was promoted and has cooled; sku 2 is hot now; one shard.
+        let sales = [sale(1, 50.0, true, 9), sale(2, 5000.0, false, 0), sale(3, 10.0, false, 0)];
+        assert_eq!(policy.decide(&config(), 0, &sales, &[idle(0)], 1), None, "a burst");
+        assert_eq!(policy.decide(&config(), 250, &sales, &[idle(0)], 1), Some(Decision::Demote(1)));
+        let after = [sale(1, 50.0, false, 0), sale(2, 5000.0, false, 0), sale(3, 10.0, false, 0)];
+        assert_eq!(policy.decide(&config(), 500, &after, &[idle(0)], 0), Some(Decision::Promote(2)));
+        // A dedicated sale still warm (above the demotion rate) keeps its shard.
+        let mut policy = Policy::default();
+        let warm = [sale(1, 500.0, true, 9), sale(2, 5000.0, false, 0)];
+        for t in 0..8 {
+            assert_eq!(policy.decide(&config(), t * 250, &warm, &[idle(0)], 1), None);
+        }
     }
 
     #[test]

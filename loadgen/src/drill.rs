@@ -96,9 +96,16 @@ enum OpKind {
     Join,
     Poll,
     Ping,
+    /// `shifting`: a reserve on a SKU that is not the phase's hot one
+    /// (also counted under `Reserve`; kept apart to show that ordinary
+    /// SKUs stay fast while another is hot).
+    ReserveOrdinary,
 }
 
-const OP_NAMES: [&str; 6] = ["reserve", "confirm", "release", "join", "poll", "ping"];
+const OP_NAMES: [&str; 7] = ["reserve", "confirm", "release", "join", "poll", "ping", "reserve_ordinary"];
+
+/// How often the `shifting` drill reads each SKU's placement.
+const PLACEMENT_POLL_MS: u64 = 50;
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds")
@@ -145,6 +152,14 @@ impl Recorder {
         let slot = &mut timeline[second];
         slot.0 += 1;
         slot.1.record(us).expect("clamped");
+    }
+
+    /// Also count a latency under a second name (not in the timeline:
+    /// it is not another request).
+    fn also(&mut self, op: OpKind, since: Instant) {
+        let us = (since.elapsed().as_micros() as u64).clamp(1, LATENCY_US_MAX);
+        let mut latencies = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+        latencies.ops[op as usize].record(us).expect("clamped");
     }
 
     fn outcome(&mut self, name: &'static str) {
@@ -239,6 +254,9 @@ struct Shared {
     tally: Tally,
     requests: AtomicU64,
     reserved: AtomicU64,
+    /// `shifting`: when each phase's first user was taken (ms into the
+    /// drill; `u64::MAX`: not yet).
+    phase_started_ms: Vec<AtomicU64>,
 }
 
 fn status_name(status: Status) -> &'static str {
@@ -289,6 +307,15 @@ async fn worker(shared: Arc<Shared>) -> Recorder {
             }
             continue;
         }
+        if let Some((phase, _)) = shared.plan.phase_of(k) {
+            let at = shared.started.elapsed().as_millis() as u64;
+            let _ = shared.phase_started_ms[phase as usize].compare_exchange(
+                u64::MAX,
+                at,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         let mut sessions: Vec<Session> = (k..k + n).map(|i| shared.plan.session(i)).collect();
         if shared.plan.scenario == Scenario::Queue {
             sessions = wait_for_admission(&shared, &mut rec, sessions).await;
@@ -300,6 +327,10 @@ async fn worker(shared: Arc<Shared>) -> Recorder {
         let sent_ms = now_ms();
         let results = shared.target.reserve(&shared.plan, &sessions).await;
         rec.record(OpKind::Reserve, start);
+        let ordinary = |s: &Session| shared.plan.phase_of(s.index).is_some_and(|(_, hot)| hot != s.sku);
+        if sessions.iter().all(ordinary) {
+            rec.also(OpKind::ReserveOrdinary, start);
+        }
         shared.requests.fetch_add(1, Ordering::Relaxed);
         let results = match results {
             Ok(results) => results,
@@ -465,6 +496,7 @@ pub async fn execute(
         tally,
         requests: AtomicU64::new(0),
         reserved: AtomicU64::new(0),
+        phase_started_ms: (0..crate::scenario::SHIFTING_PHASES).map(|_| AtomicU64::new(u64::MAX)).collect(),
     });
     let done = Arc::new(AtomicBool::new(false));
     let progress = config.progress.then(|| {
@@ -484,6 +516,24 @@ pub async fn execute(
                 last = requests;
             }
             eprintln!();
+        })
+    });
+    // `shifting` on stampede: watch where each SKU runs.
+    let watcher = (plan.scenario == Scenario::Shifting && target.dedicated(1).await.is_some()).then(|| {
+        let (target, plan, done) = (target.clone(), plan.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut moves = Vec::new();
+            let mut placed: BTreeMap<u64, bool> = BTreeMap::new();
+            while !done.load(Ordering::Relaxed) {
+                for sale in &plan.sales {
+                    let Some(dedicated) = target.dedicated(sale.sku).await else { continue };
+                    if placed.insert(sale.sku, dedicated).unwrap_or(false) != dedicated {
+                        moves.push((started.elapsed().as_secs_f64(), sale.sku, dedicated));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(PLACEMENT_POLL_MS)).await;
+            }
+            moves
         })
     });
     let server_cpu_before = config.server_pid.map(process_cpu_us).transpose()?;
@@ -508,6 +558,11 @@ pub async fn execute(
         let _ = p.await;
     }
 
+    let moves = match watcher {
+        Some(w) => Some(w.await?),
+        None => None,
+    };
+    let placement = moves.map(|moves| placement_report(&shared.phase_started_ms, moves));
     let latencies = total.latencies.clone();
     let tally = Arc::into_inner(shared).expect("workers and the progress task are done").tally;
     let (invariants, audit) = if config.ping_only {
@@ -521,7 +576,9 @@ pub async fn execute(
     let mut ops = BTreeMap::new();
     for (name, h) in OP_NAMES.iter().zip(&latencies.ops) {
         if !h.is_empty() {
-            all.add(h).expect("same bounds");
+            if *name != "reserve_ordinary" {
+                all.add(h).expect("same bounds");
+            }
             ops.insert(name.to_string(), OpSummary { count: h.len(), latency_us: latency(h) });
         }
     }
@@ -559,8 +616,35 @@ pub async fn execute(
             .map(|cpu_us| ServerCpu { cpu_us, us_per_request: cpu_us as f64 / requests.max(1) as f64 }),
         config,
         failover: None,
+        placement,
     };
     Ok((summary, tally))
+}
+
+/// Each phase's hot SKU and how long after the phase began it was first
+/// seen on a dedicated shard.
+fn placement_report(started_ms: &[AtomicU64], moves: Vec<(f64, u64, bool)>) -> crate::report::Placement {
+    let mut phases = Vec::new();
+    for (phase, started) in started_ms.iter().enumerate() {
+        let started = started.load(Ordering::Relaxed);
+        if started == u64::MAX {
+            continue;
+        }
+        let started_s = started as f64 / 1000.0;
+        let hot_sku = phase as u64 % crate::scenario::SHIFTING_SKUS + 1;
+        // Dedicated at the phase's start already, or moved there after it.
+        let before = moves.iter().filter(|(t, sku, _)| *sku == hot_sku && *t <= started_s).last();
+        let promoted_after_ms = if before.is_some_and(|(_, _, dedicated)| *dedicated) {
+            Some(0.0)
+        } else {
+            moves
+                .iter()
+                .find(|(t, sku, dedicated)| *sku == hot_sku && *dedicated && *t > started_s)
+                .map(|(t, ..)| (t - started_s) * 1000.0)
+        };
+        phases.push(crate::report::Phase { phase: phase as u64, hot_sku, started_s, promoted_after_ms });
+    }
+    crate::report::Placement { phases, moves }
 }
 
 /// CPU time (user + system, every thread) a process has used so far, in

@@ -95,6 +95,30 @@ pub struct Summary {
     /// `--server-pid`: the server process's CPU time over the load phase.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_cpu: Option<ServerCpu>,
+    /// `shifting`: where the hot SKU of each phase ran, and when it moved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// The `shifting` drill's view of the server's placement, from STATUS
+/// polled every `PLACEMENT_POLL_MS`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Placement {
+    pub phases: Vec<Phase>,
+    /// Every change seen: seconds into the drill, SKU, dedicated or not.
+    pub moves: Vec<(f64, u64, bool)>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Phase {
+    pub phase: u64,
+    /// The SKU taking most of the phase's demand.
+    pub hot_sku: u64,
+    /// When its first user was taken (seconds into the drill).
+    pub started_s: f64,
+    /// From then until the SKU was first seen on a dedicated shard (`None`:
+    /// never, within the phase and the drill).
+    pub promoted_after_ms: Option<f64>,
 }
 
 /// A server process's CPU time over a drill's load phase.
@@ -179,6 +203,26 @@ impl Summary {
                 "failover: killed {} at {:.1} s; {again}; {} calls found the new leader and went again",
                 f.killed, f.killed_at_secs, f.retried_calls
             );
+        }
+        if let Some(p) = &self.placement {
+            for phase in &p.phases {
+                let promoted = phase
+                    .promoted_after_ms
+                    .map_or("never promoted".to_string(), |ms| format!("on a dedicated shard {ms:.0} ms later"));
+                let _ = writeln!(
+                    out,
+                    "phase {}: sku {} hot from {:.1} s, {promoted}",
+                    phase.phase, phase.hot_sku, phase.started_s
+                );
+            }
+            let moves: Vec<String> = p
+                .moves
+                .iter()
+                .map(|(t, sku, dedicated)| {
+                    format!("{t:.1}s sku {sku} {}", if *dedicated { "dedicated" } else { "pool" })
+                })
+                .collect();
+            let _ = writeln!(out, "placement changes: {}", moves.join(", "));
         }
         for s in &self.audit {
             let _ = writeln!(
@@ -317,6 +361,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Mixed => "Mixed catalogue sale",
         Scenario::Checkout => "Checkout",
         Scenario::Queue => "Queue-gated flash sale",
+        Scenario::Shifting => "Shifting demand",
     }
 }
 
@@ -343,6 +388,10 @@ fn drill_description(summary: &Summary) -> &'static str {
             "Reserve, then confirm (60 %), release (20 %) or abandon the reservation until it expires (20 %)."
         }
         Scenario::Queue => "A queue-gated flash sale: join the queue, poll until admitted, reserve, confirm.",
+        Scenario::Shifting => {
+            "20 ordinary SKUs, none created hot; the shoppers come in six phases and in each another SKU takes 85 % \
+             of the demand. The server moves the hot one to a shard of its own, and back when the demand moves on."
+        }
     }
 }
 

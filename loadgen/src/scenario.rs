@@ -13,6 +13,12 @@ use stampede_protocol::message::QueueConfig;
 pub const HOT_SKU: u64 = 1;
 /// SKUs of the `mixed` scenario: 2 hot ones and a long tail.
 pub const MIXED_SKUS: u64 = 100;
+/// SKUs of the `shifting` scenario, none created hot...
+pub const SHIFTING_SKUS: u64 = 20;
+/// ...and the phases of its drill: in each, another SKU takes
+/// `SHIFTING_HOT_SHARE` of the demand (phase k: SKU k + 1).
+pub const SHIFTING_PHASES: u64 = 6;
+pub const SHIFTING_HOT_SHARE: f64 = 0.85;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -26,6 +32,10 @@ pub enum Scenario {
     Checkout,
     /// A queue-gated flash sale: join, poll until admitted, reserve, confirm.
     Queue,
+    /// 20 ordinary SKUs (none created hot); the users come in 6 phases, and
+    /// in each another SKU takes 85% of the demand: the server must find
+    /// the hot one and give it a shard of its own, then give it back.
+    Shifting,
 }
 
 /// What the drill creates before it starts.
@@ -91,6 +101,7 @@ impl Plan {
         let sales = match scenario {
             Scenario::Flash | Scenario::Checkout => vec![sale(HOT_SKU, stock, 1, true)],
             Scenario::Mixed => (1..=MIXED_SKUS).map(|sku| sale(sku, stock, 2, sku <= 2)).collect(),
+            Scenario::Shifting => (1..=SHIFTING_SKUS).map(|sku| sale(sku, stock, 1, false)).collect(),
             Scenario::Queue => vec![SaleSpec {
                 queue: Some(QueueConfig {
                     // Admit fast enough that the drill is about the sale,
@@ -132,6 +143,15 @@ impl Plan {
                 let u = unit(splitmix64(user ^ self.seed.rotate_left(29)));
                 self.zipf_cdf.partition_point(|&c| c < u) as u64 + 1
             }
+            Scenario::Shifting => {
+                let (_, hot) = self.phase_of(index).expect("shifting");
+                let u = splitmix64(h ^ 0x5eed);
+                if unit(u) < SHIFTING_HOT_SHARE {
+                    hot
+                } else {
+                    splitmix64(u) % SHIFTING_SKUS + 1
+                }
+            }
             _ => HOT_SKU,
         };
         let then = match self.scenario {
@@ -154,6 +174,16 @@ impl Plan {
     pub fn index_of(&self, reservation_id: u128) -> Option<u64> {
         let (high, low) = ((reservation_id >> 64) as u64, reservation_id as u64);
         (high == self.seed | 1 && low > 0).then(|| low - 1)
+    }
+
+    /// `shifting`: the phase virtual user `index` belongs to and the SKU
+    /// that is hot in it (users are taken in index order, so phases follow
+    /// each other in time).
+    pub fn phase_of(&self, index: u64) -> Option<(u64, u64)> {
+        (self.scenario == Scenario::Shifting).then(|| {
+            let phase = (index.saturating_mul(SHIFTING_PHASES) / self.users.max(1)).min(SHIFTING_PHASES - 1);
+            (phase, phase % SHIFTING_SKUS + 1)
+        })
     }
 
     /// The reservation TTL of `sku`'s sale.

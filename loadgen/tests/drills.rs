@@ -39,6 +39,7 @@ async fn every_scenario_keeps_the_invariants_on_stampede() {
         (Scenario::Mixed, 3_000, 20),
         (Scenario::Checkout, 2_000, 300),
         (Scenario::Queue, 600, 100),
+        (Scenario::Shifting, 3_000, 100),
     ] {
         // A fresh server per scenario (the sales are created anew).
         let server = LocalStampede::start(Durability::Fsync).await.unwrap();
@@ -71,6 +72,15 @@ async fn every_scenario_keeps_the_invariants_on_stampede() {
             Scenario::Mixed => {
                 assert_eq!(summary.audit.len(), 100);
                 assert!(summary.outcomes["limit_exceeded"] > 0, "third attempts are refused: {}", summary.table());
+            }
+            Scenario::Shifting => {
+                assert_eq!(summary.audit.len(), 20);
+                let placement = summary.placement.as_ref().expect("the drill watched the placement");
+                let hot: Vec<u64> = placement.phases.iter().map(|p| p.hot_sku).collect();
+                assert_eq!(hot, [1, 2, 3, 4, 5, 6], "each phase has its own hot SKU: {}", summary.table());
+                // The phase's SKU sells most: 85 % of its phase's demand.
+                let sold = |sku: u64| summary.audit.iter().find(|s| s.sku == sku).map_or(0, |s| s.sold);
+                assert!(sold(1) > 4 * sold(20), "{}", summary.table());
             }
         }
         server.stop().await.unwrap();

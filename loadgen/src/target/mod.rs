@@ -109,6 +109,15 @@ impl Target {
         }
     }
 
+    /// Whether `sku` runs on a shard of its own now (`None`: the target
+    /// has no such notion).
+    pub async fn dedicated(&self, sku: u64) -> Option<bool> {
+        match self {
+            Target::Stampede(t) => t.dedicated(sku).await.ok(),
+            Target::Redis(_) | Target::Postgres(_) => None,
+        }
+    }
+
     /// Counters per SKU of the plan's sales, as the target has them now.
     pub async fn audit(&self, plan: &Plan) -> anyhow::Result<Vec<SkuState>> {
         match self {

@@ -102,6 +102,11 @@ impl StampedeTarget {
         Ok(())
     }
 
+    /// Whether `sku` runs on a shard of its own now (STATUS's hot flag).
+    pub async fn dedicated(&self, sku: u64) -> anyhow::Result<bool> {
+        Ok(self.client.status(sku).await?.sale.hot)
+    }
+
     pub async fn audit(&self, plan: &Plan) -> anyhow::Result<Vec<SkuState>> {
         let mut out = Vec::new();
         for s in &plan.sales {
