@@ -274,9 +274,9 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
         let col = |f: fn(&SaleRow) -> i64| changed_sales.iter().map(|r| f(r)).collect::<Vec<i64>>();
         let updated = sqlx::query(
             "UPDATE stampede.sales s SET total = u.total, available = u.available, reserved = u.reserved, \
-             sold = u.sold, paused = u.paused, updated_lsn = $7 \
-             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::bool[]) \
-             AS u(sku, total, available, reserved, sold, paused) WHERE s.sku = u.sku",
+             sold = u.sold, paused = u.paused, hot = u.hot, updated_lsn = $8 \
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::bool[], $7::bool[]) \
+             AS u(sku, total, available, reserved, sold, paused, hot) WHERE s.sku = u.sku",
         )
         .bind(col(|r| r.sku as i64))
         .bind(col(|r| r.total as i64))
@@ -284,6 +284,7 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
         .bind(col(|r| r.reserved as i64))
         .bind(col(|r| r.sold as i64))
         .bind(changed_sales.iter().map(|r| r.paused).collect::<Vec<bool>>())
+        .bind(changed_sales.iter().map(|r| r.hot).collect::<Vec<bool>>())
         .bind(lsn)
         .execute(&mut *conn)
         .await?

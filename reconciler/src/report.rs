@@ -45,6 +45,8 @@ pub struct Counters {
     pub sold: u64,
     pub limit_per_user: u32,
     pub paused: bool,
+    /// On a shard of its own (SALE_MOVED keeps both sides up to date).
+    pub hot: bool,
     pub reservations: u64,
 }
 
@@ -92,20 +94,21 @@ pub struct Report {
 impl Counters {
     /// A sale's counters as either side reports them (the reservation
     /// count is filled in once the holds are grouped).
-    fn of(total: u64, available: u64, reserved: u64, sold: u64, limit_per_user: u32, paused: bool) -> Counters {
-        Counters { total, available, reserved, sold, limit_per_user, paused, reservations: 0 }
+    fn of(sale: (u64, u64, u64, u64), limit_per_user: u32, paused: bool, hot: bool) -> Counters {
+        let (total, available, reserved, sold) = sale;
+        Counters { total, available, reserved, sold, limit_per_user, paused, hot, reservations: 0 }
     }
 }
 
 impl From<&SaleEntry> for Counters {
     fn from(s: &SaleEntry) -> Counters {
-        Counters::of(s.total, s.available, s.reserved, s.sold, s.limit_per_user, s.paused)
+        Counters::of((s.total, s.available, s.reserved, s.sold), s.limit_per_user, s.paused, s.hot)
     }
 }
 
 impl From<&SaleRow> for Counters {
     fn from(s: &SaleRow) -> Counters {
-        Counters::of(s.total, s.available, s.reserved, s.sold, s.limit_per_user, s.paused)
+        Counters::of((s.total, s.available, s.reserved, s.sold), s.limit_per_user, s.paused, s.hot)
     }
 }
 

@@ -31,8 +31,15 @@ async fn end_to_end_report_is_clean_and_counters_match_the_engine() {
     let client = admin_client(&addr).await;
     create_sales(&client).await;
     let mut load = Load::new(seed);
-    for _ in 0..30 {
+    for round in 0..30 {
         load.round(&client).await;
+        // Sales move between shards mid-load (SALE_MOVED records).
+        if round == 10 {
+            assert_eq!(client.move_sale(2, true).await.unwrap().status, Status::Ok);
+        }
+        if round == 20 {
+            assert_eq!(client.move_sale(1, false).await.unwrap().status, Status::Ok);
+        }
     }
     // Let sku 5's 300 ms holds expire (EXPIRED events) and sku 6's line
     // run its course (admissions lapse after 200 ms and admit the next),
@@ -63,15 +70,31 @@ async fn end_to_end_report_is_clean_and_counters_match_the_engine() {
             "sku {sku}"
         );
     }
+    // Where each sale runs now, in PostgreSQL too.
+    let hot: Vec<(i64, bool)> =
+        sqlx::query_as("SELECT sku, hot FROM stampede.sales ORDER BY sku").fetch_all(&db.pool).await.unwrap();
+    for (sku, hot) in hot {
+        assert_eq!(hot, client.status(sku as u64).await.unwrap().sale.hot, "sku {sku}: placement");
+    }
+    assert_eq!(client.status(2).await.unwrap().sale.hot, true);
+    assert_eq!(client.status(1).await.unwrap().sale.hot, false);
     // Every record exactly once, and every kind of event made it.
     assert_eq!(db.ledger().await, (lsn, lsn, lsn));
     let kinds: Vec<String> = sqlx::query_scalar("SELECT DISTINCT kind FROM stampede.ledger ORDER BY kind")
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    for kind in
-        ["confirmed", "expired", "released", "reserved", "sale_created", "queue_configured", "queue_joined", "admitted"]
-    {
+    for kind in [
+        "confirmed",
+        "expired",
+        "released",
+        "reserved",
+        "sale_created",
+        "queue_configured",
+        "queue_joined",
+        "admitted",
+        "sale_moved",
+    ] {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} event in the ledger: {kinds:?}");
     }
     // The settled LSN reached the server through the stream.
