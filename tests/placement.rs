@@ -38,6 +38,7 @@ type Acked = HashMap<u128, (u64, u64, u32, u64, State)>;
 /// One worker's bounded run of reserves, confirms and releases, mostly on
 /// `hot_sku`; what was acknowledged goes to `acked`. Calls whose answer
 /// never came (a crash) go to `uncertain` by SKU and units.
+#[allow(clippy::too_many_arguments)]
 async fn worker(
     client: Client,
     seed: u64,

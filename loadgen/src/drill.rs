@@ -633,7 +633,7 @@ fn placement_report(started_ms: &[AtomicU64], moves: Vec<(f64, u64, bool)>) -> c
         let started_s = started as f64 / 1000.0;
         let hot_sku = phase as u64 % crate::scenario::SHIFTING_SKUS + 1;
         // Dedicated at the phase's start already, or moved there after it.
-        let before = moves.iter().filter(|(t, sku, _)| *sku == hot_sku && *t <= started_s).last();
+        let before = moves.iter().rev().find(|(t, sku, _)| *sku == hot_sku && *t <= started_s);
         let promoted_after_ms = if before.is_some_and(|(_, _, dedicated)| *dedicated) {
             Some(0.0)
         } else {

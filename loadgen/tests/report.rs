@@ -60,6 +60,7 @@ fn summary(target: &str, rate: u64, p50: u64, seconds: u64) -> Summary {
         config: DrillConfig::closed_loop(32, 4, 16),
         failover: None,
         server_cpu: None,
+        placement: None,
     }
 }
 

@@ -377,6 +377,7 @@ impl Engine {
                 .collect::<super::chunked::ChunkedQueue<_>>(),
             gauge: Arc::new(SkuGauge::default()),
             queue: image.queue.map(|q| Box::new(WaitingRoom::import(q))),
+            decided: Default::default(),
         };
         if sale.queue.is_some() {
             self.queued.push(sku);
