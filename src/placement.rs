@@ -29,7 +29,7 @@
 //! `--hot`) is pinned: the monitor never moves it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,8 +42,8 @@ use crate::limits::{
 };
 use crate::shard::Router;
 
-/// Sales whose demand `/metrics` and `status` show, hottest first.
-pub const TOP_SALES_SHOWN: usize = 10;
+/// Sales whose demand `/metrics` and PLACEMENT show, hottest first.
+pub const TOP_SALES_SHOWN: usize = stampede_protocol::message::sale::PLACEMENT_SALES_MAX;
 
 /// Cores this process may run on (the default cap on dedicated shards).
 pub fn cores() -> usize {
@@ -206,6 +206,9 @@ pub struct PlacementStats {
     pub top: Mutex<Vec<SaleDemand>>,
     /// Each shard's load over the last interval.
     pub shards: Mutex<Vec<ShardLoad>>,
+    /// The monitor's settings, as it runs (PLACEMENT reports them).
+    pub auto: AtomicBool,
+    pub dedicated_max: AtomicUsize,
 }
 
 impl PlacementStats {
@@ -234,6 +237,8 @@ struct Readings {
 /// task is aborted). Reads every interval; moves at most one sale per
 /// interval, waiting for the move to finish.
 pub async fn monitor(router: Arc<Router>, config: PlacementConfig) {
+    router.placement.auto.store(config.auto, Ordering::Relaxed);
+    router.placement.dedicated_max.store(config.dedicated_max, Ordering::Relaxed);
     let started = Instant::now();
     let mut policy = Policy::default();
     let mut last = Readings::default();

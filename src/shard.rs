@@ -581,6 +581,30 @@ impl Router {
         self.hot.lock().len()
     }
 
+    /// PLACEMENT: the dedicated shards and the hottest sales the demand
+    /// monitor saw in its last interval.
+    pub fn placement_reply(&self) -> stampede_protocol::message::PlacementReply {
+        use stampede_protocol::message::{PlacementReply, SalePlacement};
+        let p = &self.placement;
+        PlacementReply {
+            status: Status::Ok,
+            dedicated_shards: self.dedicated_shards().min(usize::from(u16::MAX)) as u16,
+            dedicated_max: p.dedicated_max.load(Ordering::Relaxed).min(usize::from(u16::MAX)) as u16,
+            auto: p.auto.load(Ordering::Relaxed),
+            sales: p
+                .top
+                .lock()
+                .iter()
+                .map(|s| SalePlacement {
+                    sku: s.sku,
+                    dedicated: s.dedicated,
+                    pinned: s.pinned,
+                    decided_per_s: s.ops_per_s.round().min(f64::from(u32::MAX)) as u32,
+                })
+                .collect(),
+        }
+    }
+
     /// Admin or monitor: move sale `sku` to a shard of its own
     /// (`dedicated`) or back to its pool shard, live. The old shard
     /// decides everything queued for the SKU before the move, logs

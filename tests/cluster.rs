@@ -197,6 +197,21 @@ async fn audit(cluster: &TestCluster, ledger: &Ledger, ctx: &str) {
     eprintln!("{ctx}: {} acknowledged reservations checked", ledger.acked.len());
 }
 
+/// STATUS of `sku` from the leader. A node that does not decide, or a
+/// leader without its synchronous standby, answers with every field 0
+/// (`not_leader`, `sync_standby_unavailable`): asked again, for 10 s.
+async fn sale_status(admin: &Client, sku: u64, ctx: &str) -> stampede_protocol::message::SaleStatus {
+    let asked = std::time::Instant::now();
+    loop {
+        let reply = admin.status(sku).await.expect("status answered");
+        if reply.status == Status::Ok {
+            return reply.sale;
+        }
+        assert!(asked.elapsed() < Duration::from_secs(10), "{ctx}: STATUS answered {}", reply.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Run `workers` workers of `ops` operations against the cluster.
 fn load(
     client: &Client,
@@ -218,11 +233,20 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_reservation() {
     create_sales(&admin).await;
     let client = cluster.client(CHECKOUT).await;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
+    // Where each sale was acknowledged to run (SALE_MOVE under load).
+    let mut placed: HashMap<u64, bool> = HashMap::new();
     for round in 0..rounds {
         let ctx = format!("seed {seed} round {round}");
         cluster.wait_caught_up(Duration::from_secs(30)).await;
         let leader = cluster.wait_leader(Duration::from_secs(10)).await;
         let tasks = load(&client, seed.wrapping_mul(31).wrapping_add(round * 1000), &ledger, 6, 300);
+        // A sale moves under load before the kill: the new leader must
+        // run it where the acknowledged move put it.
+        let sku = round % SKUS + 1;
+        let dedicated = !sale_status(&admin, sku, &ctx).await.hot;
+        let moved = admin.move_sale(sku, dedicated).await.expect("move answered");
+        assert_eq!(moved.status, Status::Ok, "{ctx}: move of sku {sku}");
+        placed.insert(sku, dedicated);
         tokio::time::sleep(Duration::from_millis(rng.gen_range(100..600))).await;
         let killed_at = std::time::Instant::now();
         cluster.nodes[leader].kill();
@@ -244,6 +268,16 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_reservation() {
         cluster.wait_caught_up(Duration::from_secs(30)).await;
         let reply = cluster.describe(leader).await.expect("the old leader answers");
         assert_eq!(reply.role, NodeRole::Standby, "{ctx}: the old leader rejoined as a standby");
+        // With its synchronous standby back, the new leader answers STATUS.
+        for (&sku, &dedicated) in &placed {
+            let s = sale_status(&admin, sku, &ctx).await;
+            assert_eq!(
+                (s.hot, s.pinned),
+                (dedicated, true),
+                "{ctx}: sku {sku} placed as acknowledged\n{}",
+                cluster.log_tails(40)
+            );
+        }
     }
     let told = ledger.lock().clone();
     audit(&cluster, &told, &format!("seed {seed} final")).await;

@@ -96,6 +96,18 @@ async fn worker(
     }
 }
 
+/// STATUS of `sku`, which must exist (a `busy` answer, all zeros, is asked again).
+async fn sale_of(client: &Client, sku: u64) -> stampede_protocol::message::SaleStatus {
+    loop {
+        let reply = client.status(sku).await.expect("status answered");
+        match reply.status {
+            Status::Ok => return reply.sale,
+            Status::Busy => tokio::time::sleep(Duration::from_millis(10)).await,
+            other => panic!("STATUS of sku {sku}: {other}"),
+        }
+    }
+}
+
 /// Every acknowledged reservation answers a retried RESERVE with its
 /// original expiry; per SKU, the counters add up and lie within what was
 /// acknowledged plus `slack` units (calls a crash left unanswered).
@@ -105,7 +117,7 @@ async fn audit(client: &Client, acked: &Acked, skus: &[u64], slack: &HashMap<u64
         assert_eq!((o.status, o.detail), (Status::Reserved, expires), "acknowledged reservation {id:#x} of sku {sku}");
     }
     for &sku in skus {
-        let s = client.status(sku).await.expect("status").sale;
+        let s = sale_of(client, sku).await;
         assert_eq!(s.available + s.reserved + s.sold, s.total, "sku {sku}: {s:?}");
         let (mut held, mut sold, mut unknown) = (0u64, 0u64, 0u64);
         for &(_, _, qty, _, state) in acked.values().filter(|a| a.0 == sku) {
@@ -146,6 +158,23 @@ async fn moves_under_load_decide_every_request_exactly_once() {
     for &sku in &skus {
         server.create_sale(sku, 3_000, 4, 600_000, false).await;
     }
+    // Sold out from the start: it moves too, and every buyer hears
+    // sold_out throughout (the gauge moves with the sale).
+    server.create_sale(14, 0, 1, 600_000, false).await;
+    let moving = Arc::new(AtomicBool::new(true));
+    let sold_out_checker = {
+        let client = server.checkout(1).await;
+        let moving = moving.clone();
+        tokio::spawn(async move {
+            let mut asked = 0u64;
+            while moving.load(Ordering::Relaxed) {
+                asked += 1;
+                let o = client.reserve(14, asked, 1, u128::from(asked) << 64).await.expect("answered");
+                assert_eq!(o.status, Status::SoldOut, "request {asked} for the sold-out sku during moves");
+            }
+            asked
+        })
+    };
     let acked = Arc::new(Mutex::new(Acked::new()));
     let uncertain = Arc::new(Mutex::new(HashMap::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -160,14 +189,21 @@ async fn moves_under_load_decide_every_request_exactly_once() {
     let mut moved = 0;
     for i in 0..40 {
         tokio::time::sleep(Duration::from_micros(rng.gen_range(0..4_000))).await;
-        let sku = if i % 4 == 3 { 12 } else { 11 };
-        let dedicated = !admin.status(sku).await.expect("status").sale.hot;
+        let sku = match i % 4 {
+            3 => 12,
+            1 => 14,
+            _ => 11,
+        };
+        let dedicated = !sale_of(&admin, sku).await.hot;
         let o = admin.move_sale(sku, dedicated).await.expect("move answered");
         assert_eq!(o.status, Status::Ok, "move {i} of sku {sku}");
-        let s = admin.status(sku).await.expect("status").sale;
+        let s = sale_of(&admin, sku).await;
         assert_eq!((s.hot, s.pinned), (dedicated, true), "sku {sku} after move {i}");
         moved += 1;
     }
+    moving.store(false, Ordering::Relaxed);
+    let asked = sold_out_checker.await.expect("sold-out checker");
+    assert!(asked > 10, "the sold-out sku was asked only {asked} times");
     for task in tasks {
         task.await.expect("worker");
     }
@@ -226,33 +262,48 @@ async fn a_sale_that_turns_hot_is_promoted_and_goes_back_when_it_cools() {
     let mut tasks = load(21);
     tasks.extend(load(23));
     let promoted_after = loop {
-        if admin.status(21).await.unwrap().sale.hot {
+        if sale_of(&admin, 21).await.hot {
             break started.elapsed();
         }
         assert!(started.elapsed() < Duration::from_secs(20), "sku 21 was never promoted");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let s = admin.status(21).await.unwrap().sale;
+    let s = sale_of(&admin, 21).await;
     assert!(s.hot && !s.pinned, "promoted by the monitor, not pinned: {s:?}");
+    // PLACEMENT shows it, with its demand, beside the pinned one.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let p = admin.placement().await.unwrap();
+    assert_eq!((p.status, p.dedicated_shards, p.dedicated_max, p.auto), (Status::Ok, 1, 2, true), "{p:?}");
+    let of = |sku: u64| p.sales.iter().find(|s| s.sku == sku).copied();
+    let hot = of(21).expect("the hot sale is listed");
+    assert!(hot.dedicated && !hot.pinned && hot.decided_per_s > 0, "{p:?}");
+    let pinned = of(23).expect("the pinned sale is listed");
+    assert!(!pinned.dedicated && pinned.pinned && pinned.decided_per_s > 0, "{p:?}");
     // Keep it hot a little longer: it stays.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(admin.status(21).await.unwrap().sale.hot, "demoted while still hot");
-    assert!(!admin.status(23).await.unwrap().sale.hot, "a sale pinned to the pool was promoted");
+    assert!(sale_of(&admin, 21).await.hot, "demoted while still hot");
+    assert!(!sale_of(&admin, 23).await.hot, "a sale pinned to the pool was promoted");
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.unwrap();
     }
     let cooled = Instant::now();
     let demoted_after = loop {
-        if !admin.status(21).await.unwrap().sale.hot {
+        if !sale_of(&admin, 21).await.hot {
             break cooled.elapsed();
         }
         assert!(cooled.elapsed() < Duration::from_secs(20), "sku 21 never went back to the pool");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let placement = &server.handle.shared.router().unwrap().placement;
+    // The monitor counts a move once its admin answer is back (after the
+    // log), a moment after STATUS shows the new placement.
+    let counted = Instant::now();
+    while placement.demotions.load(Ordering::Relaxed) == 0 {
+        assert!(counted.elapsed() < Duration::from_secs(5), "the demotion was never counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(placement.promotions.load(Ordering::Relaxed) >= 1);
-    assert!(placement.demotions.load(Ordering::Relaxed) >= 1);
     assert_eq!(server.handle.shared.router().unwrap().dedicated_shards(), 0, "the core was given back");
     let acked = acked.lock().clone();
     audit(&admin, &acked, &skus, &HashMap::new(), true).await;
@@ -298,7 +349,7 @@ fn kill_9_in_the_middle_of_moves_loses_nothing_and_keeps_the_placement() {
             }
             // Recovery put every sale where its last acknowledged move did.
             for (&sku, &(dedicated, in_flight)) in &expected2 {
-                let s = admin.status(sku).await.unwrap().sale;
+                let s = sale_of(&admin, sku).await;
                 assert!(
                     s.hot == dedicated || in_flight,
                     "round {round}: sku {sku} recovered {} but its last acknowledged move put it {}",
@@ -361,7 +412,7 @@ fn kill_9_in_the_middle_of_moves_loses_nothing_and_keeps_the_placement() {
         assert!(acked.len() > 100, "too little load to test anything: {}", acked.len());
         audit(&admin, &acked, &skus, &slack, false).await;
         for (&sku, &(dedicated, in_flight)) in &expected {
-            let s = admin.status(sku).await.unwrap().sale;
+            let s = sale_of(&admin, sku).await;
             assert!(s.hot == dedicated || in_flight, "sku {sku}: recovered hot={} expected {dedicated}", s.hot);
         }
         eprintln!("{} acknowledged reservations audited after {rounds} kills", acked.len());

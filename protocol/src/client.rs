@@ -593,6 +593,14 @@ impl Client {
         self.outcome(Request::SaleMove(crate::message::SaleMove { sku, dedicated }), Retry::Idempotent).await
     }
 
+    /// Admin: where sales run and the demand the server's monitor sees.
+    pub async fn placement(&self) -> Result<crate::message::PlacementReply, ClientError> {
+        match self.call(Request::Placement, Retry::Idempotent).await? {
+            Reply::Placement(p) => Ok(p),
+            other => Err(ClientError::Protocol(format!("expected a PLACEMENT reply, got {other:?}"))),
+        }
+    }
+
     /// Send a request and return the raw reply, without retries (tools, tests).
     pub async fn raw(&self, request: Request) -> Result<Reply, ClientError> {
         let conn = self.conn(0).await?;

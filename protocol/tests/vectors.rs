@@ -411,6 +411,24 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
         // Placement (§5.10a): a sale moved to a shard of its own, pinned.
         ("sale_move", 24, Req(Request::SaleMove(SaleMove { sku: 42, dedicated: true }))),
         ("sale_move_reply", 24, Rep(Opcode::SaleMove, Reply::Outcome(Outcome::new(Status::Ok, 180)))),
+        ("placement", 25, Req(Request::Placement)),
+        (
+            "placement_reply",
+            25,
+            Rep(
+                Opcode::Placement,
+                Reply::Placement(PlacementReply {
+                    status: Status::Ok,
+                    dedicated_shards: 1,
+                    dedicated_max: 2,
+                    auto: true,
+                    sales: vec![
+                        SalePlacement { sku: 42, dedicated: true, pinned: false, decided_per_s: 61_000 },
+                        SalePlacement { sku: 7, dedicated: false, pinned: true, decided_per_s: 350 },
+                    ],
+                }),
+            ),
+        ),
         (
             "log_batch_sale_moved",
             13,

@@ -143,6 +143,9 @@ enum SaleCommand {
         #[arg(long, requires = "queue", value_parser = parse_rfc3339_ms)]
         start_at: Option<u64>,
     },
+    /// Where sales run: dedicated shards, and the hottest sales with the
+    /// requests per second the server's demand monitor measured.
+    Placement,
     /// Move a live sale to a shard of its own or back to the shared pool.
     /// The placement is pinned: the server's demand monitor leaves it.
     Move {
@@ -288,6 +291,23 @@ async fn run(args: Args) -> Result<Value, ClientError> {
             v["sku"] = json!(sku);
             v
         }
+        Command::Sale(SaleCommand::Placement) => {
+            let p = client.placement().await?;
+            let sales: Vec<Value> = p
+                .sales
+                .iter()
+                .map(|s| {
+                    json!({
+                        "sku": s.sku, "placement": if s.dedicated { "dedicated" } else { "pool" },
+                        "pinned": s.pinned, "decided_per_s": s.decided_per_s,
+                    })
+                })
+                .collect();
+            json!({
+                "status": p.status.name(), "code": p.status.code(), "dedicated_shards": p.dedicated_shards,
+                "dedicated_max": p.dedicated_max, "auto": p.auto, "sales": sales,
+            })
+        }
         Command::Sale(SaleCommand::Move { sku, dedicated, pool: _ }) => {
             let o = client.move_sale(sku, dedicated).await?;
             let mut v = json!({ "status": o.status.name(), "code": o.status.code(), "sku": sku });
@@ -370,9 +390,28 @@ fn print_human(v: &Value) {
         }
         return;
     }
+    if let Some(sales) = v.get("dedicated_max").and(v.get("sales")).and_then(Value::as_array) {
+        println!(
+            "{status}: {} dedicated shard(s) of {} the monitor may use; moves by demand {}",
+            v["dedicated_shards"],
+            v["dedicated_max"],
+            if v["auto"] == json!(true) { "on" } else { "off" }
+        );
+        println!("{:>20} {:>10} {:>7} {:>14}", "sku", "placement", "pinned", "decided/s");
+        for s in sales {
+            println!(
+                "{:>20} {:>10} {:>7} {:>14}",
+                s["sku"].to_string(),
+                s["placement"].as_str().unwrap_or(""),
+                s["pinned"].to_string(),
+                s["decided_per_s"].to_string()
+            );
+        }
+        return;
+    }
     if v.get("total").is_some() && v.get("available").is_some() {
         println!(
-            "{status}: total {} available {} reserved {} sold {} (reservations {}, limit {}/user, ttl {} ms{}{})",
+            "{status}: total {} available {} reserved {} sold {} (reservations {}, limit {}/user, ttl {} ms{}{}{})",
             v["total"],
             v["available"],
             v["reserved"],
@@ -381,6 +420,7 @@ fn print_human(v: &Value) {
             v["limit_per_user"],
             v["ttl_ms"],
             if v["hot"] == json!(true) { ", hot" } else { "" },
+            if v["pinned"] == json!(true) { ", pinned" } else { "" },
             if v["paused"] == json!(true) { ", paused" } else { "" },
         );
         if let Some(q) = v.get("queue") {

@@ -21,7 +21,8 @@ use futures_util::FutureExt;
 use futures_util::StreamExt;
 use stampede_protocol::frame::FrameError;
 use stampede_protocol::message::{
-    BatchOp, ErrorReply, HelloReply, Opcode, Outcome, QueueTicket, Reply, Request, Reserve, Role, StatusReply,
+    BatchOp, ErrorReply, HelloReply, Opcode, Outcome, PlacementReply, QueueTicket, Reply, Request, Reserve, Role,
+    StatusReply,
 };
 use stampede_protocol::{FrameCodec, Status};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -394,6 +395,10 @@ impl Conn {
     fn sale_request(&mut self, request_id: u64, request: Request, router: &super::Router) {
         let opcode = request.opcode();
         match request {
+            Request::Placement => {
+                let reply = router.placement_reply();
+                self.reply(request_id, opcode, Reply::Placement(reply));
+            }
             Request::Reserve(op) => {
                 let answer = Answer::Alone { request_id, opcode };
                 if let Some(outcome) = self.stage(answer, SaleOp::Reserve(op), router, Gauge::Decides, &[]) {
@@ -725,6 +730,7 @@ fn refusal(request: &Request, status: Status) -> Reply {
         Request::Batch(ops) => Reply::Batch(vec![Outcome::of(status); ops.len()]),
         Request::Status { .. } => Reply::Status(StatusReply { status, sale: Default::default() }),
         Request::Join(_) | Request::Poll(_) => Reply::Ticket(QueueTicket::of(status)),
+        Request::Placement => Reply::Placement(PlacementReply::of(status)),
         _ => Reply::Outcome(Outcome::of(status)),
     }
 }

@@ -27,7 +27,7 @@ pub use queue::{QueueConfig, QueueStats, QueueTicket, TicketRequest};
 pub use release::Release;
 pub use replicate::{LogBatch, Replicate, Settled};
 pub use reserve::{Outcome, Reserve};
-pub use sale::{Restock, SaleCreate, SaleMove, SaleStatus, StatusReply};
+pub use sale::{PlacementReply, Restock, SaleCreate, SaleMove, SalePlacement, SaleStatus, StatusReply};
 
 use crate::frame::{encode_frame_with, Frame};
 use crate::limits::ERROR_MESSAGE_BYTES_MAX;
@@ -57,6 +57,7 @@ pub enum Opcode {
     Pause = 0x22,
     Resume = 0x23,
     SaleMove = 0x24,
+    Placement = 0x25,
     Replicate = 0x30,
     Settled = 0x31,
     StateDump = 0x32,
@@ -86,6 +87,7 @@ impl Opcode {
         Opcode::Pause,
         Opcode::Resume,
         Opcode::SaleMove,
+        Opcode::Placement,
         Opcode::Replicate,
         Opcode::Settled,
         Opcode::StateDump,
@@ -117,9 +119,12 @@ impl Opcode {
             | Opcode::Join
             | Opcode::Poll
             | Opcode::Batch => matches!(role, Role::Checkout | Role::Admin),
-            Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume | Opcode::SaleMove => {
-                matches!(role, Role::Admin)
-            }
+            Opcode::SaleCreate
+            | Opcode::Restock
+            | Opcode::Pause
+            | Opcode::Resume
+            | Opcode::SaleMove
+            | Opcode::Placement => matches!(role, Role::Admin),
             Opcode::Replicate
             | Opcode::Settled
             | Opcode::StateDump
@@ -142,7 +147,12 @@ impl Opcode {
             | Opcode::Join
             | Opcode::Poll
             | Opcode::Batch => "checkout, admin",
-            Opcode::SaleCreate | Opcode::Restock | Opcode::Pause | Opcode::Resume | Opcode::SaleMove => "admin",
+            Opcode::SaleCreate
+            | Opcode::Restock
+            | Opcode::Pause
+            | Opcode::Resume
+            | Opcode::SaleMove
+            | Opcode::Placement => "admin",
             Opcode::Replicate
             | Opcode::Settled
             | Opcode::StateDump
@@ -180,6 +190,8 @@ pub enum Request {
     /// Move a sale to a shard of its own (`dedicated`) or back to the
     /// pool; the placement is pinned (the demand monitor leaves it).
     SaleMove(SaleMove),
+    /// Where sales run and the demand the monitor sees.
+    Placement,
     Replicate(Replicate),
     Settled(Settled),
     StateDump,
@@ -207,6 +219,7 @@ impl Request {
             Request::Pause { .. } => Opcode::Pause,
             Request::Resume { .. } => Opcode::Resume,
             Request::SaleMove(_) => Opcode::SaleMove,
+            Request::Placement => Opcode::Placement,
             Request::Replicate(_) => Opcode::Replicate,
             Request::Settled(_) => Opcode::Settled,
             Request::StateDump => Opcode::StateDump,
@@ -225,7 +238,7 @@ impl Request {
     pub fn encode_body(&self, dst: &mut BytesMut) {
         match self {
             Request::Hello(m) => m.encode(dst),
-            Request::Ping | Request::StateDump | Request::Cluster | Request::SnapshotFetch => {}
+            Request::Ping | Request::StateDump | Request::Cluster | Request::SnapshotFetch | Request::Placement => {}
             Request::Follow(m) => m.encode(dst),
             Request::FollowAck(m) => m.encode(dst),
             Request::Reserve(m) => m.encode(dst),
@@ -268,6 +281,10 @@ impl Request {
             Opcode::Pause => Request::Pause { sku: sale::decode_sku(body, "PAUSE").map_err(malformed)? },
             Opcode::Resume => Request::Resume { sku: sale::decode_sku(body, "RESUME").map_err(malformed)? },
             Opcode::SaleMove => Request::SaleMove(SaleMove::decode(body).map_err(malformed)?),
+            Opcode::Placement => {
+                Reader::new(body, "PLACEMENT").finish().map_err(malformed)?;
+                Request::Placement
+            }
             Opcode::Replicate => Request::Replicate(Replicate::decode(body).map_err(malformed)?),
             Opcode::Settled => Request::Settled(Settled::decode(body).map_err(malformed)?),
             Opcode::StateDump => {
@@ -344,6 +361,7 @@ pub enum Reply {
     /// One frame of a STATE_DUMP.
     DumpChunk(DumpChunk),
     Cluster(ClusterReply),
+    Placement(PlacementReply),
     /// One frame of a FOLLOW stream.
     /// Boxed: a frame's records make it the largest reply by far.
     FollowBatch(Box<FollowBatch>),
@@ -364,6 +382,7 @@ impl Reply {
             Reply::LogBatch(b) => Some(b.status),
             Reply::DumpChunk(c) => Some(c.status),
             Reply::Cluster(c) => Some(c.status),
+            Reply::Placement(p) => Some(p.status),
             Reply::FollowBatch(b) => Some(b.status),
             Reply::SnapshotChunk(c) => Some(c.status),
             Reply::Error(e) => Some(e.status),
@@ -389,6 +408,7 @@ impl Reply {
             Reply::LogBatch(m) => m.encode(dst),
             Reply::DumpChunk(m) => m.encode(dst),
             Reply::Cluster(m) => m.encode(dst),
+            Reply::Placement(m) => m.encode(dst),
             Reply::FollowBatch(m) => m.encode(dst),
             Reply::SnapshotChunk(m) => m.encode(dst),
             Reply::Error(m) => m.encode(dst),
@@ -413,6 +433,7 @@ impl Reply {
             Opcode::Replicate => Reply::LogBatch(LogBatch::decode(body)?),
             Opcode::StateDump => Reply::DumpChunk(DumpChunk::decode(body)?),
             Opcode::Cluster => Reply::Cluster(ClusterReply::decode(body)?),
+            Opcode::Placement => Reply::Placement(PlacementReply::decode(body)?),
             Opcode::Follow => Reply::FollowBatch(Box::new(FollowBatch::decode(body)?)),
             Opcode::SnapshotFetch => Reply::SnapshotChunk(SnapshotChunk::decode(body)?),
             _ => Reply::Outcome(Outcome::decode(body)?),

@@ -129,6 +129,80 @@ impl SaleMove {
     }
 }
 
+/// PLACEMENT reply (`0xa5`): where sales run and the demand the server's
+/// monitor sees.
+/// ```text
+///  0  2 status            u16: ok | not_leader (then every field is 0)
+///  2  2 dedicated_shards  u16: shards running one sale each now
+///  4  2 dedicated_max     u16: how many the monitor may bring it up to
+///  6  1 auto              u8: 1 if the monitor moves sales by demand
+///  7  2 count             u16: sales below, hottest first (at most 10)
+///  9 13 per sale          sku u64, placement u8 (bit 0 dedicated, bit 1
+///                         pinned), decided_per_s u32 (requests its shard
+///                         decided per second over the last interval)
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlacementReply {
+    pub status: Status,
+    pub dedicated_shards: u16,
+    pub dedicated_max: u16,
+    pub auto: bool,
+    pub sales: Vec<SalePlacement>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SalePlacement {
+    pub sku: u64,
+    pub dedicated: bool,
+    pub pinned: bool,
+    pub decided_per_s: u32,
+}
+
+/// Sales a PLACEMENT reply lists at most.
+pub const PLACEMENT_SALES_MAX: usize = 10;
+
+impl PlacementReply {
+    pub fn of(status: Status) -> Self {
+        PlacementReply { status, dedicated_shards: 0, dedicated_max: 0, auto: false, sales: Vec::new() }
+    }
+
+    pub fn encode(&self, dst: &mut BytesMut) {
+        dst.put_u16_le(self.status.code());
+        dst.put_u16_le(self.dedicated_shards);
+        dst.put_u16_le(self.dedicated_max);
+        dst.put_u8(u8::from(self.auto));
+        let sales = &self.sales[..self.sales.len().min(PLACEMENT_SALES_MAX)];
+        dst.put_u16_le(sales.len() as u16);
+        for s in sales {
+            dst.put_u64_le(s.sku);
+            dst.put_u8(u8::from(s.dedicated) | (u8::from(s.pinned) << 1));
+            dst.put_u32_le(s.decided_per_s);
+        }
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
+        let mut r = Reader::new(body, "PLACEMENT reply");
+        let code = r.u16()?;
+        let status = Status::from_code(code).ok_or_else(|| Malformed(format!("unknown status {code}")))?;
+        let dedicated_shards = r.u16()?;
+        let dedicated_max = r.u16()?;
+        let auto = r.u8()? != 0;
+        let count = r.u16()? as usize;
+        if count > PLACEMENT_SALES_MAX {
+            return Err(Malformed(format!("PLACEMENT reply: {count} sales")));
+        }
+        let mut sales = Vec::with_capacity(count);
+        for _ in 0..count {
+            let sku = r.u64()?;
+            let placement = r.u8()?;
+            let decided_per_s = r.u32()?;
+            sales.push(SalePlacement { sku, dedicated: placement & 1 != 0, pinned: placement & 2 != 0, decided_per_s });
+        }
+        r.finish()?;
+        Ok(PlacementReply { status, dedicated_shards, dedicated_max, auto, sales })
+    }
+}
+
 pub fn encode_sku(sku: u64, dst: &mut BytesMut) {
     dst.put_u64_le(sku);
 }
