@@ -71,6 +71,8 @@ from .messages import (
     Outcome,
     Pause,
     Ping,
+    Placement,
+    PlacementReply,
     Poll,
     QueueConfig,
     QueueTicket,
@@ -745,6 +747,11 @@ class AsyncClient:
         Idempotent: a retry finds it moved and answers ``ok``. ``detail``
         is how long the sale's requests were held, in microseconds."""
         return await self._outcome(SaleMove(_check_u(sku, 64, "sku"), bool(dedicated)))
+
+    async def placement(self) -> PlacementReply:
+        """Admin: dedicated shards and the hottest sales with their
+        placement, pin and requests decided per second."""
+        return self._expect(await self._call(Placement()), PlacementReply)
 
     async def raw(self, request: Request) -> Reply:
         """Send any request once, without retries; the reply as it came

@@ -150,7 +150,7 @@ def _human(v: Dict[str, Any]) -> str:
     """``stampede-ctl``'s one-line form."""
     status = v.get("status", "?")
     if "total" in v and "available" in v:
-        line = "%s: total %s available %s reserved %s sold %s (reservations %s, limit %s/user, ttl %s ms%s%s)" % (
+        line = "%s: total %s available %s reserved %s sold %s (reservations %s, limit %s/user, ttl %s ms%s%s%s)" % (
             status,
             v["total"],
             v["available"],
@@ -160,6 +160,7 @@ def _human(v: Dict[str, Any]) -> str:
             v["limit_per_user"],
             v["ttl_ms"],
             ", hot" if v.get("hot") else "",
+            ", pinned" if v.get("pinned") else "",
             ", paused" if v.get("paused") else "",
         )
         q = v.get("queue")

@@ -97,6 +97,13 @@ class Cluster(_Empty):
 
 
 @dataclass
+class Placement(_Empty):
+    """PLACEMENT (0x25, admin): where sales run and their demand."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.PLACEMENT
+
+
+@dataclass
 class Reserve:
     """RESERVE (0x10): hold ``qty`` units of ``sku`` for ``user`` under a
     client-chosen, non-zero 128-bit ``reservation_id``."""
@@ -553,6 +560,7 @@ Request = Union[
     Pause,
     Resume,
     SaleMove,
+    Placement,
     Replicate,
     Settled,
     StateDump,
@@ -979,6 +987,61 @@ class ClusterReply:
         return cls(status, term, role, leader, nodes)
 
 
+#: Sales a PLACEMENT reply lists at most.
+PLACEMENT_SALES_MAX = 10
+
+
+@dataclass
+class SalePlacement:
+    """One sale in a PLACEMENT reply."""
+
+    sku: int
+    dedicated: bool
+    pinned: bool
+    #: Requests its shard decided per second over the monitor's last interval.
+    decided_per_s: int
+
+
+@dataclass
+class PlacementReply:
+    """PLACEMENT reply (0xa5): dedicated shards, the monitor's settings and
+    the hottest sales (at most 10). Every field is 0 unless ``ok``."""
+
+    status: Status
+    dedicated_shards: int = 0
+    dedicated_max: int = 0
+    auto: bool = False
+    sales: List[SalePlacement] = field(default_factory=list)
+
+    _HEAD: ClassVar[struct.Struct] = struct.Struct("<HHHBH")
+    _SALE: ClassVar[struct.Struct] = struct.Struct("<QBI")
+
+    def encode_body(self) -> bytes:
+        sales = self.sales[:PLACEMENT_SALES_MAX]
+        head = self._HEAD.pack(int(self.status), self.dedicated_shards, self.dedicated_max, 1 if self.auto else 0, len(sales))
+        return head + b"".join(
+            self._SALE.pack(s.sku, (1 if s.dedicated else 0) | (2 if s.pinned else 0), s.decided_per_s) for s in sales
+        )
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "PlacementReply":
+        r = Reader(body, "PLACEMENT reply")
+        status = r.status()
+        dedicated_shards = r.u16()
+        dedicated_max = r.u16()
+        auto = r.u8() != 0
+        count = r.u16()
+        if count > PLACEMENT_SALES_MAX:
+            raise Malformed("PLACEMENT reply: %d sales" % count)
+        sales = []
+        for _ in range(count):
+            sku = r.u64()
+            placement = r.u8()
+            sales.append(SalePlacement(sku, bool(placement & 1), bool(placement & 2), r.u32()))
+        r.finish()
+        return cls(status, dedicated_shards, dedicated_max, auto, sales)
+
+
 @dataclass
 class FollowBatch:
     """One FOLLOW_BATCH frame (0xb3) of a FOLLOW stream."""
@@ -1075,6 +1138,7 @@ Reply = Union[
     LogBatch,
     DumpChunk,
     ClusterReply,
+    PlacementReply,
     FollowBatch,
     SnapshotChunk,
     ErrorReply,
@@ -1098,6 +1162,7 @@ REPLY_TYPES: Dict[int, type] = {
     Opcode.PAUSE: Outcome,
     Opcode.RESUME: Outcome,
     Opcode.SALE_MOVE: Outcome,
+    Opcode.PLACEMENT: PlacementReply,
     Opcode.REPLICATE: LogBatch,
     Opcode.SETTLED: Outcome,
     Opcode.STATE_DUMP: DumpChunk,

@@ -121,6 +121,7 @@ class Opcode(enum.IntEnum):
     PAUSE = 0x22
     RESUME = 0x23
     SALE_MOVE = 0x24
+    PLACEMENT = 0x25
     REPLICATE = 0x30
     SETTLED = 0x31
     STATE_DUMP = 0x32

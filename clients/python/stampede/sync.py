@@ -22,7 +22,17 @@ from typing import Any, Awaitable, Iterable, List, Optional, Sequence, Tuple, Ty
 
 from . import limits
 from .aio import AsyncClient, ClientStats, TLSOption
-from .messages import ClusterReply, Outcome, QueueConfig, QueueTicket, Reply, Request, Reserve, StatusReply
+from .messages import (
+    ClusterReply,
+    Outcome,
+    PlacementReply,
+    QueueConfig,
+    QueueTicket,
+    Reply,
+    Request,
+    Reserve,
+    StatusReply,
+)
 from .status import Role
 
 T = TypeVar("T")
@@ -229,6 +239,10 @@ class Client:
         """Admin: move a sale to a shard of its own or back to the pool
         (pinned; idempotent)."""
         return self._run(lambda c: c.move_sale(sku, dedicated))  # type: ignore[no-any-return]
+
+    def placement(self) -> PlacementReply:
+        """Admin: dedicated shards and the hottest sales' demand."""
+        return self._run(lambda c: c.placement())  # type: ignore[no-any-return]
 
     def raw(self, request: Request) -> Reply:
         """Send any request once, without retries."""

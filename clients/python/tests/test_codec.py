@@ -21,10 +21,13 @@ from stampede.messages import (
     Frame,
     Hello,
     Outcome,
+    Placement,
+    PlacementReply,
     Release,
     Reserve,
     ReserveBatch,
     SaleMove,
+    SalePlacement,
     StatusReply,
     decode_reply,
     decode_request,
@@ -200,6 +203,49 @@ def test_sale_move_placement() -> None:
     assert (e.value.status, e.value.request_id) == (Status.MALFORMED_BODY, 5)
     reply = decode_reply(Frame(Opcode.SALE_MOVE.reply, 5, Outcome(Status.OK, 180).encode_body()), Opcode.SALE_MOVE)
     assert reply == Outcome(Status.OK, 180)
+
+
+def test_placement_request_is_empty() -> None:
+    assert decode_request(decode_frame(encode_request(Placement(), 3))) == Placement()
+    # Like CLUSTER or STATE_DUMP: a body where none belongs is malformed_body.
+    with pytest.raises(FrameError) as e:
+        decode_request(Frame(Opcode.PLACEMENT, 3, b"\x00"))
+    assert (e.value.status, e.value.request_id) == (Status.MALFORMED_BODY, 3)
+
+
+def test_placement_reply() -> None:
+    reply = PlacementReply(
+        Status.OK,
+        1,
+        2,
+        True,
+        [SalePlacement(42, True, False, 61_000), SalePlacement(7, False, True, 350), SalePlacement(9, True, True, 0)],
+    )
+    body = reply.encode_body()
+    assert len(body) == 9 + 13 * 3
+    assert [body[9 + 13 * i + 8] for i in range(3)] == [0b01, 0b10, 0b11]
+    frame = Frame(Opcode.PLACEMENT.reply, 4, body)
+    assert decode_reply(frame, Opcode.PLACEMENT) == reply
+    # The placement bits decode one by one.
+    sales = PlacementReply.decode_body(body).sales
+    assert [(s.dedicated, s.pinned) for s in sales] == [(True, False), (False, True), (True, True)]
+    # A non-ok reply: every field 0.
+    refused = PlacementReply(Status.NOT_LEADER)
+    assert refused.encode_body() == struct.pack("<HHHBH", int(Status.NOT_LEADER), 0, 0, 0, 0)
+    assert PlacementReply.decode_body(refused.encode_body()) == refused
+    # At most 10 sales: a count of 11 is malformed, even with the bytes there.
+    many = [SalePlacement(i, False, False, i) for i in range(11)]
+    head = struct.pack("<HHHBH", int(Status.OK), 0, 2, 1, 11)
+    rows = b"".join(struct.pack("<QBI", s.sku, 0, s.decided_per_s) for s in many)
+    with pytest.raises(Malformed):
+        PlacementReply.decode_body(head + rows)
+    ten = struct.pack("<HHHBH", int(Status.OK), 0, 2, 1, 10) + rows[: 13 * 10]
+    assert len(PlacementReply.decode_body(ten).sales) == 10
+    # Short or trailing bytes are malformed too.
+    with pytest.raises(Malformed):
+        PlacementReply.decode_body(body[:-1])
+    with pytest.raises(Malformed):
+        PlacementReply.decode_body(body + b"\x00")
 
 
 def test_sale_moved_event_placement() -> None:

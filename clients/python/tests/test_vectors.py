@@ -51,7 +51,10 @@ from stampede.messages import (
     Resume,
     SaleCreate,
     SaleEntry,
+    Placement,
+    PlacementReply,
     SaleMove,
+    SalePlacement,
     Settled,
     SnapshotChunk,
     SnapshotFetch,
@@ -190,6 +193,17 @@ EXPECTED: Dict[str, Tuple[Optional[Opcode], object]] = {
     "log_batch_refused": (Opcode.REPLICATE, LogBatch(Status.INVALID_ARGUMENT, 1002, T0 + 2_000, [])),
     "sale_move": (R, SaleMove(42, dedicated=True)),
     "sale_move_reply": (Opcode.SALE_MOVE, Outcome(Status.OK, 180)),
+    "placement": (R, Placement()),
+    "placement_reply": (
+        Opcode.PLACEMENT,
+        PlacementReply(
+            Status.OK,
+            1,
+            2,
+            True,
+            [SalePlacement(42, True, False, 61_000), SalePlacement(7, False, True, 350)],
+        ),
+    ),
     "log_batch_sale_moved": (
         Opcode.REPLICATE,
         LogBatch(Status.OK, 1003, T0 + 3_000, [(1003, ev.SaleMoved(42, True, True, T0 + 2_500))]),
