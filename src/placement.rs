@@ -247,8 +247,12 @@ pub async fn monitor(router: Arc<Router>, config: PlacementConfig) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        if router.refusing() == Some(Status::ShuttingDown) {
-            return;
+        match router.refusing() {
+            Some(Status::ShuttingDown) => return,
+            // Fenced (`not_leader`) or waiting for a synchronous standby:
+            // no demand to read, and a move could not be logged.
+            Some(_) => continue,
+            None => {}
         }
         let now = Instant::now();
         let seconds = now.duration_since(last_at).as_secs_f64().max(1e-3);
