@@ -218,11 +218,6 @@ impl PlacementStats {
         self.move_held_us_sum.fetch_add(us, Ordering::Relaxed);
         self.move_held_us_max.fetch_max(us, Ordering::Relaxed);
     }
-
-    /// The last interval's rate of `sku`, if it was among the hottest.
-    pub fn rate_of(&self, sku: u64) -> Option<f64> {
-        self.top.lock().iter().find(|s| s.sku == sku).map(|s| s.ops_per_s)
-    }
 }
 
 /// Counters read at the previous interval.

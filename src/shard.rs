@@ -385,9 +385,6 @@ impl MoveResult {
     fn of(status: Status) -> Self {
         MoveResult { outcome: Outcome::of(status), took: None }
     }
-    fn of_outcome(outcome: Outcome) -> Self {
-        MoveResult { outcome, took: None }
-    }
 }
 
 impl Router {
@@ -622,7 +619,7 @@ impl Router {
         };
         if route.shard.hot == dedicated {
             let cmd = AdminCmd::Place { sku, dedicated, pinned };
-            return MoveResult::of_outcome(admin_call(&route.shard, cmd).await.0);
+            return MoveResult { outcome: admin_call(&route.shard, cmd).await.0, took: None };
         }
         let to = if dedicated {
             match self.spawn_dedicated() {

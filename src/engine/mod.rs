@@ -336,17 +336,6 @@ pub struct MovingSale {
     sale: Box<Sale>,
 }
 
-impl MovingSale {
-    pub fn sku(&self) -> u64 {
-        self.sku
-    }
-
-    /// Reservations it carries (held and settled).
-    pub fn reservations(&self) -> usize {
-        self.sale.reservations.records.len()
-    }
-}
-
 /// The state machine of one shard. See the module doc.
 pub struct Engine {
     sales: FastMap<u64, Sale>,
