@@ -43,8 +43,16 @@ const USERS: u64 = 1_000_000;
 /// The allocator counts every thread: measurements take turns.
 static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Bytes held: allocations plus mapped tables.
+/// Bytes held: allocations plus mapped tables, once no helper thread is
+/// still preparing or freeing a table (their work lands at a time that
+/// depends on the machine's load; a CI run once read a table freed in one
+/// measurement and not yet in the other).
 fn live_bytes() -> isize {
+    let asked = std::time::Instant::now();
+    while stampede::engine::flat::background_jobs() > 0 {
+        assert!(asked.elapsed() < std::time::Duration::from_secs(30), "table helper threads still running after 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     LIVE_BYTES.load(Ordering::Relaxed) + stampede::engine::flat::mapped_table_bytes() as isize
 }
 

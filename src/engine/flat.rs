@@ -338,7 +338,7 @@ impl<K: Zeroable + Copy + Eq + Hash + Send + 'static, V: Zeroable + Copy + Send 
             table
         };
         // No thread (resource limits): the growth prepares it itself.
-        self.successor = std::thread::Builder::new().name("table-prepare".into()).spawn(prepare).ok();
+        self.successor = in_background("table-prepare", prepare);
     }
 
     fn finish_growth(&mut self) {
@@ -498,7 +498,36 @@ fn free_in_background<T: Send + 'static>(table: Table<T>) {
         return;
     }
     // No thread (resource limits): the table is dropped here, with the closure.
-    let _ = std::thread::Builder::new().name("table-free".into()).spawn(move || drop(table));
+    let _ = in_background("table-free", move || drop(table));
+}
+
+/// Helper threads preparing or freeing tables right now.
+static BACKGROUND_JOBS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Helper threads preparing or freeing tables right now: they change
+/// [`mapped_table_bytes`] when they finish, so a memory measurement waits
+/// for none to be running.
+pub fn background_jobs() -> usize {
+    BACKGROUND_JOBS.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// Run `job` on a helper thread named `name`, counted in [`background_jobs`]
+/// (`None`: no thread could be started; `job` was dropped unrun).
+fn in_background<R: Send + 'static>(
+    name: &str,
+    job: impl FnOnce() -> R + Send + 'static,
+) -> Option<std::thread::JoinHandle<R>> {
+    use std::sync::atomic::Ordering;
+    BACKGROUND_JOBS.fetch_add(1, Ordering::AcqRel);
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let result = job();
+        BACKGROUND_JOBS.fetch_sub(1, Ordering::AcqRel);
+        result
+    });
+    if spawned.is_err() {
+        BACKGROUND_JOBS.fetch_sub(1, Ordering::AcqRel);
+    }
+    spawned.ok()
 }
 
 /// `madvise(MADV_POPULATE_WRITE)` over the whole pages inside `values`;
