@@ -2,8 +2,9 @@
 //! the real engine, shard cycles, log writer, snapshots and recovery of a
 //! leader and its synchronous standby on simulated disks, the real
 //! election over a model of etcd, and the reconciler's rows, with crashes,
-//! power losses, torn writes, failed fsyncs, a full disk, bit flips, clock
-//! steps, link faults and lost leases, checked after every step.
+//! power losses, torn writes, failed and slow fsyncs, a full disk, bit
+//! flips, clock steps, link faults and lost leases, checked after every
+//! step.
 //!
 //! `stampede-sim --seeds N` runs more seeds; every seed that ever failed
 //! is kept in `REGRESSION_SEEDS` with a note in its commit.
@@ -51,7 +52,7 @@ fn run_seed(seed: u64, steps: u64) -> sim::SimReport {
 #[test]
 fn fixed_seeds_hold_every_check() {
     let (mut ops, mut crashes, mut flips, mut torn, mut failovers, mut replicated) = (0, 0, 0, 0, 0, 0);
-    let (mut terms, mut leases_lost, mut ledger_checks, mut degraded) = (0, 0, 0, 0);
+    let (mut terms, mut leases_lost, mut ledger_checks, mut degraded, mut slow) = (0, 0, 0, 0, 0);
     for (seed, steps) in (1..=12).map(|seed| (seed, STEPS)).chain(REGRESSION_SEEDS.iter().copied()) {
         let report = run_seed(seed, steps);
         ops += report.ops_answered;
@@ -64,6 +65,7 @@ fn fixed_seeds_hold_every_check() {
         leases_lost += report.leases_lost;
         ledger_checks += report.ledger_checks;
         degraded += report.sync_set_degraded;
+        slow += report.disk.slow_syncs;
     }
     // The runs exercised what they claim to (not a vacuous pass).
     assert!(ops > 10_000, "{ops} operations answered");
@@ -78,6 +80,8 @@ fn fixed_seeds_hold_every_check() {
     // Some runs let the leader go on without its standby (and so made the
     // standby ineligible).
     assert!(degraded > 0, "no leader ever degraded to asynchronous");
+    // Simulated time passed inside the leader's fsyncs.
+    assert!(slow > 0, "no sync of the leader's disk was slow");
     eprintln!(
         "{ops} operations answered, {crashes} crashes, {flips} flips refused, {torn} torn writes, {failovers} \
          failovers, {replicated} records replicated, {terms} terms won, {leases_lost} leases lost, {ledger_checks} \

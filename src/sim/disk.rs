@@ -18,6 +18,9 @@
 //!   fsync.
 //! - The disk can be **full**: a write that would pass the capacity fails
 //!   with ENOSPC and changes nothing.
+//! - A `sync` can be **slow**: simulated time passes inside it (the
+//!   simulator's clocks move), so a lease or a reservation can run out
+//!   between a group's write and its release.
 //! - A **bit flip** in synced data (latent corruption) can be injected at
 //!   any time; [`SimDisk::unflip`] undoes it (the operator's restore).
 
@@ -38,6 +41,10 @@ use crate::storage::Create;
 pub struct DiskFaults {
     /// A `sync` that fails with EIO.
     pub sync_fail_ppm: u32,
+    /// A `sync` that is slow: it takes 1..=`slow_sync_ms_max` ms of
+    /// simulated time (the clock moves while the caller waits in it).
+    pub slow_sync_ppm: u32,
+    pub slow_sync_ms_max: u64,
 }
 
 /// What the disk did, for the simulation's report.
@@ -54,6 +61,9 @@ pub struct DiskStats {
     pub lost_writes: u64,
     pub lost_names: u64,
     pub flips: u64,
+    pub slow_syncs: u64,
+    /// Simulated time spent in slow syncs.
+    pub stalled_ms: u64,
 }
 
 /// A flipped bit, to undo.
@@ -103,7 +113,13 @@ struct Inner {
     rng: SmallRng,
     faults: DiskFaults,
     stats: DiskStats,
+    /// Moves simulated time by the given ms (a slow sync); set by the
+    /// simulator, which owns the clocks.
+    pass_time: Option<PassTime>,
 }
+
+/// What a slow sync calls to let simulated time pass.
+pub type PassTime = Arc<dyn Fn(u64) + Send + Sync>;
 
 pub struct SimDisk {
     inner: Mutex<Inner>,
@@ -163,6 +179,7 @@ impl SimDisk {
                 rng: SmallRng::seed_from_u64(seed),
                 faults,
                 stats: DiskStats::default(),
+                pass_time: None,
             }),
         })
     }
@@ -172,6 +189,11 @@ impl SimDisk {
     }
 
     /// Change the fault rates (and disarm a pending crash).
+    /// Where slow syncs spend their time (the simulator's clocks).
+    pub fn set_pass_time(&self, pass_time: PassTime) {
+        self.inner.lock().pass_time = Some(pass_time);
+    }
+
     pub fn set_faults(&self, faults: DiskFaults) {
         let mut inner = self.inner.lock();
         inner.faults = faults;
@@ -410,6 +432,22 @@ impl Inner {
         self.names.values().map(|ino| self.inodes[ino].data.len() as u64).sum()
     }
 
+    /// A slow device (a congested SAN, a disk retrying a sector): the
+    /// sync takes simulated time, during which leases and reservations
+    /// can run out before the caller sees it return.
+    fn maybe_slow(&mut self) {
+        let ppm = self.faults.slow_sync_ppm;
+        if ppm == 0 || self.rng.gen_range(0..1_000_000) >= ppm {
+            return;
+        }
+        let ms = self.rng.gen_range(1..=self.faults.slow_sync_ms_max.max(1));
+        self.stats.slow_syncs += 1;
+        self.stats.stalled_ms += ms;
+        if let Some(pass_time) = &self.pass_time {
+            pass_time(ms);
+        }
+    }
+
     fn sync_fails(&mut self) -> bool {
         let ppm = self.faults.sync_fail_ppm;
         let fails = ppm > 0 && self.rng.gen_range(0..1_000_000) < ppm;
@@ -480,6 +518,7 @@ impl SimFile {
             // Unknown: the pending changes may or may not reach the disk.
             return Err(io::Error::other("injected EIO on fsync (simulated disk)"));
         }
+        inner.maybe_slow();
         let inode = inner.inodes.get_mut(&self.ino).expect("open inode");
         // What was written since the last sync, not the whole file (a
         // preallocated segment is mostly zeros that never change).

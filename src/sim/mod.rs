@@ -23,7 +23,7 @@
 pub mod disk;
 pub mod etcd;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -64,7 +64,7 @@ const TTL_MS: u64 = 5_000;
 const CLIENTS: usize = 12;
 const USERS: u64 = 80;
 /// Operations a client keeps in flight at most.
-const CLIENT_INFLIGHT_MAX: usize = 4;
+const CLIENT_INFLIGHT_MAX: usize = 16;
 const POOL_SHARDS: usize = 2;
 /// Small segments: rotations, spares and retention happen often.
 const SEGMENT_BYTES: u64 = 16 * 1024;
@@ -93,6 +93,8 @@ pub struct Faults {
     /// The leader's lease: the leader stalls (a GC-like pause) or is cut
     /// off from etcd.
     pub lease: bool,
+    /// Slow syncs: simulated time passes inside an fsync.
+    pub slow_io: bool,
 }
 
 impl Faults {
@@ -105,6 +107,7 @@ impl Faults {
         clock_jump: true,
         link: true,
         lease: true,
+        slow_io: true,
     };
     pub const NONE: Faults = Faults {
         kill: false,
@@ -115,6 +118,7 @@ impl Faults {
         clock_jump: false,
         link: false,
         lease: false,
+        slow_io: false,
     };
 
     /// The fault classes that are on, by name.
@@ -128,6 +132,7 @@ impl Faults {
             (self.clock_jump, "clock_jump"),
             (self.link, "link"),
             (self.lease, "lease"),
+            (self.slow_io, "slow_io"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -145,7 +150,8 @@ impl Faults {
             4 => f.bit_flip = false,
             5 => f.clock_jump = false,
             6 => f.link = false,
-            _ => f.lease = false,
+            7 => f.lease = false,
+            _ => f.slow_io = false,
         }
         f
     }
@@ -271,7 +277,7 @@ pub fn run(config: &SimConfig) -> Result<SimReport, SimFailure> {
 pub fn shrink(config: &SimConfig) -> Option<(SimConfig, SimFailure)> {
     let mut best = config.clone();
     let mut failure = run(&best).err()?;
-    for index in 0..8 {
+    for index in 0..Faults::ALL.names().len() {
         let candidate = SimConfig { faults: best.faults.without(index), ..best.clone() };
         if candidate.faults == best.faults {
             continue;
@@ -323,6 +329,23 @@ impl Op {
                 *sku
             }
         }
+    }
+
+    /// The operation as bytes for the trace digest: the same content as
+    /// its `Debug` line, without formatting it (the digest covers every
+    /// operation of every run; the text is made only with `--trace`).
+    fn digest_bytes(&self, out: &mut Vec<u8>) {
+        let (tag, sku, user, qty, id) = match *self {
+            Op::Reserve { sku, user, qty, id } => (1u8, sku, user, qty, id),
+            Op::Confirm { sku, id } => (2, sku, 0, 0, id),
+            Op::Release { sku, id } => (3, sku, 0, 0, id),
+            Op::Ticket { sku, user, join } => (4 + u8::from(join), sku, user, 0, 0),
+        };
+        out.push(tag);
+        out.extend_from_slice(&sku.to_le_bytes());
+        out.extend_from_slice(&user.to_le_bytes());
+        out.extend_from_slice(&qty.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
     }
 
     /// The reservation id (0 for a ticket).
@@ -558,6 +581,11 @@ struct Sim {
     flips: Vec<disk::Flip>,
     standbys: Vec<Standby>,
     cycles: u64,
+    /// Open (sent, unanswered: in flight or unknown) RELEASEs per
+    /// reservation id, and open JOINs per user: kept as operations open and
+    /// close, so a check reads them without walking every open operation.
+    open_releases: HashMap<u128, u32>,
+    open_joins: HashMap<u64, u32>,
 }
 
 /// The trace digest: CRC-32C over every line, with the number of lines
@@ -583,6 +611,11 @@ enum Failed {
 /// Syncs that fail with EIO, per million.
 const SYNC_FAIL_PPM: u32 = 3_000;
 
+/// Syncs that are slow, per million, and the most simulated time one
+/// takes: past the 2 s lease, so a slow fsync can outlast a leadership.
+const SLOW_SYNC_PPM: u32 = 2_000;
+const SLOW_SYNC_MS_MAX: u64 = 2_500;
+
 /// The standby's state is compared with the leader's at every this many
 /// times it catches up (and at every failover, through the start checks).
 const STANDBY_COMPARE_EVERY: u64 = 8;
@@ -606,6 +639,12 @@ impl Sim {
             .map(|id| Election::over(&configs[id], etcd.client(NODE_IDS[id]), Arc::new(mono.clone())))
             .collect();
         let disk = SimDisk::new(rng.gen(), DISK_BYTES, DiskFaults::default());
+        let clock = ManualClock::new(START_MS);
+        let (clock_, mono_) = (clock.clone(), mono.clone());
+        disk.set_pass_time(Arc::new(move |ms| {
+            clock_.advance_ms(ms);
+            mono_.advance_ms(ms);
+        }));
         let mount = crate::storage::mount(disk.clone());
         let dir = mount.root.join("data");
         let clients = (0..CLIENTS)
@@ -618,7 +657,7 @@ impl Sim {
             report: SimReport { seed: config.seed, ..Default::default() },
             config,
             rng,
-            clock: ManualClock::new(START_MS),
+            clock,
             mono,
             etcd,
             elections,
@@ -651,6 +690,17 @@ impl Sim {
             flips: Vec::new(),
             standbys: Vec::new(),
             cycles: 0,
+            open_releases: HashMap::new(),
+            open_joins: HashMap::new(),
+        }
+    }
+
+    /// A trace line for a client's operation: `bytes` (what the line
+    /// says) go into the digest, and the text is made only when kept.
+    fn trace_op(&mut self, bytes: &[u8], line: impl FnOnce() -> String) {
+        self.digest = digest_line(self.digest, bytes);
+        if self.config.trace {
+            self.report.trace.push(format!("{:>7} {}", self.step, line()));
         }
     }
 
@@ -1047,11 +1097,17 @@ impl Sim {
         Ok(())
     }
 
+    /// The latest time any node's clock showed (a slow sync moves the
+    /// clocks inside the step, without `pass_time`).
+    fn high_water(&self) -> u64 {
+        self.high_water_ms.max(self.clock.now_ms())
+    }
+
     /// Both clocks move; nothing runs (a stall, or time inside one poll).
     fn pass_time(&mut self, ms: u64) {
         self.clock.advance_ms(ms);
         self.mono.advance_ms(ms);
-        self.high_water_ms = self.high_water_ms.max(self.clock.now_ms());
+        self.high_water_ms = self.high_water();
     }
 
     /// One poll of the leader's manager: renew the lease when due and move
@@ -1254,7 +1310,23 @@ impl Sim {
     }
 
     fn disk_faults(&self) -> DiskFaults {
-        DiskFaults { sync_fail_ppm: if self.config.faults.sync_fail { SYNC_FAIL_PPM } else { 0 } }
+        let f = self.config.faults;
+        DiskFaults {
+            sync_fail_ppm: if f.sync_fail { SYNC_FAIL_PPM } else { 0 },
+            slow_sync_ppm: if f.slow_io { SLOW_SYNC_PPM } else { 0 },
+            slow_sync_ms_max: SLOW_SYNC_MS_MAX,
+        }
+    }
+
+    /// A disk of this run: its slow syncs move the run's clocks.
+    fn new_disk(&mut self, faults: DiskFaults) -> Arc<SimDisk> {
+        let disk = SimDisk::new(self.rng.gen(), DISK_BYTES, faults);
+        let (clock, mono) = (self.clock.clone(), self.mono.clone());
+        disk.set_pass_time(Arc::new(move |ms| {
+            clock.advance_ms(ms);
+            mono.advance_ms(ms);
+        }));
+        disk
     }
 
     fn shard_of(sku: u64) -> usize {
@@ -1532,7 +1604,9 @@ impl Sim {
     /// base backup), recovered by the real code, following from there.
     fn rebuild_standby(&mut self, id: usize) -> Check {
         self.standbys.retain(|s| s.id != id);
-        let disk = SimDisk::new(self.rng.gen(), DISK_BYTES, self.disk_faults());
+        // The setup (step 0) is free of faults.
+        let faults = if self.step == 0 { DiskFaults::default() } else { self.disk_faults() };
+        let disk = self.new_disk(faults);
         let mount = crate::storage::mount(disk.clone());
         disk.copy_from(&self.disk, &self._mount.root, &mount.root);
         // A pending flip is a latent error of the leader's disk, not of the
@@ -1824,6 +1898,8 @@ impl Sim {
                 // A step back within the documented bound (the wall clock
                 // corrected by NTP): expiry deadlines stay monotonic.
                 let back = self.rng.gen_range(1..CLOCK_STEP_BACK_MS_MAX);
+                // (The latest time shown, which a slow sync may have moved.)
+                self.high_water_ms = self.high_water();
                 self.clock.step_back_ms(back);
                 self.trace(|| format!("clock -{back}"));
                 Ok(())
@@ -1933,8 +2009,12 @@ impl Sim {
         // Retry an unknown outcome first (same id, same request), as a
         // checkout service does; in the quiet phase always.
         if !self.clients[c].unknown.is_empty() && (quiet || self.rng.gen_bool(0.5)) {
-            let op = self.clients[c].unknown.remove(0);
-            self.send(c, vec![op], true);
+            // As many as it may have in flight, oldest first (a client
+            // that reconnects resends what it is waiting for).
+            let room = CLIENT_INFLIGHT_MAX - self.clients[c].inflight.len();
+            let n = room.min(self.clients[c].unknown.len());
+            let ops: Vec<Op> = self.clients[c].unknown.drain(..n).collect();
+            self.send(c, ops, true);
         } else if quiet {
             return self.deliver();
         } else {
@@ -1981,10 +2061,13 @@ impl Sim {
 
     fn send(&mut self, c: usize, ops: Vec<Op>, retry: bool) {
         self.report.ops_sent += ops.len() as u64;
-        let client = &mut self.clients[c];
         let mut by_shard: BTreeMap<usize, Vec<(Answer, SaleOp)>> = BTreeMap::new();
         let mut tickets = Vec::new();
         for op in ops {
+            if !retry {
+                self.open_changed(&op, true);
+            }
+            let client = &mut self.clients[c];
             let request_id = client.next_request;
             client.next_request += 1;
             match op.to_sale_op() {
@@ -2011,9 +2094,9 @@ impl Sim {
                 paused: (p.open == 0).then_some(p.paused),
                 joins,
             };
-            client.inflight.insert(request_id, sent);
+            self.clients[c].inflight.insert(request_id, sent);
         }
-        let (tx, conn) = (client.tx.clone(), client.conn);
+        let (tx, conn) = (self.clients[c].tx.clone(), self.clients[c].conn);
         let node = self.node.as_mut().expect("running");
         for (shard, ops) in by_shard {
             node.shards[shard].push(ShardMsg::Ops { ops, tx: tx.clone(), conn, received: std::time::Instant::now() });
@@ -2023,8 +2106,12 @@ impl Sim {
             let reply = crate::shard::ReplyTo { tx: tx.clone(), request_id, received: std::time::Instant::now() };
             node.shards[Sim::shard_of(sku)].push(ShardMsg::Ticket { sku, user, join, reply });
         }
-        let line = format!("client {c} sends {:?}", self.clients[c].inflight.values().last().map(|s| &s.op));
-        self.trace(|| line);
+        let mut bytes = vec![b's', c as u8];
+        let last = self.clients[c].inflight.values().last().map(|s| s.op.clone());
+        if let Some(op) = &last {
+            op.digest_bytes(&mut bytes);
+        }
+        self.trace_op(&bytes, || format!("client {c} sends {last:?}"));
     }
 
     // --- answers and checks ---------------------------------------------
@@ -2073,8 +2160,15 @@ impl Sim {
                             return Err(format!("client {c}: a ticket for request {request_id}, not in flight"));
                         };
                         self.report.ops_answered += 1;
-                        let line = format!("client {c} got {ticket:?} for {:?}", sent.op);
-                        self.trace(|| line);
+                        self.open_changed(&sent.op, false);
+                        let mut bytes = vec![b't', c as u8];
+                        sent.op.digest_bytes(&mut bytes);
+                        bytes.extend_from_slice(&ticket.status.code().to_le_bytes());
+                        bytes.push(u8::from(ticket.pre_start) | u8::from(ticket.stock_pending) << 1);
+                        for field in [ticket.position, ticket.estimated_wait_ms, ticket.admitted_until_ms] {
+                            bytes.extend_from_slice(&field.to_le_bytes());
+                        }
+                        self.trace_op(&bytes, || format!("client {c} got {ticket:?} for {:?}", sent.op));
                         self.check_ticket(c, &sent, &ticket)?;
                         continue;
                     }
@@ -2089,10 +2183,14 @@ impl Sim {
                     };
                     self.check_pause(&sent, outcome.status)?;
                     let op = sent.op;
+                    self.open_changed(&op, false);
                     self.report.ops_answered += 1;
                     let (status, detail) = (outcome.status, outcome.detail);
-                    let line = format!("client {c} got {status:?} {detail} for {op:?}");
-                    self.trace(|| line);
+                    let mut bytes = vec![b'g', c as u8];
+                    op.digest_bytes(&mut bytes);
+                    bytes.extend_from_slice(&status.code().to_le_bytes());
+                    bytes.extend_from_slice(&detail.to_le_bytes());
+                    self.trace_op(&bytes, || format!("client {c} got {status:?} {detail} for {op:?}"));
                     self.check_answer(&op, status, detail)?;
                 }
             }
@@ -2161,7 +2259,7 @@ impl Sim {
     /// An answer is consistent with everything acknowledged before it.
     fn check_answer(&mut self, op: &Op, status: Status, detail: u64) -> Check {
         let id = op.id();
-        let now = self.high_water_ms;
+        let now = self.high_water();
         match (op, status) {
             (Op::Ticket { .. }, status) => Err(format!("a JOIN or POLL answered as an outcome ({status:?})")),
             (Op::Reserve { sku, user, qty, .. }, Status::Reserved) => {
@@ -2257,10 +2355,30 @@ impl Sim {
         self.clients.iter().flat_map(|c| c.unknown.iter().chain(c.inflight.values().map(|s| &s.op)))
     }
 
+    /// `op` was sent (`opened`) or answered: the counts of open RELEASEs
+    /// and JOINs follow. (A crash leaves an operation open, unknown, until
+    /// a retry is answered.)
+    fn open_changed(&mut self, op: &Op, opened: bool) {
+        fn count<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: K, opened: bool) {
+            if opened {
+                *map.entry(key).or_default() += 1;
+            } else if let std::collections::hash_map::Entry::Occupied(mut e) = map.entry(key) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+        match *op {
+            Op::Release { id, .. } => count(&mut self.open_releases, id, opened),
+            Op::Ticket { user, join: true, .. } => count(&mut self.open_joins, user, opened),
+            _ => {}
+        }
+    }
+
     /// A JOIN of the queued sale by `user` was answered, or is open.
     fn may_have_joined(&self, user: u64) -> bool {
-        self.joined.contains(&user)
-            || self.open_ops().any(|op| matches!(op, Op::Ticket { user: u, join: true, .. } if *u == user))
+        self.joined.contains(&user) || self.open_joins.contains_key(&user)
     }
 
     /// Units acknowledged as held (not yet due) or sold never exceed the
@@ -2268,13 +2386,11 @@ impl Sim {
     /// unanswered may already have given its units back: those holds are
     /// not counted.)
     fn check_stock_and_limits(&self, sku: u64, user: u64) -> Check {
-        let now = self.high_water_ms;
-        let releasing: std::collections::BTreeSet<u128> =
-            self.open_ops().filter(|op| matches!(op, Op::Release { .. })).map(Op::id).collect();
+        let now = self.high_water();
         let live = |id: &u128| {
             let a = &self.acked[id];
             a.state == HoldState::Confirmed
-                || (a.state == HoldState::Held && now < a.expires_at_ms && !releasing.contains(id))
+                || (a.state == HoldState::Held && now < a.expires_at_ms && !self.open_releases.contains_key(id))
         };
         let units_of = |ids: &[u128]| ids.iter().filter(|id| live(id)).map(|id| u64::from(self.acked[id].qty)).sum();
         // The whole sale on every 16th acknowledgement (it is the costly
@@ -2313,7 +2429,7 @@ impl Sim {
     /// a crash left unknown take the state they show.
     fn check_against_engines(&mut self, resolve: bool) -> Check {
         self.check_invariants()?;
-        let now = self.high_water_ms;
+        let now = self.high_water();
         let node = self.node.as_ref().expect("running");
         let unknown: std::collections::BTreeSet<u128> = self.open_ops().map(Op::id).collect();
         for sku in SKUS {
