@@ -723,6 +723,23 @@ fn spawn_shard(
     Arc::new(ShardHandle { id, hot, tx, refusing, queued_ops, stats, thread: Mutex::new(Some(thread)) })
 }
 
+/// A handle with no thread behind it: the simulator takes what other
+/// shards pass on or hand over (`MoveIn`) from `Receiver` and queues it
+/// for the shard's next cycle itself.
+pub fn detached_handle(id: usize, hot: bool) -> (Arc<ShardHandle>, Receiver<ShardMsg>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let handle = ShardHandle {
+        id,
+        hot,
+        tx,
+        refusing: Default::default(),
+        queued_ops: Default::default(),
+        stats: Default::default(),
+        thread: Mutex::new(None),
+    };
+    (Arc::new(handle), rx)
+}
+
 /// A shard's state and its decision cycle. The shard thread runs it over
 /// its queue ([`ShardLoop::run`]); the simulator runs the same cycles from
 /// its own loop ([`ShardLoop::cycle`]).
@@ -825,6 +842,11 @@ impl ShardLoop {
     /// Queue a message for the next cycle (the simulator's queue).
     pub fn push(&mut self, msg: ShardMsg) {
         self.inbox.push_back(msg);
+    }
+
+    /// Messages queued for the next cycle (the simulator's queue).
+    pub fn queued(&self) -> usize {
+        self.inbox.len()
     }
 
     /// One cycle: due expiries and queue events, then every queued message

@@ -1,6 +1,7 @@
 //! The deterministic simulator (SIMULATION.md) over a fixed set of seeds:
 //! the real engine, shard cycles, log writer, snapshots and recovery of a
-//! leader and its synchronous standby on simulated disks, the real
+//! leader and its synchronous standby on simulated disks, live moves of
+//! sales between shards, the real
 //! election over a model of etcd, and the reconciler's rows, with crashes,
 //! power losses, torn writes, failed and slow fsyncs, a full disk, bit
 //! flips, clock steps, link faults and lost leases, checked after every
@@ -52,7 +53,7 @@ fn run_seed(seed: u64, steps: u64) -> sim::SimReport {
 #[test]
 fn fixed_seeds_hold_every_check() {
     let (mut ops, mut crashes, mut flips, mut torn, mut failovers, mut replicated) = (0, 0, 0, 0, 0, 0);
-    let (mut terms, mut leases_lost, mut ledger_checks, mut degraded, mut slow) = (0, 0, 0, 0, 0);
+    let (mut terms, mut leases_lost, mut ledger_checks, mut degraded, mut slow, mut moves) = (0, 0, 0, 0, 0, 0);
     for (seed, steps) in (1..=12).map(|seed| (seed, STEPS)).chain(REGRESSION_SEEDS.iter().copied()) {
         let report = run_seed(seed, steps);
         ops += report.ops_answered;
@@ -66,6 +67,7 @@ fn fixed_seeds_hold_every_check() {
         ledger_checks += report.ledger_checks;
         degraded += report.sync_set_degraded;
         slow += report.disk.slow_syncs;
+        moves += report.moves;
     }
     // The runs exercised what they claim to (not a vacuous pass).
     assert!(ops > 10_000, "{ops} operations answered");
@@ -82,6 +84,8 @@ fn fixed_seeds_hold_every_check() {
     assert!(degraded > 0, "no leader ever degraded to asynchronous");
     // Simulated time passed inside the leader's fsyncs.
     assert!(slow > 0, "no sync of the leader's disk was slow");
+    // Sales moved between shards under the load (and the crashes).
+    assert!(moves > 50, "{moves} moves between shards");
     eprintln!(
         "{ops} operations answered, {crashes} crashes, {flips} flips refused, {torn} torn writes, {failovers} \
          failovers, {replicated} records replicated, {terms} terms won, {leases_lost} leases lost, {ledger_checks} \

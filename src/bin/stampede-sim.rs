@@ -51,7 +51,7 @@ fn main() -> std::process::ExitCode {
                 println!(
                     "seed {seed}: ok in {secs:.2} s; {} steps, {} operations sent ({:.0}/s), {} answered, {} \
                      reservations acknowledged; {} kills, {} power losses, {} log failures, {} recoveries, {} \
-                     refusals of flipped data, {} of ambiguous torn writes, {} checkpoints; standby: {} records \
+                     refusals of flipped data, {} of ambiguous torn writes, {} checkpoints, {} moves between shards; standby: {} records \
                      replicated, {} failovers, {} rebuilds, {} crashes; {} terms won, {} leases lost, {} tails cut; reconciler: {} records, {} comparisons; trace digest \
                      {:016x}; leader's disk {:?}",
                     report.steps,
@@ -66,6 +66,7 @@ fn main() -> std::process::ExitCode {
                     report.refusals,
                     report.torn_refusals,
                     report.checkpoints,
+                    report.moves,
                     report.replicated,
                     report.failovers,
                     report.standby_rebuilds,

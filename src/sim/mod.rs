@@ -39,10 +39,10 @@ use crate::clock::{Clock, ManualClock, ManualMonotonic, Monotonic};
 use crate::cluster::election::{Election, Leadership};
 use crate::cluster::manager::{begin_term, LeaseKeeper, SyncKeeper};
 use crate::cluster::{history, ClusterConfig, StandbyInfo, SyncDegrade};
-use crate::engine::Engine;
+use crate::engine::{Engine, ReservationDirectory};
 use crate::recovery::{self, RecoverOptions, RecoveryError, Retention};
 use crate::server::conn::Outbound;
-use crate::shard::{pool_index, AdminCmd, Answer, SaleOp, ShardLoop, ShardMsg};
+use crate::shard::{pool_index, AdminCmd, Answer, Engines, SaleOp, ShardHandle, ShardLoop, ShardMsg};
 use crate::sink::AdminResult;
 use crate::wal::writer::{Fence, ManualWal, WalMsg};
 use crate::wal::{Durability, WalConfig};
@@ -217,6 +217,8 @@ pub struct SimReport {
     pub elections: u64,
     /// Leaders that lost their lease (a pause, or cut off from etcd).
     pub leases_lost: u64,
+    /// Live moves of a sale between shards started.
+    pub moves: u64,
     /// Changes of the synchronous set recorded in etcd, and of those the
     /// ones that left the leader alone (degraded, `--sync-degrade async`).
     pub sync_set_changes: u64,
@@ -388,6 +390,9 @@ struct Sent {
     paused: Option<bool>,
     /// JOINs sent for its user of the queued sale so far (tickets).
     joins: u64,
+    /// Sent while its sale moved between shards: it may be decided after
+    /// a request the connection sent later (PROTOCOL.md §6.7).
+    during_move: bool,
 }
 
 struct Client {
@@ -514,7 +519,15 @@ struct Standby {
 struct Node {
     /// Index into `NODE_IDS`.
     id: usize,
+    /// The pool shards (`POOL_SHARDS`), then shards of their own.
     shards: Vec<ShardLoop>,
+    /// Each shard's handle (where a move hands a sale over and where other
+    /// shards pass requests on), and what arrived through it, queued for
+    /// the shard's next cycle by the simulator.
+    handles: Vec<(Arc<ShardHandle>, crossbeam_channel::Receiver<ShardMsg>)>,
+    /// Where each SKU's requests go (the router's table).
+    routes: BTreeMap<u64, usize>,
+    directory: Arc<ReservationDirectory>,
     wal: ManualWal,
     admin: Vec<(AdminCmd, oneshot::Receiver<AdminResult>)>,
     /// The writer's fence, on the simulated monotonic clock.
@@ -586,6 +599,38 @@ struct Sim {
     /// close, so a check reads them without walking every open operation.
     open_releases: HashMap<u128, u32>,
     open_joins: HashMap<u64, u32>,
+    /// The live move under way (one at a time, as the router's admin lock
+    /// makes them).
+    moving: Option<Moving>,
+    /// Each sale's placement `(dedicated, pinned)` as acknowledged, and
+    /// one a lost answer leaves unknown.
+    placement: BTreeMap<u64, (Placed, Option<Placed>)>,
+}
+
+impl Node {
+    /// The shard `sku`'s requests go to: where its sale is, or its pool
+    /// shard for a sale not (yet) created, which answers `unknown_sku`.
+    fn route(&self, sku: u64) -> usize {
+        self.routes.get(&sku).copied().unwrap_or_else(|| pool_index(sku, POOL_SHARDS))
+    }
+}
+
+/// A sale's placement: `(dedicated, pinned)`.
+type Placed = (bool, bool);
+
+/// A move of a sale between shards, as `Router::move_sale` makes it.
+struct Moving {
+    sku: u64,
+    /// The shard it left: a connection that read the route before the
+    /// switch still queues there (and the old shard passes it on).
+    from: usize,
+    dedicated: bool,
+    pinned: bool,
+    /// The SALE_MOVED's answer (`None` once it came).
+    done: Option<oneshot::Receiver<AdminResult>>,
+    /// Fires when the new shard took the sale.
+    installed: oneshot::Receiver<std::time::Instant>,
+    arrived: bool,
 }
 
 /// The trace digest: CRC-32C over every line, with the number of lines
@@ -692,11 +737,14 @@ impl Sim {
             cycles: 0,
             open_releases: HashMap::new(),
             open_joins: HashMap::new(),
+            moving: None,
+            placement: SKUS.iter().map(|&s| (s, ((false, false), None))).collect(),
         }
     }
 
-    /// A trace line for a client's operation: `bytes` (what the line
-    /// says) go into the digest, and the text is made only when kept.
+    /// A trace line of a frequent step (a client's operation, a cycle, a
+    /// flush): `bytes` (what the line says) go into the digest, and the
+    /// text is made only when kept.
     fn trace_op(&mut self, bytes: &[u8], line: impl FnOnce() -> String) {
         self.digest = digest_line(self.digest, bytes);
         if self.config.trace {
@@ -752,6 +800,9 @@ impl Sim {
         }
         // Liveness: after the faults stopped, everything was answered.
         let open: usize = self.clients.iter().map(|c| c.inflight.len() + c.unknown.len()).sum();
+        if self.moving.is_some() {
+            return Err(self.fail(format!("a move was not done {QUIESCE_STEPS} steps after the faults stopped")));
+        }
         if open > 0 {
             return Err(
                 self.fail(format!("{open} operations still unanswered {QUIESCE_STEPS} steps after the faults stopped"))
@@ -808,7 +859,7 @@ impl Sim {
             history::store(&self.dir, &ours).map_err(|e| Failed::Io(e.to_string()))?;
         }
         let wal = self.open_wal(&self.dir.clone(), recovered.next_lsn).map_err(|e| Failed::Io(e.to_string()))?;
-        self.node = Some(self.node_from(self.leader_at, recovered.engines.pool, wal));
+        self.node = Some(self.node_from(self.leader_at, recovered.engines, wal));
         let next_lsn = recovered.next_lsn;
         self.trace(|| format!("start next_lsn={next_lsn}"));
         self.check_settled_held(next_lsn - 1).map_err(Failed::Check)?;
@@ -827,25 +878,143 @@ impl Sim {
         ManualWal::open_fenced(self.wal_config(dir), next_lsn, fence)
     }
 
-    /// A node running `pool`'s engines (recovered, or a standby's) with
-    /// `wal`.
-    fn node_from(&mut self, id: usize, pool: Vec<Engine>, wal: ManualWal) -> Node {
+    /// A node running `engines` (recovered, or a standby's) with `wal`:
+    /// a shard per pool engine, and one per hot engine that holds a sale
+    /// (as `Router::new` starts them).
+    fn node_from(&mut self, id: usize, engines: Engines, wal: ManualWal) -> Node {
+        let Engines { directory, pool, hot } = engines;
+        let mut node = Node {
+            id,
+            shards: Vec::new(),
+            handles: Vec::new(),
+            routes: BTreeMap::new(),
+            directory,
+            fence: wal.fence().clone(),
+            wal,
+            admin: Vec::new(),
+            lease: None,
+        };
+        let hot = hot.into_iter().filter(|engine| engine.skus().next().is_some());
+        for engine in pool.into_iter().chain(hot) {
+            self.add_shard(&mut node, engine);
+        }
+        node
+    }
+
+    /// Start a shard over `engine` on `node`; its SKUs route to it.
+    fn add_shard(&mut self, node: &mut Node, engine: Engine) -> usize {
+        let index = node.shards.len();
+        let mut skus: Vec<u64> = engine.skus().collect();
+        skus.sort_unstable();
+        node.routes.extend(skus.into_iter().map(|sku| (sku, index)));
         let mut seeds = SmallRng::seed_from_u64(self.rng.gen());
-        let shards = pool
-            .into_iter()
-            .map(|engine| {
-                let mut seeds = SmallRng::seed_from_u64(seeds.gen());
-                ShardLoop::new(
-                    engine,
-                    Arc::new(self.clock.clone()),
-                    Box::new(wal.sink()),
-                    Arc::new(AtomicUsize::new(0)),
-                )
-                .with_seeds(Box::new(move || seeds.gen()))
-            })
-            .collect();
-        let fence = wal.fence().clone();
-        Node { id, shards, wal, admin: Vec::new(), fence, lease: None }
+        let shard = ShardLoop::new(
+            engine,
+            Arc::new(self.clock.clone()),
+            Box::new(node.wal.sink()),
+            Arc::new(AtomicUsize::new(0)),
+        )
+        .with_seeds(Box::new(move || seeds.gen()));
+        node.shards.push(shard);
+        node.handles.push(crate::shard::detached_handle(index, index >= POOL_SHARDS));
+        index
+    }
+
+    /// The shard `sku`'s requests go to now.
+    fn route(&self, sku: u64) -> usize {
+        self.node.as_ref().expect("running").route(sku)
+    }
+
+    /// Where a connection queues a request for `sku`: the route, or,
+    /// while `sku` moves, half the time the shard it left (the connection
+    /// read the route just before the switch).
+    fn route_from_connection(&mut self, sku: u64) -> usize {
+        match self.moving.as_ref().map(|m| (m.sku, m.from)) {
+            Some((moving, from)) if moving == sku && self.rng.gen_bool(0.5) => from,
+            _ => self.route(sku),
+        }
+    }
+
+    /// A sale is between shards: given up by one (SALE_MOVED decided),
+    /// not yet taken by the other. Its state is in neither engine.
+    fn sale_in_flight(&self) -> bool {
+        self.moving.as_ref().is_some_and(|m| !m.arrived)
+    }
+
+    /// Move a sale live, as `Router::move_sale` does: the new shard is
+    /// told to expect it, the old one gives it up behind what is queued,
+    /// and the route switches; requests that reach the old shard later are
+    /// passed on, and the new one holds the sale's requests until it has
+    /// it. From the pool to a shard of its own, or back.
+    fn start_move(&mut self) -> Check {
+        if self.moving.is_some() || self.node.is_none() {
+            return self.deliver();
+        }
+        let sku = SKUS[self.rng.gen_range(0..SKUS.len())];
+        let pinned = self.rng.gen_bool(0.5);
+        let from = self.route(sku);
+        let dedicated = from < POOL_SHARDS;
+        let to = if dedicated {
+            // An empty shard of its own, or a new one (the router retires
+            // empty ones; reusing one is the same to the shard).
+            let node = self.node.as_ref().expect("running");
+            let free = (POOL_SHARDS..node.shards.len())
+                .find(|&i| node.shards[i].engine().skus().next().is_none() && !node.routes.values().any(|&r| r == i));
+            match free {
+                Some(i) => i,
+                None => {
+                    let mut node = self.node.take().expect("running");
+                    let engine = Engine::new(node.directory.clone());
+                    let i = self.add_shard(&mut node, engine);
+                    self.node = Some(node);
+                    i
+                }
+            }
+        } else {
+            pool_index(sku, POOL_SHARDS)
+        };
+        let (done, done_rx) = oneshot::channel();
+        let (installed, installed_rx) = oneshot::channel();
+        let node = self.node.as_mut().expect("running");
+        let target = node.handles[to].0.clone();
+        node.shards[to].push(ShardMsg::Expect { sku });
+        node.shards[from].push(ShardMsg::MoveOut { sku, to: target, dedicated, pinned, done, installed });
+        node.routes.insert(sku, to);
+        self.report.moves += 1;
+        self.moving =
+            Some(Moving { sku, from, dedicated, pinned, done: Some(done_rx), installed: installed_rx, arrived: false });
+        self.trace(|| format!("move {sku} from shard {from} to {to} dedicated={dedicated} pinned={pinned}"));
+        Ok(())
+    }
+
+    /// The move's answer and arrival, as they come.
+    fn follow_move(&mut self) -> Check {
+        let Some(m) = self.moving.as_mut() else { return Ok(()) };
+        let mut answer = None;
+        if let Some(done) = m.done.as_mut() {
+            match done.try_recv() {
+                Ok((outcome, _)) => answer = Some(outcome.status),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+                // Dropped with a failed group: the node goes down with it.
+                Err(oneshot::error::TryRecvError::Closed) => m.done = None,
+            }
+        }
+        if !m.arrived && m.installed.try_recv().is_ok() {
+            m.arrived = true;
+        }
+        let (sku, placed) = (m.sku, (m.dedicated, m.pinned));
+        if let Some(status) = answer {
+            m.done = None;
+            self.trace(|| format!("move {sku} answered {status:?}"));
+            if status != Status::Ok {
+                return Err(format!("the move of sale {sku} answered {status:?}"));
+            }
+            self.placement.insert(sku, (placed, None));
+        }
+        if self.moving.as_ref().is_some_and(|m| m.done.is_none() && m.arrived) {
+            self.moving = None;
+        }
+        Ok(())
     }
 
     // --- the reconciler's view ---------------------------------------------
@@ -964,6 +1133,10 @@ impl Sim {
     /// The reconciler's rows equal the engines' sales and reservations,
     /// field by field.
     fn check_ledger(&mut self) -> Check {
+        if self.sale_in_flight() {
+            // Its state is in neither engine (the end of the run compares).
+            return Ok(());
+        }
         self.report.ledger_checks += 1;
         let node = self.node.as_ref().expect("running");
         let model = &self.ledger.model;
@@ -977,10 +1150,10 @@ impl Sim {
                 };
                 let engine = (image.total, image.available, image.reserved, image.sold, image.limit_per_user);
                 let rows = (row.total, row.available, row.reserved, row.sold, row.limit_per_user);
-                if engine != rows || (image.ttl_ms, image.paused) != (row.ttl_ms, row.paused) {
+                if engine != rows || (image.ttl_ms, image.paused, image.hot) != (row.ttl_ms, row.paused, row.hot) {
                     return Err(format!(
-                        "sale {}: engine {engine:?} paused={}, reconciler {rows:?} paused={}",
-                        image.sku, image.paused, row.paused
+                        "sale {}: engine {engine:?} paused={} hot={}, reconciler {rows:?} paused={} hot={}",
+                        image.sku, image.paused, image.hot, row.paused, row.hot
                     ));
                 }
                 for r in &image.reservations {
@@ -1254,6 +1427,13 @@ impl Sim {
     fn requests_lost(&mut self) {
         // A lost JOIN may have taken a new place after an unseen lapse.
         self.line.clear();
+        // A move whose SALE_MOVED was not answered: logged or not.
+        if let Some(m) = self.moving.take() {
+            if m.done.is_some() {
+                let entry = self.placement.get_mut(&m.sku).expect("sku");
+                entry.1 = Some((m.dedicated, m.pinned));
+            }
+        }
         for client in &mut self.clients {
             let lost: Vec<Op> = std::mem::take(&mut client.inflight).into_values().map(|s| s.op).collect();
             client.unknown.extend(lost);
@@ -1329,10 +1509,6 @@ impl Sim {
         disk
     }
 
-    fn shard_of(sku: u64) -> usize {
-        pool_index(sku, POOL_SHARDS)
-    }
-
     fn admin(&mut self, cmd: AdminCmd) {
         let sku = cmd.sku();
         match &cmd {
@@ -1350,7 +1526,8 @@ impl Sim {
         }
         let (done, rx) = oneshot::channel();
         let node = self.node.as_mut().expect("started");
-        node.shards[Sim::shard_of(sku)].push(ShardMsg::Admin { cmd: cmd.clone(), done });
+        let shard = node.route(sku);
+        node.shards[shard].push(ShardMsg::Admin { cmd: cmd.clone(), done });
         node.admin.push((cmd, rx));
     }
 
@@ -1543,7 +1720,7 @@ impl Sim {
             self.disk_full = false;
         }
         let engines = replica.into_engines();
-        let node = self.node_from(id, engines.pool, wal);
+        let node = self.node_from(id, engines, wal);
         self.node = Some(node);
         if !self.promote(leadership)? {
             return self.crash(false);
@@ -1784,7 +1961,9 @@ impl Sim {
         let mut differs = false;
         let caught_up = last == node.wal.written_lsn() && !node.wal.has_pending();
         self.catch_ups += u64::from(caught_up);
-        if caught_up && self.catch_ups.is_multiple_of(STANDBY_COMPARE_EVERY) {
+        // (Not while a sale is between shards: it is in neither engine.)
+        let in_flight = self.moving.as_ref().is_some_and(|m| !m.arrived);
+        if caught_up && self.catch_ups.is_multiple_of(STANDBY_COMPARE_EVERY) && !in_flight {
             let mut leader = BTreeMap::new();
             for shard in &node.shards {
                 leader.extend(shard.engine().digest());
@@ -1846,9 +2025,24 @@ impl Sim {
         let result = match roll {
             0..=3_999 => self.client_sends(quiet),
             4_000..=5_999 => {
-                let shard = self.rng.gen_range(0..POOL_SHARDS);
-                self.trace(|| format!("cycle shard {shard}"));
-                self.node.as_mut().expect("running").shards[shard].cycle();
+                let node = self.node.as_mut().expect("running");
+                // Mostly a shard with work (a shard thread runs when it
+                // has some), sometimes any (an idle one's cycle expires).
+                let busy: Vec<usize> = (0..node.shards.len())
+                    .filter(|&i| node.shards[i].queued() > 0 || !node.handles[i].1.is_empty())
+                    .collect();
+                let shard = if !busy.is_empty() && self.rng.gen_ratio(3, 4) {
+                    busy[self.rng.gen_range(0..busy.len())]
+                } else {
+                    self.rng.gen_range(0..node.shards.len())
+                };
+                // What other shards passed on or handed over since.
+                while let Ok(msg) = node.handles[shard].1.try_recv() {
+                    node.shards[shard].push(msg);
+                }
+                node.shards[shard].cycle();
+                self.trace_op(&[b'c', shard as u8], || format!("cycle shard {shard}"));
+                self.follow_move()?;
                 // The engine asserts its invariants on every apply; the
                 // full check (every sale, every user) now and then.
                 self.cycles += 1;
@@ -1860,7 +2054,7 @@ impl Sim {
             }
             6_000..=7_999 => {
                 let quiet_or_not = !quiet;
-                self.trace(|| "flush".to_string());
+                self.trace_op(b"f", || "flush".to_string());
                 self.flush(quiet_or_not)
             }
             8_000..=8_399 => self.replicate(),
@@ -1886,12 +2080,14 @@ impl Sim {
                 self.crash_standby(i, power)
             }
             8_400..=8_999 => {
-                let ms = if self.rng.gen_ratio(1, 20) {
+                let ms: u64 = if self.rng.gen_ratio(1, 20) {
                     self.rng.gen_range(1_000..8_000)
                 } else {
                     self.rng.gen_range(1..200)
                 };
-                self.trace(|| format!("clock +{ms}"));
+                let mut bytes = vec![b'+'];
+                bytes.extend_from_slice(&ms.to_le_bytes());
+                self.trace_op(&bytes, || format!("clock +{ms}"));
                 self.advance(ms)
             }
             9_000..=9_049 if !quiet && self.config.faults.clock_jump => {
@@ -1968,6 +2164,7 @@ impl Sim {
                 }
             }
             9_210..=9_409 => self.reconcile(),
+            9_410..=9_439 if !quiet => self.start_move(),
             9_200..=9_203 if !quiet && !self.standbys.is_empty() && self.config.faults.lease => self.pause_leader(),
             9_204..=9_207 if !quiet && self.config.standby && self.config.faults.lease => {
                 let ms = self.rng.gen_range(200..4_000);
@@ -2067,15 +2264,15 @@ impl Sim {
             if !retry {
                 self.open_changed(&op, true);
             }
+            let shard = self.route_from_connection(op.sku());
             let client = &mut self.clients[c];
             let request_id = client.next_request;
             client.next_request += 1;
             match op.to_sale_op() {
-                Some((opcode, sale_op)) => by_shard
-                    .entry(Sim::shard_of(op.sku()))
-                    .or_default()
-                    .push((Answer::Alone { request_id, opcode }, sale_op)),
-                None => tickets.push((request_id, op.clone())),
+                Some((opcode, sale_op)) => {
+                    by_shard.entry(shard).or_default().push((Answer::Alone { request_id, opcode }, sale_op))
+                }
+                None => tickets.push((request_id, op.clone(), shard)),
             }
             let p = &self.pause[&op.sku()];
             let joins = match op {
@@ -2086,7 +2283,9 @@ impl Sim {
                 }
                 _ => 0,
             };
+            let during_move = self.moving.as_ref().is_some_and(|m| m.sku == op.sku());
             let sent = Sent {
+                during_move,
                 op,
                 retry,
                 pauses: p.pauses,
@@ -2101,10 +2300,10 @@ impl Sim {
         for (shard, ops) in by_shard {
             node.shards[shard].push(ShardMsg::Ops { ops, tx: tx.clone(), conn, received: std::time::Instant::now() });
         }
-        for (request_id, op) in tickets {
+        for (request_id, op, shard) in tickets {
             let Op::Ticket { sku, user, join } = op else { unreachable!("tickets only") };
             let reply = crate::shard::ReplyTo { tx: tx.clone(), request_id, received: std::time::Instant::now() };
-            node.shards[Sim::shard_of(sku)].push(ShardMsg::Ticket { sku, user, join, reply });
+            node.shards[shard].push(ShardMsg::Ticket { sku, user, join, reply });
         }
         let mut bytes = vec![b's', c as u8];
         let last = self.clients[c].inflight.values().last().map(|s| s.op.clone());
@@ -2118,6 +2317,7 @@ impl Sim {
 
     /// Hand every released reply to its client and check it.
     fn deliver(&mut self) -> Check {
+        self.follow_move()?;
         if let Some(node) = self.node.as_mut() {
             let admin = std::mem::take(&mut node.admin);
             let mut waiting = Vec::new();
@@ -2231,6 +2431,11 @@ impl Sim {
         let key = (client, sku, user);
         if join && matches!(ticket.status, Status::Waiting | Status::Admitted) {
             self.joined.insert(user);
+        }
+        if sent.during_move {
+            // Not ordered with the connection's other tickets: neither
+            // compared nor the reference for the next one.
+            return Ok(());
         }
         let last = self.line.get(&key).copied().filter(|(_, joins)| *joins == sent.joins && !join);
         match (ticket.status, last.map(|(seen, _)| seen)) {
@@ -2433,13 +2638,28 @@ impl Sim {
         let node = self.node.as_ref().expect("running");
         let unknown: std::collections::BTreeSet<u128> = self.open_ops().map(Op::id).collect();
         for sku in SKUS {
-            let engine = node.shards[Sim::shard_of(sku)].engine();
-            let status = engine.status(sku, now);
+            let shard = node.route(sku);
+            let status = node.shards[shard].engine().status(sku, now);
             if status.status != Status::Ok {
                 if self.total[&sku] == 0 {
                     continue;
                 }
                 return Err(format!("sale {sku} lost: {:?}", status.status));
+            }
+            // Where the last acknowledged move put it (or one whose answer
+            // was lost), on a shard that matches.
+            let placed = (status.sale.hot, status.sale.pinned);
+            let (acked, unknown) = self.placement[&sku];
+            if placed != acked && Some(placed) != unknown {
+                return Err(format!(
+                    "sale {sku} placed (dedicated, pinned) = {placed:?}, acknowledged {acked:?} (unknown: {unknown:?})"
+                ));
+            }
+            if status.sale.hot != (shard >= POOL_SHARDS) {
+                return Err(format!("sale {sku} hot={} runs on shard {shard}", status.sale.hot));
+            }
+            if resolve {
+                self.placement.insert(sku, (placed, None));
             }
             let p = self.pause.get_mut(&sku).expect("sku");
             if p.open == 0 && status.sale.paused != p.paused {
@@ -2459,7 +2679,7 @@ impl Sim {
             }
         }
         for (id, a) in &mut self.acked {
-            let engine = node.shards[Sim::shard_of(a.sku)].engine();
+            let engine = node.shards[node.route(a.sku)].engine();
             let Some(r) = engine.reservation(*id) else {
                 return Err(format!("acknowledged reservation {id:x} ({a:?}) is gone"));
             };
