@@ -74,6 +74,7 @@ fn group_commit_ack(submitters: usize, per_thread: usize) -> (Duration, Duration
                         reservation_id: (t * per_thread + i) as u128 + 1,
                         expires_at_ms: 1,
                         at_ms: 1,
+                        location: 0,
                     };
                     let t0 = Instant::now();
                     sink.submit(&mut vec![event], &mut vec![Delivery::Admin(tx, (Outcome::of(Status::Ok), None))]);

@@ -212,16 +212,9 @@ impl Loader {
 
     fn apply(&mut self, lsn: u64, event: &Event) {
         let slot = match *event {
-            Event::SaleCreated { sku, hot, stock, .. } => {
-                let slot = self.new_slot(sku, hot);
-                let engine = slot.engine_mut(&mut self.engines);
-                engine.apply(event);
-                // The estimate is shared out as sales are created, so many
-                // sales never presize for more than the log holds.
-                let presize = usize::try_from(stock).unwrap_or(usize::MAX).min(self.reservations_estimate);
-                self.reservations_estimate -= presize;
-                engine.reserve_capacity(sku, presize);
-                return;
+            Event::SaleCreated { sku, hot, stock, .. } => return self.created(sku, hot, stock, event),
+            Event::SaleCreatedAt { sku, hot, ref locations, .. } => {
+                return self.created(sku, hot, locations.stock(), event);
             }
             Event::TermStarted { term, .. } => {
                 self.terms.push((term, lsn));
@@ -234,6 +227,18 @@ impl Loader {
             }
         };
         slot.engine_mut(&mut self.engines).apply_deferring_claim(event, &mut self.claims);
+    }
+
+    /// A new sale: placed, applied, and presized from the estimate.
+    fn created(&mut self, sku: u64, hot: bool, stock: u64, event: &Event) {
+        let slot = self.new_slot(sku, hot);
+        let engine = slot.engine_mut(&mut self.engines);
+        engine.apply(event);
+        // The estimate is shared out as sales are created, so many sales
+        // never presize for more than the log holds.
+        let presize = usize::try_from(stock).unwrap_or(usize::MAX).min(self.reservations_estimate);
+        self.reservations_estimate -= presize;
+        engine.reserve_capacity(sku, presize);
     }
 
     /// SALE_MOVED: the sale's new placement, then its state handed to the

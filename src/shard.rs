@@ -20,7 +20,9 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use foldhash::fast::RandomState;
 use parking_lot::Mutex;
-use stampede_protocol::message::{Opcode, Outcome, QueueTicket, Reply, Reserve, SaleCreate, StatusReply};
+use stampede_protocol::message::{
+    LocationsReply, Opcode, Outcome, QueueTicket, Reply, Reserve, SaleCreate, SaleLocations, StatusReply, Where,
+};
 use stampede_protocol::Status;
 use tokio::sync::oneshot;
 
@@ -43,6 +45,23 @@ pub struct ReplyTo {
 #[derive(Clone, Debug)]
 pub enum AdminCmd {
     Create(SaleCreate),
+    /// A sale whose stock is split over locations.
+    CreateAt(SaleCreate, Box<SaleLocations>),
+    RestockAt {
+        sku: u64,
+        location: u16,
+        qty: u64,
+    },
+    AddLocation {
+        sku: u64,
+        location: u16,
+        stock: u64,
+    },
+    SetRegion {
+        sku: u64,
+        region: u16,
+        order: Box<[u16]>,
+    },
     Restock {
         sku: u64,
         qty: u64,
@@ -63,8 +82,13 @@ pub enum AdminCmd {
 impl AdminCmd {
     pub fn sku(&self) -> u64 {
         match self {
-            AdminCmd::Create(create) => create.sku,
-            AdminCmd::Restock { sku, .. } | AdminCmd::SetPaused { sku, .. } | AdminCmd::Place { sku, .. } => *sku,
+            AdminCmd::Create(create) | AdminCmd::CreateAt(create, _) => create.sku,
+            AdminCmd::Restock { sku, .. }
+            | AdminCmd::SetPaused { sku, .. }
+            | AdminCmd::Place { sku, .. }
+            | AdminCmd::RestockAt { sku, .. }
+            | AdminCmd::AddLocation { sku, .. }
+            | AdminCmd::SetRegion { sku, .. } => *sku,
         }
     }
 }
@@ -72,6 +96,8 @@ impl AdminCmd {
 /// One sale operation bound for a shard.
 pub enum SaleOp {
     Reserve(Reserve),
+    /// RESERVE_AT: from the first location in this order that has the units.
+    ReserveAt(Reserve, Where),
     /// `sku`: the reservation's, from the id directory.
     Confirm {
         sku: u64,
@@ -88,7 +114,7 @@ impl SaleOp {
     /// The SKU it acts on.
     pub fn sku(&self) -> u64 {
         match self {
-            SaleOp::Reserve(op) => op.sku,
+            SaleOp::Reserve(op) | SaleOp::ReserveAt(op, _) => op.sku,
             SaleOp::Confirm { sku, .. } | SaleOp::Release { sku, .. } => *sku,
         }
     }
@@ -122,6 +148,11 @@ pub enum ShardMsg {
         received: std::time::Instant,
     },
     Status {
+        sku: u64,
+        reply: ReplyTo,
+    },
+    /// LOCATIONS: the sale's locations and regions.
+    Locations {
         sku: u64,
         reply: ReplyTo,
     },
@@ -207,7 +238,7 @@ impl ShardMsg {
     fn queued_ops(&self) -> usize {
         match self {
             ShardMsg::Ops { ops, .. } => ops.len(),
-            ShardMsg::Status { .. } | ShardMsg::Ticket { .. } => 1,
+            ShardMsg::Status { .. } | ShardMsg::Ticket { .. } | ShardMsg::Locations { .. } => 1,
             ShardMsg::Admin { .. }
             | ShardMsg::Digest { .. }
             | ShardMsg::Shutdown { .. }
@@ -230,6 +261,9 @@ impl ShardMsg {
             }
             ShardMsg::Status { reply, .. } => {
                 reply.send(Opcode::Status, Reply::Status(StatusReply { status, sale: Default::default() }))
+            }
+            ShardMsg::Locations { reply, .. } => {
+                reply.send(Opcode::Locations, Reply::Locations(LocationsReply::of(status)))
             }
             ShardMsg::Ticket { join, reply, .. } => {
                 let ticket = QueueTicket { estimated_wait_ms: retry_after_ms, ..QueueTicket::of(status) };
@@ -522,12 +556,20 @@ impl Router {
     /// Admin: create a sale, spawning its own shard if it is hot. The route
     /// is published only after the shard has created (and logged) the sale.
     pub async fn create_sale(&self, cmd: SaleCreate) -> Outcome {
+        self.create_sale_at(cmd, None).await
+    }
+
+    /// Admin: create a sale, with its stock split over `locations`.
+    pub async fn create_sale_at(&self, cmd: SaleCreate, locations: Option<SaleLocations>) -> Outcome {
         let _serial = self.admin.lock().await;
         if self.routes.pin().contains_key(&cmd.sku) {
             return Outcome::of(Status::SaleExists);
         }
         // Validate before spawning a hot shard for it.
         if let Err(status) = crate::engine::validate_sale(&cmd) {
+            return Outcome::of(status);
+        }
+        if let Some(Err(status)) = locations.as_ref().map(|l| crate::engine::validate_locations(&cmd, l)) {
             return Outcome::of(status);
         }
         let shard = if cmd.hot {
@@ -538,7 +580,11 @@ impl Router {
         } else {
             self.pool[pool_index(cmd.sku, self.pool.len())].clone()
         };
-        let (outcome, gauge) = admin_call(&shard, AdminCmd::Create(cmd)).await;
+        let create = match locations {
+            None => AdminCmd::Create(cmd),
+            Some(locations) => AdminCmd::CreateAt(cmd, Box::new(locations)),
+        };
+        let (outcome, gauge) = admin_call(&shard, create).await;
         if let Some(gauge) = gauge.filter(|_| outcome.status == Status::Ok) {
             self.routes.pin().insert(cmd.sku, Arc::new(Route { shard, gauge }));
         } else if cmd.hot {
@@ -912,7 +958,7 @@ impl ShardLoop {
     #[inline]
     fn prefetch_op(&self, op: &SaleOp) {
         match op {
-            SaleOp::Reserve(op) => self.engine.prefetch_reserve(op),
+            SaleOp::Reserve(op) | SaleOp::ReserveAt(op, _) => self.engine.prefetch_reserve(op),
             SaleOp::Confirm { sku, reservation_id, .. } | SaleOp::Release { sku, reservation_id } => {
                 self.engine.prefetch_reservation(*sku, *reservation_id)
             }
@@ -944,6 +990,7 @@ impl ShardLoop {
             let events = &mut self.events;
             let outcome = match op {
                 SaleOp::Reserve(op) => engine.reserve(op, now_ms, events),
+                SaleOp::ReserveAt(op, at) => engine.reserve_at(op, at, now_ms, events),
                 SaleOp::Confirm { sku, reservation_id, payment_ref } => {
                     engine.confirm(*sku, *reservation_id, payment_ref, now_ms, events)
                 }
@@ -1073,7 +1120,7 @@ impl ShardLoop {
             other => other,
         };
         let sku = match &msg {
-            ShardMsg::Status { sku, .. } | ShardMsg::Ticket { sku, .. } => Some(*sku),
+            ShardMsg::Status { sku, .. } | ShardMsg::Ticket { sku, .. } | ShardMsg::Locations { sku, .. } => Some(*sku),
             ShardMsg::Admin { cmd, .. } => Some(cmd.sku()),
             _ => None,
         };
@@ -1091,6 +1138,7 @@ impl ShardLoop {
                 unreachable!("taken above")
             }
             ShardMsg::Status { sku, reply } => (reply, Opcode::Status, Reply::Status(engine.status(sku, now_ms))),
+            ShardMsg::Locations { sku, reply } => (reply, Opcode::Locations, Reply::Locations(engine.locations(sku))),
             ShardMsg::Ticket { sku, user, join, reply } => {
                 let (opcode, ticket) = if join {
                     (Opcode::Join, engine.join(sku, user, now_ms, events))
@@ -1104,6 +1152,19 @@ impl ShardLoop {
                     AdminCmd::Create(create) => {
                         let outcome = engine.create_sale(&create, now_ms, events);
                         (outcome, engine.gauge(create.sku))
+                    }
+                    AdminCmd::CreateAt(create, locations) => {
+                        let outcome = engine.create_sale_at(&create, Some(&locations), now_ms, events);
+                        (outcome, engine.gauge(create.sku))
+                    }
+                    AdminCmd::RestockAt { sku, location, qty } => {
+                        (engine.restock_at(sku, location, qty, now_ms, events), None)
+                    }
+                    AdminCmd::AddLocation { sku, location, stock } => {
+                        (engine.add_location(sku, location, stock, now_ms, events), None)
+                    }
+                    AdminCmd::SetRegion { sku, region, order } => {
+                        (engine.set_region(sku, region, &order, now_ms, events), None)
                     }
                     AdminCmd::Restock { sku, qty } => (engine.restock(sku, qty, now_ms, events), None),
                     AdminCmd::SetPaused { sku, paused } => (engine.set_paused(sku, paused, now_ms, events), None),

@@ -601,6 +601,61 @@ impl Client {
         }
     }
 
+    /// Hold `qty` units of `sku` for `user` at one location: the first in
+    /// `at`'s order that has them all. The outcome's `location` says which.
+    /// Retries reuse `reservation_id` (and answer the original location).
+    pub async fn reserve_at(
+        &self,
+        sku: u64,
+        user: u64,
+        qty: u32,
+        reservation_id: u128,
+        at: crate::message::Where,
+    ) -> Result<Outcome, ClientError> {
+        let op = crate::message::ReserveAt { op: Reserve { sku, user, qty, reservation_id }, at };
+        match self.call(Request::ReserveAt(op), Retry::Idempotent).await? {
+            Reply::OutcomeAt(o) | Reply::Outcome(o) => Ok(o),
+            other => Err(ClientError::Protocol(format!("expected a RESERVE_AT reply, got {other:?}"))),
+        }
+    }
+
+    /// A sale's locations with their counters, and its regions' orders.
+    pub async fn locations(&self, sku: u64) -> Result<crate::message::LocationsReply, ClientError> {
+        match self.call(Request::Locations { sku }, Retry::Idempotent).await? {
+            Reply::Locations(l) => Ok(l),
+            other => Err(ClientError::Protocol(format!("expected a LOCATIONS reply, got {other:?}"))),
+        }
+    }
+
+    /// Admin: create a sale whose stock is split over locations (`sale.stock`
+    /// must be their sum).
+    pub async fn create_sale_at(
+        &self,
+        sale: SaleCreate,
+        locations: crate::message::SaleLocations,
+    ) -> Result<Outcome, ClientError> {
+        self.outcome(Request::SaleCreateAt(sale, locations), Retry::Idempotent).await
+    }
+
+    /// Admin: add stock at one location. Not idempotent (as `restock`).
+    pub async fn restock_at(&self, sku: u64, location: u16, qty: u64) -> Result<Outcome, ClientError> {
+        let request = Request::RestockAt(crate::message::RestockAt { sku, location, qty });
+        self.outcome(request, Retry::OnlyIfUnsent).await
+    }
+
+    /// Admin: a new location for a running sale. A retry that finds it
+    /// added answers `location_exists`.
+    pub async fn add_location(&self, sku: u64, location: u16, stock: u64) -> Result<Outcome, ClientError> {
+        let request = Request::LocationAdd(crate::message::LocationAdd { sku, location, stock });
+        self.outcome(request, Retry::Idempotent).await
+    }
+
+    /// Admin: the order of locations for shoppers of `region`.
+    pub async fn set_region(&self, sku: u64, region: u16, order: &[u16]) -> Result<Outcome, ClientError> {
+        let request = Request::RegionSet(crate::message::RegionSet { sku, region, order: order.to_vec() });
+        self.outcome(request, Retry::Idempotent).await
+    }
+
     /// Send a request and return the raw reply, without retries (tools, tests).
     pub async fn raw(&self, request: Request) -> Result<Reply, ClientError> {
         let conn = self.conn(0).await?;

@@ -27,15 +27,26 @@
 //! 13 ADMISSION_LAPSED sku u64, user u64, at_ms u64
 //! 14 TERM_STARTED     term u64, at_ms u64
 //! 15 SALE_MOVED       sku u64, placement u8 (bit 0 dedicated, bit 1 pinned), at_ms u64
+//! 16 RESERVED_AT      RESERVED's fields, then location u16
+//! 17 SALE_CREATED_AT  sku u64, limit_per_user u32, ttl_ms u64, hot u8, at_ms u64, then the
+//!                     locations section of SALE_CREATE (locations with their stock, regions)
+//! 18 LOCATION_ADDED   sku u64, location u16, stock u64, at_ms u64
+//! 19 RESTOCKED_AT     RESTOCKED's fields, then location u16
+//! 20 REGION_SET       sku u64, region u16, n u8, n x location u16, at_ms u64
 //! ```
-//! Kinds are never renumbered; a new event gets a new kind. The same
+//! Kinds are never renumbered; a new event gets a new kind. Locations: a
+//! sale made by SALE_CREATED has one location, id 0; the older kinds
+//! (RESERVED, RESTOCKED) act on location 0, and the `_AT` kinds name
+//! another. CONFIRMED, RELEASED and EXPIRED act on the reservation's
+//! location. The same
 //! payload is what the server's write-ahead log stores and what the
 //! replication stream (REPLICATE) carries, so a consumer decodes it with
 //! this module (or from PROTOCOL.md alone).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::limits::PAYMENT_REF_BYTES_MAX;
+use crate::limits::{PAYMENT_REF_BYTES_MAX, RESERVE_PREFS_MAX};
+use crate::message::SaleLocations;
 use crate::wire::{Malformed, Reader};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +63,8 @@ pub enum Event {
         sku: u64,
         qty: u64,
         at_ms: u64,
+        /// The location restocked (0: the one of a sale without locations).
+        location: u16,
     },
     Paused {
         sku: u64,
@@ -68,6 +81,8 @@ pub enum Event {
         reservation_id: u128,
         expires_at_ms: u64,
         at_ms: u64,
+        /// Where the units are held (0: the one of a sale without locations).
+        location: u16,
     },
     Confirmed {
         sku: u64,
@@ -138,6 +153,30 @@ pub enum Event {
         pinned: bool,
         at_ms: u64,
     },
+    /// A sale whose stock is split over locations (one record, so a torn
+    /// creation never leaves half of them).
+    SaleCreatedAt {
+        sku: u64,
+        limit_per_user: u32,
+        ttl_ms: u64,
+        hot: bool,
+        at_ms: u64,
+        locations: Box<SaleLocations>,
+    },
+    /// A new location of a running sale.
+    LocationAdded {
+        sku: u64,
+        location: u16,
+        stock: u64,
+        at_ms: u64,
+    },
+    /// Region `region` takes its units from `order`, first that has them.
+    RegionSet {
+        sku: u64,
+        region: u16,
+        order: Box<[u16]>,
+        at_ms: u64,
+    },
 }
 
 impl Event {
@@ -158,7 +197,10 @@ impl Event {
             | Event::QueueStarted { sku, .. }
             | Event::Admitted { sku, .. }
             | Event::AdmissionLapsed { sku, .. }
-            | Event::SaleMoved { sku, .. } => *sku,
+            | Event::SaleMoved { sku, .. }
+            | Event::SaleCreatedAt { sku, .. }
+            | Event::LocationAdded { sku, .. }
+            | Event::RegionSet { sku, .. } => *sku,
             Event::TermStarted { .. } => return None,
         })
     }
@@ -180,7 +222,10 @@ impl Event {
             | Event::Admitted { at_ms, .. }
             | Event::AdmissionLapsed { at_ms, .. }
             | Event::TermStarted { at_ms, .. }
-            | Event::SaleMoved { at_ms, .. } => *at_ms,
+            | Event::SaleMoved { at_ms, .. }
+            | Event::SaleCreatedAt { at_ms, .. }
+            | Event::LocationAdded { at_ms, .. }
+            | Event::RegionSet { at_ms, .. } => *at_ms,
         }
     }
 }
@@ -200,6 +245,11 @@ const ADMITTED: u8 = 12;
 const ADMISSION_LAPSED: u8 = 13;
 const TERM_STARTED: u8 = 14;
 const SALE_MOVED: u8 = 15;
+const RESERVED_AT: u8 = 16;
+const SALE_CREATED_AT: u8 = 17;
+const LOCATION_ADDED: u8 = 18;
+const RESTOCKED_AT: u8 = 19;
+const REGION_SET: u8 = 20;
 
 /// Append the payload encoding of `event`.
 pub fn encode_event(event: &Event, dst: &mut BytesMut) {
@@ -213,25 +263,31 @@ pub fn encode_event(event: &Event, dst: &mut BytesMut) {
             dst.put_u8(u8::from(*hot));
             dst.put_u64_le(*at_ms);
         }
-        Event::Restocked { sku, qty, at_ms } => {
-            dst.put_u8(RESTOCKED);
+        Event::Restocked { sku, qty, at_ms, location } => {
+            dst.put_u8(if *location == 0 { RESTOCKED } else { RESTOCKED_AT });
             dst.put_u64_le(*sku);
             dst.put_u64_le(*qty);
             dst.put_u64_le(*at_ms);
+            if *location != 0 {
+                dst.put_u16_le(*location);
+            }
         }
         Event::Paused { sku, at_ms } | Event::Resumed { sku, at_ms } => {
             dst.put_u8(if matches!(event, Event::Paused { .. }) { PAUSED } else { RESUMED });
             dst.put_u64_le(*sku);
             dst.put_u64_le(*at_ms);
         }
-        Event::Reserved { sku, user, qty, reservation_id, expires_at_ms, at_ms } => {
-            dst.put_u8(RESERVED);
+        Event::Reserved { sku, user, qty, reservation_id, expires_at_ms, at_ms, location } => {
+            dst.put_u8(if *location == 0 { RESERVED } else { RESERVED_AT });
             dst.put_u64_le(*sku);
             dst.put_u64_le(*user);
             dst.put_u32_le(*qty);
             dst.put_u128_le(*reservation_id);
             dst.put_u64_le(*expires_at_ms);
             dst.put_u64_le(*at_ms);
+            if *location != 0 {
+                dst.put_u16_le(*location);
+            }
         }
         Event::Confirmed { sku, reservation_id, at_ms, payment_ref } => {
             debug_assert!(payment_ref.len() <= PAYMENT_REF_BYTES_MAX);
@@ -287,6 +343,32 @@ pub fn encode_event(event: &Event, dst: &mut BytesMut) {
             dst.put_u8(u8::from(*dedicated) | (u8::from(*pinned) << 1));
             dst.put_u64_le(*at_ms);
         }
+        Event::SaleCreatedAt { sku, limit_per_user, ttl_ms, hot, at_ms, locations } => {
+            dst.put_u8(SALE_CREATED_AT);
+            dst.put_u64_le(*sku);
+            dst.put_u32_le(*limit_per_user);
+            dst.put_u64_le(*ttl_ms);
+            dst.put_u8(u8::from(*hot));
+            dst.put_u64_le(*at_ms);
+            locations.encode(dst);
+        }
+        Event::LocationAdded { sku, location, stock, at_ms } => {
+            dst.put_u8(LOCATION_ADDED);
+            dst.put_u64_le(*sku);
+            dst.put_u16_le(*location);
+            dst.put_u64_le(*stock);
+            dst.put_u64_le(*at_ms);
+        }
+        Event::RegionSet { sku, region, order, at_ms } => {
+            dst.put_u8(REGION_SET);
+            dst.put_u64_le(*sku);
+            dst.put_u16_le(*region);
+            dst.put_u8(order.len() as u8);
+            for &id in order.iter() {
+                dst.put_u16_le(id);
+            }
+            dst.put_u64_le(*at_ms);
+        }
     }
 }
 /// Decode one event payload (the whole payload must be consumed).
@@ -301,16 +383,18 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, Malformed> {
             hot: r.u8()? != 0,
             at_ms: r.u64()?,
         },
-        RESTOCKED => Event::Restocked { sku: r.u64()?, qty: r.u64()?, at_ms: r.u64()? },
+        RESTOCKED => Event::Restocked { sku: r.u64()?, qty: r.u64()?, at_ms: r.u64()?, location: 0 },
+        RESTOCKED_AT => Event::Restocked { sku: r.u64()?, qty: r.u64()?, at_ms: r.u64()?, location: r.u16()? },
         PAUSED => Event::Paused { sku: r.u64()?, at_ms: r.u64()? },
         RESUMED => Event::Resumed { sku: r.u64()?, at_ms: r.u64()? },
-        RESERVED => Event::Reserved {
+        kind @ (RESERVED | RESERVED_AT) => Event::Reserved {
             sku: r.u64()?,
             user: r.u64()?,
             qty: r.u32()?,
             reservation_id: r.u128()?,
             expires_at_ms: r.u64()?,
             at_ms: r.u64()?,
+            location: if kind == RESERVED_AT { r.u16()? } else { 0 },
         },
         CONFIRMED => {
             let sku = r.u64()?;
@@ -346,6 +430,25 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, Malformed> {
             }
             Event::SaleMoved { sku, dedicated: placement & 1 != 0, pinned: placement & 2 != 0, at_ms: r.u64()? }
         }
+        SALE_CREATED_AT => Event::SaleCreatedAt {
+            sku: r.u64()?,
+            limit_per_user: r.u32()?,
+            ttl_ms: r.u64()?,
+            hot: r.u8()? != 0,
+            at_ms: r.u64()?,
+            locations: Box::new(SaleLocations::read(&mut r)?),
+        },
+        LOCATION_ADDED => Event::LocationAdded { sku: r.u64()?, location: r.u16()?, stock: r.u64()?, at_ms: r.u64()? },
+        REGION_SET => {
+            let sku = r.u64()?;
+            let region = r.u16()?;
+            let n = usize::from(r.u8()?);
+            if !(1..=RESERVE_PREFS_MAX).contains(&n) {
+                return Err(Malformed(format!("a region of {n} locations")));
+            }
+            let order = (0..n).map(|_| r.u16()).collect::<Result<Vec<u16>, _>>()?.into_boxed_slice();
+            Event::RegionSet { sku, region, order, at_ms: r.u64()? }
+        }
         kind => return Err(Malformed(format!("unknown event kind {kind}"))),
     };
     r.finish()?;
@@ -361,9 +464,34 @@ mod tests {
     fn payload_sizes_match_the_docs() {
         let sizes = [
             (Event::SaleCreated { sku: 0, stock: 0, limit_per_user: 0, ttl_ms: 0, hot: false, at_ms: 0 }, 38),
-            (Event::Restocked { sku: 0, qty: 0, at_ms: 0 }, 25),
+            (Event::Restocked { sku: 0, qty: 0, at_ms: 0, location: 0 }, 25),
+            (Event::Restocked { sku: 0, qty: 0, at_ms: 0, location: 1 }, 27),
             (Event::Paused { sku: 0, at_ms: 0 }, 17),
-            (Event::Reserved { sku: 0, user: 0, qty: 0, reservation_id: 0, expires_at_ms: 0, at_ms: 0 }, 53),
+            (
+                Event::Reserved { sku: 0, user: 0, qty: 0, reservation_id: 0, expires_at_ms: 0, at_ms: 0, location: 0 },
+                53,
+            ),
+            (
+                Event::Reserved { sku: 0, user: 0, qty: 0, reservation_id: 0, expires_at_ms: 0, at_ms: 0, location: 1 },
+                55,
+            ),
+            (
+                Event::SaleCreatedAt {
+                    sku: 0,
+                    limit_per_user: 0,
+                    ttl_ms: 0,
+                    hot: false,
+                    at_ms: 0,
+                    locations: Box::new(SaleLocations {
+                        locations: vec![(1, 0), (2, 0)],
+                        regions: vec![(1, vec![2, 1])],
+                    }),
+                },
+                // 30 + locations 1 + 2 x 10 + regions 1 + (2 + 1 + 2 x 2)
+                59,
+            ),
+            (Event::LocationAdded { sku: 0, location: 0, stock: 0, at_ms: 0 }, 27),
+            (Event::RegionSet { sku: 0, region: 0, order: vec![1, 2].into_boxed_slice(), at_ms: 0 }, 24),
             (Event::Confirmed { sku: 0, reservation_id: 0, at_ms: 0, payment_ref: Bytes::new() }, 34),
             (Event::Expired { sku: 0, reservation_id: 0, at_ms: 0 }, 33),
             (

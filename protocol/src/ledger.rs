@@ -32,6 +32,32 @@ pub struct SaleRow {
     pub hot: bool,
     pub paused: bool,
     pub created_at_ms: u64,
+    /// Its rows of `stampede.sale_locations`, in the order the locations
+    /// were added; the sale's counters are their sums.
+    pub locations: Vec<LocationRow>,
+}
+
+/// One row of `stampede.sale_locations`: a location's share of a sale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocationRow {
+    pub location: u16,
+    pub total: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+}
+
+impl LocationRow {
+    pub fn new(location: u16, stock: u64) -> Self {
+        LocationRow { location, total: stock, available: stock, reserved: 0, sold: 0 }
+    }
+}
+
+impl SaleRow {
+    /// Location `id`'s row.
+    pub fn location_mut(&mut self, id: u16) -> Option<&mut LocationRow> {
+        self.locations.iter_mut().find(|l| l.location == id)
+    }
 }
 
 /// One row of `stampede.reservations`.
@@ -48,6 +74,8 @@ pub struct ReservationRow {
     pub settled_at_ms: Option<u64>,
     /// Set when confirmed.
     pub payment_ref: Option<Vec<u8>>,
+    /// The location (warehouse) its units are held at or sold from.
+    pub location: u16,
 }
 
 /// Whether a row came from the database (update it) or from this batch
@@ -92,6 +120,9 @@ fn kind_name(event: &Event) -> &'static str {
         Event::AdmissionLapsed { .. } => "admission_lapsed",
         Event::TermStarted { .. } => "term_started",
         Event::SaleMoved { .. } => "sale_moved",
+        Event::SaleCreatedAt { .. } => "sale_created_at",
+        Event::LocationAdded { .. } => "location_added",
+        Event::RegionSet { .. } => "region_set",
     }
 }
 
@@ -139,11 +170,50 @@ impl Model {
                     hot: *hot,
                     paused: false,
                     created_at_ms: *at_ms,
+                    locations: vec![LocationRow::new(0, *stock)],
                 };
                 self.sales.insert(*sku, (row, Origin::New));
             }
-            Event::Restocked { sku, qty, .. } => {
+            Event::SaleCreatedAt { sku, limit_per_user, ttl_ms, hot, at_ms, locations } => {
+                if self.sales.contains_key(sku) {
+                    return Err(fail(format!("sku {sku} already has a sale")));
+                }
+                let stock = locations.stock();
+                let row = SaleRow {
+                    sku: *sku,
+                    total: stock,
+                    available: stock,
+                    reserved: 0,
+                    sold: 0,
+                    limit_per_user: *limit_per_user,
+                    ttl_ms: *ttl_ms,
+                    hot: *hot,
+                    paused: false,
+                    created_at_ms: *at_ms,
+                    locations: locations.locations.iter().map(|&(id, stock)| LocationRow::new(id, stock)).collect(),
+                };
+                self.sales.insert(*sku, (row, Origin::New));
+            }
+            Event::LocationAdded { sku, location, stock, .. } => {
                 let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
+                if sale.location_mut(*location).is_some() {
+                    return Err(fail(format!("sku {sku} already has location {location}")));
+                }
+                sale.locations.push(LocationRow::new(*location, *stock));
+                sale.total += stock;
+                sale.available += stock;
+            }
+            Event::RegionSet { sku, .. } => {
+                if !self.sales.contains_key(sku) {
+                    return Err(fail(format!("unknown sku {sku}")));
+                }
+            }
+            Event::Restocked { sku, qty, location, .. } => {
+                let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
+                let at =
+                    sale.location_mut(*location).ok_or_else(|| fail(format!("sku {sku}: no location {location}")))?;
+                at.total += qty;
+                at.available += qty;
                 sale.total += qty;
                 sale.available += qty;
             }
@@ -151,15 +221,22 @@ impl Model {
                 let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
                 sale.paused = matches!(event, Event::Paused { .. });
             }
-            Event::Reserved { sku, user, qty, reservation_id, expires_at_ms, at_ms } => {
+            Event::Reserved { sku, user, qty, reservation_id, expires_at_ms, at_ms, location } => {
                 if self.reservations.contains_key(reservation_id) {
                     return Err(fail(format!("reservation {reservation_id:#x} already exists")));
                 }
                 let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
                 let qty64 = u64::from(*qty);
-                if sale.available < qty64 {
-                    return Err(fail(format!("sku {sku}: {qty} reserved, {} available", sale.available)));
+                let at =
+                    sale.location_mut(*location).ok_or_else(|| fail(format!("sku {sku}: no location {location}")))?;
+                if at.available < qty64 {
+                    return Err(fail(format!(
+                        "sku {sku}: {qty} reserved at location {location}, {} available there",
+                        at.available
+                    )));
                 }
+                at.available -= qty64;
+                at.reserved += qty64;
                 sale.available -= qty64;
                 sale.reserved += qty64;
                 let row = ReservationRow {
@@ -172,24 +249,31 @@ impl Model {
                     expires_at_ms: *expires_at_ms,
                     settled_at_ms: None,
                     payment_ref: None,
+                    location: *location,
                 };
                 self.reservations.insert(*reservation_id, (row, Origin::New));
             }
             Event::Confirmed { sku, reservation_id, at_ms, payment_ref } => {
-                let qty = self.settle(*reservation_id, *sku, HoldState::Confirmed, *at_ms).map_err(fail)?;
+                let (qty, location) = self.settle(*reservation_id, *sku, HoldState::Confirmed, *at_ms).map_err(fail)?;
                 let (row, _) = self.reservations.get_mut(reservation_id).expect("settled above");
                 row.payment_ref = Some(payment_ref.to_vec());
                 let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
                 sale.reserved -= qty;
                 sale.sold += qty;
+                let at = sale.location_mut(location).expect("checked in settle");
+                at.reserved -= qty;
+                at.sold += qty;
             }
             Event::Released { sku, reservation_id, at_ms } | Event::Expired { sku, reservation_id, at_ms } => {
                 let state =
                     if matches!(event, Event::Released { .. }) { HoldState::Released } else { HoldState::Expired };
-                let qty = self.settle(*reservation_id, *sku, state, *at_ms).map_err(fail)?;
+                let (qty, location) = self.settle(*reservation_id, *sku, state, *at_ms).map_err(fail)?;
                 let sale = self.sale(*sku).ok_or_else(|| fail(format!("unknown sku {sku}")))?;
                 sale.reserved -= qty;
                 sale.available += qty;
+                let at = sale.location_mut(location).expect("checked in settle");
+                at.reserved -= qty;
+                at.available += qty;
             }
             // The virtual queue changes no sale or reservation row; its
             // events are kept in the ledger (who joined and was admitted
@@ -225,8 +309,8 @@ impl Model {
         Some(row)
     }
 
-    /// Move a held reservation to `state`; returns its quantity.
-    fn settle(&mut self, id: u128, sku: u64, state: HoldState, at_ms: u64) -> Result<u64, String> {
+    /// Move a held reservation to `state`; returns its quantity and location.
+    fn settle(&mut self, id: u128, sku: u64, state: HoldState, at_ms: u64) -> Result<(u64, u16), String> {
         let (row, origin) =
             self.reservations.get_mut(&id).ok_or_else(|| format!("reservation {id:#x} is not known"))?;
         if row.sku != sku {
@@ -235,14 +319,20 @@ impl Model {
         if row.state != HoldState::Held {
             return Err(format!("reservation {id:#x} is already {}", row.state.name()));
         }
-        if self.sales.get(&sku).is_none_or(|(s, _)| s.reserved < u64::from(row.qty)) {
-            return Err(format!("sku {sku} holds fewer reserved units than reservation {id:#x}"));
+        let location_holds = |s: &SaleRow| {
+            s.locations.iter().find(|l| l.location == row.location).is_some_and(|l| l.reserved >= u64::from(row.qty))
+        };
+        if self.sales.get(&sku).is_none_or(|(s, _)| s.reserved < u64::from(row.qty) || !location_holds(s)) {
+            return Err(format!(
+                "sku {sku} (location {}) holds fewer reserved units than reservation {id:#x}",
+                row.location
+            ));
         }
         row.state = state;
         row.settled_at_ms = Some(at_ms);
         if let Origin::Loaded { dirty } = origin {
             *dirty = true;
         }
-        Ok(u64::from(row.qty))
+        Ok((u64::from(row.qty), row.location))
     }
 }

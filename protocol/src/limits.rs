@@ -64,3 +64,17 @@ pub const QUEUE_ADMIT_RATE_PER_S_MAX: u32 = 1_000_000;
 /// unit mistake (nanoseconds or microseconds), refused with
 /// `invalid_argument` rather than a sale that never opens.
 pub const QUEUE_START_AT_MS_MAX: u64 = 9_999_999_999_999;
+
+/// Most locations (warehouses) one sale's stock may be split over. A
+/// retailer ships a product from a handful of warehouses; 16 keeps a
+/// reservation's choice a scan of one cache line or two, and the index of
+/// a location fits the reservation record's spare byte.
+pub const LOCATIONS_PER_SALE_MAX: usize = 16;
+
+/// Most locations a RESERVE_AT lists in order of preference, and most in
+/// one region's order. The shopper's nearest few warehouses; past 8, "any"
+/// (the sale's default order) says the same.
+pub const RESERVE_PREFS_MAX: usize = 8;
+
+/// Most regions a sale maps to orders of locations.
+pub const REGIONS_PER_SALE_MAX: usize = 16;

@@ -64,6 +64,11 @@ pub enum Status {
     NotAdmitted = 24,
     /// POLL for a user who has not joined the sale's queue.
     NoTicket = 25,
+    /// A location (warehouse) the sale does not have: RESERVE_AT's list,
+    /// RESTOCK_AT, REGION_SET.
+    UnknownLocation = 26,
+    /// LOCATION_ADD of a location the sale already has.
+    LocationExists = 27,
 
     // --- overload (retry later) ---------------------------------------
     /// The shard's queue is full. `detail` = suggested retry delay in ms.
@@ -138,6 +143,8 @@ impl Status {
         Status::NoLog,
         Status::NotAdmitted,
         Status::NoTicket,
+        Status::UnknownLocation,
+        Status::LocationExists,
         Status::Busy,
         Status::ShuttingDown,
         Status::RateLimited,
@@ -192,6 +199,8 @@ impl Status {
             Status::NoLog => "no_log",
             Status::NotAdmitted => "not_admitted",
             Status::NoTicket => "no_ticket",
+            Status::UnknownLocation => "unknown_location",
+            Status::LocationExists => "location_exists",
             Status::Busy => "busy",
             Status::ShuttingDown => "shutting_down",
             Status::RateLimited => "rate_limited",

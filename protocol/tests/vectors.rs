@@ -164,6 +164,7 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
                                 reservation_id: reserve.reservation_id,
                                 expires_at_ms: 1_795_000_600_000,
                                 at_ms: 1_795_000_000_000,
+                                location: 0,
                             },
                         ),
                         (

@@ -18,7 +18,7 @@ use stampede_protocol::event::Event;
 use stampede_protocol::message::HoldState;
 use uuid::Uuid;
 
-use crate::model::{event_kind, Model, Origin, ReservationRow, SaleRow};
+use crate::model::{event_kind, LocationRow, Model, Origin, ReservationRow, SaleRow};
 
 /// The schema this binary writes; `sqlx::migrate!` embeds the files at
 /// compile time (no database needed to build).
@@ -155,12 +155,44 @@ fn sale_row(row: &sqlx::postgres::PgRow) -> SaleRow {
         hot: row.get(7),
         paused: row.get(8),
         created_at_ms: row.get::<i64, _>(9) as u64,
+        locations: Vec::new(),
     }
+}
+
+const LOCATION_COLUMNS: &str = "sku, location, total, available, reserved, sold";
+
+/// Each loaded sale's location rows (in location order).
+async fn load_locations(conn: &mut PgConnection, skus: Option<&[i64]>, model: &mut Model) -> sqlx::Result<()> {
+    let rows = match skus {
+        Some(skus) => {
+            let sql = format!(
+                "SELECT {LOCATION_COLUMNS} FROM stampede.sale_locations WHERE sku = ANY($1) ORDER BY sku, location"
+            );
+            sqlx::query(&sql).bind(skus).fetch_all(&mut *conn).await?
+        }
+        None => {
+            let sql = format!("SELECT {LOCATION_COLUMNS} FROM stampede.sale_locations ORDER BY sku, location");
+            sqlx::query(&sql).fetch_all(&mut *conn).await?
+        }
+    };
+    for row in rows {
+        let sku = row.get::<i64, _>(0) as u64;
+        if let Some((sale, _)) = model.sales.get_mut(&sku) {
+            sale.locations.push(LocationRow {
+                location: row.get::<i32, _>(1) as u16,
+                total: row.get::<i64, _>(2) as u64,
+                available: row.get::<i64, _>(3) as u64,
+                reserved: row.get::<i64, _>(4) as u64,
+                sold: row.get::<i64, _>(5) as u64,
+            });
+        }
+    }
+    Ok(())
 }
 
 const RESERVATION_COLUMNS: &str = "id, sku, user_id, qty, state, \
      (extract(epoch FROM reserved_at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, \
-     (extract(epoch FROM settled_at) * 1000)::int8, payment_ref";
+     (extract(epoch FROM settled_at) * 1000)::int8, payment_ref, location";
 
 fn reservation_row(row: &sqlx::postgres::PgRow) -> Result<ReservationRow, sqlx::Error> {
     Ok(ReservationRow {
@@ -173,6 +205,7 @@ fn reservation_row(row: &sqlx::postgres::PgRow) -> Result<ReservationRow, sqlx::
         expires_at_ms: row.get::<i64, _>(6) as u64,
         settled_at_ms: row.get::<Option<i64>, _>(7).map(|v| v as u64),
         payment_ref: row.get(8),
+        location: row.get::<i32, _>(9) as u16,
     })
 }
 
@@ -184,6 +217,7 @@ pub async fn load_touched(conn: &mut PgConnection, skus: &[u64], ids: &[u128], m
         for row in sqlx::query(&sql).bind(&skus).fetch_all(&mut *conn).await? {
             model.load_sale(sale_row(&row));
         }
+        load_locations(conn, Some(&skus), model).await?;
     }
     if !ids.is_empty() {
         let ids: Vec<Uuid> = ids.iter().map(|&id| Uuid::from_u128(id)).collect();
@@ -201,6 +235,7 @@ pub async fn load_all(conn: &mut PgConnection) -> sqlx::Result<Model> {
     for row in sqlx::query(&format!("SELECT {SALE_COLUMNS} FROM stampede.sales")).fetch_all(&mut *conn).await? {
         model.load_sale(sale_row(&row));
     }
+    load_locations(conn, None, &mut model).await?;
     let sql = format!("SELECT {RESERVATION_COLUMNS} FROM stampede.reservations");
     for row in sqlx::query(&sql).fetch_all(&mut *conn).await? {
         model.load_reservation(reservation_row(&row)?);
@@ -293,6 +328,33 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
             return Err(WriteError::RowCount { table: "sales", expected: changed_sales.len(), updated });
         }
     }
+    // Every location of a new or changed sale, written whole (a sale has
+    // at most 16; the CHECK holds each to its invariant).
+    let located: Vec<(u64, &LocationRow)> = new_sales
+        .iter()
+        .chain(&changed_sales)
+        .flat_map(|sale| sale.locations.iter().map(move |l| (sale.sku, l)))
+        .collect();
+    if !located.is_empty() {
+        let col = |f: fn(&LocationRow) -> u64| located.iter().map(|(_, l)| f(l) as i64).collect::<Vec<i64>>();
+        sqlx::query(
+            "INSERT INTO stampede.sale_locations (sku, location, total, available, reserved, sold, updated_lsn) \
+             SELECT u.sku, u.location, u.total, u.available, u.reserved, u.sold, $7 \
+             FROM UNNEST($1::int8[], $2::int4[], $3::int8[], $4::int8[], $5::int8[], $6::int8[]) \
+                  AS u(sku, location, total, available, reserved, sold) \
+             ON CONFLICT (sku, location) DO UPDATE SET total = EXCLUDED.total, available = EXCLUDED.available, \
+             reserved = EXCLUDED.reserved, sold = EXCLUDED.sold, updated_lsn = EXCLUDED.updated_lsn",
+        )
+        .bind(located.iter().map(|(sku, _)| *sku as i64).collect::<Vec<i64>>())
+        .bind(located.iter().map(|(_, l)| i32::from(l.location)).collect::<Vec<i32>>())
+        .bind(col(|l| l.total))
+        .bind(col(|l| l.available))
+        .bind(col(|l| l.reserved))
+        .bind(col(|l| l.sold))
+        .bind(lsn)
+        .execute(&mut *conn)
+        .await?;
+    }
 
     // --- reservations -----------------------------------------------------
     let mut new_holds: Vec<&ReservationRow> = Vec::new();
@@ -307,7 +369,7 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
     if !new_holds.is_empty() {
         let mut copy = CopyBinary::new();
         for r in &new_holds {
-            copy.row(11);
+            copy.row(12);
             copy.uuid(r.id);
             copy.i64(r.sku as i64);
             copy.i64(r.user as i64);
@@ -319,11 +381,12 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
             copy.timestamp(r.settled_at_ms.filter(|_| r.state == HoldState::Confirmed));
             copy.bytea(r.payment_ref.as_deref());
             copy.i64(lsn);
+            copy.i32(i32::from(r.location));
         }
         copy.send(
             conn,
             "COPY stampede.reservations (id, sku, user_id, qty, state, reserved_at, expires_at, settled_at, \
-             confirmed_at, payment_ref, updated_lsn) FROM STDIN (FORMAT binary)",
+             confirmed_at, payment_ref, updated_lsn, location) FROM STDIN (FORMAT binary)",
         )
         .await?;
     }
@@ -352,8 +415,22 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
     let mut copy = CopyBinary::new();
     let mut last_at = 0;
     for (record_lsn, event) in records {
+        let location = match event {
+            Event::Reserved { location, .. }
+            | Event::Restocked { location, .. }
+            | Event::LocationAdded { location, .. } => Some(*location),
+            Event::RegionSet { region, .. } => Some(*region),
+            _ => None,
+        };
         let (id, user, qty, at, expiry, payment_ref) = match event {
             Event::SaleCreated { stock, at_ms, .. } => (None, None, Some(*stock as i64), *at_ms, None, None),
+            // The stock in qty; the locations are in stampede.sale_locations.
+            Event::SaleCreatedAt { locations, at_ms, .. } => {
+                (None, None, Some(locations.stock() as i64), *at_ms, None, None)
+            }
+            Event::LocationAdded { stock, at_ms, .. } => (None, None, Some(*stock as i64), *at_ms, None, None),
+            // The region's order of locations, as u16 little-endian in payment_ref.
+            Event::RegionSet { at_ms, .. } => (None, None, None, *at_ms, None, None),
             Event::Restocked { qty, at_ms, .. } => (None, None, Some(*qty as i64), *at_ms, None, None),
             Event::Paused { at_ms, .. } | Event::Resumed { at_ms, .. } => (None, None, None, *at_ms, None, None),
             Event::Reserved { user, qty, reservation_id, expires_at_ms, at_ms, .. } => {
@@ -385,7 +462,11 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
                 (None, None, Some(i64::from(*dedicated) | (i64::from(*pinned) << 1)), *at_ms, None, None)
             }
         };
-        copy.row(9);
+        let order: Option<Vec<u8>> = match event {
+            Event::RegionSet { order, .. } => Some(order.iter().flat_map(|id| id.to_le_bytes()).collect()),
+            _ => None,
+        };
+        copy.row(10);
         copy.i64(*record_lsn as i64);
         copy.text(event_kind(event));
         match event.sku() {
@@ -406,12 +487,16 @@ pub async fn write_batch(conn: &mut PgConnection, model: &Model, records: &[(u64
         }
         copy.timestamp(Some(at));
         copy.timestamp(expiry);
-        copy.bytea(payment_ref);
+        copy.bytea(payment_ref.or(order.as_deref()));
+        match location {
+            Some(location) => copy.i32(i32::from(location)),
+            None => copy.null(),
+        }
         last_at = at;
     }
     copy.send(
         conn,
-        "COPY stampede.ledger (lsn, kind, sku, reservation_id, user_id, qty, at, expires_at, payment_ref) \
+        "COPY stampede.ledger (lsn, kind, sku, reservation_id, user_id, qty, at, expires_at, payment_ref, location) \
          FROM STDIN (FORMAT binary)",
     )
     .await?;
@@ -459,6 +544,10 @@ impl CopyBinary {
 
     fn null(&mut self) {
         self.buf.extend_from_slice(&(-1i32).to_be_bytes());
+    }
+
+    fn i32(&mut self, v: i32) {
+        self.field(&v.to_be_bytes());
     }
 
     fn i64(&mut self, v: i64) {

@@ -12,6 +12,9 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use stampede_protocol::wire::{Malformed, Reader};
 
+use stampede_protocol::message::{LocationStatus, LocationsReply};
+use stampede_protocol::Status;
+
 use super::queue::{QueueImage, WaitingRoom};
 use super::{Claim, Engine, ExpiryEntry, FastMap, FlatMap, HoldState, Reservation, Sale, SkuGauge};
 
@@ -33,6 +36,11 @@ pub struct SaleImage {
     pub reservations: Vec<ReservationImage>,
     /// The virtual queue, if the sale has one.
     pub queue: Option<QueueImage>,
+    /// Each location's counters, in the order they were added (one, id 0,
+    /// for a sale made without locations).
+    pub locations: Vec<LocationStatus>,
+    /// Regions' orders of location ids.
+    pub regions: Vec<(u16, Vec<u16>)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +52,8 @@ pub struct ReservationImage {
     pub expires_at_ms: u64,
     pub settled_at_ms: u64,
     pub payment_ref: Option<Bytes>,
+    /// The location id its units are at.
+    pub location: u16,
 }
 
 fn state_code(state: HoldState) -> u8 {
@@ -56,14 +66,21 @@ fn state_code(state: HoldState) -> u8 {
 }
 
 impl SaleImage {
+    /// One location, id 0, and no regions: the image has no locations
+    /// section (and reads as before locations existed).
+    fn plain(&self) -> bool {
+        self.regions.is_empty() && self.locations.len() == 1 && self.locations[0].location == 0
+    }
+
     /// # Format
     /// ```text
     /// sku u64, total u64, available u64, reserved u64, sold u64,
     /// limit_per_user u32, ttl_ms u64, flags u8 (bit 0 hot, bit 1 paused,
-    /// bit 2 queued, bit 3 pinned), reservation_count u64, then per reservation:
+    /// bit 2 queued, bit 3 pinned, bit 4 locations), reservation_count u64,
+    /// then per reservation:
     ///   id u128, user u64, qty u32, state u8 (1 held, 2 confirmed,
     ///   3 released, 4 expired), expires_at_ms u64, settled_at_ms u64,
-    ///   payment_ref_len u8, payment_ref bytes
+    ///   payment_ref_len u8, payment_ref bytes, with locations: location u16
     /// then, if queued:
     ///   admit_rate_per_s u32, admit_cap u32, admission_ms u64,
     ///   start_at_ms u64, opened_at_ms u64, started u8,
@@ -72,7 +89,13 @@ impl SaleImage {
     ///   next u64, admitted_count u64, per admission: user u64, until_ms u64,
     ///   used_count u64, per used admission: user u64, until_ms u64,
     ///   admitted_total u64, lapsed_total u64, paused_at_ms u64
+    /// then, with locations:
+    ///   count u8, per location: location u16, total u64, available u64,
+    ///   reserved u64, sold u64; regions u8, per region: region u16, n u8,
+    ///   n x location u16
     /// ```
+    /// Without the locations flag the sale has one location, id 0, with
+    /// the sale's counters.
     pub fn encode(&self, dst: &mut BytesMut) {
         dst.put_u64_le(self.sku);
         dst.put_u64_le(self.total);
@@ -85,7 +108,8 @@ impl SaleImage {
             u8::from(self.hot)
                 | (u8::from(self.paused) << 1)
                 | (u8::from(self.queue.is_some()) << 2)
-                | (u8::from(self.pinned) << 3),
+                | (u8::from(self.pinned) << 3)
+                | (u8::from(!self.plain()) << 4),
         );
         dst.put_u64_le(self.reservations.len() as u64);
         for r in &self.reservations {
@@ -98,6 +122,9 @@ impl SaleImage {
             let payment_ref = r.payment_ref.as_deref().unwrap_or(&[]);
             dst.put_u8(payment_ref.len() as u8);
             dst.extend_from_slice(payment_ref);
+            if !self.plain() {
+                dst.put_u16_le(r.location);
+            }
         }
         if let Some(q) = &self.queue {
             q.config.encode(dst);
@@ -121,6 +148,10 @@ impl SaleImage {
             dst.put_u64_le(q.admitted_total);
             dst.put_u64_le(q.lapsed_total);
             dst.put_u64_le(q.paused_at_ms);
+        }
+        if !self.plain() {
+            LocationsReply { status: Status::Ok, locations: self.locations.clone(), regions: self.regions.clone() }
+                .encode_sections(dst);
         }
     }
 
@@ -153,9 +184,25 @@ impl SaleImage {
             if state != HoldState::Confirmed && len != 0 {
                 return Err(Malformed("payment_ref on an unconfirmed reservation".into()));
             }
-            reservations.push(ReservationImage { id, user, qty, state, expires_at_ms, settled_at_ms, payment_ref });
+            let location = if flags & 16 != 0 { r.u16()? } else { 0 };
+            reservations.push(ReservationImage {
+                id,
+                user,
+                qty,
+                state,
+                expires_at_ms,
+                settled_at_ms,
+                payment_ref,
+                location,
+            });
         }
         let queue = if flags & 4 != 0 { Some(read_queue(r)?) } else { None };
+        let (locations, regions) = if flags & 16 != 0 {
+            let sections = LocationsReply::read_sections(Status::Ok, r)?;
+            (sections.locations, sections.regions)
+        } else {
+            (vec![LocationStatus { location: 0, total, available, reserved, sold }], Vec::new())
+        };
         Ok(SaleImage {
             sku,
             total,
@@ -169,6 +216,8 @@ impl SaleImage {
             paused: flags & 2 != 0,
             reservations,
             queue,
+            locations,
+            regions,
         })
     }
 }
@@ -232,6 +281,7 @@ impl Engine {
                         expires_at_ms: r.expires_at_ms,
                         settled_at_ms: r.settled_at_ms,
                         payment_ref: s.payment_refs.get(&key).map(|p| Bytes::copy_from_slice(p)),
+                        location: s.locations[usize::from(r.location)].id,
                     })
                     .collect();
                 reservations.sort_unstable_by_key(|r| r.id);
@@ -248,6 +298,22 @@ impl Engine {
                     paused: s.paused,
                     reservations,
                     queue: s.queue.as_ref().map(|q| q.export()),
+                    locations: s
+                        .locations
+                        .iter()
+                        .map(|l| LocationStatus {
+                            location: l.id,
+                            total: l.total,
+                            available: l.available,
+                            reserved: l.reserved,
+                            sold: l.sold,
+                        })
+                        .collect(),
+                    regions: s
+                        .regions
+                        .iter()
+                        .map(|(r, order)| (*r, order.iter().map(|&i| s.locations[usize::from(i)].id).collect()))
+                        .collect(),
                 }
             })
             .collect();
@@ -288,6 +354,21 @@ impl Engine {
         if self.sales.contains_key(&sku) {
             return Err(format!("sku {sku} appears twice"));
         }
+        let locations = import_locations(&image)?;
+        let regions = image
+            .regions
+            .iter()
+            .map(|(region, order)| {
+                let order = order
+                    .iter()
+                    .map(|id| locations.iter().position(|l| l.id == *id).map(|i| i as u8))
+                    .collect::<Option<Box<[u8]>>>()
+                    .ok_or_else(|| format!("sku {sku}: region {region} orders a location it does not have"))?;
+                Ok((*region, order))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        // (reserved, sold) per location, from the reservations.
+        let mut at = vec![(0u64, 0u64); locations.len()];
         if let Some(q) = &image.queue {
             if q.next > q.line.len() as u64 {
                 return Err(format!("sku {sku}: queue cursor {} beyond its line of {}", q.next, q.line.len()));
@@ -312,16 +393,21 @@ impl Engine {
                 table.prefetch(&ahead.id.into());
                 users.prefetch(&ahead.user);
             }
+            let location = locations.iter().position(|l| l.id == r.location).ok_or_else(|| {
+                format!("reservation {:#x} at location {}, which sku {sku} does not have", r.id, r.location)
+            })?;
             match r.state {
                 HoldState::Held => {
                     reserved += u64::from(r.qty);
                     holds += 1;
                     held.push((r.expires_at_ms, r.id));
                     *users.get_or_insert(r.user, 0) += r.qty;
+                    at[location].0 += u64::from(r.qty);
                 }
                 HoldState::Confirmed => {
                     sold += u64::from(r.qty);
                     *users.get_or_insert(r.user, 0) += r.qty;
+                    at[location].1 += u64::from(r.qty);
                 }
                 HoldState::Released | HoldState::Expired => {}
             }
@@ -338,6 +424,7 @@ impl Engine {
                     state: r.state,
                     expires_at_ms: r.expires_at_ms,
                     settled_at_ms: r.settled_at_ms,
+                    location: location as u8,
                 },
             );
             if !added {
@@ -349,6 +436,9 @@ impl Engine {
                 "sku {sku}: counters say reserved {} and sold {}, its reservations add up to {reserved} and {sold}",
                 image.reserved, image.sold
             ));
+        }
+        if let Some((l, _)) = locations.iter().zip(&at).find(|(l, at)| (l.reserved, l.sold) != **at) {
+            return Err(format!("sku {sku} location {}: its counters disagree with its reservations", l.id));
         }
         if let Some((user, units)) = users.iter().find(|&(_, units)| units > image.limit_per_user) {
             return Err(format!(
@@ -362,6 +452,8 @@ impl Engine {
             available: image.available,
             reserved,
             sold,
+            locations,
+            regions,
             limit_per_user: image.limit_per_user,
             ttl_ms: image.ttl_ms,
             hot: image.hot,
@@ -401,6 +493,43 @@ impl Engine {
             })
             .collect()
     }
+}
+
+/// An image's locations, checked: each adds up, ids are distinct, and the
+/// sums are the sale's counters.
+fn import_locations(image: &SaleImage) -> Result<Vec<super::Location>, String> {
+    let sku = image.sku;
+    if image.locations.is_empty() || image.locations.len() > crate::limits::LOCATIONS_PER_SALE_MAX {
+        return Err(format!("sku {sku}: {} locations", image.locations.len()));
+    }
+    let mut sums = (0u64, 0u64, 0u64, 0u64);
+    let mut list: Vec<super::Location> = Vec::with_capacity(image.locations.len());
+    for l in &image.locations {
+        let total = l.available.checked_add(l.reserved).and_then(|n| n.checked_add(l.sold));
+        if total != Some(l.total) {
+            return Err(format!("sku {sku} location {}: its counters do not add up", l.location));
+        }
+        if list.iter().any(|x| x.id == l.location) {
+            return Err(format!("sku {sku}: location {} appears twice", l.location));
+        }
+        sums = (
+            sums.0.saturating_add(l.total),
+            sums.1.saturating_add(l.available),
+            sums.2.saturating_add(l.reserved),
+            sums.3.saturating_add(l.sold),
+        );
+        list.push(super::Location {
+            id: l.location,
+            total: l.total,
+            available: l.available,
+            reserved: l.reserved,
+            sold: l.sold,
+        });
+    }
+    if sums != (image.total, image.available, image.reserved, image.sold) {
+        return Err(format!("sku {sku}: the sale's counters are not the sums over its locations"));
+    }
+    Ok(list)
 }
 
 /// CRC-32C of the encoded image (hardware, a few GB/s: the simulator

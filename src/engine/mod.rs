@@ -29,7 +29,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use foldhash::fast::RandomState;
-use stampede_protocol::message::{Outcome, QueueTicket, Reserve, SaleCreate, SaleStatus, StatusReply};
+use stampede_protocol::message::{
+    LocationStatus, LocationsReply, Outcome, QueueTicket, Reserve, SaleCreate, SaleLocations, SaleStatus, StatusReply,
+    Where,
+};
 use stampede_protocol::Status;
 
 use chunked::{ChunkedQueue, ChunkedVec};
@@ -40,8 +43,9 @@ pub use image::{ReservationImage, SaleImage};
 pub use queue::{QueueImage, TicketState, WaitingRoom};
 
 use crate::limits::{
-    EXPIRY_TICK_MS, QUEUE_ADMISSION_MS_MAX, QUEUE_ADMIT_RATE_PER_S_MAX, QUEUE_START_AT_MS_MAX, QUEUE_WAITING_MAX,
-    RESERVATION_TTL_MS_MAX, SALE_PRESIZED_RESERVATIONS_MAX, STOCK_UNITS_MAX,
+    EXPIRY_TICK_MS, LOCATIONS_PER_SALE_MAX, QUEUE_ADMISSION_MS_MAX, QUEUE_ADMIT_RATE_PER_S_MAX, QUEUE_START_AT_MS_MAX,
+    QUEUE_WAITING_MAX, REGIONS_PER_SALE_MAX, RESERVATION_TTL_MS_MAX, RESERVE_PREFS_MAX, SALE_PRESIZED_RESERVATIONS_MAX,
+    STOCK_UNITS_MAX,
 };
 
 /// How far ahead of the request being decided [`Engine::reserve_run`]
@@ -66,6 +70,29 @@ pub fn validate_sale(cmd: &SaleCreate) -> Result<(), Status> {
     } else {
         Err(Status::InvalidArgument)
     }
+}
+
+/// Check a sale's locations: 1..=16 of them with distinct ids, their stock
+/// summing to the sale's, regions (not 0, distinct) ordering known ones.
+pub fn validate_locations(cmd: &SaleCreate, locations: &SaleLocations) -> Result<(), Status> {
+    let ids: Vec<u16> = locations.locations.iter().map(|&(id, _)| id).collect();
+    let distinct = |list: &[u16]| (1..list.len()).all(|i| !list[..i].contains(&list[i]));
+    let valid = (1..=LOCATIONS_PER_SALE_MAX).contains(&ids.len())
+        && distinct(&ids)
+        && locations.stock() == cmd.stock
+        && locations.regions.len() <= REGIONS_PER_SALE_MAX
+        && distinct(&locations.regions.iter().map(|(r, _)| *r).collect::<Vec<_>>())
+        && locations
+            .regions
+            .iter()
+            .all(|(region, order)| *region != 0 && (1..=RESERVE_PREFS_MAX).contains(&order.len()) && distinct(order));
+    if !valid {
+        return Err(Status::InvalidArgument);
+    }
+    if locations.regions.iter().any(|(_, order)| order.iter().any(|id| !ids.contains(id))) {
+        return Err(Status::UnknownLocation);
+    }
+    Ok(())
 }
 
 /// A sale's state as the connection tasks see it, without asking the shard.
@@ -140,17 +167,41 @@ pub struct Reservation {
     pub expires_at_ms: u64,
     /// Confirm, release or expiry time; 0 while held.
     pub settled_at_ms: u64,
+    /// Index of its location in the sale's (in the record's spare bytes).
+    pub location: u8,
 }
 
 // With its 16-byte id (IdKey) a record is 56 bytes in `Holds::records`.
 const _: () = assert!(std::mem::size_of::<Reservation>() <= 40);
 
-#[derive(Debug)]
-struct Sale {
+/// One location's (warehouse's) share of a sale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Location {
+    id: u16,
     total: u64,
     available: u64,
     reserved: u64,
     sold: u64,
+}
+
+impl Location {
+    fn new(id: u16, stock: u64) -> Self {
+        Location { id, total: stock, available: stock, reserved: 0, sold: 0 }
+    }
+}
+
+#[derive(Debug)]
+struct Sale {
+    /// Sums over `locations`.
+    total: u64,
+    available: u64,
+    reserved: u64,
+    sold: u64,
+    /// Where the units are, in the order they were added (the default
+    /// order of a reservation). A sale made without locations has one, id 0.
+    locations: Vec<Location>,
+    /// Orders of locations (indices into `locations`) by shopper region.
+    regions: Vec<(u16, Box<[u8]>)>,
     limit_per_user: u32,
     ttl_ms: u64,
     /// On a shard of its own (created `hot`, or moved there).
@@ -204,6 +255,61 @@ impl Sale {
         self.gauge.available.store(self.available, Ordering::Release);
         self.gauge.paused.store(self.paused, Ordering::Release);
         self.gauge.pinned.store(self.pinned, Ordering::Relaxed);
+    }
+
+    /// Location `id`'s index.
+    fn location_index(&self, id: u16) -> Option<usize> {
+        self.locations.iter().position(|l| l.id == id)
+    }
+
+    /// Where a reservation of `qty` units takes them from: the first
+    /// location in `at`'s order that has them all (never split). Refusals
+    /// say why: `sold_out` when none of those locations has a unit,
+    /// `insufficient_stock` when some have fewer, `unknown_location` for
+    /// an id the sale does not have.
+    fn choose(&self, at: &Where, qty: u64) -> Result<usize, Status> {
+        let mut any = false;
+        let mut pick = |i: usize| {
+            let available = self.locations[i].available;
+            any |= available > 0;
+            available >= qty
+        };
+        let found = match at {
+            Where::Default => (0..self.locations.len()).find(|&i| pick(i)),
+            Where::Region(region) => match self.regions.iter().find(|(r, _)| r == region) {
+                Some((_, order)) => order.iter().map(|&i| usize::from(i)).find(|&i| pick(i)),
+                None => (0..self.locations.len()).find(|&i| pick(i)),
+            },
+            Where::Locations { .. } => {
+                let mut found = None;
+                for &id in at.list() {
+                    let i = self.location_index(id).ok_or(Status::UnknownLocation)?;
+                    if found.is_none() && pick(i) {
+                        found = Some(i);
+                    }
+                }
+                found
+            }
+        };
+        match found {
+            Some(i) => Ok(i),
+            None if any => Err(Status::InsufficientStock),
+            None => Err(Status::SoldOut),
+        }
+    }
+
+    fn assert_location(&self, sku: u64, i: usize) {
+        let l = &self.locations[i];
+        assert_eq!(
+            l.available + l.reserved + l.sold,
+            l.total,
+            "sku {sku} location {}: available {} + reserved {} + sold {} != total {}",
+            l.id,
+            l.available,
+            l.reserved,
+            l.sold,
+            l.total
+        );
     }
 
     fn assert_invariant(&self, sku: u64) {
@@ -453,12 +559,32 @@ impl Engine {
     // ----------------------------------------------------------------- decide
 
     pub fn create_sale(&mut self, cmd: &SaleCreate, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
+        self.create_sale_at(cmd, None, now_ms, events)
+    }
+
+    /// SALE_CREATE, with the sale's locations if it has several (`None`:
+    /// one location, id 0, holding all the stock).
+    pub fn create_sale_at(
+        &mut self,
+        cmd: &SaleCreate,
+        locations: Option<&SaleLocations>,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
         if let Some(sale) = self.sales.get(&cmd.sku) {
             // SALE_CREATED and QUEUE_CONFIGURED are two records: a crash
             // can keep the first and tear off the second (never
             // acknowledged). The admin's retry completes the creation, as
             // long as nothing has happened to the sale since.
+            let same_locations = match locations {
+                None => sale.locations == [Location::new(0, cmd.stock)] && sale.regions.is_empty(),
+                Some(l) => {
+                    sale.locations.iter().map(|l| (l.id, l.total)).eq(l.locations.iter().copied())
+                        && sale.locations.iter().all(|l| l.available == l.total)
+                }
+            };
             let untouched = sale.queue.is_none()
+                && same_locations
                 && sale.total == cmd.stock
                 && sale.available == cmd.stock
                 && sale.limit_per_user == cmd.limit_per_user
@@ -476,13 +602,28 @@ impl Engine {
         if let Err(status) = validate_sale(cmd) {
             return Outcome::of(status);
         }
-        let event = Event::SaleCreated {
-            sku: cmd.sku,
-            stock: cmd.stock,
-            limit_per_user: cmd.limit_per_user,
-            ttl_ms: cmd.ttl_ms,
-            hot: cmd.hot,
-            at_ms: now_ms,
+        let event = match locations {
+            None => Event::SaleCreated {
+                sku: cmd.sku,
+                stock: cmd.stock,
+                limit_per_user: cmd.limit_per_user,
+                ttl_ms: cmd.ttl_ms,
+                hot: cmd.hot,
+                at_ms: now_ms,
+            },
+            Some(locations) => {
+                if let Err(status) = validate_locations(cmd, locations) {
+                    return Outcome::of(status);
+                }
+                Event::SaleCreatedAt {
+                    sku: cmd.sku,
+                    limit_per_user: cmd.limit_per_user,
+                    ttl_ms: cmd.ttl_ms,
+                    hot: cmd.hot,
+                    at_ms: now_ms,
+                    locations: Box::new(locations.clone()),
+                }
+            }
         };
         self.apply(&event);
         events.push(event);
@@ -505,17 +646,117 @@ impl Engine {
         events.push(event);
     }
 
+    /// RESTOCK: more units at the sale's first location.
     pub fn restock(&mut self, sku: u64, qty: u64, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
         let Some(sale) = self.sales.get(&sku) else {
             return Outcome::of(Status::UnknownSku);
         };
+        let first = sale.locations[0].id;
+        let outcome = self.restock_at(sku, first, qty, now_ms, events);
+        // (RESTOCK answers the sale's new total.)
+        match outcome.status {
+            Status::Ok => Outcome::new(Status::Ok, self.sales[&sku].total),
+            _ => outcome,
+        }
+    }
+
+    /// RESTOCK_AT: more units at location `location`; answers its new total.
+    pub fn restock_at(&mut self, sku: u64, location: u16, qty: u64, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
+        let Some(sale) = self.sales.get(&sku) else {
+            return Outcome::of(Status::UnknownSku);
+        };
+        let Some(i) = sale.location_index(location) else {
+            return Outcome::of(Status::UnknownLocation);
+        };
         if qty == 0 || sale.total.saturating_add(qty) > STOCK_UNITS_MAX {
             return Outcome::of(Status::InvalidArgument);
         }
-        let event = Event::Restocked { sku, qty, at_ms: now_ms };
+        let event = Event::Restocked { sku, qty, at_ms: now_ms, location };
+        self.apply(&event);
+        events.push(event);
+        Outcome::new(Status::Ok, self.sales[&sku].locations[i].total)
+    }
+
+    /// LOCATION_ADD: a new location with `stock` units; answers the
+    /// sale's new total.
+    pub fn add_location(
+        &mut self,
+        sku: u64,
+        location: u16,
+        stock: u64,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let Some(sale) = self.sales.get(&sku) else {
+            return Outcome::of(Status::UnknownSku);
+        };
+        if sale.location_index(location).is_some() {
+            return Outcome::of(Status::LocationExists);
+        }
+        if sale.locations.len() >= LOCATIONS_PER_SALE_MAX || sale.total.saturating_add(stock) > STOCK_UNITS_MAX {
+            return Outcome::of(Status::InvalidArgument);
+        }
+        let event = Event::LocationAdded { sku, location, stock, at_ms: now_ms };
         self.apply(&event);
         events.push(event);
         Outcome::new(Status::Ok, self.sales[&sku].total)
+    }
+
+    /// REGION_SET: shoppers of `region` take units from `order`, first
+    /// that has them.
+    pub fn set_region(
+        &mut self,
+        sku: u64,
+        region: u16,
+        order: &[u16],
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Outcome {
+        let Some(sale) = self.sales.get(&sku) else {
+            return Outcome::of(Status::UnknownSku);
+        };
+        let distinct = (1..order.len()).all(|i| !order[..i].contains(&order[i]));
+        let new_region = !sale.regions.iter().any(|(r, _)| *r == region);
+        if region == 0
+            || !(1..=RESERVE_PREFS_MAX).contains(&order.len())
+            || !distinct
+            || (new_region && sale.regions.len() >= REGIONS_PER_SALE_MAX)
+        {
+            return Outcome::of(Status::InvalidArgument);
+        }
+        if order.iter().any(|&id| sale.location_index(id).is_none()) {
+            return Outcome::of(Status::UnknownLocation);
+        }
+        let event = Event::RegionSet { sku, region, order: order.into(), at_ms: now_ms };
+        self.apply(&event);
+        events.push(event);
+        Outcome::of(Status::Ok)
+    }
+
+    /// LOCATIONS: each location's counters and the regions' orders.
+    pub fn locations(&self, sku: u64) -> LocationsReply {
+        let Some(sale) = self.sales.get(&sku) else {
+            return LocationsReply::of(Status::UnknownSku);
+        };
+        LocationsReply {
+            status: Status::Ok,
+            locations: sale
+                .locations
+                .iter()
+                .map(|l| LocationStatus {
+                    location: l.id,
+                    total: l.total,
+                    available: l.available,
+                    reserved: l.reserved,
+                    sold: l.sold,
+                })
+                .collect(),
+            regions: sale
+                .regions
+                .iter()
+                .map(|(r, order)| (*r, order.iter().map(|&i| sale.locations[usize::from(i)].id).collect()))
+                .collect(),
+        }
     }
 
     pub fn set_paused(&mut self, sku: u64, paused: bool, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
@@ -543,13 +784,21 @@ impl Engine {
     /// nothing; a refused attempt leaves no trace, so its retry is decided
     /// afresh.
     pub fn reserve(&mut self, op: &Reserve, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
+        self.reserve_at(op, &Where::Default, now_ms, events)
+    }
+
+    /// RESERVE_AT: RESERVE from the first location in `at`'s order that
+    /// has all `qty` units, decided with the stock, the per-user limit
+    /// (over all the sale's locations) and idempotency in one step. A
+    /// retry answers the original reservation, wherever it is.
+    pub fn reserve_at(&mut self, op: &Reserve, at: &Where, now_ms: u64, events: &mut Vec<Event>) -> Outcome {
         let Some(sale) = self.sales.get_mut(&op.sku) else {
             return Outcome::of(Status::UnknownSku);
         };
         sale.count_decided();
         if let Some(existing) = sale.reservations.get(&op.reservation_id.into()) {
             return if existing.sku == op.sku && existing.user == op.user && existing.qty == op.qty {
-                Outcome::new(Status::Reserved, existing.expires_at_ms)
+                Outcome::reserved_at(existing.expires_at_ms, sale.locations[usize::from(existing.location)].id)
             } else {
                 Outcome::of(Status::IdConflict)
             };
@@ -566,9 +815,10 @@ impl Engine {
         if sale.available == 0 {
             return Outcome::of(Status::SoldOut);
         }
-        if sale.available < u64::from(op.qty) {
-            return Outcome::of(Status::InsufficientStock);
-        }
+        let location = match sale.choose(at, u64::from(op.qty)) {
+            Ok(i) => i,
+            Err(status) => return Outcome::of(status),
+        };
         if sale.queue.as_ref().is_some_and(|q| !q.may_reserve(op.user, now_ms)) {
             return Outcome::of(Status::NotAdmitted);
         }
@@ -586,6 +836,7 @@ impl Engine {
         // clock steps back.
         let floor = sale.expiry.back().map_or(0, |entry| entry.deadline_ms);
         let expires_at_ms = (now_ms + sale.ttl_ms).max(floor);
+        let location = sale.locations[location].id;
         let event = Event::Reserved {
             sku: op.sku,
             user: op.user,
@@ -593,10 +844,11 @@ impl Engine {
             reservation_id: op.reservation_id,
             expires_at_ms,
             at_ms: now_ms,
+            location,
         };
         self.apply_reserved(&event);
         events.push(event);
-        Outcome::new(Status::Reserved, expires_at_ms)
+        Outcome::reserved_at(expires_at_ms, location)
     }
 
     /// Decide a run of RESERVEs in order, exactly as [`Self::reserve`] one by
@@ -910,49 +1162,47 @@ impl Engine {
     pub fn apply(&mut self, event: &Event) {
         match *event {
             Event::SaleCreated { sku, stock, limit_per_user, ttl_ms, hot, .. } => {
-                // A hot sale's tables are sized for its stock and faulted
-                // in up front: growing a table of a million entries
-                // rehashes all of them (a stall of tens of milliseconds for
-                // the shard in the middle of the drop), and the first
-                // touch of each page of a big table costs a fault and up to
-                // 2 MiB of zeroing, which the drop's first requests would
-                // pay. Ordinary sales share a pool shard and grow on demand.
-                let presized = if hot { stock.min(SALE_PRESIZED_RESERVATIONS_MAX) as usize } else { 0 };
-                let mut users = FlatMap::with_capacity(presized);
-                let mut reservations = Holds::default();
-                if presized > 0 {
-                    reservations.reserve(presized);
-                    reservations.index.prefault();
-                    users.prefault();
-                }
-                let sale = Sale {
-                    total: stock,
-                    available: stock,
-                    reserved: 0,
-                    sold: 0,
-                    limit_per_user,
-                    ttl_ms,
-                    hot,
-                    // An admin who asks for a hot sale means it.
-                    pinned: hot,
-                    paused: false,
-                    holds: 0,
-                    reservations,
-                    payment_refs: FastMap::default(),
-                    users,
-                    expiry: ChunkedQueue::default(),
-                    gauge: Arc::new(SkuGauge::default()),
-                    queue: None,
-                    decided: Default::default(),
-                };
-                sale.publish();
-                let previous = self.sales.insert(sku, sale);
-                assert!(previous.is_none(), "sku {sku} created twice");
+                self.add_sale(sku, vec![Location::new(0, stock)], Vec::new(), limit_per_user, ttl_ms, hot);
             }
-            Event::Restocked { sku, qty, .. } => {
+            Event::SaleCreatedAt { sku, limit_per_user, ttl_ms, hot, ref locations, .. } => {
+                let list: Vec<Location> =
+                    locations.locations.iter().map(|&(id, stock)| Location::new(id, stock)).collect();
+                let index = |id: u16| list.iter().position(|l| l.id == id).expect("validated") as u8;
+                let regions = locations
+                    .regions
+                    .iter()
+                    .map(|(r, order)| (*r, order.iter().map(|&id| index(id)).collect()))
+                    .collect();
+                self.add_sale(sku, list, regions, limit_per_user, ttl_ms, hot);
+            }
+            Event::LocationAdded { sku, location, stock, .. } => {
                 let sale = self.sale_mut(sku);
+                assert!(sale.location_index(location).is_none(), "sku {sku}: location {location} added twice");
+                sale.locations.push(Location::new(location, stock));
+                sale.total += stock;
+                sale.available += stock;
+                sale.assert_invariant(sku);
+                sale.publish();
+            }
+            Event::RegionSet { sku, region, ref order, .. } => {
+                let sale = self.sale_mut(sku);
+                let order: Box<[u8]> = order
+                    .iter()
+                    .map(|&id| sale.location_index(id).unwrap_or_else(|| panic!("sku {sku}: no location {id}")) as u8)
+                    .collect();
+                match sale.regions.iter_mut().find(|(r, _)| *r == region) {
+                    Some((_, o)) => *o = order,
+                    None => sale.regions.push((region, order)),
+                }
+            }
+            Event::Restocked { sku, qty, location, .. } => {
+                let sale = self.sale_mut(sku);
+                let i = sale.location_index(location).unwrap_or_else(|| panic!("sku {sku}: no location {location}"));
+                sale.locations[i].total += qty;
+                sale.locations[i].available += qty;
                 sale.total += qty;
                 sale.available += qty;
+                sale.assert_location(sku, i);
                 sale.assert_invariant(sku);
                 sale.publish();
             }
@@ -975,26 +1225,32 @@ impl Engine {
                 self.apply_reserved(event);
             }
             Event::Confirmed { sku, reservation_id, at_ms, ref payment_ref } => {
-                let (_, qty) = self.settle(sku, reservation_id, HoldState::Confirmed, at_ms);
+                let (_, qty, i) = self.settle(sku, reservation_id, HoldState::Confirmed, at_ms);
                 let sale = self.sale_mut(sku);
                 sale.payment_refs.insert(reservation_id.into(), payment_ref[..].into());
                 sale.reserved -= u64::from(qty);
                 sale.sold += u64::from(qty);
+                sale.locations[i].reserved -= u64::from(qty);
+                sale.locations[i].sold += u64::from(qty);
+                sale.assert_location(sku, i);
                 sale.assert_invariant(sku);
                 sale.publish();
             }
             Event::Released { sku, reservation_id, at_ms } | Event::Expired { sku, reservation_id, at_ms } => {
                 let state =
                     if matches!(event, Event::Released { .. }) { HoldState::Released } else { HoldState::Expired };
-                let (user, qty) = self.settle(sku, reservation_id, state, at_ms);
+                let (user, qty, i) = self.settle(sku, reservation_id, state, at_ms);
                 let sale = self.sale_mut(sku);
                 sale.reserved -= u64::from(qty);
                 sale.available += u64::from(qty);
+                sale.locations[i].reserved -= u64::from(qty);
+                sale.locations[i].available += u64::from(qty);
                 let units = sale.users.get_mut(&user).expect("holder has a user record");
                 *units -= qty;
                 if *units == 0 {
                     sale.users.remove(&user);
                 }
+                sale.assert_location(sku, i);
                 sale.assert_invariant(sku);
                 sale.publish();
             }
@@ -1031,15 +1287,72 @@ impl Engine {
         }
     }
 
+    /// A new sale (SALE_CREATED or SALE_CREATED_AT).
+    fn add_sale(
+        &mut self,
+        sku: u64,
+        locations: Vec<Location>,
+        regions: Vec<(u16, Box<[u8]>)>,
+        limit_per_user: u32,
+        ttl_ms: u64,
+        hot: bool,
+    ) {
+        let stock = locations.iter().map(|l| l.total).sum::<u64>();
+        // A hot sale's tables are sized for its stock and faulted in up
+        // front: growing a table of a million entries rehashes all of them
+        // (a stall of tens of milliseconds for the shard in the middle of
+        // the drop), and the first touch of each page of a big table costs
+        // a fault and up to 2 MiB of zeroing, which the drop's first
+        // requests would pay. Ordinary sales share a pool shard and grow
+        // on demand.
+        let presized = if hot { stock.min(SALE_PRESIZED_RESERVATIONS_MAX) as usize } else { 0 };
+        let mut users = FlatMap::with_capacity(presized);
+        let mut reservations = Holds::default();
+        if presized > 0 {
+            reservations.reserve(presized);
+            reservations.index.prefault();
+            users.prefault();
+        }
+        let sale = Sale {
+            total: stock,
+            available: stock,
+            reserved: 0,
+            sold: 0,
+            locations,
+            regions,
+            limit_per_user,
+            ttl_ms,
+            hot,
+            // An admin who asks for a hot sale means it.
+            pinned: hot,
+            paused: false,
+            holds: 0,
+            reservations,
+            payment_refs: FastMap::default(),
+            users,
+            expiry: ChunkedQueue::default(),
+            gauge: Arc::new(SkuGauge::default()),
+            queue: None,
+            decided: Default::default(),
+        };
+        sale.publish();
+        let previous = self.sales.insert(sku, sale);
+        assert!(previous.is_none(), "sku {sku} created twice");
+    }
+
     /// Apply `Reserved` once the id is claimed in the directory.
     fn apply_reserved(&mut self, event: &Event) {
-        let Event::Reserved { sku, user, qty, reservation_id, expires_at_ms, .. } = *event else {
+        let Event::Reserved { sku, user, qty, reservation_id, expires_at_ms, location, .. } = *event else {
             unreachable!("apply_reserved called with {event:?}")
         };
         let sale = self.sales.get_mut(&sku).expect("reserve on unknown sku");
         if let Some(room) = sale.queue.as_deref_mut() {
             room.apply_reserved(user);
         }
+        let i = sale.location_index(location).unwrap_or_else(|| panic!("sku {sku}: no location {location}"));
+        sale.locations[i].available -= u64::from(qty);
+        sale.locations[i].reserved += u64::from(qty);
+        sale.assert_location(sku, i);
         sale.available -= u64::from(qty);
         sale.reserved += u64::from(qty);
         sale.holds += 1;
@@ -1049,22 +1362,23 @@ impl Engine {
         sale.expiry.push_back(ExpiryEntry::new(expires_at_ms, reservation_id));
         sale.assert_invariant(sku);
         sale.publish();
-        let reservation = Reservation { sku, user, qty, state: HoldState::Held, expires_at_ms, settled_at_ms: 0 };
+        let reservation =
+            Reservation { sku, user, qty, state: HoldState::Held, expires_at_ms, settled_at_ms: 0, location: i as u8 };
         let added = sale.reservations.insert(reservation_id.into(), reservation);
         assert!(added, "reservation {reservation_id:#x} applied twice");
     }
 
     /// Move a held reservation of `sku` to its final state; returns
-    /// (user, qty).
-    fn settle(&mut self, sku: u64, id: u128, state: HoldState, at_ms: u64) -> (u64, u32) {
+    /// (user, qty, location index).
+    fn settle(&mut self, sku: u64, id: u128, state: HoldState, at_ms: u64) -> (u64, u32, usize) {
         let sale = self.sale_mut(sku);
         let r = sale.reservations.get_mut(&id.into()).expect("settling an unknown reservation");
         assert_eq!(r.state, HoldState::Held, "reservation {id:#x} settled twice");
         r.state = state;
         r.settled_at_ms = at_ms;
-        let (user, qty) = (r.user, r.qty);
+        let (user, qty, location) = (r.user, r.qty, usize::from(r.location));
         sale.holds -= 1;
-        (user, qty)
+        (user, qty, location)
     }
 
     fn sale_mut(&mut self, sku: u64) -> &mut Sale {
@@ -1083,21 +1397,42 @@ impl Engine {
         }
         for (&sku, sale) in &self.sales {
             let mut tally = Tally::default();
+            // (reserved, sold) per location, from the reservations.
+            let mut at = vec![(0u64, 0u64); sale.locations.len()];
             for r in sale.reservations.values() {
                 assert_eq!(r.sku, sku, "a reservation of sku {} among sku {sku}'s", r.sku);
+                let here = at.get_mut(usize::from(r.location)).expect("a reservation at a location the sale has");
                 match r.state {
                     HoldState::Held => {
                         tally.reserved += u64::from(r.qty);
                         tally.holds += 1;
                         *tally.users.get_or_insert(r.user, 0) += r.qty;
+                        here.0 += u64::from(r.qty);
                     }
                     HoldState::Confirmed => {
                         tally.sold += u64::from(r.qty);
                         *tally.users.get_or_insert(r.user, 0) += r.qty;
+                        here.1 += u64::from(r.qty);
                     }
                     HoldState::Released | HoldState::Expired => {}
                 }
             }
+            assert!(!sale.locations.is_empty(), "sku {sku}: no location");
+            for (i, l) in sale.locations.iter().enumerate() {
+                sale.assert_location(sku, i);
+                assert_eq!(
+                    (l.reserved, l.sold),
+                    at[i],
+                    "sku {sku} location {}: counters disagree with reservations",
+                    l.id
+                );
+            }
+            let sum = |f: fn(&Location) -> u64| sale.locations.iter().map(f).sum::<u64>();
+            assert_eq!(
+                (sum(|l| l.total), sum(|l| l.available), sum(|l| l.reserved), sum(|l| l.sold)),
+                (sale.total, sale.available, sale.reserved, sale.sold),
+                "sku {sku}: the sale's counters are not the sums over its locations"
+            );
             sale.assert_invariant(sku);
             assert_eq!(tally.reserved, sale.reserved, "sku {sku}: reserved counter disagrees with reservations");
             assert_eq!(tally.sold, sale.sold, "sku {sku}: sold counter disagrees with reservations");

@@ -21,8 +21,8 @@ use futures_util::FutureExt;
 use futures_util::StreamExt;
 use stampede_protocol::frame::FrameError;
 use stampede_protocol::message::{
-    BatchOp, ErrorReply, HelloReply, Opcode, Outcome, PlacementReply, QueueTicket, Reply, Request, Reserve, Role,
-    StatusReply,
+    BatchOp, ErrorReply, HelloReply, LocationsReply, Opcode, Outcome, PlacementReply, QueueTicket, Reply, Request,
+    Reserve, Role, StatusReply,
 };
 use stampede_protocol::{FrameCodec, Status};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -405,6 +405,16 @@ impl Conn {
                     self.reply(request_id, opcode, Reply::Outcome(outcome));
                 }
             }
+            Request::ReserveAt(m) => {
+                let answer = Answer::Alone { request_id, opcode };
+                if let Some(outcome) = self.stage(answer, SaleOp::ReserveAt(m.op, m.at), router, Gauge::Decides, &[]) {
+                    self.reply(request_id, opcode, Reply::OutcomeAt(outcome));
+                }
+            }
+            Request::Locations { sku } => match router.route(sku) {
+                None => self.reply(request_id, opcode, Reply::Locations(LocationsReply::of(Status::UnknownSku))),
+                Some(route) => route.shard.submit(ShardMsg::Locations { sku, reply: self.reply_to(request_id) }),
+            },
             Request::ReserveBatch(ops) => {
                 let ops = ops.into_iter().map(SaleOp::Reserve);
                 self.batch(request_id, opcode, ops, router);
@@ -457,7 +467,11 @@ impl Conn {
                 }
             }
             Request::SaleCreate(_)
+            | Request::SaleCreateAt(..)
             | Request::Restock(_)
+            | Request::RestockAt(_)
+            | Request::LocationAdd(_)
+            | Request::RegionSet(_)
             | Request::Pause { .. }
             | Request::Resume { .. }
             | Request::SaleMove(_) => {
@@ -470,6 +484,21 @@ impl Conn {
                     let Some(router) = shared.router() else { return };
                     let outcome = match request {
                         Request::SaleCreate(create) => router.create_sale(create).await,
+                        Request::SaleCreateAt(create, locations) => {
+                            router.create_sale_at(create, Some(locations)).await
+                        }
+                        Request::RestockAt(r) => {
+                            let cmd = AdminCmd::RestockAt { sku: r.sku, location: r.location, qty: r.qty };
+                            router.admin(r.sku, cmd).await
+                        }
+                        Request::LocationAdd(a) => {
+                            let cmd = AdminCmd::AddLocation { sku: a.sku, location: a.location, stock: a.stock };
+                            router.admin(a.sku, cmd).await
+                        }
+                        Request::RegionSet(r) => {
+                            let cmd = AdminCmd::SetRegion { sku: r.sku, region: r.region, order: r.order.into() };
+                            router.admin(r.sku, cmd).await
+                        }
                         Request::Restock(r) => router.admin(r.sku, AdminCmd::Restock { sku: r.sku, qty: r.qty }).await,
                         Request::Pause { sku } => router.admin(sku, AdminCmd::SetPaused { sku, paused: true }).await,
                         Request::Resume { sku } => router.admin(sku, AdminCmd::SetPaused { sku, paused: false }).await,
@@ -597,12 +626,18 @@ impl Conn {
         gauge: Gauge,
         earlier: &[(u128, u64)],
     ) -> Option<Outcome> {
+        let op_kind = if matches!(op, SaleOp::ReserveAt(..)) { OpKind::ReserveAt } else { OpKind::Other };
         let shard = match &mut op {
-            SaleOp::Reserve(reserve) => router.with_route(reserve.sku, |route| {
+            SaleOp::Reserve(reserve) | SaleOp::ReserveAt(reserve, _) => router.with_route(reserve.sku, |route| {
                 let Some(route) = route else {
                     return Err(Outcome::of(Status::UnknownSku));
                 };
+                // With a choice of locations only the shard knows whether
+                // the ones asked for are short (`insufficient_stock`) or
+                // empty (`sold_out`); nothing at all is `sold_out` anywhere.
+                let by_location = matches!(op_kind, OpKind::ReserveAt);
                 let refusal = fast_refusal(&route.gauge, &router.directory, reserve).filter(|refusal| match gauge {
+                    _ if by_location && refusal.status == Status::InsufficientStock => false,
                     Gauge::Decides => true,
                     Gauge::SoldOutStays => refusal.status != Status::InsufficientStock,
                     Gauge::Ignored => false,
@@ -704,6 +739,12 @@ impl Conn {
             let _ = self.tx.send(Outbound::Outcomes { results: answered, received });
         }
     }
+}
+
+/// Whether a RESERVE chose among locations (see `stage`).
+enum OpKind {
+    ReserveAt,
+    Other,
 }
 
 /// Which fast-path refusals an operation may get from the published gauge
@@ -834,7 +875,12 @@ fn encode(
                     Answer::Alone { request_id, opcode } => {
                         counters.count(Some(opcode), outcome.status);
                         counters.latency(opcode, elapsed);
-                        Reply::Outcome(outcome).encode_frame(opcode, request_id, buf);
+                        let reply = if opcode == Opcode::ReserveAt {
+                            Reply::OutcomeAt(outcome)
+                        } else {
+                            Reply::Outcome(outcome)
+                        };
+                        reply.encode_frame(opcode, request_id, buf);
                         completed += 1;
                     }
                     Answer::InBatch { batch, index } => {

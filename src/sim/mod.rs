@@ -1513,6 +1513,11 @@ impl Sim {
         let sku = cmd.sku();
         match &cmd {
             AdminCmd::Create(_) | AdminCmd::Place { .. } => {}
+            // (The simulator's sales have one location.)
+            AdminCmd::CreateAt(..)
+            | AdminCmd::RestockAt { .. }
+            | AdminCmd::AddLocation { .. }
+            | AdminCmd::SetRegion { .. } => unreachable!("the simulator sends none"),
             AdminCmd::Restock { sku, qty } => *self.total_unknown.get_mut(sku).expect("sku") += qty,
             AdminCmd::SetPaused { sku, paused } => {
                 let p = self.pause.get_mut(sku).expect("sku");

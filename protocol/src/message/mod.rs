@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod confirm;
 pub mod dump;
 pub mod hello;
+pub mod location;
 pub mod queue;
 pub mod release;
 pub mod replicate;
@@ -23,6 +24,9 @@ pub use cluster::{ClusterReply, Follow, FollowAck, FollowBatch, History, NodeInf
 pub use confirm::Confirm;
 pub use dump::{DumpChunk, DumpEntry, HoldState, ReservationEntry, SaleEntry};
 pub use hello::{Hello, HelloReply, Role};
+pub use location::{
+    LocationAdd, LocationStatus, LocationsReply, RegionSet, ReserveAt, RestockAt, SaleLocations, Where,
+};
 pub use queue::{QueueConfig, QueueStats, QueueTicket, TicketRequest};
 pub use release::Release;
 pub use replicate::{LogBatch, Replicate, Settled};
@@ -52,12 +56,17 @@ pub enum Opcode {
     Join = 0x15,
     Poll = 0x16,
     Batch = 0x17,
+    ReserveAt = 0x18,
+    Locations = 0x19,
     SaleCreate = 0x20,
     Restock = 0x21,
     Pause = 0x22,
     Resume = 0x23,
     SaleMove = 0x24,
     Placement = 0x25,
+    RestockAt = 0x26,
+    LocationAdd = 0x27,
+    RegionSet = 0x28,
     Replicate = 0x30,
     Settled = 0x31,
     StateDump = 0x32,
@@ -82,12 +91,17 @@ impl Opcode {
         Opcode::Join,
         Opcode::Poll,
         Opcode::Batch,
+        Opcode::ReserveAt,
+        Opcode::Locations,
         Opcode::SaleCreate,
         Opcode::Restock,
         Opcode::Pause,
         Opcode::Resume,
         Opcode::SaleMove,
         Opcode::Placement,
+        Opcode::RestockAt,
+        Opcode::LocationAdd,
+        Opcode::RegionSet,
         Opcode::Replicate,
         Opcode::Settled,
         Opcode::StateDump,
@@ -118,13 +132,18 @@ impl Opcode {
             | Opcode::Status
             | Opcode::Join
             | Opcode::Poll
-            | Opcode::Batch => matches!(role, Role::Checkout | Role::Admin),
+            | Opcode::Batch
+            | Opcode::ReserveAt
+            | Opcode::Locations => matches!(role, Role::Checkout | Role::Admin),
             Opcode::SaleCreate
             | Opcode::Restock
             | Opcode::Pause
             | Opcode::Resume
             | Opcode::SaleMove
-            | Opcode::Placement => matches!(role, Role::Admin),
+            | Opcode::Placement
+            | Opcode::RestockAt
+            | Opcode::LocationAdd
+            | Opcode::RegionSet => matches!(role, Role::Admin),
             Opcode::Replicate
             | Opcode::Settled
             | Opcode::StateDump
@@ -146,13 +165,18 @@ impl Opcode {
             | Opcode::Status
             | Opcode::Join
             | Opcode::Poll
-            | Opcode::Batch => "checkout, admin",
+            | Opcode::Batch
+            | Opcode::ReserveAt
+            | Opcode::Locations => "checkout, admin",
             Opcode::SaleCreate
             | Opcode::Restock
             | Opcode::Pause
             | Opcode::Resume
             | Opcode::SaleMove
-            | Opcode::Placement => "admin",
+            | Opcode::Placement
+            | Opcode::RestockAt
+            | Opcode::LocationAdd
+            | Opcode::RegionSet => "admin",
             Opcode::Replicate
             | Opcode::Settled
             | Opcode::StateDump
@@ -180,7 +204,18 @@ pub enum Request {
     Join(TicketRequest),
     Poll(TicketRequest),
     SaleCreate(SaleCreate),
+    /// SALE_CREATE with its locations section (flag bit 2).
+    SaleCreateAt(SaleCreate, SaleLocations),
     Restock(Restock),
+    /// RESERVE with a choice of location.
+    ReserveAt(ReserveAt),
+    /// A sale's locations and regions.
+    Locations {
+        sku: u64,
+    },
+    RestockAt(RestockAt),
+    LocationAdd(LocationAdd),
+    RegionSet(RegionSet),
     Pause {
         sku: u64,
     },
@@ -214,7 +249,12 @@ impl Request {
             Request::Status { .. } => Opcode::Status,
             Request::Join(_) => Opcode::Join,
             Request::Poll(_) => Opcode::Poll,
-            Request::SaleCreate(_) => Opcode::SaleCreate,
+            Request::SaleCreate(_) | Request::SaleCreateAt(..) => Opcode::SaleCreate,
+            Request::ReserveAt(_) => Opcode::ReserveAt,
+            Request::Locations { .. } => Opcode::Locations,
+            Request::RestockAt(_) => Opcode::RestockAt,
+            Request::LocationAdd(_) => Opcode::LocationAdd,
+            Request::RegionSet(_) => Opcode::RegionSet,
             Request::Restock(_) => Opcode::Restock,
             Request::Pause { .. } => Opcode::Pause,
             Request::Resume { .. } => Opcode::Resume,
@@ -246,8 +286,15 @@ impl Request {
             Request::Batch(ops) => batch::encode(ops, dst),
             Request::Confirm(m) => m.encode(dst),
             Request::Release(m) => m.encode(dst),
-            Request::Status { sku } | Request::Pause { sku } | Request::Resume { sku } => sale::encode_sku(*sku, dst),
+            Request::Status { sku } | Request::Pause { sku } | Request::Resume { sku } | Request::Locations { sku } => {
+                sale::encode_sku(*sku, dst)
+            }
             Request::SaleCreate(m) => m.encode(dst),
+            Request::SaleCreateAt(m, locations) => m.encode_with(Some(locations), dst),
+            Request::ReserveAt(m) => m.encode(dst),
+            Request::RestockAt(m) => m.encode(dst),
+            Request::LocationAdd(m) => m.encode(dst),
+            Request::RegionSet(m) => m.encode(dst),
             Request::Restock(m) => m.encode(dst),
             Request::SaleMove(m) => m.encode(dst),
             Request::Join(m) | Request::Poll(m) => m.encode(dst),
@@ -276,7 +323,15 @@ impl Request {
             Opcode::Status => Request::Status { sku: sale::decode_sku(body, "STATUS").map_err(malformed)? },
             Opcode::Join => Request::Join(TicketRequest::decode(body, "JOIN").map_err(malformed)?),
             Opcode::Poll => Request::Poll(TicketRequest::decode(body, "POLL").map_err(malformed)?),
-            Opcode::SaleCreate => Request::SaleCreate(SaleCreate::decode(body).map_err(malformed)?),
+            Opcode::SaleCreate => match SaleCreate::decode_with_locations(body).map_err(malformed)? {
+                (create, None) => Request::SaleCreate(create),
+                (create, Some(locations)) => Request::SaleCreateAt(create, locations),
+            },
+            Opcode::ReserveAt => Request::ReserveAt(ReserveAt::decode(body).map_err(malformed)?),
+            Opcode::Locations => Request::Locations { sku: sale::decode_sku(body, "LOCATIONS").map_err(malformed)? },
+            Opcode::RestockAt => Request::RestockAt(RestockAt::decode(body).map_err(malformed)?),
+            Opcode::LocationAdd => Request::LocationAdd(LocationAdd::decode(body).map_err(malformed)?),
+            Opcode::RegionSet => Request::RegionSet(RegionSet::decode(body).map_err(malformed)?),
             Opcode::Restock => Request::Restock(Restock::decode(body).map_err(malformed)?),
             Opcode::Pause => Request::Pause { sku: sale::decode_sku(body, "PAUSE").map_err(malformed)? },
             Opcode::Resume => Request::Resume { sku: sale::decode_sku(body, "RESUME").map_err(malformed)? },
@@ -352,7 +407,10 @@ pub enum Reply {
     /// PING, RESERVE, CONFIRM, RELEASE, SALE_CREATE, RESTOCK, PAUSE, RESUME,
     /// SALE_MOVE, SETTLED.
     Outcome(Outcome),
+    /// RESERVE_AT: the outcome with its location.
+    OutcomeAt(Outcome),
     Batch(Vec<Outcome>),
+    Locations(LocationsReply),
     Status(StatusReply),
     /// JOIN and POLL.
     Ticket(QueueTicket),
@@ -375,7 +433,8 @@ impl Reply {
     pub fn status(&self) -> Option<Status> {
         match self {
             Reply::Hello(r) => Some(r.status),
-            Reply::Outcome(o) => Some(o.status),
+            Reply::Outcome(o) | Reply::OutcomeAt(o) => Some(o.status),
+            Reply::Locations(l) => Some(l.status),
             Reply::Batch(_) => None,
             Reply::Status(s) => Some(s.status),
             Reply::Ticket(t) => Some(t.status),
@@ -402,6 +461,8 @@ impl Reply {
         match self {
             Reply::Hello(m) => m.encode(dst),
             Reply::Outcome(m) => m.encode(dst),
+            Reply::OutcomeAt(m) => location::encode_outcome_at(m, dst),
+            Reply::Locations(m) => m.encode(dst),
             Reply::Batch(results) => reserve::encode_batch_reply(results, dst),
             Reply::Status(m) => m.encode(dst),
             Reply::Ticket(m) => m.encode(dst),
@@ -429,6 +490,8 @@ impl Reply {
             Opcode::Hello => Reply::Hello(HelloReply::decode(body)?),
             Opcode::ReserveBatch | Opcode::Batch => Reply::Batch(reserve::decode_batch_reply(body)?),
             Opcode::Status => Reply::Status(StatusReply::decode(body)?),
+            Opcode::ReserveAt => Reply::OutcomeAt(location::decode_outcome_at(body)?),
+            Opcode::Locations => Reply::Locations(LocationsReply::decode(body)?),
             Opcode::Join | Opcode::Poll => Reply::Ticket(QueueTicket::decode(body)?),
             Opcode::Replicate => Reply::LogBatch(LogBatch::decode(body)?),
             Opcode::StateDump => Reply::DumpChunk(DumpChunk::decode(body)?),

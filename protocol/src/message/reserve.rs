@@ -62,16 +62,23 @@ impl Reserve {
 pub struct Outcome {
     pub status: Status,
     pub detail: u64,
+    /// The location (warehouse) of a reservation: sent only in RESERVE_AT's
+    /// reply (see `location.rs`); 0 elsewhere.
+    pub location: u16,
 }
 
 impl Outcome {
     pub const WIRE_BYTES: usize = 10;
 
     pub const fn new(status: Status, detail: u64) -> Self {
-        Outcome { status, detail }
+        Outcome { status, detail, location: 0 }
     }
     pub const fn of(status: Status) -> Self {
-        Outcome { status, detail: 0 }
+        Outcome { status, detail: 0, location: 0 }
+    }
+    /// `reserved` at `location` until `expires_at_ms`.
+    pub const fn reserved_at(expires_at_ms: u64, location: u16) -> Self {
+        Outcome { status: Status::Reserved, detail: expires_at_ms, location }
     }
 
     pub fn encode(&self, dst: &mut BytesMut) {
@@ -82,7 +89,7 @@ impl Outcome {
     pub fn read(r: &mut Reader<'_>) -> Result<Self, Malformed> {
         let code = r.u16()?;
         let status = Status::from_code(code).ok_or_else(|| Malformed(format!("unknown status code {code}")))?;
-        Ok(Outcome { status, detail: r.u64()? })
+        Ok(Outcome { status, detail: r.u64()?, location: 0 })
     }
 
     pub fn decode(body: &[u8]) -> Result<Self, Malformed> {

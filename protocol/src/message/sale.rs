@@ -39,6 +39,7 @@
 
 use bytes::{BufMut, BytesMut};
 
+use super::location::SaleLocations;
 use super::queue::{QueueConfig, QueueStats};
 use crate::status::Status;
 use crate::wire::{Malformed, Reader};
@@ -56,29 +57,46 @@ pub struct SaleCreate {
 
 impl SaleCreate {
     pub fn encode(&self, dst: &mut BytesMut) {
+        self.encode_with(None, dst);
+    }
+
+    /// With its locations section (flag bit 2), if it has one.
+    pub fn encode_with(&self, locations: Option<&SaleLocations>, dst: &mut BytesMut) {
         dst.put_u64_le(self.sku);
         dst.put_u64_le(self.stock);
         dst.put_u32_le(self.limit_per_user);
         dst.put_u64_le(self.ttl_ms);
-        dst.put_u8(self.hot as u8 | (u8::from(self.queue.is_some()) << 1));
+        dst.put_u8(self.hot as u8 | (u8::from(self.queue.is_some()) << 1) | (u8::from(locations.is_some()) << 2));
         if let Some(queue) = &self.queue {
             queue.encode(dst);
         }
+        if let Some(locations) = locations {
+            locations.encode(dst);
+        }
     }
 
+    /// A SALE_CREATE without locations (one location, id 0).
     pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
+        match Self::decode_with_locations(body)? {
+            (create, None) => Ok(create),
+            (_, Some(_)) => Err(Malformed("SALE_CREATE: a locations section where none is expected".into())),
+        }
+    }
+
+    pub fn decode_with_locations(body: &[u8]) -> Result<(Self, Option<SaleLocations>), Malformed> {
         let mut r = Reader::new(body, "SALE_CREATE");
         let sku = r.u64()?;
         let stock = r.u64()?;
         let limit_per_user = r.u32()?;
         let ttl_ms = r.u64()?;
         let flags = r.u8()?;
-        if flags & !0b11 != 0 {
+        if flags & !0b111 != 0 {
             return Err(Malformed(format!("SALE_CREATE: unknown flag bits {flags:#04x}")));
         }
         let queue = if flags & 2 != 0 { Some(QueueConfig::read(&mut r)?) } else { None };
+        let locations = if flags & 4 != 0 { Some(SaleLocations::read(&mut r)?) } else { None };
         r.finish()?;
-        Ok(SaleCreate { sku, stock, limit_per_user, ttl_ms, hot: flags & 1 == 1, queue })
+        Ok((SaleCreate { sku, stock, limit_per_user, ttl_ms, hot: flags & 1 == 1, queue }, locations))
     }
 }
 
