@@ -227,6 +227,7 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
                             expires_at_ms: 1_795_000_600_000,
                             settled_at_ms: 1_795_000_030_000,
                             payment_ref: Bytes::from_static(b"pi_1"),
+                            location: 0,
                         }),
                     ],
                 }),
@@ -446,6 +447,140 @@ fn vectors() -> Vec<(&'static str, u64, Msg)> {
                 }),
             ),
         ),
+        ("reserve_at", 14, Req(Request::ReserveAt(ReserveAt { op: reserve, at: Where::locations(&[3, 1]) }))),
+        ("reserve_at_region", 14, Req(Request::ReserveAt(ReserveAt { op: reserve, at: Where::Region(2) }))),
+        ("reserve_at_reply", 14, Rep(Opcode::ReserveAt, Reply::OutcomeAt(Outcome::reserved_at(1_795_000_600_000, 3)))),
+        (
+            "sale_create_locations",
+            15,
+            Req(Request::SaleCreateAt(
+                SaleCreate { sku: 42, stock: 100, limit_per_user: 2, ttl_ms: 600_000, hot: false, queue: None },
+                SaleLocations { locations: vec![(1, 60), (3, 40)], regions: vec![(2, vec![3, 1])] },
+            )),
+        ),
+        ("restock_at", 16, Req(Request::RestockAt(RestockAt { sku: 42, location: 3, qty: 25 }))),
+        ("location_add", 17, Req(Request::LocationAdd(LocationAdd { sku: 42, location: 5, stock: 10 }))),
+        ("region_set", 18, Req(Request::RegionSet(RegionSet { sku: 42, region: 4, order: vec![5, 3, 1] }))),
+        ("locations", 19, Req(Request::Locations { sku: 42 })),
+        (
+            "locations_reply",
+            19,
+            Rep(
+                Opcode::Locations,
+                Reply::Locations(LocationsReply {
+                    status: Status::Ok,
+                    locations: vec![
+                        LocationStatus { location: 1, total: 60, available: 59, reserved: 0, sold: 1 },
+                        LocationStatus { location: 3, total: 65, available: 63, reserved: 2, sold: 0 },
+                    ],
+                    regions: vec![(2, vec![3, 1])],
+                }),
+            ),
+        ),
+        (
+            "dump_chunk_locations",
+            21,
+            Rep(
+                Opcode::StateDump,
+                Reply::DumpChunk(DumpChunk {
+                    status: Status::Ok,
+                    last: true,
+                    lsn: 2001,
+                    server_time_ms: 1_795_000_031_000,
+                    entries: vec![
+                        DumpEntry::Sale(SaleEntry {
+                            sku: 42,
+                            total: 100,
+                            available: 99,
+                            reserved: 1,
+                            sold: 0,
+                            limit_per_user: 2,
+                            ttl_ms: 600_000,
+                            hot: false,
+                            paused: false,
+                        }),
+                        DumpEntry::Location(LocationEntry {
+                            sku: 42,
+                            location: 1,
+                            total: 60,
+                            available: 60,
+                            reserved: 0,
+                            sold: 0,
+                        }),
+                        DumpEntry::Location(LocationEntry {
+                            sku: 42,
+                            location: 3,
+                            total: 40,
+                            available: 39,
+                            reserved: 1,
+                            sold: 0,
+                        }),
+                        DumpEntry::Reservation(ReservationEntry {
+                            sku: 42,
+                            reservation_id: reserve.reservation_id,
+                            user: 7,
+                            qty: 1,
+                            state: HoldState::Held,
+                            expires_at_ms: 1_795_000_600_000,
+                            settled_at_ms: 0,
+                            payment_ref: Bytes::new(),
+                            location: 3,
+                        }),
+                    ],
+                }),
+            ),
+        ),
+        (
+            "log_batch_locations",
+            20,
+            Rep(
+                Opcode::Replicate,
+                Reply::LogBatch(LogBatch {
+                    status: Status::Ok,
+                    durable_lsn: 2004,
+                    server_time_ms: 1_795_000_004_000,
+                    records: vec![
+                        (
+                            2000,
+                            Event::SaleCreatedAt {
+                                sku: 42,
+                                limit_per_user: 2,
+                                ttl_ms: 600_000,
+                                hot: false,
+                                at_ms: 1_795_000_000_000,
+                                locations: Box::new(SaleLocations {
+                                    locations: vec![(1, 60), (3, 40)],
+                                    regions: vec![(2, vec![3, 1])],
+                                }),
+                            },
+                        ),
+                        (
+                            2001,
+                            Event::Reserved {
+                                sku: 42,
+                                user: 7,
+                                qty: 1,
+                                reservation_id: reserve.reservation_id,
+                                expires_at_ms: 1_795_000_600_000,
+                                at_ms: 1_795_000_000_100,
+                                location: 3,
+                            },
+                        ),
+                        (2002, Event::Restocked { sku: 42, qty: 25, at_ms: 1_795_000_001_000, location: 3 }),
+                        (2003, Event::LocationAdded { sku: 42, location: 5, stock: 10, at_ms: 1_795_000_002_000 }),
+                        (
+                            2004,
+                            Event::RegionSet {
+                                sku: 42,
+                                region: 4,
+                                order: vec![5, 3, 1].into_boxed_slice(),
+                                at_ms: 1_795_000_003_000,
+                            },
+                        ),
+                    ],
+                }),
+            ),
+        ),
     ]
 }
 
@@ -525,6 +660,9 @@ fn spec_lists_every_status_and_opcode() {
         ("REPLICATION_HEARTBEAT_MS", stampede_protocol::limits::REPLICATION_HEARTBEAT_MS as usize),
         ("QUEUE_ADMISSION_MS_MAX", stampede_protocol::limits::QUEUE_ADMISSION_MS_MAX as usize),
         ("QUEUE_ADMIT_RATE_PER_S_MAX", stampede_protocol::limits::QUEUE_ADMIT_RATE_PER_S_MAX as usize),
+        ("LOCATIONS_PER_SALE_MAX", stampede_protocol::limits::LOCATIONS_PER_SALE_MAX),
+        ("RESERVE_PREFS_MAX", stampede_protocol::limits::RESERVE_PREFS_MAX),
+        ("REGIONS_PER_SALE_MAX", stampede_protocol::limits::REGIONS_PER_SALE_MAX),
     ] {
         let row = format!("| `{name}` | {value} |");
         assert!(spec.contains(&row), "PROTOCOL.md lacks the limit row `{row}`");

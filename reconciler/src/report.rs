@@ -48,6 +48,17 @@ pub struct Counters {
     /// On a shard of its own (SALE_MOVED keeps both sides up to date).
     pub hot: bool,
     pub reservations: u64,
+    /// Per location (id order): the same counters, compared one by one.
+    pub locations: Vec<LocationCounters>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LocationCounters {
+    pub location: u16,
+    pub total: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -96,7 +107,9 @@ impl Counters {
     /// count is filled in once the holds are grouped).
     fn of(sale: (u64, u64, u64, u64), limit_per_user: u32, paused: bool, hot: bool) -> Counters {
         let (total, available, reserved, sold) = sale;
-        Counters { total, available, reserved, sold, limit_per_user, paused, hot, reservations: 0 }
+        // A sale without locations has one, id 0, with all its units.
+        let locations = vec![LocationCounters { location: 0, total, available, reserved, sold }];
+        Counters { total, available, reserved, sold, limit_per_user, paused, hot, reservations: 0, locations }
     }
 }
 
@@ -108,7 +121,20 @@ impl From<&SaleEntry> for Counters {
 
 impl From<&SaleRow> for Counters {
     fn from(s: &SaleRow) -> Counters {
-        Counters::of((s.total, s.available, s.reserved, s.sold), s.limit_per_user, s.paused, s.hot)
+        let mut c = Counters::of((s.total, s.available, s.reserved, s.sold), s.limit_per_user, s.paused, s.hot);
+        c.locations = s
+            .locations
+            .iter()
+            .map(|l| LocationCounters {
+                location: l.location,
+                total: l.total,
+                available: l.available,
+                reserved: l.reserved,
+                sold: l.sold,
+            })
+            .collect();
+        c.locations.sort_unstable_by_key(|l| l.location);
+        c
     }
 }
 
@@ -122,6 +148,7 @@ struct Hold {
     expires_at_ms: u64,
     settled_at_ms: u64,
     payment_ref: Vec<u8>,
+    location: u16,
 }
 
 impl From<&ReservationEntry> for Hold {
@@ -134,6 +161,7 @@ impl From<&ReservationEntry> for Hold {
             expires_at_ms: r.expires_at_ms,
             settled_at_ms: r.settled_at_ms,
             payment_ref: r.payment_ref.to_vec(),
+            location: r.location,
         }
     }
 }
@@ -148,6 +176,7 @@ impl From<&ReservationRow> for Hold {
             expires_at_ms: r.expires_at_ms,
             settled_at_ms: r.settled_at_ms.unwrap_or(0),
             payment_ref: r.payment_ref.clone().unwrap_or_default(),
+            location: r.location,
         }
     }
 }
@@ -168,6 +197,7 @@ fn differences(engine: &Hold, database: &Hold) -> String {
     field!(expires_at_ms);
     field!(settled_at_ms);
     field!(payment_ref);
+    field!(location);
     out.join(", ")
 }
 
@@ -180,10 +210,26 @@ struct Side {
 impl Side {
     fn from_dump(dump: &StateDump) -> Side {
         let mut side = Side { sales: BTreeMap::new(), holds: HashMap::new() };
+        // Sales whose LOCATION entries replaced the implied location 0.
+        let mut located = std::collections::HashSet::new();
         for entry in &dump.entries {
             match entry {
                 DumpEntry::Sale(s) => {
                     side.sales.insert(s.sku, s.into());
+                }
+                DumpEntry::Location(l) => {
+                    let Some(sale) = side.sales.get_mut(&l.sku) else { continue };
+                    if located.insert(l.sku) {
+                        sale.locations.clear();
+                    }
+                    sale.locations.push(LocationCounters {
+                        location: l.location,
+                        total: l.total,
+                        available: l.available,
+                        reserved: l.reserved,
+                        sold: l.sold,
+                    });
+                    sale.locations.sort_unstable_by_key(|l| l.location);
                 }
                 DumpEntry::Reservation(r) => {
                     side.holds.entry(r.sku).or_default().insert(r.reservation_id, r.into());
@@ -230,16 +276,23 @@ impl Side {
             }
             let (mut held, mut sold) = (0u64, 0u64);
             let mut per_user: HashMap<u64, u64> = HashMap::new();
+            // (held, sold) per location, from the reservations.
+            let mut at: BTreeMap<u16, (u64, u64)> = BTreeMap::new();
             let mut overdue = 0u64;
             for hold in self.holds.get(&sku).into_iter().flat_map(|h| h.values()) {
+                let here = at.entry(hold.location).or_default();
                 match hold.state {
                     HoldState::Held => {
                         held += u64::from(hold.qty);
+                        here.0 += u64::from(hold.qty);
                         if hold.expires_at_ms + EXPIRY_GRACE_MS < now_ms {
                             overdue += 1;
                         }
                     }
-                    HoldState::Confirmed => sold += u64::from(hold.qty),
+                    HoldState::Confirmed => {
+                        sold += u64::from(hold.qty);
+                        here.1 += u64::from(hold.qty);
+                    }
                     HoldState::Released | HoldState::Expired => continue,
                 }
                 *per_user.entry(hold.user).or_default() += u64::from(hold.qty);
@@ -249,6 +302,43 @@ impl Side {
                     Some(sku),
                     "counters_match_reservations",
                     format!("held units {held} vs reserved {}, confirmed units {sold} vs sold {}", c.reserved, c.sold),
+                );
+            }
+            // Per location: each adds up, each matches its reservations,
+            // and the sale's counters are their sums.
+            let mut sums = (0u64, 0u64, 0u64, 0u64);
+            for l in &c.locations {
+                sums = (sums.0 + l.total, sums.1 + l.available, sums.2 + l.reserved, sums.3 + l.sold);
+                if l.available + l.reserved + l.sold != l.total {
+                    violate(
+                        Some(sku),
+                        "location_counters_add_up",
+                        format!(
+                            "location {}: available {} + reserved {} + sold {} != total {}",
+                            l.location, l.available, l.reserved, l.sold, l.total
+                        ),
+                    );
+                }
+                let (h, s) = at.remove(&l.location).unwrap_or_default();
+                if (h, s) != (l.reserved, l.sold) {
+                    violate(
+                        Some(sku),
+                        "location_counters_match_reservations",
+                        format!(
+                            "location {}: held units {h} vs reserved {}, confirmed units {s} vs sold {}",
+                            l.location, l.reserved, l.sold
+                        ),
+                    );
+                }
+            }
+            if sums != (c.total, c.available, c.reserved, c.sold) {
+                violate(Some(sku), "locations_sum_to_sale", format!("locations sum to {sums:?}"));
+            }
+            if let Some((location, _)) = at.iter().find(|(_, (h, s))| h + s > 0) {
+                violate(
+                    Some(sku),
+                    "reservation_without_location",
+                    format!("units held or sold at location {location}, which the sale does not have"),
                 );
             }
             let over: Vec<String> = per_user

@@ -21,8 +21,8 @@ use stampede_protocol::message::cluster::FOLLOW_BATCH_HEADER_BYTES;
 use stampede_protocol::message::dump::DUMP_CHUNK_HEADER_BYTES;
 use stampede_protocol::message::replicate::LOG_BATCH_HEADER_BYTES;
 use stampede_protocol::message::{
-    DumpChunk, DumpEntry, Follow, FollowAck, FollowBatch, LogBatch, NodeRole, Opcode, ReservationEntry, SaleEntry,
-    SnapshotChunk,
+    DumpChunk, DumpEntry, Follow, FollowAck, FollowBatch, LocationEntry, LogBatch, NodeRole, Opcode, ReservationEntry,
+    SaleEntry, SnapshotChunk,
 };
 use stampede_protocol::Status;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -614,7 +614,19 @@ fn dump_entries(image: SaleImage) -> impl Iterator<Item = DumpEntry> {
         paused: image.paused,
     });
     let sku = image.sku;
-    std::iter::once(sale).chain(image.reservations.into_iter().map(move |r| {
+    // A sale with one location, id 0, and no regions has no LOCATION entries.
+    let plain = image.regions.is_empty() && image.locations.len() == 1 && image.locations[0].location == 0;
+    let locations = image.locations.into_iter().filter(move |_| !plain).map(move |l| {
+        DumpEntry::Location(LocationEntry {
+            sku,
+            location: l.location,
+            total: l.total,
+            available: l.available,
+            reserved: l.reserved,
+            sold: l.sold,
+        })
+    });
+    std::iter::once(sale).chain(locations).chain(image.reservations.into_iter().map(move |r| {
         DumpEntry::Reservation(ReservationEntry {
             sku,
             reservation_id: r.id,
@@ -624,6 +636,7 @@ fn dump_entries(image: SaleImage) -> impl Iterator<Item = DumpEntry> {
             expires_at_ms: r.expires_at_ms,
             settled_at_ms: r.settled_at_ms,
             payment_ref: r.payment_ref.unwrap_or_default(),
+            location: r.location,
         })
     }))
 }

@@ -67,6 +67,12 @@ REPLICATION_STREAMS_MAX: int = 8
 REPLICATION_FRAMES_INFLIGHT_MAX: int = 16
 #: STATE_DUMPs at once.
 STATE_DUMPS_CONCURRENT_MAX: int = 1
+#: Most locations (warehouses) of one sale.
+LOCATIONS_PER_SALE_MAX: int = 16
+#: Most locations one RESERVE_AT lists, and one region orders.
+RESERVE_PREFS_MAX: int = 8
+#: Most regions one sale maps.
+REGIONS_PER_SALE_MAX: int = 16
 #: Highest ``admit_rate_per_s`` of a queued sale.
 QUEUE_ADMIT_RATE_PER_S_MAX: int = 1000000
 #: Longest admission window: one hour.
@@ -97,6 +103,7 @@ SHARD_QUEUE_OPS_MAX: int = 65536
 U64_MAX: int = (1 << 64) - 1
 U128_MAX: int = (1 << 128) - 1
 U32_MAX: int = (1 << 32) - 1
+U16_MAX: int = (1 << 16) - 1
 #: Bytes of the ``count`` field that opens a batch body.
 BATCH_COUNT_BYTES: int = 2
 

@@ -43,6 +43,8 @@ class Status(enum.IntEnum):
     NO_LOG = 23
     NOT_ADMITTED = 24
     NO_TICKET = 25
+    UNKNOWN_LOCATION = 26
+    LOCATION_EXISTS = 27
     # overload and clusters: nothing was done, retry
     BUSY = 30
     SHUTTING_DOWN = 31
@@ -116,12 +118,17 @@ class Opcode(enum.IntEnum):
     JOIN = 0x15
     POLL = 0x16
     BATCH = 0x17
+    RESERVE_AT = 0x18
+    LOCATIONS = 0x19
     SALE_CREATE = 0x20
     RESTOCK = 0x21
     PAUSE = 0x22
     RESUME = 0x23
     SALE_MOVE = 0x24
     PLACEMENT = 0x25
+    RESTOCK_AT = 0x26
+    LOCATION_ADD = 0x27
+    REGION_SET = 0x28
     REPLICATE = 0x30
     SETTLED = 0x31
     STATE_DUMP = 0x32

@@ -22,9 +22,16 @@
 //!                state u8 (1 held, 2 confirmed, 3 released, 4 expired),
 //!                expires_at_ms u64, settled_at_ms u64 (0 while held),
 //!                payment_ref_len u8, payment_ref bytes                                 (55 + len bytes)
+//! 3 LOCATION     sku u64, location u16, total u64, available u64, reserved u64,
+//!                sold u64                                                              (43 bytes)
+//! 4 RESERVATION_AT  a RESERVATION's fields, then location u16                          (57 + len bytes)
 //! ```
-//! Sales come in ascending SKU order, each followed by all its reservations
-//! (settled ones included) in ascending id order.
+//! Sales come in ascending SKU order, each followed by its LOCATION entries
+//! (in the order the locations were added) and then all its reservations
+//! (settled ones included) in ascending id order. A sale with one location,
+//! id 0, and no regions has no LOCATION entries, and its reservations are
+//! RESERVATION entries (location 0); a reservation at any other location
+//! is a RESERVATION_AT.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -92,16 +99,32 @@ pub struct ReservationEntry {
     pub settled_at_ms: u64,
     /// Set once confirmed (may be empty).
     pub payment_ref: Bytes,
+    /// The location its units are at (0: the one of a sale without locations).
+    pub location: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DumpEntry {
     Sale(SaleEntry),
     Reservation(ReservationEntry),
+    Location(LocationEntry),
+}
+
+/// One location's counters of the sale before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocationEntry {
+    pub sku: u64,
+    pub location: u16,
+    pub total: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
 }
 
 const SALE: u8 = 1;
 const RESERVATION: u8 = 2;
+const LOCATION: u8 = 3;
+const RESERVATION_AT: u8 = 4;
 
 impl DumpEntry {
     pub fn encode(&self, dst: &mut BytesMut) {
@@ -117,9 +140,18 @@ impl DumpEntry {
                 dst.put_u64_le(s.ttl_ms);
                 dst.put_u8(u8::from(s.hot) | (u8::from(s.paused) << 1));
             }
+            DumpEntry::Location(l) => {
+                dst.put_u8(LOCATION);
+                dst.put_u64_le(l.sku);
+                dst.put_u16_le(l.location);
+                dst.put_u64_le(l.total);
+                dst.put_u64_le(l.available);
+                dst.put_u64_le(l.reserved);
+                dst.put_u64_le(l.sold);
+            }
             DumpEntry::Reservation(r) => {
                 assert!(r.payment_ref.len() <= PAYMENT_REF_BYTES_MAX, "payment_ref too long");
-                dst.put_u8(RESERVATION);
+                dst.put_u8(if r.location == 0 { RESERVATION } else { RESERVATION_AT });
                 dst.put_u64_le(r.sku);
                 dst.put_u128_le(r.reservation_id);
                 dst.put_u64_le(r.user);
@@ -129,6 +161,9 @@ impl DumpEntry {
                 dst.put_u64_le(r.settled_at_ms);
                 dst.put_u8(r.payment_ref.len() as u8);
                 dst.extend_from_slice(&r.payment_ref);
+                if r.location != 0 {
+                    dst.put_u16_le(r.location);
+                }
             }
         }
     }
@@ -137,7 +172,8 @@ impl DumpEntry {
     pub fn encoded_len(&self) -> usize {
         match self {
             DumpEntry::Sale(_) => 54,
-            DumpEntry::Reservation(r) => 55 + r.payment_ref.len(),
+            DumpEntry::Reservation(r) => 55 + r.payment_ref.len() + if r.location == 0 { 0 } else { 2 },
+            DumpEntry::Location(_) => 43,
         }
     }
 
@@ -161,7 +197,15 @@ impl DumpEntry {
                     paused: flags & 2 != 0,
                 })
             }
-            RESERVATION => {
+            LOCATION => DumpEntry::Location(LocationEntry {
+                sku: r.u64()?,
+                location: r.u16()?,
+                total: r.u64()?,
+                available: r.u64()?,
+                reserved: r.u64()?,
+                sold: r.u64()?,
+            }),
+            kind @ (RESERVATION | RESERVATION_AT) => {
                 let (sku, reservation_id, user, qty) = (r.u64()?, r.u128()?, r.u64()?, r.u32()?);
                 let code = r.u8()?;
                 let state = HoldState::from_u8(code)
@@ -172,7 +216,9 @@ impl DumpEntry {
                     return Err(Malformed(format!("DUMP_CHUNK: payment_ref of {len} bytes")));
                 }
                 let payment_ref = r.bytes(len)?;
+                let location = if kind == RESERVATION_AT { r.u16()? } else { 0 };
                 DumpEntry::Reservation(ReservationEntry {
+                    location,
                     sku,
                     reservation_id,
                     user,
@@ -223,8 +269,8 @@ impl DumpChunk {
         }
         let (lsn, server_time_ms) = (r.u64()?, r.u64()?);
         let count = r.u32()? as usize;
-        // The smallest entry is 54 bytes: bound the allocation by the body.
-        let mut entries = Vec::with_capacity(count.min(body.len() / 54));
+        // The smallest entry is 43 bytes: bound the allocation by the body.
+        let mut entries = Vec::with_capacity(count.min(body.len() / 43));
         for _ in 0..count {
             entries.push(DumpEntry::read(&mut r)?);
         }

@@ -22,7 +22,7 @@ use bytes::{BufMut, BytesMut};
 pub use batch::BatchOp;
 pub use cluster::{ClusterReply, Follow, FollowAck, FollowBatch, History, NodeInfo, NodeRole, SnapshotChunk};
 pub use confirm::Confirm;
-pub use dump::{DumpChunk, DumpEntry, HoldState, ReservationEntry, SaleEntry};
+pub use dump::{DumpChunk, DumpEntry, HoldState, LocationEntry, ReservationEntry, SaleEntry};
 pub use hello::{Hello, HelloReply, Role};
 pub use location::{
     LocationAdd, LocationStatus, LocationsReply, RegionSet, ReserveAt, RestockAt, SaleLocations, Where,
