@@ -8,6 +8,12 @@
 //! - `sold_out_answer`: the connection-side fast path on a sold-out SKU
 //!   (gauge read + idempotency-directory probe). Target: >= 50M/s.
 //! - `limit_exceeded`: a decision that reaches the shard and is refused.
+//! - `reserve_at_1m_users_{1,8}_locations`: 1M users reserve one unit each
+//!   with RESERVE_AT, giving their region (1..=8, by user), from a sale
+//!   with one location or eight (125k units each, every region ordering
+//!   all eight from its nearest); as warehouses empty, later shoppers are
+//!   served further down their region's order. Target: 8 locations cost
+//!   at most 1.2x one.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -15,7 +21,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use stampede::engine::{Engine, Event, ReservationDirectory};
 use stampede::server::conn::fast_refusal;
-use stampede_protocol::message::{Reserve, SaleCreate};
+use stampede_protocol::message::{Reserve, SaleCreate, SaleLocations, Where};
 use stampede_protocol::Status;
 
 /// mimalloc: the engine allocates and frees many small records; glibc's
@@ -40,6 +46,67 @@ fn reserve_users(c: &mut Criterion) {
     reserve_n_users(c, "reserve_1m_users", USERS);
     reserve_n_users(c, "reserve_10k_users", 10_000);
     stampede_1m_users(c);
+    reserve_at_locations(c, 1);
+    reserve_at_locations(c, 8);
+}
+
+/// A hot sale of `USERS` units over `locations` locations (ids 1..), with
+/// regions 1..=8 each ordering every location from region r's nearest.
+fn located_sale(engine: &mut Engine, locations: u16) {
+    let create = SaleCreate { sku: 42, stock: USERS, limit_per_user: 1, ttl_ms: 600_000, hot: true, queue: None };
+    let each = USERS / u64::from(locations);
+    let spec = SaleLocations {
+        locations: (1..=locations).map(|id| (id, each)).collect(),
+        regions: if locations == 1 {
+            Vec::new()
+        } else {
+            (1..=8u16).map(|r| (r, (0..locations).map(|k| (r - 1 + k) % locations + 1).collect())).collect()
+        },
+    };
+    assert_eq!(engine.create_sale_at(&create, Some(&spec), 0, &mut Vec::new()).status, Status::Ok);
+}
+
+/// 1M users reserve with their region, decided as a shard decides a
+/// connection's operations (prefetching `RESERVE_PREFETCH_AHEAD` ahead).
+fn reserve_at_locations(c: &mut Criterion, locations: u16) {
+    let mut group = c.benchmark_group("engine");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(USERS));
+    group.bench_function(format!("reserve_at_1m_users_{locations}_locations"), |b| {
+        b.iter_batched(
+            || {
+                let mut engine = Engine::new(Arc::new(ReservationDirectory::for_server()));
+                located_sale(&mut engine, locations);
+                (engine, Vec::with_capacity(4096))
+            },
+            |(mut engine, mut events)| {
+                let mut won = 0u64;
+                let mut ops = Vec::with_capacity(CYCLE);
+                for first in (0..USERS).step_by(CYCLE) {
+                    ops.clear();
+                    ops.extend((first..USERS.min(first + CYCLE as u64)).map(|user| {
+                        let op = Reserve { sku: 42, user, qty: 1, reservation_id: u128::from(user) + 1 };
+                        (op, Where::Region((user % 8) as u16 + 1))
+                    }));
+                    let ahead = stampede::engine::RESERVE_PREFETCH_AHEAD;
+                    for (op, _) in ops.iter().take(ahead) {
+                        engine.prefetch_reserve(op);
+                    }
+                    for (i, (op, at)) in ops.iter().enumerate() {
+                        if let Some((next, _)) = ops.get(i + ahead) {
+                            engine.prefetch_reserve(next);
+                        }
+                        won += u64::from(engine.reserve_at(op, at, 1, &mut events).status == Status::Reserved);
+                    }
+                    events.clear();
+                }
+                assert_eq!(won, USERS);
+                (engine, events)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
 }
 
 /// Users `0..users` each reserve one unit of SKU 42 (id = user + 1),

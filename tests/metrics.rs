@@ -136,6 +136,25 @@ async fn metrics_parse_and_move_under_load() {
         "the pool shard and sku 42's"
     );
 
+    // A hot sale in two warehouses: each location's stock shows.
+    let hot = SaleCreate { sku: 44, stock: 7, limit_per_user: 2, ttl_ms: 600_000, hot: true, queue: None };
+    let at = stampede_protocol::message::SaleLocations { locations: vec![(1, 3), (2, 4)], regions: Vec::new() };
+    assert_eq!(client.create_sale_at(hot, at).await.unwrap().status, Status::Ok);
+    let prefer_2 = stampede_protocol::message::Where::locations(&[2]);
+    assert_eq!(client.reserve_at(44, 1, 2, 9_001, prefer_2).await.unwrap().location, 2);
+    client.confirm(9_001, b"pi").await.unwrap();
+    assert_eq!(client.reserve_at(44, 2, 1, 9_002, prefer_2).await.unwrap().location, 2);
+    let located = parse(&get(metrics, "/metrics").await.1);
+    let at = |name: &str, location: &str| value(&located, name, &[("sku", "44"), ("location", location)]);
+    assert_eq!(at("stampede_location_available", "1"), 3.0);
+    assert_eq!(at("stampede_location_available", "2"), 1.0);
+    assert_eq!(at("stampede_location_reserved", "2"), 1.0);
+    assert_eq!(at("stampede_location_sold", "2"), 2.0);
+    // A sale with one location has no per-location series (the SKU's are the same).
+    let one =
+        |s: &&prometheus_parse::Sample| s.metric == "stampede_location_available" && s.labels.get("sku") == Some("42");
+    assert!(!located.samples.iter().any(|s| one(&s)));
+
     drop(client);
     tokio::task::spawn_blocking(move || node.shutdown()).await.unwrap().unwrap();
     assert_eq!(get(metrics, "/readyz").await.0, 503, "not ready once shutting down");

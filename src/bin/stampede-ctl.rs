@@ -8,7 +8,8 @@
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use stampede_protocol::client::{new_reservation_id, Client, ClientConfig, ClientError};
-use stampede_protocol::message::{NodeRole, Outcome, QueueConfig, QueueTicket, SaleCreate};
+use stampede_protocol::limits::RESERVE_PREFS_MAX;
+use stampede_protocol::message::{NodeRole, Outcome, QueueConfig, QueueTicket, SaleCreate, SaleLocations, Where};
 use stampede_protocol::Status;
 
 #[derive(Parser, Debug)]
@@ -41,12 +42,15 @@ enum Command {
     /// Sale administration (admin token).
     #[command(subcommand)]
     Sale(SaleCommand),
-    /// Add stock to a sale (admin token).
+    /// Add stock to a sale (admin token): at one location, or at its first.
     Restock {
         #[arg(long)]
         sku: u64,
         #[arg(long)]
         qty: u64,
+        /// The location (warehouse) id; default: the sale's first location.
+        #[arg(long)]
+        location: Option<u16>,
     },
     /// Pause a sale: reserves answer `paused` (admin token).
     Pause {
@@ -69,6 +73,13 @@ enum Command {
         /// Reservation id in hex (default: a fresh random id). Reuse it to retry safely.
         #[arg(long, value_parser = parse_id)]
         id: Option<u128>,
+        /// Preferred locations, in order (repeat the flag); the units come
+        /// from the first that has them all.
+        #[arg(long = "location", conflicts_with = "region")]
+        locations: Vec<u16>,
+        /// The shopper's region (the sale maps it to an order of locations).
+        #[arg(long)]
+        region: Option<u16>,
     },
     /// Turn a reservation into a sale.
     Confirm {
@@ -116,8 +127,16 @@ enum SaleCommand {
     Create {
         #[arg(long)]
         sku: u64,
-        #[arg(long)]
-        stock: u64,
+        /// Units on sale (with --location: their sum, the default).
+        #[arg(long, required_unless_present = "locations")]
+        stock: Option<u64>,
+        /// A location (warehouse) and its stock, ID=UNITS; repeat for each,
+        /// in the default order of reservation.
+        #[arg(long = "location", value_parser = parse_location)]
+        locations: Vec<(u16, u64)>,
+        /// A region's order of locations, R=ID,ID,...; repeat for each.
+        #[arg(long = "region", value_parser = parse_region, requires = "locations")]
+        regions: Vec<(u16, Vec<u16>)>,
         /// Units one user may hold reserved + sold.
         #[arg(long)]
         limit: u32,
@@ -143,6 +162,25 @@ enum SaleCommand {
         #[arg(long, requires = "queue", value_parser = parse_rfc3339_ms)]
         start_at: Option<u64>,
     },
+    /// Add a location (warehouse) with its stock to a running sale.
+    AddLocation {
+        #[arg(long)]
+        sku: u64,
+        #[arg(long)]
+        location: u16,
+        #[arg(long)]
+        stock: u64,
+    },
+    /// Set a region's order of locations (replacing the old one).
+    Region {
+        #[arg(long)]
+        sku: u64,
+        #[arg(long)]
+        region: u16,
+        /// Location ids in order, comma-separated (3,1).
+        #[arg(long, value_delimiter = ',', required = true)]
+        order: Vec<u16>,
+    },
     /// Where sales run: dedicated shards, and the hottest sales with the
     /// requests per second the server's demand monitor measured.
     Placement,
@@ -158,6 +196,22 @@ enum SaleCommand {
         #[arg(long)]
         pool: bool,
     },
+}
+
+/// `ID=UNITS`.
+fn parse_location(s: &str) -> Result<(u16, u64), String> {
+    let (id, units) = s.split_once('=').ok_or("expected ID=UNITS (e.g. 3=500)")?;
+    Ok((id.parse().map_err(|e| format!("location id: {e}"))?, units.parse().map_err(|e| format!("units: {e}"))?))
+}
+
+/// `R=ID,ID,...`.
+fn parse_region(s: &str) -> Result<(u16, Vec<u16>), String> {
+    let (region, ids) = s.split_once('=').ok_or("expected REGION=ID,ID,... (e.g. 2=3,1)")?;
+    let ids = ids
+        .split(',')
+        .map(|id| id.parse().map_err(|e| format!("location id {id:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    Ok((region.parse().map_err(|e| format!("region: {e}"))?, ids))
 }
 
 fn parse_rfc3339_ms(s: &str) -> Result<u64, String> {
@@ -270,6 +324,8 @@ async fn run(args: Args) -> Result<Value, ClientError> {
         Command::Sale(SaleCommand::Create {
             sku,
             stock,
+            locations,
+            regions,
             limit,
             ttl_secs,
             hot,
@@ -286,8 +342,29 @@ async fn run(args: Args) -> Result<Value, ClientError> {
                 admission_ms: admission_secs.saturating_mul(1000),
                 start_at_ms: start_at.unwrap_or(0),
             });
-            let o = client.create_sale(SaleCreate { sku, stock, limit_per_user: limit, ttl_ms, hot, queue }).await?;
+            let stock = stock.unwrap_or_else(|| locations.iter().map(|(_, units)| units).sum());
+            let create = SaleCreate { sku, stock, limit_per_user: limit, ttl_ms, hot, queue };
+            let o = if locations.is_empty() {
+                client.create_sale(create).await?
+            } else {
+                client.create_sale_at(create, SaleLocations { locations, regions }).await?
+            };
             let mut v = outcome_json(&o);
+            v["sku"] = json!(sku);
+            v
+        }
+        Command::Sale(SaleCommand::AddLocation { sku, location, stock }) => {
+            let o = client.add_location(sku, location, stock).await?;
+            let mut v = outcome_json(&o);
+            v["sku"] = json!(sku);
+            if o.status == Status::Ok {
+                v["total"] = json!(o.detail);
+                v.as_object_mut().expect("object").remove("detail");
+            }
+            v
+        }
+        Command::Sale(SaleCommand::Region { sku, region, order }) => {
+            let mut v = outcome_json(&client.set_region(sku, region, &order).await?);
             v["sku"] = json!(sku);
             v
         }
@@ -318,22 +395,38 @@ async fn run(args: Args) -> Result<Value, ClientError> {
             }
             v
         }
-        Command::Restock { sku, qty } => {
-            let o = client.restock(sku, qty).await?;
+        Command::Restock { sku, qty, location } => {
+            let o = match location {
+                None => client.restock(sku, qty).await?,
+                Some(location) => client.restock_at(sku, location, qty).await?,
+            };
             let mut v = outcome_json(&o);
             v["sku"] = json!(sku);
             if o.status == Status::Ok {
-                v["total"] = json!(o.detail);
+                // RESTOCK answers the sale's new total, RESTOCK_AT the location's.
+                v[if location.is_some() { "location_total" } else { "total" }] = json!(o.detail);
                 v.as_object_mut().expect("object").remove("detail");
             }
             v
         }
         Command::Pause { sku } => outcome_json(&client.pause(sku).await?),
         Command::Resume { sku } => outcome_json(&client.resume(sku).await?),
-        Command::Reserve { sku, user, qty, id } => {
+        Command::Reserve { sku, user, qty, id, locations, region } => {
             let id = id.unwrap_or_else(new_reservation_id);
-            let mut v = outcome_json(&client.reserve(sku, user, qty, id).await?);
+            let at = match (region, locations.len()) {
+                (Some(region), _) => Where::Region(region),
+                (None, 0) => Where::Default,
+                (None, n) if n <= RESERVE_PREFS_MAX => Where::locations(&locations),
+                (None, n) => {
+                    return Err(ClientError::InvalidRequest(format!("{n} locations; at most {RESERVE_PREFS_MAX}")))
+                }
+            };
+            let o = client.reserve_at(sku, user, qty, id, at).await?;
+            let mut v = outcome_json(&o);
             v["id"] = json!(format!("{id:032x}"));
+            if o.status == Status::Reserved {
+                v["location"] = json!(o.location);
+            }
             v
         }
         Command::Confirm { id, payment_ref } => outcome_json(&client.confirm(id, payment_ref.as_bytes()).await?),
@@ -349,6 +442,24 @@ async fn run(args: Args) -> Result<Value, ClientError> {
                 "ttl_ms": sale.ttl_ms, "hot": sale.hot, "paused": sale.paused,
                 "placement": if sale.hot { "dedicated" } else { "pool" }, "pinned": sale.pinned,
             });
+            if s.status == Status::Ok {
+                let l = client.locations(sku).await?;
+                v["locations"] = json!(l
+                    .locations
+                    .iter()
+                    .map(|l| json!({
+                        "location": l.location, "total": l.total, "available": l.available,
+                        "reserved": l.reserved, "sold": l.sold,
+                    }))
+                    .collect::<Vec<_>>());
+                if !l.regions.is_empty() {
+                    v["regions"] = json!(l
+                        .regions
+                        .iter()
+                        .map(|(r, order)| json!({ "region": r, "order": order }))
+                        .collect::<Vec<_>>());
+                }
+            }
             if let Some(q) = sale.queue {
                 v["queue"] = json!({
                     "waiting": q.waiting, "admit_rate_per_s": q.admit_rate_per_s,
@@ -423,6 +534,24 @@ fn print_human(v: &Value) {
             if v["pinned"] == json!(true) { ", pinned" } else { "" },
             if v["paused"] == json!(true) { ", paused" } else { "" },
         );
+        // One location (id 0) is a sale without locations: nothing more to say.
+        let locations = v.get("locations").and_then(Value::as_array).filter(|l| l.len() > 1 || l[0]["location"] != 0);
+        if let Some(locations) = locations {
+            println!("{:>10} {:>12} {:>12} {:>12} {:>12}", "location", "total", "available", "reserved", "sold");
+            for l in locations {
+                println!(
+                    "{:>10} {:>12} {:>12} {:>12} {:>12}",
+                    l["location"].to_string(),
+                    l["total"].to_string(),
+                    l["available"].to_string(),
+                    l["reserved"].to_string(),
+                    l["sold"].to_string()
+                );
+            }
+            for r in v["regions"].as_array().into_iter().flatten() {
+                println!("region {}: {}", r["region"], r["order"]);
+            }
+        }
         if let Some(q) = v.get("queue") {
             println!(
                 "queue: {} waiting, {} admitted now, {} admitted in all, {}/s, oldest wait {} ms",

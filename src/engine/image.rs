@@ -476,6 +476,7 @@ impl Engine {
         }
         sale.assert_invariant(sku);
         sale.publish();
+        sale.publish_locations();
         self.sales.insert(sku, sale);
         Ok(())
     }

@@ -115,6 +115,20 @@ pub struct SkuGauge {
     /// rate). On a line of its own: it changes on every request, refused
     /// ones too, and the counters above are read by every connection.
     decided: Demand,
+    /// Per location, for a sale with several (metrics); made at its first
+    /// publication, room for `LOCATIONS_PER_SALE_MAX`.
+    locations: std::sync::OnceLock<Box<[LocationGauge]>>,
+    location_count: std::sync::atomic::AtomicUsize,
+}
+
+/// One location's counters, published for metrics (relaxed: a scrape
+/// reads each number as it was at some moment).
+#[derive(Debug, Default)]
+pub struct LocationGauge {
+    id: std::sync::atomic::AtomicU32,
+    available: AtomicU64,
+    reserved: AtomicU64,
+    sold: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -145,6 +159,27 @@ impl SkuGauge {
     /// it), to within `DECIDED_PUBLISHED_EVERY`.
     pub fn decided(&self) -> u64 {
         self.decided.0.load(Ordering::Relaxed)
+    }
+
+    /// `(location, available, reserved, sold)` of each location, for a
+    /// sale with several (`None`: one location, the sale's own counters).
+    pub fn locations(&self) -> Option<Vec<(u16, u64, u64, u64)>> {
+        let list = self.locations.get()?;
+        let n = self.location_count.load(Ordering::Acquire);
+        Some(
+            list[..n]
+                .iter()
+                .map(|l| {
+                    let id = l.id.load(Ordering::Relaxed) as u16;
+                    (
+                        id,
+                        l.available.load(Ordering::Relaxed),
+                        l.reserved.load(Ordering::Relaxed),
+                        l.sold.load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+        )
     }
 }
 
@@ -310,6 +345,33 @@ impl Sale {
             l.sold,
             l.total
         );
+    }
+
+    /// Publish location `i`'s counters (a sale with several locations;
+    /// a sale with one, id 0, has the sale's).
+    #[inline]
+    fn publish_location(&self, i: usize) {
+        if self.locations.len() == 1 && self.locations[0].id == 0 {
+            return;
+        }
+        let list = self
+            .gauge
+            .locations
+            .get_or_init(|| (0..LOCATIONS_PER_SALE_MAX).map(|_| LocationGauge::default()).collect());
+        let l = &self.locations[i];
+        let g = &list[i];
+        g.id.store(u32::from(l.id), Ordering::Relaxed);
+        g.available.store(l.available, Ordering::Relaxed);
+        g.reserved.store(l.reserved, Ordering::Relaxed);
+        g.sold.store(l.sold, Ordering::Relaxed);
+        self.gauge.location_count.fetch_max(self.locations.len(), Ordering::Release);
+    }
+
+    /// Every location's counters (after a sale is made, loaded or moved).
+    fn publish_locations(&self) {
+        for i in 0..self.locations.len() {
+            self.publish_location(i);
+        }
     }
 
     fn assert_invariant(&self, sku: u64) {
@@ -1183,6 +1245,7 @@ impl Engine {
                 sale.available += stock;
                 sale.assert_invariant(sku);
                 sale.publish();
+                sale.publish_locations();
             }
             Event::RegionSet { sku, region, ref order, .. } => {
                 let sale = self.sale_mut(sku);
@@ -1205,6 +1268,7 @@ impl Engine {
                 sale.assert_location(sku, i);
                 sale.assert_invariant(sku);
                 sale.publish();
+                sale.publish_location(i);
             }
             Event::Paused { sku, at_ms } | Event::Resumed { sku, at_ms } => {
                 let sale = self.sale_mut(sku);
@@ -1235,6 +1299,7 @@ impl Engine {
                 sale.assert_location(sku, i);
                 sale.assert_invariant(sku);
                 sale.publish();
+                sale.publish_location(i);
             }
             Event::Released { sku, reservation_id, at_ms } | Event::Expired { sku, reservation_id, at_ms } => {
                 let state =
@@ -1253,6 +1318,7 @@ impl Engine {
                 sale.assert_location(sku, i);
                 sale.assert_invariant(sku);
                 sale.publish();
+                sale.publish_location(i);
             }
             Event::QueueConfigured { sku, admit_rate_per_s, admit_cap, admission_ms, start_at_ms, at_ms } => {
                 let config =
@@ -1336,6 +1402,7 @@ impl Engine {
             decided: Default::default(),
         };
         sale.publish();
+        sale.publish_locations();
         let previous = self.sales.insert(sku, sale);
         assert!(previous.is_none(), "sku {sku} created twice");
     }
@@ -1362,6 +1429,7 @@ impl Engine {
         sale.expiry.push_back(ExpiryEntry::new(expires_at_ms, reservation_id));
         sale.assert_invariant(sku);
         sale.publish();
+        sale.publish_location(i);
         let reservation =
             Reservation { sku, user, qty, state: HoldState::Held, expires_at_ms, settled_at_ms: 0, location: i as u8 };
         let added = sale.reservations.insert(reservation_id.into(), reservation);

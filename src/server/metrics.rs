@@ -239,6 +239,23 @@ impl Collector for Exporter {
                 ConstGauge::new(value as i64).encode(family.encode_family(&[("sku", sku.to_string())])?)?;
             }
         }
+        // Hot SKUs with several locations: each location's stock.
+        for (name, help, pick) in [
+            ("stampede_location_available", "Units available, per location of a hot SKU", 0),
+            ("stampede_location_reserved", "Units reserved, per location of a hot SKU", 1),
+            ("stampede_location_sold", "Units sold, per location of a hot SKU", 2),
+        ] {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            for (sku, route) in self.shared.router().map(|r| r.routes()).unwrap_or_default() {
+                let Some(locations) = route.gauge.locations().filter(|_| route.shard.hot) else { continue };
+                for (location, available, reserved, sold) in locations {
+                    let value = [available, reserved, sold][pick];
+                    let labels = [("sku", sku.to_string()), ("location", location.to_string())];
+                    ConstGauge::new(value as i64).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
         {
             let mut family = encoder.encode_descriptor(
                 "stampede_queue_waiting",

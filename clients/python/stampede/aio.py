@@ -20,8 +20,9 @@ It behaves like the Rust reference client (``protocol/src/client.rs``):
   reservation id, so a retry never reserves twice). ``busy`` and
   ``rate_limited`` are resent after the server's retry-after,
   ``shutting_down`` after a pause. A definite answer (``sold_out``,
-  ``confirmed``, ...) is never resent. RESTOCK, the one request that is not
-  idempotent, is only resent when it provably never left this process.
+  ``confirmed``, ...) is never resent. RESTOCK and RESTOCK_AT, the requests
+  that are not idempotent, are only resent when they provably never left
+  this process.
 - **Following the leader.** Given several node addresses, a ``not_leader``
   answer or an unreachable node makes the client ask the nodes who leads
   (CLUSTER) and move every connection there, for up to
@@ -42,7 +43,7 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from . import limits
 from .errors import (
@@ -68,6 +69,9 @@ from .messages import (
     Hello,
     HelloReply,
     Join,
+    LocationAdd,
+    Locations,
+    LocationsReply,
     Outcome,
     Pause,
     Ping,
@@ -76,14 +80,18 @@ from .messages import (
     Poll,
     QueueConfig,
     QueueTicket,
+    RegionSet,
     Release,
     Reply,
     Request,
     Reserve,
+    ReserveAt,
     ReserveBatch,
     Restock,
+    RestockAt,
     Resume,
     SaleCreate,
+    SaleLocations,
     SaleMove,
     StatusReply,
     StatusRequest,
@@ -473,6 +481,52 @@ def _check_u(value: int, bits: int, name: str) -> int:
     return value
 
 
+#: A sale's locations as ``create_sale`` takes them: ``{location: stock}``,
+#: ``(location, stock)`` pairs, or a ``SaleLocations`` (which may carry the
+#: regions too).
+LocationsArg = Union[SaleLocations, Mapping[int, int], Iterable[Tuple[int, int]]]
+#: Regions as ``create_sale`` takes them: ``{region: [location, ...]}`` or pairs.
+RegionsArg = Union[Mapping[int, Sequence[int]], Iterable[Tuple[int, Sequence[int]]]]
+
+
+def _location_ids(ids: Iterable[int], name: str) -> List[int]:
+    return [_check_u(i, 16, "%s[%d]" % (name, n)) for n, i in enumerate(ids)]
+
+
+def _sale_locations(locations: Optional[LocationsArg], regions: Optional[RegionsArg]) -> Optional[SaleLocations]:
+    """``create_sale``'s locations section, checked against the wire limits
+    (ids and stock in range, 1..=16 locations, at most 16 regions of
+    1..=8 locations): ``InvalidRequest`` before anything is sent."""
+    if locations is None:
+        if regions is not None:
+            raise InvalidRequest("regions need locations")
+        return None
+    if isinstance(locations, SaleLocations):
+        if regions is not None:
+            if locations.regions:
+                raise InvalidRequest("regions given twice: in the SaleLocations and as an argument")
+            section = SaleLocations(list(locations.locations), SaleLocations.of((), regions).regions)
+        else:
+            section = locations
+    else:
+        section = SaleLocations.of(locations, regions)
+    for n, (location, stock) in enumerate(section.locations):
+        _check_u(location, 16, "locations[%d] id" % n)
+        _check_u(stock, 64, "locations[%d] stock" % n)
+    if not 1 <= len(section.locations) <= limits.LOCATIONS_PER_SALE_MAX:
+        raise InvalidRequest(
+            "%d locations; allowed 1..=LOCATIONS_PER_SALE_MAX (%d)" % (len(section.locations), limits.LOCATIONS_PER_SALE_MAX)
+        )
+    if len(section.regions) > limits.REGIONS_PER_SALE_MAX:
+        raise InvalidRequest("%d regions; at most REGIONS_PER_SALE_MAX (%d)" % (len(section.regions), limits.REGIONS_PER_SALE_MAX))
+    for region, order in section.regions:
+        _check_u(region, 16, "region")
+        _location_ids(order, "region %d order" % region)
+        if not 1 <= len(order) <= limits.RESERVE_PREFS_MAX:
+            raise InvalidRequest("region %d orders %d locations; allowed 1..=%d" % (region, len(order), limits.RESERVE_PREFS_MAX))
+    return section
+
+
 def _retry_after_s(reply: Reply) -> Optional[float]:
     """How long to wait before resending, when the reply says "not now"
     (§9): ``busy`` and ``rate_limited`` carry the delay; a STATUS or a
@@ -637,6 +691,50 @@ class AsyncClient:
         outcome.reservation_id = rid
         return outcome
 
+    async def reserve_at(
+        self,
+        sku: int,
+        user: int,
+        qty: int = 1,
+        reservation_id: Optional[int] = None,
+        *,
+        region: Optional[int] = None,
+        locations: Optional[Sequence[int]] = None,
+    ) -> Outcome:
+        """Hold ``qty`` units of ``sku`` for ``user`` at one location
+        (RESERVE_AT, §6.2a): the first location, in ``locations`` order (up
+        to 8 ids), or in the order the sale maps ``region`` to, or in the
+        sale's default order (neither given), that has them all. Give at
+        most one of ``region`` and ``locations``. The outcome's ``location``
+        says where the units are held (0 unless ``reserved``).
+
+        Reservation ids and retries as ``reserve``: a retry reuses the id
+        and answers the original reservation and location, whatever the
+        preferences. ``unknown_location``: the list names a location the
+        sale does not have."""
+        rid = new_reservation_id() if reservation_id is None else reservation_id
+        _check_u(sku, 64, "sku"), _check_u(user, 64, "user"), _check_u(qty, 32, "qty")
+        _check_u(rid, 128, "reservation_id")
+        ids = _location_ids(locations or (), "locations")
+        if len(ids) > limits.RESERVE_PREFS_MAX:
+            raise InvalidRequest("%d preferred locations; at most RESERVE_PREFS_MAX (%d)" % (len(ids), limits.RESERVE_PREFS_MAX))
+        region_id = 0 if region is None else _check_u(region, 16, "region")
+        if region_id and ids:
+            raise InvalidRequest("reserve_at takes a region or a list of locations, not both")
+        request = ReserveAt(sku, user, qty, rid, region_id, ids)
+        try:
+            outcome = await self._outcome(request)
+        except StampedeError as e:
+            e.reservation_id = rid
+            raise
+        outcome.reservation_id = rid
+        return outcome
+
+    async def locations(self, sku: int) -> LocationsReply:
+        """A sale's locations with their counters (in its default order), and
+        its regions' orders (``busy`` is retried after 10 ms)."""
+        return self._expect(await self._call(Locations(_check_u(sku, 64, "sku"))), LocationsReply)
+
     async def reserve_batch(self, ops: Iterable[Union[Reserve, Tuple[int, int, int, int]]]) -> List[Outcome]:
         """Up to 1024 reservations in one RESERVE_BATCH frame; results in
         order. Operations answered ``busy`` or ``rate_limited`` are resent
@@ -715,8 +813,18 @@ class AsyncClient:
         *,
         hot: bool = False,
         queue: Optional[QueueConfig] = None,
+        locations: Optional[LocationsArg] = None,
+        regions: Optional[RegionsArg] = None,
     ) -> Outcome:
-        """Admin: create a sale. A retry after success answers ``sale_exists``."""
+        """Admin: create a sale. A retry after success answers ``sale_exists``.
+
+        ``locations`` splits the stock over locations (warehouses, §6.2a):
+        ``{location: stock}`` (or ``(location, stock)`` pairs, or a
+        ``SaleLocations``), 1..=16 of them, in the sale's default order;
+        ``stock`` must be their sum. ``regions`` maps regions (not 0) to an
+        order of those locations: ``{region: [location, ...]}``, at most 16
+        regions of 1..=8 locations each. Without ``locations`` the sale has
+        one location, id 0."""
         request = SaleCreate(
             _check_u(sku, 64, "sku"),
             _check_u(stock, 64, "stock"),
@@ -724,14 +832,59 @@ class AsyncClient:
             _check_u(ttl_ms, 64, "ttl_ms"),
             bool(hot),
             queue,
+            _sale_locations(locations, regions),
         )
         return await self._outcome(request)
+
+    async def create_sale_at(
+        self,
+        sku: int,
+        limit_per_user: int,
+        ttl_ms: int,
+        locations: LocationsArg,
+        regions: Optional[RegionsArg] = None,
+        *,
+        hot: bool = False,
+        queue: Optional[QueueConfig] = None,
+    ) -> Outcome:
+        """Admin: ``create_sale`` with its stock split over ``locations``;
+        the sale's stock is their sum (the Rust client's ``create_sale_at``)."""
+        sale_locations = _sale_locations(locations, regions)
+        assert sale_locations is not None
+        return await self.create_sale(
+            sku, sale_locations.stock, limit_per_user, ttl_ms, hot=hot, queue=queue, locations=sale_locations
+        )
 
     async def restock(self, sku: int, qty: int) -> Outcome:
         """Admin: add stock. **Not idempotent**: never resent once it may
         have reached the server. On a TransportError whose
         ``outcome_unknown`` is true, read ``total`` with ``status`` first."""
         return await self._outcome(Restock(_check_u(sku, 64, "sku"), _check_u(qty, 64, "qty")), idempotent=False)
+
+    async def restock_at(self, sku: int, location: int, qty: int) -> Outcome:
+        """Admin: add stock at one location; ``detail`` is the location's new
+        total. **Not idempotent**, like ``restock``: never resent once it
+        may have reached the server (on a TransportError whose
+        ``outcome_unknown`` is true, read the location with ``locations``
+        first)."""
+        request = RestockAt(_check_u(sku, 64, "sku"), _check_u(location, 16, "location"), _check_u(qty, 64, "qty"))
+        return await self._outcome(request, idempotent=False)
+
+    async def add_location(self, sku: int, location: int, stock: int) -> Outcome:
+        """Admin: a new location with ``stock`` units for a running sale,
+        last in its default order; ``detail`` is the sale's new total. A
+        retry that finds it added answers ``location_exists``."""
+        request = LocationAdd(_check_u(sku, 64, "sku"), _check_u(location, 16, "location"), _check_u(stock, 64, "stock"))
+        return await self._outcome(request)
+
+    async def set_region(self, sku: int, region: int, order: Sequence[int]) -> Outcome:
+        """Admin: shoppers of ``region`` (not 0) take their units from
+        ``order`` (1..=8 locations), first that has them, replacing the
+        region's earlier order. Idempotent."""
+        ids = _location_ids(order, "order")
+        if not 1 <= len(ids) <= limits.RESERVE_PREFS_MAX:
+            raise InvalidRequest("a region orders 1..=%d locations, got %d" % (limits.RESERVE_PREFS_MAX, len(ids)))
+        return await self._outcome(RegionSet(_check_u(sku, 64, "sku"), _check_u(region, 16, "region"), ids))
 
     async def pause(self, sku: int) -> Outcome:
         """Admin: new RESERVEs of the sale answer ``paused``."""

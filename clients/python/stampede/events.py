@@ -20,11 +20,13 @@ from typing import ClassVar, Dict, List, Tuple, Type, Union, get_args
 from .checksum import crc32c
 from .errors import Malformed
 from .limits import PAYMENT_REF_BYTES_MAX, RECORD_PAYLOAD_BYTES_MAX
+from .locations import SaleLocations, pack_ids, read_ids
 from .wire import Reader, pack_u128
 
-# Field codes of the fixed-size layouts below: Q u64, I u32, B u8 (bool for
-# ``hot``), X u128.
-_CODES = {"Q": struct.Struct("<Q"), "I": struct.Struct("<I"), "B": struct.Struct("<B")}
+# Field codes of the fixed-size layouts below: Q u64, I u32, H u16, B u8
+# (bool for ``hot``), X u128.
+_CODES = {"Q": struct.Struct("<Q"), "I": struct.Struct("<I"), "H": struct.Struct("<H"), "B": struct.Struct("<B")}
+_U16 = struct.Struct("<H")
 
 
 class _Event:
@@ -42,7 +44,13 @@ class _Event:
 
     @classmethod
     def read(cls, r: Reader) -> "_Event":
-        values = []
+        return cls(*cls._read_layout(r))
+
+    @classmethod
+    def _read_layout(cls, r: Reader) -> List[object]:
+        """The fields ``LAYOUT`` describes, in order (a layout shorter than
+        the fields leaves the rest to the subclass or to their defaults)."""
+        values: List[object] = []
         for code, f in zip(cls.LAYOUT, fields(cls)):  # type: ignore[arg-type]
             if code == "X":
                 values.append(r.u128())
@@ -50,6 +58,8 @@ class _Event:
                 values.append(r.u64())
             elif code == "I":
                 values.append(r.u32())
+            elif code == "H":
+                values.append(r.u16())
             else:
                 byte = r.u8()
                 if f.type in ("bool", bool):
@@ -58,7 +68,35 @@ class _Event:
                     values.append(bool(byte))
                 else:
                     values.append(byte)
-        return cls(*values)
+        return values
+
+
+class _Located(_Event):
+    """An event that happens at one location (PROTOCOL.md §5.12, "Locations"):
+    ``location`` 0 (a sale without locations, or its first) is the older
+    kind, ``KIND``; any other location is ``AT_KIND``, the same fields then
+    ``location u16``. Encoding picks the kind as the server does, so a
+    consumer sees one type whichever kind the record has."""
+
+    AT_KIND: ClassVar[int]
+    location: int
+
+    def encode_payload(self) -> bytes:
+        payload = super().encode_payload()
+        if self.location == 0:
+            return payload
+        return bytes((self.AT_KIND,)) + payload[1:] + _U16.pack(self.location)
+
+    @classmethod
+    def read_at(cls, r: Reader) -> "_Event":
+        """The ``AT_KIND`` layout: a location of 0 there is malformed (the
+        spec says "not 0"; the server writes the older kind for it)."""
+        event = cls.read(r)
+        location = r.u16()
+        if location == 0:
+            raise Malformed("%s: location 0 in kind %d (kind %d is for location 0)" % (cls.__name__, cls.AT_KIND, cls.KIND))
+        setattr(event, "location", location)
+        return event
 
 
 @dataclass
@@ -74,12 +112,16 @@ class SaleCreated(_Event):
 
 
 @dataclass
-class Restocked(_Event):
+class Restocked(_Located):
+    """RESTOCKED (kind 2) at location 0, RESTOCKED_AT (kind 19) elsewhere."""
+
     KIND: ClassVar[int] = 2
+    AT_KIND: ClassVar[int] = 19
     LAYOUT: ClassVar[str] = "QQQ"
     sku: int
     qty: int
     at_ms: int
+    location: int = 0
 
 
 @dataclass
@@ -99,8 +141,11 @@ class Resumed(_Event):
 
 
 @dataclass
-class Reserved(_Event):
+class Reserved(_Located):
+    """RESERVED (kind 5) at location 0, RESERVED_AT (kind 16) elsewhere."""
+
     KIND: ClassVar[int] = 5
+    AT_KIND: ClassVar[int] = 16
     LAYOUT: ClassVar[str] = "QQIXQQ"
     sku: int
     user: int
@@ -108,6 +153,7 @@ class Reserved(_Event):
     reservation_id: int
     expires_at_ms: int
     at_ms: int
+    location: int = 0
 
 
 @dataclass
@@ -233,6 +279,75 @@ class SaleMoved(_Event):
         return cls(sku, bool(placement & 1), bool(placement & 2), r.u64())
 
 
+@dataclass
+class SaleCreatedAt(_Event):
+    """A sale whose stock is split over locations (one record, so a torn
+    creation never leaves half of them): SALE_CREATE's locations section
+    (``SaleLocations``) after the fixed fields. Each location starts with
+    ``total = available = stock``; the sale's counters are their sums."""
+
+    KIND: ClassVar[int] = 17
+    LAYOUT: ClassVar[str] = "QIQBQ"
+    sku: int
+    limit_per_user: int
+    ttl_ms: int
+    hot: bool
+    at_ms: int
+    locations: SaleLocations
+
+    def encode_payload(self) -> bytes:
+        return super().encode_payload() + self.locations.encode()
+
+    @classmethod
+    def read(cls, r: Reader) -> "SaleCreatedAt":
+        sku, limit_per_user, ttl_ms, hot, at_ms = r.u64(), r.u32(), r.u64(), r.u8(), r.u64()
+        if hot > 1:
+            raise Malformed("SaleCreatedAt: hot must be 0 or 1, is %d" % hot)
+        return cls(sku, limit_per_user, ttl_ms, hot == 1, at_ms, SaleLocations.read(r))
+
+
+@dataclass
+class LocationAdded(_Event):
+    """A new location of a running sale, last in its default order, with
+    ``total = available = stock``."""
+
+    KIND: ClassVar[int] = 18
+    LAYOUT: ClassVar[str] = "QHQQ"
+    sku: int
+    location: int
+    stock: int
+    at_ms: int
+
+
+@dataclass
+class RegionSet(_Event):
+    """Shoppers of ``region`` take their units from ``order``, first that
+    has them (replacing the region's earlier order). Changes no counter."""
+
+    KIND: ClassVar[int] = 20
+    LAYOUT: ClassVar[str] = "QH"  # then n u8, n x location u16, at_ms u64
+    sku: int
+    region: int
+    order: List[int]
+    at_ms: int
+
+    def encode_payload(self) -> bytes:
+        return b"".join(
+            (
+                bytes((self.KIND,)),
+                struct.pack("<QH", self.sku, self.region),
+                pack_ids(self.order, "REGION_SET event"),
+                struct.pack("<Q", self.at_ms),
+            )
+        )
+
+    @classmethod
+    def read(cls, r: Reader) -> "RegionSet":
+        sku, region = r.u64(), r.u16()
+        order = read_ids(r)
+        return cls(sku, region, order, r.u64())
+
+
 Event = Union[
     SaleCreated,
     Restocked,
@@ -249,10 +364,18 @@ Event = Union[
     AdmissionLapsed,
     TermStarted,
     SaleMoved,
+    SaleCreatedAt,
+    LocationAdded,
+    RegionSet,
 ]
 
-# Derived from the Union, so an event type is listed once.
+# Derived from the Union, so an event type is listed once. The located
+# events answer to two kinds: ``KIND`` (location 0) and ``AT_KIND``.
 EVENT_TYPES: Dict[int, Type[_Event]] = {cls.KIND: cls for cls in get_args(Event)}
+_AT_TYPES: Dict[int, Type[_Located]] = {
+    cls.AT_KIND: cls for cls in get_args(Event) if isinstance(cls, type) and issubclass(cls, _Located)
+}
+EVENT_TYPES.update(_AT_TYPES)
 
 
 def decode_event(payload: bytes) -> Event:
@@ -262,7 +385,8 @@ def decode_event(payload: bytes) -> Event:
     cls = EVENT_TYPES.get(kind)
     if cls is None:
         raise Malformed("unknown event kind %d" % kind)
-    event = cls.read(r)
+    at = _AT_TYPES.get(kind)
+    event = at.read_at(r) if at is not None else cls.read(r)
     r.finish()
     return event  # type: ignore[return-value]
 

@@ -25,10 +25,15 @@ from .limits import (
     BATCH_OPS_MAX,
     ERROR_MESSAGE_BYTES_MAX,
     HISTORY_ENTRIES_MAX,
+    LOCATIONS_PER_SALE_MAX,
     PAYMENT_REF_BYTES_MAX,
+    REGIONS_PER_SALE_MAX,
+    RESERVE_PREFS_MAX,
     SNAPSHOT_CHUNK_BYTES_MAX,
     TOKEN_BYTES_MAX,
 )
+from .locations import SaleLocations as SaleLocations  # re-exported: SALE_CREATE's section
+from .locations import pack_ids, read_ids
 from .status import ERROR_OPCODE, REPLY_BIT, HoldState, NodeRole, Opcode, Role, Status
 from .wire import Reader, pack_u128
 
@@ -38,6 +43,8 @@ _OUTCOME = struct.Struct("<HQ")
 _SKU = struct.Struct("<Q")
 _SKU_USER = struct.Struct("<QQ")
 _U16 = struct.Struct("<H")
+_SKU_LOCATION_U64 = struct.Struct("<QHQ")  # RESTOCK_AT, LOCATION_ADD
+_WHERE = struct.Struct("<HB")  # RESERVE_AT: region, count
 
 
 # ---------------------------------------------------------------------------
@@ -134,6 +141,61 @@ class Reserve:
         op = cls.read(r)
         r.finish()
         return op
+
+
+@dataclass
+class ReserveAt:
+    """RESERVE_AT (0x18): a RESERVE that says where the units may come from
+    (§5.4a, §6.2a): ``locations``, up to ``RESERVE_PREFS_MAX`` ids in
+    order of preference, or a ``region`` the sale maps to an order, or
+    neither (the sale's default order). Not both: the server answers that
+    ``malformed_body``, so it is refused here before sending. The units
+    all come from one location, the first in the order that has them;
+    the reply (``OutcomeAt``) says which. Never packed into a BATCH."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.RESERVE_AT
+    sku: int
+    user: int
+    qty: int
+    reservation_id: int
+    region: int = 0
+    locations: List[int] = field(default_factory=list)
+
+    def encode_body(self) -> bytes:
+        n = len(self.locations)
+        if n > RESERVE_PREFS_MAX:
+            raise InvalidRequest("RESERVE_AT of %d preferred locations; at most RESERVE_PREFS_MAX (%d)" % (n, RESERVE_PREFS_MAX))
+        if self.region != 0 and n != 0:
+            raise InvalidRequest("RESERVE_AT: a region or a list of locations, not both")
+        rid = self.reservation_id
+        return b"".join(
+            (
+                _RESERVE.pack(self.sku, self.user, self.qty, rid & _MASK64, rid >> 64),
+                _WHERE.pack(self.region, n),
+                struct.pack("<%dH" % n, *self.locations),
+            )
+        )
+
+    def wire_bytes(self) -> int:
+        return 39 + 2 * len(self.locations)
+
+    @property
+    def op(self) -> Reserve:
+        """The reserve op it carries (what a retry must repeat exactly)."""
+        return Reserve(self.sku, self.user, self.qty, self.reservation_id)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "ReserveAt":
+        r = Reader(body, "RESERVE_AT")
+        op = Reserve.read(r)
+        region, count = r.unpack(_WHERE)
+        if count > RESERVE_PREFS_MAX:
+            raise Malformed("RESERVE_AT: %d preferred locations, at most %d" % (count, RESERVE_PREFS_MAX))
+        if region != 0 and count != 0:
+            raise Malformed("RESERVE_AT: a region and a list of locations")
+        locations = [r.u16() for _ in range(count)]
+        r.finish()
+        return cls(op.sku, op.user, op.qty, op.reservation_id, region, locations)
 
 
 @dataclass
@@ -296,6 +358,14 @@ class StatusRequest(_SkuOnly):
 
 
 @dataclass
+class Locations(_SkuOnly):
+    """LOCATIONS (0x19): a sale's locations with their counters, and its
+    regions' orders."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.LOCATIONS
+
+
+@dataclass
 class Pause(_SkuOnly):
     """PAUSE (0x22), admin: new RESERVEs answer ``paused``."""
 
@@ -386,7 +456,11 @@ class QueueConfig:
 
 @dataclass
 class SaleCreate:
-    """SALE_CREATE (0x20), admin: a new sale (29 bytes; 53 with a queue)."""
+    """SALE_CREATE (0x20), admin: a new sale (29 bytes; 53 with a queue;
+    then the locations section when ``locations`` is set, flag bit 2).
+    With ``locations`` the stock is split over them (§6.2a) and ``stock``
+    must be their sum (``SaleLocations.stock``); without, the sale has one
+    location, id 0."""
 
     OPCODE: ClassVar[Opcode] = Opcode.SALE_CREATE
     sku: int
@@ -395,23 +469,26 @@ class SaleCreate:
     ttl_ms: int
     hot: bool = False
     queue: Optional[QueueConfig] = None
+    locations: Optional[SaleLocations] = None
 
     _ST: ClassVar[struct.Struct] = struct.Struct("<QQIQB")
 
     def encode_body(self) -> bytes:
-        flags = (1 if self.hot else 0) | (2 if self.queue is not None else 0)
+        flags = (1 if self.hot else 0) | (2 if self.queue is not None else 0) | (4 if self.locations is not None else 0)
         body = self._ST.pack(self.sku, self.stock, self.limit_per_user, self.ttl_ms, flags)
-        return body + (self.queue.encode() if self.queue is not None else b"")
+        queue = self.queue.encode() if self.queue is not None else b""
+        return body + queue + (self.locations.encode() if self.locations is not None else b"")
 
     @classmethod
     def decode_body(cls, body: bytes) -> "SaleCreate":
         r = Reader(body, "SALE_CREATE")
         sku, stock, limit, ttl_ms, flags = r.unpack(cls._ST)
-        if flags & ~0b11:
+        if flags & ~0b111:
             raise Malformed("SALE_CREATE: unknown flag bits %#04x" % flags)
         queue = QueueConfig.read(r) if flags & 2 else None
+        locations = SaleLocations.read(r) if flags & 4 else None
         r.finish()
-        return cls(sku, stock, limit, ttl_ms, bool(flags & 1), queue)
+        return cls(sku, stock, limit, ttl_ms, bool(flags & 1), queue, locations)
 
 
 @dataclass
@@ -431,6 +508,75 @@ class Restock:
         sku, qty = r.unpack(_SKU_USER)
         r.finish()
         return cls(sku, qty)
+
+
+@dataclass
+class RestockAt:
+    """RESTOCK_AT (0x26), admin: ``qty`` more units at one location. **Not
+    idempotent**, like RESTOCK. The reply's ``detail`` is the location's
+    new total."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.RESTOCK_AT
+    sku: int
+    location: int
+    qty: int
+
+    def encode_body(self) -> bytes:
+        return _SKU_LOCATION_U64.pack(self.sku, self.location, self.qty)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "RestockAt":
+        r = Reader(body, "RESTOCK_AT")
+        sku, location, qty = r.unpack(_SKU_LOCATION_U64)
+        r.finish()
+        return cls(sku, location, qty)
+
+
+@dataclass
+class LocationAdd:
+    """LOCATION_ADD (0x27), admin: a new location with ``stock`` units for
+    a running sale, last in its default order. A repeat answers
+    ``location_exists``. The reply's ``detail`` is the sale's new total."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.LOCATION_ADD
+    sku: int
+    location: int
+    stock: int
+
+    def encode_body(self) -> bytes:
+        return _SKU_LOCATION_U64.pack(self.sku, self.location, self.stock)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "LocationAdd":
+        r = Reader(body, "LOCATION_ADD")
+        sku, location, stock = r.unpack(_SKU_LOCATION_U64)
+        r.finish()
+        return cls(sku, location, stock)
+
+
+@dataclass
+class RegionSet:
+    """REGION_SET (0x28), admin: shoppers of ``region`` (not 0) take their
+    units from ``order`` (1..=``RESERVE_PREFS_MAX`` locations), first that
+    has them, replacing the region's earlier order."""
+
+    OPCODE: ClassVar[Opcode] = Opcode.REGION_SET
+    sku: int
+    region: int
+    order: List[int]
+
+    _ST: ClassVar[struct.Struct] = struct.Struct("<QH")
+
+    def encode_body(self) -> bytes:
+        return self._ST.pack(self.sku, self.region) + pack_ids(self.order, "REGION_SET")
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "RegionSet":
+        r = Reader(body, "REGION_SET")
+        sku, region = r.unpack(cls._ST)
+        order = read_ids(r)
+        r.finish()
+        return cls(sku, region, order)
 
 
 @dataclass
@@ -555,12 +701,17 @@ Request = Union[
     Join,
     Poll,
     Batch,
+    ReserveAt,
+    Locations,
     SaleCreate,
     Restock,
     Pause,
     Resume,
     SaleMove,
     Placement,
+    RestockAt,
+    LocationAdd,
+    RegionSet,
     Replicate,
     Settled,
     StateDump,
@@ -584,16 +735,23 @@ class Outcome:
     meaning depends on it (§5.1): ``expires_at`` (unix ms) for ``reserved``,
     the confirm time for ``confirmed``, ``expires_at`` for ``expired``, the
     retry delay (ms) for ``busy`` and ``rate_limited``, the server time for
-    PING, the new total for RESTOCK, how long the sale's requests were
-    held (µs) for SALE_MOVE.
+    PING, the new total for RESTOCK and LOCATION_ADD, the location's new
+    total for RESTOCK_AT, how long the sale's requests were held (µs) for
+    SALE_MOVE.
 
     ``reservation_id`` is not on the wire: the client fills it in on the
     answer to ``reserve``, so a caller that let the client pick the id
-    learns it (and can persist it, confirm or release with it)."""
+    learns it (and can persist it, confirm or release with it).
+
+    ``location`` is on the wire only in RESERVE_AT's reply (``OutcomeAt``):
+    with ``reserved``, the location the units are held at (a retry answers
+    the original one); 0 otherwise, and 0 in every other reply (a sale
+    without locations has one, id 0)."""
 
     status: Status
     detail: int = 0
     reservation_id: Optional[int] = field(default=None, compare=False)
+    location: int = 0
 
     def encode_body(self) -> bytes:
         return _OUTCOME.pack(int(self.status), self.detail)
@@ -620,6 +778,26 @@ class Outcome:
     def retry_after_ms(self) -> Optional[int]:
         """The server's suggested delay for ``busy`` / ``rate_limited``."""
         return self.detail if self.status in (Status.BUSY, Status.RATE_LIMITED) else None
+
+
+_OUTCOME_AT = struct.Struct("<HQH")
+
+
+@dataclass
+class OutcomeAt(Outcome):
+    """RESERVE_AT reply (0x98), 12 bytes: an ``Outcome`` then ``location
+    u16`` (see ``Outcome.location``)."""
+
+    def encode_body(self) -> bytes:
+        return _OUTCOME_AT.pack(int(self.status), self.detail, self.location)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "OutcomeAt":
+        r = Reader(body, "RESERVE_AT reply")
+        status = r.status()
+        detail, location = r.u64(), r.u16()
+        r.finish()
+        return cls(status, detail, location=location)
 
 
 @dataclass
@@ -794,6 +972,83 @@ class QueueTicket:
 
 
 @dataclass
+class LocationStatus:
+    """One location's counters in a LOCATIONS reply:
+    ``available + reserved + sold == total``."""
+
+    location: int
+    total: int = 0
+    available: int = 0
+    reserved: int = 0
+    sold: int = 0
+
+    _ST: ClassVar[struct.Struct] = struct.Struct("<HQQQQ")
+
+    def encode(self) -> bytes:
+        return self._ST.pack(self.location, self.total, self.available, self.reserved, self.sold)
+
+    @classmethod
+    def read(cls, r: Reader) -> "LocationStatus":
+        return cls(*r.unpack(cls._ST))
+
+
+@dataclass
+class LocationsReply:
+    """LOCATIONS reply (0x99): the sale's locations in the order they were
+    added (its default order) with their counters, and its regions' orders
+    as ``(region, [location, ...])``. The sale's STATUS counters are the
+    sums over its locations; a sale made without locations has one, id 0,
+    and no regions. With ``unknown_sku`` (or ``busy``, ...) both lists are
+    empty."""
+
+    status: Status
+    locations: List[LocationStatus] = field(default_factory=list)
+    regions: List[Tuple[int, List[int]]] = field(default_factory=list)
+
+    def location(self, location: int) -> Optional[LocationStatus]:
+        """The counters of one location, or None if the sale has no such one."""
+        for entry in self.locations:
+            if entry.location == location:
+                return entry
+        return None
+
+    def region(self, region: int) -> Optional[List[int]]:
+        """A region's order, or None if the sale does not map it (its
+        shoppers get the default order)."""
+        for r, order in self.regions:
+            if r == region:
+                return order
+        return None
+
+    def encode_body(self) -> bytes:
+        parts = [_U16.pack(int(self.status)), bytes((len(self.locations),))]
+        parts.extend(entry.encode() for entry in self.locations)
+        parts.append(bytes((len(self.regions),)))
+        for region, order in self.regions:
+            parts.append(_U16.pack(region))
+            parts.append(pack_ids(order, "region %d" % region))
+        return b"".join(parts)
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> "LocationsReply":
+        r = Reader(body, "LOCATIONS reply")
+        status = r.status()
+        count = r.u8()
+        if count > LOCATIONS_PER_SALE_MAX:
+            raise Malformed("LOCATIONS reply: %d locations, at most %d" % (count, LOCATIONS_PER_SALE_MAX))
+        locations = [LocationStatus.read(r) for _ in range(count)]
+        count = r.u8()
+        if count > REGIONS_PER_SALE_MAX:
+            raise Malformed("LOCATIONS reply: %d regions, at most %d" % (count, REGIONS_PER_SALE_MAX))
+        regions = []
+        for _ in range(count):
+            region = r.u16()
+            regions.append((region, read_ids(r)))
+        r.finish()
+        return cls(status, locations, regions)
+
+
+@dataclass
 class LogBatch:
     """One LOG_BATCH frame of a REPLICATE stream (0xb0): records verified
     and LSNs checked to be consecutive."""
@@ -849,8 +1104,36 @@ class SaleEntry:
 
 
 @dataclass
+class LocationEntry:
+    """One location's counters in a DUMP_CHUNK, after its sale's entry (only
+    for a sale with locations: a sale with one location, id 0, and no
+    regions has none)."""
+
+    sku: int
+    location: int
+    total: int
+    available: int
+    reserved: int
+    sold: int
+
+    KIND: ClassVar[int] = 3
+    _ST: ClassVar[struct.Struct] = struct.Struct("<QHQQQQ")
+
+    def encode(self) -> bytes:
+        return bytes((self.KIND,)) + self._ST.pack(
+            self.sku, self.location, self.total, self.available, self.reserved, self.sold
+        )
+
+    @classmethod
+    def read(cls, r: Reader) -> "LocationEntry":
+        return cls(*r.unpack(cls._ST))
+
+
+@dataclass
 class ReservationEntry:
-    """A reservation (any state) in a DUMP_CHUNK."""
+    """A reservation (any state) in a DUMP_CHUNK. At ``location`` 0 it is a
+    RESERVATION entry (kind 2); at any other, RESERVATION_AT (kind 4, the
+    same fields then ``location u16``)."""
 
     sku: int
     reservation_id: int
@@ -860,22 +1143,26 @@ class ReservationEntry:
     expires_at_ms: int
     settled_at_ms: int
     payment_ref: bytes = b""
+    location: int = 0
 
     KIND: ClassVar[int] = 2
+    AT_KIND: ClassVar[int] = 4
 
     def encode(self) -> bytes:
         return b"".join(
             (
-                bytes((self.KIND,)),
+                bytes((self.AT_KIND if self.location else self.KIND,)),
                 _SKU.pack(self.sku),
                 pack_u128(self.reservation_id),
                 struct.pack("<QIBQQB", self.user, self.qty, int(self.state), self.expires_at_ms, self.settled_at_ms, len(self.payment_ref)),
                 bytes(self.payment_ref),
+                _U16.pack(self.location) if self.location else b"",
             )
         )
 
     @classmethod
-    def read(cls, r: Reader) -> "ReservationEntry":
+    def read(cls, r: Reader, at: bool = False) -> "ReservationEntry":
+        """Kind 2, or with ``at`` kind 4 (whose location must not be 0)."""
         sku, rid, user, qty, code = r.u64(), r.u128(), r.u64(), r.u32(), r.u8()
         try:
             state = HoldState(code)
@@ -884,10 +1171,16 @@ class ReservationEntry:
         expires, settled, n = r.u64(), r.u64(), r.u8()
         if n > PAYMENT_REF_BYTES_MAX:
             raise Malformed("DUMP_CHUNK: payment_ref of %d bytes" % n)
-        return cls(sku, rid, user, qty, state, expires, settled, r.bytes(n))
+        payment_ref = r.bytes(n)
+        location = 0
+        if at:
+            location = r.u16()
+            if location == 0:
+                raise Malformed("DUMP_CHUNK: RESERVATION_AT at location 0")
+        return cls(sku, rid, user, qty, state, expires, settled, payment_ref, location)
 
 
-DumpEntry = Union[SaleEntry, ReservationEntry]
+DumpEntry = Union[SaleEntry, LocationEntry, ReservationEntry]
 
 
 @dataclass
@@ -918,8 +1211,10 @@ class DumpChunk:
             kind = r.u8()
             if kind == SaleEntry.KIND:
                 entries.append(SaleEntry.read(r))
-            elif kind == ReservationEntry.KIND:
-                entries.append(ReservationEntry.read(r))
+            elif kind == LocationEntry.KIND:
+                entries.append(LocationEntry.read(r))
+            elif kind == ReservationEntry.KIND or kind == ReservationEntry.AT_KIND:
+                entries.append(ReservationEntry.read(r, at=kind == ReservationEntry.AT_KIND))
             else:
                 raise Malformed("DUMP_CHUNK: unknown entry kind %d" % kind)
         r.finish()
@@ -1132,6 +1427,8 @@ class ErrorReply:
 Reply = Union[
     HelloReply,
     Outcome,
+    OutcomeAt,
+    LocationsReply,
     BatchReply,
     StatusReply,
     QueueTicket,
@@ -1157,12 +1454,17 @@ REPLY_TYPES: Dict[int, type] = {
     Opcode.JOIN: QueueTicket,
     Opcode.POLL: QueueTicket,
     Opcode.BATCH: BatchReply,
+    Opcode.RESERVE_AT: OutcomeAt,
+    Opcode.LOCATIONS: LocationsReply,
     Opcode.SALE_CREATE: Outcome,
     Opcode.RESTOCK: Outcome,
     Opcode.PAUSE: Outcome,
     Opcode.RESUME: Outcome,
     Opcode.SALE_MOVE: Outcome,
     Opcode.PLACEMENT: PlacementReply,
+    Opcode.RESTOCK_AT: Outcome,
+    Opcode.LOCATION_ADD: Outcome,
+    Opcode.REGION_SET: Outcome,
     Opcode.REPLICATE: LogBatch,
     Opcode.SETTLED: Outcome,
     Opcode.STATE_DUMP: DumpChunk,

@@ -21,9 +21,10 @@ import threading
 from typing import Any, Awaitable, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from . import limits
-from .aio import AsyncClient, ClientStats, TLSOption
+from .aio import AsyncClient, ClientStats, LocationsArg, RegionsArg, TLSOption
 from .messages import (
     ClusterReply,
+    LocationsReply,
     Outcome,
     PlacementReply,
     QueueConfig,
@@ -179,6 +180,27 @@ class Client:
         returned as ``outcome.reservation_id``)."""
         return self._run(lambda c: c.reserve(sku, user, qty, reservation_id))  # type: ignore[no-any-return]
 
+    def reserve_at(
+        self,
+        sku: int,
+        user: int,
+        qty: int = 1,
+        reservation_id: Optional[int] = None,
+        *,
+        region: Optional[int] = None,
+        locations: Optional[Sequence[int]] = None,
+    ) -> Outcome:
+        """Hold units at one location: the first of ``locations`` (or of the
+        order ``region`` maps to, or of the sale's default order) that has
+        them all; ``outcome.location`` says which. Retries as ``reserve``."""
+        return self._run(  # type: ignore[no-any-return]
+            lambda c: c.reserve_at(sku, user, qty, reservation_id, region=region, locations=locations)
+        )
+
+    def locations(self, sku: int) -> LocationsReply:
+        """A sale's locations with their counters, and its regions' orders."""
+        return self._run(lambda c: c.locations(sku))  # type: ignore[no-any-return]
+
     def reserve_batch(self, ops: Iterable[Union[Reserve, Tuple[int, int, int, int]]]) -> List[Outcome]:
         """Up to 1024 reservations in one frame; results in order."""
         ops = list(ops)
@@ -217,15 +239,51 @@ class Client:
         *,
         hot: bool = False,
         queue: Optional[QueueConfig] = None,
+        locations: Optional[LocationsArg] = None,
+        regions: Optional[RegionsArg] = None,
     ) -> Outcome:
-        """Admin: create a sale."""
+        """Admin: create a sale, its stock split over ``locations``
+        (``{location: stock}``) if given, with ``regions``
+        (``{region: [location, ...]}``)."""
         return self._run(  # type: ignore[no-any-return]
-            lambda c: c.create_sale(sku, stock, limit_per_user, ttl_ms, hot=hot, queue=queue)
+            lambda c: c.create_sale(
+                sku, stock, limit_per_user, ttl_ms, hot=hot, queue=queue, locations=locations, regions=regions
+            )
+        )
+
+    def create_sale_at(
+        self,
+        sku: int,
+        limit_per_user: int,
+        ttl_ms: int,
+        locations: LocationsArg,
+        regions: Optional[RegionsArg] = None,
+        *,
+        hot: bool = False,
+        queue: Optional[QueueConfig] = None,
+    ) -> Outcome:
+        """Admin: create a sale whose stock is the sum of its ``locations``."""
+        return self._run(  # type: ignore[no-any-return]
+            lambda c: c.create_sale_at(sku, limit_per_user, ttl_ms, locations, regions, hot=hot, queue=queue)
         )
 
     def restock(self, sku: int, qty: int) -> Outcome:
         """Admin: add stock (not idempotent, never resent once sent)."""
         return self._run(lambda c: c.restock(sku, qty))  # type: ignore[no-any-return]
+
+    def restock_at(self, sku: int, location: int, qty: int) -> Outcome:
+        """Admin: add stock at one location (not idempotent, never resent
+        once sent)."""
+        return self._run(lambda c: c.restock_at(sku, location, qty))  # type: ignore[no-any-return]
+
+    def add_location(self, sku: int, location: int, stock: int) -> Outcome:
+        """Admin: a new location for a running sale (a repeat answers
+        ``location_exists``)."""
+        return self._run(lambda c: c.add_location(sku, location, stock))  # type: ignore[no-any-return]
+
+    def set_region(self, sku: int, region: int, order: Sequence[int]) -> Outcome:
+        """Admin: the order of locations for shoppers of ``region``."""
+        return self._run(lambda c: c.set_region(sku, region, order))  # type: ignore[no-any-return]
 
     def pause(self, sku: int) -> Outcome:
         """Admin: pause a sale."""
