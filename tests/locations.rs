@@ -17,6 +17,9 @@ use rand::{Rng, SeedableRng};
 use stampede_protocol::message::{LocationStatus, SaleCreate, SaleLocations, Where};
 use stampede_protocol::Status;
 
+/// Acknowledged reservations: id -> (user, location, qty).
+type Acked = HashMap<u128, (u64, u16, u32)>;
+
 fn sale(sku: u64, stock: u64, limit: u32) -> SaleCreate {
     SaleCreate { sku, stock, limit_per_user: limit, ttl_ms: 60_000, hot: false, queue: None }
 }
@@ -191,7 +194,7 @@ async fn concurrent_buyers_never_oversell_any_location() {
     let stock = [(1u16, 40u64), (2, 25), (3, 10)];
     create_at(&server, 30, stock.to_vec(), vec![(1, vec![3, 1]), (2, vec![2])]).await;
     let client = server.checkout(4).await;
-    let acked: Arc<Mutex<HashMap<u128, (u64, u16, u32)>>> = Default::default();
+    let acked: Arc<Mutex<Acked>> = Default::default();
     let mut tasks = Vec::new();
     for worker in 0..8u64 {
         let (client, acked) = (client.clone(), acked.clone());
@@ -237,7 +240,8 @@ async fn concurrent_buyers_never_oversell_any_location() {
     // Released ones are out; what is held is what the server says.
     let mut held: HashMap<u16, u64> = HashMap::new();
     let mut per_user: HashMap<u64, u64> = HashMap::new();
-    for (id, (user, location, qty)) in acked.lock().iter() {
+    let acked = acked.lock().clone();
+    for (id, (user, location, qty)) in acked.iter() {
         let confirm = client.confirm(*id, b"p").await.unwrap();
         if confirm.status == Status::Confirmed {
             *held.entry(*location).or_default() += u64::from(*qty);

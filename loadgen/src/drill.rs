@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use stampede_protocol::Status;
 
-use crate::audit::{self, Acked, Tally};
-use crate::report::{Invariants, Latency, OpSummary, Second, ServerCpu, Summary};
-use crate::scenario::{AfterReserve, Plan, Scenario, Session};
+use crate::audit::{self, Acked, LocationAudit, Tally};
+use crate::report::{Invariants, Latency, OpSummary, RegionServed, Regional, Second, ServerCpu, Summary};
+use crate::scenario::{AfterReserve, Plan, Scenario, Session, REGIONAL_WAREHOUSES, REGIONS};
 use crate::target::{SkuState, Target};
 
 /// Latencies are recorded in microseconds up to this (anything slower is
@@ -257,6 +257,72 @@ struct Shared {
     /// `shifting`: when each phase's first user was taken (ms into the
     /// drill; `u64::MAX`: not yet).
     phase_started_ms: Vec<AtomicU64>,
+    /// `regional`: what each region's shoppers were answered (one per
+    /// region of [`REGIONS`]; empty for the other scenarios).
+    regions: Vec<RegionTally>,
+}
+
+/// `regional`: one region's answers, counted as they come.
+#[derive(Default)]
+struct RegionTally {
+    shoppers: AtomicU64,
+    explicit: AtomicU64,
+    reserved: AtomicU64,
+    /// Reservations per warehouse (index in [`REGIONAL_WAREHOUSES`]), and
+    /// one slot past them for a location the sale does not have.
+    by_warehouse: [AtomicU64; REGIONAL_WAREHOUSES.len() + 1],
+    refused: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl RegionTally {
+    fn count(&self, session: &Session, answer: Option<(Status, u16)>) {
+        let count = |n: &AtomicU64| {
+            n.fetch_add(1, Ordering::Relaxed);
+        };
+        count(&self.shoppers);
+        if session.at.is_some_and(|at| !at.list().is_empty()) {
+            count(&self.explicit);
+        }
+        match answer {
+            Some((Status::Reserved, location)) => {
+                count(&self.reserved);
+                let slot = REGIONAL_WAREHOUSES.iter().position(|&(id, _)| id == location);
+                count(&self.by_warehouse[slot.unwrap_or(REGIONAL_WAREHOUSES.len())]);
+            }
+            Some(_) => count(&self.refused),
+            None => count(&self.errors),
+        }
+    }
+
+    fn report(&self, region: &crate::scenario::Region) -> RegionServed {
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        let mut served = RegionServed {
+            region: region.id,
+            name: region.name.to_string(),
+            order: region.order.to_vec(),
+            shoppers: load(&self.shoppers),
+            explicit: load(&self.explicit),
+            reserved: load(&self.reserved),
+            refused: load(&self.refused),
+            errors: load(&self.errors),
+            ..RegionServed::default()
+        };
+        for (slot, n) in self.by_warehouse.iter().enumerate() {
+            let n = load(n);
+            let id = REGIONAL_WAREHOUSES.get(slot).map(|&(id, _)| id);
+            match id.and_then(|id| region.order.iter().position(|&o| o == id)) {
+                Some(0) => served.first_choice += n,
+                Some(_) => served.further += n,
+                None => served.elsewhere += n,
+            }
+            if n > 0 {
+                // u16::MAX: a location the sale was never given.
+                served.by_warehouse.push((id.unwrap_or(u16::MAX), n));
+            }
+        }
+        served
+    }
 }
 
 fn status_name(status: Status) -> &'static str {
@@ -332,6 +398,7 @@ async fn worker(shared: Arc<Shared>) -> Recorder {
             rec.also(OpKind::ReserveOrdinary, start);
         }
         shared.requests.fetch_add(1, Ordering::Relaxed);
+        let region_of = |s: &Session| s.region.and_then(|r| shared.regions.get(usize::from(r)));
         let results = match results {
             Ok(results) => results,
             Err(e) => {
@@ -339,19 +406,29 @@ async fn worker(shared: Arc<Shared>) -> Recorder {
                 for session in &sessions {
                     rec.outcome("error");
                     shared.tally.set(session.index, Acked::Unknown);
+                    if let Some(region) = region_of(session) {
+                        region.count(session, None);
+                    }
                 }
                 continue;
             }
         };
         let mut winners = Vec::new();
-        for (session, (status, detail)) in sessions.iter().zip(results) {
+        for (session, (status, detail, location)) in sessions.iter().zip(results) {
             rec.outcome(status_name(status));
+            if let Some(region) = region_of(session) {
+                region.count(session, Some((status, location)));
+            }
             if status == Status::Reserved {
                 shared.reserved.fetch_add(1, Ordering::Relaxed);
                 // The target's expiry if it said (stampede does), else a
                 // lower bound: it decided after the request was sent.
                 let expires_at_ms = if detail != 0 { detail } else { sent_ms + shared.plan.ttl_of(session.sku) };
-                shared.tally.held(session.index, expires_at_ms);
+                if session.at.is_some() {
+                    shared.tally.held_at(session.index, expires_at_ms, location);
+                } else {
+                    shared.tally.held(session.index, expires_at_ms);
+                }
                 if session.then != AfterReserve::Abandon {
                     winners.push(*session);
                 }
@@ -452,8 +529,20 @@ pub async fn run(target: Arc<Target>, plan: Arc<Plan>, config: DrillConfig, labe
 /// the drill's tally (see [`crate::audit`]). Also returns the target's
 /// counters per SKU.
 pub async fn verify(target: &Target, plan: &Plan, tally: &Tally) -> anyhow::Result<(Invariants, Vec<SkuState>)> {
+    let (invariants, sales, _) = verify_detailed(target, plan, tally).await?;
+    Ok((invariants, sales))
+}
+
+/// [`verify`], also returning the audit of each location of the plan's
+/// sales with locations (`regional`).
+pub async fn verify_detailed(
+    target: &Target,
+    plan: &Plan,
+    tally: &Tally,
+) -> anyhow::Result<(Invariants, Vec<SkuState>, Vec<LocationAudit>)> {
     let state = target.state(plan).await?;
-    Ok((audit::check(plan, tally, &state, now_ms()), state.sales))
+    let (invariants, locations) = audit::check_detailed(plan, tally, &state, now_ms());
+    Ok((invariants, state.sales, locations))
 }
 
 /// [`run`], also returning the tally (to audit the target again later).
@@ -467,7 +556,12 @@ pub async fn execute(
         target.prepare(&plan).await?;
     }
     // Made (and its memory touched) before the clock starts.
-    let tally = Tally::new(if config.ping_only { 0 } else { plan.users }, now_ms());
+    let tally_users = if config.ping_only { 0 } else { plan.users };
+    let tally = if plan.has_locations() {
+        Tally::with_locations(tally_users, now_ms())
+    } else {
+        Tally::new(tally_users, now_ms())
+    };
     let latencies = Arc::new(std::sync::Mutex::new(Latencies {
         ops: (0..OP_NAMES.len()).map(|_| histogram()).collect(),
         timeline: Vec::new(),
@@ -497,6 +591,11 @@ pub async fn execute(
         requests: AtomicU64::new(0),
         reserved: AtomicU64::new(0),
         phase_started_ms: (0..crate::scenario::SHIFTING_PHASES).map(|_| AtomicU64::new(u64::MAX)).collect(),
+        regions: if plan.scenario == Scenario::Regional {
+            REGIONS.iter().map(|_| RegionTally::default()).collect()
+        } else {
+            Vec::new()
+        },
     });
     let done = Arc::new(AtomicBool::new(false));
     let progress = config.progress.then(|| {
@@ -564,12 +663,17 @@ pub async fn execute(
     };
     let placement = moves.map(|moves| placement_report(&shared.phase_started_ms, moves));
     let latencies = total.latencies.clone();
-    let tally = Arc::into_inner(shared).expect("workers and the progress task are done").tally;
-    let (invariants, audit) = if config.ping_only {
-        (Invariants { ok: true, ..Invariants::default() }, Vec::new())
+    let shared = Arc::into_inner(shared).expect("workers and the progress task are done");
+    let (tally, region_tallies) = (shared.tally, shared.regions);
+    let (invariants, audit, warehouses) = if config.ping_only {
+        (Invariants { ok: true, ..Invariants::default() }, Vec::new(), Vec::new())
     } else {
-        verify(&target, &plan, &tally).await?
+        verify_detailed(&target, &plan, &tally).await?
     };
+    let regional = (plan.scenario == Scenario::Regional && !config.ping_only).then(|| Regional {
+        warehouses,
+        regions: REGIONS.iter().zip(&region_tallies).map(|(region, tally)| tally.report(region)).collect(),
+    });
 
     let latencies = std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner()));
     let mut all = histogram();
@@ -617,6 +721,7 @@ pub async fn execute(
         config,
         failover: None,
         placement,
+        regional,
     };
     Ok((summary, tally))
 }

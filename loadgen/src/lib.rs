@@ -3,9 +3,9 @@
 //!
 //! # Layout
 //!
-//! - [`scenario`]: the scenarios (`flash`, `mixed`, `checkout`, `queue`):
-//!   which sales exist and what virtual user k does (derived from k, so a
-//!   million users cost nothing until they act).
+//! - [`scenario`]: the scenarios (`flash`, `mixed`, `checkout`, `queue`,
+//!   `shifting`, `regional`): which sales exist and what virtual user k
+//!   does (derived from k, so a million users cost nothing until they act).
 //! - [`target`]: stampede (client library), Redis (one Lua script via
 //!   EVALSHA, pipelined) and PostgreSQL (a conditional UPDATE on the SKU
 //!   row plus a per-user row, in a transaction), one outcome vocabulary.

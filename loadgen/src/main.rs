@@ -56,7 +56,8 @@ struct DrillArgs {
     /// Virtual users (one shopping session each).
     #[arg(long, default_value_t = 1_000_000)]
     users: u64,
-    /// Units of the hot sale (of each SKU in `mixed`).
+    /// Units of the hot sale (of each SKU in `mixed`; split over its six
+    /// warehouses in `regional`).
     #[arg(long, default_value_t = 10_000)]
     stock: u64,
     /// Stop after this long even if users remain.
@@ -231,6 +232,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Node(_) => unreachable!("run before the runtime"),
         Command::Compare { args, postgres_url } => {
+            // Before the stampede run: the baselines would refuse it after.
+            stampede_loadgen::target::refuse_locations(args.scenario, "redis and postgres")?;
             let mut runs = serde_json::Map::new();
             let mut ok = true;
             let mut record = |name: &str, summary: &Summary| {

@@ -15,6 +15,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Serialize;
 
+use crate::audit::LocationAudit;
 use crate::drill::DrillConfig;
 use crate::scenario::Scenario;
 use crate::target::SkuState;
@@ -98,6 +99,47 @@ pub struct Summary {
     /// `shifting`: where the hot SKU of each phase ran, and when it moved.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
+    /// `regional`: each warehouse's units and audit, and where each
+    /// region's shoppers were served from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regional: Option<Regional>,
+}
+
+/// The `regional` drill per location (warehouse) and per region.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Regional {
+    /// Per warehouse: its stock, the target's counters after the drill,
+    /// what the drill was told about it, and whether the two agree.
+    pub warehouses: Vec<LocationAudit>,
+    pub regions: Vec<RegionServed>,
+}
+
+/// Where one region's shoppers got their units, as the `reserved`
+/// answers said (RESERVE_AT's location).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RegionServed {
+    pub region: u16,
+    pub name: String,
+    /// The region's warehouses, nearest first.
+    pub order: Vec<u16>,
+    /// Shoppers who asked (one RESERVE_AT each)...
+    pub shoppers: u64,
+    /// ...of whom this many sent an explicit list (the region's order,
+    /// then every other warehouse) instead of the region.
+    pub explicit: u64,
+    pub reserved: u64,
+    /// Served from the region's nearest warehouse...
+    pub first_choice: u64,
+    /// ...from a further one of the region's...
+    pub further: u64,
+    /// ...or (explicit lists only) from one outside the region's order.
+    pub elsewhere: u64,
+    /// Refused: `sold_out` (none of their warehouses had a unit), `busy`, ...
+    pub refused: u64,
+    /// Answers lost (unknown outcome).
+    pub errors: u64,
+    /// Reservations per warehouse: (location, reservations).
+    pub by_warehouse: Vec<(u16, u64)>,
 }
 
 /// The `shifting` drill's view of the server's placement, from STATUS
@@ -231,6 +273,9 @@ impl Summary {
                 s.sku, s.total, s.available, s.reserved, s.sold
             );
         }
+        if let Some(r) = &self.regional {
+            out.push_str(&r.table());
+        }
         let _ = writeln!(
             out,
             "invariants: {} ({})",
@@ -285,11 +330,124 @@ impl Summary {
         if !self.audit.is_empty() {
             page.push_str(&audit_table(self));
         }
+        if let Some(regional) = &self.regional {
+            page.push_str(&regional.html());
+        }
         let _ = write!(
             page,
             "<details><summary>Configuration as JSON</summary><pre>{}</pre></details></body></html>",
             escape(&serde_json::to_string_pretty(&self.config).unwrap_or_default())
         );
+        page
+    }
+}
+
+impl Regional {
+    /// The per-warehouse and per-region tables of the text report.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}  audit",
+            "warehouse", "stock", "sold", "held", "available", "acked sold", "acked held", "in flight", "misplaced"
+        );
+        for w in &self.warehouses {
+            let _ = writeln!(
+                out,
+                "{:<9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9}  {}",
+                w.location,
+                w.stock,
+                w.sold,
+                w.reserved,
+                w.available,
+                w.acked_sold,
+                w.acked_held + w.maybe_held,
+                w.in_flight,
+                w.misplaced,
+                if w.ok { "OK".to_string() } else { format!("BROKEN ({} units unaccounted)", w.unaccounted) }
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{:<19} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>8}  reservations by warehouse",
+            "region", "shoppers", "explicit", "reserved", "first", "further", "elsewhere", "refused", "first %",
+        );
+        for r in &self.regions {
+            let order: Vec<String> = r.order.iter().map(u16::to_string).collect();
+            let by: Vec<String> = r.by_warehouse.iter().map(|(w, n)| format!("{w}:{n}")).collect();
+            let _ = writeln!(
+                out,
+                "{:<19} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7.1}%  {}",
+                format!("{} {} [{}]", r.region, r.name, order.join(",")),
+                r.shoppers,
+                r.explicit,
+                r.reserved,
+                r.first_choice,
+                r.further,
+                r.elsewhere,
+                r.refused,
+                100.0 * r.first_choice as f64 / r.reserved.max(1) as f64,
+                by.join(" ")
+            );
+        }
+        out
+    }
+
+    fn html(&self) -> String {
+        let mut page = String::from(
+            "<h2>Warehouses</h2><p>Each warehouse's units after the drill, what the drill was told about it (the \
+             location each <code>reserved</code> answer named), and the audit of the two.</p><table><tr>\
+             <th>warehouse</th><th>stock</th><th>sold</th><th>held</th><th>available</th><th>acked sold</th>\
+             <th>acked held</th><th>in flight</th><th>misplaced</th><th>audit</th></tr>",
+        );
+        for w in &self.warehouses {
+            let audit = if w.ok {
+                "<b class=\"ok\">OK</b>".to_string()
+            } else {
+                format!("<b class=\"bad\">BROKEN</b> ({} units unaccounted)", w.unaccounted)
+            };
+            let _ = write!(
+                page,
+                "<tr><td class=\"name\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                 <td>{}</td><td>{}</td><td>{audit}</td></tr>",
+                w.location,
+                grouped(w.stock),
+                grouped(w.sold),
+                grouped(w.reserved),
+                grouped(w.available),
+                grouped(w.acked_sold),
+                grouped(w.acked_held + w.maybe_held),
+                grouped(w.in_flight),
+                grouped(w.misplaced)
+            );
+        }
+        page.push_str(
+            "</table><h2>Regions</h2><p>Where each region's shoppers were served from: their nearest warehouse, a \
+             further one of their region's, or (explicit lists only) one outside it.</p><table><tr><th>region</th>\
+             <th>warehouses</th><th>shoppers</th><th>explicit lists</th><th>reserved</th><th>first choice</th>\
+             <th>further</th><th>elsewhere</th><th>refused</th><th>by warehouse</th></tr>",
+        );
+        for r in &self.regions {
+            let order: Vec<String> = r.order.iter().map(u16::to_string).collect();
+            let by: Vec<String> = r.by_warehouse.iter().map(|(w, n)| format!("{w}: {}", grouped(*n))).collect();
+            let _ = write!(
+                page,
+                "<tr><td class=\"name\">{} {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                 <td>{}</td><td>{}</td><td class=\"name\">{}</td></tr>",
+                r.region,
+                escape(&r.name),
+                order.join(", "),
+                grouped(r.shoppers),
+                grouped(r.explicit),
+                grouped(r.reserved),
+                grouped(r.first_choice),
+                grouped(r.further),
+                grouped(r.elsewhere),
+                grouped(r.refused),
+                escape(&by.join(", "))
+            );
+        }
+        page.push_str("</table>");
         page
     }
 }
@@ -362,6 +520,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Checkout => "Checkout",
         Scenario::Queue => "Queue-gated flash sale",
         Scenario::Shifting => "Shifting demand",
+        Scenario::Regional => "Regional demand",
     }
 }
 
@@ -391,6 +550,12 @@ fn drill_description(summary: &Summary) -> &'static str {
         Scenario::Shifting => {
             "20 ordinary SKUs, none created hot; the shoppers come in six phases and in each another SKU takes 85 % \
              of the demand. The server moves the hot one to a shard of its own, and back when the demand moves on."
+        }
+        Scenario::Regional => {
+            "One sale whose stock sits in six warehouses (40/25/15/10/6/4 %); four regions (40/30/20/10 % of the \
+             shoppers) each ship from three or four of them, nearest first, sharing some. Shoppers reserve by \
+             region (one in five with an explicit list of warehouses), then confirm (70 %), release (20 %) or \
+             abandon (10 %)."
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use clap::ValueEnum;
 use serde::Serialize;
-use stampede_protocol::message::QueueConfig;
+use stampede_protocol::message::{QueueConfig, SaleLocations, Where};
 
 /// SKU of the flash / checkout / queue sale.
 pub const HOT_SKU: u64 = 1;
@@ -19,6 +19,38 @@ pub const SHIFTING_SKUS: u64 = 20;
 /// `SHIFTING_HOT_SHARE` of the demand (phase k: SKU k + 1).
 pub const SHIFTING_PHASES: u64 = 6;
 pub const SHIFTING_HOT_SHARE: f64 = 0.85;
+
+/// The `regional` sale's warehouses (location ids) and their share of its
+/// stock, per mille: skewed, as a retailer's stock is.
+pub const REGIONAL_WAREHOUSES: [(u16, u64); 6] = [(1, 400), (2, 250), (3, 150), (4, 100), (5, 60), (6, 40)];
+
+/// One region of the `regional` scenario: its share of the shoppers and
+/// the warehouses it ships from, nearest first.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Region {
+    /// The region id the sale maps (RESERVE_AT's `region`, never 0).
+    pub id: u16,
+    pub name: &'static str,
+    /// Share of the shoppers.
+    pub demand: f64,
+    /// Its warehouses, nearest first (the sale's order for the region).
+    pub order: &'static [u16],
+}
+
+/// The `regional` scenario's regions: skewed demand (40/30/20/10 %), each
+/// shipping from 3-4 warehouses, sharing some with its neighbours so they
+/// compete for them (1 and 2 by the two big ones, 3 and 4 by the small ones).
+pub const REGIONS: [Region; 4] = [
+    Region { id: 1, name: "north", demand: 0.40, order: &[1, 2, 4] },
+    Region { id: 2, name: "east", demand: 0.30, order: &[2, 1, 3] },
+    Region { id: 3, name: "south", demand: 0.20, order: &[3, 5, 2, 6] },
+    Region { id: 4, name: "west", demand: 0.10, order: &[6, 4, 5, 3] },
+];
+
+/// Share of the `regional` shoppers who send an explicit list of
+/// warehouses (their region's order, then every other warehouse: "nearest
+/// first, else from anywhere") instead of their region.
+pub const REGIONAL_EXPLICIT_SHARE: f64 = 0.2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -36,6 +68,12 @@ pub enum Scenario {
     /// in each another SKU takes 85% of the demand: the server must find
     /// the hot one and give it a shard of its own, then give it back.
     Shifting,
+    /// One sale whose stock sits in 6 warehouses (40/25/15/10/6/4 %); 4
+    /// regions (40/30/20/10 % of the shoppers) each ship from 3-4 of them,
+    /// nearest first, sharing some. Shoppers reserve by region (1 in 5
+    /// with an explicit list), then confirm (70 %), release (20 %) or
+    /// abandon. Stampede only.
+    Regional,
 }
 
 /// What the drill creates before it starts.
@@ -47,6 +85,8 @@ pub struct SaleSpec {
     pub ttl_ms: u64,
     pub hot: bool,
     pub queue: Option<QueueConfig>,
+    /// Stock split over locations (warehouses) and the regions' orders.
+    pub locations: Option<SaleLocations>,
 }
 
 /// What one virtual user does.
@@ -58,6 +98,11 @@ pub struct Session {
     pub user: u64,
     pub reservation_id: u128,
     pub then: AfterReserve,
+    /// `regional`: where the units may come from (RESERVE_AT); `None`: a
+    /// plain RESERVE.
+    pub at: Option<Where>,
+    /// `regional`: the index of the shopper's region in [`REGIONS`].
+    pub region: Option<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,11 +142,26 @@ impl Plan {
     /// `stock` is the hot sale's stock (per SKU in `mixed`); `ttl_ms` the
     /// reservation TTL (checkout abandons expire after it).
     pub fn new(scenario: Scenario, users: u64, stock: u64, ttl_ms: u64, seed: u64) -> Plan {
-        let sale = |sku, stock, limit, hot| SaleSpec { sku, stock, limit_per_user: limit, ttl_ms, hot, queue: None };
+        let sale = |sku, stock, limit, hot| SaleSpec {
+            sku,
+            stock,
+            limit_per_user: limit,
+            ttl_ms,
+            hot,
+            queue: None,
+            locations: None,
+        };
         let sales = match scenario {
             Scenario::Flash | Scenario::Checkout => vec![sale(HOT_SKU, stock, 1, true)],
             Scenario::Mixed => (1..=MIXED_SKUS).map(|sku| sale(sku, stock, 2, sku <= 2)).collect(),
             Scenario::Shifting => (1..=SHIFTING_SKUS).map(|sku| sale(sku, stock, 1, false)).collect(),
+            Scenario::Regional => vec![SaleSpec {
+                locations: Some(SaleLocations {
+                    locations: regional_stock(stock),
+                    regions: REGIONS.iter().map(|r| (r.id, r.order.to_vec())).collect(),
+                }),
+                ..sale(HOT_SKU, stock, 1, true)
+            }],
             Scenario::Queue => vec![SaleSpec {
                 queue: Some(QueueConfig {
                     // Admit fast enough that the drill is about the sale,
@@ -161,12 +221,32 @@ impl Plan {
                 p if p < 0.8 => AfterReserve::Release,
                 _ => AfterReserve::Abandon,
             },
+            Scenario::Regional => match unit(splitmix64(h)) {
+                p if p < 0.7 => AfterReserve::Confirm,
+                p if p < 0.9 => AfterReserve::Release,
+                _ => AfterReserve::Abandon,
+            },
             _ => AfterReserve::Confirm,
+        };
+        let (at, region) = if self.scenario == Scenario::Regional {
+            let (region, explicit) = regional_choice(splitmix64(h ^ 0x2e61_0a11));
+            let order = REGIONS[region].order;
+            let at = if explicit {
+                // Nearest first, then every other warehouse by id.
+                let mut list: Vec<u16> = order.to_vec();
+                list.extend(REGIONAL_WAREHOUSES.iter().map(|&(id, _)| id).filter(|id| !order.contains(id)));
+                Where::locations(&list)
+            } else {
+                Where::Region(REGIONS[region].id)
+            };
+            (Some(at), Some(region as u8))
+        } else {
+            (None, None)
         };
         // Reservation ids: the drill's seed in the high half, the index low:
         // unique per drill, repeatable, never 0.
         let reservation_id = (u128::from(self.seed | 1) << 64) | u128::from(index + 1);
-        Session { index, sku, user, reservation_id, then }
+        Session { index, sku, user, reservation_id, then, at, region }
     }
 
     /// The virtual user whose reservation id this is, if it is one of
@@ -186,8 +266,46 @@ impl Plan {
         })
     }
 
+    /// The locations `sku`'s sale has (`None`: one, id 0, the plain kind).
+    pub fn locations_of(&self, sku: u64) -> Option<&SaleLocations> {
+        self.sales.iter().find(|s| s.sku == sku).and_then(|s| s.locations.as_ref())
+    }
+
+    /// Whether any of the plan's sales has its stock in several locations.
+    pub fn has_locations(&self) -> bool {
+        self.sales.iter().any(|s| s.locations.is_some())
+    }
+
     /// The reservation TTL of `sku`'s sale.
     pub fn ttl_of(&self, sku: u64) -> u64 {
         self.sales.iter().find(|s| s.sku == sku).map_or(0, |s| s.ttl_ms)
     }
+}
+
+/// The `regional` sale's stock split over [`REGIONAL_WAREHOUSES`] by their
+/// shares (rounded down; the remainder goes to the first, the largest).
+pub fn regional_stock(stock: u64) -> Vec<(u16, u64)> {
+    let mut split: Vec<(u16, u64)> = REGIONAL_WAREHOUSES
+        .iter()
+        .map(|&(id, permille)| (id, (u128::from(stock) * u128::from(permille) / 1000) as u64))
+        .collect();
+    let rest = stock - split.iter().map(|(_, n)| n).sum::<u64>();
+    split[0].1 += rest;
+    split
+}
+
+/// A `regional` shopper's region (index in [`REGIONS`], by its demand
+/// share) and whether it sends an explicit list, from a hash.
+fn regional_choice(h: u64) -> (usize, bool) {
+    let u = unit(h);
+    let mut cumulative = 0.0;
+    let mut region = REGIONS.len() - 1;
+    for (i, r) in REGIONS.iter().enumerate() {
+        cumulative += r.demand;
+        if u < cumulative {
+            region = i;
+            break;
+        }
+    }
+    (region, unit(splitmix64(h)) < REGIONAL_EXPLICIT_SHARE)
 }

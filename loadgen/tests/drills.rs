@@ -40,6 +40,7 @@ async fn every_scenario_keeps_the_invariants_on_stampede() {
         (Scenario::Checkout, 2_000, 300),
         (Scenario::Queue, 600, 100),
         (Scenario::Shifting, 3_000, 100),
+        (Scenario::Regional, 3_000, 500),
     ] {
         // A fresh server per scenario (the sales are created anew).
         let server = LocalStampede::start(Durability::Fsync).await.unwrap();
@@ -82,9 +83,59 @@ async fn every_scenario_keeps_the_invariants_on_stampede() {
                 let sold = |sku: u64| summary.audit.iter().find(|s| s.sku == sku).map_or(0, |s| s.sold);
                 assert!(sold(1) > 4 * sold(20), "{}", summary.table());
             }
+            Scenario::Regional => check_regional(&summary, sold),
         }
         server.stop().await.unwrap();
     }
+}
+
+/// `regional`: every warehouse audited (each acknowledged reservation at
+/// the location its answer named, the counters per location), the sale's
+/// counters their sums, and the regions' answers adding up.
+fn check_regional(summary: &stampede_loadgen::report::Summary, sold: u64) {
+    let table = summary.table();
+    let regional = summary.regional.as_ref().expect("the regional drill reports its warehouses");
+    let warehouses = &regional.warehouses;
+    assert_eq!(warehouses.iter().map(|w| w.location).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6], "{table}");
+    assert_eq!(warehouses.iter().map(|w| w.stock).sum::<u64>(), 500);
+    assert!(warehouses.iter().all(|w| w.ok && w.misplaced == 0 && w.total == w.stock), "{table}");
+    assert!(warehouses.iter().all(|w| w.sold + w.reserved <= w.stock), "{table}");
+    assert!(warehouses.iter().all(|w| w.acknowledged > 0), "every warehouse served someone: {table}");
+    assert_eq!(warehouses.iter().map(|w| w.sold).sum::<u64>(), sold, "the sale's sold is its warehouses': {table}");
+    let acked: u64 = warehouses.iter().map(|w| w.acknowledged).sum();
+    assert_eq!(acked, summary.invariants.acknowledged, "every acknowledgement was checked at its location");
+    assert!(table.contains("warehouse") && table.contains("north"), "{table}");
+
+    let regions = &regional.regions;
+    assert_eq!(regions.iter().map(|r| r.region).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    let total = |f: fn(&stampede_loadgen::report::RegionServed) -> u64| regions.iter().map(f).sum::<u64>();
+    assert_eq!(total(|r| r.shoppers), summary.ops["reserve"].count, "one RESERVE_AT per shopper");
+    assert_eq!(total(|r| r.reserved), summary.outcomes["reserved"]);
+    assert_eq!(total(|r| r.refused) + total(|r| r.errors) + total(|r| r.reserved), total(|r| r.shoppers));
+    for r in regions {
+        assert_eq!(r.first_choice + r.further + r.elsewhere, r.reserved, "{table}");
+        assert_eq!(r.by_warehouse.iter().map(|(_, n)| n).sum::<u64>(), r.reserved, "{table}");
+        assert!(r.elsewhere <= r.explicit, "only explicit lists reach past the region: {table}");
+        assert!(r.explicit > 0 && r.explicit < r.shoppers / 2, "about 1 in 5 send a list: {table}");
+    }
+    // Skewed demand: north (40 %) has the most shoppers, west (10 %) the fewest.
+    assert!(regions[0].shoppers > regions[1].shoppers && regions[2].shoppers > regions[3].shoppers, "{table}");
+    // 3000 shoppers for 500 units: the near warehouses run out, so some
+    // are served further away, and some are turned away.
+    assert!(total(|r| r.further) > 0 && total(|r| r.refused) > 0, "{table}");
+}
+
+/// The baselines have one stock counter per SKU: `compare` refuses the
+/// `regional` scenario before it starts anything.
+#[test]
+fn compare_refuses_the_regional_scenario_up_front() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stampede-loadgen"))
+        .args(["compare", "--scenario", "regional", "--users", "100", "--stock", "10", "--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the regional scenario needs a stampede target"), "{stderr}");
 }
 
 /// The checkout-service shape: 512 callers share two coalescing
@@ -178,6 +229,10 @@ async fn the_postgres_baseline_has_stampedes_semantics() {
 }
 
 async fn check_baseline_semantics(target: &Target, ttl_ms: u64) {
+    // Stock in several locations is stampede's alone: refused, nothing touched.
+    let regional = Plan::new(Scenario::Regional, 10, 10, ttl_ms, 99);
+    let refused = target.prepare(&regional).await.expect_err("the regional scenario is stampede's");
+    assert!(refused.to_string().contains("needs a stampede target"), "{refused}");
     // Stock 3, limit 1 (flash).
     let plan = Plan::new(Scenario::Flash, 10, 3, ttl_ms, 99);
     target.prepare(&plan).await.unwrap();
@@ -215,6 +270,36 @@ async fn check_baseline_semantics(target: &Target, ttl_ms: u64) {
     // After the TTL the hold cannot be confirmed.
     tokio::time::sleep(std::time::Duration::from_millis(ttl_ms + 200)).await;
     assert_eq!(target.confirm(&s[2]).await.unwrap(), Status::Expired);
+}
+
+/// `regional` through the binary: the per-warehouse and per-region tables
+/// are printed, and are in the JSON and HTML reports.
+#[test]
+fn the_binary_reports_regional_demand_per_warehouse() {
+    let dir = std::env::temp_dir().join(format!("stampede-loadgen-regional-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, html) = (dir.join("drill.json"), dir.join("drill.html"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stampede-loadgen"))
+        .args(["drill", "--scenario", "regional", "--users", "2000", "--stock", "400", "--quiet"])
+        .args(["--callers", "64", "--connections", "2", "--json"])
+        .arg(&json)
+        .arg("--html")
+        .arg(&html)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("invariants: OK") && stdout.contains("warehouse"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let warehouses = v["regional"]["warehouses"].as_array().expect("regional.warehouses");
+    assert_eq!(warehouses.len(), 6);
+    assert!(warehouses.iter().all(|w| w["ok"] == true && w["stock"].is_u64() && w["sold"].is_u64()), "{v}");
+    let regions = v["regional"]["regions"].as_array().expect("regional.regions");
+    assert_eq!(regions.len(), 4);
+    assert!(regions.iter().all(|r| r["first_choice"].is_u64() && r["further"].is_u64()), "{v}");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<h2>Warehouses</h2>") && page.contains("<h2>Regions</h2>"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

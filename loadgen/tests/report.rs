@@ -61,6 +61,7 @@ fn summary(target: &str, rate: u64, p50: u64, seconds: u64) -> Summary {
         failover: None,
         server_cpu: None,
         placement: None,
+        regional: None,
     }
 }
 

@@ -371,6 +371,15 @@ pub fn encode_event(event: &Event, dst: &mut BytesMut) {
         }
     }
 }
+/// The location of an `_AT` kind: never 0 (location 0 has the older kind,
+/// so every event has one encoding).
+fn nonzero(r: &mut Reader<'_>) -> Result<u16, Malformed> {
+    match r.u16()? {
+        0 => Err(Malformed("an _AT event for location 0 (that is the older kind)".into())),
+        location => Ok(location),
+    }
+}
+
 /// Decode one event payload (the whole payload must be consumed).
 pub fn decode_event(payload: &[u8]) -> Result<Event, Malformed> {
     let mut r = Reader::new(payload, "event");
@@ -384,7 +393,7 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, Malformed> {
             at_ms: r.u64()?,
         },
         RESTOCKED => Event::Restocked { sku: r.u64()?, qty: r.u64()?, at_ms: r.u64()?, location: 0 },
-        RESTOCKED_AT => Event::Restocked { sku: r.u64()?, qty: r.u64()?, at_ms: r.u64()?, location: r.u16()? },
+        RESTOCKED_AT => Event::Restocked { sku: r.u64()?, qty: r.u64()?, at_ms: r.u64()?, location: nonzero(&mut r)? },
         PAUSED => Event::Paused { sku: r.u64()?, at_ms: r.u64()? },
         RESUMED => Event::Resumed { sku: r.u64()?, at_ms: r.u64()? },
         kind @ (RESERVED | RESERVED_AT) => Event::Reserved {
@@ -394,7 +403,7 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, Malformed> {
             reservation_id: r.u128()?,
             expires_at_ms: r.u64()?,
             at_ms: r.u64()?,
-            location: if kind == RESERVED_AT { r.u16()? } else { 0 },
+            location: if kind == RESERVED_AT { nonzero(&mut r)? } else { 0 },
         },
         CONFIRMED => {
             let sku = r.u64()?;

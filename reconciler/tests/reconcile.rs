@@ -402,3 +402,124 @@ async fn quiesce(node: &stampede::node::Node) -> u64 {
         last = now;
     }
 }
+
+/// A sale in three warehouses (and one without locations) under seeded
+/// load with preferences, regions, restocks of one warehouse, a warehouse
+/// added mid-sale and a region re-mapped: PostgreSQL holds one row per
+/// warehouse equal to the engine's, every reservation at the warehouse the
+/// server answered, the report is clean per warehouse; a warehouse row
+/// changed behind the reconciler's back (still adding up) is named, and
+/// one that does not add up is refused by the table's CHECK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warehouses_settle_row_by_row_and_the_report_compares_each() {
+    use stampede_protocol::message::{SaleCreate, SaleLocations, Where};
+    let seed = seed("warehouses");
+    let db = TestDb::new("warehouses").await;
+    let dir = TempDir::new("warehouses");
+    let node = start_node(&dir.0, "127.0.0.1:0").await;
+    let addr = node.addr().to_string();
+    let client = admin_client(&addr).await;
+    let create = |sku, stock| SaleCreate { sku, stock, limit_per_user: 6, ttl_ms: 60_000, hot: false, queue: None };
+    let spec =
+        SaleLocations { locations: vec![(1, 300), (2, 120), (3, 40)], regions: vec![(7, vec![3, 2]), (8, vec![1])] };
+    assert_eq!(client.create_sale_at(create(10, 460), spec).await.unwrap().status, Status::Ok);
+    assert_eq!(client.create_sale(create(11, 50)).await.unwrap().status, Status::Ok);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut placed: Vec<(u128, u16)> = Vec::new();
+    for i in 0..1_500u64 {
+        if i == 500 {
+            assert_eq!(client.add_location(10, 9, 25).await.unwrap().status, Status::Ok);
+            assert_eq!(client.set_region(10, 8, &[9, 1]).await.unwrap().status, Status::Ok);
+        }
+        if i % 300 == 299 {
+            assert_eq!(client.restock_at(10, 3, 5).await.unwrap().status, Status::Ok);
+        }
+        let sku = if i % 7 == 0 { 11 } else { 10 };
+        let at = match rng.gen_range(0..4) {
+            0 => Where::Region(rng.gen_range(7..=9)),
+            1 => Where::locations(&[rng.gen_range(1..=3), 1]),
+            _ => Where::Default,
+        };
+        let id = u128::from(i) + 1;
+        let outcome = client.reserve_at(sku, rng.gen_range(0..200), rng.gen_range(1..=2), id, at).await.unwrap();
+        if outcome.status == Status::Reserved {
+            placed.push((id, outcome.location));
+            match rng.gen_range(0..3) {
+                0 => assert_eq!(client.confirm(id, b"pi").await.unwrap().status, Status::Confirmed),
+                1 => assert_eq!(client.release(id).await.unwrap().status, Status::Released),
+                _ => {}
+            }
+        }
+    }
+    assert!(placed.len() > 300, "seed {seed}: {} reservations", placed.len());
+    let lsn = quiesce(&node).await;
+    let (url, server) = (db.url.clone(), addr.clone());
+    blocking(move || run_until_caught_up(&url, &server)).await;
+    assert_eq!(db.watermark().await, lsn);
+    let (url, server) = (db.url.clone(), addr.clone());
+    let (code, json, stderr) = blocking(move || report_json(&url, &server)).await;
+    assert_eq!(code, 0, "seed {seed}: report: {json:#}\n{stderr}");
+    assert_eq!(json["ok"], true);
+
+    // One row per warehouse, equal to the engine's.
+    for sku in [10u64, 11] {
+        let rows: Vec<(i32, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT location, total, available, reserved, sold FROM stampede.sale_locations WHERE sku = $1 \
+             ORDER BY location",
+        )
+        .bind(sku as i64)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        let mut live: Vec<(i32, i64, i64, i64, i64)> = client
+            .locations(sku)
+            .await
+            .unwrap()
+            .locations
+            .iter()
+            .map(|l| (i32::from(l.location), l.total as i64, l.available as i64, l.reserved as i64, l.sold as i64))
+            .collect();
+        live.sort_unstable();
+        assert_eq!(rows, live, "seed {seed}: sku {sku} warehouses");
+    }
+    // Every reservation at the warehouse the server answered.
+    for (id, location) in &placed {
+        let row: i32 = sqlx::query_scalar("SELECT location FROM stampede.reservations WHERE id = $1")
+            .bind(uuid::Uuid::from_u128(*id))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(row, i32::from(*location), "seed {seed}: reservation {id}");
+    }
+
+    // A sold unit put back as available at warehouse 2, behind the
+    // reconciler's back: the row still adds up, the comparison names it.
+    let changed = sqlx::query(
+        "UPDATE stampede.sale_locations SET sold = sold - 1, available = available + 1 \
+         WHERE sku = 10 AND location = 2 AND sold > 0",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(changed, 1);
+    let (url, server) = (db.url.clone(), addr.clone());
+    let (code, json, _) = blocking(move || report_json(&url, &server)).await;
+    assert_eq!(code, 1, "seed {seed}: a warehouse that differs exits 1: {json:#}");
+    let bad: Vec<u64> = json["skus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["ok"] == false)
+        .map(|s| s["sku"].as_u64().unwrap())
+        .collect();
+    assert_eq!(bad, vec![10]);
+    // A row that does not add up is refused by PostgreSQL itself.
+    let refused = sqlx::query("UPDATE stampede.sale_locations SET sold = sold + 1 WHERE sku = 10 AND location = 1")
+        .execute(&db.pool)
+        .await;
+    assert!(refused.is_err(), "the CHECK refuses a warehouse whose counters do not add up");
+
+    stop_node(node).await;
+    db.drop_db().await;
+}

@@ -24,7 +24,18 @@ from .errors import (
     TransportError,
 )
 from .ids import format_reservation_id, new_reservation_id, parse_reservation_id
-from .messages import ClusterReply, Outcome, QueueConfig, QueueTicket, Reserve, StatusReply
+from .messages import (
+    ClusterReply,
+    LocationsReply,
+    LocationStatus,
+    Outcome,
+    OutcomeAt,
+    QueueConfig,
+    QueueTicket,
+    Reserve,
+    SaleLocations,
+    StatusReply,
+)
 from .status import NodeRole, Opcode, Role, Status
 from .sync import Client
 
@@ -39,15 +50,19 @@ __all__ = [
     "ConnectError",
     "ConnectionLost",
     "InvalidRequest",
+    "LocationStatus",
+    "LocationsReply",
     "NodeRole",
     "Opcode",
     "Outcome",
+    "OutcomeAt",
     "ProtocolError",
     "QueueConfig",
     "QueueTicket",
     "RequestTimeout",
     "Reserve",
     "Role",
+    "SaleLocations",
     "ServerError",
     "StampedeError",
     "Status",

@@ -2,7 +2,9 @@
 
 Commands: ``ping``, ``status``, ``reserve``, ``confirm``, ``release`` (and
 ``cluster``), with ``stampede-ctl``'s flags and output: one line for
-people, or one JSON object with ``--json``. The token comes from
+people (plus a table of locations for a sale with several), or one JSON
+object with ``--json``. ``reserve`` takes ``--location`` (repeated, in
+order of preference) or ``--region``, and says where the units are held. The token comes from
 ``$STAMPEDE_TOKEN`` only, so it never shows in ``ps``.
 
 Exit status, as ``stampede-ctl``'s: 0 whenever the server answered
@@ -53,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--user", type=int, required=True)
     r.add_argument("--qty", type=int, default=1)
     r.add_argument("--id", type=_id, help="reservation id in hex (default: a fresh random id); reuse it to retry")
+    where = r.add_mutually_exclusive_group()
+    where.add_argument(
+        "--location",
+        dest="locations",
+        type=int,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a preferred location (warehouse), in order: repeat the flag; the units come from the first that has them all",
+    )
+    where.add_argument("--region", type=int, help="the shopper's region (the sale maps it to an order of locations)")
     c = sub.add_parser("confirm", help="turn a reservation into a sale")
     c.add_argument("--id", type=_id, required=True)
     c.add_argument("--payment-ref", default="")
@@ -104,6 +117,14 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
                 "placement": "dedicated" if s.hot else "pool",
                 "pinned": s.pinned,
             }
+            if s.status is Status.OK:
+                loc = client.locations(args.sku)
+                v["locations"] = [
+                    {"location": x.location, "total": x.total, "available": x.available, "reserved": x.reserved, "sold": x.sold}
+                    for x in loc.locations
+                ]
+                if loc.regions:
+                    v["regions"] = [{"region": r, "order": order} for r, order in loc.regions]
             if s.queue is not None:
                 q = s.queue
                 v["queue"] = {
@@ -116,8 +137,14 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
             return v
         if args.command == "reserve":
             rid = args.id if args.id is not None else new_reservation_id()
-            v = outcome_json(client.reserve(args.sku, args.user, args.qty, rid))
+            # RESERVE_AT, as stampede-ctl sends: with neither flag it is the
+            # sale's default order (what RESERVE does), and the reply says
+            # where the units are held.
+            o = client.reserve_at(args.sku, args.user, args.qty, rid, region=args.region, locations=args.locations)
+            v = outcome_json(o)
             v["id"] = format_reservation_id(rid)
+            if o.status is Status.RESERVED:
+                v["location"] = o.location
             return v
         if args.command == "confirm":
             return outcome_json(client.confirm(args.id, args.payment_ref.encode("utf-8")))
@@ -163,6 +190,14 @@ def _human(v: Dict[str, Any]) -> str:
             ", pinned" if v.get("pinned") else "",
             ", paused" if v.get("paused") else "",
         )
+        # One location (id 0) is a sale without locations: nothing more to say.
+        locations = v.get("locations") or []
+        if len(locations) > 1 or (locations and locations[0]["location"] != 0):
+            line += "\n%10s %12s %12s %12s %12s" % ("location", "total", "available", "reserved", "sold")
+            for x in locations:
+                line += "\n%10s %12s %12s %12s %12s" % (x["location"], x["total"], x["available"], x["reserved"], x["sold"])
+            for r in v.get("regions") or []:
+                line += "\nregion %s: %s" % (r["region"], json.dumps(r["order"], separators=(",", ":")))
         q = v.get("queue")
         if q:
             line += "\nqueue: %s waiting, %s admitted now, %s admitted in all, %s/s, oldest wait %s ms" % (

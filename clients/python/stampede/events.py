@@ -9,6 +9,14 @@ every shared test vector), and for SRE scripts that read the log.
 
 Kinds are never renumbered, and a consumer must refuse a kind it does not
 know rather than skip it (skipping would silently diverge).
+
+Locations (§6.2a): ``Reserved`` and ``Restocked`` have a ``location``. At
+location 0 (a sale without locations has one, id 0) they are the older
+kinds, RESERVED (5) and RESTOCKED (2); elsewhere RESERVED_AT (16) and
+RESTOCKED_AT (19), the same fields then ``location u16``. Encoding picks
+the kind as the server does, and an ``_AT`` kind naming location 0 is
+malformed. CONFIRMED, RELEASED and EXPIRED act on the reservation's
+location.
 """
 
 from __future__ import annotations
@@ -44,13 +52,9 @@ class _Event:
 
     @classmethod
     def read(cls, r: Reader) -> "_Event":
-        return cls(*cls._read_layout(r))
-
-    @classmethod
-    def _read_layout(cls, r: Reader) -> List[object]:
-        """The fields ``LAYOUT`` describes, in order (a layout shorter than
-        the fields leaves the rest to the subclass or to their defaults)."""
-        values: List[object] = []
+        # A layout shorter than the fields leaves the rest to their defaults
+        # (``location`` of the located events: see ``_Located``).
+        values = []
         for code, f in zip(cls.LAYOUT, fields(cls)):  # type: ignore[arg-type]
             if code == "X":
                 values.append(r.u128())
@@ -68,7 +72,7 @@ class _Event:
                     values.append(bool(byte))
                 else:
                     values.append(byte)
-        return values
+        return cls(*values)
 
 
 class _Located(_Event):

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import time
 from typing import Dict, List, Tuple
 
@@ -31,9 +32,9 @@ from stampede import (
     TransportError,
     new_reservation_id,
 )
-from stampede.frame import FrameReader, encode_frame
-from stampede.messages import ErrorReply, Ping, decode_reply
-from stampede.status import Role
+from stampede.frame import Frame, FrameReader, encode_frame
+from stampede.messages import ErrorReply, HelloReply, LocationsReply, Ping, Reserve, decode_reply
+from stampede.status import Opcode, Role
 
 HOUR_MS = 3_600_000
 
@@ -46,6 +47,11 @@ async def create_sale(addr: str, sku: int, stock: int, limit: int = 1, ttl_ms: i
     async with AsyncClient(addr, ADMIN) as admin:
         outcome = await admin.create_sale(sku, stock, limit, ttl_ms, **kw)  # type: ignore[arg-type]
         assert outcome.status is Status.OK, outcome
+
+
+def counters_of(reply: LocationsReply) -> List[Tuple[int, int, int, int, int]]:
+    """A LOCATIONS reply's counters: (location, total, available, reserved, sold)."""
+    return [(x.location, x.total, x.available, x.reserved, x.sold) for x in reply.locations]
 
 
 def test_reserve_confirm_release(server: ServerProcess) -> None:
@@ -135,6 +141,160 @@ def test_admin_calls_and_the_queue(server: ServerProcess) -> None:
             assert status.queue is not None and status.queue.admit_rate_per_s == 1000
 
     run(main())
+
+
+def test_stock_in_several_locations(server: ServerProcess) -> None:
+    """A sale with two locations and a region: RESERVE_AT by preference, by
+    region and in the default order; LOCATIONS' counters per location and
+    their sums in STATUS; RESTOCK_AT, LOCATION_ADD, REGION_SET; and the
+    same state after a restart (the new log events replay)."""
+
+    async def main() -> None:
+        async with AsyncClient(server.addr, ADMIN) as admin, AsyncClient(server.addr, CHECKOUT) as c:
+            # Location 1 with 3 units, location 2 with 5; region 9 prefers 2.
+            created = await admin.create_sale(40, 8, 5, HOUR_MS, locations={1: 3, 2: 5}, regions={9: [2, 1]})
+            assert created.status is Status.OK, created
+            again = await admin.create_sale_at(40, 5, HOUR_MS, {1: 3, 2: 5}, {9: [2, 1]})
+            assert again.status is Status.SALE_EXISTS
+            # The stock must add up; a region may only name the sale's locations.
+            assert (await admin.create_sale(41, 9, 5, HOUR_MS, locations={1: 3, 2: 5})).status is Status.INVALID_ARGUMENT
+            refused = await admin.create_sale(41, 3, 5, HOUR_MS, locations={1: 3}, regions={9: [4]})
+            assert refused.status is Status.UNKNOWN_LOCATION
+
+            loc = await c.locations(40)
+            assert loc.status is Status.OK
+            assert counters_of(loc) == [(1, 3, 3, 0, 0), (2, 5, 5, 0, 0)]
+            assert loc.regions == [(9, [2, 1])]
+
+            # The default order: the first location that has all the units.
+            a = await c.reserve_at(40, 1, 2)
+            assert (a.status, a.location) == (Status.RESERVED, 1), a
+            # A list of preferences.
+            b = await c.reserve_at(40, 2, 2, locations=[2, 1])
+            assert (b.status, b.location) == (Status.RESERVED, 2), b
+            # Never split: location 1 has one unit left, so two come from 2.
+            rid = new_reservation_id()
+            d = await c.reserve_at(40, 3, 2, rid, locations=[1, 2])
+            assert (d.status, d.location, d.reservation_id) == (Status.RESERVED, 2, rid), d
+            # A retry answers the original reservation and location, whatever
+            # the preferences sent the second time, and reserves nothing more.
+            retry = await c.reserve_at(40, 3, 2, rid, locations=[1])
+            assert (retry.status, retry.detail, retry.location) == (Status.RESERVED, d.detail, 2)
+            # Each location has one unit now.
+            short = await c.reserve_at(40, 4, 2, locations=[1])
+            assert (short.status, short.location) == (Status.INSUFFICIENT_STOCK, 0)
+            assert (await c.reserve_at(40, 4, 2, locations=[1, 2])).status is Status.INSUFFICIENT_STOCK
+            # The region's order: 2 first.
+            e = await c.reserve_at(40, 4, 1, region=9)
+            assert (e.status, e.location) == (Status.RESERVED, 2), e
+            assert (await c.reserve_at(40, 5, 1, locations=[2])).status is Status.SOLD_OUT
+            assert (await c.reserve_at(40, 5, 1, locations=[7])).status is Status.UNKNOWN_LOCATION
+            # A region the sale does not map: the default order.
+            f = await c.reserve_at(40, 5, 1, region=77)
+            assert (f.status, f.location) == (Status.RESERVED, 1), f
+
+            loc = await c.locations(40)
+            assert counters_of(loc) == [(1, 3, 0, 3, 0), (2, 5, 0, 5, 0)]
+            s = await c.status(40)
+            assert (s.total, s.available, s.reserved, s.sold) == (8, 0, 8, 0), "STATUS sums the locations"
+
+            # CONFIRM and RELEASE act on the reservation's location.
+            assert (await c.release(a.reservation_id)).status is Status.RELEASED  # type: ignore[arg-type]
+            assert (await c.confirm(b.reservation_id, b"pi_b")).status is Status.CONFIRMED  # type: ignore[arg-type]
+            assert counters_of(await c.locations(40)) == [(1, 3, 2, 1, 0), (2, 5, 0, 3, 2)]
+
+            # Admin: restock one location, add one, map a region.
+            restocked = await admin.restock_at(40, 2, 4)
+            assert (restocked.status, restocked.detail) == (Status.OK, 9), "detail: the location's new total"
+            assert (await admin.restock_at(40, 7, 1)).status is Status.UNKNOWN_LOCATION
+            added = await admin.add_location(40, 3, 10)
+            assert (added.status, added.detail) == (Status.OK, 22), "detail: the sale's new total"
+            assert (await admin.add_location(40, 3, 10)).status is Status.LOCATION_EXISTS
+            assert (await admin.set_region(40, 5, [3, 1])).status is Status.OK
+            assert (await admin.set_region(40, 5, [8])).status is Status.UNKNOWN_LOCATION
+            assert (await admin.set_region(40, 0, [1])).status is Status.INVALID_ARGUMENT
+            g = await c.reserve_at(40, 6, 1, region=5)
+            assert (g.status, g.location) == (Status.RESERVED, 3), g
+
+            loc = await c.locations(40)
+            assert counters_of(loc) == [(1, 3, 2, 1, 0), (2, 9, 4, 3, 2), (3, 10, 9, 1, 0)], "added last"
+            assert dict((r, o) for r, o in loc.regions) == {9: [2, 1], 5: [3, 1]}
+            s = await c.status(40)
+            assert (s.total, s.available, s.reserved, s.sold) == (22, 15, 5, 2)
+
+            # The per-user limit counts every location: user 4 holds 1 at 2.
+            limited = await c.reserve_at(40, 4, 5, locations=[3])
+            assert limited.status is Status.LIMIT_EXCEEDED
+
+            # RESERVE takes the default order; RESTOCK adds to the first
+            # location and answers the sale's new total.
+            h = await c.reserve(40, 7, 1)
+            assert (h.status, h.location) == (Status.RESERVED, 0), "RESERVE's reply carries no location"
+            restocked = await admin.restock(40, 1)
+            assert (restocked.status, restocked.detail) == (Status.OK, 23)
+            assert counters_of(await c.locations(40)) == [(1, 4, 2, 2, 0), (2, 9, 4, 3, 2), (3, 10, 9, 1, 0)]
+
+        # kill -9 and a restart replay the log: the same locations, regions
+        # and holds.
+        await asyncio.get_running_loop().run_in_executor(None, server.restart)
+        async with AsyncClient(server.addr, CHECKOUT) as c:
+            after = await c.locations(40)
+            assert counters_of(after) == [(1, 4, 2, 2, 0), (2, 9, 4, 3, 2), (3, 10, 9, 1, 0)]
+            assert dict((r, o) for r, o in after.regions) == {9: [2, 1], 5: [3, 1]}
+            retry = await c.reserve_at(40, 3, 2, rid)
+            assert (retry.status, retry.detail, retry.location) == (Status.RESERVED, d.detail, 2)
+
+    run(main())
+
+
+def test_a_sale_without_locations_has_one_with_id_0(server: ServerProcess) -> None:
+    async def main() -> None:
+        await create_sale(server.addr, 43, stock=5, limit=5)
+        async with AsyncClient(server.addr, CHECKOUT) as c:
+            loc = await c.locations(43)
+            assert (loc.status, counters_of(loc), loc.regions) == (Status.OK, [(0, 5, 5, 0, 0)], [])
+            held = await c.reserve_at(43, 1, 2)
+            assert (held.status, held.location) == (Status.RESERVED, 0)
+            # RESERVE is RESERVE_AT in the default order: the same outcome.
+            assert (await c.reserve(43, 1, 2, held.reservation_id)).detail == held.detail
+            assert (await c.reserve_at(43, 2, 1, locations=[1])).status is Status.UNKNOWN_LOCATION
+            assert counters_of(await c.locations(43)) == [(0, 5, 3, 2, 0)]
+            unknown = await c.locations(404)
+            assert (unknown.status, unknown.locations, unknown.regions) == (Status.UNKNOWN_SKU, [], [])
+            assert (await c.reserve_at(404, 1, 1, region=3)).status is Status.UNKNOWN_SKU
+        async with AsyncClient(server.addr, ADMIN) as admin:
+            # A sale without locations can grow one.
+            assert (await admin.add_location(43, 7, 4)).status is Status.OK
+            async with AsyncClient(server.addr, CHECKOUT) as c:
+                assert [x.location for x in (await c.locations(43)).locations] == [0, 7]
+                moved = await c.reserve_at(43, 3, 4, locations=[7])
+                assert (moved.status, moved.location) == (Status.RESERVED, 7)
+
+    run(main())
+
+
+def test_reserve_at_with_a_region_and_a_list_is_malformed_on_the_server(server: ServerProcess) -> None:
+    """The client refuses to send it; the server, sent the bytes anyway,
+    answers ``malformed_body`` with the request's id and closes (§5.4a)."""
+    body = Reserve(42, 7, 1, new_reservation_id()).encode_body() + bytes.fromhex("0200" "01" "0300")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        reader = FrameReader()
+        frames: List[Frame] = []
+        s.sendall(encode_frame(Opcode.HELLO, 1, struct.pack("<H", len(CHECKOUT)) + CHECKOUT.encode()))
+        deadline = time.monotonic() + 5
+        while not frames and time.monotonic() < deadline:
+            frames.extend(reader.feed(s.recv(4096)))
+        hello = decode_reply(frames[0], Opcode.HELLO)
+        assert isinstance(hello, HelloReply) and hello.status is Status.OK
+        s.sendall(encode_frame(Opcode.RESERVE_AT, 2, body))
+        while time.monotonic() < deadline:
+            data = s.recv(4096)
+            if not data:
+                break  # the server closes after a protocol error
+            frames.extend(reader.feed(data))
+        assert [f.request_id for f in frames] == [1, 2]
+        reply = decode_reply(frames[1], Opcode.RESERVE_AT)
+        assert isinstance(reply, ErrorReply) and reply.status is Status.MALFORMED_BODY
 
 
 def test_expiry(server: ServerProcess) -> None:

@@ -64,3 +64,28 @@ def test_blocking_client_bad_token(server: ServerProcess) -> None:
     finally:
         client.close()
     assert threading.active_count() < 50
+
+
+def test_blocking_client_locations(server: ServerProcess) -> None:
+    """The location calls of the blocking client: a sale over two
+    warehouses, reservations by preference and by region, LOCATIONS."""
+    with Client(server.addr, ADMIN) as admin:
+        assert admin.create_sale_at(22, 2, 600_000, {1: 4, 3: 6}, {2: [3, 1]}).status is Status.OK
+        assert admin.status(22).total == 10, "the stock is the locations' sum"
+        with Client(server.addr, CHECKOUT) as c:
+            near = c.reserve_at(22, 1, 1, region=2)
+            assert (near.status, near.location) == (Status.RESERVED, 3)
+            listed = c.reserve_at(22, 2, 2, locations=[1, 3])
+            assert (listed.status, listed.location) == (Status.RESERVED, 1)
+            assert c.reserve_at(22, 3, 1, locations=[5]).status is Status.UNKNOWN_LOCATION
+            assert (admin.restock_at(22, 1, 2).status, admin.add_location(22, 5, 1).status) == (Status.OK, Status.OK)
+            assert admin.set_region(22, 2, [5, 3]).status is Status.OK
+            far = c.reserve_at(22, 3, 1, region=2)
+            assert (far.status, far.location) == (Status.RESERVED, 5)
+            reply = c.locations(22)
+            assert [(x.location, x.total, x.available, x.reserved) for x in reply.locations] == [
+                (1, 6, 4, 2),
+                (3, 6, 5, 1),
+                (5, 1, 0, 1),
+            ]
+            assert reply.region(2) == [5, 3]

@@ -11,7 +11,7 @@ use stampede_protocol::message::QueueTicket;
 use stampede_protocol::Status;
 
 use crate::audit::TargetState;
-use crate::scenario::{Plan, Session};
+use crate::scenario::{Plan, Scenario, Session};
 
 /// One SKU's counters as the target reports them after a drill.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -22,6 +22,23 @@ pub struct SkuState {
     pub reserved: u64,
     pub sold: u64,
 }
+
+/// One location's (warehouse's) counters of a sale with locations, as the
+/// target reports them after a drill (stampede's LOCATION dump entries).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LocationState {
+    pub sku: u64,
+    pub location: u16,
+    pub total: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+}
+
+/// What a RESERVE was answered: the status, `detail` (the expiry for
+/// `reserved`) and, for a reservation taken at a location (RESERVE_AT),
+/// the location its units are held at (0 otherwise).
+pub type ReserveResult = (Status, u64, u16);
 
 pub enum Target {
     Stampede(stampede::StampedeTarget),
@@ -56,8 +73,13 @@ impl Target {
         }
     }
 
-    /// Create the scenario's sales (fresh state).
+    /// Create the scenario's sales (fresh state). The baselines have one
+    /// stock counter per SKU: a scenario whose sales have their stock in
+    /// several locations (`regional`) is refused.
     pub async fn prepare(&self, plan: &Plan) -> anyhow::Result<()> {
+        if !matches!(self, Target::Stampede(_)) {
+            refuse_locations(plan.scenario, self.kind())?;
+        }
         match self {
             Target::Stampede(t) => t.prepare(plan).await,
             Target::Redis(t) => t.prepare(plan).await,
@@ -67,12 +89,14 @@ impl Target {
 
     /// Reserve one unit for each session (one frame, pipeline or
     /// transaction each, as the target does it best). Per session:
-    /// `(status, detail)`; `detail` is the expiry for `reserved`.
-    pub async fn reserve(&self, plan: &Plan, sessions: &[Session]) -> anyhow::Result<Vec<(Status, u64)>> {
+    /// `(status, detail, location)`; `detail` is the expiry for `reserved`,
+    /// `location` where the units are (sessions with `at`: RESERVE_AT).
+    pub async fn reserve(&self, plan: &Plan, sessions: &[Session]) -> anyhow::Result<Vec<ReserveResult>> {
+        let plain = |results: Vec<(Status, u64)>| results.into_iter().map(|(s, d)| (s, d, 0)).collect();
         match self {
             Target::Stampede(t) => t.reserve(sessions).await,
-            Target::Redis(t) => t.reserve(plan, sessions).await,
-            Target::Postgres(t) => t.reserve(plan, sessions).await,
+            Target::Redis(t) => Ok(plain(t.reserve(plan, sessions).await?)),
+            Target::Postgres(t) => Ok(plain(t.reserve(plan, sessions).await?)),
         }
     }
 
@@ -136,4 +160,17 @@ impl Target {
             Target::Postgres(t) => t.state(plan).await,
         }
     }
+}
+
+/// The scenarios only stampede can run: stock in several locations
+/// (`regional`) has no counterpart in the Redis and PostgreSQL baselines
+/// (one stock counter, or row, per SKU). `kind`: the target asked for.
+pub fn refuse_locations(scenario: Scenario, kind: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        scenario != Scenario::Regional,
+        "the regional scenario needs a stampede target, not {kind}: its sale's stock sits in several locations \
+         (warehouses) chosen per reservation by RESERVE_AT, which the Redis and PostgreSQL baselines do not model \
+         (one stock counter per SKU)"
+    );
+    Ok(())
 }

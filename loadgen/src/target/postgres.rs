@@ -196,9 +196,10 @@ impl PgTarget {
                 qty: r.get::<i32, _>(3) as u32,
                 state,
                 expires_at_ms: r.get::<i64, _>(5) as u64,
+                location: 0,
             });
         }
-        Ok(TargetState { sales: self.audit(plan).await?, reservations })
+        Ok(TargetState { sales: self.audit(plan).await?, locations: Vec::new(), reservations })
     }
 
     pub async fn audit(&self, _plan: &Plan) -> anyhow::Result<Vec<SkuState>> {

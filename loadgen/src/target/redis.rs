@@ -126,7 +126,7 @@ impl RedisTarget {
     /// an expired hold is gone, as Redis forgets it).
     pub async fn state(&self, plan: &Plan) -> anyhow::Result<TargetState> {
         let mut con = self.conn();
-        let mut state = TargetState { sales: self.audit(plan).await?, reservations: Vec::new() };
+        let mut state = TargetState { sales: self.audit(plan).await?, ..TargetState::default() };
         for keys in self.keys("lg:res:*").await?.chunks(AUDIT_KEYS_PER_STEP) {
             let mut pipe = redis::pipe();
             for key in keys {
@@ -201,5 +201,6 @@ fn parse_reservation(key: &str, value: &str, now_ms: u64, pttl_ms: i64) -> anyho
         state,
         // A settled reservation has no TTL (-1): it never expires.
         expires_at_ms: if pttl_ms >= 0 { now_ms + pttl_ms as u64 } else { u64::MAX },
+        location: 0,
     })
 }

@@ -9,7 +9,7 @@ use stampede_protocol::message::{DumpEntry, QueueTicket, Reserve, SaleCreate};
 use stampede_protocol::replication::{ReplicationClient, StateDump};
 use stampede_protocol::Status;
 
-use super::SkuState;
+use super::{LocationState, ReserveResult, SkuState};
 use crate::audit::{TargetReservation, TargetState};
 use crate::scenario::{Plan, Session};
 
@@ -62,24 +62,38 @@ impl StampedeTarget {
                 hot: s.hot,
                 queue: s.queue,
             };
-            let outcome = self_create(&self.client, sale).await?;
+            let outcome = match &s.locations {
+                Some(locations) => self.client.create_sale_at(sale, locations.clone()).await?.status,
+                None => self_create(&self.client, sale).await?,
+            };
             anyhow::ensure!(outcome == Status::Ok, "creating sale {} on the server: {outcome}", s.sku);
         }
         Ok(())
     }
 
-    pub async fn reserve(&self, sessions: &[Session]) -> anyhow::Result<Vec<(Status, u64)>> {
-        let results: Vec<(Status, u64)> = if let [s] = sessions {
+    pub async fn reserve(&self, sessions: &[Session]) -> anyhow::Result<Vec<ReserveResult>> {
+        let results: Vec<ReserveResult> = if sessions.iter().any(|s| s.at.is_some()) {
+            // RESERVE_AT has no batch form: a batch's reservations go as
+            // concurrent calls (pipelined on the connections).
+            let calls = sessions.iter().map(|s| async move {
+                let o = match s.at {
+                    Some(at) => self.client.reserve_at(s.sku, s.user, 1, s.reservation_id, at).await?,
+                    None => self.client.reserve(s.sku, s.user, 1, s.reservation_id).await?,
+                };
+                Ok::<_, ClientError>((o.status, o.detail, o.location))
+            });
+            futures_util::future::join_all(calls).await.into_iter().collect::<Result<_, _>>()?
+        } else if let [s] = sessions {
             let o = self.client.reserve(s.sku, s.user, 1, s.reservation_id).await?;
-            vec![(o.status, o.detail)]
+            vec![(o.status, o.detail, 0)]
         } else {
             let ops: Vec<Reserve> = sessions
                 .iter()
                 .map(|s| Reserve { sku: s.sku, user: s.user, qty: 1, reservation_id: s.reservation_id })
                 .collect();
-            self.client.reserve_batch(&ops).await?.into_iter().map(|o| (o.status, o.detail)).collect()
+            self.client.reserve_batch(&ops).await?.into_iter().map(|o| (o.status, o.detail, 0)).collect()
         };
-        if results.iter().any(|(status, _)| *status == Status::Reserved) {
+        if results.iter().any(|(status, ..)| *status == Status::Reserved) {
             self.failover.acknowledged_by(&self.client.current_node());
         }
         Ok(results)
@@ -184,6 +198,14 @@ fn state_of(plan: &Plan, dump: StateDump) -> TargetState {
                 reserved: s.reserved,
                 sold: s.sold,
             }),
+            DumpEntry::Location(l) if ours(l.sku) => state.locations.push(LocationState {
+                sku: l.sku,
+                location: l.location,
+                total: l.total,
+                available: l.available,
+                reserved: l.reserved,
+                sold: l.sold,
+            }),
             DumpEntry::Reservation(r) if ours(r.sku) => state.reservations.push(TargetReservation {
                 id: r.reservation_id,
                 sku: r.sku,
@@ -191,6 +213,7 @@ fn state_of(plan: &Plan, dump: StateDump) -> TargetState {
                 qty: r.qty,
                 state: r.state,
                 expires_at_ms: r.expires_at_ms,
+                location: r.location,
             }),
             _ => {}
         }

@@ -216,7 +216,13 @@ impl DumpEntry {
                     return Err(Malformed(format!("DUMP_CHUNK: payment_ref of {len} bytes")));
                 }
                 let payment_ref = r.bytes(len)?;
-                let location = if kind == RESERVATION_AT { r.u16()? } else { 0 };
+                let location = match kind {
+                    RESERVATION_AT => match r.u16()? {
+                        0 => return Err(Malformed("DUMP_CHUNK: RESERVATION_AT at location 0".into())),
+                        location => location,
+                    },
+                    _ => 0,
+                };
                 DumpEntry::Reservation(ReservationEntry {
                     location,
                     sku,
