@@ -31,7 +31,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use stampede_protocol::message::{HoldState, QueueConfig, Reply, Reserve, SaleCreate};
+use stampede_protocol::message::{HoldState, QueueConfig, Reply, Reserve, SaleCreate, SaleLocations, Where};
 use stampede_protocol::{Opcode, Status};
 use tokio::sync::{mpsc, oneshot};
 
@@ -59,6 +59,12 @@ const QUEUED_SKU: u64 = 14;
 const QUEUE: QueueConfig =
     QueueConfig { admit_rate_per_s: 40, admit_cap: 16, admission_ms: 4_000, start_at_ms: START_MS + 3_000 };
 const STOCK: u64 = 150;
+/// This sale's stock is in three warehouses (STOCK in all), region 5
+/// takes from 3 then 1; RESERVE_AT sends a region (5, or 9 which the sale
+/// does not map), a list (4 is no warehouse of it) or neither.
+const LOCATED_SKU: u64 = 13;
+const WAREHOUSES: [(u16, u64); 3] = [(1, 60), (2, 50), (3, 40)];
+const REGION_ORDER: (u16, [u16; 2]) = (5, [3, 1]);
 const LIMIT_PER_USER: u32 = 3;
 const TTL_MS: u64 = 5_000;
 const CLIENTS: usize = 12;
@@ -302,11 +308,13 @@ pub fn shrink(config: &SimConfig) -> Option<(SimConfig, SimFailure)> {
 
 #[derive(Clone, Debug)]
 enum Op {
+    /// RESERVE; RESERVE_AT (with `at`) for the sale in several warehouses.
     Reserve {
         sku: u64,
         user: u64,
         qty: u32,
         id: u128,
+        at: Where,
     },
     Confirm {
         sku: u64,
@@ -338,7 +346,7 @@ impl Op {
     /// operation of every run; the text is made only with `--trace`).
     fn digest_bytes(&self, out: &mut Vec<u8>) {
         let (tag, sku, user, qty, id) = match *self {
-            Op::Reserve { sku, user, qty, id } => (1u8, sku, user, qty, id),
+            Op::Reserve { sku, user, qty, id, .. } => (1u8, sku, user, qty, id),
             Op::Confirm { sku, id } => (2, sku, 0, 0, id),
             Op::Release { sku, id } => (3, sku, 0, 0, id),
             Op::Ticket { sku, user, join } => (4 + u8::from(join), sku, user, 0, 0),
@@ -348,6 +356,13 @@ impl Op {
         out.extend_from_slice(&user.to_le_bytes());
         out.extend_from_slice(&qty.to_le_bytes());
         out.extend_from_slice(&id.to_le_bytes());
+        if let Op::Reserve { at, .. } = self {
+            let region = if let Where::Region(r) = at { *r } else { 0 };
+            out.extend_from_slice(&region.to_le_bytes());
+            for id in at.list() {
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+        }
     }
 
     /// The reservation id (0 for a ticket).
@@ -365,8 +380,13 @@ impl Op {
     /// The sale operation (`None`: a ticket, which travels on its own).
     fn to_sale_op(&self) -> Option<(Opcode, SaleOp)> {
         Some(match *self {
-            Op::Reserve { sku, user, qty, id } => {
-                (Opcode::Reserve, SaleOp::Reserve(Reserve { sku, user, qty, reservation_id: id }))
+            Op::Reserve { sku, user, qty, id, at } => {
+                let op = Reserve { sku, user, qty, reservation_id: id };
+                if sku == LOCATED_SKU {
+                    (Opcode::ReserveAt, SaleOp::ReserveAt(op, at))
+                } else {
+                    (Opcode::Reserve, SaleOp::Reserve(op))
+                }
             }
             Op::Confirm { sku, id } => {
                 (Opcode::Confirm, SaleOp::Confirm { sku, reservation_id: id, payment_ref: Op::payment_ref(id) })
@@ -433,6 +453,8 @@ struct Acked {
     state: HoldState,
     /// The confirm time, once a CONFIRM was acknowledged.
     confirmed_at_ms: Option<u64>,
+    /// The warehouse the answer named (0: a sale without warehouses).
+    location: u16,
 }
 
 /// The nodes' ids in etcd; the roles move between them. A run has a
@@ -1150,6 +1172,16 @@ impl Sim {
                 };
                 let engine = (image.total, image.available, image.reserved, image.sold, image.limit_per_user);
                 let rows = (row.total, row.available, row.reserved, row.sold, row.limit_per_user);
+                let engine_at: Vec<_> =
+                    image.locations.iter().map(|l| (l.location, l.total, l.available, l.reserved, l.sold)).collect();
+                let rows_at: Vec<_> =
+                    row.locations.iter().map(|l| (l.location, l.total, l.available, l.reserved, l.sold)).collect();
+                if engine_at != rows_at {
+                    return Err(format!(
+                        "sale {}: warehouses {engine_at:?} in the engine, {rows_at:?} in the rows",
+                        image.sku
+                    ));
+                }
                 if engine != rows || (image.ttl_ms, image.paused, image.hot) != (row.ttl_ms, row.paused, row.hot) {
                     return Err(format!(
                         "sale {}: engine {engine:?} paused={} hot={}, reconciler {rows:?} paused={} hot={}",
@@ -1161,9 +1193,16 @@ impl Sim {
                     let Some((row, _)) = model.reservations.get(&r.id) else {
                         return Err(format!("reservation {:x} is in the engine, not in the reconciler's rows", r.id));
                     };
-                    let engine = (image.sku, r.user, r.qty, r.state, r.expires_at_ms, r.settled_at_ms);
-                    let rows =
-                        (row.sku, row.user, row.qty, row.state, row.expires_at_ms, row.settled_at_ms.unwrap_or(0));
+                    let engine = (image.sku, r.user, r.qty, r.state, r.expires_at_ms, r.settled_at_ms, r.location);
+                    let rows = (
+                        row.sku,
+                        row.user,
+                        row.qty,
+                        row.state,
+                        row.expires_at_ms,
+                        row.settled_at_ms.unwrap_or(0),
+                        row.location,
+                    );
                     if engine != rows || r.payment_ref.as_deref() != row.payment_ref.as_deref() {
                         return Err(format!("reservation {:x}: engine {engine:?}, reconciler {rows:?}", r.id));
                     }
@@ -1456,7 +1495,15 @@ impl Sim {
                 hot: false,
                 queue: (sku == QUEUED_SKU).then_some(QUEUE),
             };
-            self.admin(AdminCmd::Create(cmd));
+            if sku == LOCATED_SKU {
+                let locations = SaleLocations {
+                    locations: WAREHOUSES.to_vec(),
+                    regions: vec![(REGION_ORDER.0, REGION_ORDER.1.to_vec())],
+                };
+                self.admin(AdminCmd::CreateAt(cmd, Box::new(locations)));
+            } else {
+                self.admin(AdminCmd::Create(cmd));
+            }
         }
         // Decided, logged and answered before any fault.
         for shard in 0..POOL_SHARDS {
@@ -1512,12 +1559,11 @@ impl Sim {
     fn admin(&mut self, cmd: AdminCmd) {
         let sku = cmd.sku();
         match &cmd {
-            AdminCmd::Create(_) | AdminCmd::Place { .. } => {}
-            // (The simulator's sales have one location.)
-            AdminCmd::CreateAt(..)
-            | AdminCmd::RestockAt { .. }
-            | AdminCmd::AddLocation { .. }
-            | AdminCmd::SetRegion { .. } => unreachable!("the simulator sends none"),
+            AdminCmd::Create(_) | AdminCmd::CreateAt(..) | AdminCmd::Place { .. } => {}
+            // (Restocks go to a sale's first warehouse.)
+            AdminCmd::RestockAt { .. } | AdminCmd::AddLocation { .. } | AdminCmd::SetRegion { .. } => {
+                unreachable!("the simulator sends none")
+            }
             AdminCmd::Restock { sku, qty } => *self.total_unknown.get_mut(sku).expect("sku") += qty,
             AdminCmd::SetPaused { sku, paused } => {
                 let p = self.pause.get_mut(sku).expect("sku");
@@ -2245,7 +2291,21 @@ impl Sim {
             };
             let qty = self.rng.gen_range(1..=2);
             let id = self.rng.gen::<u128>() | 1;
-            return Some(Op::Reserve { sku, user, qty, id });
+            let at = if sku != LOCATED_SKU {
+                Where::Default
+            } else {
+                match self.rng.gen_range(0..5) {
+                    0 => Where::Default,
+                    1 => Where::Region(REGION_ORDER.0),
+                    2 => Where::Region(9),
+                    _ => {
+                        let n = self.rng.gen_range(1..=3);
+                        let ids: Vec<u16> = (0..n).map(|_| self.rng.gen_range(1..=4)).collect();
+                        Where::locations(&ids)
+                    }
+                }
+            };
+            return Some(Op::Reserve { sku, user, qty, id, at });
         }
         // A reservation the model holds, most of the time (a few tries),
         // else any acknowledged one.
@@ -2340,7 +2400,7 @@ impl Sim {
                 let line = format!("admin {cmd:?} answered {:?}", outcome.status);
                 self.trace(|| line);
                 match cmd {
-                    AdminCmd::Create(c) if outcome.status == Status::Ok => {
+                    AdminCmd::Create(c) | AdminCmd::CreateAt(c, _) if outcome.status == Status::Ok => {
                         *self.total.get_mut(&c.sku).expect("sku") += c.stock;
                     }
                     AdminCmd::Restock { sku, qty } if outcome.status == Status::Ok => {
@@ -2396,7 +2456,7 @@ impl Sim {
                     bytes.extend_from_slice(&status.code().to_le_bytes());
                     bytes.extend_from_slice(&detail.to_le_bytes());
                     self.trace_op(&bytes, || format!("client {c} got {status:?} {detail} for {op:?}"));
-                    self.check_answer(&op, status, detail)?;
+                    self.check_answer(&op, status, detail, outcome.location)?;
                 }
             }
         }
@@ -2467,12 +2527,12 @@ impl Sim {
     }
 
     /// An answer is consistent with everything acknowledged before it.
-    fn check_answer(&mut self, op: &Op, status: Status, detail: u64) -> Check {
+    fn check_answer(&mut self, op: &Op, status: Status, detail: u64, location: u16) -> Check {
         let id = op.id();
         let now = self.high_water();
         match (op, status) {
             (Op::Ticket { .. }, status) => Err(format!("a JOIN or POLL answered as an outcome ({status:?})")),
-            (Op::Reserve { sku, user, qty, .. }, Status::Reserved) => {
+            (Op::Reserve { sku, user, qty, at, .. }, Status::Reserved) => {
                 if *sku == QUEUED_SKU && !self.acked.contains_key(&id) && !self.may_have_joined(*user) {
                     return Err(format!("user {user} reserved the queued sale without ever joining its line"));
                 }
@@ -2483,7 +2543,28 @@ impl Sim {
                             a.expires_at_ms
                         ));
                     }
+                    if a.location != location {
+                        return Err(format!(
+                            "retry of RESERVE {id:x} answered warehouse {location}, acknowledged {}",
+                            a.location
+                        ));
+                    }
+                } else if *sku != LOCATED_SKU {
+                    if location != 0 {
+                        return Err(format!("sku {sku} (one location) reserved at warehouse {location}"));
+                    }
                 } else {
+                    // A warehouse of the sale, and one the order allowed.
+                    let allowed: Vec<u16> = match at {
+                        Where::Locations { .. } => at.list().to_vec(),
+                        Where::Region(r) if *r == REGION_ORDER.0 => REGION_ORDER.1.to_vec(),
+                        _ => WAREHOUSES.iter().map(|(l, _)| *l).collect(),
+                    };
+                    if !allowed.contains(&location) || !WAREHOUSES.iter().any(|(l, _)| *l == location) {
+                        return Err(format!("RESERVE_AT {at:?} answered warehouse {location}"));
+                    }
+                }
+                if !self.acked.contains_key(&id) {
                     self.report.reservations_acked += 1;
                     self.acked_ids.push(id);
                     self.acked_by_sku.entry(*sku).or_default().push(id);
@@ -2497,14 +2578,21 @@ impl Sim {
                             expires_at_ms: detail,
                             state: HoldState::Held,
                             confirmed_at_ms: None,
+                            location,
                         },
                     );
                 }
                 self.check_stock_and_limits(*sku, *user)
             }
-            (Op::Reserve { .. }, refused) => {
+            (Op::Reserve { at, .. }, refused) => {
                 if self.acked.contains_key(&id) {
                     return Err(format!("retry of an acknowledged RESERVE {id:x} answered {refused:?}"));
+                }
+                // Only a list naming a warehouse the sale lacks.
+                if refused == Status::UnknownLocation
+                    && !at.list().iter().any(|l| !WAREHOUSES.iter().any(|(w, _)| w == l))
+                {
+                    return Err(format!("RESERVE_AT {at:?} answered unknown_location"));
                 }
                 Ok(())
             }
@@ -2614,12 +2702,35 @@ impl Sim {
                     "oversold: {units} units of sku {sku} acknowledged against a stock of at most {most}"
                 ));
             }
+            if sku == LOCATED_SKU {
+                for (location, stock) in self.warehouse_stock() {
+                    let here: u64 = ids
+                        .iter()
+                        .filter(|id| live(id) && self.acked[*id].location == location)
+                        .map(|id| u64::from(self.acked[id].qty))
+                        .sum();
+                    if here > stock {
+                        return Err(format!(
+                            "oversold: {here} units acknowledged at warehouse {location} of sku {sku}, which has \
+                             at most {stock}"
+                        ));
+                    }
+                }
+            }
         }
         let mine: u64 = units_of(&self.acked_by_user[&(sku, user)]);
         if mine > u64::from(LIMIT_PER_USER) {
             return Err(format!("user {user} holds {mine} units of sku {sku}, over the limit of {LIMIT_PER_USER}"));
         }
         Ok(())
+    }
+
+    /// The most each warehouse of `LOCATED_SKU` can hold: its stock, and
+    /// for the first (where RESTOCK goes) the restocks acknowledged or
+    /// whose answer was lost.
+    fn warehouse_stock(&self) -> Vec<(u16, u64)> {
+        let restocked = self.total[&LOCATED_SKU].saturating_sub(STOCK) + self.total_unknown[&LOCATED_SKU];
+        WAREHOUSES.iter().enumerate().map(|(i, &(l, s))| (l, if i == 0 { s + restocked } else { s })).collect()
     }
 
     fn check_invariants(&self) -> Check {
@@ -2682,6 +2793,19 @@ impl Sim {
             if status.sale.total < low || status.sale.total > high {
                 return Err(format!("sale {sku} total {} outside the acknowledged {low}..={high}", status.sale.total));
             }
+            // Its warehouses: the ones created, in order, each adding up;
+            // all but the first (where restocks go) at their stock.
+            let warehouses = node.shards[shard].engine().locations(sku).locations;
+            let want: Vec<u16> = if sku == LOCATED_SKU { WAREHOUSES.iter().map(|w| w.0).collect() } else { vec![0] };
+            if warehouses.iter().map(|l| l.location).collect::<Vec<_>>() != want {
+                return Err(format!("sale {sku} has warehouses {warehouses:?}"));
+            }
+            for (i, l) in warehouses.iter().enumerate() {
+                let stock = if sku == LOCATED_SKU { WAREHOUSES[i].1 } else { STOCK };
+                if l.available + l.reserved + l.sold != l.total || (i > 0 && l.total != stock) {
+                    return Err(format!("sale {sku} warehouse {l:?} (stock {stock})"));
+                }
+            }
         }
         for (id, a) in &mut self.acked {
             let engine = node.shards[node.route(a.sku)].engine();
@@ -2690,6 +2814,10 @@ impl Sim {
             };
             if (r.sku, r.user, r.qty, r.expires_at_ms) != (a.sku, a.user, a.qty, a.expires_at_ms) {
                 return Err(format!("reservation {id:x} is {r:?}, acknowledged as {a:?}"));
+            }
+            let at = engine.locations(a.sku).locations.get(usize::from(r.location)).map(|l| l.location);
+            if at != Some(a.location) {
+                return Err(format!("reservation {id:x} is at warehouse {at:?}, acknowledged at {}", a.location));
             }
             let settled_unknown = unknown.contains(id);
             let ok = match (a.state, r.state) {
