@@ -935,6 +935,14 @@ impl ShardLoop {
                 tracing::error!(shard = to.id, "a moved sale's new shard is gone");
             }
         }
+        if stop.is_some() {
+            // Requests held for a sale on its way here: the sale will not
+            // come (its old shard refuses the move once it stops too), and
+            // every request read gets a reply.
+            for (_, (held, _)) in self.incoming.drain() {
+                held.into_iter().for_each(|msg| msg.refuse(Status::ShuttingDown));
+            }
+        }
         stop
     }
 
