@@ -54,6 +54,24 @@ impl LocationRow {
 }
 
 impl SaleRow {
+    /// A new sale (nothing reserved or sold) over `locations`.
+    pub fn new(sku: u64, locations: Vec<LocationRow>, limit_per_user: u32, ttl_ms: u64, hot: bool, at_ms: u64) -> Self {
+        let stock = locations.iter().map(|l| l.total).sum();
+        SaleRow {
+            sku,
+            total: stock,
+            available: stock,
+            reserved: 0,
+            sold: 0,
+            limit_per_user,
+            ttl_ms,
+            hot,
+            paused: false,
+            created_at_ms: at_ms,
+            locations,
+        }
+    }
+
     /// Location `id`'s row.
     pub fn location_mut(&mut self, id: u16) -> Option<&mut LocationRow> {
         self.locations.iter_mut().find(|l| l.location == id)
@@ -159,39 +177,16 @@ impl Model {
                 if self.sales.contains_key(sku) {
                     return Err(fail(format!("sku {sku} already has a sale")));
                 }
-                let row = SaleRow {
-                    sku: *sku,
-                    total: *stock,
-                    available: *stock,
-                    reserved: 0,
-                    sold: 0,
-                    limit_per_user: *limit_per_user,
-                    ttl_ms: *ttl_ms,
-                    hot: *hot,
-                    paused: false,
-                    created_at_ms: *at_ms,
-                    locations: vec![LocationRow::new(0, *stock)],
-                };
+                let locations = vec![LocationRow::new(0, *stock)];
+                let row = SaleRow::new(*sku, locations, *limit_per_user, *ttl_ms, *hot, *at_ms);
                 self.sales.insert(*sku, (row, Origin::New));
             }
             Event::SaleCreatedAt { sku, limit_per_user, ttl_ms, hot, at_ms, locations } => {
                 if self.sales.contains_key(sku) {
                     return Err(fail(format!("sku {sku} already has a sale")));
                 }
-                let stock = locations.stock();
-                let row = SaleRow {
-                    sku: *sku,
-                    total: stock,
-                    available: stock,
-                    reserved: 0,
-                    sold: 0,
-                    limit_per_user: *limit_per_user,
-                    ttl_ms: *ttl_ms,
-                    hot: *hot,
-                    paused: false,
-                    created_at_ms: *at_ms,
-                    locations: locations.locations.iter().map(|&(id, stock)| LocationRow::new(id, stock)).collect(),
-                };
+                let locations = locations.locations.iter().map(|&(id, stock)| LocationRow::new(id, stock)).collect();
+                let row = SaleRow::new(*sku, locations, *limit_per_user, *ttl_ms, *hot, *at_ms);
                 self.sales.insert(*sku, (row, Origin::New));
             }
             Event::LocationAdded { sku, location, stock, .. } => {

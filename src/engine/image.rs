@@ -298,22 +298,8 @@ impl Engine {
                     paused: s.paused,
                     reservations,
                     queue: s.queue.as_ref().map(|q| q.export()),
-                    locations: s
-                        .locations
-                        .iter()
-                        .map(|l| LocationStatus {
-                            location: l.id,
-                            total: l.total,
-                            available: l.available,
-                            reserved: l.reserved,
-                            sold: l.sold,
-                        })
-                        .collect(),
-                    regions: s
-                        .regions
-                        .iter()
-                        .map(|(r, order)| (*r, order.iter().map(|&i| s.locations[usize::from(i)].id).collect()))
-                        .collect(),
+                    locations: s.location_statuses(),
+                    regions: s.region_orders(),
                 }
             })
             .collect();

@@ -292,6 +292,24 @@ impl Sale {
         self.gauge.pinned.store(self.pinned, Ordering::Relaxed);
     }
 
+    /// Each location's counters (LOCATIONS, snapshot images).
+    fn location_statuses(&self) -> Vec<LocationStatus> {
+        let status = |l: &Location| LocationStatus {
+            location: l.id,
+            total: l.total,
+            available: l.available,
+            reserved: l.reserved,
+            sold: l.sold,
+        };
+        self.locations.iter().map(status).collect()
+    }
+
+    /// Each region's order as location ids.
+    fn region_orders(&self) -> Vec<(u16, Vec<u16>)> {
+        let ids = |order: &[u8]| order.iter().map(|&i| self.locations[usize::from(i)].id).collect();
+        self.regions.iter().map(|(r, order)| (*r, ids(order))).collect()
+    }
+
     /// Location `id`'s index.
     fn location_index(&self, id: u16) -> Option<usize> {
         self.locations.iter().position(|l| l.id == id)
@@ -800,25 +818,7 @@ impl Engine {
         let Some(sale) = self.sales.get(&sku) else {
             return LocationsReply::of(Status::UnknownSku);
         };
-        LocationsReply {
-            status: Status::Ok,
-            locations: sale
-                .locations
-                .iter()
-                .map(|l| LocationStatus {
-                    location: l.id,
-                    total: l.total,
-                    available: l.available,
-                    reserved: l.reserved,
-                    sold: l.sold,
-                })
-                .collect(),
-            regions: sale
-                .regions
-                .iter()
-                .map(|(r, order)| (*r, order.iter().map(|&i| sale.locations[usize::from(i)].id).collect()))
-                .collect(),
-        }
+        LocationsReply { status: Status::Ok, locations: sale.location_statuses(), regions: sale.region_orders() }
     }
 
     pub fn set_paused(&mut self, sku: u64, paused: bool, now_ms: u64, events: &mut Vec<Event>) -> Outcome {

@@ -626,16 +626,15 @@ impl Conn {
         gauge: Gauge,
         earlier: &[(u128, u64)],
     ) -> Option<Outcome> {
-        let op_kind = if matches!(op, SaleOp::ReserveAt(..)) { OpKind::ReserveAt } else { OpKind::Other };
+        // With a choice of locations only the shard knows whether the ones
+        // asked for are short (`insufficient_stock`) or empty (`sold_out`);
+        // nothing at all anywhere is `sold_out` from the gauge still.
+        let by_location = matches!(op, SaleOp::ReserveAt(..));
         let shard = match &mut op {
             SaleOp::Reserve(reserve) | SaleOp::ReserveAt(reserve, _) => router.with_route(reserve.sku, |route| {
                 let Some(route) = route else {
                     return Err(Outcome::of(Status::UnknownSku));
                 };
-                // With a choice of locations only the shard knows whether
-                // the ones asked for are short (`insufficient_stock`) or
-                // empty (`sold_out`); nothing at all is `sold_out` anywhere.
-                let by_location = matches!(op_kind, OpKind::ReserveAt);
                 let refusal = fast_refusal(&route.gauge, &router.directory, reserve).filter(|refusal| match gauge {
                     _ if by_location && refusal.status == Status::InsufficientStock => false,
                     Gauge::Decides => true,
@@ -739,12 +738,6 @@ impl Conn {
             let _ = self.tx.send(Outbound::Outcomes { results: answered, received });
         }
     }
-}
-
-/// Whether a RESERVE chose among locations (see `stage`).
-enum OpKind {
-    ReserveAt,
-    Other,
 }
 
 /// Which fast-path refusals an operation may get from the published gauge
