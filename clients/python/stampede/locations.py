@@ -31,6 +31,28 @@ def pack_ids(ids: Sequence[int], what: str) -> bytes:
     return bytes((len(ids),)) + struct.pack("<%dH" % len(ids), *ids)
 
 
+def pack_regions(regions: Sequence[Tuple[int, Sequence[int]]]) -> bytes:
+    """``regions u8``, then per region ``region u16`` and its order
+    (``pack_ids``): the regions section of SALE_CREATE and LOCATIONS."""
+    parts = [bytes((len(regions),))]
+    for region, order in regions:
+        parts.append(_U16.pack(region))
+        parts.append(pack_ids(order, "region %d" % region))
+    return b"".join(parts)
+
+
+def read_regions(r: Reader) -> List[Tuple[int, List[int]]]:
+    """The inverse of ``pack_regions``: over ``REGIONS_PER_SALE_MAX`` is ``Malformed``."""
+    count = r.u8()
+    if count > REGIONS_PER_SALE_MAX:
+        raise Malformed("%s: %d regions, at most %d" % (r.what, count, REGIONS_PER_SALE_MAX))
+    regions = []
+    for _ in range(count):
+        region = r.u16()
+        regions.append((region, read_ids(r)))
+    return regions
+
+
 def read_ids(r: Reader) -> List[int]:
     """The inverse of ``pack_ids``: a count out of 1..=8 is ``Malformed``."""
     n = r.u8()
@@ -90,10 +112,7 @@ class SaleLocations:
             raise InvalidRequest("%d regions; at most REGIONS_PER_SALE_MAX (%d)" % (len(self.regions), REGIONS_PER_SALE_MAX))
         parts = [bytes((len(self.locations),))]
         parts.extend(self._LOC.pack(location, stock) for location, stock in self.locations)
-        parts.append(bytes((len(self.regions),)))
-        for region, order in self.regions:
-            parts.append(_U16.pack(region))
-            parts.append(pack_ids(order, "region %d" % region))
+        parts.append(pack_regions(self.regions))
         return b"".join(parts)
 
     @classmethod
@@ -102,11 +121,4 @@ class SaleLocations:
         if not 1 <= count <= LOCATIONS_PER_SALE_MAX:
             raise Malformed("%s: %d locations, allowed 1..=%d" % (r.what, count, LOCATIONS_PER_SALE_MAX))
         locations = [(int(loc), int(stock)) for loc, stock in (r.unpack(cls._LOC) for _ in range(count))]
-        count = r.u8()
-        if count > REGIONS_PER_SALE_MAX:
-            raise Malformed("%s: %d regions, at most %d" % (r.what, count, REGIONS_PER_SALE_MAX))
-        regions = []
-        for _ in range(count):
-            region = r.u16()
-            regions.append((region, read_ids(r)))
-        return cls(locations, regions)
+        return cls(locations, read_regions(r))

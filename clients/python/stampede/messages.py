@@ -27,13 +27,12 @@ from .limits import (
     HISTORY_ENTRIES_MAX,
     LOCATIONS_PER_SALE_MAX,
     PAYMENT_REF_BYTES_MAX,
-    REGIONS_PER_SALE_MAX,
     RESERVE_PREFS_MAX,
     SNAPSHOT_CHUNK_BYTES_MAX,
     TOKEN_BYTES_MAX,
 )
 from .locations import SaleLocations as SaleLocations  # re-exported: SALE_CREATE's section
-from .locations import pack_ids, read_ids
+from .locations import pack_ids, pack_regions, read_ids, read_regions
 from .status import ERROR_OPCODE, REPLY_BIT, HoldState, NodeRole, Opcode, Role, Status
 from .wire import Reader, pack_u128
 
@@ -1023,10 +1022,7 @@ class LocationsReply:
     def encode_body(self) -> bytes:
         parts = [_U16.pack(int(self.status)), bytes((len(self.locations),))]
         parts.extend(entry.encode() for entry in self.locations)
-        parts.append(bytes((len(self.regions),)))
-        for region, order in self.regions:
-            parts.append(_U16.pack(region))
-            parts.append(pack_ids(order, "region %d" % region))
+        parts.append(pack_regions(self.regions))
         return b"".join(parts)
 
     @classmethod
@@ -1037,13 +1033,7 @@ class LocationsReply:
         if count > LOCATIONS_PER_SALE_MAX:
             raise Malformed("LOCATIONS reply: %d locations, at most %d" % (count, LOCATIONS_PER_SALE_MAX))
         locations = [LocationStatus.read(r) for _ in range(count)]
-        count = r.u8()
-        if count > REGIONS_PER_SALE_MAX:
-            raise Malformed("LOCATIONS reply: %d regions, at most %d" % (count, REGIONS_PER_SALE_MAX))
-        regions = []
-        for _ in range(count):
-            region = r.u16()
-            regions.append((region, read_ids(r)))
+        regions = read_regions(r)
         r.finish()
         return cls(status, locations, regions)
 

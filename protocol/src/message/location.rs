@@ -169,11 +169,7 @@ impl SaleLocations {
             dst.put_u16_le(id);
             dst.put_u64_le(stock);
         }
-        dst.put_u8(self.regions.len() as u8);
-        for (region, order) in &self.regions {
-            dst.put_u16_le(*region);
-            encode_ids(order, dst);
-        }
+        encode_regions(&self.regions, dst);
     }
 
     pub fn read(r: &mut Reader<'_>) -> Result<Self, Malformed> {
@@ -185,16 +181,7 @@ impl SaleLocations {
         for _ in 0..count {
             locations.push((r.u16()?, r.u64()?));
         }
-        let count = usize::from(r.u8()?);
-        if count > REGIONS_PER_SALE_MAX {
-            return Err(Malformed(format!("{count} regions, at most {REGIONS_PER_SALE_MAX}")));
-        }
-        let mut regions = Vec::with_capacity(count);
-        for _ in 0..count {
-            let region = r.u16()?;
-            regions.push((region, read_ids(r)?));
-        }
-        Ok(SaleLocations { locations, regions })
+        Ok(SaleLocations { locations, regions: read_regions(r)? })
     }
 
     /// The sale's stock: the sum over its locations.
@@ -217,6 +204,24 @@ fn read_ids(r: &mut Reader<'_>) -> Result<Vec<u16>, Malformed> {
         return Err(Malformed(format!("a region of {n} locations, allowed 1..={RESERVE_PREFS_MAX}")));
     }
     (0..n).map(|_| r.u16()).collect()
+}
+
+/// `regions u8`, then per region `region u16` and its order (`encode_ids`):
+/// the regions section of SALE_CREATE, LOCATIONS and snapshot images.
+fn encode_regions(regions: &[(u16, Vec<u16>)], dst: &mut BytesMut) {
+    dst.put_u8(regions.len() as u8);
+    for (region, order) in regions {
+        dst.put_u16_le(*region);
+        encode_ids(order, dst);
+    }
+}
+
+fn read_regions(r: &mut Reader<'_>) -> Result<Vec<(u16, Vec<u16>)>, Malformed> {
+    let count = usize::from(r.u8()?);
+    if count > REGIONS_PER_SALE_MAX {
+        return Err(Malformed(format!("{count} regions, at most {REGIONS_PER_SALE_MAX}")));
+    }
+    (0..count).map(|_| Ok((r.u16()?, read_ids(r)?))).collect()
 }
 
 /// RESTOCK_AT: `qty` more units at `location`.
@@ -320,11 +325,7 @@ impl LocationsReply {
             dst.put_u64_le(l.reserved);
             dst.put_u64_le(l.sold);
         }
-        dst.put_u8(self.regions.len() as u8);
-        for (region, order) in &self.regions {
-            dst.put_u16_le(*region);
-            encode_ids(order, dst);
-        }
+        encode_regions(&self.regions, dst);
     }
 
     pub fn decode(body: &[u8]) -> Result<Self, Malformed> {
@@ -351,15 +352,6 @@ impl LocationsReply {
                 sold: r.u64()?,
             });
         }
-        let count = usize::from(r.u8()?);
-        if count > REGIONS_PER_SALE_MAX {
-            return Err(Malformed(format!("{count} regions")));
-        }
-        let mut regions = Vec::with_capacity(count);
-        for _ in 0..count {
-            let region = r.u16()?;
-            regions.push((region, read_ids(r)?));
-        }
-        Ok(LocationsReply { status, locations, regions })
+        Ok(LocationsReply { status, locations, regions: read_regions(r)? })
     }
 }
