@@ -1076,6 +1076,17 @@ class AsyncClient:
                         self.failover_retries += 1
                         attempt -= 1
                         continue
+            if cluster and error is None and getattr(reply, "status", None) is Status.SYNC_STANDBY_UNAVAILABLE:
+                # A new leader still without its synchronous standby: it did
+                # nothing, and will answer once the standby has joined
+                # (§6.12). Like a failover, this costs time, not attempts.
+                if failover_deadline is None:
+                    failover_deadline = loop.time() + self._failover_timeout
+                if loop.time() < failover_deadline:
+                    self.stats.retries += 1
+                    attempt -= 1
+                    await asyncio.sleep(limits.SHUTTING_DOWN_RETRY_MS / 1000)
+                    continue
             if error is None:
                 assert reply is not None
                 if isinstance(reply, ErrorReply):
